@@ -1,0 +1,7 @@
+//! `clip-builder`: the only crate that runs buildah.
+//!
+//! It owns the build-time path: buildah build and push with the build registry token, index
+//! creation from the pushed image, publication of the index artifact, and the local index tools
+//! ([`local`]) used by tests, benchmarks and users debugging an image.
+
+pub mod local;

@@ -1,0 +1,1 @@
+//! Local index tools: index a layer blob on disk, inspect an index, read a file through an index.

@@ -1,0 +1,299 @@
+//! The configuration structures and their validation.
+
+use crate::ConfigError;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// Output format of the logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// `/etc/clip/snapshotter.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SnapshotterConfig {
+    /// State directory (metadata DB, snapshot dirs, caches).
+    pub root: PathBuf,
+    /// gRPC unix socket containerd dials.
+    pub address: PathBuf,
+    /// `error`, `warn`, `info`, `debug`, `trace` or a tracing filter directive.
+    pub log_level: String,
+    pub log_format: LogFormat,
+    /// `host:port` of the Prometheus endpoint; off when empty.
+    pub metrics_address: String,
+    pub registry: RegistryHosts,
+    pub build_registry: Option<BuildRegistry>,
+}
+
+impl Default for SnapshotterConfig {
+    fn default() -> Self {
+        Self {
+            root: PathBuf::from(crate::DEFAULT_ROOT),
+            address: PathBuf::from(crate::DEFAULT_ADDRESS),
+            log_level: "info".into(),
+            log_format: LogFormat::Text,
+            metrics_address: String::new(),
+            registry: RegistryHosts::default(),
+            build_registry: None,
+        }
+    }
+}
+
+impl SnapshotterConfig {
+    pub(crate) fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key, message: &str| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key,
+            message: message.to_string(),
+        };
+        if !self.root.is_absolute() {
+            return Err(invalid("root", "must be an absolute path"));
+        }
+        if !self.address.is_absolute() {
+            return Err(invalid("address", "must be an absolute path"));
+        }
+        if !self.metrics_address.is_empty()
+            && self
+                .metrics_address
+                .parse::<std::net::SocketAddr>()
+                .is_err()
+        {
+            return Err(invalid("metrics_address", "must be ip:port, e.g. 127.0.0.1:9102"));
+        }
+        if let Some(b) = &self.build_registry {
+            b.validate(path)?;
+        }
+        Ok(())
+    }
+}
+
+/// `/etc/clip/builder.toml`.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct BuilderConfig {
+    /// buildah storage root; buildah's default when unset.
+    pub storage_root: Option<PathBuf>,
+    /// Directory of the builder's persistent state (image reference cache, local indexes).
+    pub state_dir: Option<PathBuf>,
+    pub registry: RegistryHosts,
+    pub build_registry: Option<BuildRegistry>,
+}
+
+impl BuilderConfig {
+    pub(crate) fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        if let Some(b) = &self.build_registry {
+            b.validate(path)?;
+        }
+        Ok(())
+    }
+}
+
+/// `[registry]`: how registries are reached.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryHosts {
+    /// containerd `hosts.toml` layout: mirrors, CA, plain HTTP.
+    pub hosts_dir: Option<PathBuf>,
+}
+
+/// `[build_registry]`: the registry images are built into.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuildRegistry {
+    /// `host[:port]`.
+    pub registry: String,
+    /// Repository prefix of built images (may be empty: the whole registry).
+    #[serde(default)]
+    pub repository: String,
+    /// Plain HTTP / no TLS verification.
+    #[serde(default)]
+    pub insecure: bool,
+    /// Extra trust anchor (PEM).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Long-term credentials from which short-lived tokens are minted.
+    #[serde(default)]
+    pub credentials: Option<LongTermCredentials>,
+}
+
+impl BuildRegistry {
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key, message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key,
+            message,
+        };
+        let r = self.registry.trim();
+        if r.is_empty() || r.contains('/') || r.contains("://") || r.chars().any(char::is_whitespace)
+        {
+            return Err(invalid(
+                "build_registry.registry",
+                format!("must be host[:port] without scheme or path, got {:?}", self.registry),
+            ));
+        }
+        if self.repository.starts_with('/') || self.repository.contains("//") {
+            return Err(invalid(
+                "build_registry.repository",
+                "must be a relative repository prefix such as \"userimages\"".into(),
+            ));
+        }
+        if let Some(c) = &self.credentials {
+            c.validate(path)?;
+        }
+        Ok(())
+    }
+}
+
+/// `[build_registry.credentials]`: long-term credentials.
+#[derive(Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum LongTermCredentials {
+    Basic {
+        username: String,
+        #[serde(default)]
+        password: Option<String>,
+        #[serde(default)]
+        password_file: Option<PathBuf>,
+    },
+    Ecr {
+        region: String,
+        #[serde(default)]
+        access_key_id: Option<String>,
+        #[serde(default)]
+        secret_access_key: Option<String>,
+        /// Use the ambient AWS chain when no keys are given (opt-in).
+        #[serde(default)]
+        use_default_chain: bool,
+        #[serde(default)]
+        endpoint_url: Option<String>,
+    },
+    Gcp {
+        service_account_key_file: PathBuf,
+    },
+}
+
+impl std::fmt::Debug for LongTermCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Secrets never reach a log through Debug.
+        match self {
+            Self::Basic { username, .. } => write!(f, "Basic {{ username: {username:?}, password: <redacted> }}"),
+            Self::Ecr { region, endpoint_url, .. } => {
+                write!(f, "Ecr {{ region: {region:?}, endpoint_url: {endpoint_url:?}, keys: <redacted> }}")
+            }
+            Self::Gcp { service_account_key_file } => {
+                write!(f, "Gcp {{ service_account_key_file: {service_account_key_file:?} }}")
+            }
+        }
+    }
+}
+
+impl LongTermCredentials {
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |message: &str| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key: "build_registry.credentials",
+            message: message.to_string(),
+        };
+        match self {
+            Self::Basic { password, password_file, .. } => match (password, password_file) {
+                (Some(_), Some(_)) => Err(invalid("give password or password_file, not both")),
+                (None, None) => Err(invalid("basic credentials need password or password_file")),
+                _ => Ok(()),
+            },
+            Self::Ecr { access_key_id, secret_access_key, use_default_chain, region, .. } => {
+                if region.is_empty() {
+                    return Err(invalid("ecr credentials need a region"));
+                }
+                match (access_key_id, secret_access_key, use_default_chain) {
+                    (Some(_), Some(_), _) | (None, None, true) => Ok(()),
+                    (None, None, false) => Err(invalid(
+                        "ecr credentials need access_key_id and secret_access_key, or use_default_chain = true",
+                    )),
+                    _ => Err(invalid("give both access_key_id and secret_access_key")),
+                }
+            }
+            Self::Gcp { .. } => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<SnapshotterConfig, ConfigError> {
+        SnapshotterConfig::parse(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn defaults_when_empty() {
+        let c = parse("").expect("empty config is valid");
+        assert_eq!(c.root, PathBuf::from(crate::DEFAULT_ROOT));
+        assert_eq!(c.address, PathBuf::from(crate::DEFAULT_ADDRESS));
+        assert!(c.build_registry.is_none());
+    }
+
+    #[test]
+    fn fixed_keys_parse() {
+        let c = parse(
+            r#"
+            [build_registry]
+            registry = "registry.example.com:5000"
+            repository = "userimages"
+            insecure = false
+            ca_file = "/etc/clip/registry-ca.pem"
+            [build_registry.credentials]
+            type = "basic"
+            username = "u"
+            password_file = "/etc/clip/registry-password"
+            [registry]
+            hosts_dir = "/etc/containerd/certs.d"
+            "#,
+        )
+        .expect("valid");
+        let b = c.build_registry.expect("build registry");
+        assert_eq!(b.registry, "registry.example.com:5000");
+        assert_eq!(b.repository, "userimages");
+        assert!(matches!(b.credentials, Some(LongTermCredentials::Basic { .. })));
+        assert_eq!(c.registry.hosts_dir, Some(PathBuf::from("/etc/containerd/certs.d")));
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_it() {
+        let e = parse("rooot = \"/x\"").expect_err("unknown key");
+        assert!(e.to_string().contains("rooot"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_rejected() {
+        assert!(parse("root = \"relative\"").is_err());
+        assert!(parse("metrics_address = \"nope\"").is_err());
+        assert!(parse("[build_registry]\nregistry = \"https://x/y\"").is_err());
+        let e = parse(
+            "[build_registry]\nregistry = \"r:5000\"\n[build_registry.credentials]\ntype = \"basic\"\nusername = \"u\"",
+        )
+        .expect_err("no password");
+        assert!(e.to_string().contains("password"), "{e}");
+        let e = parse(
+            "[build_registry]\nregistry = \"r\"\n[build_registry.credentials]\ntype = \"ecr\"\nregion = \"us-east-1\"",
+        )
+        .expect_err("no keys");
+        assert!(e.to_string().contains("use_default_chain"), "{e}");
+    }
+
+    #[test]
+    fn debug_redacts_secrets() {
+        let c = parse(
+            "[build_registry]\nregistry = \"r\"\n[build_registry.credentials]\ntype = \"basic\"\nusername = \"u\"\npassword = \"SENTINEL-PW\"",
+        )
+        .expect("valid");
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("SENTINEL-PW"), "{dbg}");
+        assert!(dbg.contains("redacted"));
+    }
+}

@@ -1,0 +1,1 @@
+//! `clip-index`: the only crate that knows the CLIP index's bytes.

@@ -1,0 +1,138 @@
+//! Test images built without internet (only Debian's archive for the python image), cached
+//! between runs as OCI layouts under `$CLIP_TESTBED_CACHE` (default `/var/tmp/clip-testbed-cache`).
+//!
+//! The cache key is the build script's hash, so editing a recipe rebuilds its image. Builds are
+//! serialised by a file lock, so tests running side by side build each image once.
+
+use crate::run;
+use anyhow::{Context, Result};
+use sha2::Digest;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// An image of the test bed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestImage {
+    /// FROM-scratch busybox-static with relative applet links: one gzip layer, ~1 MiB.
+    Busybox,
+    /// busybox plus an empty config layer whose command sleeps forever: a CRI sandbox image.
+    Pause,
+    /// Debian bookworm minbase + python3 + python3-numpy + `/app/hello.py`: four gzip layers,
+    /// ~83 MiB compressed.
+    Python,
+}
+
+struct Recipe {
+    name: &'static str,
+    script: &'static str,
+}
+
+const BUSYBOX: Recipe = Recipe { name: "busybox", script: include_str!("../images/busybox.sh") };
+const PYTHON: Recipe = Recipe { name: "python", script: include_str!("../images/python.sh") };
+
+impl TestImage {
+    fn recipe(self) -> &'static Recipe {
+        match self {
+            Self::Busybox | Self::Pause => &BUSYBOX,
+            Self::Python => &PYTHON,
+        }
+    }
+
+    /// The tag of the image inside its OCI layout.
+    pub fn tag(self) -> &'static str {
+        match self {
+            Self::Busybox => "busybox",
+            Self::Pause => "pause",
+            Self::Python => "pyapp",
+        }
+    }
+
+    /// Repository name used when pushing to a test registry.
+    pub fn repository(self) -> &'static str {
+        match self {
+            Self::Busybox => "testbed/busybox",
+            Self::Pause => "testbed/pause",
+            Self::Python => "testbed/pyapp",
+        }
+    }
+
+    /// The OCI layout holding this image, built first if the cache lacks it.
+    pub fn layout(self) -> Result<PathBuf> {
+        ensure_built(self.recipe())
+    }
+}
+
+/// Cache root.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("CLIP_TESTBED_CACHE")
+        .map_or_else(|| PathBuf::from("/var/tmp/clip-testbed-cache"), PathBuf::from)
+}
+
+fn ensure_built(recipe: &Recipe) -> Result<PathBuf> {
+    let key = hex::encode(&sha2::Sha256::digest(recipe.script.as_bytes())[..6]);
+    let root = cache_dir();
+    std::fs::create_dir_all(&root).with_context(|| format!("create {}", root.display()))?;
+    let layout = root.join(format!("{}-{key}", recipe.name));
+    let lock_path = root.join(format!("{}.lock", recipe.name));
+    let lock = std::fs::File::create(&lock_path)?;
+    lock.lock().with_context(|| format!("lock {}", lock_path.display()))?;
+    if layout.join("index.json").exists() {
+        return Ok(layout);
+    }
+    let work = root.join(format!("{}-work", recipe.name));
+    let tmp = root.join(format!("{}-{key}.tmp", recipe.name));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let script = root.join(format!("{}-{key}.sh", recipe.name));
+    std::fs::write(&script, recipe.script)?;
+    eprintln!("building test image {} into {} (cached afterwards)", recipe.name, layout.display());
+    let result = run(Command::new("bash").arg(&script).arg(&tmp).arg(&work));
+    // The buildah storage is only needed during the build; the debootstrap rootfs is kept.
+    remove_buildah_storage(&work);
+    result.with_context(|| format!("building test image {}", recipe.name))?;
+    std::fs::rename(&tmp, &layout)?;
+    Ok(layout)
+}
+
+fn remove_buildah_storage(work: &Path) {
+    for d in ["root", "runroot"] {
+        let p = work.join(d);
+        crate::unmount_below(&p);
+        let _ = std::fs::remove_dir_all(&p);
+    }
+}
+
+/// The manifest of `tag` in an OCI layout, as JSON.
+pub fn layout_manifest(layout: &Path, tag: &str) -> Result<serde_json::Value> {
+    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(layout.join("index.json"))?)?;
+    let desc = index["manifests"]
+        .as_array()
+        .and_then(|m| {
+            m.iter().find(|d| d["annotations"]["org.opencontainers.image.ref.name"].as_str() == Some(tag))
+        })
+        .with_context(|| format!("tag {tag} not in {}", layout.display()))?;
+    let digest = desc["digest"].as_str().context("manifest digest")?;
+    Ok(serde_json::from_slice(&std::fs::read(blob_path(layout, digest)?)?)?)
+}
+
+/// Path of a blob in an OCI layout.
+pub fn blob_path(layout: &Path, digest: &str) -> Result<PathBuf> {
+    let (alg, hex) = digest.split_once(':').with_context(|| format!("bad digest {digest}"))?;
+    Ok(layout.join("blobs").join(alg).join(hex))
+}
+
+/// `(digest, media type, size)` of each layer of `tag`, base first.
+pub fn layout_layers(layout: &Path, tag: &str) -> Result<Vec<(String, String, u64)>> {
+    let m = layout_manifest(layout, tag)?;
+    m["layers"]
+        .as_array()
+        .context("manifest has no layers")?
+        .iter()
+        .map(|l| {
+            Ok((
+                l["digest"].as_str().context("digest")?.to_string(),
+                l["mediaType"].as_str().context("mediaType")?.to_string(),
+                l["size"].as_u64().context("size")?,
+            ))
+        })
+        .collect()
+}

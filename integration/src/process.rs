@@ -1,0 +1,83 @@
+//! A daemon started by a test: its own process group, output to a log file, stopped by PID on drop.
+
+use anyhow::{Context, Result};
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A running daemon. Dropping it sends SIGTERM, waits up to 10 s, then SIGKILLs its process group.
+#[derive(Debug)]
+pub struct Daemon {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `cmd` in a new process group with stdin from /dev/null and stdout+stderr appended to
+    /// `log`.
+    pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> Result<Self> {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("open log {}", log.display()))?;
+        let err = out.try_clone()?;
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err).process_group(0);
+        let child = cmd.spawn().with_context(|| format!("cannot start {name}: {cmd:?}"))?;
+        Ok(Self { name: name.to_string(), child: Some(child), log: log.to_path_buf() })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Sends `signal` to the daemon's PID.
+    pub fn signal(&self, signal: Signal) -> Result<()> {
+        kill(Pid::from_raw(self.pid() as i32), signal).with_context(|| format!("signal {}", self.name))
+    }
+
+    /// Stops the daemon: `signal`, then up to `grace` to exit, then SIGKILL to its group.
+    pub fn stop_with(&mut self, signal: Signal, grace: Duration) {
+        let Some(mut child) = self.child.take() else { return };
+        let pid = Pid::from_raw(child.id() as i32);
+        if matches!(child.try_wait(), Ok(None)) {
+            let _ = kill(pid, signal);
+            let exited = crate::wait_until(grace, || matches!(child.try_wait(), Ok(Some(_))));
+            if !exited {
+                eprintln!("{} ({pid}) did not exit on {signal}; killing its group", self.name);
+            }
+        }
+        let _ = killpg(pid, Signal::SIGKILL);
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Stops the daemon with SIGTERM.
+    pub fn stop(&mut self) {
+        self.stop_with(Signal::SIGTERM, Duration::from_secs(10));
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
