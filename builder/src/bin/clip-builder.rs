@@ -1,6 +1,10 @@
 //! `clip-builder`: the builder binary. Argument parsing and wiring only.
 
+use anyhow::Result;
 use clap::{Parser, Subcommand};
+use clip_builder::local;
+use std::io::Write;
+use std::path::PathBuf;
 
 /// Builds images, pushes them to the build registry, and creates and publishes their CLIP indexes.
 #[derive(Debug, Parser)]
@@ -11,9 +15,95 @@ struct Args {
 }
 
 #[derive(Debug, Subcommand)]
-enum Command {}
+enum Command {
+    /// Index a layer blob (gzip, zstd or plain tar) on local disk.
+    Index {
+        /// The layer blob.
+        #[arg(long, value_name = "BLOB")]
+        layer: PathBuf,
+        /// Where to write the index.
+        #[arg(long, value_name = "FILE")]
+        output: PathBuf,
+        /// Uncompressed bytes between seek points.
+        #[arg(long, value_name = "BYTES", default_value_t = clip_index::build::DEFAULT_SPAN_SIZE)]
+        span_size: u64,
+        /// Expected layer digest (sha256:...), verified against the blob.
+        #[arg(long)]
+        digest: Option<String>,
+        /// Media type to record.
+        #[arg(long, default_value = "")]
+        media_type: String,
+        /// Write the packed form (zstd), as published to registries.
+        #[arg(long)]
+        packed: bool,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Describe an index: sizes, digests, seek points, entries.
+    Inspect {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print one file's bytes, read through the index by random access to the blob.
+    Cat {
+        #[arg(long, value_name = "FILE")]
+        index: PathBuf,
+        #[arg(long, value_name = "BLOB")]
+        layer: PathBuf,
+        /// Path inside the layer.
+        path: String,
+    },
+}
 
-fn main() -> anyhow::Result<()> {
+fn main() -> Result<()> {
     let args = Args::parse();
-    match args.command {}
+    match run(args) {
+        // `clip-builder inspect x | head` is not an error.
+        Err(e) if e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) => {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    match args.command {
+        Command::Index { layer, output, span_size, digest, media_type, packed, json } => {
+            let opts = clip_index::BuildOptions { span_size, expected_digest: digest, media_type };
+            let index = local::index_file(&layer, &output, &opts, packed)?;
+            if json {
+                writeln!(out, "{}", local::describe(&index, false)?)?;
+            } else {
+                writeln!(
+                    out,
+                    "indexed {} -> {}: {} entries, {} spans, index {} bytes, packed {} bytes ({:.3}% of {} compressed bytes)",
+                    layer.display(),
+                    output.display(),
+                    index.entry_count(),
+                    index.span_count(),
+                    index.bytes().len(),
+                    index.pack()?.len(),
+                    index.pack()?.len() as f64 * 100.0 / index.compressed_size().max(1) as f64,
+                    index.compressed_size()
+                )?;
+            }
+        }
+        Command::Inspect { file, json } => {
+            let index = local::open_index(&file)?;
+            if json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&local::describe(&index, true)?)?)?;
+            } else {
+                local::print_human(&index, &mut out)?;
+            }
+        }
+        Command::Cat { index, layer, path } => {
+            let index = local::open_index(&index)?;
+            local::cat(&index, &layer, &path, &mut out)?;
+        }
+    }
+    Ok(())
 }

@@ -1,0 +1,102 @@
+//! The one-pass indexer: reads a layer blob once, as a stream, and produces its index.
+//!
+//! [`stream::LayerStream`] inflates (gzip via zlib with `Z_BLOCK`, zstd frame by frame, or plain),
+//! hashes the blob and every span, and records seek points as it goes; the `tar` crate parses the
+//! inflated stream it yields; [`tree`] turns the entries into the index's sorted tree.
+
+mod stream;
+mod tree;
+
+use crate::format::{Compression, IndexData};
+use crate::{Index, IndexError};
+use sha2::Digest;
+use std::io::Read;
+
+/// Default span size: uncompressed bytes between seek points.
+pub const DEFAULT_SPAN_SIZE: u64 = 4 << 20;
+/// Smallest span size accepted.
+pub const MIN_SPAN_SIZE: u64 = 64 << 10;
+
+/// How to build an index.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    /// Uncompressed bytes between seek points (about; gzip checkpoints fall on block boundaries).
+    pub span_size: u64,
+    /// The layer's digest (`sha256:<hex>`) as the manifest states it; verified against the blob.
+    pub expected_digest: Option<String>,
+    /// The layer's media type, recorded in the index.
+    pub media_type: String,
+}
+
+impl Default for BuildOptions {
+    fn default() -> Self {
+        Self { span_size: DEFAULT_SPAN_SIZE, expected_digest: None, media_type: String::new() }
+    }
+}
+
+/// Sniffs the compression of a blob from its first bytes.
+pub fn sniff(head: &[u8]) -> Compression {
+    match head {
+        [0x1f, 0x8b, ..] => Compression::Gzip,
+        [0x28, 0xb5, 0x2f, 0xfd, ..] => Compression::Zstd,
+        _ => Compression::None,
+    }
+}
+
+/// Reads `blob` once and builds its index.
+pub fn build_index(blob: impl Read, opts: &BuildOptions) -> Result<Index, IndexError> {
+    let data = build_index_data(blob, opts)?;
+    Index::open(data.encode()?)
+}
+
+/// Reads `blob` once and returns the index before encoding.
+pub fn build_index_data(blob: impl Read, opts: &BuildOptions) -> Result<IndexData, IndexError> {
+    if opts.span_size < MIN_SPAN_SIZE {
+        return Err(IndexError::Invalid(format!("span size {} is below the minimum {MIN_SPAN_SIZE}", opts.span_size)));
+    }
+    let mut stream = stream::LayerStream::new(blob, opts.span_size)?;
+    let compression = stream.compression();
+    let mut tree = tree::TreeBuilder::default();
+    {
+        let mut archive = tar::Archive::new(&mut stream);
+        let entries = archive.entries().map_err(|e| tar_err(&e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| tar_err(&e))?;
+            tree.add(entry)?;
+        }
+    }
+    // Whatever follows the end-of-archive marker is still part of the blob: hash and inflate it.
+    std::io::copy(&mut stream, &mut std::io::sink()).map_err(|e| tar_err(&e))?;
+    let done = stream.finish()?;
+    let layer_digest: [u8; 32] = done.blob_digest;
+    let actual = format!("sha256:{}", hex::encode(layer_digest));
+    if let Some(expected) = &opts.expected_digest
+        && !expected.eq_ignore_ascii_case(&actual)
+    {
+        return Err(IndexError::LayerDigest { expected: expected.clone(), actual });
+    }
+    let entries = tree.finish(done.uncompressed_size)?;
+    Ok(IndexData {
+        compression,
+        span_size: opts.span_size,
+        compressed_size: done.compressed_size,
+        uncompressed_size: done.uncompressed_size,
+        layer_digest,
+        media_type: opts.media_type.clone(),
+        entries,
+        checkpoints: done.checkpoints,
+    })
+}
+
+/// An I/O error from inside the stream keeps its message; tar's own errors are tar errors.
+fn tar_err(e: &std::io::Error) -> IndexError {
+    if let Some(inner) = e.get_ref().and_then(|i| i.downcast_ref::<stream::StreamError>()) {
+        return IndexError::Compressed(inner.0.clone());
+    }
+    IndexError::Tar(e.to_string())
+}
+
+/// sha256 of a byte slice as an array.
+pub(crate) fn sha256(b: &[u8]) -> [u8; 32] {
+    sha2::Sha256::digest(b).into()
+}

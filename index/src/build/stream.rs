@@ -1,0 +1,369 @@
+//! [`LayerStream`]: a `Read` of the uncompressed tar stream of a layer blob that, as a side
+//! effect, hashes the blob and each span and records the seek points.
+
+use crate::IndexError;
+use crate::format::{CheckpointKind, CheckpointRecord, Compression};
+use crate::inflate::{GZIP, Inflater};
+use sha2::{Digest, Sha256};
+use std::io::{self, Read};
+
+const IN_BUF: usize = 256 * 1024;
+const OUT_BUF: usize = 256 * 1024;
+
+/// A decoding failure carried through `io::Error` (the tar crate only passes those on).
+#[derive(Debug)]
+pub struct StreamError(pub String);
+
+impl std::fmt::Display for StreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for StreamError {}
+
+fn stream_err(msg: impl Into<String>) -> io::Error {
+    io::Error::other(StreamError(msg.into()))
+}
+
+impl From<IndexError> for io::Error {
+    fn from(e: IndexError) -> Self {
+        stream_err(e.to_string())
+    }
+}
+
+enum Decoder {
+    Gzip(Inflater),
+    Zstd(zstd::stream::raw::Decoder<'static>),
+    None,
+}
+
+/// What the stream learned by the end.
+pub struct Finished {
+    pub blob_digest: [u8; 32],
+    pub compressed_size: u64,
+    pub uncompressed_size: u64,
+    pub checkpoints: Vec<CheckpointRecord>,
+}
+
+pub struct LayerStream<R> {
+    src: R,
+    decoder: Decoder,
+    compression: Compression,
+    span_size: u64,
+    inbuf: Vec<u8>,
+    in_pos: usize,
+    in_len: usize,
+    src_eof: bool,
+    out: Vec<u8>,
+    out_pos: usize,
+    out_len: usize,
+    /// Compressed bytes consumed by the decoder so far.
+    comp_pos: u64,
+    /// Uncompressed bytes produced so far.
+    uncomp_pos: u64,
+    blob_hash: Sha256,
+    blob_len: u64,
+    span_hash: Sha256,
+    last_byte: u8,
+    checkpoints: Vec<CheckpointRecord>,
+    /// A gzip member or zstd frame ended; the next one (if any) starts at `comp_pos`.
+    at_unit_start: bool,
+    /// zstd: inside a frame (input ending now is truncation).
+    zstd_mid_frame: bool,
+    done: bool,
+}
+
+impl<R: Read> LayerStream<R> {
+    pub fn new(mut src: R, span_size: u64) -> Result<Self, IndexError> {
+        let mut inbuf = vec![0u8; IN_BUF];
+        let mut in_len = 0;
+        let mut src_eof = false;
+        while in_len < 4 {
+            let n = src.read(&mut inbuf[in_len..])?;
+            if n == 0 {
+                src_eof = true;
+                break;
+            }
+            in_len += n;
+        }
+        let compression = super::sniff(&inbuf[..in_len]);
+        let decoder = match compression {
+            Compression::Gzip => Decoder::Gzip(Inflater::new(GZIP)?),
+            Compression::Zstd => Decoder::Zstd(zstd::stream::raw::Decoder::new()?),
+            Compression::None => Decoder::None,
+        };
+        let mut blob_hash = Sha256::new();
+        blob_hash.update(&inbuf[..in_len]);
+        let first = CheckpointRecord {
+            kind: CheckpointKind::Start,
+            uncompressed: 0,
+            comp_start: 0,
+            bits: 0,
+            window: Vec::new(),
+            digest: [0; 32],
+        };
+        Ok(Self {
+            src,
+            decoder,
+            compression,
+            span_size,
+            inbuf,
+            in_pos: 0,
+            in_len,
+            src_eof,
+            out: vec![0u8; OUT_BUF],
+            out_pos: 0,
+            out_len: 0,
+            comp_pos: 0,
+            uncomp_pos: 0,
+            blob_hash,
+            blob_len: in_len as u64,
+            span_hash: Sha256::new(),
+            last_byte: 0,
+            checkpoints: vec![first],
+            at_unit_start: false,
+            zstd_mid_frame: false,
+            done: false,
+        })
+    }
+
+    pub fn compression(&self) -> Compression {
+        self.compression
+    }
+
+    /// Makes sure unconsumed input is buffered; false at the end of the blob.
+    fn ensure_input(&mut self) -> io::Result<bool> {
+        if self.in_pos < self.in_len {
+            return Ok(true);
+        }
+        if self.src_eof {
+            return Ok(false);
+        }
+        self.in_pos = 0;
+        self.in_len = 0;
+        loop {
+            match self.src.read(&mut self.inbuf) {
+                Ok(0) => {
+                    self.src_eof = true;
+                    return Ok(false);
+                }
+                Ok(n) => {
+                    self.in_len = n;
+                    self.blob_hash.update(&self.inbuf[..n]);
+                    self.blob_len += n as u64;
+                    return Ok(true);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Marks `n` buffered input bytes as consumed by the decoder.
+    fn consume(&mut self, n: usize) {
+        if n > 0 {
+            let bytes = &self.inbuf[self.in_pos..self.in_pos + n];
+            self.span_hash.update(bytes);
+            self.last_byte = bytes[n - 1];
+            self.in_pos += n;
+            self.comp_pos += n as u64;
+        }
+    }
+
+    fn due(&self) -> bool {
+        let last = self.checkpoints.last().map_or(0, |c| c.uncompressed);
+        self.uncomp_pos - last >= self.span_size
+    }
+
+    /// Closes the current span and opens one at the current position.
+    fn checkpoint(&mut self, kind: CheckpointKind, bits: u8, window: Vec<u8>) {
+        let digest: [u8; 32] = std::mem::take(&mut self.span_hash).finalize().into();
+        if let Some(prev) = self.checkpoints.last_mut() {
+            prev.digest = digest;
+        }
+        if bits > 0 {
+            // The partly consumed byte starts the new span too (spans overlap by that byte).
+            self.span_hash.update([self.last_byte]);
+        }
+        self.checkpoints.push(CheckpointRecord {
+            kind,
+            uncompressed: self.uncomp_pos,
+            comp_start: self.comp_pos - u64::from(bits > 0),
+            bits,
+            window,
+            digest: [0; 32],
+        });
+    }
+
+    /// Produces more uncompressed bytes into `out`; 0 at the end.
+    fn fill(&mut self) -> io::Result<usize> {
+        loop {
+            if self.done {
+                return Ok(0);
+            }
+            let has_input = self.ensure_input()?;
+            if self.at_unit_start && has_input {
+                self.at_unit_start = false;
+                self.start_next_unit()?;
+                if self.done {
+                    return Ok(0);
+                }
+            }
+            let produced = match &mut self.decoder {
+                Decoder::None => {
+                    if !has_input {
+                        self.done = true;
+                        return Ok(0);
+                    }
+                    let last = self.checkpoints.last().map_or(0, |c| c.uncompressed);
+                    let to_boundary = (last + self.span_size - self.uncomp_pos) as usize;
+                    let n = (self.in_len - self.in_pos).min(self.out.len()).min(to_boundary);
+                    self.out[..n].copy_from_slice(&self.inbuf[self.in_pos..self.in_pos + n]);
+                    self.consume(n);
+                    self.uncomp_pos += n as u64;
+                    if self.due() && self.ensure_input()? {
+                        self.checkpoint(CheckpointKind::Plain, 0, Vec::new());
+                    }
+                    n
+                }
+                Decoder::Gzip(inf) => {
+                    if !has_input {
+                        if self.at_unit_start {
+                            self.done = true;
+                            return Ok(0);
+                        }
+                        return Err(stream_err("gzip stream is truncated"));
+                    }
+                    let step = inf.inflate(&self.inbuf[self.in_pos..self.in_len], &mut self.out, libz_rs_sys::Z_BLOCK)?;
+                    let dt = inf.data_type();
+                    self.consume(step.consumed);
+                    self.uncomp_pos += step.produced as u64;
+                    if step.stream_end {
+                        self.at_unit_start = true;
+                    } else if dt & 128 != 0 && dt & 64 == 0 && self.due() {
+                        let window = match &self.decoder {
+                            Decoder::Gzip(inf) => inf.dictionary()?,
+                            _ => Vec::new(),
+                        };
+                        self.checkpoint(CheckpointKind::Block, (dt & 7) as u8, window);
+                    }
+                    if step.consumed == 0 && step.produced == 0 && !step.stream_end {
+                        return Err(stream_err("gzip stream makes no progress (corrupt data)"));
+                    }
+                    step.produced
+                }
+                Decoder::Zstd(dec) => {
+                    use zstd::stream::raw::Operation;
+                    if !has_input {
+                        if self.zstd_mid_frame {
+                            return Err(stream_err("zstd stream is truncated"));
+                        }
+                        self.done = true;
+                        return Ok(0);
+                    }
+                    let st = dec
+                        .run_on_buffers(&self.inbuf[self.in_pos..self.in_len], &mut self.out)
+                        .map_err(|e| stream_err(format!("corrupt zstd data: {e}")))?;
+                    self.consume(st.bytes_read);
+                    self.uncomp_pos += st.bytes_written as u64;
+                    if st.remaining == 0 {
+                        self.at_unit_start = true;
+                        self.zstd_mid_frame = false;
+                    } else if st.bytes_read == 0 && st.bytes_written == 0 {
+                        return Err(stream_err("zstd stream makes no progress (corrupt data)"));
+                    } else {
+                        self.zstd_mid_frame = true;
+                    }
+                    st.bytes_written
+                }
+            };
+            if produced > 0 {
+                self.out_pos = 0;
+                self.out_len = produced;
+                return Ok(produced);
+            }
+            if !self.ensure_input()? && self.at_unit_start {
+                self.done = true;
+                return Ok(0);
+            }
+        }
+    }
+
+    /// A gzip member or zstd frame ended and more input follows.
+    fn start_next_unit(&mut self) -> io::Result<()> {
+        match &mut self.decoder {
+            Decoder::Gzip(inf) => {
+                let rest = &self.inbuf[self.in_pos..self.in_len];
+                if rest.first() != Some(&0x1f) {
+                    // Trailing bytes after the last member (e.g. zero padding): part of the blob,
+                    // not of the stream.
+                    self.drain_trailing()?;
+                    return Ok(());
+                }
+                inf.reset(GZIP)?;
+                if self.due() {
+                    self.checkpoint(CheckpointKind::Member, 0, Vec::new());
+                }
+            }
+            Decoder::Zstd(_) => {
+                self.zstd_mid_frame = false;
+                if self.due() {
+                    self.checkpoint(CheckpointKind::Frame, 0, Vec::new());
+                }
+            }
+            Decoder::None => {}
+        }
+        Ok(())
+    }
+
+    fn drain_trailing(&mut self) -> io::Result<()> {
+        while self.ensure_input()? {
+            let n = self.in_len - self.in_pos;
+            self.consume(n);
+        }
+        self.done = true;
+        Ok(())
+    }
+
+    /// Ends the pass: closes the last span and returns what was learned.
+    pub fn finish(mut self) -> Result<Finished, IndexError> {
+        if !self.done {
+            let mut sink = [0u8; 8192];
+            while Read::read(&mut self, &mut sink)? > 0 {}
+        }
+        if self.compression == Compression::Gzip && !self.at_unit_start && self.comp_pos > 0 {
+            return Err(IndexError::Compressed("gzip stream is truncated".into()));
+        }
+        if self.compression == Compression::Zstd && self.zstd_mid_frame {
+            return Err(IndexError::Compressed("zstd stream is truncated".into()));
+        }
+        if self.comp_pos != self.blob_len {
+            return Err(IndexError::Compressed(format!(
+                "decoder consumed {} of {} blob bytes",
+                self.comp_pos, self.blob_len
+            )));
+        }
+        let digest: [u8; 32] = std::mem::take(&mut self.span_hash).finalize().into();
+        if let Some(last) = self.checkpoints.last_mut() {
+            last.digest = digest;
+        }
+        Ok(Finished {
+            blob_digest: self.blob_hash.finalize().into(),
+            compressed_size: self.blob_len,
+            uncompressed_size: self.uncomp_pos,
+            checkpoints: self.checkpoints,
+        })
+    }
+}
+
+impl<R: Read> Read for LayerStream<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.out_pos == self.out_len && self.fill()? == 0 {
+            return Ok(0);
+        }
+        let n = buf.len().min(self.out_len - self.out_pos);
+        buf[..n].copy_from_slice(&self.out[self.out_pos..self.out_pos + n]);
+        self.out_pos += n;
+        Ok(n)
+    }
+}
