@@ -1,0 +1,255 @@
+//! clip-index against real tools: layers made by `tar` + `gzip`, multi-member gzip, `zstd`
+//! (one and several frames), plain tar, and the test bed's buildah images. For every entry the
+//! metadata must match what `tar -x` produces, and every regular file read through the index by
+//! random access must equal the extracted file.
+
+use clip_index::format::EntryKind;
+use clip_index::reader::FileFetcher;
+use clip_index::{BuildOptions, Index, IndexError, RangeFetcher};
+use clip_integration::images::{TestImage, blob_path, layout_layers};
+use clip_integration::{TestDir, require_root, run};
+use std::collections::BTreeSet;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn sh(script: &str) -> anyhow::Result<()> {
+    run(Command::new("bash").arg("-ec").arg(script))?;
+    Ok(())
+}
+
+/// A source tree exercising every entry type and metadata the index must keep.
+fn make_tree(root: &Path) -> anyhow::Result<()> {
+    let r = root.display();
+    sh(&format!(
+        r#"
+        mkdir -p {r}/dir/sub {r}/opaque {r}/empty-dir
+        head -c 3000000 /dev/urandom > {r}/dir/random.bin
+        seq 1 2000000 > {r}/dir/counting.txt
+        : > {r}/empty-file
+        echo hello > {r}/dir/sub/hello.txt
+        cp {r}/dir/sub/hello.txt {r}/setuid; chmod 4755 {r}/setuid
+        cp {r}/dir/sub/hello.txt {r}/setgid; chmod 2711 {r}/setgid
+        mkdir {r}/sticky; chmod 1777 {r}/sticky
+        chmod 0600 {r}/dir/sub/hello.txt
+        ln -s sub/hello.txt {r}/dir/rel-link
+        ln -s /etc/absolute {r}/abs-link
+        ln {r}/dir/counting.txt {r}/hardlink-to-counting
+        ln {r}/dir/counting.txt {r}/dir/sub/second-hardlink
+        L=$(printf 'l%.0s' $(seq 1 150)); mkdir -p {r}/long/$L/$L; echo deep > {r}/long/$L/$L/$L.txt
+        mknod {r}/chardev c 1 3; mknod {r}/blockdev b 7 0; mkfifo {r}/fifo
+        : > {r}/.wh.deleted-file; : > {r}/opaque/.wh..wh..opq
+        setfattr -n user.test -v xattr-value {r}/dir/sub/hello.txt
+        setfattr -n trusted.overlay.opaque -v y {r}/opaque 2>/dev/null || true
+        chown 1234:5678 {r}/dir/random.bin
+        touch -h -d '2021-03-04 05:06:07.123456789' {r}/dir/random.bin {r}/dir/rel-link
+        "#
+    ))
+}
+
+struct Layer {
+    name: &'static str,
+    blob: PathBuf,
+}
+
+fn make_layers(td: &TestDir) -> anyhow::Result<(PathBuf, Vec<Layer>)> {
+    let src = td.sub("src")?;
+    make_tree(&src)?;
+    let d = td.path().display();
+    let s = src.display();
+    sh(&format!(
+        r#"
+        cd {d}
+        tar --format=posix --xattrs --xattrs-include='*' --numeric-owner -C {s} -cf layer.tar .
+        gzip -6 -c layer.tar > layer.tar.gz
+        split -b 1500000 layer.tar part.
+        for p in part.*; do gzip -c $p; done > layer.multi.tar.gz
+        zstd -q -c layer.tar > layer.tar.zst
+        for p in part.*; do zstd -q -c $p; done > layer.multi.tar.zst
+        "#
+    ))?;
+    let p = |n: &str| td.path().join(n);
+    Ok((
+        src,
+        vec![
+            Layer { name: "plain", blob: p("layer.tar") },
+            Layer { name: "gzip", blob: p("layer.tar.gz") },
+            Layer { name: "gzip multi-member", blob: p("layer.multi.tar.gz") },
+            Layer { name: "zstd", blob: p("layer.tar.zst") },
+            Layer { name: "zstd multi-frame", blob: p("layer.multi.tar.zst") },
+        ],
+    ))
+}
+
+fn index_of(blob: &Path, span: u64) -> anyhow::Result<Index> {
+    let f = std::fs::File::open(blob)?;
+    let opts = BuildOptions { span_size: span, ..BuildOptions::default() };
+    let idx = clip_index::build_index(std::io::BufReader::new(f), &opts)?;
+    idx.validate()?;
+    // The encoding round-trips, packed and plain.
+    let again = Index::open_any(idx.pack()?)?;
+    assert_eq!(again.bytes(), idx.bytes());
+    Ok(idx)
+}
+
+fn xattrs_of(path: &Path) -> Vec<(String, String)> {
+    let out = Command::new("getfattr").args(["-h", "-d", "-m", "-", "--absolute-names"]).arg(path).output();
+    let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    let mut v: Vec<(String, String)> = text
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Compares every entry of `idx` with the tree `tar -x` made at `extracted`; returns the number of
+/// regular files whose bytes were compared.
+fn compare(idx: &Index, blob: &Path, extracted: &Path, check_xattrs: bool) -> anyhow::Result<usize> {
+    let fetcher = FileFetcher(std::fs::File::open(blob)?);
+    let mut seen = BTreeSet::new();
+    let mut files = 0;
+    for id in 1..idx.entry_count() {
+        let e = idx.entry(id)?;
+        let rel = String::from_utf8(idx.path(id)?)?;
+        let p = extracted.join(&rel);
+        seen.insert(rel.clone());
+        let md = std::fs::symlink_metadata(&p).map_err(|err| anyhow::anyhow!("{rel}: {err}"))?;
+        let ft = md.file_type();
+        let kind_ok = match e.kind {
+            EntryKind::File | EntryKind::Hardlink => ft.is_file(),
+            EntryKind::Dir => ft.is_dir(),
+            EntryKind::Symlink => ft.is_symlink(),
+            EntryKind::CharDevice => ft.is_char_device(),
+            EntryKind::BlockDevice => ft.is_block_device(),
+            EntryKind::Fifo => ft.is_fifo(),
+        };
+        assert!(kind_ok, "{rel}: index says {:?}, tar made {ft:?}", e.kind);
+        if e.kind != EntryKind::Symlink {
+            assert_eq!(e.mode, md.mode() & 0o7777, "{rel}: mode");
+        }
+        assert_eq!((e.uid, e.gid), (md.uid(), md.gid()), "{rel}: owner");
+        if e.kind != EntryKind::Dir {
+            assert_eq!(e.mtime_sec, md.mtime(), "{rel}: mtime");
+            assert_eq!(i64::from(e.mtime_nsec), md.mtime_nsec(), "{rel}: mtime ns");
+        }
+        match e.kind {
+            EntryKind::Symlink => {
+                assert_eq!(e.link, std::fs::read_link(&p)?.as_os_str().as_encoded_bytes(), "{rel}: target");
+            }
+            EntryKind::CharDevice | EntryKind::BlockDevice => {
+                let rdev = md.rdev();
+                let (maj, min) = (((rdev >> 8) & 0xfff) as u32, ((rdev & 0xff) | ((rdev >> 12) & 0xfff00)) as u32);
+                assert_eq!((e.dev_major, e.dev_minor), (maj, min), "{rel}: device");
+            }
+            EntryKind::File | EntryKind::Hardlink => {
+                let t = idx.resolve_hardlink(e.clone())?;
+                assert_eq!(t.size, md.len(), "{rel}: size");
+                assert_eq!(u64::from(e.nlink), md.nlink(), "{rel}: link count");
+                let want = std::fs::read(&p)?;
+                let got = idx.read(&fetcher, &e, 0, u64::MAX)?;
+                assert!(got == want, "{rel}: bytes read through the index differ from tar -x");
+                files += 1;
+            }
+            _ => {}
+        }
+        if check_xattrs {
+            let mut x: Vec<(String, String)> = idx
+                .xattrs(&e)?
+                .iter()
+                .map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), String::from_utf8_lossy(v).into_owned()))
+                .collect();
+            x.sort();
+            assert_eq!(x, xattrs_of(&p), "{rel}: xattrs");
+        }
+    }
+    // Nothing tar extracted is missing from the index.
+    let out = run(Command::new("find").arg(".").arg("-mindepth").arg("1").current_dir(extracted))?;
+    let found: BTreeSet<String> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| l.trim_start_matches("./").to_string()).collect();
+    assert_eq!(found, seen, "index and tar -x disagree on the set of paths");
+    Ok(files)
+}
+
+#[test]
+fn every_format_reads_back_exactly_what_tar_extracts() -> anyhow::Result<()> {
+    require_root();
+    let td = TestDir::new("idxfmt")?;
+    let (_src, layers) = make_layers(&td)?;
+    let out = td.sub("x")?;
+    run(Command::new("tar").args(["--xattrs", "--xattrs-include=*", "--numeric-owner", "-xpf"]).arg(td.path().join("layer.tar")).arg("-C").arg(&out))?;
+    for layer in &layers {
+        let idx = index_of(&layer.blob, 64 << 10)?;
+        // A single zstd frame has one span (no seek points inside a frame); the rest have many.
+        let min_spans = if layer.name == "zstd" { 1 } else { 6 };
+        assert!(idx.span_count() >= min_spans, "{}: only {} spans", layer.name, idx.span_count());
+        let files = compare(&idx, &layer.blob, &out, true)?;
+        assert!(files >= 8, "{}: only {files} files compared", layer.name);
+        // Whiteouts and opaque markers are kept as entries.
+        assert!(idx.lookup(".wh.deleted-file")?.is_some(), "{}", layer.name);
+        assert!(idx.lookup("opaque/.wh..wh..opq")?.is_some(), "{}", layer.name);
+        // Hardlinks share the data of their target.
+        let h = idx.entry(idx.lookup("hardlink-to-counting")?.expect("hardlink"))?;
+        let c = idx.lookup("dir/counting.txt")?.expect("target");
+        assert!(h.kind == EntryKind::Hardlink && h.hardlink_target == c || idx.entry(c)?.kind == EntryKind::Hardlink);
+        // The digest recorded is the blob's, and a wrong expectation is refused.
+        let digest = format!("sha256:{}", clip_integration::sha256_file(&layer.blob)?);
+        assert_eq!(idx.layer_digest(), digest);
+        let opts = BuildOptions { expected_digest: Some(format!("sha256:{}", "0".repeat(64))), ..BuildOptions::default() };
+        let err = clip_index::build_index(std::fs::File::open(&layer.blob)?, &opts).expect_err("wrong digest");
+        assert!(matches!(err, IndexError::LayerDigest { .. }), "{err}");
+    }
+    // Multi-member gzip gets member checkpoints; multi-frame zstd gets frame checkpoints.
+    let multi = index_of(&layers[2].blob, 64 << 10)?;
+    assert!((0..multi.span_count()).any(|i| multi.span(i).is_ok_and(|s| s.kind == clip_index::format::CheckpointKind::Member)));
+    let zmulti = index_of(&layers[4].blob, 64 << 10)?;
+    assert!((0..zmulti.span_count()).any(|i| zmulti.span(i).is_ok_and(|s| s.kind == clip_index::format::CheckpointKind::Frame)));
+    Ok(())
+}
+
+/// A fetcher that flips one bit of whatever it returns.
+struct Corrupting(FileFetcher);
+
+impl RangeFetcher for Corrupting {
+    fn fetch(&self, offset: u64, len: u64) -> Result<Vec<u8>, IndexError> {
+        let mut v = self.0.fetch(offset, len)?;
+        if let Some(b) = v.get_mut(len as usize / 2) {
+            *b ^= 0x10;
+        }
+        Ok(v)
+    }
+}
+
+#[test]
+fn a_corrupted_span_is_an_error_never_wrong_bytes() -> anyhow::Result<()> {
+    require_root();
+    let td = TestDir::new("idxcorrupt")?;
+    let (_src, layers) = make_layers(&td)?;
+    for layer in &layers {
+        let idx = index_of(&layer.blob, 64 << 10)?;
+        let e = idx.entry(idx.lookup("dir/random.bin")?.expect("file"))?;
+        let bad = Corrupting(FileFetcher(std::fs::File::open(&layer.blob)?));
+        let err = idx.read(&bad, &e, 1000, 4096).expect_err("corruption must be detected");
+        assert!(matches!(err, IndexError::SpanDigest { .. }), "{}: {err}", layer.name);
+    }
+    Ok(())
+}
+
+#[test]
+fn python_image_layers_read_back_exactly() -> anyhow::Result<()> {
+    require_root();
+    let td = TestDir::new("idxpy")?;
+    let layout = TestImage::Python.layout()?;
+    for (digest, media_type, _) in layout_layers(&layout, "pyapp")? {
+        let blob = blob_path(&layout, &digest)?;
+        let opts = BuildOptions { expected_digest: Some(digest.clone()), media_type, ..BuildOptions::default() };
+        let idx = clip_index::build_index(std::io::BufReader::new(std::fs::File::open(&blob)?), &opts)?;
+        idx.validate()?;
+        let out = td.sub(&digest[7..19])?;
+        run(Command::new("tar").args(["--numeric-owner", "-xpzf"]).arg(&blob).arg("-C").arg(&out))?;
+        let files = compare(&idx, &blob, &out, false)?;
+        assert!(files > 0 || idx.entry_count() < 10);
+    }
+    Ok(())
+}
