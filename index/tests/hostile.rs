@@ -1,0 +1,256 @@
+//! Hostile input: truncated, corrupted and crafted indexes, and malicious or broken layer blobs.
+//! Each must give a clear error, never a panic or an unbounded allocation.
+
+use clip_index::format::{HEADER_LEN, TRAILER_LEN};
+use clip_index::{BuildOptions, Index, IndexError, build_index};
+use sha2::{Digest, Sha256};
+
+fn tar_of(entries: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, data) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_entry_type(tar::EntryType::Regular);
+        set_raw_name(&mut h, path);
+        h.set_cksum();
+        b.append(&h, *data).expect("append");
+    }
+    b.into_inner().expect("finish")
+}
+
+/// Writes a name into the header without the tar crate's own checks (to craft hostile paths).
+fn set_raw_name(h: &mut tar::Header, path: &str) {
+    let name = &mut h.as_old_mut().name;
+    name.fill(0);
+    name[..path.len()].copy_from_slice(path.as_bytes());
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut enc = Vec::new();
+    {
+        let mut e = zstd_free_gzip::Encoder::new(&mut enc);
+        e.write(data);
+    }
+    enc
+}
+
+/// A minimal stored-block gzip writer, so these tests need no gzip crate.
+mod zstd_free_gzip {
+    pub struct Encoder<'a> {
+        out: &'a mut Vec<u8>,
+    }
+    impl<'a> Encoder<'a> {
+        pub fn new(out: &'a mut Vec<u8>) -> Self {
+            Self { out }
+        }
+        pub fn write(&mut self, data: &[u8]) {
+            self.out.extend_from_slice(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255]);
+            let chunks: Vec<&[u8]> = if data.is_empty() { vec![&[][..]] } else { data.chunks(65535).collect() };
+            for (i, c) in chunks.iter().enumerate() {
+                let last = u8::from(i + 1 == chunks.len());
+                self.out.push(last);
+                let len = c.len() as u16;
+                self.out.extend_from_slice(&len.to_le_bytes());
+                self.out.extend_from_slice(&(!len).to_le_bytes());
+                self.out.extend_from_slice(c);
+            }
+            self.out.extend_from_slice(&crc32(data).to_le_bytes());
+            self.out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        }
+    }
+    fn crc32(data: &[u8]) -> u32 {
+        let mut crc = 0xffff_ffffu32;
+        for &b in data {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+            }
+        }
+        !crc
+    }
+}
+
+fn good_index() -> Index {
+    let t = tar_of(&[("a/b.txt", b"hello"), ("c.txt", &[7u8; 100_000])]);
+    build_index(&gzip(&t)[..], &BuildOptions { span_size: 64 << 10, ..BuildOptions::default() }).expect("index")
+}
+
+fn reseal(mut bytes: Vec<u8>) -> Vec<u8> {
+    let body = bytes.len() - TRAILER_LEN;
+    let sum = Sha256::digest(&bytes[..body]);
+    bytes[body..].copy_from_slice(&sum);
+    bytes
+}
+
+#[test]
+fn truncated_index_is_rejected_at_every_length() {
+    let bytes = good_index().bytes().to_vec();
+    for len in 0..bytes.len() {
+        let r = Index::open(bytes[..len].to_vec());
+        assert!(r.is_err(), "truncated to {len} bytes and still opened");
+    }
+}
+
+#[test]
+fn flipped_bytes_fail_the_checksum() {
+    let bytes = good_index().bytes().to_vec();
+    for at in (0..bytes.len()).step_by(7) {
+        let mut b = bytes.clone();
+        b[at] ^= 0x40;
+        let err = Index::open(b).expect_err("corruption undetected");
+        assert!(err.to_string().contains("checksum") || err.to_string().contains("magic") || err.to_string().contains("version"), "{err}");
+    }
+}
+
+#[test]
+fn crafted_headers_with_valid_checksums_are_rejected_cleanly() {
+    let bytes = good_index().bytes().to_vec();
+    // Absurd counts and offsets in every header field.
+    for field in (12..HEADER_LEN).step_by(4) {
+        for v in [u32::MAX, 0x8000_0000, 1 << 20, 0] {
+            let mut b = bytes.clone();
+            b[field..field + 4].copy_from_slice(&v.to_le_bytes());
+            let b = reseal(b);
+            if let Ok(idx) = Index::open(b) {
+                // Whatever opens must answer every query without panicking.
+                let _ = idx.validate();
+                let _ = idx.lookup("a/b.txt");
+                for id in 0..idx.entry_count().min(10) {
+                    let _ = idx.entry(id).map(|e| idx.xattrs(&e));
+                    let _ = idx.path(id);
+                }
+                for s in 0..idx.span_count().min(10) {
+                    let _ = idx.span(s);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn crafted_records_fail_validation_without_panics() {
+    let idx = good_index();
+    let bytes = idx.bytes().to_vec();
+    let entries_end = HEADER_LEN + idx.entry_count() as usize * clip_index::format::ENTRY_LEN;
+    let mut rejected = 0;
+    for at in (HEADER_LEN..entries_end).step_by(3) {
+        for v in [0xffu8, 0x00, 0x7f] {
+            let mut b = bytes.clone();
+            if b[at] == v {
+                continue;
+            }
+            b[at] = v;
+            if let Ok(idx) = Index::open(reseal(b)) {
+                if idx.validate().is_err() {
+                    rejected += 1;
+                }
+                let _ = idx.lookup("a/b.txt");
+                let _ = idx.lookup("c.txt");
+            } else {
+                rejected += 1;
+            }
+        }
+    }
+    assert!(rejected > 50, "only {rejected} crafted records were caught");
+}
+
+#[test]
+fn path_traversal_is_refused() {
+    for bad in ["../etc/passwd", "a/../../b", ".."] {
+        let t = tar_of(&[(bad, b"x")]);
+        let err = build_index(&t[..], &BuildOptions::default()).expect_err(bad);
+        assert!(matches!(err, IndexError::Tar(_)) && err.to_string().contains(".."), "{bad}: {err}");
+    }
+    // Absolute paths are taken relative to the layer root, as containerd does.
+    let t = tar_of(&[("/etc/x", b"x")]);
+    let idx = build_index(&t[..], &BuildOptions::default()).expect("absolute path");
+    assert!(idx.lookup("etc/x").expect("lookup").is_some());
+}
+
+#[test]
+fn duplicate_entries_keep_the_last() {
+    let t = tar_of(&[("f", b"first"), ("f", b"second!")]);
+    let idx = build_index(&t[..], &BuildOptions::default()).expect("index");
+    let e = idx.entry(idx.lookup("f").expect("lookup").expect("f")).expect("entry");
+    assert_eq!(e.size, 7);
+    assert_eq!(idx.entry_count(), 2);
+}
+
+#[test]
+fn hardlink_loops_and_dangling_links_are_refused() {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, target) in [("a", "b"), ("b", "a")] {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Link);
+        h.set_size(0);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        set_raw_name(&mut h, name);
+        h.set_link_name(target).expect("link");
+        h.set_cksum();
+        b.append(&h, &[][..]).expect("append");
+    }
+    let t = b.into_inner().expect("tar");
+    let err = build_index(&t[..], &BuildOptions::default()).expect_err("loop");
+    assert!(err.to_string().contains("hardlink"), "{err}");
+}
+
+#[test]
+fn entries_below_a_file_are_refused() {
+    let t = tar_of(&[("f", b"x"), ("f/g", b"y")]);
+    let err = build_index(&t[..], &BuildOptions::default()).expect_err("below file");
+    assert!(err.to_string().contains("not a directory"), "{err}");
+}
+
+#[test]
+fn absurd_sizes_and_truncated_streams_are_errors() {
+    let mut t = tar_of(&[("big", b"abc")]);
+    // Claim a 8 GiB file in the header (octal size field at 124..136).
+    t[124..136].copy_from_slice(b"77777777777\0");
+    let mut h = tar::Header::new_old();
+    h.as_mut_bytes().copy_from_slice(&t[..512]);
+    h.set_cksum();
+    t[..512].copy_from_slice(h.as_bytes());
+    assert!(build_index(&t[..], &BuildOptions::default()).is_err());
+    let g = gzip(&tar_of(&[("f", &[1u8; 50_000])]));
+    for cut in [11, 100, g.len() / 2, g.len() - 4] {
+        let err = build_index(&g[..cut], &BuildOptions::default()).expect_err("truncated");
+        assert!(!err.to_string().is_empty());
+    }
+    let z = zstd::bulk::compress(&tar_of(&[("f", &[1u8; 50_000])]), 3).expect("zstd");
+    assert!(build_index(&z[..z.len() - 3], &BuildOptions::default()).is_err());
+}
+
+#[test]
+fn random_garbage_never_panics() {
+    let mut state = 0x1234_5678_9abc_def0_u64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for i in 0..300 {
+        let len = (next() % 4096) as usize;
+        let mut data: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        match i % 3 {
+            0 => data.splice(0..0, [0x1f, 0x8b, 8, 0]).for_each(drop),
+            1 => data.splice(0..0, [0x28, 0xb5, 0x2f, 0xfd]).for_each(drop),
+            _ => {}
+        }
+        let _ = build_index(&data[..], &BuildOptions::default());
+        let _ = Index::open_any(data);
+    }
+}
+
+#[test]
+fn small_span_sizes_are_refused() {
+    let err = build_index(&[][..], &BuildOptions { span_size: 10, ..BuildOptions::default() }).expect_err("span");
+    assert!(err.to_string().contains("span size"), "{err}");
+}
