@@ -1,11 +1,30 @@
 #!/bin/bash
 # Runs every test of clip: unit tests, the integration suite against real containerd, runc,
-# registries, buildah and FUSE, and short fuzz runs. Needs root and the packages of
+# registries, buildah and FUSE, and short fuzz runs of the parsers. Needs root and the packages of
 # integration/install-deps.sh. Test images are cached in $CLIP_TESTBED_CACHE
 # (default /var/tmp/clip-testbed-cache) after the first run.
+#   CLIP_FUZZ_SECONDS=N   seconds per fuzz target (default 30; 0 skips fuzzing)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
 export AWS_EC2_METADATA_DISABLED=true
 export CARGO_TERM_COLOR=never
+FUZZ_SECONDS=${CLIP_FUZZ_SECONDS:-30}
+
+echo "== build"
 cargo build --workspace --all-targets --locked
+
+if [ "$FUZZ_SECONDS" != 0 ]; then
+  echo "== fuzz ($FUZZ_SECONDS s per target)"
+  command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --version 0.13.2
+  # cargo-fuzz needs unstable sanitizer flags; this machine has only a stable toolchain.
+  export RUSTC_BOOTSTRAP=1
+  for t in index_open index_build; do
+    (cd fuzz && CARGO_TARGET_DIR=../target/fuzz cargo fuzz run -O "$t" -- \
+        -max_total_time="$FUZZ_SECONDS" -max_len=65536 2>&1 | tee "../target/fuzz-$t.log" | grep -E '^Done|SUMMARY|panicked' )
+  done
+  unset RUSTC_BOOTSTRAP
+fi
+
+echo "== tests"
 cargo test --workspace --locked -- --test-threads=2

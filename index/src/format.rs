@@ -174,6 +174,11 @@ pub struct IndexData {
     pub checkpoints: Vec<CheckpointRecord>,
 }
 
+/// sha256 of `data` (the checksum the trailer holds).
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    Sha256::digest(data).into()
+}
+
 fn put_u32(b: &mut Vec<u8>, v: u32) {
     b.extend_from_slice(&v.to_le_bytes());
 }
