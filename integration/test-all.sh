@@ -27,4 +27,14 @@ if [ "$FUZZ_SECONDS" != 0 ]; then
 fi
 
 echo "== tests"
-cargo test --workspace --locked -- --test-threads=2
+log=$(mktemp)
+set +e
+cargo test --workspace --locked -- --test-threads=2 2>&1 | tee "$log"
+rc=${PIPESTATUS[0]}
+set -e
+summary=$(awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+               END { printf "%d passed, %d failed", p, f }' "$log")
+rm -f "$log"
+echo
+echo "tests: $summary"
+exit "$rc"
