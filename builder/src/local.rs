@@ -9,17 +9,15 @@ use serde_json::json;
 use std::io::Write;
 use std::path::Path;
 
-/// Indexes the layer blob at `blob` and writes the index to `output`.
-pub fn index_file(blob: &Path, output: &Path, opts: &BuildOptions, packed: bool) -> Result<Index> {
+/// Indexes the layer blob at `blob` and writes the index to `output` (packed or plain); returns
+/// the index and the size of its packed form (computed once: packing is zstd level 19).
+pub fn index_file(blob: &Path, output: &Path, opts: &BuildOptions, packed: bool) -> Result<(Index, usize)> {
     let f = std::fs::File::open(blob).with_context(|| format!("open layer blob {}", blob.display()))?;
     let reader = std::io::BufReader::with_capacity(1 << 20, f);
     let index = clip_index::build_index(reader, opts).with_context(|| format!("index {}", blob.display()))?;
-    if packed {
-        write_atomic(output, &index.pack()?)?;
-    } else {
-        write_atomic(output, index.bytes())?;
-    }
-    Ok(index)
+    let packed_bytes = index.pack()?;
+    write_atomic(output, if packed { &packed_bytes } else { index.bytes() })?;
+    Ok((index, packed_bytes.len()))
 }
 
 /// Opens an index file (checksum and structure checked).
@@ -37,8 +35,9 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// A summary of an index as JSON (sizes, digests, spans, and every entry when `entries`).
-pub fn describe(index: &Index, entries: bool) -> Result<serde_json::Value> {
+/// A summary of an index as JSON (sizes, digests, spans, and every entry when `entries`);
+/// `packed_size` is the size of [`Index::pack`]'s output.
+pub fn describe(index: &Index, packed_size: usize, entries: bool) -> Result<serde_json::Value> {
     let mut spans = Vec::new();
     for i in 0..index.span_count() {
         let s = index.span(i)?;
@@ -90,7 +89,7 @@ pub fn describe(index: &Index, entries: bool) -> Result<serde_json::Value> {
     let mut v = json!({
         "index_digest": index.digest(),
         "index_size": index.bytes().len(),
-        "packed_size": index.pack()?.len(),
+        "packed_size": packed_size,
         "layer_digest": index.layer_digest(),
         "media_type": index.media_type()?,
         "compression": index.compression().name(),

@@ -74,9 +74,9 @@ fn run(args: Args) -> Result<()> {
     match args.command {
         Command::Index { layer, output, span_size, digest, media_type, packed, json } => {
             let opts = clip_index::BuildOptions { span_size, expected_digest: digest, media_type };
-            let index = local::index_file(&layer, &output, &opts, packed)?;
+            let (index, packed_size) = local::index_file(&layer, &output, &opts, packed)?;
             if json {
-                writeln!(out, "{}", local::describe(&index, false)?)?;
+                writeln!(out, "{}", local::describe(&index, packed_size, false)?)?;
             } else {
                 writeln!(
                     out,
@@ -86,8 +86,8 @@ fn run(args: Args) -> Result<()> {
                     index.entry_count(),
                     index.span_count(),
                     index.bytes().len(),
-                    index.pack()?.len(),
-                    index.pack()?.len() as f64 * 100.0 / index.compressed_size().max(1) as f64,
+                    packed_size,
+                    packed_size as f64 * 100.0 / index.compressed_size().max(1) as f64,
                     index.compressed_size()
                 )?;
             }
@@ -95,7 +95,8 @@ fn run(args: Args) -> Result<()> {
         Command::Inspect { file, json } => {
             let index = local::open_index(&file)?;
             if json {
-                writeln!(out, "{}", serde_json::to_string_pretty(&local::describe(&index, true)?)?)?;
+                let packed_size = index.pack()?.len();
+                writeln!(out, "{}", serde_json::to_string_pretty(&local::describe(&index, packed_size, true)?)?)?;
             } else {
                 local::print_human(&index, &mut out)?;
             }
