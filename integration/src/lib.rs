@@ -9,6 +9,8 @@
 //!   `hosts.toml` dir, a `[proxy_plugins.clip]` entry and the CRI settings this machine needs;
 //! - [`images`]: test images built without internet (busybox from scratch; Debian minbase +
 //!   python3 + numpy in four layers), cached between runs as OCI layouts;
+//! - [`snapshotter::ClipSnapshotter`]: a `clip-snapshotter` daemon with its own root and socket;
+//! - [`tree`]: a file tree as a comparable value (types, modes, owners, sizes, xattrs, contents);
 //! - [`netns::SlowLink`]: a network namespace reached through a veth pair shaped with `tc`
 //!   (100 Mbit/s, 20 ms round trip) for benchmarks.
 //!
@@ -21,7 +23,9 @@ pub mod images;
 pub mod netns;
 pub mod process;
 pub mod registry;
+pub mod snapshotter;
 mod testdir;
+pub mod tree;
 
 pub use testdir::TestDir;
 

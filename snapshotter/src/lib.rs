@@ -1,7 +1,27 @@
 //! `clip-snapshotter`: the containerd proxy snapshotter.
 //!
-//! The only crate that talks to containerd and FUSE. It will own the snapshots gRPC service,
-//! metadata (redb), overlay mounts, FUSE layers, the span cache, background fetch, metrics and
-//! the `pull` client (issues 5 and 6). Today it holds the daemon's logging set-up.
+//! The only crate that talks to containerd and FUSE. Map:
+//! - [`daemon`]: socket, gRPC server, readiness, signals;
+//! - [`service`]: the snapshots API (Prepare, View, Mounts, Commit, Remove, Stat, Update,
+//!   Usage, Walk, Cleanup) with containerd's semantics and error codes;
+//! - [`metadata`]: snapshot records in redb, one transaction per operation;
+//! - [`dirs`]: the snapshot directories `snapshots/<id>/{fs,work}` and their disk usage;
+//! - [`mounts`]: the bind and overlay mounts handed to containerd;
+//! - [`labels`]: where snapshot labels are validated and secret labels split off;
+//! - [`filter`]: containerd's filter syntax for Walk;
+//! - [`metrics`]: Prometheus counters and latencies; [`logging`]: tracing set-up.
+//!
+//! Lazy FUSE layers, the span cache and the `pull` client come with issue 6.
 
+pub mod daemon;
+pub mod dirs;
+pub mod error;
+pub mod filter;
+pub mod labels;
 pub mod logging;
+pub mod metadata;
+pub mod metrics;
+pub mod mounts;
+pub mod service;
+
+pub use error::SnapshotError;

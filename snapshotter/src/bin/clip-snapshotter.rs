@@ -23,16 +23,21 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let cwd = std::env::current_dir()?;
     let mut cfg = clip_config::SnapshotterConfig::load_or_default(args.config.as_deref())?;
     if let Some(root) = args.root {
-        cfg.root = root;
+        cfg.root = cwd.join(root);
     }
     if let Some(address) = args.address {
-        cfg.address = address;
+        cfg.address = cwd.join(address);
     }
     if let Some(level) = args.log_level {
         cfg.log_level = level;
     }
     clip_snapshotter::logging::init(&cfg.log_level, cfg.log_format)?;
-    anyhow::bail!("the snapshots gRPC service is not implemented yet (issue 5)")
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("clip-snapshotter")
+        .build()?
+        .block_on(clip_snapshotter::daemon::run(cfg))
 }

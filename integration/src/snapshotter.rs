@@ -1,0 +1,122 @@
+//! A `clip-snapshotter` daemon started by a test, with its own root and socket in the test dir.
+
+use crate::process::Daemon;
+use crate::{TestDir, wait_until};
+use anyhow::{Context, Result, bail};
+use nix::sys::signal::Signal;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// Path of a binary of this workspace, built by `cargo build --workspace` next to the test
+/// binary (`target/<profile>/deps/<test>` -> `target/<profile>/<name>`).
+pub fn workspace_binary(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("test binary has no target dir")?;
+    let bin = profile_dir.join(name);
+    if !bin.exists() {
+        bail!(
+            "{} not found: run `cargo build --workspace` (integration/test-all.sh does) first",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// A running `clip-snapshotter`.
+#[derive(Debug)]
+pub struct ClipSnapshotter {
+    daemon: Option<Daemon>,
+    root: PathBuf,
+    socket: PathBuf,
+    log: PathBuf,
+    extra_args: Vec<String>,
+}
+
+impl ClipSnapshotter {
+    /// Starts a daemon with root `<td>/<name>-root` and socket `<td>/<name>.sock`, and waits
+    /// until it accepts connections.
+    pub fn start(td: &TestDir, name: &str, extra_args: &[&str]) -> Result<Self> {
+        let mut s = Self {
+            daemon: None,
+            root: td.path().join(format!("{name}-root")),
+            socket: td.path().join(format!("{name}.sock")),
+            log: td.path().join(format!("{name}.log")),
+            extra_args: extra_args.iter().map(ToString::to_string).collect(),
+        };
+        s.launch()?;
+        Ok(s)
+    }
+
+    fn launch(&mut self) -> Result<()> {
+        let mut cmd = Command::new(workspace_binary("clip-snapshotter")?);
+        cmd.arg("--root")
+            .arg(&self.root)
+            .arg("--address")
+            .arg(&self.socket)
+            .args(["--log-level", "debug"])
+            .args(&self.extra_args)
+            .env("AWS_EC2_METADATA_DISABLED", "true");
+        let mut daemon = Daemon::spawn("clip-snapshotter", cmd, &self.log)?;
+        let socket = self.socket.clone();
+        let up = wait_until(Duration::from_secs(20), || {
+            std::os::unix::net::UnixStream::connect(&socket).is_ok()
+        });
+        if !up || !daemon.is_running() {
+            let log = daemon.log();
+            daemon.stop();
+            bail!("clip-snapshotter did not come up on {}:\n{log}", self.socket.display());
+        }
+        self.daemon = Some(daemon);
+        Ok(())
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL, no chance to clean up.
+    pub fn kill(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            d.stop_with(Signal::SIGKILL, Duration::from_secs(10));
+        }
+    }
+
+    /// SIGTERM; fails unless the daemon exits on its own within 10 s.
+    pub fn stop(&mut self) -> Result<()> {
+        if let Some(mut d) = self.daemon.take() {
+            d.signal(Signal::SIGTERM)?;
+            let exited = wait_until(Duration::from_secs(10), || !d.is_running());
+            d.stop();
+            if !exited {
+                bail!("clip-snapshotter did not exit on SIGTERM");
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts the daemon again on the same root and socket.
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill();
+        self.launch()
+    }
+}
+
+impl Drop for ClipSnapshotter {
+    fn drop(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            d.stop();
+        }
+    }
+}

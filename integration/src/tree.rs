@@ -1,0 +1,130 @@
+//! A file tree as a comparable value: what a container sees of a root file system.
+
+use anyhow::{Context, Result};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+/// One entry: type, all mode bits, owner, size, link count, link target, device, xattrs
+/// and the sha256 of a regular file's contents. Times are left out (directories touched by
+/// layer application differ between snapshotters without meaning anything).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryDesc {
+    pub kind: char,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub nlink: u64,
+    pub link: Option<PathBuf>,
+    pub rdev: u64,
+    pub xattrs: BTreeMap<String, Vec<u8>>,
+    pub sha256: Option<String>,
+}
+
+/// Every entry below `root` by relative path (the root itself is `""`).
+pub fn describe_tree(root: &Path) -> Result<BTreeMap<PathBuf, EntryDesc>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let path = root.join(&rel);
+        let md = fs::symlink_metadata(&path).with_context(|| format!("lstat {}", path.display()))?;
+        let ft = md.file_type();
+        let kind = if ft.is_dir() {
+            'd'
+        } else if ft.is_file() {
+            'f'
+        } else if ft.is_symlink() {
+            'l'
+        } else if ft.is_char_device() {
+            'c'
+        } else if ft.is_block_device() {
+            'b'
+        } else if ft.is_fifo() {
+            'p'
+        } else {
+            's'
+        };
+        let sha256 = if kind == 'f' {
+            let mut f = fs::File::open(&path).with_context(|| format!("open {}", path.display()))?;
+            let mut h = Sha256::new();
+            let mut buf = vec![0u8; 1 << 16];
+            loop {
+                let n = f.read(&mut buf).with_context(|| format!("read {}", path.display()))?;
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+            }
+            Some(hex::encode(h.finalize()))
+        } else {
+            None
+        };
+        let link = if kind == 'l' { Some(fs::read_link(&path)?) } else { None };
+        out.insert(
+            rel.clone(),
+            EntryDesc {
+                kind,
+                mode: md.mode() & 0o7777,
+                uid: md.uid(),
+                gid: md.gid(),
+                size: if kind == 'd' { 0 } else { md.size() },
+                nlink: if kind == 'd' { 0 } else { md.nlink() },
+                link,
+                rdev: md.rdev(),
+                xattrs: xattrs(&path)?,
+                sha256,
+            },
+        );
+        if kind == 'd' {
+            for entry in fs::read_dir(&path).with_context(|| format!("readdir {}", path.display()))? {
+                stack.push(rel.join(entry?.file_name()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn xattrs(path: &Path) -> Result<BTreeMap<String, Vec<u8>>> {
+    let mut out = BTreeMap::new();
+    let Ok(names) = xattr::list(path) else {
+        return Ok(out);
+    };
+    for name in names {
+        let name = name.to_string_lossy().into_owned();
+        // overlayfs-internal attributes are not part of what a container sees.
+        if name.starts_with("trusted.overlay.") {
+            continue;
+        }
+        if let Ok(Some(v)) = xattr::get(path, &name) {
+            out.insert(name, v);
+        }
+    }
+    Ok(out)
+}
+
+/// Differences between two trees, at most `limit` of them, readable in a test failure.
+pub fn diff_trees(
+    left: &BTreeMap<PathBuf, EntryDesc>,
+    right: &BTreeMap<PathBuf, EntryDesc>,
+    limit: usize,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for (path, l) in left {
+        match right.get(path) {
+            None => out.push(format!("only left: {}", path.display())),
+            Some(r) if r != l => out.push(format!("{}: {l:?} != {r:?}", path.display())),
+            Some(_) => {}
+        }
+    }
+    for path in right.keys() {
+        if !left.contains_key(path) {
+            out.push(format!("only right: {}", path.display()));
+        }
+    }
+    out.truncate(limit);
+    out
+}

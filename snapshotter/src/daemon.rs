@@ -1,0 +1,134 @@
+//! Running the daemon: the unix socket, the gRPC server, readiness, signals, metrics.
+
+use crate::metrics::{self, Metrics};
+use crate::service::{ClipSnapshotter, State};
+use anyhow::{Context, bail};
+use clip_config::SnapshotterConfig;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use tokio::net::UnixListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_stream::wrappers::UnixListenerStream;
+
+/// Serves the snapshots API on `cfg.address` until SIGTERM or SIGINT.
+pub async fn run(cfg: SnapshotterConfig) -> anyhow::Result<()> {
+    let state = tokio::task::spawn_blocking({
+        let root = cfg.root.clone();
+        move || State::open(&root)
+    })
+    .await?
+    .with_context(|| format!("opening state in {}", cfg.root.display()))?;
+    let state = Arc::new(state);
+    let orphans = tokio::task::spawn_blocking({
+        let state = state.clone();
+        move || state.cleanup()
+    })
+    .await??;
+    tracing::info!(root = %cfg.root.display(), orphans_removed = orphans, "state opened");
+
+    let metrics = Arc::new(Metrics::new());
+    if !cfg.metrics_address.is_empty() {
+        let addr = cfg
+            .metrics_address
+            .parse()
+            .context("metrics_address must be ip:port")?;
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(addr, metrics).await {
+                tracing::error!(error = %e, "metrics endpoint stopped");
+            }
+        });
+    }
+
+    let listener = bind_socket(&cfg.address)?;
+    let service = containerd_snapshots::server(Arc::new(ClipSnapshotter::new(state, metrics)));
+    tracing::info!(address = %cfg.address.display(), "serving the containerd snapshots API");
+    notify_ready();
+
+    let result = containerd_snapshots::tonic::transport::Server::builder()
+        .add_service(service)
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
+        .await;
+    let _ = std::fs::remove_file(&cfg.address);
+    result.context("gRPC server failed")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Creates the socket's directory, replaces a stale socket (refusing to steal the socket of a
+/// daemon that still answers), binds, and sets mode 0660.
+fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!(
+                "{} is in use by a running process; is another clip-snapshotter running?",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("chmod 0660 {}", path.display()))?;
+    Ok(listener)
+}
+
+async fn shutdown_signal() {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+}
+
+/// `sd_notify(READY=1)` when started by systemd with `Type=notify`.
+fn notify_ready() {
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    if let Err(e) = send_notify(&target, "READY=1\nSTATUS=serving\n") {
+        tracing::warn!(error = %e, "could not notify systemd");
+    }
+}
+
+fn send_notify(target: &std::ffi::OsStr, message: &str) -> std::io::Result<()> {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let bytes = target.as_bytes();
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(abstract_name) => SocketAddr::from_abstract_name(abstract_name)?,
+        None => SocketAddr::from_pathname(Path::new(target))?,
+    };
+    let socket = UnixDatagram::unbound()?;
+    socket.send_to_addr(message.as_bytes(), &addr)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notify_reaches_a_datagram_socket() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("notify");
+        let rx = std::os::unix::net::UnixDatagram::bind(&path).expect("bind");
+        send_notify(path.as_os_str(), "READY=1\n").expect("send");
+        let mut buf = [0u8; 64];
+        let n = rx.recv(&mut buf).expect("recv");
+        assert_eq!(&buf[..n], b"READY=1\n");
+    }
+}

@@ -1,0 +1,88 @@
+//! The mounts a snapshot is used through, the way containerd's overlayfs snapshotter makes them.
+//!
+//! - no parent: a bind mount of the snapshot's own `fs` (`rw` when active, `ro` for a view);
+//! - a view of exactly one parent: a read-only bind mount of the parent's `fs`;
+//! - otherwise overlayfs: `lowerdir` = the parents' `fs`, nearest first, and for an active
+//!   snapshot `upperdir`/`workdir`. containerd's mount code shortens long `lowerdir` lists
+//!   (128 layers and more) by mounting from their common parent directory.
+
+use crate::dirs::SnapshotDirs;
+use crate::metadata::{Kind, Resolved};
+use containerd_snapshots::api::types::Mount;
+
+pub fn mounts_for(dirs: &SnapshotDirs, snapshot: &Resolved) -> Vec<Mount> {
+    let id = snapshot.record.id;
+    let kind = snapshot.record.kind;
+    let parents = &snapshot.parent_ids;
+    let bind = |path: std::path::PathBuf, ro: bool| Mount {
+        r#type: "bind".into(),
+        source: path.to_string_lossy().into_owned(),
+        target: String::new(),
+        options: vec![if ro { "ro" } else { "rw" }.into(), "rbind".into()],
+    };
+    if parents.is_empty() {
+        return vec![bind(dirs.fs(id), kind == Kind::View)];
+    }
+    if kind != Kind::Active && parents.len() == 1 {
+        return vec![bind(dirs.fs(parents[0]), true)];
+    }
+    let mut options = Vec::new();
+    if kind == Kind::Active {
+        options.push(format!("workdir={}", dirs.work(id).display()));
+        options.push(format!("upperdir={}", dirs.fs(id).display()));
+    }
+    let lower: Vec<String> = parents
+        .iter()
+        .map(|p| dirs.fs(*p).to_string_lossy().into_owned())
+        .collect();
+    options.push(format!("lowerdir={}", lower.join(":")));
+    vec![Mount {
+        r#type: "overlay".into(),
+        source: "overlay".into(),
+        target: String::new(),
+        options,
+    }]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metadata::{Record, Timestamp};
+
+    fn resolved(kind: Kind, parent_ids: Vec<u64>) -> Resolved {
+        let now = Timestamp::now();
+        Resolved {
+            key: "k".into(),
+            record: Record {
+                id: 9,
+                kind,
+                parent: String::new(),
+                labels: std::collections::BTreeMap::new(),
+                created: now,
+                updated: now,
+                usage: None,
+            },
+            parent_ids,
+        }
+    }
+
+    #[test]
+    fn shapes() {
+        let dirs = SnapshotDirs::open(tempfile::tempdir().expect("tmp").path()).expect("dirs");
+        let m = mounts_for(&dirs, &resolved(Kind::Active, vec![]));
+        assert_eq!((m[0].r#type.as_str(), m[0].options[0].as_str()), ("bind", "rw"));
+        assert!(m[0].source.ends_with("/snapshots/9/fs"));
+        let m = mounts_for(&dirs, &resolved(Kind::View, vec![3]));
+        assert_eq!((m[0].r#type.as_str(), m[0].options[0].as_str()), ("bind", "ro"));
+        assert!(m[0].source.ends_with("/snapshots/3/fs"));
+        let m = mounts_for(&dirs, &resolved(Kind::Active, vec![3, 2]));
+        assert_eq!(m[0].r#type, "overlay");
+        let lower = &m[0].options[2];
+        assert!(lower.starts_with("lowerdir=") && lower.contains("/snapshots/3/fs:"), "{lower}");
+        assert!(lower.ends_with("/snapshots/2/fs"), "{lower}");
+        assert!(m[0].options[1].starts_with("upperdir=") && m[0].options[1].ends_with("/9/fs"));
+        let m = mounts_for(&dirs, &resolved(Kind::View, vec![3, 2]));
+        assert_eq!(m[0].options.len(), 1);
+        assert!(m[0].options[0].starts_with("lowerdir="));
+    }
+}

@@ -1,0 +1,325 @@
+//! The snapshots service: containerd's `Snapshotter` API over [`MetaStore`] and
+//! [`SnapshotDirs`], with overlayfs semantics. Every call runs in its own tracing span, on a
+//! blocking thread (redb and the file system block), and is counted in [`Metrics`].
+
+use crate::dirs::SnapshotDirs;
+use crate::error::{Result, SnapshotError};
+use crate::filter::{Adaptor, Filters};
+use crate::labels;
+use crate::metadata::{DiskUsage, Kind, LabelUpdate, MetaStore, Record};
+use crate::metrics::Metrics;
+use crate::mounts::mounts_for;
+use containerd_snapshots::api::types::Mount;
+use containerd_snapshots::tonic::Status;
+use containerd_snapshots::{Info, Usage};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+use tracing::Instrument;
+
+/// The state every call works on.
+#[derive(Debug)]
+pub struct State {
+    pub store: MetaStore,
+    pub dirs: SnapshotDirs,
+}
+
+impl State {
+    /// Opens (or creates) the state under `root`: `metadata.redb` and `snapshots/`.
+    pub fn open(root: &Path) -> Result<Self> {
+        std::fs::create_dir_all(root)
+            .map_err(|e| SnapshotError::io(format!("creating {}", root.display()), e))?;
+        let dirs = SnapshotDirs::open(root)?;
+        let store = MetaStore::open(&root.join("metadata.redb"))?;
+        Ok(Self { store, dirs })
+    }
+
+    /// Deletes snapshot directories no snapshot refers to (leftovers of crashes and of
+    /// removals whose directory deletion failed). Returns how many were removed.
+    pub fn cleanup(&self) -> Result<usize> {
+        let removed = self
+            .store
+            .with_ids_locked(|live| self.dirs.remove_orphans(live))?;
+        for path in &removed {
+            tracing::info!(path = %path.display(), "removed orphaned snapshot directory");
+        }
+        Ok(removed.len())
+    }
+
+    fn create(
+        &self,
+        kind: Kind,
+        key: &str,
+        parent: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<Mount>> {
+        let labels = labels::split(labels)?;
+        let resolved = self
+            .store
+            .create(kind, key, parent, labels.stored, |id| self.dirs.create(id))?;
+        tracing::debug!(id = resolved.record.id, "snapshot created");
+        Ok(mounts_for(&self.dirs, &resolved))
+    }
+
+    fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
+        let resolved = self.store.resolve(key)?;
+        if resolved.record.kind == Kind::Committed {
+            return Err(SnapshotError::FailedPrecondition(format!(
+                "snapshot {key:?} is committed; mounts exist only for active snapshots and views"
+            )));
+        }
+        Ok(mounts_for(&self.dirs, &resolved))
+    }
+
+    fn commit(&self, name: &str, key: &str, labels: HashMap<String, String>) -> Result<()> {
+        let labels = labels::split(labels)?;
+        let resolved = self.store.resolve(key)?;
+        if resolved.record.kind != Kind::Active {
+            return Err(SnapshotError::FailedPrecondition(format!(
+                "snapshot {key:?} is {}, not active",
+                resolved.record.kind.as_str()
+            )));
+        }
+        let usage = self.dirs.usage(resolved.record.id)?;
+        self.store.commit(key, name, labels.stored, usage)?;
+        Ok(())
+    }
+
+    fn remove(&self, key: &str) -> Result<()> {
+        let record = self.store.remove(key)?;
+        if let Err(e) = self.dirs.remove(record.id) {
+            // The record is gone; Cleanup deletes the directory later.
+            tracing::warn!(id = record.id, error = %e, "snapshot directory left for cleanup");
+        }
+        Ok(())
+    }
+
+    fn usage(&self, key: &str) -> Result<DiskUsage> {
+        let resolved = self.store.resolve(key)?;
+        match resolved.record.kind {
+            Kind::Active => self.dirs.usage(resolved.record.id),
+            Kind::Committed | Kind::View => Ok(resolved.record.usage.unwrap_or_default()),
+        }
+    }
+
+    fn update(&self, info: Info, fieldpaths: Option<Vec<String>>) -> Result<Info> {
+        let name = info.name;
+        let mut new_labels = labels::split(info.labels)?;
+        let paths = fieldpaths.unwrap_or_default();
+        let update = if paths.is_empty() || paths.iter().any(|p| p == "labels") {
+            if let Some(bad) = paths.iter().find(|p| *p != "labels" && !p.starts_with("labels.")) {
+                return Err(immutable(bad, &name));
+            }
+            LabelUpdate::ReplaceAll(new_labels.stored)
+        } else {
+            let mut keys = Vec::new();
+            for path in &paths {
+                let Some(key) = path.strip_prefix("labels.") else {
+                    return Err(immutable(path, &name));
+                };
+                if clip_config::labels::is_secret(key) {
+                    continue;
+                }
+                keys.push((key.to_string(), new_labels.stored.remove(key)));
+            }
+            LabelUpdate::Keys(keys)
+        };
+        let record = self.store.update_labels(&name, update)?;
+        Ok(to_info(name, record))
+    }
+
+    fn list(&self, filters: &[String]) -> Result<Vec<Info>> {
+        let filters = Filters::parse_all(filters)
+            .map_err(|e| SnapshotError::InvalidArgument(e.to_string()))?;
+        Ok(self
+            .store
+            .list()?
+            .into_iter()
+            .filter(|(name, record)| filters.matches(&Adapted { name, record }))
+            .map(|(name, record)| to_info(name, record))
+            .collect())
+    }
+}
+
+fn immutable(path: &str, name: &str) -> SnapshotError {
+    SnapshotError::InvalidArgument(format!("cannot update {path:?} field on snapshot {name:?}"))
+}
+
+/// A snapshot as containerd's filters see it: `kind`, `name`, `parent`, `labels.<key>`.
+struct Adapted<'a> {
+    name: &'a str,
+    record: &'a Record,
+}
+
+impl Adaptor for Adapted<'_> {
+    fn field(&self, path: &[String]) -> Option<String> {
+        match path.first()?.as_str() {
+            "kind" => Some(self.record.kind.as_str().to_string()),
+            "name" => Some(self.name.to_string()),
+            "parent" => Some(self.record.parent.clone()),
+            "labels" => self.record.labels.get(&path[1..].join(".")).cloned(),
+            _ => None,
+        }
+    }
+}
+
+fn to_info(name: String, record: Record) -> Info {
+    Info {
+        kind: match record.kind {
+            Kind::Active => containerd_snapshots::Kind::Active,
+            Kind::View => containerd_snapshots::Kind::View,
+            Kind::Committed => containerd_snapshots::Kind::Committed,
+        },
+        name,
+        parent: record.parent,
+        labels: record.labels.into_iter().collect(),
+        created_at: record.created.into(),
+        updated_at: record.updated.into(),
+    }
+}
+
+/// The gRPC-facing snapshotter.
+#[derive(Debug, Clone)]
+pub struct ClipSnapshotter {
+    state: Arc<State>,
+    metrics: Arc<Metrics>,
+}
+
+impl ClipSnapshotter {
+    pub fn new(state: Arc<State>, metrics: Arc<Metrics>) -> Self {
+        Self { state, metrics }
+    }
+
+    /// Runs `f` on a blocking thread inside `span`, records the outcome, maps the error.
+    async fn call<T: Send + 'static>(
+        &self,
+        method: &'static str,
+        span: tracing::Span,
+        f: impl FnOnce(&State) -> Result<T> + Send + 'static,
+    ) -> std::result::Result<T, Status> {
+        let state = self.state.clone();
+        let start = Instant::now();
+        let inner_span = span.clone();
+        let result = tokio::task::spawn_blocking(move || inner_span.in_scope(|| f(&state)))
+            .instrument(span.clone())
+            .await
+            .unwrap_or_else(|e| Err(SnapshotError::Database(format!("worker thread failed: {e}"))));
+        let elapsed = start.elapsed();
+        let _guard = span.enter();
+        match &result {
+            Ok(_) => {
+                self.metrics.observe_call(method, "OK", elapsed);
+                tracing::debug!(elapsed_us = elapsed.as_micros() as u64, "ok");
+            }
+            Err(e) => {
+                let code = format!("{:?}", e.code());
+                self.metrics.observe_call(method, &code, elapsed);
+                match e {
+                    SnapshotError::Database(_) | SnapshotError::Io { .. } => {
+                        tracing::error!(error = %e, "failed");
+                    }
+                    _ => tracing::debug!(error = %e, code, "refused"),
+                }
+            }
+        }
+        result.map_err(Status::from)
+    }
+}
+
+#[containerd_snapshots::tonic::async_trait]
+impl containerd_snapshots::Snapshotter for ClipSnapshotter {
+    type Error = Status;
+
+    async fn stat(&self, key: String) -> std::result::Result<Info, Status> {
+        let span = tracing::debug_span!("stat", key = %key);
+        self.call("stat", span, move |s| {
+            let r = s.store.resolve(&key)?;
+            Ok(to_info(key, r.record))
+        })
+        .await
+    }
+
+    async fn update(
+        &self,
+        info: Info,
+        fieldpaths: Option<Vec<String>>,
+    ) -> std::result::Result<Info, Status> {
+        let span = tracing::info_span!("update", key = %info.name, fieldpaths = ?fieldpaths);
+        self.call("update", span, move |s| s.update(info, fieldpaths))
+            .await
+    }
+
+    async fn usage(&self, key: String) -> std::result::Result<Usage, Status> {
+        let span = tracing::debug_span!("usage", key = %key);
+        let u = self.call("usage", span, move |s| s.usage(&key)).await?;
+        Ok(Usage {
+            inodes: u.inodes,
+            size: u.size,
+        })
+    }
+
+    async fn mounts(&self, key: String) -> std::result::Result<Vec<Mount>, Status> {
+        let span = tracing::debug_span!("mounts", key = %key);
+        self.call("mounts", span, move |s| s.mounts(&key)).await
+    }
+
+    async fn prepare(
+        &self,
+        key: String,
+        parent: String,
+        labels: HashMap<String, String>,
+    ) -> std::result::Result<Vec<Mount>, Status> {
+        let span = tracing::info_span!("prepare", key = %key, parent = %parent);
+        self.call("prepare", span, move |s| {
+            s.create(Kind::Active, &key, &parent, labels)
+        })
+        .await
+    }
+
+    async fn view(
+        &self,
+        key: String,
+        parent: String,
+        labels: HashMap<String, String>,
+    ) -> std::result::Result<Vec<Mount>, Status> {
+        let span = tracing::info_span!("view", key = %key, parent = %parent);
+        self.call("view", span, move |s| s.create(Kind::View, &key, &parent, labels))
+            .await
+    }
+
+    async fn commit(
+        &self,
+        name: String,
+        key: String,
+        labels: HashMap<String, String>,
+    ) -> std::result::Result<(), Status> {
+        let span = tracing::info_span!("commit", name = %name, key = %key);
+        self.call("commit", span, move |s| s.commit(&name, &key, labels))
+            .await
+    }
+
+    async fn remove(&self, key: String) -> std::result::Result<(), Status> {
+        let span = tracing::info_span!("remove", key = %key);
+        self.call("remove", span, move |s| s.remove(&key)).await
+    }
+
+    async fn clear(&self) -> std::result::Result<(), Status> {
+        let span = tracing::info_span!("cleanup");
+        self.call("cleanup", span, |s| s.cleanup().map(|_| ())).await
+    }
+
+    type InfoStream = futures::stream::Iter<std::vec::IntoIter<std::result::Result<Info, Status>>>;
+
+    async fn list(
+        &self,
+        _snapshotter: String,
+        filters: Vec<String>,
+    ) -> std::result::Result<Self::InfoStream, Status> {
+        let span = tracing::debug_span!("walk", filters = ?filters);
+        let infos = self.call("walk", span, move |s| s.list(&filters)).await?;
+        Ok(futures::stream::iter(
+            infos.into_iter().map(Ok).collect::<Vec<_>>(),
+        ))
+    }
+}
