@@ -1,11 +1,29 @@
 //! `clip-registry`: the only crate that speaks HTTP to registries.
 //!
-//! It will own the OCI distribution client (manifests, blobs, Range reads, auth challenges,
-//! redirects, retries), image reference normalisation, the credential providers and their
-//! priority chain, and token minting and refresh (ECR, GCP, basic). See issue 4.
-//!
-//! Today it holds only the secret type every other crate must use for credentials.
+//! - [`reference`]: image references and registry name normalisation;
+//! - [`hosts`]: containerd `hosts.toml` (mirrors, CA, skip_verify, plain HTTP);
+//! - [`client`]: HTTP clients, the per-repository request loop (endpoints, retries, auth
+//!   challenges along the credential chain, redirects without `Authorization`);
+//! - [`api`]: manifests, blobs, **Range** reads, uploads, referrers;
+//! - [`credentials`]: credentials, their sources and the priority chain of `DESIGN.md`;
+//! - [`mint`]: short-lived tokens minted from long-term credentials (ECR, GCP, basic);
+//! - [`challenge`]: `WWW-Authenticate` parsing; [`Secret`]: a string that never prints.
 
+pub mod api;
+pub mod challenge;
+pub mod client;
+pub mod credentials;
+pub mod error;
+pub mod hosts;
+pub mod mint;
+pub mod reference;
 mod secret;
 
+pub use api::{FetchedManifest, Platform};
+pub use client::{RegistryClient, Repository, RetryPolicy, Timeouts};
+pub use credentials::{BuildRegistryScope, ChainInputs, Credential, CredentialChain, Source};
+pub use error::RegistryError;
+pub use hosts::HostsConfig;
+pub use mint::{MintedToken, TokenMinter};
+pub use reference::Reference;
 pub use secret::Secret;

@@ -1,0 +1,462 @@
+//! Distribution API operations on a [`Repository`]: manifests (with platform selection),
+//! blobs and Range reads, uploads, manifest PUT, and the referrers API with the OCI 1.1
+//! tag-schema fallback.
+
+use crate::client::{Op, Repository, error_text};
+use crate::error::{RegistryError, Result};
+use bytes::Bytes;
+use oci_spec::image::{Descriptor, ImageIndex, ImageManifest};
+use reqwest::header::{ACCEPT, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, LOCATION, RANGE};
+use reqwest::{Method, StatusCode};
+use sha2::{Digest, Sha256};
+
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+/// Every manifest type we read.
+pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// Largest manifest we accept (the spec suggests registries cap at 4 MiB).
+const MAX_MANIFEST: usize = 4 << 20;
+
+/// A manifest as fetched: raw bytes (their digest is the manifest's identity).
+#[derive(Debug, Clone)]
+pub struct FetchedManifest {
+    pub bytes: Bytes,
+    pub media_type: String,
+    pub digest: String,
+}
+
+impl FetchedManifest {
+    pub fn is_index(&self) -> bool {
+        self.media_type == OCI_INDEX || self.media_type == DOCKER_MANIFEST_LIST
+    }
+}
+
+/// The platform to pick from an index: the host's (`linux/amd64` on x86-64).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Platform {
+    pub os: String,
+    pub architecture: String,
+    pub variant: Option<String>,
+}
+
+impl Default for Platform {
+    fn default() -> Self {
+        let architecture = match std::env::consts::ARCH {
+            "x86_64" => "amd64",
+            "aarch64" => "arm64",
+            "x86" => "386",
+            other => other,
+        };
+        Self {
+            os: "linux".into(),
+            architecture: architecture.into(),
+            variant: None,
+        }
+    }
+}
+
+impl Platform {
+    /// `os/arch[/variant]`.
+    pub fn parse(s: &str) -> Option<Self> {
+        let mut parts = s.split('/');
+        let os = parts.next().filter(|p| !p.is_empty())?.to_string();
+        let architecture = parts.next().filter(|p| !p.is_empty())?.to_string();
+        let variant = parts.next().map(ToString::to_string);
+        Some(Self {
+            os,
+            architecture,
+            variant,
+        })
+    }
+}
+
+pub fn sha256_digest(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+fn verify(digest: &str, bytes: &[u8]) -> Result<()> {
+    if let Some(hex) = digest.strip_prefix("sha256:") {
+        let actual = hex::encode(Sha256::digest(bytes));
+        if actual != hex {
+            return Err(RegistryError::DigestMismatch {
+                digest: digest.to_string(),
+                actual: format!("sha256:{actual}"),
+            });
+        }
+    }
+    Ok(())
+}
+
+impl Repository {
+    fn bad(&self, what: &str, message: impl Into<String>) -> RegistryError {
+        RegistryError::BadResponse {
+            registry: self.image.registry.clone(),
+            what: what.to_string(),
+            message: message.into(),
+        }
+    }
+
+    fn not_found(&self, what: String) -> RegistryError {
+        RegistryError::NotFound {
+            registry: self.image.registry.clone(),
+            what,
+        }
+    }
+
+    async fn body(&self, resp: reqwest::Response, what: &str, limit: usize) -> Result<Bytes> {
+        if resp.content_length().is_some_and(|l| l as usize > limit) {
+            return Err(self.bad(what, format!("larger than {limit} bytes")));
+        }
+        let bytes = resp.bytes().await.map_err(|e| RegistryError::Transport {
+            registry: self.image.registry.clone(),
+            context: format!("reading {what}"),
+            message: error_text(&e),
+        })?;
+        if bytes.len() > limit {
+            return Err(self.bad(what, format!("larger than {limit} bytes")));
+        }
+        Ok(bytes)
+    }
+
+    /// GET a manifest or index by tag or digest; verified when asked for by digest.
+    pub async fn get_manifest(&self, reference: &str) -> Result<FetchedManifest> {
+        let op = Op::new(Method::GET, format!("manifests/{reference}")).header(ACCEPT, MANIFEST_ACCEPT);
+        let resp = self.send(&op).await?;
+        if resp.status() == StatusCode::NOT_FOUND {
+            return Err(self.not_found(format!("manifest {}:{reference}", self.image.repository)));
+        }
+        let header_type = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(';').next().unwrap_or(v).trim().to_string());
+        let bytes = self.body(resp, "manifest", MAX_MANIFEST).await?;
+        let digest = sha256_digest(&bytes);
+        if reference.contains(':') {
+            verify(reference, &bytes)?;
+        }
+        #[derive(serde::Deserialize)]
+        struct Probe {
+            #[serde(rename = "mediaType")]
+            media_type: Option<String>,
+            manifests: Option<serde_json::Value>,
+        }
+        let probe: Probe = serde_json::from_slice(&bytes).map_err(|e| self.bad("manifest", e.to_string()))?;
+        let media_type = probe
+            .media_type
+            .or(header_type.filter(|t| t.contains("manifest") || t.contains("index")))
+            .unwrap_or_else(|| if probe.manifests.is_some() { OCI_INDEX } else { OCI_MANIFEST }.to_string());
+        Ok(FetchedManifest {
+            bytes,
+            media_type,
+            digest,
+        })
+    }
+
+    /// The image manifest for `platform`: the manifest itself, or the matching entry of an
+    /// index.
+    pub async fn get_image_manifest(&self, reference: &str, platform: &Platform) -> Result<(FetchedManifest, ImageManifest)> {
+        let mut fetched = self.get_manifest(reference).await?;
+        if fetched.is_index() {
+            let index: ImageIndex = serde_json::from_slice(&fetched.bytes).map_err(|e| self.bad("index", e.to_string()))?;
+            let chosen = select_platform(index.manifests(), platform).ok_or_else(|| {
+                self.not_found(format!(
+                    "manifest for platform {}/{} in {reference}",
+                    platform.os, platform.architecture
+                ))
+            })?;
+            fetched = self.get_manifest(&chosen.digest().to_string()).await?;
+        }
+        let manifest: ImageManifest =
+            serde_json::from_slice(&fetched.bytes).map_err(|e| self.bad("image manifest", e.to_string()))?;
+        Ok((fetched, manifest))
+    }
+
+    /// HEAD a manifest: its digest and size, or `None` when absent.
+    pub async fn head_manifest(&self, reference: &str) -> Result<Option<(String, u64)>> {
+        let op = Op::new(Method::HEAD, format!("manifests/{reference}")).header(ACCEPT, MANIFEST_ACCEPT);
+        let resp = self.send(&op).await?;
+        if resp.status() == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let digest = resp
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .map(ToString::to_string);
+        let size = resp
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .unwrap_or(0);
+        match digest {
+            Some(d) => Ok(Some((d, size))),
+            None => Ok(Some((self.get_manifest(reference).await?.digest, size))),
+        }
+    }
+
+    /// A whole blob, verified against its digest. For large blobs use [`Self::blob_response`].
+    pub async fn get_blob(&self, digest: &str, max_size: usize) -> Result<Bytes> {
+        let resp = self.blob_response(digest).await?;
+        let bytes = self.body(resp, &format!("blob {digest}"), max_size).await?;
+        verify(digest, &bytes)?;
+        Ok(bytes)
+    }
+
+    /// The response of a blob GET, for streaming. The caller verifies the digest.
+    pub async fn blob_response(&self, digest: &str) -> Result<reqwest::Response> {
+        let mut op = Op::new(Method::GET, format!("blobs/{digest}"));
+        op.redirect_key = Some(digest.to_string());
+        let resp = self.send(&op).await?;
+        if resp.status() == StatusCode::NOT_FOUND {
+            return Err(self.not_found(format!("blob {digest}")));
+        }
+        Ok(resp)
+    }
+
+    /// Bytes `start..end` of a blob. A 206 must carry exactly the range; a 200 (server
+    /// ignoring Range) is cut to it; 416 is [`RegistryError::RangeNotSatisfiable`]. Short
+    /// or mismatched answers are retried as transient errors.
+    pub async fn get_blob_range(&self, digest: &str, start: u64, end: u64) -> Result<Bytes> {
+        if end <= start {
+            return Ok(Bytes::new());
+        }
+        let policy = self.retry_policy();
+        let mut attempt = 0;
+        loop {
+            match self.get_blob_range_once(digest, start, end).await {
+                Err(e) if e.is_transient() && attempt < policy.retries => {
+                    tokio::time::sleep(policy.base_delay * (1 << attempt.min(6))).await;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn get_blob_range_once(&self, digest: &str, start: u64, end: u64) -> Result<Bytes> {
+        let mut op = Op::new(Method::GET, format!("blobs/{digest}")).header(RANGE, format!("bytes={start}-{}", end - 1));
+        op.redirect_key = Some(digest.to_string());
+        let resp = self.send(&op).await?;
+        let want = (end - start) as usize;
+        let short = |got: usize| RegistryError::Transport {
+            registry: self.image.registry.clone(),
+            context: format!("range {start}-{end} of {digest}"),
+            message: format!("got {got} bytes, wanted {want}"),
+        };
+        match resp.status() {
+            StatusCode::NOT_FOUND => Err(self.not_found(format!("blob {digest}"))),
+            StatusCode::RANGE_NOT_SATISFIABLE => Err(RegistryError::RangeNotSatisfiable {
+                registry: self.image.registry.clone(),
+                digest: digest.to_string(),
+                start,
+                end,
+            }),
+            StatusCode::PARTIAL_CONTENT => {
+                let range = resp
+                    .headers()
+                    .get(CONTENT_RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(parse_content_range);
+                if let Some((s, e)) = range {
+                    if s != start || e + 1 > end || e < s {
+                        return Err(self.bad("Content-Range", format!("asked {start}-{}, got {s}-{e}", end - 1)));
+                    }
+                }
+                let bytes = self.body(resp, "blob range", want).await?;
+                if bytes.len() != want {
+                    return Err(short(bytes.len()));
+                }
+                Ok(bytes)
+            }
+            StatusCode::OK => {
+                // Whole body: only acceptable for modest blobs; cut out the range.
+                let bytes = self.body(resp, "blob (Range ignored)", 512 << 20).await?;
+                if (bytes.len() as u64) < end {
+                    return Err(RegistryError::RangeNotSatisfiable {
+                        registry: self.image.registry.clone(),
+                        digest: digest.to_string(),
+                        start,
+                        end,
+                    });
+                }
+                Ok(bytes.slice(start as usize..end as usize))
+            }
+            other => Err(self.bad("blob range", format!("unexpected status {other}"))),
+        }
+    }
+
+    /// Whether a blob exists.
+    pub async fn blob_exists(&self, digest: &str) -> Result<bool> {
+        let resp = self.send(&Op::new(Method::HEAD, format!("blobs/{digest}"))).await?;
+        Ok(resp.status().is_success())
+    }
+
+    /// Uploads a blob (monolithic POST + PUT) unless present; returns its digest.
+    pub async fn push_blob(&self, bytes: Bytes) -> Result<String> {
+        let digest = sha256_digest(&bytes);
+        if self.blob_exists(&digest).await? {
+            return Ok(digest);
+        }
+        let mut start = Op::new(Method::POST, "blobs/uploads/");
+        start.push = true;
+        let resp = self.send(&start).await?;
+        if resp.status() != StatusCode::ACCEPTED {
+            return Err(self.bad("upload start", format!("status {}", resp.status())));
+        }
+        let location = resp
+            .headers()
+            .get(LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| self.bad("upload start", "no Location"))?
+            .to_string();
+        let base = resp.url().clone();
+        let mut url = base.join(&location).map_err(|e| self.bad("upload Location", e.to_string()))?;
+        url.query_pairs_mut().append_pair("digest", &digest);
+        let mut put = Op::new(Method::PUT, "blobs/uploads/(location)")
+            .header(CONTENT_TYPE, "application/octet-stream");
+        put.absolute_url = Some(url.to_string());
+        put.body = Some(bytes);
+        put.push = true;
+        let resp = self.send(&put).await?;
+        if resp.status() != StatusCode::CREATED {
+            return Err(self.bad("upload", format!("status {}", resp.status())));
+        }
+        Ok(digest)
+    }
+
+    /// PUTs a manifest under `reference` (tag or digest); returns its digest.
+    pub async fn put_manifest(&self, reference: &str, media_type: &str, bytes: Bytes) -> Result<String> {
+        let digest = sha256_digest(&bytes);
+        let mut op = Op::new(Method::PUT, format!("manifests/{reference}")).header(CONTENT_TYPE, media_type);
+        op.body = Some(bytes);
+        op.push = true;
+        let resp = self.send(&op).await?;
+        if resp.status() != StatusCode::CREATED && resp.status() != StatusCode::OK {
+            return Err(self.bad("manifest upload", format!("status {}", resp.status())));
+        }
+        Ok(digest)
+    }
+
+    /// Manifests whose `subject` is `digest`: the referrers API, else the tag-schema fallback
+    /// index `sha256-<hex>`. Filtered by `artifact_type` when given.
+    pub async fn referrers(&self, digest: &str, artifact_type: Option<&str>) -> Result<Vec<Descriptor>> {
+        let mut op = Op::new(Method::GET, format!("referrers/{digest}")).header(ACCEPT, OCI_INDEX);
+        if let Some(t) = artifact_type {
+            op.query.push(("artifactType".into(), t.to_string()));
+        }
+        let resp = self.send(&op).await?;
+        let index = if resp.status().is_success()
+            && resp
+                .headers()
+                .get(CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|t| t.starts_with(OCI_INDEX))
+        {
+            let bytes = self.body(resp, "referrers", MAX_MANIFEST).await?;
+            Some(serde_json::from_slice::<ImageIndex>(&bytes).map_err(|e| self.bad("referrers", e.to_string()))?)
+        } else {
+            match self.get_manifest(&fallback_tag(digest)).await {
+                Ok(m) => Some(serde_json::from_slice::<ImageIndex>(&m.bytes).map_err(|e| self.bad("referrers tag", e.to_string()))?),
+                Err(RegistryError::NotFound { .. }) => None,
+                Err(e) => return Err(e),
+            }
+        };
+        let Some(index) = index else {
+            return Ok(Vec::new());
+        };
+        Ok(index
+            .manifests()
+            .iter()
+            .filter(|d| {
+                artifact_type.is_none_or(|t| d.artifact_type().as_ref().is_some_and(|a| a.to_string() == t))
+            })
+            .cloned()
+            .collect())
+    }
+
+    /// Adds `descriptor` to the tag-schema fallback index of `subject` (for registries without
+    /// the referrers API): read, append unless present, PUT.
+    pub async fn add_referrer_to_fallback_tag(&self, subject: &str, descriptor: Descriptor) -> Result<()> {
+        let tag = fallback_tag(subject);
+        let mut manifests = match self.get_manifest(&tag).await {
+            Ok(m) => serde_json::from_slice::<ImageIndex>(&m.bytes)
+                .map_err(|e| self.bad("referrers tag", e.to_string()))?
+                .manifests()
+                .clone(),
+            Err(RegistryError::NotFound { .. }) => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        if manifests.iter().any(|d| d.digest() == descriptor.digest()) {
+            return Ok(());
+        }
+        manifests.push(descriptor);
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": manifests,
+        });
+        let bytes = serde_json::to_vec(&index).map_err(|e| self.bad("referrers tag", e.to_string()))?;
+        self.put_manifest(&tag, OCI_INDEX, Bytes::from(bytes)).await?;
+        Ok(())
+    }
+
+    fn retry_policy(&self) -> crate::client::RetryPolicy {
+        self.client_retry()
+    }
+}
+
+/// OCI 1.1 referrers tag schema: `sha256:<hex>` -> `sha256-<hex>`.
+pub fn fallback_tag(digest: &str) -> String {
+    digest.replacen(':', "-", 1)
+}
+
+fn parse_content_range(v: &str) -> Option<(u64, u64)> {
+    let v = v.trim().strip_prefix("bytes ")?;
+    let (range, _total) = v.split_once('/')?;
+    let (s, e) = range.split_once('-')?;
+    Some((s.trim().parse().ok()?, e.trim().parse().ok()?))
+}
+
+/// The entry of an index for `platform` (variant compared when both name one).
+pub fn select_platform<'a>(manifests: &'a [Descriptor], platform: &Platform) -> Option<&'a Descriptor> {
+    manifests.iter().find(|d| {
+        d.platform().as_ref().is_some_and(|p| {
+            p.os().to_string() == platform.os
+                && p.architecture().to_string() == platform.architecture
+                && match (&platform.variant, p.variant()) {
+                    (Some(want), Some(have)) => want == have,
+                    _ => true,
+                }
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_range_and_fallback_tag() {
+        assert_eq!(parse_content_range("bytes 100-199/1000"), Some((100, 199)));
+        assert_eq!(parse_content_range("bytes */1000"), None);
+        assert_eq!(fallback_tag("sha256:abc"), "sha256-abc");
+        assert_eq!(
+            Platform::parse("linux/arm64/v8"),
+            Some(Platform { os: "linux".into(), architecture: "arm64".into(), variant: Some("v8".into()) })
+        );
+    }
+
+    #[test]
+    fn platform_selection() {
+        let index: ImageIndex = serde_json::from_str(r#"{"schemaVersion":2,"manifests":[
+            {"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:1111111111111111111111111111111111111111111111111111111111111111","size":1,"platform":{"os":"linux","architecture":"arm64"}},
+            {"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:2222222222222222222222222222222222222222222222222222222222222222","size":1,"platform":{"os":"linux","architecture":"amd64"}}]}"#).expect("index");
+        let p = Platform { os: "linux".into(), architecture: "amd64".into(), variant: None };
+        let d = select_platform(index.manifests(), &p).expect("amd64");
+        assert!(d.digest().to_string().starts_with("sha256:2222"));
+    }
+}

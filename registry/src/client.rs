@@ -1,0 +1,595 @@
+//! The HTTP machinery: one reqwest client per TLS configuration (connection reuse, HTTP/2
+//! when offered), and per repository the request loop — endpoints (mirrors first), retries
+//! with backoff on 5xx/429/resets/timeouts, auth challenges walked along the credential
+//! chain, and redirects to object stores followed *without* `Authorization`, their final URL
+//! cached per blob.
+
+use crate::challenge::{self, Challenge};
+use crate::credentials::{Candidate, CredentialChain, Source};
+use crate::error::{RegistryError, Result, SourceList};
+use crate::hosts::{Endpoint, HostsConfig};
+use crate::reference::Reference;
+use crate::secret::Secret;
+use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderName, HeaderValue, LOCATION, WWW_AUTHENTICATE};
+use reqwest::{Method, StatusCode};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Retries of one request on transient failures.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// Attempts after the first.
+    pub retries: u32,
+    /// First backoff; doubled each time, with jitter, capped at 5 s.
+    pub base_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            retries: 4,
+            base_delay: Duration::from_millis(100),
+        }
+    }
+}
+
+/// Timeouts of one request.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub connect: Duration,
+    /// Whole request including the body.
+    pub request: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(10),
+            request: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Shared by every repository: HTTP clients and host configuration.
+#[derive(Debug)]
+pub struct RegistryClient {
+    pub hosts: HostsConfig,
+    pub retry: RetryPolicy,
+    pub timeouts: Timeouts,
+    clients: std::sync::Mutex<HashMap<(Vec<PathBuf>, bool), reqwest::Client>>,
+}
+
+impl RegistryClient {
+    pub fn new(hosts: HostsConfig) -> Arc<Self> {
+        Self::with_policy(hosts, RetryPolicy::default(), Timeouts::default())
+    }
+
+    pub fn with_policy(hosts: HostsConfig, retry: RetryPolicy, timeouts: Timeouts) -> Arc<Self> {
+        Arc::new(Self {
+            hosts,
+            retry,
+            timeouts,
+            clients: std::sync::Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A session on one repository with the credential chain of its image.
+    pub fn repository(self: &Arc<Self>, image: &Reference, chain: CredentialChain) -> Result<Repository> {
+        let endpoints = self.hosts.endpoints(&image.registry)?;
+        Ok(Repository {
+            client: self.clone(),
+            image: image.clone(),
+            endpoints,
+            chain,
+            push: false,
+            auth: tokio::sync::Mutex::new(AuthState::default()),
+            redirects: std::sync::Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn http(&self, endpoint: &Endpoint) -> Result<reqwest::Client> {
+        let key = endpoint.tls_key();
+        let mut clients = self
+            .clients
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(c) = clients.get(&key) {
+            return Ok(c.clone());
+        }
+        let err = |message: String| RegistryError::Transport {
+            registry: endpoint.host.clone(),
+            context: "building the HTTP client".into(),
+            message,
+        };
+        let mut b = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(self.timeouts.connect)
+            .timeout(self.timeouts.request)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .user_agent(concat!("clip/", env!("CARGO_PKG_VERSION")));
+        let mut certs = Vec::new();
+        for ca in &endpoint.ca_files {
+            let pem = std::fs::read(ca).map_err(|e| err(format!("reading CA {}: {e}", ca.display())))?;
+            certs.extend(
+                reqwest::Certificate::from_pem_bundle(&pem)
+                    .map_err(|e| err(format!("CA {}: {e}", ca.display())))?,
+            );
+        }
+        if !certs.is_empty() {
+            b = b.tls_certs_merge(certs);
+        }
+        if endpoint.skip_verify {
+            b = b.tls_danger_accept_invalid_certs(true);
+        }
+        let c = b.build().map_err(|e| err(e.to_string()))?;
+        clients.insert(key, c.clone());
+        Ok(c)
+    }
+}
+
+#[derive(Default)]
+struct AuthState {
+    /// Index into the chain of the candidate in use.
+    candidate: usize,
+    /// Bumped on every change, so concurrent 401s re-authenticate once.
+    generation: u64,
+    /// Per endpoint host: the `Authorization` value, its expiry and the challenge it answered.
+    headers: HashMap<String, CachedAuth>,
+    logged: Option<Source>,
+}
+
+struct CachedAuth {
+    value: Secret,
+    expires: Option<Instant>,
+    challenge: Challenge,
+}
+
+/// What one request needs.
+#[derive(Debug, Clone)]
+pub struct Op {
+    pub method: Method,
+    /// Path below `/v2/<repository>/`, e.g. `blobs/sha256:...`.
+    pub path: String,
+    pub headers: Vec<(HeaderName, String)>,
+    pub body: Option<bytes::Bytes>,
+    pub query: Vec<(String, String)>,
+    /// Needs push access (scope `pull,push`, endpoints with `push`).
+    pub push: bool,
+    /// Cache redirect targets under this key (a blob digest).
+    pub redirect_key: Option<String>,
+    /// An absolute URL to use instead of the path (upload locations).
+    pub absolute_url: Option<String>,
+}
+
+impl Op {
+    pub fn new(method: Method, path: impl Into<String>) -> Self {
+        Self {
+            method,
+            path: path.into(),
+            headers: Vec::new(),
+            body: None,
+            query: Vec::new(),
+            push: false,
+            redirect_key: None,
+            absolute_url: None,
+        }
+    }
+
+    pub fn header(mut self, name: HeaderName, value: impl Into<String>) -> Self {
+        self.headers.push((name, value.into()));
+        self
+    }
+}
+
+/// One repository of one registry, with its credential chain and auth state.
+pub struct Repository {
+    client: Arc<RegistryClient>,
+    pub image: Reference,
+    endpoints: Vec<Endpoint>,
+    chain: CredentialChain,
+    push: bool,
+    auth: tokio::sync::Mutex<AuthState>,
+    redirects: std::sync::Mutex<HashMap<String, (String, Instant)>>,
+}
+
+impl std::fmt::Debug for Repository {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Repository({})", self.image)
+    }
+}
+
+/// How long a cached redirect URL (often a pre-signed object store URL) is reused.
+const REDIRECT_TTL: Duration = Duration::from_secs(300);
+
+impl Repository {
+    /// Request push access in token scopes (for publishing).
+    pub fn for_push(mut self) -> Self {
+        self.push = true;
+        self
+    }
+
+    fn registry(&self) -> &str {
+        &self.image.registry
+    }
+
+    pub(crate) fn client_retry(&self) -> RetryPolicy {
+        self.client.retry
+    }
+
+    /// Sends `op`, trying endpoints in order (mirrors first). Returns the final response with
+    /// a success or 404/416 status; every other status is an error.
+    pub async fn send(&self, op: &Op) -> Result<reqwest::Response> {
+        let usable: Vec<&Endpoint> = self
+            .endpoints
+            .iter()
+            .filter(|e| {
+                if op.push || self.push && op.method != Method::GET && op.method != Method::HEAD {
+                    e.capabilities.push
+                } else {
+                    e.capabilities.pull || e.capabilities.resolve
+                }
+            })
+            .collect();
+        let Some((last, mirrors)) = usable.split_last() else {
+            return Err(RegistryError::HostsConfig {
+                path: self.registry().to_string(),
+                message: "no endpoint has the needed capability".into(),
+            });
+        };
+        for mirror in mirrors {
+            match self.send_with_retries(mirror, op).await {
+                Ok(r) if r.status() != StatusCode::NOT_FOUND => return Ok(r),
+                Ok(_) => tracing::debug!(mirror = %mirror.host, path = %op.path, "mirror has no such content"),
+                Err(e) => tracing::warn!(mirror = %mirror.host, error = %e, "mirror failed; trying the next endpoint"),
+            }
+        }
+        self.send_with_retries(last, op).await
+    }
+
+    async fn send_with_retries(&self, endpoint: &Endpoint, op: &Op) -> Result<reqwest::Response> {
+        let policy = self.client.retry;
+        let mut attempt = 0;
+        loop {
+            match self.send_authenticated(endpoint, op).await {
+                Err(e) if e.is_transient() && attempt < policy.retries => {
+                    let delay = backoff(policy.base_delay, attempt);
+                    tracing::debug!(error = %e, attempt, delay_ms = delay.as_millis() as u64, "transient registry error; retrying");
+                    tokio::time::sleep(delay).await;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Sends with the current credential; on 401/403 authenticates, refreshes or moves along
+    /// the chain, and retries.
+    async fn send_authenticated(&self, endpoint: &Endpoint, op: &Op) -> Result<reqwest::Response> {
+        let mut reauthed = false;
+        let mut tried: Vec<Source> = Vec::new();
+        loop {
+            let (auth, generation) = self.current_auth(endpoint).await?;
+            let resp = self.send_once(endpoint, op, auth.as_ref()).await?;
+            let status = resp.status();
+            if status != StatusCode::UNAUTHORIZED && status != StatusCode::FORBIDDEN {
+                return check_status(resp, self.registry(), op).await;
+            }
+            let fresh_challenge = resp
+                .headers()
+                .get(WWW_AUTHENTICATE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(challenge::parse);
+            let mut state = self.auth.lock().await;
+            if state.generation != generation {
+                continue; // another request re-authenticated meanwhile; use its result
+            }
+            let known = state.headers.get(&endpoint.host).map(|a| a.challenge.clone());
+            let had_auth = known.is_some();
+            let unauthorized = |tried: Vec<Source>| RegistryError::Unauthorized {
+                registry: self.registry().to_string(),
+                repository: self.image.repository.clone(),
+                status: status.as_u16(),
+                tried: SourceList(tried),
+            };
+            let Some(challenge) = fresh_challenge.or(known) else {
+                return Err(unauthorized(tried));
+            };
+            // First authenticate with the current candidate; then once more with it (a new
+            // token, a re-minted credential); then move to the next candidate.
+            let refresh = if !had_auth {
+                false
+            } else if !reauthed {
+                reauthed = true;
+                true
+            } else {
+                state.candidate += 1;
+                state.headers.clear();
+                reauthed = false;
+                false
+            };
+            let Some(candidate) = self.chain.candidates.get(state.candidate).cloned() else {
+                // Start over next time (a credential may be renewed meanwhile).
+                state.candidate = 0;
+                state.headers.clear();
+                state.generation += 1;
+                return Err(unauthorized(tried));
+            };
+            if !tried.contains(&candidate.source()) {
+                tried.push(candidate.source());
+            }
+            self.authenticate(&mut state, endpoint, &candidate, challenge, refresh)
+                .await?;
+        }
+    }
+
+    /// The cached `Authorization` for `endpoint`, renewed first when its token expired.
+    async fn current_auth(&self, endpoint: &Endpoint) -> Result<(Option<Secret>, u64)> {
+        let mut state = self.auth.lock().await;
+        let expired = state
+            .headers
+            .get(&endpoint.host)
+            .is_some_and(|a| a.expires.is_some_and(|e| Instant::now() >= e));
+        if expired {
+            let challenge = state.headers.get(&endpoint.host).map(|a| a.challenge.clone());
+            if let (Some(challenge), Some(candidate)) =
+                (challenge, self.chain.candidates.get(state.candidate).cloned())
+            {
+                self.authenticate(&mut state, endpoint, &candidate, challenge, false)
+                    .await?;
+            }
+        }
+        let value = state
+            .headers
+            .get(&endpoint.host)
+            .map(|a| a.value.clone())
+            .filter(|v| !v.expose().is_empty());
+        Ok((value, state.generation))
+    }
+
+    async fn authenticate(
+        &self,
+        state: &mut AuthState,
+        endpoint: &Endpoint,
+        candidate: &Candidate,
+        challenge: Challenge,
+        refresh: bool,
+    ) -> Result<()> {
+        let source = candidate.source();
+        let credential = candidate.resolve(self.registry(), refresh).await?;
+        if state.logged != Some(source) {
+            tracing::info!(image = %self.image, source = source.name(), "{}", source.decision());
+            state.logged = Some(source);
+        }
+        let (value, expires) = match &challenge {
+            Challenge::Basic => match &credential {
+                Some(c) => (Secret::new(c.basic_header()), None),
+                None => (Secret::new(""), None),
+            },
+            Challenge::Bearer {
+                realm,
+                service,
+                scope,
+            } => {
+                let (token, expires) = self
+                    .fetch_token(endpoint, realm, service.as_deref(), scope.as_deref(), credential.as_ref())
+                    .await?;
+                (Secret::new(format!("Bearer {}", token.expose())), expires)
+            }
+        };
+        state.headers.insert(
+            endpoint.host.clone(),
+            CachedAuth {
+                value,
+                expires,
+                challenge,
+            },
+        );
+        state.generation += 1;
+        Ok(())
+    }
+
+    /// GET the token from a Bearer realm (Docker token protocol), with basic credentials
+    /// when there are any.
+    async fn fetch_token(
+        &self,
+        endpoint: &Endpoint,
+        realm: &str,
+        service: Option<&str>,
+        challenge_scope: Option<&str>,
+        credential: Option<&crate::credentials::Credential>,
+    ) -> Result<(Secret, Option<Instant>)> {
+        let actions = if self.push { "pull,push" } else { "pull" };
+        let scope = format!("repository:{}:{actions}", self.image.repository);
+        let mut query: Vec<(&str, &str)> = vec![("scope", &scope)];
+        if let Some(s) = challenge_scope.filter(|s| *s != scope) {
+            query.push(("scope", s));
+        }
+        if let Some(s) = service {
+            query.push(("service", s));
+        }
+        let http = self.client.http(endpoint)?;
+        let mut req = http.get(realm).query(&query);
+        if let Some(c) = credential {
+            req = req.header(AUTHORIZATION, c.basic_header());
+        }
+        let transport = |e: reqwest::Error| RegistryError::Transport {
+            registry: self.registry().to_string(),
+            context: "token request".into(),
+            message: error_text(&e),
+        };
+        let resp = req.send().await.map_err(transport)?;
+        let status = resp.status();
+        if !status.is_success() {
+            if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+                // Treated as "this credential is refused": an empty header makes the next
+                // attempt move along the chain.
+                return Ok((Secret::new(""), None));
+            }
+            return Err(RegistryError::Status {
+                registry: self.registry().to_string(),
+                method: "GET".into(),
+                path: "token realm".into(),
+                status: status.as_u16(),
+                body: String::new(),
+            });
+        }
+        #[derive(serde::Deserialize)]
+        struct TokenResponse {
+            token: Option<String>,
+            access_token: Option<String>,
+            expires_in: Option<u64>,
+        }
+        let body: TokenResponse = resp.json().await.map_err(|e| RegistryError::BadResponse {
+            registry: self.registry().to_string(),
+            what: "token response".into(),
+            message: e.to_string(),
+        })?;
+        let token = body.token.or(body.access_token).ok_or_else(|| RegistryError::BadResponse {
+            registry: self.registry().to_string(),
+            what: "token response".into(),
+            message: "no token".into(),
+        })?;
+        // The spec's default lifetime is 60 s; renew at 90 % of it.
+        let lifetime = Duration::from_secs(body.expires_in.unwrap_or(60).max(1));
+        Ok((Secret::new(token), Some(Instant::now() + lifetime.mul_f64(0.9))))
+    }
+
+    fn url(&self, endpoint: &Endpoint, op: &Op) -> String {
+        op.absolute_url.clone().unwrap_or_else(|| {
+            format!("{}/{}/{}", endpoint.api_base, self.image.repository, op.path)
+        })
+    }
+
+    /// One HTTP exchange, following redirects without credentials.
+    async fn send_once(&self, endpoint: &Endpoint, op: &Op, auth: Option<&Secret>) -> Result<reqwest::Response> {
+        let http = self.client.http(endpoint)?;
+        let transport = |context: &str, e: &reqwest::Error| RegistryError::Transport {
+            registry: self.registry().to_string(),
+            context: context.to_string(),
+            message: error_text(e),
+        };
+        if let Some(key) = &op.redirect_key {
+            let cached = self
+                .redirects
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get(key)
+                .filter(|(_, at)| at.elapsed() < REDIRECT_TTL)
+                .map(|(u, _)| u.clone());
+            if let Some(url) = cached {
+                let resp = self.plain_request(&http, op, &url).send().await;
+                match resp {
+                    Ok(r) if r.status().is_success() => return Ok(r),
+                    _ => {
+                        self.redirects
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .remove(key);
+                    }
+                }
+            }
+        }
+        let url = self.url(endpoint, op);
+        let mut req = self.plain_request(&http, op, &url);
+        for (k, v) in &endpoint.headers {
+            req = req.header(k.as_str(), v.as_str());
+        }
+        if let Some(a) = auth {
+            req = req.header(AUTHORIZATION, a.expose());
+        }
+        if let Some(body) = &op.body {
+            req = req.body(body.clone());
+        }
+        let mut resp = req.send().await.map_err(|e| transport("request", &e))?;
+        let mut current = url;
+        for _ in 0..5 {
+            if !resp.status().is_redirection() || op.method == Method::PUT || op.method == Method::POST || op.method == Method::PATCH {
+                return Ok(resp);
+            }
+            let Some(location) = resp.headers().get(LOCATION).and_then(|l| l.to_str().ok()) else {
+                return Ok(resp);
+            };
+            let next = url::Url::parse(&current)
+                .and_then(|base| base.join(location))
+                .map_err(|e| RegistryError::BadResponse {
+                    registry: self.registry().to_string(),
+                    what: "redirect".into(),
+                    message: e.to_string(),
+                })?
+                .to_string();
+            // Never forward Authorization to another host (object stores, CDNs).
+            resp = self
+                .plain_request(&http, op, &next)
+                .send()
+                .await
+                .map_err(|e| transport("redirected request", &e))?;
+            if resp.status().is_success() {
+                if let Some(key) = &op.redirect_key {
+                    self.redirects
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .insert(key.clone(), (next.clone(), Instant::now()));
+                }
+            }
+            current = next;
+        }
+        Ok(resp)
+    }
+
+    fn plain_request(&self, http: &reqwest::Client, op: &Op, url: &str) -> reqwest::RequestBuilder {
+        let mut req = http.request(op.method.clone(), url);
+        if !op.query.is_empty() {
+            req = req.query(&op.query);
+        }
+        let mut headers = HeaderMap::new();
+        for (k, v) in &op.headers {
+            if let Ok(v) = HeaderValue::from_str(v) {
+                headers.append(k.clone(), v);
+            }
+        }
+        req.headers(headers)
+    }
+}
+
+/// Maps a final status to the response or an error; 404 and 416 pass through for callers.
+async fn check_status(resp: reqwest::Response, registry: &str, op: &Op) -> Result<reqwest::Response> {
+    let status = resp.status();
+    if status.is_success() || status == StatusCode::NOT_FOUND || status == StatusCode::RANGE_NOT_SATISFIABLE {
+        return Ok(resp);
+    }
+    let body = resp.text().await.unwrap_or_default();
+    let body: String = body.chars().take(300).collect();
+    Err(RegistryError::Status {
+        registry: registry.to_string(),
+        method: op.method.to_string(),
+        path: op.path.clone(),
+        status: status.as_u16(),
+        body,
+    })
+}
+
+fn backoff(base: Duration, attempt: u32) -> Duration {
+    let exp = base.saturating_mul(1 << attempt.min(10));
+    let capped = exp.min(Duration::from_secs(5));
+    // Jitter of up to 25 % from the clock's sub-second noise (no RNG needed).
+    let noise = u64::from(std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos()) % 250;
+    capped + capped.mul_f64(noise as f64 / 1000.0)
+}
+
+/// reqwest's error with its causes (connection refused, reset, timeout...), no URL secrets
+/// (URLs carry none).
+pub fn error_text(e: &reqwest::Error) -> String {
+    use std::error::Error;
+    let mut parts = vec![e.to_string()];
+    let mut src = e.source();
+    while let Some(s) = src {
+        parts.push(s.to_string());
+        src = s.source();
+    }
+    parts.join(": ")
+}

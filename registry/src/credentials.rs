@@ -1,0 +1,304 @@
+//! Credentials and the priority chain of `DESIGN.md`:
+//! 1. `clip.image-creds`, 2. `clip.source-image-creds` (both for the image's own registry),
+//! 3. `clip.build-registry-creds` — only when the image's registry *is* the configured build
+//!    registry (normalised `host[:port]` equality) and its repository is under the configured
+//!    prefix, 4. a token minted from the configured long-term credentials (same rule),
+//! 5. docker `config.json` with credential helpers, 6. anonymous.
+//!
+//! The chain is built per image; the client walks it on 401/403.
+
+use crate::error::{RegistryError, Result};
+use crate::mint::TokenMinter;
+use crate::reference::{Reference, normalize_registry};
+use crate::secret::Secret;
+use std::sync::Arc;
+
+/// `username:password` for a registry.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credential {
+    pub username: String,
+    pub password: Secret,
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Credential {{ username: {:?}, password: <redacted> }}", self.username)
+    }
+}
+
+impl Credential {
+    pub fn new(username: impl Into<String>, password: impl Into<String>) -> Self {
+        Self {
+            username: username.into(),
+            password: Secret::new(password),
+        }
+    }
+
+    /// Parses `username:password` (split at the first `:`; the password may contain more).
+    /// The error never repeats the input.
+    pub fn parse(s: &str, source: Source) -> Result<Self> {
+        match s.split_once(':') {
+            Some((u, p)) if !u.is_empty() && !p.is_empty() => Ok(Self::new(u, p)),
+            _ => Err(RegistryError::Credentials {
+                source_name: source.name(),
+                message: "expected username:password".into(),
+            }),
+        }
+    }
+
+    /// `Basic base64(user:pass)`.
+    pub fn basic_header(&self) -> String {
+        use base64::Engine;
+        let raw = format!("{}:{}", self.username, self.password.expose());
+        format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(raw))
+    }
+}
+
+/// Where a credential came from; logged by name, never with the value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Source {
+    ImageCreds,
+    SourceImageCreds,
+    BuildRegistryCreds,
+    MintedBuildRegistryToken,
+    DockerConfig,
+    Anonymous,
+}
+
+impl Source {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::ImageCreds => "image credentials (clip.image-creds)",
+            Self::SourceImageCreds => "source image credentials (clip.source-image-creds)",
+            Self::BuildRegistryCreds => "build registry credentials (clip.build-registry-creds)",
+            Self::MintedBuildRegistryToken => "build registry token minted from the config",
+            Self::DockerConfig => "docker config.json",
+            Self::Anonymous => "anonymous",
+        }
+    }
+
+    /// The log line of `DESIGN.md` for a chosen source.
+    pub fn decision(self) -> &'static str {
+        match self {
+            Self::ImageCreds => "credentials provided for runtime CLIP layer mounting",
+            Self::SourceImageCreds => "using source image credentials for the image's registry",
+            Self::BuildRegistryCreds => {
+                "using build registry credentials for image access (image was built and pushed by us)"
+            }
+            Self::MintedBuildRegistryToken => {
+                "using a build registry token minted from the configured long-term credentials"
+            }
+            Self::DockerConfig => "using credentials from docker config.json",
+            Self::Anonymous => "no credentials apply; accessing the registry anonymously",
+        }
+    }
+}
+
+/// The configured build registry: which images build registry credentials apply to.
+#[derive(Debug, Clone)]
+pub struct BuildRegistryScope {
+    /// Normalised `host[:port]`.
+    pub registry: String,
+    /// Repository prefix (`userimages` matches `userimages` and `userimages/...`); empty = all.
+    pub repository_prefix: String,
+}
+
+impl BuildRegistryScope {
+    pub fn new(registry: &str, repository_prefix: &str) -> Self {
+        Self {
+            registry: normalize_registry(registry),
+            repository_prefix: repository_prefix.trim_matches('/').to_string(),
+        }
+    }
+
+    /// Exact registry equality plus a path-component prefix match — never a substring test.
+    pub fn covers(&self, image: &Reference) -> bool {
+        if image.registry != self.registry {
+            return false;
+        }
+        let p = &self.repository_prefix;
+        p.is_empty()
+            || image.repository == *p
+            || image
+                .repository
+                .strip_prefix(p.as_str())
+                .is_some_and(|rest| rest.starts_with('/'))
+    }
+}
+
+/// One entry of a chain.
+#[derive(Debug, Clone)]
+pub enum Candidate {
+    Static(Source, Credential),
+    Minted(Arc<TokenMinter>),
+    DockerConfig,
+    Anonymous,
+}
+
+impl Candidate {
+    pub fn source(&self) -> Source {
+        match self {
+            Self::Static(s, _) => *s,
+            Self::Minted(_) => Source::MintedBuildRegistryToken,
+            Self::DockerConfig => Source::DockerConfig,
+            Self::Anonymous => Source::Anonymous,
+        }
+    }
+
+    /// The credential to send, if any. `refresh` forces a minted token to be re-minted.
+    pub async fn resolve(&self, registry: &str, refresh: bool) -> Result<Option<Credential>> {
+        match self {
+            Self::Static(_, c) => Ok(Some(c.clone())),
+            Self::Minted(m) => m.credential(refresh).await.map(Some),
+            Self::DockerConfig => docker_config_credential(registry).await,
+            Self::Anonymous => Ok(None),
+        }
+    }
+}
+
+/// What a caller knows about an image's credentials.
+#[derive(Debug, Clone, Default)]
+pub struct ChainInputs {
+    pub image_creds: Option<Credential>,
+    pub source_image_creds: Option<Credential>,
+    pub build_registry_creds: Option<Credential>,
+    pub build_registry: Option<BuildRegistryScope>,
+    pub minter: Option<Arc<TokenMinter>>,
+    /// Consult docker `config.json` and its credential helpers.
+    pub docker_config: bool,
+}
+
+/// The ordered candidates for one image.
+#[derive(Debug, Clone)]
+pub struct CredentialChain {
+    pub candidates: Vec<Candidate>,
+}
+
+impl CredentialChain {
+    /// Only anonymous access.
+    pub fn anonymous() -> Self {
+        Self {
+            candidates: vec![Candidate::Anonymous],
+        }
+    }
+
+    pub fn for_image(image: &Reference, inputs: &ChainInputs) -> Self {
+        let mut candidates = Vec::new();
+        if let Some(c) = &inputs.image_creds {
+            candidates.push(Candidate::Static(Source::ImageCreds, c.clone()));
+        }
+        if let Some(c) = &inputs.source_image_creds {
+            candidates.push(Candidate::Static(Source::SourceImageCreds, c.clone()));
+        }
+        let in_build_registry = inputs
+            .build_registry
+            .as_ref()
+            .is_some_and(|b| b.covers(image));
+        if in_build_registry {
+            if let Some(c) = &inputs.build_registry_creds {
+                candidates.push(Candidate::Static(Source::BuildRegistryCreds, c.clone()));
+            }
+            if let Some(m) = &inputs.minter {
+                candidates.push(Candidate::Minted(m.clone()));
+            }
+        }
+        if inputs.docker_config {
+            candidates.push(Candidate::DockerConfig);
+        }
+        candidates.push(Candidate::Anonymous);
+        Self { candidates }
+    }
+}
+
+/// Docker's `config.json` (`$DOCKER_CONFIG` or `~/.docker`), with credential helpers.
+async fn docker_config_credential(registry: &str) -> Result<Option<Credential>> {
+    let server = if registry == crate::reference::DOCKER_HUB {
+        "https://index.docker.io/v1/".to_string()
+    } else {
+        registry.to_string()
+    };
+    let result = tokio::task::spawn_blocking(move || docker_credential::get_credential(&server))
+        .await
+        .map_err(|e| RegistryError::Credentials {
+            source_name: Source::DockerConfig.name(),
+            message: e.to_string(),
+        })?;
+    match result {
+        Ok(docker_credential::DockerCredential::UsernamePassword(u, p)) => {
+            Ok(Some(Credential::new(u, p)))
+        }
+        Ok(docker_credential::DockerCredential::IdentityToken(_)) => {
+            tracing::warn!(registry, "docker config.json holds an identity token, which clip does not use");
+            Ok(None)
+        }
+        // No config, no entry for this registry: nothing to offer.
+        Err(e) => {
+            tracing::debug!(registry, error = %e, "no docker config.json credential");
+            Ok(None)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(s: &str) -> Reference {
+        Reference::parse(s).expect("reference")
+    }
+
+    #[test]
+    fn build_registry_scope_is_exact() {
+        let b = BuildRegistryScope::new("Registry.Example:5000", "userimages");
+        assert!(b.covers(&r("registry.example:5000/userimages/app:1")));
+        assert!(b.covers(&r("registry.example:5000/userimages")));
+        assert!(!b.covers(&r("registry.example:5000/userimagesX/app")));
+        assert!(!b.covers(&r("registry.example:5001/userimages/app")));
+        assert!(!b.covers(&r("evil-registry.example:5000/userimages/app")));
+        assert!(!b.covers(&r("registry.example.evil.io:5000/userimages/app")));
+        let hub = BuildRegistryScope::new("index.docker.io", "");
+        assert!(hub.covers(&r("busybox")));
+    }
+
+    #[test]
+    fn chain_order_follows_the_design() {
+        let inputs = ChainInputs {
+            image_creds: Some(Credential::new("i", "p")),
+            source_image_creds: Some(Credential::new("s", "p")),
+            build_registry_creds: Some(Credential::new("b", "p")),
+            build_registry: Some(BuildRegistryScope::new("reg.io", "team")),
+            minter: None,
+            docker_config: true,
+        };
+        let sources = |img: &str| -> Vec<Source> {
+            CredentialChain::for_image(&r(img), &inputs)
+                .candidates
+                .iter()
+                .map(Candidate::source)
+                .collect()
+        };
+        assert_eq!(
+            sources("reg.io/team/app"),
+            vec![
+                Source::ImageCreds,
+                Source::SourceImageCreds,
+                Source::BuildRegistryCreds,
+                Source::DockerConfig,
+                Source::Anonymous
+            ]
+        );
+        assert_eq!(
+            sources("other.io/team/app"),
+            vec![Source::ImageCreds, Source::SourceImageCreds, Source::DockerConfig, Source::Anonymous]
+        );
+    }
+
+    #[test]
+    fn parse_never_echoes() {
+        let e = Credential::parse("no-colon-SENTINEL", Source::ImageCreds).expect_err("bad");
+        assert!(!e.to_string().contains("SENTINEL"));
+        let c = Credential::parse("AWS:pa:ss", Source::ImageCreds).expect("ok");
+        assert_eq!((c.username.as_str(), c.password.expose()), ("AWS", "pa:ss"));
+        assert!(!format!("{c:?}").contains("pa:ss"));
+    }
+}
