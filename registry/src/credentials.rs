@@ -252,7 +252,7 @@ mod tests {
         let b = BuildRegistryScope::new("Registry.Example:5000", "userimages");
         assert!(b.covers(&r("registry.example:5000/userimages/app:1")));
         assert!(b.covers(&r("registry.example:5000/userimages")));
-        assert!(!b.covers(&r("registry.example:5000/userimagesX/app")));
+        assert!(!b.covers(&r("registry.example:5000/userimagesx/app")));
         assert!(!b.covers(&r("registry.example:5001/userimages/app")));
         assert!(!b.covers(&r("evil-registry.example:5000/userimages/app")));
         assert!(!b.covers(&r("registry.example.evil.io:5000/userimages/app")));
