@@ -18,6 +18,8 @@
 //! in CI.
 
 pub mod containerd;
+pub mod fault_proxy;
+pub mod http_stub;
 mod delay_proxy;
 pub mod images;
 pub mod netns;
@@ -25,6 +27,7 @@ pub mod process;
 pub mod registry;
 pub mod snapshotter;
 mod testdir;
+pub mod token_service;
 pub mod tree;
 
 pub use testdir::TestDir;

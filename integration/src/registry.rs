@@ -55,28 +55,56 @@ impl Registry {
     /// A TLS registry (self-signed CA for 127.0.0.1 and localhost) with htpasswd basic auth
     /// ([`TEST_USER`] / [`TEST_PASSWORD`]).
     pub fn start_tls_auth(td: &TestDir, name: &str) -> Result<Self> {
+        Self::start_tls_auth_with(td, name, TEST_USER, TEST_PASSWORD)
+    }
+
+    /// [`Self::start_tls_auth`] with a chosen user and password.
+    pub fn start_tls_auth_with(td: &TestDir, name: &str, user: &str, password: &str) -> Result<Self> {
         let dir = td.sub(&format!("registry-{name}"))?;
         let cert_dir = dir.join("certs");
         std::fs::create_dir_all(&cert_dir)?;
-        let crt = dir.join("registry.crt");
+        // A CA, and a server certificate it signs (TLS libraries refuse a CA as end entity).
+        let ca_key = dir.join("ca.key");
+        let ca = dir.join("ca.crt");
+        run(Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3", "-subj", "/CN=clip test CA"])
+            .args(["-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"])
+            .arg("-keyout")
+            .arg(&ca_key)
+            .arg("-out")
+            .arg(&ca))?;
         let key = dir.join("registry.key");
-        run(Command::new("openssl").args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3"]).args([
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:registry.clip.test",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-keyout",
-        ]).arg(&key).arg("-out").arg(&crt))?;
-        std::fs::copy(&crt, cert_dir.join("ca.crt"))?;
-        let htpasswd = run(Command::new("htpasswd").args(["-Bbn", TEST_USER, TEST_PASSWORD]))?;
+        let csr = dir.join("registry.csr");
+        run(Command::new("openssl")
+            .args(["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&csr))?;
+        let ext = dir.join("server.ext");
+        std::fs::write(
+            &ext,
+            "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:registry.clip.test\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+        )?;
+        let crt = dir.join("registry.crt");
+        run(Command::new("openssl")
+            .args(["x509", "-req", "-days", "3", "-set_serial", "2", "-in"])
+            .arg(&csr)
+            .arg("-CA")
+            .arg(&ca)
+            .arg("-CAkey")
+            .arg(&ca_key)
+            .arg("-extfile")
+            .arg(&ext)
+            .arg("-out")
+            .arg(&crt))?;
+        std::fs::copy(&ca, cert_dir.join("ca.crt"))?;
+        let htpasswd = run(Command::new("htpasswd").args(["-Bbn", user, password]))?;
         std::fs::write(dir.join("htpasswd"), &htpasswd.stdout)?;
         let tls = Tls {
-            ca_cert: crt,
+            ca_cert: ca,
             cert_dir,
-            username: TEST_USER.into(),
-            password: TEST_PASSWORD.into(),
+            username: user.into(),
+            password: password.into(),
         };
         Self::start(td, name, Some(tls), "127.0.0.1")
     }
@@ -85,8 +113,32 @@ impl Registry {
         Self::start_wrapped(td, name, tls, listen_ip, &[])
     }
 
+    /// A plain-HTTP registry with Docker token auth: clients get Bearer tokens from
+    /// `service` (its certificate is the registry's `rootcertbundle`).
+    pub fn start_token_auth(td: &TestDir, name: &str, service: &crate::token_service::TokenService) -> Result<Self> {
+        let extra = format!(
+            "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
+            service.realm(),
+            crate::token_service::SERVICE,
+            crate::token_service::ISSUER,
+            service.cert.display()
+        );
+        Self::start_configured(td, name, None, "127.0.0.1", &[], &extra)
+    }
+
     /// Starts the registry through a command prefix (e.g. `ip netns exec NS`).
     pub fn start_wrapped(td: &TestDir, name: &str, tls: Option<Tls>, listen_ip: &str, wrap: &[&str]) -> Result<Self> {
+        Self::start_configured(td, name, tls, listen_ip, wrap, "")
+    }
+
+    fn start_configured(
+        td: &TestDir,
+        name: &str,
+        tls: Option<Tls>,
+        listen_ip: &str,
+        wrap: &[&str],
+        extra_config: &str,
+    ) -> Result<Self> {
         let dir = td.sub(&format!("registry-{name}"))?;
         let port = free_port()?;
         let data = dir.join("data");
@@ -100,11 +152,12 @@ impl Registry {
         if let Some(t) = &tls {
             cfg.push_str(&format!(
                 "  tls:\n    certificate: {}\n    key: {}\nauth:\n  htpasswd:\n    realm: clip-test\n    path: {}\n",
-                t.ca_cert.display(),
+                dir.join("registry.crt").display(),
                 dir.join("registry.key").display(),
                 dir.join("htpasswd").display()
             ));
         }
+        cfg.push_str(extra_config);
         let cfg_path = dir.join("config.yml");
         std::fs::write(&cfg_path, cfg)?;
         let mut cmd = if let Some((first, rest)) = wrap.split_first() {

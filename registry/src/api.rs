@@ -123,6 +123,10 @@ impl Repository {
 
     /// GET a manifest or index by tag or digest; verified when asked for by digest.
     pub async fn get_manifest(&self, reference: &str) -> Result<FetchedManifest> {
+        self.retrying(|| self.get_manifest_once(reference)).await
+    }
+
+    async fn get_manifest_once(&self, reference: &str) -> Result<FetchedManifest> {
         let op = Op::new(Method::GET, format!("manifests/{reference}")).header(ACCEPT, MANIFEST_ACCEPT);
         let resp = self.send(&op).await?;
         if resp.status() == StatusCode::NOT_FOUND {
@@ -200,6 +204,10 @@ impl Repository {
 
     /// A whole blob, verified against its digest. For large blobs use [`Self::blob_response`].
     pub async fn get_blob(&self, digest: &str, max_size: usize) -> Result<Bytes> {
+        self.retrying(|| self.get_blob_once(digest, max_size)).await
+    }
+
+    async fn get_blob_once(&self, digest: &str, max_size: usize) -> Result<Bytes> {
         let resp = self.blob_response(digest).await?;
         let bytes = self.body(resp, &format!("blob {digest}"), max_size).await?;
         verify(digest, &bytes)?;
@@ -224,17 +232,7 @@ impl Repository {
         if end <= start {
             return Ok(Bytes::new());
         }
-        let policy = self.retry_policy();
-        let mut attempt = 0;
-        loop {
-            match self.get_blob_range_once(digest, start, end).await {
-                Err(e) if e.is_transient() && attempt < policy.retries => {
-                    tokio::time::sleep(policy.base_delay * (1 << attempt.min(6))).await;
-                    attempt += 1;
-                }
-                other => return other,
-            }
-        }
+        self.retrying(|| self.get_blob_range_once(digest, start, end)).await
     }
 
     async fn get_blob_range_once(&self, digest: &str, start: u64, end: u64) -> Result<Bytes> {
@@ -404,8 +402,25 @@ impl Repository {
         Ok(())
     }
 
-    fn retry_policy(&self) -> crate::client::RetryPolicy {
-        self.client_retry()
+    /// Runs `f` again on transient failures that happen after the response started (bodies
+    /// cut short, resets mid-body), with the client's backoff.
+    async fn retrying<T, F, Fut>(&self, f: F) -> Result<T>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let policy = self.client_retry();
+        let mut attempt = 0;
+        loop {
+            match f().await {
+                Err(e) if e.is_transient() && attempt < policy.retries => {
+                    tracing::debug!(error = %e, attempt, "transient failure reading a response; retrying");
+                    tokio::time::sleep(policy.base_delay * (1 << attempt.min(6))).await;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
     }
 }
 

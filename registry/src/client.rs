@@ -238,14 +238,24 @@ impl Repository {
                 message: "no endpoint has the needed capability".into(),
             });
         };
+        let mut mirror_error = None;
         for mirror in mirrors {
             match self.send_with_retries(mirror, op).await {
                 Ok(r) if r.status() != StatusCode::NOT_FOUND => return Ok(r),
                 Ok(_) => tracing::debug!(mirror = %mirror.host, path = %op.path, "mirror has no such content"),
-                Err(e) => tracing::warn!(mirror = %mirror.host, error = %e, "mirror failed; trying the next endpoint"),
+                Err(e) => {
+                    tracing::warn!(mirror = %mirror.host, error = %e, "mirror failed; trying the next endpoint");
+                    if !e.is_transient() && mirror_error.is_none() {
+                        mirror_error = Some(e);
+                    }
+                }
             }
         }
-        self.send_with_retries(last, op).await
+        match self.send_with_retries(last, op).await {
+            // The upstream is unreachable: a mirror's definite answer says more.
+            Err(e) if e.is_transient() => Err(mirror_error.unwrap_or(e)),
+            other => other,
+        }
     }
 
     async fn send_with_retries(&self, endpoint: &Endpoint, op: &Op) -> Result<reqwest::Response> {

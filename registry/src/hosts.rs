@@ -236,13 +236,17 @@ fn parse_hosts(text: &str, file: &Path, default: Endpoint) -> Result<Vec<Endpoin
         }
         None => default,
     };
-    out.push(Endpoint {
+    let server = Endpoint {
         capabilities: caps(parsed.capabilities)?,
         ca_files: resolve_ca(parsed.ca),
         skip_verify: parsed.skip_verify.unwrap_or(false),
         headers: headers(parsed.header),
         ..server
-    });
+    };
+    // A `[host]` entry for the server's own URL configures the server; do not try it twice.
+    if !out.iter().any(|e| e.api_base == server.api_base) {
+        out.push(server);
+    }
     Ok(out)
 }
 

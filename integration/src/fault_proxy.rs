@@ -1,0 +1,168 @@
+//! A loopback HTTP proxy in front of a registry that injects faults. Each connection carries
+//! one request (both sides are told `Connection: close`), so faults hit single requests:
+//! - [`Fault::Cycle`]: connection `n` gets, by `n % 4`: passed through, `503`, reset before
+//!   any answer, or the answer cut off halfway — never more than three faults in a row;
+//! - [`Fault::FlipByte`]: responses of blob GETs pass with one body byte inverted;
+//! - [`Fault::Down`]: every connection is closed at once (a registry that disappeared);
+//! - [`Fault::None`]: pass through.
+
+use anyhow::Result;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    None,
+    Cycle,
+    FlipByte,
+    Down,
+}
+
+#[derive(Debug)]
+pub struct FaultProxy {
+    port: u16,
+    mode: Arc<Mutex<Fault>>,
+    stop: Arc<AtomicBool>,
+    connections: Arc<AtomicU64>,
+    faults: Arc<AtomicU64>,
+}
+
+impl FaultProxy {
+    /// Proxies `127.0.0.1:<port>` to `upstream` (`host:port`).
+    pub fn start(upstream: &str, mode: Fault) -> Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        listener.set_nonblocking(true)?;
+        let mode = Arc::new(Mutex::new(mode));
+        let stop = Arc::new(AtomicBool::new(false));
+        let connections = Arc::new(AtomicU64::new(0));
+        let faults = Arc::new(AtomicU64::new(0));
+        let (m, s, c, f, up) = (mode.clone(), stop.clone(), connections.clone(), faults.clone(), upstream.to_string());
+        std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        let n = c.fetch_add(1, Ordering::SeqCst);
+                        let mode = *m.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                        let (up, f) = (up.clone(), f.clone());
+                        std::thread::spawn(move || {
+                            let _ = handle(conn, &up, mode, n, &f);
+                        });
+                    }
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(2)),
+                }
+            }
+        });
+        Ok(Self { port, mode, stop, connections, faults })
+    }
+
+    /// `127.0.0.1:<port>`.
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn set_mode(&self, mode: Fault) {
+        *self.mode.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = mode;
+    }
+
+    pub fn faults_injected(&self) -> u64 {
+        self.faults.load(Ordering::SeqCst)
+    }
+
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Reads an HTTP head (up to the blank line); returns it and any bytes read past it.
+fn read_head(conn: &mut TcpStream) -> std::io::Result<(Vec<u8>, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let rest = buf.split_off(i + 4);
+            return Ok((buf, rest));
+        }
+        let n = conn.read(&mut chunk)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.len() > 1 << 20 {
+            return Err(std::io::ErrorKind::InvalidData.into());
+        }
+    }
+}
+
+/// Replaces any `Connection` header with `Connection: close`.
+fn force_close(head: &[u8]) -> Vec<u8> {
+    let text = String::from_utf8_lossy(head);
+    let mut out = String::new();
+    for line in text.split("\r\n").filter(|l| !l.is_empty()) {
+        if line.to_ascii_lowercase().starts_with("connection:") {
+            continue;
+        }
+        out.push_str(line);
+        out.push_str("\r\n");
+    }
+    out.push_str("Connection: close\r\n\r\n");
+    out.into_bytes()
+}
+
+fn handle(mut client: TcpStream, upstream: &str, mode: Fault, n: u64, faults: &AtomicU64) -> std::io::Result<()> {
+    client.set_nonblocking(false)?;
+    client.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+    if mode == Fault::Down {
+        faults.fetch_add(1, Ordering::SeqCst);
+        return client.shutdown(Shutdown::Both);
+    }
+    let (head, body_start) = read_head(&mut client)?;
+    let is_blob_get = head.starts_with(b"GET ") && String::from_utf8_lossy(&head).contains("/blobs/sha256:");
+    let cycle = if mode == Fault::Cycle { n % 4 } else { 0 };
+    match cycle {
+        1 => {
+            faults.fetch_add(1, Ordering::SeqCst);
+            client.write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+            return client.shutdown(Shutdown::Both);
+        }
+        2 => {
+            faults.fetch_add(1, Ordering::SeqCst);
+            return client.shutdown(Shutdown::Both);
+        }
+        _ => {}
+    }
+    let mut up = TcpStream::connect(upstream)?;
+    up.write_all(&force_close(&head))?;
+    up.write_all(&body_start)?;
+    // Request bodies (uploads) are copied in a thread while the answer comes back.
+    let mut client_reader = client.try_clone()?;
+    let mut up_writer = up.try_clone()?;
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut client_reader, &mut up_writer);
+    });
+    let (resp_head, mut resp_rest) = read_head(&mut up)?;
+    let mut body = Vec::new();
+    up.read_to_end(&mut body)?;
+    resp_rest.extend_from_slice(&body);
+    client.write_all(&force_close(&resp_head))?;
+    if cycle == 3 && !resp_rest.is_empty() {
+        faults.fetch_add(1, Ordering::SeqCst);
+        client.write_all(&resp_rest[..resp_rest.len() / 2])?;
+        return client.shutdown(Shutdown::Both);
+    }
+    if mode == Fault::FlipByte && is_blob_get && !resp_rest.is_empty() {
+        faults.fetch_add(1, Ordering::SeqCst);
+        let i = resp_rest.len() / 2;
+        resp_rest[i] ^= 0xff;
+    }
+    client.write_all(&resp_rest)?;
+    client.shutdown(Shutdown::Both)
+}
