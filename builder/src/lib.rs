@@ -5,3 +5,4 @@
 //! ([`local`]) used by tests, benchmarks and users debugging an image.
 
 pub mod local;
+pub mod token;

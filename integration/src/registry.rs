@@ -149,7 +149,7 @@ impl Registry {
              http:\n  addr: {listen_ip}:{port}\n  secret: clip-test-{name}\n",
             data.display()
         );
-        if let Some(t) = &tls {
+        if tls.is_some() {
             cfg.push_str(&format!(
                 "  tls:\n    certificate: {}\n    key: {}\nauth:\n  htpasswd:\n    realm: clip-test\n    path: {}\n",
                 dir.join("registry.crt").display(),

@@ -131,7 +131,8 @@ impl BuildRegistryScope {
 pub enum Candidate {
     Static(Source, Credential),
     Minted(Arc<TokenMinter>),
-    DockerConfig,
+    /// Docker's `config.json`: the given file, or `$DOCKER_CONFIG`/`~/.docker`.
+    DockerConfig(Option<std::path::PathBuf>),
     Anonymous,
 }
 
@@ -140,7 +141,7 @@ impl Candidate {
         match self {
             Self::Static(s, _) => *s,
             Self::Minted(_) => Source::MintedBuildRegistryToken,
-            Self::DockerConfig => Source::DockerConfig,
+            Self::DockerConfig(_) => Source::DockerConfig,
             Self::Anonymous => Source::Anonymous,
         }
     }
@@ -150,7 +151,7 @@ impl Candidate {
         match self {
             Self::Static(_, c) => Ok(Some(c.clone())),
             Self::Minted(m) => m.credential(refresh).await.map(Some),
-            Self::DockerConfig => docker_config_credential(registry).await,
+            Self::DockerConfig(path) => docker_config_credential(registry, path.clone()).await,
             Self::Anonymous => Ok(None),
         }
     }
@@ -166,6 +167,8 @@ pub struct ChainInputs {
     pub minter: Option<Arc<TokenMinter>>,
     /// Consult docker `config.json` and its credential helpers.
     pub docker_config: bool,
+    /// That `config.json` instead of `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`.
+    pub docker_config_path: Option<std::path::PathBuf>,
 }
 
 /// The ordered candidates for one image.
@@ -203,7 +206,7 @@ impl CredentialChain {
             }
         }
         if inputs.docker_config {
-            candidates.push(Candidate::DockerConfig);
+            candidates.push(Candidate::DockerConfig(inputs.docker_config_path.clone()));
         }
         candidates.push(Candidate::Anonymous);
         Self { candidates }
@@ -211,13 +214,23 @@ impl CredentialChain {
 }
 
 /// Docker's `config.json` (`$DOCKER_CONFIG` or `~/.docker`), with credential helpers.
-async fn docker_config_credential(registry: &str) -> Result<Option<Credential>> {
+async fn docker_config_credential(
+    registry: &str,
+    path: Option<std::path::PathBuf>,
+) -> Result<Option<Credential>> {
     let server = if registry == crate::reference::DOCKER_HUB {
         "https://index.docker.io/v1/".to_string()
     } else {
         registry.to_string()
     };
-    let result = tokio::task::spawn_blocking(move || docker_credential::get_credential(&server))
+    let result = tokio::task::spawn_blocking(move || match path {
+        Some(p) => std::fs::File::open(&p)
+            .map_err(|_| docker_credential::CredentialRetrievalError::ConfigReadError)
+            .and_then(|f| {
+                docker_credential::get_credential_from_reader(std::io::BufReader::new(f), &server)
+            }),
+        None => docker_credential::get_credential(&server),
+    })
         .await
         .map_err(|e| RegistryError::Credentials {
             source_name: Source::DockerConfig.name(),
@@ -269,6 +282,7 @@ mod tests {
             build_registry: Some(BuildRegistryScope::new("reg.io", "team")),
             minter: None,
             docker_config: true,
+            docker_config_path: None,
         };
         let sources = |img: &str| -> Vec<Source> {
             CredentialChain::for_image(&r(img), &inputs)

@@ -46,6 +46,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Mint the short-lived build registry token (BuildRegistryCreds) from the config's
+    /// long-term credentials. Prints `username:password` on stdout (the only place clip
+    /// prints a secret) and its expiry on stderr; `--json` prints both as JSON on stdout.
+    Token {
+        /// Builder config (TOML). Default: /etc/clip/builder.toml.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Print one file's bytes, read through the index by random access to the blob.
     Cat {
         #[arg(long, value_name = "FILE")]
@@ -99,6 +109,26 @@ fn run(args: Args) -> Result<()> {
                 writeln!(out, "{}", serde_json::to_string_pretty(&local::describe(&index, packed_size, true)?)?)?;
             } else {
                 local::print_human(&index, &mut out)?;
+            }
+        }
+        Command::Token { config, json } => {
+            let cfg = clip_config::BuilderConfig::load_or_default(config.as_deref())?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let token = rt.block_on(clip_builder::token::mint(&cfg))?;
+            if json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&token)?)?;
+            } else {
+                writeln!(out, "{}", token.build_registry_creds)?;
+                match token.expires_in_seconds {
+                    Some(s) => eprintln!(
+                        "build registry {} ({}): token for {} expires in {s} s (at {} s since the epoch)",
+                        token.registry,
+                        token.kind,
+                        token.username,
+                        token.expires_at.unwrap_or_default()
+                    ),
+                    None => eprintln!("build registry {} ({}): credentials do not expire", token.registry, token.kind),
+                }
             }
         }
         Command::Cat { index, layer, path } => {
