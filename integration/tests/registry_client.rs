@@ -347,3 +347,108 @@ fn unsafe_env_guard() {
         "run the suite with AWS_EC2_METADATA_DISABLED=true (integration/test-all.sh sets it)"
     );
 }
+
+#[test]
+fn redirects_to_an_object_store_drop_authorization_and_are_cached_per_blob() -> Result<()> {
+    // A stand-in registry that authenticates and redirects blob GETs to a stand-in object
+    // store (as registries backed by S3 or GCS do), which must never see the credentials.
+    let blob: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let digest = clip_registry::api::sha256_digest(&blob);
+    let store_auth_seen = Arc::new(AtomicU64::new(0));
+    let store_gets = Arc::new(AtomicU64::new(0));
+    let store = {
+        let (blob, seen, gets) = (blob.clone(), store_auth_seen.clone(), store_gets.clone());
+        HttpStub::start(move |req| {
+            gets.fetch_add(1, Ordering::SeqCst);
+            if req.headers.contains_key("authorization") {
+                seen.fetch_add(1, Ordering::SeqCst);
+            }
+            let range = req.headers.get("range").and_then(|r| {
+                let (s, e) = r.strip_prefix("bytes=")?.split_once('-')?;
+                Some((s.parse::<usize>().ok()?, e.parse::<usize>().ok()?))
+            });
+            match range {
+                Some((s, e)) => StubResponse {
+                    status: 206,
+                    headers: vec![("Content-Range".into(), format!("bytes {s}-{e}/{}", blob.len()))],
+                    body: blob[s..=e].to_vec(),
+                },
+                None => StubResponse { status: 200, headers: vec![], body: blob.clone() },
+            }
+        })?
+    };
+    let registry_blob_gets = Arc::new(AtomicU64::new(0));
+    let registry = {
+        let (store_url, gets, digest) = (store.url(), registry_blob_gets.clone(), digest.clone());
+        HttpStub::start(move |req| {
+            if req.headers.get("authorization").map(String::as_str) != Some("Basic dXNlcjpwYXNz") {
+                let mut r = StubResponse::status(401);
+                r.headers.push(("WWW-Authenticate".into(), "Basic realm=\"stub\"".into()));
+                return r;
+            }
+            if req.path() == format!("/v2/team/app/blobs/{digest}") {
+                gets.fetch_add(1, Ordering::SeqCst);
+                let mut r = StubResponse::status(307);
+                r.headers.push(("Location".into(), format!("{store_url}/bucket/{digest}?X-Amz-Signature=abc")));
+                return r;
+            }
+            StubResponse::status(404)
+        })?
+    };
+    rt().block_on(async {
+        let client = RegistryClient::new(HostsConfig { dir: None, plain_http: true });
+        let image = Reference::parse(&format!("127.0.0.1:{}/team/app:latest", registry.port()))?;
+        let inputs = ChainInputs { image_creds: Some(Credential::new("user", "pass")), ..Default::default() };
+        let repo = client.repository(&image, CredentialChain::for_image(&image, &inputs))?;
+        check_ranges(&repo, &digest, &blob, 10, 9).await?;
+        assert_eq!(&repo.get_blob(&digest, 1 << 20).await?[..], &blob[..]);
+        anyhow::Ok(())
+    })?;
+    assert_eq!(store_auth_seen.load(Ordering::SeqCst), 0, "Authorization was forwarded to the object store");
+    assert!(store_gets.load(Ordering::SeqCst) >= 11);
+    assert_eq!(registry_blob_gets.load(Ordering::SeqCst), 1, "the redirect target is cached per blob");
+    Ok(())
+}
+
+#[test]
+fn publishing_an_artifact_with_a_subject_is_found_through_the_referrers_fallback() -> Result<()> {
+    require_root();
+    let td = TestDir::new("regreferrers")?;
+    let reg = Registry::start_plain(&td, "plain")?;
+    let layout = TestImage::Busybox.layout()?;
+    reg.push_layout(&layout, "busybox", "testbed/busybox", "latest")?;
+    rt().block_on(async {
+        let client = RegistryClient::new(HostsConfig { dir: None, plain_http: true });
+        let image = Reference::parse(&format!("{}/testbed/busybox:latest", reg.host()))?;
+        let repo = client.repository(&image, CredentialChain::anonymous())?.for_push();
+        let (subject, _) = repo.get_image_manifest("latest", &Platform::default()).await?;
+        let payload = repo.push_blob(Bytes::from_static(b"an index")).await?;
+        let empty = repo.push_blob(Bytes::from_static(b"{}")).await?;
+        let artifact = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": clip_registry::api::OCI_MANIFEST,
+            "artifactType": "application/vnd.clip.index.v1",
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 2},
+            "layers": [{"mediaType": "application/vnd.clip.index.v1", "digest": payload, "size": 8}],
+            "subject": {"mediaType": subject.media_type, "digest": subject.digest, "size": subject.bytes.len()},
+        });
+        let bytes = serde_json::to_vec(&artifact)?;
+        let size = bytes.len();
+        let digest = repo.put_manifest(&clip_registry::api::sha256_digest(&bytes), clip_registry::api::OCI_MANIFEST, Bytes::from(bytes)).await?;
+        let desc: oci_descriptor::Descriptor = serde_json::from_value(serde_json::json!({
+            "mediaType": clip_registry::api::OCI_MANIFEST, "digest": digest, "size": size,
+            "artifactType": "application/vnd.clip.index.v1"
+        }))?;
+        repo.add_referrer_to_fallback_tag(&subject.digest, desc.clone()).await?;
+        repo.add_referrer_to_fallback_tag(&subject.digest, desc).await?; // idempotent
+        let found = repo.referrers(&subject.digest, Some("application/vnd.clip.index.v1")).await?;
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].digest().to_string(), digest);
+        assert!(repo.referrers(&subject.digest, Some("application/other")).await?.is_empty());
+        anyhow::Ok(())
+    })
+}
+
+mod oci_descriptor {
+    pub use oci_spec::image::Descriptor;
+}
