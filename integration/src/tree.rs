@@ -25,8 +25,15 @@ pub struct EntryDesc {
     pub sha256: Option<String>,
 }
 
-/// Every entry below `root` by relative path (the root itself is `""`).
+/// Every entry below `root` by relative path (the root itself is `""`), without overlayfs's
+/// own `trusted.overlay.*` attributes (what a container sees).
 pub fn describe_tree(root: &Path) -> Result<BTreeMap<PathBuf, EntryDesc>> {
+    describe_tree_with(root, false)
+}
+
+/// [`describe_tree`], keeping `trusted.overlay.*` attributes when `overlay_xattrs` (to
+/// compare a layer's own directory, where `trusted.overlay.opaque` matters).
+pub fn describe_tree_with(root: &Path, overlay_xattrs: bool) -> Result<BTreeMap<PathBuf, EntryDesc>> {
     let mut out = BTreeMap::new();
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
@@ -75,7 +82,7 @@ pub fn describe_tree(root: &Path) -> Result<BTreeMap<PathBuf, EntryDesc>> {
                 nlink: if kind == 'd' { 0 } else { md.nlink() },
                 link,
                 rdev: md.rdev(),
-                xattrs: xattrs(&path)?,
+                xattrs: xattrs(&path, overlay_xattrs)?,
                 sha256,
             },
         );
@@ -88,7 +95,7 @@ pub fn describe_tree(root: &Path) -> Result<BTreeMap<PathBuf, EntryDesc>> {
     Ok(out)
 }
 
-fn xattrs(path: &Path) -> Result<BTreeMap<String, Vec<u8>>> {
+fn xattrs(path: &Path, overlay_xattrs: bool) -> Result<BTreeMap<String, Vec<u8>>> {
     let mut out = BTreeMap::new();
     let Ok(names) = xattr::list(path) else {
         return Ok(out);
@@ -96,7 +103,7 @@ fn xattrs(path: &Path) -> Result<BTreeMap<String, Vec<u8>>> {
     for name in names {
         let name = name.to_string_lossy().into_owned();
         // overlayfs-internal attributes are not part of what a container sees.
-        if name.starts_with("trusted.overlay.") {
+        if name.starts_with("trusted.overlay.") && !overlay_xattrs {
             continue;
         }
         if let Ok(Some(v)) = xattr::get(path, &name) {

@@ -8,6 +8,7 @@
 //! - [`dirs`]: the snapshot directories `snapshots/<id>/{fs,work}` and their disk usage;
 //! - [`mounts`]: the bind and overlay mounts handed to containerd;
 //! - [`labels`]: where snapshot labels are validated and secret labels split off;
+//! - [`layerfs`]: lazy layers over FUSE and the span cache (where a span is fetched);
 //! - [`filter`]: containerd's filter syntax for Walk;
 //! - [`metrics`]: Prometheus counters and latencies; [`logging`]: tracing set-up.
 //!
@@ -18,6 +19,7 @@ pub mod dirs;
 pub mod error;
 pub mod filter;
 pub mod labels;
+pub mod layerfs;
 pub mod logging;
 pub mod metadata;
 pub mod metrics;

@@ -1,0 +1,321 @@
+//! The FUSE file system of one layer: the index's tree presented exactly as containerd's
+//! overlayfs applier would unpack it — whiteouts `.wh.<name>` as 0:0 character devices
+//! `<name>`, opaque markers `.wh..wh..opq` hidden and turned into `trusted.overlay.opaque=y`
+//! on their directory, hardlinks sharing one inode (the target's) with its link count.
+//! Inode numbers are entry ids + 1 (the root is entry 0, FUSE's inode 1). Everything is
+//! immutable, so the kernel may cache attributes, entries and pages for long.
+
+use super::spans::SpanCache;
+use clip_index::{Entry, EntryId, EntryKind, Index};
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner, OpenFlags,
+    ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+const TTL: Duration = Duration::from_secs(24 * 3600);
+const WHITEOUT_PREFIX: &[u8] = b".wh.";
+const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
+const OPAQUE_XATTR: &[u8] = b"trusted.overlay.opaque";
+
+/// One layer served over FUSE.
+#[derive(Debug)]
+pub struct LayerFs {
+    spans: Arc<SpanCache>,
+}
+
+impl LayerFs {
+    pub fn new(spans: Arc<SpanCache>) -> Self {
+        Self { spans }
+    }
+
+    fn index(&self) -> &Index {
+        self.spans.index()
+    }
+
+    fn entry(&self, ino: INodeNo) -> Result<Entry<'_>, Errno> {
+        let id = ino.0.checked_sub(1).ok_or(Errno::ENOENT)?;
+        let id = EntryId::try_from(id).map_err(|_| Errno::ENOENT)?;
+        self.index().entry(id).map_err(|_| Errno::ENOENT)
+    }
+
+    /// Attributes as the unpacked layer has them. `whiteout`: present as a 0:0 char device.
+    fn attr(&self, e: &Entry<'_>, whiteout: bool) -> Result<FileAttr, Errno> {
+        let e = if e.kind == EntryKind::Hardlink {
+            self.index().resolve_hardlink(e.clone()).map_err(|_| Errno::EIO)?
+        } else {
+            e.clone()
+        };
+        let mtime = if e.mtime_sec >= 0 {
+            UNIX_EPOCH + Duration::new(e.mtime_sec as u64, e.mtime_nsec)
+        } else {
+            UNIX_EPOCH
+        };
+        let (kind, size, perm, rdev) = if whiteout {
+            (FileType::CharDevice, 0, 0, 0)
+        } else {
+            let kind = match e.kind {
+                EntryKind::File | EntryKind::Hardlink => FileType::RegularFile,
+                EntryKind::Dir => FileType::Directory,
+                EntryKind::Symlink => FileType::Symlink,
+                EntryKind::CharDevice => FileType::CharDevice,
+                EntryKind::BlockDevice => FileType::BlockDevice,
+                EntryKind::Fifo => FileType::NamedPipe,
+            };
+            let size = match e.kind {
+                EntryKind::Symlink => e.link.len() as u64,
+                EntryKind::Dir => 4096,
+                _ => e.size,
+            };
+            let rdev = ((e.dev_major & 0xfff) << 8) | (e.dev_minor & 0xff) | ((e.dev_minor & !0xff) << 12);
+            (kind, size, (e.mode & 0o7777) as u16, rdev)
+        };
+        Ok(FileAttr {
+            ino: INodeNo(u64::from(e.id) + 1),
+            size,
+            blocks: size.div_ceil(512),
+            atime: mtime,
+            mtime,
+            ctime: mtime,
+            crtime: mtime,
+            kind,
+            perm,
+            nlink: if kind == FileType::Directory { 2 } else { e.nlink.max(1) },
+            uid: e.uid,
+            gid: e.gid,
+            rdev,
+            blksize: 4096,
+            flags: 0,
+        })
+    }
+
+    /// Looks `name` up in directory `dir`: the entry itself, or its whiteout.
+    fn find(&self, dir: &Entry<'_>, name: &[u8]) -> Result<(Entry<'_>, bool), Errno> {
+        if name.starts_with(WHITEOUT_PREFIX) {
+            return Err(Errno::ENOENT); // markers are not names in the unpacked layer
+        }
+        let index = self.index();
+        if let Some(id) = index.child(dir, name).map_err(|_| Errno::EIO)? {
+            return Ok((index.entry(id).map_err(|_| Errno::EIO)?, false));
+        }
+        let mut wh = WHITEOUT_PREFIX.to_vec();
+        wh.extend_from_slice(name);
+        match index.child(dir, &wh).map_err(|_| Errno::EIO)? {
+            Some(id) => Ok((index.entry(id).map_err(|_| Errno::EIO)?, true)),
+            None => Err(Errno::ENOENT),
+        }
+    }
+
+    fn is_whiteout_entry(e: &Entry<'_>) -> bool {
+        e.name.starts_with(WHITEOUT_PREFIX) && e.name != OPAQUE_MARKER
+    }
+
+    fn is_opaque(&self, dir: &Entry<'_>) -> bool {
+        dir.kind == EntryKind::Dir && self.index().child(dir, OPAQUE_MARKER).ok().flatten().is_some()
+    }
+
+    fn xattrs(&self, e: &Entry<'_>) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Errno> {
+        let e = if e.kind == EntryKind::Hardlink {
+            self.index().resolve_hardlink(e.clone()).map_err(|_| Errno::EIO)?
+        } else {
+            e.clone()
+        };
+        let mut out: Vec<(Vec<u8>, Vec<u8>)> = self
+            .index()
+            .xattrs(&e)
+            .map_err(|_| Errno::EIO)?
+            .into_iter()
+            .map(|(k, v)| (k.to_vec(), v.to_vec()))
+            .collect();
+        if self.is_opaque(&e) {
+            out.push((OPAQUE_XATTR.to_vec(), b"y".to_vec()));
+        }
+        Ok(out)
+    }
+}
+
+fn xattr_reply(reply: ReplyXattr, size: u32, data: &[u8]) {
+    if size == 0 {
+        reply.size(data.len() as u32);
+    } else if data.len() > size as usize {
+        reply.error(Errno::ERANGE);
+    } else {
+        reply.data(data);
+    }
+}
+
+impl Filesystem for LayerFs {
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let result = self.entry(parent).and_then(|dir| {
+            if dir.kind != EntryKind::Dir {
+                return Err(Errno::ENOTDIR);
+            }
+            let (e, whiteout) = self.find(&dir, name.as_bytes())?;
+            self.attr(&e, whiteout)
+        });
+        match result {
+            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.entry(ino).and_then(|e| {
+            let wh = Self::is_whiteout_entry(&e);
+            self.attr(&e, wh)
+        }) {
+            Ok(attr) => reply.attr(&TTL, &attr),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.entry(ino) {
+            Ok(e) if e.kind == EntryKind::Symlink => reply.data(e.link),
+            Ok(_) => reply.error(Errno::EINVAL),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
+            return reply.error(Errno::EROFS);
+        }
+        match self.entry(ino) {
+            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let entry = match self.entry(ino) {
+            Ok(e) => e,
+            Err(e) => return reply.error(e),
+        };
+        let e = match self.index().resolve_hardlink(entry) {
+            Ok(e) if e.kind == EntryKind::File => e,
+            Ok(_) => return reply.error(Errno::EISDIR),
+            Err(_) => return reply.error(Errno::EIO),
+        };
+        if offset >= e.size {
+            return reply.data(&[]);
+        }
+        let len = u64::from(size).min(e.size - offset);
+        let start = e.data_offset + offset;
+        match self.spans.read(start, start + len) {
+            Ok(data) => reply.data(&data),
+            Err(err) => {
+                // Never wrong bytes: a failed fetch or a bad span is an I/O error for this read.
+                tracing::warn!(ino = ino.0, offset, size, error = %err, "layer read failed");
+                reply.error(Errno::EIO);
+            }
+        }
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let dir = match self.entry(ino) {
+            Ok(d) if d.kind == EntryKind::Dir => d,
+            Ok(_) => return reply.error(Errno::ENOTDIR),
+            Err(e) => return reply.error(e),
+        };
+        let index = self.index();
+        let children = match index.children(&dir) {
+            Ok(c) => c,
+            Err(_) => return reply.error(Errno::EIO),
+        };
+        let mut pos = 0u64;
+        let parent_ino = if dir.id == 0 { 1 } else { u64::from(dir.parent) + 1 };
+        let mut items: Vec<(u64, FileType, Vec<u8>)> = vec![
+            (ino.0, FileType::Directory, b".".to_vec()),
+            (parent_ino, FileType::Directory, b"..".to_vec()),
+        ];
+        for id in children {
+            let Ok(c) = index.entry(id) else { continue };
+            if c.name == OPAQUE_MARKER {
+                continue;
+            }
+            let whiteout = Self::is_whiteout_entry(&c);
+            let name = if whiteout { c.name[WHITEOUT_PREFIX.len()..].to_vec() } else { c.name.to_vec() };
+            let kind = match self.attr(&c, whiteout) {
+                Ok(a) => a.kind,
+                Err(_) => continue,
+            };
+            let child_ino = self.attr(&c, whiteout).map(|a| a.ino.0).unwrap_or(u64::from(c.id) + 1);
+            items.push((child_ino, kind, name));
+        }
+        for (ino, kind, name) in items {
+            pos += 1;
+            if pos <= offset {
+                continue;
+            }
+            if reply.add(INodeNo(ino), pos, kind, OsStr::from_bytes(&name)) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let index = self.index();
+        let blocks = index.uncompressed_size().div_ceil(4096);
+        reply.statfs(blocks, 0, 0, u64::from(index.entry_count()), 0, 4096, 255, 4096);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        match self.entry(ino).and_then(|e| self.xattrs(&e)) {
+            Ok(list) => match list.iter().find(|(k, _)| k.as_slice() == name.as_bytes()) {
+                Some((_, v)) => xattr_reply(reply, size, v),
+                None => reply.error(Errno::ENODATA),
+            },
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.entry(ino).and_then(|e| self.xattrs(&e)) {
+            Ok(list) => {
+                let mut names = Vec::new();
+                for (k, _) in list {
+                    names.extend_from_slice(&k);
+                    names.push(0);
+                }
+                xattr_reply(reply, size, &names);
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+}
+
+/// Mounts `fs` read-only at `mountpoint` (FUSE, `allow_other`, `default_permissions`); the
+/// mount lives as long as the returned session.
+pub fn mount(fs: LayerFs, mountpoint: &std::path::Path, name: &str) -> std::io::Result<fuser::BackgroundSession> {
+    use fuser::MountOption as O;
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        O::FSName(format!("clip:{name}")),
+        O::Subtype("clip".into()),
+        O::RO,
+        O::DefaultPermissions,
+        O::Dev,
+        O::Suid,
+        O::Exec,
+        O::NoAtime,
+    ];
+    config.acl = fuser::SessionACL::All;
+    config.n_threads = Some(4);
+    config.clone_fd = true;
+    fuser::spawn_mount(fs, mountpoint, &config)
+}

@@ -1,0 +1,213 @@
+//! Where a span is fetched: the read path under the FUSE layer. For the uncompressed range a
+//! read needs, the spans holding it are taken from the on-disk span cache, or fetched (the
+//! missing neighbours in one Range request), verified against the index's span digests,
+//! inflated from their checkpoint and written to the cache (atomically). One lock per span
+//! makes concurrent readers of a span share one fetch.
+
+use clip_index::{Index, IndexError, SpanInfo};
+use std::collections::HashMap;
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Compressed bytes of one layer blob, by range. Blocking; called from FUSE worker threads.
+pub trait BlobSource: Send + Sync {
+    /// Bytes `[start, end)` of the compressed blob.
+    fn fetch(&self, start: u64, end: u64) -> Result<Vec<u8>, String>;
+}
+
+/// A layer blob in a registry, read with Range GETs through the credential chain.
+#[derive(Debug)]
+pub struct RegistryBlob {
+    pub repo: Arc<clip_registry::Repository>,
+    pub digest: String,
+    pub runtime: tokio::runtime::Handle,
+}
+
+impl BlobSource for RegistryBlob {
+    fn fetch(&self, start: u64, end: u64) -> Result<Vec<u8>, String> {
+        self.runtime
+            .block_on(self.repo.get_blob_range(&self.digest, start, end))
+            .map(|b| b.to_vec())
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// A layer blob in a local file (tests, and layers already downloaded).
+#[derive(Debug)]
+pub struct FileBlob(pub fs::File);
+
+impl BlobSource for FileBlob {
+    fn fetch(&self, start: u64, end: u64) -> Result<Vec<u8>, String> {
+        let mut buf = vec![0u8; (end - start) as usize];
+        self.0.read_exact_at(&mut buf, start).map_err(|e| e.to_string())?;
+        Ok(buf)
+    }
+}
+
+/// Why a read failed; the FUSE layer answers `EIO` for all of them.
+#[derive(Debug, thiserror::Error)]
+pub enum SpanError {
+    #[error("fetching compressed bytes {start}-{end}: {message}")]
+    Fetch { start: u64, end: u64, message: String },
+    #[error("span {0}: {1}")]
+    Index(u32, IndexError),
+    #[error("span cache {path}: {source}")]
+    Cache {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Counters of one layer's read path.
+#[derive(Debug, Default)]
+pub struct SpanStats {
+    pub fetched_bytes: AtomicU64,
+    pub fetches: AtomicU64,
+    pub cache_hits: AtomicU64,
+    pub cache_misses: AtomicU64,
+}
+
+/// The span cache and fetcher of one layer.
+pub struct SpanCache {
+    index: Arc<Index>,
+    dir: PathBuf,
+    source: Arc<dyn BlobSource>,
+    locks: Mutex<HashMap<u32, Arc<Mutex<()>>>>,
+    pub stats: SpanStats,
+    /// How many missing spans after the requested ones one fetch may add (read-ahead).
+    pub readahead_spans: u32,
+}
+
+impl std::fmt::Debug for SpanCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SpanCache({})", self.dir.display())
+    }
+}
+
+impl SpanCache {
+    /// `dir` holds this layer's decompressed spans, one file per span.
+    pub fn new(index: Arc<Index>, dir: PathBuf, source: Arc<dyn BlobSource>) -> std::io::Result<Self> {
+        fs::create_dir_all(&dir)?;
+        Ok(Self {
+            index,
+            dir,
+            source,
+            locks: Mutex::new(HashMap::new()),
+            stats: SpanStats::default(),
+            readahead_spans: 0,
+        })
+    }
+
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+
+    fn span_path(&self, i: u32) -> PathBuf {
+        self.dir.join(format!("{i:08}"))
+    }
+
+    fn lock_for(&self, i: u32) -> Arc<Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        locks.entry(i).or_default().clone()
+    }
+
+    /// Whether span `i` is in the cache.
+    pub fn is_cached(&self, i: u32) -> bool {
+        self.span_path(i).exists()
+    }
+
+    /// Reads uncompressed layer bytes `[start, end)` (offsets in the tar stream).
+    pub fn read(&self, start: u64, end: u64) -> Result<Vec<u8>, SpanError> {
+        if end <= start {
+            return Ok(Vec::new());
+        }
+        let spans = self
+            .index
+            .spans_for(start, end - start)
+            .map_err(|e| SpanError::Index(0, e))?;
+        let mut out = Vec::with_capacity((end - start) as usize);
+        for i in spans {
+            let s = self.index.span(i).map_err(|e| SpanError::Index(i, e))?;
+            self.ensure(&s)?;
+            let from = start.max(s.uncomp_start);
+            let to = end.min(s.uncomp_end);
+            let path = self.span_path(i);
+            let f = fs::File::open(&path).map_err(|e| cache_err(&path, e))?;
+            let mut buf = vec![0u8; (to - from) as usize];
+            f.read_exact_at(&mut buf, from - s.uncomp_start)
+                .map_err(|e| cache_err(&path, e))?;
+            out.extend_from_slice(&buf);
+        }
+        Ok(out)
+    }
+
+    /// Makes span `s` local: fetch (with the missing spans after it, up to the read-ahead),
+    /// verify, inflate, write.
+    fn ensure(&self, s: &SpanInfo) -> Result<(), SpanError> {
+        if self.is_cached(s.index) {
+            self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        let lock = self.lock_for(s.index);
+        let _guard = lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if self.is_cached(s.index) {
+            self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        self.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
+        // Coalesce: the following spans that are missing too, while nobody else fetches them.
+        let mut group = vec![s.clone()];
+        let mut next = s.index + 1;
+        while next < self.index.span_count() && next <= s.index + self.readahead_spans && !self.is_cached(next) {
+            match self.index.span(next) {
+                Ok(n) => group.push(n),
+                Err(_) => break,
+            }
+            next += 1;
+        }
+        let start = group[0].comp_start;
+        let end = group.last().map_or(s.comp_end, |g| g.comp_end);
+        let compressed = self
+            .source
+            .fetch(start, end)
+            .map_err(|message| SpanError::Fetch { start, end, message })?;
+        self.stats.fetches.fetch_add(1, Ordering::Relaxed);
+        self.stats.fetched_bytes.fetch_add(compressed.len() as u64, Ordering::Relaxed);
+        for (n, span) in group.iter().enumerate() {
+            let from = (span.comp_start - start) as usize;
+            let to = (span.comp_end - start) as usize;
+            let Some(bytes) = compressed.get(from..to) else {
+                return Err(SpanError::Fetch { start, end, message: "short answer".into() });
+            };
+            // The requested span must verify; a bad read-ahead span is just not cached.
+            let data = match self.index.decode_span(span, bytes, None) {
+                Ok(d) => d,
+                Err(e) if n == 0 => return Err(SpanError::Index(span.index, e)),
+                Err(_) => break,
+            };
+            if n > 0 && self.is_cached(span.index) {
+                continue;
+            }
+            self.write_span(span.index, &data)?;
+        }
+        Ok(())
+    }
+
+    fn write_span(&self, i: u32, data: &[u8]) -> Result<(), SpanError> {
+        let path = self.span_path(i);
+        let tmp = self.dir.join(format!(".tmp-{i:08}-{:?}", std::thread::current().id()));
+        fs::write(&tmp, data).map_err(|e| cache_err(&tmp, e))?;
+        fs::rename(&tmp, &path).map_err(|e| cache_err(&path, e))
+    }
+}
+
+fn cache_err(path: &std::path::Path, source: std::io::Error) -> SpanError {
+    SpanError::Cache {
+        path: path.display().to_string(),
+        source,
+    }
+}
