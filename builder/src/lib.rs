@@ -5,4 +5,6 @@
 //! ([`local`]) used by tests, benchmarks and users debugging an image.
 
 pub mod local;
+pub mod publish;
+pub mod remote;
 pub mod token;

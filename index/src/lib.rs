@@ -20,6 +20,7 @@ pub mod format;
 mod inflate;
 pub mod reader;
 
+pub mod artifact;
 pub use build::{BuildOptions, build_index};
 pub use error::IndexError;
 pub use format::{Compression, Entry, EntryId, EntryKind, Index, SpanInfo};

@@ -1,4 +1,3 @@
-#![recursion_limit = "256"]
 //! A sentinel password given through every credential path appears in no log line and no
 //! error message, in succeeding and in failing runs; only `clip-builder token` prints a secret,
 //! on stdout.

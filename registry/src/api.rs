@@ -412,7 +412,7 @@ impl Repository {
         let policy = self.client_retry();
         let mut attempt = 0;
         loop {
-            match f().await {
+            match Box::pin(f()).await {
                 Err(e) if e.is_transient() && attempt < policy.retries => {
                     tracing::debug!(error = %e, attempt, "transient failure reading a response; retrying");
                     tokio::time::sleep(policy.base_delay * (1 << attempt.min(6))).await;

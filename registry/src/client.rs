@@ -240,7 +240,7 @@ impl Repository {
         };
         let mut mirror_error = None;
         for mirror in mirrors {
-            match self.send_with_retries(mirror, op).await {
+            match Box::pin(self.send_with_retries(mirror, op)).await {
                 Ok(r) if r.status() != StatusCode::NOT_FOUND => return Ok(r),
                 Ok(_) => tracing::debug!(mirror = %mirror.host, path = %op.path, "mirror has no such content"),
                 Err(e) => {
@@ -251,7 +251,8 @@ impl Repository {
                 }
             }
         }
-        match self.send_with_retries(last, op).await {
+        // Boxed: keeps the futures of callers shallow (rustc's layout depth limit).
+        match Box::pin(self.send_with_retries(last, op)).await {
             // The upstream is unreachable: a mirror's definite answer says more.
             Err(e) if e.is_transient() => Err(mirror_error.unwrap_or(e)),
             other => other,
@@ -262,7 +263,7 @@ impl Repository {
         let policy = self.client.retry;
         let mut attempt = 0;
         loop {
-            match self.send_authenticated(endpoint, op).await {
+            match Box::pin(self.send_authenticated(endpoint, op)).await {
                 Err(e) if e.is_transient() && attempt < policy.retries => {
                     let delay = backoff(policy.base_delay, attempt);
                     tracing::debug!(error = %e, attempt, delay_ms = delay.as_millis() as u64, "transient registry error; retrying");

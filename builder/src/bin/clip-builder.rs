@@ -1,6 +1,7 @@
 //! `clip-builder`: the builder binary. Argument parsing and wiring only.
 
 use anyhow::Result;
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use clip_builder::local;
 use std::io::Write;
@@ -16,29 +17,48 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Index a layer blob (gzip, zstd or plain tar) on local disk.
+    /// Index an image in a registry and publish its index artifact (`index REF`), or index a
+    /// layer blob on local disk (`index --layer BLOB --output FILE`).
     Index {
-        /// The layer blob.
-        #[arg(long, value_name = "BLOB")]
-        layer: PathBuf,
-        /// Where to write the index.
+        /// Image reference (registry/repository:tag or @digest) to index and publish.
+        #[arg(required_unless_present = "layer", conflicts_with = "layer")]
+        reference: Option<String>,
+        /// Local mode: the layer blob (gzip, zstd or plain tar).
+        #[arg(long, value_name = "BLOB", requires = "output")]
+        layer: Option<PathBuf>,
+        /// Local mode: where to write the index.
         #[arg(long, value_name = "FILE")]
-        output: PathBuf,
+        output: Option<PathBuf>,
         /// Uncompressed bytes between seek points.
         #[arg(long, value_name = "BYTES", default_value_t = clip_index::build::DEFAULT_SPAN_SIZE)]
         span_size: u64,
-        /// Expected layer digest (sha256:...), verified against the blob.
+        /// Local mode: expected layer digest (sha256:...), verified against the blob.
         #[arg(long)]
         digest: Option<String>,
-        /// Media type to record.
+        /// Local mode: media type to record.
         #[arg(long, default_value = "")]
         media_type: String,
-        /// Write the packed form (zstd), as published to registries.
+        /// Local mode: write the packed form (zstd), as published to registries.
         #[arg(long)]
         packed: bool,
         /// Print the summary as JSON.
         #[arg(long)]
         json: bool,
+        /// Builder config (TOML): build registry and its long-term credentials, hosts_dir.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// A file holding `username:password` for the image's registry.
+        #[arg(long, value_name = "FILE", env = "CLIP_CREDS_FILE")]
+        creds_file: Option<PathBuf>,
+        /// Talk plain HTTP to registries without hosts.toml configuration.
+        #[arg(long)]
+        plain_http: bool,
+        /// containerd-style hosts directory (mirrors, CA, plain HTTP); overrides the config's.
+        #[arg(long, value_name = "DIR")]
+        hosts_dir: Option<PathBuf>,
+        /// Platform to pick from a multi-platform image (os/arch[/variant]).
+        #[arg(long, value_name = "PLATFORM")]
+        platform: Option<String>,
     },
     /// Describe an index: sizes, digests, seek points, entries.
     Inspect {
@@ -82,7 +102,7 @@ fn run(args: Args) -> Result<()> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     match args.command {
-        Command::Index { layer, output, span_size, digest, media_type, packed, json } => {
+        Command::Index { reference: None, layer: Some(layer), output: Some(output), span_size, digest, media_type, packed, json, .. } => {
             let opts = clip_index::BuildOptions { span_size, expected_digest: digest, media_type };
             let (index, packed_size) = local::index_file(&layer, &output, &opts, packed)?;
             if json {
@@ -102,6 +122,35 @@ fn run(args: Args) -> Result<()> {
                 )?;
             }
         }
+        Command::Index { reference: Some(reference), span_size, json, config, creds_file, plain_http, hosts_dir, platform, .. } => {
+            let cfg = clip_config::BuilderConfig::load_or_default(config.as_deref())?;
+            let platform = match platform {
+                Some(p) => clip_registry::Platform::parse(&p).with_context(|| format!("bad --platform {p:?}"))?,
+                None => clip_registry::Platform::default(),
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let result = rt.block_on(async {
+                let repo = clip_builder::remote::repository(&cfg, &reference, creds_file.as_deref(), plain_http, hosts_dir).await?;
+                let image = repo.image.clone();
+                clip_builder::publish::index_image(std::sync::Arc::new(repo), image.manifest_reference(), &platform, span_size).await
+            })?;
+            if json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&result)?)?;
+            } else {
+                for l in &result.layers {
+                    writeln!(
+                        out,
+                        "layer {}: {} bytes, {} entries, {} spans, index {} bytes, {:.2} s",
+                        l.layer_digest, l.layer_size, l.entries, l.spans, l.index_size, l.seconds
+                    )?;
+                }
+                writeln!(out, "image {}\nindex {} ({:.2} s)", result.image, result.index_digest, result.seconds)?;
+                for (k, v) in &result.labels {
+                    writeln!(out, "label {k}={v}")?;
+                }
+            }
+        }
+        Command::Index { .. } => anyhow::bail!("give an image reference, or --layer with --output"),
         Command::Inspect { file, json } => {
             let index = local::open_index(&file)?;
             if json {

@@ -1,0 +1,156 @@
+//! `clip-builder index REF`: index an image that is in a registry and publish its index
+//! artifact (see `clip_index::artifact`): read the manifest with the credential chain, stream
+//! every layer once (two at a time) into the indexer, push each packed index, push the
+//! artifact manifest with the image manifest as `subject`, and add it to the tag-schema
+//! fallback index for registries without the referrers API.
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use clip_index::artifact::{
+    ARTIFACT_TYPE, EMPTY_CONFIG, EMPTY_CONFIG_MEDIA_TYPE, LAYER_DIGEST_ANNOTATION, LAYER_INDEX_MEDIA_TYPE,
+    VERSION_ANNOTATION,
+};
+use clip_registry::api::{OCI_MANIFEST, sha256_digest};
+use clip_registry::{Platform, Repository};
+use futures::StreamExt;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::io::AsyncWriteExt;
+
+/// One layer's result.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LayerIndexed {
+    pub layer_digest: String,
+    pub layer_size: u64,
+    pub index_digest: String,
+    pub index_size: usize,
+    pub entries: u32,
+    pub spans: u32,
+    pub seconds: f64,
+}
+
+/// What `clip-builder index REF` prints.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ImageIndexed {
+    pub image: String,
+    pub manifest_digest: String,
+    pub index_digest: String,
+    pub layers: Vec<LayerIndexed>,
+    pub seconds: f64,
+    /// Labels for `clip-snapshotter pull` / containerd that skip index discovery.
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+/// Indexes and publishes the image `reference` (a tag or digest) of `repo`.
+pub async fn index_image(repo: Arc<Repository>, reference: &str, platform: &Platform, span_size: u64) -> Result<ImageIndexed> {
+    let started = Instant::now();
+    let (manifest, image) = repo
+        .get_image_manifest(reference, platform)
+        .await
+        .with_context(|| format!("reading the manifest of {}", repo.image))?;
+    let tmp = tempfile::tempdir().context("temp dir for layer downloads")?;
+    let limit = Arc::new(tokio::sync::Semaphore::new(2));
+    let mut tasks = Vec::new();
+    for layer in image.layers() {
+        let (repo, limit) = (repo.clone(), limit.clone());
+        let digest = layer.digest().to_string();
+        let media_type = layer.media_type().to_string();
+        let path = tmp.path().join(digest.replace(':', "-"));
+        tasks.push(tokio::spawn(async move {
+            let _permit = limit.acquire_owned().await?;
+            index_layer(&repo, &digest, &media_type, &path, span_size).await
+        }));
+    }
+    let mut layers = Vec::new();
+    let mut artifact_layers = Vec::new();
+    for task in tasks {
+        let (indexed, packed) = task.await.context("indexing task")??;
+        let pushed = repo
+            .push_blob(Bytes::from(packed))
+            .await
+            .with_context(|| format!("pushing the index of layer {}", indexed.layer_digest))?;
+        debug_assert_eq!(pushed, indexed.index_digest);
+        artifact_layers.push(serde_json::json!({
+            "mediaType": LAYER_INDEX_MEDIA_TYPE,
+            "digest": indexed.index_digest,
+            "size": indexed.index_size,
+            "annotations": { LAYER_DIGEST_ANNOTATION: indexed.layer_digest },
+        }));
+        layers.push(indexed);
+    }
+    let config_digest = repo.push_blob(Bytes::from_static(EMPTY_CONFIG)).await?;
+    let artifact = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": ARTIFACT_TYPE,
+        "config": { "mediaType": EMPTY_CONFIG_MEDIA_TYPE, "digest": config_digest, "size": EMPTY_CONFIG.len() },
+        "layers": artifact_layers,
+        "subject": { "mediaType": manifest.media_type, "digest": manifest.digest, "size": manifest.bytes.len() },
+        "annotations": { VERSION_ANNOTATION: "1" },
+    });
+    let bytes = serde_json::to_vec(&artifact)?;
+    let artifact_digest = sha256_digest(&bytes);
+    let size = bytes.len();
+    repo.put_manifest(&artifact_digest, OCI_MANIFEST, Bytes::from(bytes))
+        .await
+        .context("pushing the index artifact")?;
+    let descriptor: oci_spec::image::Descriptor = serde_json::from_value(serde_json::json!({
+        "mediaType": OCI_MANIFEST, "digest": artifact_digest, "size": size, "artifactType": ARTIFACT_TYPE,
+    }))?;
+    repo.add_referrer_to_fallback_tag(&manifest.digest, descriptor)
+        .await
+        .context("adding the index to the referrers fallback tag")?;
+    let labels = [(clip_config::labels::INDEX_DIGEST.to_string(), artifact_digest.clone())].into();
+    Ok(ImageIndexed {
+        image: repo.image.with_digest(&manifest.digest).to_string(),
+        manifest_digest: manifest.digest,
+        index_digest: artifact_digest,
+        layers,
+        seconds: started.elapsed().as_secs_f64(),
+        labels,
+    })
+}
+
+/// Downloads one layer to `path` (streamed), indexes it, and returns the packed index.
+async fn index_layer(repo: &Repository, digest: &str, media_type: &str, path: &std::path::Path, span_size: u64) -> Result<(LayerIndexed, Vec<u8>)> {
+    let started = Instant::now();
+    let resp = repo.blob_response(digest).await.with_context(|| format!("fetching layer {digest}"))?;
+    let mut file = tokio::fs::File::create(path).await?;
+    let mut stream = resp.bytes_stream();
+    let mut size = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.with_context(|| format!("reading layer {digest}"))?;
+        size += chunk.len() as u64;
+        file.write_all(&chunk).await?;
+    }
+    file.flush().await?;
+    drop(file);
+    let (path, digest_owned, media_type) = (path.to_path_buf(), digest.to_string(), media_type.to_string());
+    let (index, packed) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let opts = clip_index::BuildOptions {
+            span_size,
+            expected_digest: Some(digest_owned.clone()),
+            media_type,
+        };
+        let f = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(&path)?);
+        let index = clip_index::build_index(f, &opts).with_context(|| format!("indexing layer {digest_owned}"))?;
+        let packed = index.pack()?;
+        Ok((index, packed))
+    })
+    .await??;
+    if index.layer_digest() != digest {
+        bail!("index of {digest} names layer {}", index.layer_digest());
+    }
+    Ok((
+        LayerIndexed {
+            layer_digest: digest.to_string(),
+            layer_size: size,
+            index_digest: sha256_digest(&packed),
+            index_size: packed.len(),
+            entries: index.entry_count(),
+            spans: index.span_count(),
+            seconds: started.elapsed().as_secs_f64(),
+        },
+        packed,
+    ))
+}
