@@ -1,6 +1,7 @@
 //! Running the daemon: the unix socket, the gRPC server, readiness, signals, metrics.
 
 use crate::metrics::{self, Metrics};
+use crate::remote::RemoteLayers;
 use crate::service::{ClipSnapshotter, State};
 use anyhow::{Context, bail};
 use clip_config::SnapshotterConfig;
@@ -13,19 +14,30 @@ use tokio_stream::wrappers::UnixListenerStream;
 
 /// Serves the snapshots API on `cfg.address` until SIGTERM or SIGINT.
 pub async fn run(cfg: SnapshotterConfig) -> anyhow::Result<()> {
-    let state = tokio::task::spawn_blocking({
+    let mut state = tokio::task::spawn_blocking({
         let root = cfg.root.clone();
         move || State::open(&root)
     })
     .await?
     .with_context(|| format!("opening state in {}", cfg.root.display()))?;
+    let remote = Arc::new(
+        RemoteLayers::new(&cfg, tokio::runtime::Handle::current())
+            .await
+            .context("setting up lazy layers (registry access, build registry credentials)")?,
+    );
+    state.remote = Some(remote.clone());
     let state = Arc::new(state);
+    let remounted = tokio::task::spawn_blocking({
+        let state = state.clone();
+        move || state.remount_remote_layers()
+    })
+    .await??;
     let orphans = tokio::task::spawn_blocking({
         let state = state.clone();
         move || state.cleanup()
     })
     .await??;
-    tracing::info!(root = %cfg.root.display(), orphans_removed = orphans, "state opened");
+    tracing::info!(root = %cfg.root.display(), orphans_removed = orphans, remounted, "state opened");
 
     let metrics = Arc::new(Metrics::new());
     if !cfg.metrics_address.is_empty() {
@@ -51,6 +63,7 @@ pub async fn run(cfg: SnapshotterConfig) -> anyhow::Result<()> {
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
         .await;
     let _ = std::fs::remove_file(&cfg.address);
+    tokio::task::spawn_blocking(move || remote.unmount_all()).await?;
     result.context("gRPC server failed")?;
     tracing::info!("stopped");
     Ok(())

@@ -79,3 +79,46 @@ mod tests {
         assert!(!err.to_string().contains("s3cret"));
     }
 }
+
+/// What a Prepare must carry to be served lazily: the target snapshot name containerd asks
+/// for, and the image layer it is (CRI labels, or the same set from `clip-snapshotter pull`).
+#[derive(Clone)]
+pub struct RemoteRequest {
+    /// `containerd.io/snapshot.ref`: the chain id the unpacker wants to exist.
+    pub target: String,
+    pub image_ref: String,
+    pub layer_digest: String,
+    pub manifest_digest: Option<String>,
+    pub index_digest: Option<String>,
+    /// The `clip.*` credential labels, by label name.
+    pub secrets: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for RemoteRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteRequest")
+            .field("target", &self.target)
+            .field("image_ref", &self.image_ref)
+            .field("layer_digest", &self.layer_digest)
+            .field("manifest_digest", &self.manifest_digest)
+            .field("index_digest", &self.index_digest)
+            .field("secrets", &self.secrets.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl RemoteRequest {
+    /// `Some` when the labels identify an image layer to serve remotely.
+    pub fn from_labels(labels: &SnapshotLabels) -> Option<Self> {
+        use clip_config::labels as l;
+        let get = |k: &str| labels.stored.get(k).filter(|v| !v.is_empty()).cloned();
+        Some(Self {
+            target: get(l::TARGET_SNAPSHOT_REF)?,
+            image_ref: get(l::CRI_IMAGE_REF)?,
+            layer_digest: get(l::CRI_LAYER_DIGEST)?,
+            manifest_digest: get(l::CRI_MANIFEST_DIGEST),
+            index_digest: get(l::INDEX_DIGEST),
+            secrets: labels.secrets.clone(),
+        })
+    }
+}

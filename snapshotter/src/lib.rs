@@ -9,10 +9,11 @@
 //! - [`mounts`]: the bind and overlay mounts handed to containerd;
 //! - [`labels`]: where snapshot labels are validated and secret labels split off;
 //! - [`layerfs`]: lazy layers over FUSE and the span cache (where a span is fetched);
+//! - [`remote`]: remote Prepare — finding a layer's index and mounting it lazily;
+//! - [`pull`]: the `pull` client that prepares an image's layers through containerd;
 //! - [`filter`]: containerd's filter syntax for Walk;
 //! - [`metrics`]: Prometheus counters and latencies; [`logging`]: tracing set-up.
 //!
-//! Lazy FUSE layers, the span cache and the `pull` client come with issue 6.
 
 pub mod daemon;
 pub mod dirs;
@@ -24,6 +25,8 @@ pub mod logging;
 pub mod metadata;
 pub mod metrics;
 pub mod mounts;
+pub mod pull;
+pub mod remote;
 pub mod service;
 
 pub use error::SnapshotError;

@@ -61,6 +61,7 @@ mod tests {
                 created: now,
                 updated: now,
                 usage: None,
+                remote: None,
             },
             parent_ids,
         }

@@ -6,7 +6,9 @@ use crate::dirs::SnapshotDirs;
 use crate::error::{Result, SnapshotError};
 use crate::filter::{Adaptor, Filters};
 use crate::labels;
-use crate::metadata::{DiskUsage, Kind, LabelUpdate, MetaStore, Record};
+use crate::labels::RemoteRequest;
+use crate::metadata::{DiskUsage, Kind, LabelUpdate, MetaStore, Record, RemoteLayer};
+use crate::remote::RemoteLayers;
 use crate::metrics::Metrics;
 use crate::mounts::mounts_for;
 use containerd_snapshots::api::types::Mount;
@@ -23,6 +25,8 @@ use tracing::Instrument;
 pub struct State {
     pub store: MetaStore,
     pub dirs: SnapshotDirs,
+    /// Lazy layers; `None` serves only ordinary snapshots.
+    pub remote: Option<Arc<RemoteLayers>>,
 }
 
 impl State {
@@ -32,7 +36,33 @@ impl State {
             .map_err(|e| SnapshotError::io(format!("creating {}", root.display()), e))?;
         let dirs = SnapshotDirs::open(root)?;
         let store = MetaStore::open(&root.join("metadata.redb"))?;
-        Ok(Self { store, dirs })
+        Ok(Self {
+            store,
+            dirs,
+            remote: None,
+        })
+    }
+
+    /// Mounts again the remote layers the metadata records (after a restart, their FUSE
+    /// mounts are gone). Returns how many were remounted; failures are logged.
+    pub fn remount_remote_layers(&self) -> Result<usize> {
+        let Some(remote) = &self.remote else {
+            return Ok(0);
+        };
+        let mut n = 0;
+        for (name, record) in self.store.list()? {
+            let Some(info) = &record.remote else { continue };
+            let dir = self.dirs.fs(record.id);
+            crate::dirs::unmount_below(&dir);
+            match remote
+                .reopen(&info.image_ref, &info.layer_digest)
+                .and_then(|layer| remote.mount(record.id, &dir, layer))
+            {
+                Ok(()) => n += 1,
+                Err(reason) => tracing::error!(snapshot = %name, layer = %info.layer_digest, %reason, "cannot remount a remote layer"),
+            }
+        }
+        Ok(n)
     }
 
     /// Deletes snapshot directories no snapshot refers to (leftovers of crashes and of
@@ -55,11 +85,75 @@ impl State {
         labels: HashMap<String, String>,
     ) -> Result<Vec<Mount>> {
         let labels = labels::split(labels)?;
+        if kind == Kind::Active
+            && let (Some(remote), Some(req)) = (&self.remote, RemoteRequest::from_labels(&labels))
+        {
+            match self.prepare_remote(remote, key, parent, &labels, &req) {
+                Ok(()) => {
+                    return Err(SnapshotError::AlreadyExists(format!("target snapshot {}", req.target)));
+                }
+                Err(RemoteFallback::Error(e)) => return Err(e),
+                Err(RemoteFallback::Reason(reason)) => {
+                    tracing::info!(layer = %req.layer_digest, image = %req.image_ref, %reason, "serving the layer as an ordinary snapshot (containerd unpacks it)");
+                }
+            }
+        }
         let resolved = self
             .store
             .create(kind, key, parent, labels.stored, |id| self.dirs.create(id))?;
         tracing::debug!(id = resolved.record.id, "snapshot created");
         Ok(mounts_for(&self.dirs, &resolved))
+    }
+
+    /// Serves `req` lazily: an existing remote layer for the same target and parent, or a new
+    /// one mounted over FUSE and committed under `key`.
+    fn prepare_remote(
+        &self,
+        remote: &RemoteLayers,
+        key: &str,
+        parent: &str,
+        labels: &labels::SnapshotLabels,
+        req: &RemoteRequest,
+    ) -> std::result::Result<(), RemoteFallback> {
+        let exists = self.store.list().map_err(RemoteFallback::Error)?.into_iter().any(|(_, r)| {
+            r.kind == Kind::Committed
+                && r.parent == parent
+                && r.labels.get(clip_config::labels::TARGET_SNAPSHOT_REF) == Some(&req.target)
+        });
+        if exists {
+            return Ok(());
+        }
+        let layer = remote.open(req).map_err(RemoteFallback::Reason)?;
+        let mounted = std::cell::Cell::new(None);
+        let info = RemoteLayer {
+            image_ref: req.image_ref.clone(),
+            layer_digest: req.layer_digest.clone(),
+        };
+        let result = self.store.create_remote(key, parent, labels.stored.clone(), info, |id| {
+            self.dirs.create(id)?;
+            remote
+                .mount(id, &self.dirs.fs(id), layer)
+                .map_err(|e| SnapshotError::io("mounting the layer", std::io::Error::other(e)))?;
+            mounted.set(Some(id));
+            Ok(())
+        });
+        match result {
+            Ok(r) => {
+                tracing::info!(layer = %req.layer_digest, image = %req.image_ref, id = r.record.id, "layer mounted lazily");
+                Ok(())
+            }
+            Err(e) => {
+                if let Some(id) = mounted.get() {
+                    remote.unmount(id);
+                }
+                match e {
+                    SnapshotError::AlreadyExists(_) | SnapshotError::NotFound(_) | SnapshotError::InvalidArgument(_) => {
+                        Err(RemoteFallback::Error(e))
+                    }
+                    other => Err(RemoteFallback::Reason(other.to_string())),
+                }
+            }
+        }
     }
 
     fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
@@ -88,6 +182,9 @@ impl State {
 
     fn remove(&self, key: &str) -> Result<()> {
         let record = self.store.remove(key)?;
+        if let (Some(remote), Some(_)) = (&self.remote, &record.remote) {
+            remote.unmount(record.id);
+        }
         if let Err(e) = self.dirs.remove(record.id) {
             // The record is gone; Cleanup deletes the directory later.
             tracing::warn!(id = record.id, error = %e, "snapshot directory left for cleanup");
@@ -140,6 +237,12 @@ impl State {
             .map(|(name, record)| to_info(name, record))
             .collect())
     }
+}
+
+/// Why a remote Prepare did not happen: a reason to fall back, or an error for containerd.
+enum RemoteFallback {
+    Reason(String),
+    Error(SnapshotError),
 }
 
 fn immutable(path: &str, name: &str) -> SnapshotError {

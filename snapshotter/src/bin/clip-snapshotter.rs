@@ -1,6 +1,8 @@
-//! `clip-snapshotter`: the daemon binary. Argument parsing and wiring only.
+//! `clip-snapshotter`: the daemon binary, and the `pull` client. Argument parsing and wiring.
 
-use clap::Parser;
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use clip_registry::credentials::{Credential, Source};
 use std::path::PathBuf;
 
 /// containerd remote snapshotter serving image layers lazily from CLIP indexes.
@@ -8,7 +10,7 @@ use std::path::PathBuf;
 #[command(name = "clip-snapshotter", version, about)]
 struct Args {
     /// Config file (TOML). Default: /etc/clip/snapshotter.toml when it exists.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", global = true)]
     config: Option<PathBuf>,
     /// State directory; overrides the config's `root`.
     #[arg(long, value_name = "DIR")]
@@ -17,8 +19,50 @@ struct Args {
     #[arg(long, value_name = "SOCKET")]
     address: Option<PathBuf>,
     /// Log level or tracing filter directive; overrides the config's `log_level`.
-    #[arg(long, value_name = "LEVEL")]
+    #[arg(long, value_name = "LEVEL", global = true)]
     log_level: Option<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Pull an image into containerd with its layers served lazily by clip (like
+    /// `ctr-remote rpull`); then `ctr run --snapshotter clip REF` starts it.
+    Pull {
+        #[arg(long, value_name = "SOCK", default_value = "/run/containerd/containerd.sock")]
+        containerd_address: PathBuf,
+        #[arg(long, short = 'n', value_name = "NS", default_value = "default", env = "CONTAINERD_NAMESPACE")]
+        namespace: String,
+        #[arg(long, default_value = "clip")]
+        snapshotter: String,
+        /// containerd-style hosts directory (mirrors, CA, plain HTTP).
+        #[arg(long, value_name = "DIR")]
+        hosts_dir: Option<PathBuf>,
+        /// Plain HTTP for registries without hosts.toml configuration.
+        #[arg(long)]
+        plain_http: bool,
+        /// `user:password` for the image's registry (also `CLIP_CREDS`).
+        #[arg(long, value_name = "USER:PASS", env = "CLIP_CREDS", hide_env_values = true)]
+        creds: Option<String>,
+        /// The build registry token (BuildRegistryCreds), `user:password` (also
+        /// `CLIP_BUILD_REGISTRY_CREDS`).
+        #[arg(long, value_name = "USER:PASS", env = "CLIP_BUILD_REGISTRY_CREDS", hide_env_values = true)]
+        build_registry_creds: Option<String>,
+        /// Credentials of a custom base image's registry (also `CLIP_SOURCE_IMAGE_CREDS`).
+        #[arg(long, value_name = "USER:PASS", env = "CLIP_SOURCE_IMAGE_CREDS", hide_env_values = true)]
+        source_image_creds: Option<String>,
+        /// A file holding `user:password` for the image's registry.
+        #[arg(long, value_name = "FILE", conflicts_with = "creds")]
+        creds_file: Option<PathBuf>,
+        /// Platform of a multi-platform image (os/arch[/variant]).
+        #[arg(long)]
+        platform: Option<String>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        reference: String,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -35,9 +79,60 @@ fn main() -> anyhow::Result<()> {
         cfg.log_level = level;
     }
     clip_snapshotter::logging::init(&cfg.log_level, cfg.log_format)?;
-    tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("clip-snapshotter")
-        .build()?
-        .block_on(clip_snapshotter::daemon::run(cfg))
+        .build()?;
+    match args.command {
+        None => runtime.block_on(clip_snapshotter::daemon::run(cfg)),
+        Some(Command::Pull {
+            containerd_address,
+            namespace,
+            snapshotter,
+            hosts_dir,
+            plain_http,
+            creds,
+            build_registry_creds,
+            source_image_creds,
+            creds_file,
+            platform,
+            json,
+            reference,
+        }) => {
+            let parse = |v: Option<String>, s: Source| v.map(|v| Credential::parse(v.trim(), s)).transpose();
+            let creds = match creds_file {
+                Some(f) => Some(std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?),
+                None => creds,
+            };
+            let opts = clip_snapshotter::pull::PullOptions {
+                containerd_address,
+                namespace,
+                snapshotter,
+                hosts_dir: hosts_dir.or(cfg.registry.hosts_dir.clone()),
+                plain_http,
+                creds: parse(creds, Source::ImageCreds)?,
+                build_registry_creds: parse(build_registry_creds, Source::BuildRegistryCreds)?,
+                source_image_creds: parse(source_image_creds, Source::SourceImageCreds)?,
+                platform: match platform {
+                    Some(p) => clip_registry::Platform::parse(&p).with_context(|| format!("bad --platform {p:?}"))?,
+                    None => clip_registry::Platform::default(),
+                },
+            };
+            let report = runtime.block_on(clip_snapshotter::pull::pull(&opts, &reference))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "{} ({}): {} layers lazy, {} unpacked, {} already present, {:.2} s",
+                    report.image,
+                    report.manifest_digest,
+                    report.lazy_layers,
+                    report.unpacked_layers,
+                    report.existing_layers,
+                    report.seconds
+                );
+            }
+            Ok(())
+        }
+    }
 }

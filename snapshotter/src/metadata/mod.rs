@@ -8,7 +8,7 @@
 
 mod record;
 
-pub use record::{DiskUsage, Kind, Record, Timestamp};
+pub use record::{DiskUsage, Kind, Record, RemoteLayer, Timestamp};
 
 use crate::error::{Result, SnapshotError};
 use redb::{
@@ -80,6 +80,31 @@ impl MetaStore {
         labels: BTreeMap<String, String>,
         make_dir: impl FnOnce(u64) -> Result<()>,
     ) -> Result<Resolved> {
+        self.insert(kind, key, parent, labels, None, make_dir)
+    }
+
+    /// Creates a committed remote layer `name` in one transaction; `make_dir(id)` creates and
+    /// mounts its directory (and must undo that itself when it fails).
+    pub fn create_remote(
+        &self,
+        name: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+        remote: RemoteLayer,
+        make_dir: impl FnOnce(u64) -> Result<()>,
+    ) -> Result<Resolved> {
+        self.insert(Kind::Committed, name, parent, labels, Some(remote), make_dir)
+    }
+
+    fn insert(
+        &self,
+        kind: Kind,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+        remote: Option<RemoteLayer>,
+        make_dir: impl FnOnce(u64) -> Result<()>,
+    ) -> Result<Resolved> {
         if key.is_empty() {
             return Err(SnapshotError::InvalidArgument("snapshot key must not be empty".into()));
         }
@@ -117,7 +142,8 @@ impl MetaStore {
                 labels,
                 created: now,
                 updated: now,
-                usage: None,
+                usage: remote.as_ref().map(|_| DiskUsage::default()),
+                remote,
             };
             make_dir(id)?;
             table.insert(key, serde_json::to_vec(&record)?.as_slice())?;

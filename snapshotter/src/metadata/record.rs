@@ -73,4 +73,14 @@ pub struct Record {
     /// Measured at commit for committed snapshots; active ones are measured on demand.
     #[serde(default)]
     pub usage: Option<DiskUsage>,
+    /// Set for a layer served lazily over FUSE (committed at creation).
+    #[serde(default)]
+    pub remote: Option<RemoteLayer>,
+}
+
+/// What it takes to serve a remote layer again (after a restart).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteLayer {
+    pub image_ref: String,
+    pub layer_digest: String,
 }

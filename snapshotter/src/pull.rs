@@ -1,0 +1,457 @@
+//! `clip-snapshotter pull`: what `ctr-remote rpull` does, in Rust. Resolve the image with the
+//! given credentials, store its manifest and config in containerd's content store, create the
+//! image record, and prepare every layer's snapshot *through containerd* with the `cri.*` and
+//! `clip.*` labels, so that the clip snapshotter mounts each layer lazily and containerd records
+//! it as unpacked. A layer that cannot be served lazily (the snapshotter falls back) is
+//! downloaded into the content store and applied by containerd's differ here. Afterwards
+//! `ctr run --snapshotter clip REF` starts the image as already unpacked.
+
+use anyhow::{Context, Result, bail};
+use clip_config::labels as l;
+use clip_registry::credentials::{Candidate, Credential, CredentialChain, Source};
+use clip_registry::{HostsConfig, Platform, Reference, RegistryClient, Repository};
+use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
+use containerd_client::services::v1::snapshots::{
+    CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
+    UpdateSnapshotRequest,
+};
+use containerd_client::services::v1::{
+    ApplyRequest, CreateImageRequest, Image, UpdateImageRequest, WriteAction, WriteContentRequest,
+    content_client::ContentClient, diff_client::DiffClient, images_client::ImagesClient,
+    leases_client::LeasesClient,
+};
+use containerd_client::tonic::{Code, Request, transport::Channel};
+use futures::StreamExt;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// What to pull and how.
+#[derive(Debug, Clone)]
+pub struct PullOptions {
+    pub containerd_address: PathBuf,
+    pub namespace: String,
+    pub snapshotter: String,
+    pub hosts_dir: Option<PathBuf>,
+    pub plain_http: bool,
+    pub creds: Option<Credential>,
+    pub build_registry_creds: Option<Credential>,
+    pub source_image_creds: Option<Credential>,
+    pub platform: Platform,
+}
+
+/// What happened, per layer.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PullReport {
+    pub image: String,
+    pub manifest_digest: String,
+    /// Layers the snapshotter serves lazily.
+    pub lazy_layers: usize,
+    /// Layers downloaded and unpacked here (the snapshotter fell back).
+    pub unpacked_layers: usize,
+    /// Layers whose snapshot already existed.
+    pub existing_layers: usize,
+    pub seconds: f64,
+}
+
+/// Metadata headers containerd reads from every request.
+struct Ctx {
+    namespace: String,
+    lease: Option<String>,
+}
+
+impl Ctx {
+    fn req<T>(&self, msg: T) -> Result<Request<T>> {
+        let mut r = Request::new(msg);
+        r.metadata_mut()
+            .insert("containerd-namespace", self.namespace.parse().context("namespace")?);
+        if let Some(lease) = &self.lease {
+            r.metadata_mut().insert("containerd-lease", lease.parse().context("lease")?);
+        }
+        Ok(r)
+    }
+}
+
+/// The registry chain of the pull client itself: every credential the user gave, in the
+/// design's order, then docker `config.json`, then anonymous.
+fn chain(opts: &PullOptions) -> CredentialChain {
+    let mut candidates = Vec::new();
+    for (c, s) in [
+        (&opts.creds, Source::ImageCreds),
+        (&opts.source_image_creds, Source::SourceImageCreds),
+        (&opts.build_registry_creds, Source::BuildRegistryCreds),
+    ] {
+        if let Some(c) = c {
+            candidates.push(Candidate::Static(s, c.clone()));
+        }
+    }
+    candidates.push(Candidate::DockerConfig(None));
+    candidates.push(Candidate::Anonymous);
+    CredentialChain { candidates }
+}
+
+/// containerd's chain ids from the config's diff ids.
+pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::with_capacity(diff_ids.len());
+    for d in diff_ids {
+        let next = match out.last() {
+            None => d.clone(),
+            Some(prev) => format!("sha256:{}", hex::encode(Sha256::digest(format!("{prev} {d}")))),
+        };
+        out.push(next);
+    }
+    out
+}
+
+pub async fn pull(opts: &PullOptions, reference: &str) -> Result<PullReport> {
+    let started = Instant::now();
+    let image = Reference::parse(reference)?;
+    let client = RegistryClient::new(HostsConfig {
+        dir: opts.hosts_dir.clone(),
+        plain_http: opts.plain_http,
+    });
+    let repo = client.repository(&image, chain(opts))?;
+    let (manifest, parsed) = repo
+        .get_image_manifest(image.manifest_reference(), &opts.platform)
+        .await
+        .with_context(|| format!("resolving {image}"))?;
+    let config_desc = parsed.config();
+    let config_digest = config_desc.digest().to_string();
+    let config = repo.get_blob(&config_digest, 16 << 20).await.context("fetching the image config")?;
+    let config_json: serde_json::Value = serde_json::from_slice(&config).context("image config")?;
+    let diff_ids: Vec<String> = config_json["rootfs"]["diff_ids"]
+        .as_array()
+        .context("image config has no rootfs.diff_ids")?
+        .iter()
+        .filter_map(|d| d.as_str().map(ToString::to_string))
+        .collect();
+    let layers = parsed.layers();
+    if diff_ids.len() != layers.len() {
+        bail!("image config lists {} diff ids for {} layers", diff_ids.len(), layers.len());
+    }
+    let chain_ids = chain_ids(&diff_ids);
+    let top = chain_ids.last().cloned().unwrap_or_default();
+
+    let channel = containerd_client::connect(&opts.containerd_address)
+        .await
+        .with_context(|| format!("connecting to containerd at {}", opts.containerd_address.display()))?;
+    let mut ctx = Ctx {
+        namespace: opts.namespace.clone(),
+        lease: None,
+    };
+    let lease_id = format!("clip-pull-{}", std::process::id());
+    let mut leases = LeasesClient::new(channel.clone());
+    let expire = (std::time::SystemTime::now() + std::time::Duration::from_secs(3600))
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    leases
+        .create(ctx.req(containerd_client::services::v1::CreateRequest {
+            id: lease_id.clone(),
+            labels: [("containerd.io/gc.expire".to_string(), format_rfc3339(expire))].into(),
+        })?)
+        .await
+        .context("creating a lease")?;
+    ctx.lease = Some(lease_id.clone());
+
+    let result = async {
+        let mut content = ContentClient::new(channel.clone());
+        let mut manifest_labels = HashMap::from([("containerd.io/gc.ref.content.config".to_string(), config_digest.clone())]);
+        for (i, layer) in layers.iter().enumerate() {
+            manifest_labels.insert(format!("containerd.io/gc.ref.content.l.{i}"), layer.digest().to_string());
+        }
+        let config_labels =
+            HashMap::from([(format!("containerd.io/gc.ref.snapshot.{}", opts.snapshotter), top.clone())]);
+        write_content(&mut content, &ctx, &config_digest, config.to_vec(), config_labels).await?;
+        write_content(&mut content, &ctx, &manifest.digest, manifest.bytes.to_vec(), manifest_labels).await?;
+
+        let mut snapshots = SnapshotsClient::new(channel.clone());
+        let layer_digests: Vec<String> = layers.iter().map(|d| d.digest().to_string()).collect();
+        let mut report = PullReport {
+            image: image.to_string(),
+            manifest_digest: manifest.digest.clone(),
+            lazy_layers: 0,
+            unpacked_layers: 0,
+            existing_layers: 0,
+            seconds: 0.0,
+        };
+        for (i, layer) in layers.iter().enumerate() {
+            let chain_id = &chain_ids[i];
+            let parent = if i == 0 { String::new() } else { chain_ids[i - 1].clone() };
+            let exists = snapshots
+                .stat(ctx.req(StatSnapshotRequest { snapshotter: opts.snapshotter.clone(), key: chain_id.clone() })?)
+                .await;
+            if exists.is_ok() {
+                report.existing_layers += 1;
+                continue;
+            }
+            let labels = layer_labels(opts, &image, &manifest.digest, &layer_digests, i, chain_id);
+            let key = format!("extract-{}-{i} {chain_id}", std::process::id());
+            let prepared = snapshots
+                .prepare(ctx.req(PrepareSnapshotRequest {
+                    snapshotter: opts.snapshotter.clone(),
+                    key: key.clone(),
+                    parent: parent.clone(),
+                    labels,
+                })?)
+                .await;
+            match prepared {
+                Err(s) if s.code() == Code::AlreadyExists => {
+                    report.lazy_layers += 1;
+                    strip_secret_labels(&mut snapshots, &ctx, &opts.snapshotter, chain_id).await;
+                }
+                Err(s) => bail!("preparing layer {} ({chain_id}): {}", layer.digest(), s.message()),
+                Ok(resp) => {
+                    // The snapshotter could not serve it lazily: download and unpack here.
+                    let mounts = resp.into_inner().mounts;
+                    let unpacked = unpack_layer(&repo, &channel, &ctx, &mut content, layer, mounts).await;
+                    if let Err(e) = unpacked {
+                        let _ = snapshots
+                            .remove(ctx.req(RemoveSnapshotRequest { snapshotter: opts.snapshotter.clone(), key: key.clone() })?)
+                            .await;
+                        return Err(e.context(format!("unpacking layer {}", layer.digest())));
+                    }
+                    snapshots
+                        .commit(ctx.req(CommitSnapshotRequest {
+                            snapshotter: opts.snapshotter.clone(),
+                            name: chain_id.clone(),
+                            key: key.clone(),
+                            labels: HashMap::new(),
+                        })?)
+                        .await
+                        .with_context(|| format!("committing layer {}", layer.digest()))?;
+                    report.unpacked_layers += 1;
+                }
+            }
+        }
+
+        let mut images = ImagesClient::new(channel.clone());
+        let record = Image {
+            name: reference.to_string(),
+            labels: HashMap::new(),
+            target: Some(containerd_client::types::Descriptor {
+                media_type: manifest.media_type.clone(),
+                digest: manifest.digest.clone(),
+                size: manifest.bytes.len() as i64,
+                annotations: HashMap::new(),
+            }),
+            created_at: None,
+            updated_at: None,
+        };
+        match images.create(ctx.req(CreateImageRequest { image: Some(record.clone()), source_date_epoch: None })?).await {
+            Ok(_) => {}
+            Err(s) if s.code() == Code::AlreadyExists => {
+                images
+                    .update(ctx.req(UpdateImageRequest { image: Some(record), update_mask: None, source_date_epoch: None })?)
+                    .await
+                    .context("updating the image record")?;
+            }
+            Err(s) => bail!("creating the image record: {}", s.message()),
+        }
+        report.seconds = started.elapsed().as_secs_f64();
+        Ok(report)
+    }
+    .await;
+    let mut release = Ctx { namespace: opts.namespace.clone(), lease: None };
+    release.lease = None;
+    let _ = leases
+        .delete(release.req(containerd_client::services::v1::DeleteRequest { id: lease_id, sync: false })?)
+        .await;
+    result
+}
+
+/// The labels containerd's CRI plugin sets, plus clip's credential labels.
+fn layer_labels(
+    opts: &PullOptions,
+    image: &Reference,
+    manifest_digest: &str,
+    layer_digests: &[String],
+    i: usize,
+    chain_id: &str,
+) -> HashMap<String, String> {
+    let mut labels = HashMap::from([
+        (l::TARGET_SNAPSHOT_REF.to_string(), chain_id.to_string()),
+        (l::CRI_IMAGE_REF.to_string(), image.to_string()),
+        (l::CRI_MANIFEST_DIGEST.to_string(), manifest_digest.to_string()),
+        (l::CRI_LAYER_DIGEST.to_string(), layer_digests[i].clone()),
+    ]);
+    // As containerd does: this and the following layers, within the label size limit.
+    let mut layers = String::new();
+    for d in &layer_digests[i..] {
+        if layers.len() + d.len() + 1 + l::CRI_IMAGE_LAYERS.len() > 4000 {
+            break;
+        }
+        if !layers.is_empty() {
+            layers.push(',');
+        }
+        layers.push_str(d);
+    }
+    labels.insert(l::CRI_IMAGE_LAYERS.to_string(), layers);
+    for (label, cred) in [
+        (l::IMAGE_CREDS, &opts.creds),
+        (l::SOURCE_IMAGE_CREDS, &opts.source_image_creds),
+        (l::BUILD_REGISTRY_CREDS, &opts.build_registry_creds),
+    ] {
+        if let Some(c) = cred {
+            labels.insert(label.to_string(), format!("{}:{}", c.username, c.password.expose()));
+        }
+    }
+    labels
+}
+
+/// containerd keeps the labels of a Prepare in its own metadata; remove the secret ones.
+async fn strip_secret_labels(snapshots: &mut SnapshotsClient<Channel>, ctx: &Ctx, snapshotter: &str, chain_id: &str) {
+    let paths: Vec<String> = l::SECRET_LABELS.iter().map(|k| format!("labels.{k}")).collect();
+    let Ok(req) = ctx.req(UpdateSnapshotRequest {
+        snapshotter: snapshotter.to_string(),
+        info: Some(containerd_client::services::v1::snapshots::Info {
+            name: chain_id.to_string(),
+            ..Default::default()
+        }),
+        update_mask: Some(prost_types_14::FieldMask { paths }),
+    }) else {
+        return;
+    };
+    if let Err(s) = snapshots.update(req).await {
+        tracing::warn!(chain_id, error = %s.message(), "could not remove credential labels from containerd's snapshot record");
+    }
+}
+
+/// Streams a blob into containerd's content store (one write, then commit); existing content
+/// only gets its labels.
+async fn write_content(
+    content: &mut ContentClient<Channel>,
+    ctx: &Ctx,
+    digest: &str,
+    data: Vec<u8>,
+    labels: HashMap<String, String>,
+) -> Result<()> {
+    let total = data.len() as i64;
+    let r#ref = format!("clip-pull-{digest}");
+    // gRPC messages are capped (16 MiB by default): write in 1 MiB chunks.
+    const CHUNK: usize = 1 << 20;
+    let mut msgs = Vec::new();
+    let mut offset = 0usize;
+    loop {
+        let end = (offset + CHUNK).min(data.len());
+        msgs.push(WriteContentRequest {
+            action: WriteAction::Write as i32,
+            r#ref: r#ref.clone(),
+            total,
+            expected: digest.to_string(),
+            offset: offset as i64,
+            data: data[offset..end].to_vec(),
+            labels: HashMap::new(),
+        });
+        offset = end;
+        if offset >= data.len() {
+            break;
+        }
+    }
+    msgs.push(WriteContentRequest {
+        action: WriteAction::Commit as i32,
+        r#ref,
+        total,
+        expected: digest.to_string(),
+        offset: total,
+        data: Vec::new(),
+        labels: labels.clone(),
+    });
+    match content.write(ctx.req(futures::stream::iter(msgs))?).await {
+        Ok(resp) => {
+            let mut stream = resp.into_inner();
+            while let Some(m) = stream.next().await {
+                match m {
+                    Ok(_) => {}
+                    Err(s) if s.code() == Code::AlreadyExists => return set_content_labels(content, ctx, digest, labels).await,
+                    Err(s) => bail!("writing {digest} to the content store: {}", s.message()),
+                }
+            }
+            Ok(())
+        }
+        Err(s) if s.code() == Code::AlreadyExists => set_content_labels(content, ctx, digest, labels).await,
+        Err(s) => bail!("writing {digest} to the content store: {}", s.message()),
+    }
+}
+
+async fn set_content_labels(content: &mut ContentClient<Channel>, ctx: &Ctx, digest: &str, labels: HashMap<String, String>) -> Result<()> {
+    let paths = labels.keys().map(|k| format!("labels.{k}")).collect();
+    content
+        .update(ctx.req(containerd_client::services::v1::UpdateRequest {
+            info: Some(containerd_client::services::v1::Info {
+                digest: digest.to_string(),
+                labels,
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types_14::FieldMask { paths }),
+        })?)
+        .await
+        .with_context(|| format!("labelling {digest}"))?;
+    Ok(())
+}
+
+/// The fallback: layer blob into the content store, then containerd's differ applies it.
+async fn unpack_layer(
+    repo: &Repository,
+    channel: &Channel,
+    ctx: &Ctx,
+    content: &mut ContentClient<Channel>,
+    layer: &oci_spec::image::Descriptor,
+    mounts: Vec<containerd_client::types::Mount>,
+) -> Result<()> {
+    let digest = layer.digest().to_string();
+    let blob = repo.get_blob(&digest, 4 << 30).await.with_context(|| format!("downloading {digest}"))?;
+    write_content(content, ctx, &digest, blob.to_vec(), HashMap::new()).await?;
+    let mut diff = DiffClient::new(channel.clone());
+    diff.apply(ctx.req(ApplyRequest {
+        diff: Some(containerd_client::types::Descriptor {
+            media_type: layer.media_type().to_string(),
+            digest,
+            size: layer.size() as i64,
+            annotations: HashMap::new(),
+        }),
+        mounts,
+        payloads: HashMap::new(),
+        sync_fs: false,
+    })?)
+    .await
+    .context("containerd's differ")?;
+    Ok(())
+}
+
+/// RFC 3339 UTC from seconds since the epoch (for `containerd.io/gc.expire`).
+fn format_rfc3339(secs: u64) -> String {
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_ids_follow_containerd() {
+        let ids = chain_ids(&["sha256:a".into(), "sha256:b".into()]);
+        assert_eq!(ids[0], "sha256:a");
+        assert_eq!(ids[1], format!("sha256:{}", hex::encode(Sha256::digest("sha256:a sha256:b"))));
+    }
+
+    #[test]
+    fn rfc3339() {
+        assert_eq!(format_rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(format_rfc3339(1_795_845_595), "2026-11-28T05:59:55Z");
+    }
+}

@@ -1,0 +1,108 @@
+//! Finding a layer's index: the local index store, else the registry.
+
+use super::RemoteLayers;
+use crate::labels::RemoteRequest;
+use clip_index::Index;
+use clip_index::artifact::{ARTIFACT_TYPE, LAYER_DIGEST_ANNOTATION};
+use clip_registry::{Platform, Repository};
+use std::path::Path;
+use std::sync::Arc;
+
+/// Largest index blob accepted (a million-file layer is far below this).
+const MAX_INDEX_BLOB: usize = 256 << 20;
+
+/// Opens a stored index if present; a corrupt one is deleted and reported as absent.
+pub(super) fn open_local(path: &Path, layer_digest: &str) -> Result<Option<Arc<Index>>, String> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("reading {}: {e}", path.display())),
+    };
+    match Index::open_any(bytes).and_then(|i| i.validate().map(|()| i)) {
+        Ok(i) if i.layer_digest() == layer_digest => Ok(Some(Arc::new(i))),
+        Ok(_) | Err(_) => {
+            tracing::warn!(path = %path.display(), "stored index is corrupt or for another layer; fetching it again");
+            let _ = std::fs::remove_file(path);
+            Ok(None)
+        }
+    }
+}
+
+impl RemoteLayers {
+    pub(super) fn find_index(&self, repo: &Repository, req: &RemoteRequest) -> Result<Arc<Index>, String> {
+        let path = self.index_path(&req.layer_digest);
+        if let Some(i) = open_local(&path, &req.layer_digest)? {
+            return Ok(i);
+        }
+        let rt = self.runtime.clone();
+        let artifact_digest = match &req.index_digest {
+            Some(d) => d.clone(),
+            None => {
+                let manifest_digest = match &req.manifest_digest {
+                    Some(d) => d.clone(),
+                    None => {
+                        let image = &repo.image;
+                        rt.block_on(repo.get_image_manifest(image.manifest_reference(), &Platform::default()))
+                            .map_err(|e| format!("resolving {}: {e}", req.image_ref))?
+                            .0
+                            .digest
+                    }
+                };
+                let found = rt
+                    .block_on(repo.referrers(&manifest_digest, Some(ARTIFACT_TYPE)))
+                    .map_err(|e| format!("looking up the index of {manifest_digest}: {e}"))?;
+                found
+                    .last()
+                    .map(|d| d.digest().to_string())
+                    .ok_or_else(|| format!("no CLIP index is published for {} ({manifest_digest})", req.image_ref))?
+            }
+        };
+        let artifact = self.artifact(repo, &artifact_digest)?;
+        let blob_digest = artifact["layers"]
+            .as_array()
+            .and_then(|layers| {
+                layers.iter().find(|l| l["annotations"][LAYER_DIGEST_ANNOTATION] == req.layer_digest.as_str())
+            })
+            .and_then(|l| l["digest"].as_str())
+            .ok_or_else(|| format!("index artifact {artifact_digest} has no index for layer {}", req.layer_digest))?
+            .to_string();
+        let bytes = rt
+            .block_on(repo.get_blob(&blob_digest, MAX_INDEX_BLOB))
+            .map_err(|e| format!("fetching index {blob_digest}: {e}"))?;
+        let index = Index::open_any(bytes.to_vec()).map_err(|e| format!("index {blob_digest}: {e}"))?;
+        index.validate().map_err(|e| format!("index {blob_digest}: {e}"))?;
+        if index.layer_digest() != req.layer_digest {
+            return Err(format!("index {blob_digest} is for layer {}, not {}", index.layer_digest(), req.layer_digest));
+        }
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        }
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, &bytes)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|e| format!("storing index {}: {e}", path.display()))?;
+        Ok(Arc::new(index))
+    }
+
+    fn artifact(&self, repo: &Repository, digest: &str) -> Result<serde_json::Value, String> {
+        if let Some(a) = self
+            .artifacts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(digest)
+        {
+            return Ok(a.clone());
+        }
+        let fetched = self
+            .runtime
+            .block_on(repo.get_manifest(digest))
+            .map_err(|e| format!("fetching index artifact {digest}: {e}"))?;
+        let value: serde_json::Value =
+            serde_json::from_slice(&fetched.bytes).map_err(|e| format!("index artifact {digest}: {e}"))?;
+        self.artifacts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(digest.to_string(), value.clone());
+        Ok(value)
+    }
+}

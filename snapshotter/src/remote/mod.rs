@@ -1,0 +1,225 @@
+//! Remote layers: for a Prepare that names an image layer, find the layer's CLIP index (local
+//! index store, then the registry: the `clip.index-digest` label, else the referrers of the
+//! image manifest), and serve the layer read-only over FUSE with the image's credential chain.
+//! The snapshot service commits such a layer at once, so containerd neither downloads nor
+//! unpacks it. Failures are returned as reasons; the caller falls back to an ordinary snapshot.
+
+mod discover;
+
+use crate::labels::RemoteRequest;
+use crate::layerfs::{self, LayerFs, RegistryBlob, SpanCache};
+use clip_config::SnapshotterConfig;
+use clip_config::labels as l;
+use clip_index::Index;
+use clip_registry::credentials::{BuildRegistryScope, ChainInputs, Credential, CredentialChain, Source};
+use clip_registry::{HostsConfig, Reference, RegistryClient, Repository, TokenMinter};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// A mounted remote layer.
+struct Mounted {
+    _session: fuser::BackgroundSession,
+    spans: Arc<SpanCache>,
+}
+
+/// The lazy-layer manager of a daemon.
+pub struct RemoteLayers {
+    root: PathBuf,
+    client: Arc<RegistryClient>,
+    runtime: tokio::runtime::Handle,
+    build_registry: Option<BuildRegistryScope>,
+    minter: Option<Arc<TokenMinter>>,
+    /// Credentials from labels, per image reference; in memory only.
+    label_creds: Mutex<HashMap<String, ChainInputs>>,
+    /// One registry session per image (auth tokens and redirect targets are shared).
+    repos: Mutex<HashMap<String, Arc<Repository>>>,
+    mounts: Mutex<HashMap<u64, Mounted>>,
+    /// Artifact manifests already read, by digest.
+    artifacts: Mutex<HashMap<String, serde_json::Value>>,
+    /// Read-ahead: missing spans fetched together with a requested one.
+    pub readahead_spans: u32,
+}
+
+impl std::fmt::Debug for RemoteLayers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RemoteLayers({})", self.root.display())
+    }
+}
+
+/// A layer ready to mount.
+#[derive(Debug)]
+pub struct OpenedLayer {
+    index: Arc<Index>,
+    source: RegistryBlob,
+    layer_digest: String,
+}
+
+impl RemoteLayers {
+    /// Builds the manager from the daemon config; mints nothing yet.
+    pub async fn new(cfg: &SnapshotterConfig, runtime: tokio::runtime::Handle) -> anyhow::Result<Self> {
+        let hosts = HostsConfig {
+            dir: cfg.registry.hosts_dir.clone(),
+            plain_http: false,
+        };
+        let (build_registry, minter) = match &cfg.build_registry {
+            Some(br) => {
+                let minter = match &br.credentials {
+                    Some(c) => Some(Arc::new(TokenMinter::from_config(c).await?)),
+                    None => None,
+                };
+                (Some(BuildRegistryScope::new(&br.registry, &br.repository)), minter)
+            }
+            None => (None, None),
+        };
+        Ok(Self {
+            root: cfg.root.clone(),
+            client: RegistryClient::new(hosts),
+            runtime,
+            build_registry,
+            minter,
+            label_creds: Mutex::new(HashMap::new()),
+            repos: Mutex::new(HashMap::new()),
+            mounts: Mutex::new(HashMap::new()),
+            artifacts: Mutex::new(HashMap::new()),
+            readahead_spans: 0,
+        })
+    }
+
+    fn index_path(&self, layer_digest: &str) -> PathBuf {
+        self.root.join("indexes").join(format!("{}.clip", layer_digest.replace(':', "-")))
+    }
+
+    fn span_dir(&self, layer_digest: &str) -> PathBuf {
+        self.root.join("spans").join(layer_digest.replace(':', "-"))
+    }
+
+    /// Remembers the credential labels of a request for its image (never logged).
+    fn remember_creds(&self, req: &RemoteRequest) -> Result<(), String> {
+        if req.secrets.is_empty() {
+            return Ok(());
+        }
+        let parse = |label: &str, source: Source| -> Result<Option<Credential>, String> {
+            req.secrets
+                .get(label)
+                .map(|v| Credential::parse(v, source).map_err(|e| e.to_string()))
+                .transpose()
+        };
+        let inputs = ChainInputs {
+            image_creds: parse(l::IMAGE_CREDS, Source::ImageCreds)?,
+            source_image_creds: parse(l::SOURCE_IMAGE_CREDS, Source::SourceImageCreds)?,
+            build_registry_creds: parse(l::BUILD_REGISTRY_CREDS, Source::BuildRegistryCreds)?,
+            ..Default::default()
+        };
+        let mut map = self.label_creds.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.insert(req.image_ref.clone(), inputs);
+        // New credentials: a new session picks them up.
+        self.repos
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&req.image_ref);
+        Ok(())
+    }
+
+    /// The registry session of an image, with its credential chain.
+    fn repository(&self, image_ref: &str) -> Result<Arc<Repository>, String> {
+        let mut repos = self.repos.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(r) = repos.get(image_ref) {
+            return Ok(r.clone());
+        }
+        let image = Reference::parse(image_ref).map_err(|e| e.to_string())?;
+        let mut inputs = self
+            .label_creds
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(image_ref)
+            .cloned()
+            .unwrap_or_default();
+        inputs.build_registry = self.build_registry.clone();
+        inputs.minter = self.minter.clone();
+        inputs.docker_config = true;
+        let chain = CredentialChain::for_image(&image, &inputs);
+        let repo = Arc::new(self.client.repository(&image, chain).map_err(|e| e.to_string())?);
+        repos.insert(image_ref.to_string(), repo.clone());
+        Ok(repo)
+    }
+
+    /// Finds and opens the index of the requested layer. Blocking (call from a blocking
+    /// thread, never from async code).
+    pub fn open(&self, req: &RemoteRequest) -> Result<OpenedLayer, String> {
+        self.remember_creds(req)?;
+        let repo = self.repository(&req.image_ref)?;
+        let index = self.find_index(&repo, req)?;
+        Ok(OpenedLayer {
+            index,
+            source: RegistryBlob {
+                repo,
+                digest: req.layer_digest.clone(),
+                runtime: self.runtime.clone(),
+            },
+            layer_digest: req.layer_digest.clone(),
+        })
+    }
+
+    /// Opens a layer again from the local index store (restarts).
+    pub fn reopen(&self, image_ref: &str, layer_digest: &str) -> Result<OpenedLayer, String> {
+        let path = self.index_path(layer_digest);
+        let index = discover::open_local(&path, layer_digest)?.ok_or_else(|| format!("index {} is gone", path.display()))?;
+        let repo = self.repository(image_ref)?;
+        Ok(OpenedLayer {
+            index,
+            source: RegistryBlob {
+                repo,
+                digest: layer_digest.to_string(),
+                runtime: self.runtime.clone(),
+            },
+            layer_digest: layer_digest.to_string(),
+        })
+    }
+
+    /// Mounts an opened layer at `dir` as the snapshot `id`.
+    pub fn mount(&self, id: u64, dir: &Path, layer: OpenedLayer) -> Result<(), String> {
+        let mut spans = SpanCache::new(layer.index, self.span_dir(&layer.layer_digest), Arc::new(layer.source))
+            .map_err(|e| format!("span cache: {e}"))?;
+        spans.readahead_spans = self.readahead_spans;
+        let spans = Arc::new(spans);
+        let session = layerfs::mount(LayerFs::new(spans.clone()), dir, &layer.layer_digest)
+            .map_err(|e| format!("FUSE mount at {}: {e}", dir.display()))?;
+        self.mounts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id, Mounted { _session: session, spans });
+        Ok(())
+    }
+
+    /// Unmounts the layer of snapshot `id`, if mounted here.
+    pub fn unmount(&self, id: u64) {
+        let removed = self
+            .mounts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&id);
+        drop(removed); // dropping the session unmounts
+    }
+
+    /// Compressed bytes fetched so far for snapshot `id`'s layer.
+    pub fn fetched_bytes(&self, id: u64) -> Option<u64> {
+        self.mounts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&id)
+            .map(|m| m.spans.stats.fetched_bytes.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Unmounts everything (shutdown).
+    pub fn unmount_all(&self) {
+        let all: Vec<Mounted> = self
+            .mounts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .drain()
+            .map(|(_, m)| m)
+            .collect();
+        drop(all);
+    }
+}
