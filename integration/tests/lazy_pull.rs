@@ -71,3 +71,121 @@ fn python_image_starts_lazily_from_the_plain_registry_with_a_fraction_of_its_byt
     ctrd.purge()?;
     Ok(())
 }
+
+/// `clip-snapshotter pull` with the given extra arguments; returns its JSON report or output.
+fn pull(ctrd: &Containerd, args: &[&str], reference: &str) -> Result<std::process::Output> {
+    Ok(Command::new(workspace_binary("clip-snapshotter")?)
+        .args(["pull", "--json", "-n", "t", "--containerd-address"])
+        .arg(ctrd.socket())
+        .args(args)
+        .arg(reference)
+        .output()?)
+}
+
+#[test]
+fn private_registries_work_with_label_credentials_only_and_wrong_ones_fail_clearly() -> Result<()> {
+    require_root();
+    let td = TestDir::new("lazy-auth")?;
+    let build = Registry::start_tls_auth_with(&td, "build", "builder", "Build-Token-5e1f")?;
+    let other = Registry::start_tls_auth_with(&td, "other", "reader", "Other-Pass-77aa")?;
+    let hosts_dir = td.sub("certs.d")?;
+    build.write_hosts_toml(&hosts_dir)?;
+    other.write_hosts_toml(&hosts_dir)?;
+    let mut refs = Vec::new();
+    for (reg, user, pass, image, tag) in [
+        (&build, "builder", "Build-Token-5e1f", TestImage::Busybox, "busybox"),
+        (&other, "reader", "Other-Pass-77aa", TestImage::Python, "pyapp"),
+    ] {
+        let reference = reg.push_layout(&image.layout()?, tag, &format!("userimages/{tag}"), "latest")?;
+        let creds = td.path().join(format!("creds-{user}"));
+        std::fs::write(&creds, format!("{user}:{pass}\n"))?;
+        run(Command::new(workspace_binary("clip-builder")?)
+            .args(["index", "--hosts-dir"])
+            .arg(&hosts_dir)
+            .arg("--creds-file")
+            .arg(&creds)
+            .arg(&reference))?;
+        refs.push(reference);
+    }
+    // The snapshotter knows the build registry but holds no credentials for either registry.
+    let config = td.path().join("snapshotter.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[registry]\nhosts_dir = \"{}\"\n[build_registry]\nregistry = \"{}\"\nrepository = \"userimages\"\n",
+            hosts_dir.display(),
+            build.host()
+        ),
+    )?;
+    let config = config.display().to_string();
+    let snap = ClipSnapshotter::start(&td, "clip", &["--config", &config])?;
+    let ctrd = Containerd::start(&td, &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() })?;
+    let hosts = hosts_dir.display().to_string();
+
+    // Wrong credentials: a clear failure naming the registry, nothing pulled.
+    let out = pull(&ctrd, &["--hosts-dir", &hosts, "--build-registry-creds", "builder:wrong"], &refs[0])?;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(build.host()) && stderr.contains("access denied"), "{stderr}");
+
+    // The build registry token as the only credential (the clip.build-registry-creds label).
+    let out = pull(&ctrd, &["--hosts-dir", &hosts, "--build-registry-creds", "builder:Build-Token-5e1f"], &refs[0])?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(report["lazy_layers"], 1, "{report}");
+    let run_out = ctrd.ctr_run("t", &["run", "--rm", "--snapshotter", "clip", &refs[0], "b1", "sh", "-c", "cat /etc/hostname >/dev/null; ls /bin | wc -l"])?;
+    assert!(String::from_utf8_lossy(&run_out.stdout).trim().parse::<u32>().unwrap_or(0) > 100);
+
+    // Another registry with --creds (the clip.image-creds label).
+    let out = pull(&ctrd, &["--hosts-dir", &hosts, "--creds", "reader:Other-Pass-77aa"], &refs[1])?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(report["lazy_layers"], 4, "{report}");
+    let run_out = ctrd.ctr_run("t", &["run", "--rm", "--snapshotter", "clip", &refs[1], "p2", "python3", "-c", "print(6*7)"])?;
+    assert_eq!(String::from_utf8_lossy(&run_out.stdout).trim(), "42");
+
+    let log = snap.log();
+    assert!(log.contains("using build registry credentials for image access (image was built and pushed by us)"), "{log}");
+    assert!(log.contains("credentials provided for runtime CLIP layer mounting"));
+    // Secrets reach neither the daemon's log nor the labels containerd or clip return.
+    let labels = clip_integration::run_stdout(ctrd.ctr("t").args(["snapshots", "--snapshotter", "clip", "ls"]))?;
+    for secret in ["Build-Token-5e1f", "Other-Pass-77aa"] {
+        assert!(!log.contains(secret), "{secret} in the snapshotter log");
+        assert!(!labels.contains(secret));
+    }
+    for line in labels.lines().skip(1) {
+        let key = line.split_whitespace().next().unwrap_or_default();
+        let info = clip_integration::run_stdout(ctrd.ctr("t").args(["snapshots", "--snapshotter", "clip", "info", key]))?;
+        for secret in ["Build-Token-5e1f", "Other-Pass-77aa"] {
+            assert!(!info.contains(secret), "{secret} in the labels of {key}:\n{info}");
+        }
+    }
+    ctrd.purge()?;
+    Ok(())
+}
+
+#[test]
+fn a_layer_without_an_index_falls_back_to_an_ordinary_snapshot() -> Result<()> {
+    require_root();
+    let td = TestDir::new("lazy-fallback")?;
+    let reg = Registry::start_plain(&td, "plain")?;
+    let layout = TestImage::Busybox.layout()?;
+    let reference = reg.push_layout(&layout, "busybox", "testbed/busybox", "latest")?;
+    let hosts_dir = td.sub("certs.d")?;
+    reg.write_hosts_toml(&hosts_dir)?;
+    let config = td.path().join("snapshotter.toml");
+    std::fs::write(&config, format!("[registry]\nhosts_dir = \"{}\"\n", hosts_dir.display()))?;
+    let config = config.display().to_string();
+    let snap = ClipSnapshotter::start(&td, "clip", &["--config", &config])?;
+    let ctrd = Containerd::start(&td, &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() })?;
+    let out = pull(&ctrd, &["--plain-http"], &reference)?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!((report["lazy_layers"].as_u64(), report["unpacked_layers"].as_u64()), (Some(0), Some(1)), "{report}");
+    let run_out = ctrd.ctr_run("t", &["run", "--rm", "--snapshotter", "clip", &reference, "f1", "echo", "fallback works"])?;
+    assert!(String::from_utf8_lossy(&run_out.stdout).contains("fallback works"));
+    let log = snap.log();
+    assert!(log.contains("serving the layer as an ordinary snapshot") && log.contains("no CLIP index is published"), "{log}");
+    ctrd.purge()?;
+    Ok(())
+}
