@@ -13,6 +13,7 @@ pub mod labels;
 mod model;
 
 pub use model::{
+    LazyConfig,
     BuildRegistry, BuilderConfig, LongTermCredentials, LogFormat, RegistryHosts, SnapshotterConfig,
 };
 

@@ -28,6 +28,32 @@ pub struct SnapshotterConfig {
     pub metrics_address: String,
     pub registry: RegistryHosts,
     pub build_registry: Option<BuildRegistry>,
+    /// How lazy layers are fetched.
+    pub lazy: LazyConfig,
+}
+
+/// `[lazy]`: the read path of lazily served layers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LazyConfig {
+    /// Complete mounted layers in the background, one span at a time, paused while
+    /// containers wait for reads.
+    pub background_fetch: bool,
+    /// Delay after a layer is mounted before background fetching starts (ms), so that a
+    /// starting container gets the link first.
+    pub background_start_delay_ms: u64,
+    /// Missing spans fetched together with a requested one (sequential read-ahead).
+    pub readahead_spans: u32,
+}
+
+impl Default for LazyConfig {
+    fn default() -> Self {
+        Self {
+            background_fetch: true,
+            background_start_delay_ms: 2000,
+            readahead_spans: 0,
+        }
+    }
 }
 
 impl Default for SnapshotterConfig {
@@ -40,6 +66,7 @@ impl Default for SnapshotterConfig {
             metrics_address: String::new(),
             registry: RegistryHosts::default(),
             build_registry: None,
+            lazy: LazyConfig::default(),
         }
     }
 }

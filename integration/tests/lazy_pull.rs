@@ -33,7 +33,11 @@ fn python_image_starts_lazily_from_the_plain_registry_with_a_fraction_of_its_byt
     let hosts_dir = td.sub("certs.d")?;
     reg.write_hosts_toml(&hosts_dir)?;
     let config = td.path().join("snapshotter.toml");
-    std::fs::write(&config, format!("[registry]\nhosts_dir = \"{}\"\n", hosts_dir.display()))?;
+    // Background fetch off: the bytes counted are the ones the workload needed.
+    std::fs::write(
+        &config,
+        format!("[registry]\nhosts_dir = \"{}\"\n[lazy]\nbackground_fetch = false\n", hosts_dir.display()),
+    )?;
     let config = config.display().to_string();
     let snap = ClipSnapshotter::start(&td, "clip", &["--config", &config])?;
     let ctrd = Containerd::start(&td, &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() })?;
@@ -186,6 +190,62 @@ fn a_layer_without_an_index_falls_back_to_an_ordinary_snapshot() -> Result<()> {
     assert!(String::from_utf8_lossy(&run_out.stdout).contains("fallback works"));
     let log = snap.log();
     assert!(log.contains("serving the layer as an ordinary snapshot") && log.contains("no CLIP index is published"), "{log}");
+    ctrd.purge()?;
+    Ok(())
+}
+
+#[test]
+fn background_fetch_completes_layers_so_the_registry_can_go_away() -> Result<()> {
+    require_root();
+    let td = TestDir::new("lazy-bg")?;
+    let mut reg = Registry::start_plain(&td, "plain")?;
+    let layout = TestImage::Python.layout()?;
+    let reference = reg.push_layout(&layout, "pyapp", "testbed/python", "latest")?;
+    let image_bytes: u64 = layout_layers(&layout, "pyapp")?.iter().map(|(_, _, s)| s).sum();
+    run(Command::new(workspace_binary("clip-builder")?).args(["index", "--plain-http", &reference]))?;
+    let hosts_dir = td.sub("certs.d")?;
+    reg.write_hosts_toml(&hosts_dir)?;
+    let port = clip_integration::free_port()?;
+    let config = td.path().join("snapshotter.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "metrics_address = \"127.0.0.1:{port}\"\n[registry]\nhosts_dir = \"{}\"\n[lazy]\nbackground_fetch = true\nbackground_start_delay_ms = 200\n",
+            hosts_dir.display()
+        ),
+    )?;
+    let config = config.display().to_string();
+    let snap = ClipSnapshotter::start(&td, "clip", &["--config", &config])?;
+    let ctrd = Containerd::start(&td, &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() })?;
+    let before = reg.blob_bytes_served();
+    run(Command::new(workspace_binary("clip-snapshotter")?)
+        .args(["pull", "--plain-http", "-n", "t", "--containerd-address"])
+        .arg(ctrd.socket())
+        .arg(&reference))?;
+    let metrics = || clip_integration::run_stdout(Command::new("curl").args(["-sf", &format!("http://127.0.0.1:{port}/metrics")])).unwrap_or_default();
+    let value = |text: &str, name: &str| -> u64 {
+        text.lines()
+            .filter(|l| l.starts_with(name) && l.contains("layer=\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let done = clip_integration::wait_until(std::time::Duration::from_secs(120), || {
+        let m = metrics();
+        let total = value(&m, "clip_snapshotter_layer_spans{");
+        total > 0 && value(&m, "clip_snapshotter_layer_spans_local{") == total
+    });
+    let m = metrics();
+    assert!(done, "layers not completed in the background:\n{m}\n{}", snap.log());
+    let fetched = reg.blob_bytes_served() - before;
+    eprintln!("background fetch completed 4 layers: {fetched} bytes fetched for {image_bytes} bytes of layers (indexes included)");
+    assert!(fetched >= image_bytes && fetched < image_bytes + image_bytes / 10, "{fetched} vs {image_bytes}");
+    assert!(value(&m, "clip_snapshotter_registry_fetched_bytes_total{") >= image_bytes);
+    // Everything is local: the registry can go away and every file still reads.
+    reg.daemon_mut().stop();
+    let out = ctrd.ctr_run("t", &["run", "--rm", "--snapshotter", "clip", &reference, "bg1", "sh", "-c",
+        "python3 -c 'import numpy; print(7)' && find / -xdev -type f -exec cat {} + >/dev/null && echo all-read"])?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("7") && stdout.contains("all-read"), "{stdout}");
     ctrd.purge()?;
     Ok(())
 }

@@ -20,11 +20,13 @@ pub async fn run(cfg: SnapshotterConfig) -> anyhow::Result<()> {
     })
     .await?
     .with_context(|| format!("opening state in {}", cfg.root.display()))?;
+    let metrics = Arc::new(Metrics::new());
     let remote = Arc::new(
-        RemoteLayers::new(&cfg, tokio::runtime::Handle::current())
+        RemoteLayers::new(&cfg, tokio::runtime::Handle::current(), metrics.clone())
             .await
             .context("setting up lazy layers (registry access, build registry credentials)")?,
     );
+    remote.start_background(&cfg);
     state.remote = Some(remote.clone());
     let state = Arc::new(state);
     let remounted = tokio::task::spawn_blocking({
@@ -39,7 +41,6 @@ pub async fn run(cfg: SnapshotterConfig) -> anyhow::Result<()> {
     .await??;
     tracing::info!(root = %cfg.root.display(), orphans_removed = orphans, remounted, "state opened");
 
-    let metrics = Arc::new(Metrics::new());
     if !cfg.metrics_address.is_empty() {
         let addr = cfg
             .metrics_address

@@ -23,12 +23,36 @@ struct MethodLabels {
     method: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LayerLabels {
+    layer: String,
+}
+
+/// The read-path counters of one lazily served layer (handles into the registry's families).
+#[derive(Clone, Debug, Default)]
+pub struct LayerMetrics {
+    pub fetched_bytes: Counter,
+    pub fetches: Counter,
+    pub span_hits: Counter,
+    pub span_misses: Counter,
+    pub spans_local: prometheus_client::metrics::gauge::Gauge,
+    pub spans_total: prometheus_client::metrics::gauge::Gauge,
+    pub read_seconds: Option<Histogram>,
+}
+
 /// The daemon's metrics registry.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     calls: Family<CallLabels, Counter>,
     latency: Family<MethodLabels, Histogram>,
+    fetched_bytes: Family<LayerLabels, Counter>,
+    fetches: Family<LayerLabels, Counter>,
+    span_hits: Family<LayerLabels, Counter>,
+    span_misses: Family<LayerLabels, Counter>,
+    spans_local: Family<LayerLabels, prometheus_client::metrics::gauge::Gauge>,
+    spans_total: Family<LayerLabels, prometheus_client::metrics::gauge::Gauge>,
+    read_seconds: Histogram,
 }
 
 impl Default for Metrics {
@@ -56,10 +80,47 @@ impl Metrics {
             "snapshots API call latency by method",
             latency.clone(),
         );
+        let fetched_bytes = Family::<LayerLabels, Counter>::default();
+        let fetches = Family::<LayerLabels, Counter>::default();
+        let span_hits = Family::<LayerLabels, Counter>::default();
+        let span_misses = Family::<LayerLabels, Counter>::default();
+        let spans_local = Family::<LayerLabels, prometheus_client::metrics::gauge::Gauge>::default();
+        let spans_total = Family::<LayerLabels, prometheus_client::metrics::gauge::Gauge>::default();
+        let read_seconds = Histogram::new([0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]);
+        registry.register("registry_fetched_bytes", "compressed bytes fetched from registries, by layer", fetched_bytes.clone());
+        registry.register("registry_fetches", "range requests to registries, by layer", fetches.clone());
+        registry.register("span_cache_hits", "span reads served from the local span cache", span_hits.clone());
+        registry.register("span_cache_misses", "span reads that had to fetch", span_misses.clone());
+        registry.register("layer_spans_local", "spans of a mounted layer that are local", spans_local.clone());
+        registry.register("layer_spans", "spans of a mounted layer", spans_total.clone());
+        registry.register("fuse_read_seconds", "latency of FUSE reads of lazy layers", read_seconds.clone());
         Self {
             registry,
             calls,
             latency,
+            fetched_bytes,
+            fetches,
+            span_hits,
+            span_misses,
+            spans_local,
+            spans_total,
+            read_seconds,
+        }
+    }
+
+    /// The counters of one layer.
+    pub fn layer(&self, layer_digest: &str) -> LayerMetrics {
+        let l = LayerLabels {
+            layer: layer_digest.to_string(),
+        };
+        LayerMetrics {
+            fetched_bytes: self.fetched_bytes.get_or_create(&l).clone(),
+            fetches: self.fetches.get_or_create(&l).clone(),
+            span_hits: self.span_hits.get_or_create(&l).clone(),
+            span_misses: self.span_misses.get_or_create(&l).clone(),
+            spans_local: self.spans_local.get_or_create(&l).clone(),
+            spans_total: self.spans_total.get_or_create(&l).clone(),
+            read_seconds: Some(self.read_seconds.clone()),
         }
     }
 

@@ -215,7 +215,12 @@ impl Filesystem for LayerFs {
         }
         let len = u64::from(size).min(e.size - offset);
         let start = e.data_offset + offset;
-        match self.spans.read(start, start + len) {
+        let started = std::time::Instant::now();
+        let result = self.spans.read(start, start + len);
+        if let Some(h) = &self.spans.metrics.read_seconds {
+            h.observe(started.elapsed().as_secs_f64());
+        }
+        match result {
             Ok(data) => reply.data(&data),
             Err(err) => {
                 // Never wrong bytes: a failed fetch or a bad span is an I/O error for this read.

@@ -78,8 +78,12 @@ pub struct SpanCache {
     source: Arc<dyn BlobSource>,
     locks: Mutex<HashMap<u32, Arc<Mutex<()>>>>,
     pub stats: SpanStats,
+    /// Prometheus handles (no-ops when not registered).
+    pub metrics: crate::metrics::LayerMetrics,
     /// How many missing spans after the requested ones one fetch may add (read-ahead).
     pub readahead_spans: u32,
+    /// Foreground reads in flight (shared across layers; background fetching yields to them).
+    pub foreground: Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl std::fmt::Debug for SpanCache {
@@ -98,7 +102,9 @@ impl SpanCache {
             source,
             locks: Mutex::new(HashMap::new()),
             stats: SpanStats::default(),
+            metrics: crate::metrics::LayerMetrics::default(),
             readahead_spans: 0,
+            foreground: Arc::new(std::sync::atomic::AtomicU32::new(0)),
         })
     }
 
@@ -120,8 +126,21 @@ impl SpanCache {
         self.span_path(i).exists()
     }
 
+    /// Fetches span `i` into the cache unless it is there (background completion).
+    pub fn prefetch(&self, i: u32) -> Result<(), SpanError> {
+        let s = self.index.span(i).map_err(|e| SpanError::Index(i, e))?;
+        self.ensure(&s)
+    }
+
     /// Reads uncompressed layer bytes `[start, end)` (offsets in the tar stream).
     pub fn read(&self, start: u64, end: u64) -> Result<Vec<u8>, SpanError> {
+        self.foreground.fetch_add(1, Ordering::Relaxed);
+        let result = self.read_inner(start, end);
+        self.foreground.fetch_sub(1, Ordering::Relaxed);
+        result
+    }
+
+    fn read_inner(&self, start: u64, end: u64) -> Result<Vec<u8>, SpanError> {
         if end <= start {
             return Ok(Vec::new());
         }
@@ -150,6 +169,7 @@ impl SpanCache {
     fn ensure(&self, s: &SpanInfo) -> Result<(), SpanError> {
         if self.is_cached(s.index) {
             self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+            self.metrics.span_hits.inc();
             return Ok(());
         }
         let lock = self.lock_for(s.index);
@@ -159,6 +179,7 @@ impl SpanCache {
             return Ok(());
         }
         self.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
+        self.metrics.span_misses.inc();
         // Coalesce: the following spans that are missing too, while nobody else fetches them.
         let mut group = vec![s.clone()];
         let mut next = s.index + 1;
@@ -177,6 +198,8 @@ impl SpanCache {
             .map_err(|message| SpanError::Fetch { start, end, message })?;
         self.stats.fetches.fetch_add(1, Ordering::Relaxed);
         self.stats.fetched_bytes.fetch_add(compressed.len() as u64, Ordering::Relaxed);
+        self.metrics.fetches.inc();
+        self.metrics.fetched_bytes.inc_by(compressed.len() as u64);
         for (n, span) in group.iter().enumerate() {
             let from = (span.comp_start - start) as usize;
             let to = (span.comp_end - start) as usize;
@@ -201,7 +224,14 @@ impl SpanCache {
         let path = self.span_path(i);
         let tmp = self.dir.join(format!(".tmp-{i:08}-{:?}", std::thread::current().id()));
         fs::write(&tmp, data).map_err(|e| cache_err(&tmp, e))?;
-        fs::rename(&tmp, &path).map_err(|e| cache_err(&path, e))
+        fs::rename(&tmp, &path).map_err(|e| cache_err(&path, e))?;
+        self.metrics.spans_local.inc();
+        Ok(())
+    }
+
+    /// How many spans are local (a directory listing; for start-up and progress).
+    pub fn local_spans(&self) -> u32 {
+        (0..self.index.span_count()).filter(|i| self.is_cached(*i)).count() as u32
     }
 }
 

@@ -4,6 +4,7 @@
 //! The snapshot service commits such a layer at once, so containerd neither downloads nor
 //! unpacks it. Failures are returned as reasons; the caller falls back to an ordinary snapshot.
 
+mod background;
 mod discover;
 
 use crate::labels::RemoteRequest;
@@ -21,6 +22,8 @@ use std::sync::{Arc, Mutex};
 struct Mounted {
     _session: fuser::BackgroundSession,
     spans: Arc<SpanCache>,
+    mounted_at: std::time::Instant,
+    complete: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The lazy-layer manager of a daemon.
@@ -39,6 +42,9 @@ pub struct RemoteLayers {
     artifacts: Mutex<HashMap<String, serde_json::Value>>,
     /// Read-ahead: missing spans fetched together with a requested one.
     pub readahead_spans: u32,
+    metrics: Arc<crate::metrics::Metrics>,
+    /// Container reads waiting for a fetch, across layers (the background fetcher yields).
+    foreground: Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl std::fmt::Debug for RemoteLayers {
@@ -57,7 +63,11 @@ pub struct OpenedLayer {
 
 impl RemoteLayers {
     /// Builds the manager from the daemon config; mints nothing yet.
-    pub async fn new(cfg: &SnapshotterConfig, runtime: tokio::runtime::Handle) -> anyhow::Result<Self> {
+    pub async fn new(
+        cfg: &SnapshotterConfig,
+        runtime: tokio::runtime::Handle,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> anyhow::Result<Self> {
         let hosts = HostsConfig {
             dir: cfg.registry.hosts_dir.clone(),
             plain_http: false,
@@ -82,8 +92,26 @@ impl RemoteLayers {
             repos: Mutex::new(HashMap::new()),
             mounts: Mutex::new(HashMap::new()),
             artifacts: Mutex::new(HashMap::new()),
-            readahead_spans: 0,
+            readahead_spans: cfg.lazy.readahead_spans,
+            metrics,
+            foreground: Arc::new(std::sync::atomic::AtomicU32::new(0)),
         })
+    }
+
+    /// Starts the background fetcher (when configured) for this manager.
+    pub fn start_background(self: &Arc<Self>, cfg: &SnapshotterConfig) {
+        if !cfg.lazy.background_fetch {
+            tracing::info!("background fetch is off");
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        let delay = std::time::Duration::from_millis(cfg.lazy.background_start_delay_ms);
+        let spawned = std::thread::Builder::new()
+            .name("clip-background-fetch".into())
+            .spawn(move || background::run(weak, delay));
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the background fetcher");
+        }
     }
 
     fn index_path(&self, layer_digest: &str) -> PathBuf {
@@ -182,13 +210,25 @@ impl RemoteLayers {
         let mut spans = SpanCache::new(layer.index, self.span_dir(&layer.layer_digest), Arc::new(layer.source))
             .map_err(|e| format!("span cache: {e}"))?;
         spans.readahead_spans = self.readahead_spans;
+        spans.foreground = self.foreground.clone();
+        spans.metrics = self.metrics.layer(&layer.layer_digest);
+        spans.metrics.spans_total.set(i64::from(spans.index().span_count()));
+        spans.metrics.spans_local.set(i64::from(spans.local_spans()));
         let spans = Arc::new(spans);
         let session = layerfs::mount(LayerFs::new(spans.clone()), dir, &layer.layer_digest)
             .map_err(|e| format!("FUSE mount at {}: {e}", dir.display()))?;
         self.mounts
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(id, Mounted { _session: session, spans });
+            .insert(
+                id,
+                Mounted {
+                    _session: session,
+                    spans,
+                    mounted_at: std::time::Instant::now(),
+                    complete: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+                },
+            );
         Ok(())
     }
 
