@@ -3,6 +3,7 @@
 
 use anyhow::{Context, Result};
 use clip_integration::containerd::{Containerd, ContainerdOptions};
+use clip_integration::fault_proxy::{Fault, FaultProxy};
 use clip_integration::images::{TestImage, layout_layers};
 use clip_integration::registry::Registry;
 use clip_integration::snapshotter::{ClipSnapshotter, workspace_binary};
@@ -246,6 +247,80 @@ fn background_fetch_completes_layers_so_the_registry_can_go_away() -> Result<()>
         "python3 -c 'import numpy; print(7)' && find / -xdev -type f -exec cat {} + >/dev/null && echo all-read"])?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("7") && stdout.contains("all-read"), "{stdout}");
+    ctrd.purge()?;
+    Ok(())
+}
+
+/// sha256 of `path` in the image: the last layer (of the OCI layout) that holds it.
+fn file_sha256_in_layers(layout: &std::path::Path, tag: &str, path: &str) -> Result<String> {
+    let mut found = None;
+    for (digest, _, _) in layout_layers(layout, tag)? {
+        let blob = clip_integration::images::blob_path(layout, &digest)?;
+        let out = Command::new("tar").arg("-xzOf").arg(&blob).arg(path.trim_start_matches('/')).output()?;
+        if out.status.success() {
+            found = Some(clip_integration::sha256_hex(&out.stdout));
+        }
+    }
+    found.with_context(|| format!("{path} is in no layer"))
+}
+
+#[test]
+fn corrupted_spans_fail_reads_a_vanished_registry_recovers_and_a_restart_remounts() -> Result<()> {
+    require_root();
+    let td = TestDir::new("lazy-faults")?;
+    let reg = Registry::start_plain(&td, "plain")?;
+    let proxy = FaultProxy::start(reg.host(), Fault::None)?;
+    let layout = TestImage::Python.layout()?;
+    reg.push_layout(&layout, "pyapp", "testbed/python", "latest")?;
+    let reference = format!("{}/testbed/python:latest", proxy.host());
+    run(Command::new(workspace_binary("clip-builder")?).args(["index", "--plain-http", &reference]))?;
+    let hosts_dir = td.sub("certs.d")?;
+    let d = hosts_dir.join(proxy.host());
+    std::fs::create_dir_all(&d)?;
+    std::fs::write(d.join("hosts.toml"), format!("server = \"http://{}\"\n", proxy.host()))?;
+    let config = td.path().join("snapshotter.toml");
+    std::fs::write(&config, format!("[registry]\nhosts_dir = \"{}\"\n[lazy]\nbackground_fetch = false\n", hosts_dir.display()))?;
+    let config = config.display().to_string();
+    let mut snap = ClipSnapshotter::start(&td, "clip", &["--config", &config])?;
+    let ctrd = Containerd::start(&td, &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() })?;
+    let out = pull(&ctrd, &["--plain-http"], &reference)?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let py = |id: &str| -> Result<std::process::Output> {
+        Ok(ctrd.ctr("t").args(["run", "--rm", "--snapshotter", "clip", &reference, id, "python3", "-c", "import numpy; print(41+1)"]).output()?)
+    };
+    // Every blob answer has a flipped byte: reads fail with I/O errors; nothing wrong runs.
+    proxy.set_mode(Fault::FlipByte);
+    let out = py("c1")?;
+    assert!(!out.status.success(), "a container ran on corrupted data: {out:?}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("42"));
+    assert!(snap.log().contains("layer read failed"), "the failed reads are logged");
+
+    // The registry disappears: reads of data not yet local fail ...
+    proxy.set_mode(Fault::Down);
+    assert!(!py("c2")?.status.success());
+    // ... and it comes back: the same container starts, with the right bytes.
+    proxy.set_mode(Fault::None);
+    let out = py("c3")?;
+    assert!(out.status.success(), "{out:?}\n{}", snap.log());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
+    let target = "/usr/bin/python3.11";
+    let want = file_sha256_in_layers(&layout, "pyapp", target)?;
+    let out = ctrd.ctr_run("t", &["run", "--rm", "--snapshotter", "clip", &reference, "c4", "sha256sum", target])?;
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with(&want));
+
+    // SIGKILL and restart: the layers are mounted again and new containers start.
+    snap.kill();
+    snap.restart()?;
+    assert!(snap.log().contains("remounted=4"), "{}", snap.log());
+    // containerd's proxy client reconnects with backoff; wait until it talks to the new daemon.
+    let reconnected = clip_integration::wait_until(std::time::Duration::from_secs(30), || {
+        ctrd.ctr("t").args(["snapshots", "--snapshotter", "clip", "ls"]).output().is_ok_and(|o| o.status.success())
+    });
+    assert!(reconnected, "containerd did not reconnect to the restarted snapshotter");
+    let out = py("c5")?;
+    assert!(out.status.success(), "{out:?}\n{}", snap.log());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
     ctrd.purge()?;
     Ok(())
 }

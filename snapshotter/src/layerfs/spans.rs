@@ -149,9 +149,10 @@ impl SpanCache {
             .spans_for(start, end - start)
             .map_err(|e| SpanError::Index(0, e))?;
         let mut out = Vec::with_capacity((end - start) as usize);
+        let last = *spans.end();
         for i in spans {
             let s = self.index.span(i).map_err(|e| SpanError::Index(i, e))?;
-            self.ensure(&s)?;
+            self.ensure_through(&s, last)?;
             let from = start.max(s.uncomp_start);
             let to = end.min(s.uncomp_end);
             let path = self.span_path(i);
@@ -164,9 +165,14 @@ impl SpanCache {
         Ok(out)
     }
 
-    /// Makes span `s` local: fetch (with the missing spans after it, up to the read-ahead),
-    /// verify, inflate, write.
     fn ensure(&self, s: &SpanInfo) -> Result<(), SpanError> {
+        self.ensure_through(s, s.index)
+    }
+
+    /// Makes span `s` local: fetch it together with the missing spans after it that the same
+    /// read needs (through span `last`) and the read-ahead, in one request; verify, inflate,
+    /// write.
+    fn ensure_through(&self, s: &SpanInfo, last: u32) -> Result<(), SpanError> {
         if self.is_cached(s.index) {
             self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
             self.metrics.span_hits.inc();
@@ -183,7 +189,8 @@ impl SpanCache {
         // Coalesce: the following spans that are missing too, while nobody else fetches them.
         let mut group = vec![s.clone()];
         let mut next = s.index + 1;
-        while next < self.index.span_count() && next <= s.index + self.readahead_spans && !self.is_cached(next) {
+        let limit = last.max(s.index + self.readahead_spans);
+        while next < self.index.span_count() && next <= limit && !self.is_cached(next) {
             match self.index.span(next) {
                 Ok(n) => group.push(n),
                 Err(_) => break,
