@@ -44,6 +44,9 @@ pub struct LazyConfig {
     pub background_start_delay_ms: u64,
     /// Missing spans fetched together with a requested one (sequential read-ahead).
     pub readahead_spans: u32,
+    /// How long credentials received in `clip.*` labels are kept in the root-only store for
+    /// restarts (seconds).
+    pub credential_ttl_s: u64,
 }
 
 impl Default for LazyConfig {
@@ -52,6 +55,7 @@ impl Default for LazyConfig {
             background_fetch: true,
             background_start_delay_ms: 2000,
             readahead_spans: 0,
+            credential_ttl_s: 12 * 3600,
         }
     }
 }

@@ -9,6 +9,7 @@ use clip_integration::registry::Registry;
 use clip_integration::snapshotter::{ClipSnapshotter, workspace_binary};
 use clip_integration::tree::{describe_tree, diff_trees};
 use clip_integration::{TestDir, require_root, run};
+use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
 fn image_tree(ctrd: &Containerd, td: &TestDir, image: &str, snapshotter: &str) -> Result<std::collections::BTreeMap<std::path::PathBuf, clip_integration::tree::EntryDesc>> {
@@ -117,13 +118,13 @@ fn private_registries_work_with_label_credentials_only_and_wrong_ones_fail_clear
     std::fs::write(
         &config,
         format!(
-            "[registry]\nhosts_dir = \"{}\"\n[build_registry]\nregistry = \"{}\"\nrepository = \"userimages\"\n",
+            "[registry]\nhosts_dir = \"{}\"\n[lazy]\nbackground_fetch = false\n[build_registry]\nregistry = \"{}\"\nrepository = \"userimages\"\n",
             hosts_dir.display(),
             build.host()
         ),
     )?;
     let config = config.display().to_string();
-    let snap = ClipSnapshotter::start(&td, "clip", &["--config", &config])?;
+    let mut snap = ClipSnapshotter::start(&td, "clip", &["--config", &config])?;
     let ctrd = Containerd::start(&td, &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() })?;
     let hosts = hosts_dir.display().to_string();
 
@@ -165,6 +166,23 @@ fn private_registries_work_with_label_credentials_only_and_wrong_ones_fail_clear
             assert!(!info.contains(secret), "{secret} in the labels of {key}:\n{info}");
         }
     }
+
+    // Label credentials survive a restart through the root-only store: after SIGKILL and
+    // restart, files never fetched before (numpy) read from the private registry.
+    let store = snap.root().join("credentials");
+    assert_eq!(std::fs::metadata(&store)?.permissions().mode() & 0o777, 0o700);
+    for f in std::fs::read_dir(&store)? {
+        assert_eq!(f?.metadata()?.permissions().mode() & 0o777, 0o600);
+    }
+    snap.kill();
+    snap.restart()?;
+    let reconnected = clip_integration::wait_until(std::time::Duration::from_secs(30), || {
+        ctrd.ctr("t").args(["snapshots", "--snapshotter", "clip", "ls"]).output().is_ok_and(|o| o.status.success())
+    });
+    assert!(reconnected);
+    let out = ctrd.ctr_run("t", &["run", "--rm", "--snapshotter", "clip", &refs[1], "p3", "python3", "-c", "import numpy; print(3)"])?;
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "3");
+    assert!(snap.log().contains("restored label credentials"), "{}", snap.log());
     ctrd.purge()?;
     Ok(())
 }

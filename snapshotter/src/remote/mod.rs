@@ -5,7 +5,10 @@
 //! unpacks it. Failures are returned as reasons; the caller falls back to an ordinary snapshot.
 
 mod background;
+mod creds_store;
 mod discover;
+
+pub use creds_store::CredentialStore;
 
 use crate::labels::RemoteRequest;
 use crate::layerfs::{self, LayerFs, RegistryBlob, SpanCache};
@@ -33,8 +36,9 @@ pub struct RemoteLayers {
     runtime: tokio::runtime::Handle,
     build_registry: Option<BuildRegistryScope>,
     minter: Option<Arc<TokenMinter>>,
-    /// Credentials from labels, per image reference; in memory only.
+    /// Credentials from labels, per image reference (also in the root-only store).
     label_creds: Mutex<HashMap<String, ChainInputs>>,
+    creds_store: CredentialStore,
     /// One registry session per image (auth tokens and redirect targets are shared).
     repos: Mutex<HashMap<String, Arc<Repository>>>,
     mounts: Mutex<HashMap<u64, Mounted>>,
@@ -61,6 +65,22 @@ pub struct OpenedLayer {
     layer_digest: String,
 }
 
+/// The chain inputs the `clip.*` credential labels give.
+fn inputs_from_labels(secrets: &std::collections::BTreeMap<String, String>) -> Result<ChainInputs, String> {
+    let parse = |label: &str, source: Source| -> Result<Option<Credential>, String> {
+        secrets
+            .get(label)
+            .map(|v| Credential::parse(v, source).map_err(|e| format!("label {label}: {e}")))
+            .transpose()
+    };
+    Ok(ChainInputs {
+        image_creds: parse(l::IMAGE_CREDS, Source::ImageCreds)?,
+        source_image_creds: parse(l::SOURCE_IMAGE_CREDS, Source::SourceImageCreds)?,
+        build_registry_creds: parse(l::BUILD_REGISTRY_CREDS, Source::BuildRegistryCreds)?,
+        ..Default::default()
+    })
+}
+
 impl RemoteLayers {
     /// Builds the manager from the daemon config; mints nothing yet.
     pub async fn new(
@@ -82,13 +102,27 @@ impl RemoteLayers {
             }
             None => (None, None),
         };
+        let creds_store = CredentialStore::open(&cfg.root, cfg.lazy.credential_ttl_s)?;
+        let mut label_creds = HashMap::new();
+        for (image_ref, labels) in creds_store.load() {
+            match inputs_from_labels(&labels) {
+                Ok(inputs) => {
+                    label_creds.insert(image_ref, inputs);
+                }
+                Err(e) => tracing::warn!(image = %image_ref, error = %e, "ignoring stored credentials"),
+            }
+        }
+        if !label_creds.is_empty() {
+            tracing::info!(images = label_creds.len(), "restored label credentials from the credential store");
+        }
         Ok(Self {
             root: cfg.root.clone(),
             client: RegistryClient::new(hosts),
             runtime,
             build_registry,
             minter,
-            label_creds: Mutex::new(HashMap::new()),
+            label_creds: Mutex::new(label_creds),
+            creds_store,
             repos: Mutex::new(HashMap::new()),
             mounts: Mutex::new(HashMap::new()),
             artifacts: Mutex::new(HashMap::new()),
@@ -122,23 +156,16 @@ impl RemoteLayers {
         self.root.join("spans").join(layer_digest.replace(':', "-"))
     }
 
-    /// Remembers the credential labels of a request for its image (never logged).
+    /// Remembers the credential labels of a request for its image (never logged), in memory
+    /// and in the root-only store.
     fn remember_creds(&self, req: &RemoteRequest) -> Result<(), String> {
         if req.secrets.is_empty() {
             return Ok(());
         }
-        let parse = |label: &str, source: Source| -> Result<Option<Credential>, String> {
-            req.secrets
-                .get(label)
-                .map(|v| Credential::parse(v, source).map_err(|e| e.to_string()))
-                .transpose()
-        };
-        let inputs = ChainInputs {
-            image_creds: parse(l::IMAGE_CREDS, Source::ImageCreds)?,
-            source_image_creds: parse(l::SOURCE_IMAGE_CREDS, Source::SourceImageCreds)?,
-            build_registry_creds: parse(l::BUILD_REGISTRY_CREDS, Source::BuildRegistryCreds)?,
-            ..Default::default()
-        };
+        let inputs = inputs_from_labels(&req.secrets)?;
+        if let Err(e) = self.creds_store.save(&req.image_ref, &req.secrets) {
+            tracing::warn!(image = %req.image_ref, error = %e, "cannot persist label credentials; they will not survive a restart");
+        }
         let mut map = self.label_creds.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         map.insert(req.image_ref.clone(), inputs);
         // New credentials: a new session picks them up.

@@ -1,0 +1,99 @@
+//! The root-only credential store: the `clip.*` credential labels of each image, kept on disk
+//! (directory 0700, files 0600) so that lazily served layers keep reading after a restart,
+//! and deleted once their lifetime (`[lazy] credential_ttl_s`) has passed. Values are never
+//! logged; file names are hashes of the image reference.
+
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::PathBuf;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Stored {
+    image_ref: String,
+    expires_at: u64,
+    labels: BTreeMap<String, String>,
+}
+
+/// The store under `<root>/credentials`.
+#[derive(Debug)]
+pub struct CredentialStore {
+    dir: PathBuf,
+    ttl_s: u64,
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
+}
+
+impl CredentialStore {
+    pub fn open(root: &std::path::Path, ttl_s: u64) -> std::io::Result<Self> {
+        let dir = root.join("credentials");
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))?;
+        Ok(Self { dir, ttl_s })
+    }
+
+    fn path(&self, image_ref: &str) -> PathBuf {
+        self.dir.join(format!("{}.json", hex::encode(Sha256::digest(image_ref.as_bytes()))))
+    }
+
+    /// Saves the credential labels of an image (replacing earlier ones).
+    pub fn save(&self, image_ref: &str, labels: &BTreeMap<String, String>) -> std::io::Result<()> {
+        let stored = Stored {
+            image_ref: image_ref.to_string(),
+            expires_at: now() + self.ttl_s,
+            labels: labels.clone(),
+        };
+        let bytes = serde_json::to_vec(&stored).map_err(std::io::Error::other)?;
+        let path = self.path(image_ref);
+        let tmp = path.with_extension("tmp");
+        let mut f = fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, &path)
+    }
+
+    /// Every unexpired entry; expired and unreadable ones are deleted.
+    pub fn load(&self) -> Vec<(String, BTreeMap<String, String>)> {
+        let mut out = Vec::new();
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return out;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let parsed = fs::read(&path).ok().and_then(|b| serde_json::from_slice::<Stored>(&b).ok());
+            match parsed {
+                Some(s) if s.expires_at > now() => out.push((s.image_ref, s.labels)),
+                _ => {
+                    let _ = fs::remove_file(&path);
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_only_and_expiring() {
+        let root = tempfile::tempdir().expect("tmp");
+        let store = CredentialStore::open(root.path(), 3600).expect("open");
+        let labels = BTreeMap::from([("k".to_string(), "u:p".to_string())]);
+        store.save("reg/app:1", &labels).expect("save");
+        let md = fs::metadata(store.path("reg/app:1")).expect("stat");
+        assert_eq!(md.permissions().mode() & 0o777, 0o600);
+        assert_eq!(fs::metadata(&store.dir).expect("dir").permissions().mode() & 0o777, 0o700);
+        assert_eq!(store.load(), vec![("reg/app:1".to_string(), labels.clone())]);
+        let expired = CredentialStore::open(root.path(), 0).expect("open");
+        expired.save("reg/app:1", &labels).expect("save");
+        assert!(expired.load().is_empty());
+        assert!(!store.path("reg/app:1").exists(), "expired entries are deleted");
+    }
+}
