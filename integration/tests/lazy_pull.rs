@@ -265,6 +265,11 @@ fn background_fetch_completes_layers_so_the_registry_can_go_away() -> Result<()>
         "python3 -c 'import numpy; print(7)' && find / -xdev -type f -exec cat {} + >/dev/null && echo all-read"])?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("7") && stdout.contains("all-read"), "{stdout}");
+    // Fully local files are opened with FUSE passthrough: the kernel reads them directly.
+    let m = metrics();
+    let passthrough = value(&m, "clip_snapshotter_fuse_passthrough_opens_total{");
+    eprintln!("{passthrough} opens served by FUSE passthrough");
+    assert!(passthrough > 1000, "{m}");
     ctrd.purge()?;
     Ok(())
 }

@@ -38,6 +38,7 @@ pub struct LayerMetrics {
     pub spans_local: prometheus_client::metrics::gauge::Gauge,
     pub spans_total: prometheus_client::metrics::gauge::Gauge,
     pub read_seconds: Option<Histogram>,
+    pub passthrough_opens: Counter,
 }
 
 /// The daemon's metrics registry.
@@ -53,6 +54,7 @@ pub struct Metrics {
     spans_local: Family<LayerLabels, prometheus_client::metrics::gauge::Gauge>,
     spans_total: Family<LayerLabels, prometheus_client::metrics::gauge::Gauge>,
     read_seconds: Histogram,
+    passthrough_opens: Family<LayerLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -94,6 +96,8 @@ impl Metrics {
         registry.register("layer_spans_local", "spans of a mounted layer that are local", spans_local.clone());
         registry.register("layer_spans", "spans of a mounted layer", spans_total.clone());
         registry.register("fuse_read_seconds", "latency of FUSE reads of lazy layers", read_seconds.clone());
+        let passthrough_opens = Family::<LayerLabels, Counter>::default();
+        registry.register("fuse_passthrough_opens", "opens of fully local files served by FUSE passthrough", passthrough_opens.clone());
         Self {
             registry,
             calls,
@@ -105,6 +109,7 @@ impl Metrics {
             spans_local,
             spans_total,
             read_seconds,
+            passthrough_opens,
         }
     }
 
@@ -121,6 +126,7 @@ impl Metrics {
             spans_local: self.spans_local.get_or_create(&l).clone(),
             spans_total: self.spans_total.get_or_create(&l).clone(),
             read_seconds: Some(self.read_seconds.clone()),
+            passthrough_opens: self.passthrough_opens.get_or_create(&l).clone(),
         }
     }
 

@@ -22,14 +22,62 @@ const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
 const OPAQUE_XATTR: &[u8] = b"trusted.overlay.opaque";
 
 /// One layer served over FUSE.
-#[derive(Debug)]
 pub struct LayerFs {
     spans: Arc<SpanCache>,
+    /// Where fully local files are materialized for FUSE passthrough (`None`: never).
+    files_dir: Option<std::path::PathBuf>,
+    /// Whether the kernel granted passthrough at `init`.
+    passthrough: std::sync::atomic::AtomicBool,
+    /// Backing files registered with the kernel, by inode; kept while mounted.
+    backing: std::sync::Mutex<std::collections::HashMap<u64, fuser::BackingId>>,
+}
+
+impl std::fmt::Debug for LayerFs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LayerFs({:?})", self.spans)
+    }
 }
 
 impl LayerFs {
     pub fn new(spans: Arc<SpanCache>) -> Self {
-        Self { spans }
+        Self {
+            spans,
+            files_dir: None,
+            passthrough: std::sync::atomic::AtomicBool::new(false),
+            backing: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// Opens files whose data is all local with FUSE passthrough (kernel 6.9+): the file is
+    /// materialized once under `dir` and the kernel reads it directly.
+    pub fn with_passthrough(mut self, dir: std::path::PathBuf) -> Self {
+        self.files_dir = Some(dir);
+        self
+    }
+
+    /// The materialized copy of a fully local file, created on first use; `None` when some of
+    /// its data is not local yet (or passthrough is off).
+    fn local_file(&self, e: &Entry<'_>) -> Option<std::fs::File> {
+        let dir = self.files_dir.as_ref()?;
+        if !self.passthrough.load(std::sync::atomic::Ordering::Relaxed) || e.kind != EntryKind::File {
+            return None;
+        }
+        let start = e.data_offset;
+        if e.size > 0 {
+            let spans = self.index().spans_for(start, e.size).ok()?;
+            if !spans.into_iter().all(|i| self.spans.is_cached(i)) {
+                return None;
+            }
+        }
+        let path = dir.join(format!("{}", e.id));
+        if !path.exists() {
+            let data = self.spans.read(start, start + e.size).ok()?;
+            std::fs::create_dir_all(dir).ok()?;
+            let tmp = dir.join(format!(".tmp-{}-{:?}", e.id, std::thread::current().id()));
+            std::fs::write(&tmp, &data).ok()?;
+            std::fs::rename(&tmp, &path).ok()?;
+        }
+        std::fs::File::open(&path).ok()
     }
 
     fn index(&self) -> &Index {
@@ -148,6 +196,17 @@ fn xattr_reply(reply: ReplyXattr, size: u32, data: &[u8]) {
 }
 
 impl Filesystem for LayerFs {
+    fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
+        if self.files_dir.is_some() && config.add_capabilities(fuser::InitFlags::FUSE_PASSTHROUGH).is_ok() {
+            // Depth 1: backing files on a plain fs, and overlayfs may stack on this mount.
+            if config.set_max_stack_depth(1).is_ok() {
+                self.passthrough.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        tracing::debug!(passthrough = self.passthrough.load(std::sync::atomic::Ordering::Relaxed), "FUSE session initialised");
+        Ok(())
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let result = self.entry(parent).and_then(|dir| {
             if dir.kind != EntryKind::Dir {
@@ -184,10 +243,33 @@ impl Filesystem for LayerFs {
         if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
             return reply.error(Errno::EROFS);
         }
-        match self.entry(ino) {
-            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
-            Err(e) => reply.error(e),
+        let entry = match self.entry(ino).and_then(|e| self.index().resolve_hardlink(e).map_err(|_| Errno::EIO)) {
+            Ok(e) => e,
+            Err(e) => return reply.error(e),
+        };
+        let key = u64::from(entry.id) + 1;
+        {
+            let backing = self.backing.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(id) = backing.get(&key) {
+                self.spans.metrics.passthrough_opens.inc();
+                return reply.opened_passthrough(FileHandle(0), FopenFlags::empty(), id);
+            }
         }
+        if let Some(file) = self.local_file(&entry) {
+            match reply.open_backing(&file) {
+                Ok(id) => {
+                    self.spans.metrics.passthrough_opens.inc();
+                    reply.opened_passthrough(FileHandle(0), FopenFlags::empty(), &id);
+                    self.backing
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .insert(key, id);
+                    return;
+                }
+                Err(e) => tracing::debug!(error = %e, "passthrough unavailable; serving reads"),
+            }
+        }
+        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
     }
 
     fn read(

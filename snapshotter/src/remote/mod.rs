@@ -242,7 +242,8 @@ impl RemoteLayers {
         spans.metrics.spans_total.set(i64::from(spans.index().span_count()));
         spans.metrics.spans_local.set(i64::from(spans.local_spans()));
         let spans = Arc::new(spans);
-        let session = layerfs::mount(LayerFs::new(spans.clone()), dir, &layer.layer_digest)
+        let files = self.root.join("files").join(layer.layer_digest.replace(':', "-"));
+        let session = layerfs::mount(LayerFs::new(spans.clone()).with_passthrough(files), dir, &layer.layer_digest)
             .map_err(|e| format!("FUSE mount at {}: {e}", dir.display()))?;
         self.mounts
             .lock()
