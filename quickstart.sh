@@ -137,7 +137,7 @@ fi
 skopeo copy -q --preserve-digests --dest-tls-verify=false "oci:$LAYOUT:pyapp" "docker://$IMAGE"
 
 say "6/7 indexing it with clip-builder (the index is a separate artifact; the image is unchanged)"
-"$BIN/clip-builder" index --plain-http --span-size 524288 "$IMAGE" | tail -2
+"$BIN/clip-builder" index --plain-http "$IMAGE" | tail -2
 
 served() { awk '/"GET \/v2\/[^"]*\/blobs\// {for (i=1;i<=NF;i++) if ($i ~ /^[0-9]+$/ && $(i-1) ~ /^[0-9][0-9][0-9]$/) {s+=$i; break}} END {print s+0}' "$Q/registry/registry.log"; }
 size=$(skopeo inspect --raw --tls-verify=false "docker://$IMAGE" | jq '[.layers[].size] | add')

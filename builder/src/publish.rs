@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use clip_index::artifact::{
     ARTIFACT_TYPE, EMPTY_CONFIG, EMPTY_CONFIG_MEDIA_TYPE, LAYER_DIGEST_ANNOTATION, LAYER_INDEX_MEDIA_TYPE,
-    VERSION_ANNOTATION,
+    LAYER_WINDOWS_MEDIA_TYPE, VERSION_ANNOTATION,
 };
 use clip_registry::api::{OCI_MANIFEST, sha256_digest};
 use clip_registry::{Platform, Repository};
@@ -16,6 +16,10 @@ use futures::StreamExt;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::io::AsyncWriteExt;
+
+/// Span size of published indexes: small spans make lazy reads fetch little, and cost little
+/// since their zran windows travel in a separate blob that readers fetch per span.
+pub const PUBLISH_SPAN_SIZE: u64 = 256 << 10;
 
 /// One layer's result.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -26,6 +30,9 @@ pub struct LayerIndexed {
     pub index_size: usize,
     pub entries: u32,
     pub spans: u32,
+    /// The separate windows blob (gzip layers), fetched span by span by readers.
+    pub windows_digest: Option<String>,
+    pub windows_size: usize,
     pub seconds: f64,
 }
 
@@ -64,7 +71,7 @@ pub async fn index_image(repo: Arc<Repository>, reference: &str, platform: &Plat
     let mut layers = Vec::new();
     let mut artifact_layers = Vec::new();
     for task in tasks {
-        let (indexed, packed) = task.await.context("indexing task")??;
+        let (indexed, packed, windows) = task.await.context("indexing task")??;
         let pushed = repo
             .push_blob(Bytes::from(packed))
             .await
@@ -76,6 +83,19 @@ pub async fn index_image(repo: Arc<Repository>, reference: &str, platform: &Plat
             "size": indexed.index_size,
             "annotations": { LAYER_DIGEST_ANNOTATION: indexed.layer_digest },
         }));
+        if let Some(windows) = windows {
+            let size = windows.len();
+            let digest = repo
+                .push_blob(Bytes::from(windows))
+                .await
+                .with_context(|| format!("pushing the windows of layer {}", indexed.layer_digest))?;
+            artifact_layers.push(serde_json::json!({
+                "mediaType": LAYER_WINDOWS_MEDIA_TYPE,
+                "digest": digest,
+                "size": size,
+                "annotations": { LAYER_DIGEST_ANNOTATION: indexed.layer_digest },
+            }));
+        }
         layers.push(indexed);
     }
     let config_digest = repo.push_blob(Bytes::from_static(EMPTY_CONFIG)).await?;
@@ -111,8 +131,15 @@ pub async fn index_image(repo: Arc<Repository>, reference: &str, platform: &Plat
     })
 }
 
-/// Downloads one layer to `path` (streamed), indexes it, and returns the packed index.
-async fn index_layer(repo: &Repository, digest: &str, media_type: &str, path: &std::path::Path, span_size: u64) -> Result<(LayerIndexed, Vec<u8>)> {
+/// Downloads one layer to `path` (streamed), indexes it, and returns the packed index (without
+/// windows) and the windows blob, if any.
+async fn index_layer(
+    repo: &Repository,
+    digest: &str,
+    media_type: &str,
+    path: &std::path::Path,
+    span_size: u64,
+) -> Result<(LayerIndexed, Vec<u8>, Option<Vec<u8>>)> {
     let started = Instant::now();
     let resp = repo.blob_response(digest).await.with_context(|| format!("fetching layer {digest}"))?;
     let mut file = tokio::fs::File::create(path).await?;
@@ -126,18 +153,28 @@ async fn index_layer(repo: &Repository, digest: &str, media_type: &str, path: &s
     file.flush().await?;
     drop(file);
     let (path, digest_owned, media_type) = (path.to_path_buf(), digest.to_string(), media_type.to_string());
-    let (index, packed) = tokio::task::spawn_blocking(move || -> Result<_> {
+    let index = tokio::task::spawn_blocking(move || -> Result<_> {
         let opts = clip_index::BuildOptions {
             span_size,
             expected_digest: Some(digest_owned.clone()),
             media_type,
         };
         let f = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(&path)?);
-        let index = clip_index::build_index(f, &opts).with_context(|| format!("indexing layer {digest_owned}"))?;
-        let packed = index.pack()?;
-        Ok((index, packed))
+        let full = clip_index::build_index(f, &opts).with_context(|| format!("indexing layer {digest_owned}"))?;
+        match full.split_windows()? {
+            Some((meta, windows)) => {
+                let index = clip_index::Index::open(meta)?;
+                let packed = index.pack()?;
+                Ok((index, packed, Some(windows)))
+            }
+            None => {
+                let packed = full.pack()?;
+                Ok((full, packed, None))
+            }
+        }
     })
     .await??;
+    let (index, packed, windows) = (index.0, index.1, index.2);
     if index.layer_digest() != digest {
         bail!("index of {digest} names layer {}", index.layer_digest());
     }
@@ -149,8 +186,11 @@ async fn index_layer(repo: &Repository, digest: &str, media_type: &str, path: &s
             index_size: packed.len(),
             entries: index.entry_count(),
             spans: index.span_count(),
+            windows_digest: windows.as_deref().map(sha256_digest),
+            windows_size: windows.as_ref().map_or(0, Vec::len),
             seconds: started.elapsed().as_secs_f64(),
         },
         packed,
+        windows,
     ))
 }

@@ -322,7 +322,15 @@ pub struct Index {
     strings: (usize, usize),
     windows: (usize, usize),
     media_type: (u32, u32),
+    /// Version 2 with the windows in a separate blob: offset (in `bytes`) of the table of
+    /// their sha256 digests, one per checkpoint.
+    external_windows: Option<usize>,
 }
+
+/// Header flag (byte 13, version 2): the windows section is a separate blob.
+const FLAG_EXTERNAL_WINDOWS: u8 = 1;
+/// The version of an index whose windows are a separate blob.
+pub const VERSION_EXTERNAL_WINDOWS: u32 = 2;
 
 impl std::fmt::Debug for Index {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -417,9 +425,17 @@ impl Index {
             return Err(format_err("not a CLIP index (bad magic)"));
         }
         let version = rd_u32(b, 8);
-        if version != VERSION {
-            return Err(format_err(format!("unsupported index version {version} (this build reads {VERSION})")));
+        if version != VERSION && version != VERSION_EXTERNAL_WINDOWS {
+            return Err(format_err(format!(
+                "unsupported index version {version} (this build reads {VERSION} and {VERSION_EXTERNAL_WINDOWS})"
+            )));
         }
+        let flags = b[13];
+        let external = match (version, flags) {
+            (VERSION, 0) => false,
+            (VERSION_EXTERNAL_WINDOWS, FLAG_EXTERNAL_WINDOWS) => true,
+            _ => return Err(format_err(format!("version {version} with flags {flags:#x} is not valid"))),
+        };
         let body = b.len() - TRAILER_LEN;
         if Sha256::digest(&b[..body])[..] != b[body..] {
             return Err(format_err("index checksum mismatch (truncated or corrupted)"));
@@ -449,6 +465,19 @@ impl Index {
             check("checkpoints", checkpoints_off, u64::from(checkpoint_count).checked_mul(CHECKPOINT_LEN as u64))?;
         let strings = check("strings", strings_off, Some(strings_len))?;
         let windows = check("windows", windows_off, Some(windows_len))?;
+        let external_windows = if external {
+            if windows_len != 0 {
+                return Err(format_err("an index with external windows has a windows section"));
+            }
+            let table = u64::from(rd_u32(b, 92));
+            let need = u64::from(checkpoint_count) * 32;
+            if table.checked_add(need).is_none_or(|end| end > strings_len) {
+                return Err(format_err("window digest table lies outside the strings"));
+            }
+            Some(strings.0 + table as usize)
+        } else {
+            None
+        };
         let idx = Self {
             bytes,
             compression,
@@ -464,6 +493,7 @@ impl Index {
             strings,
             windows,
             media_type,
+            external_windows,
         };
         if entry_count == 0 {
             return Err(format_err("index has no root directory"));
@@ -702,11 +732,74 @@ impl Index {
         Ok(lo)
     }
 
+    /// Whether the windows are a separate blob (see [`Index::split_windows`]).
+    pub fn has_external_windows(&self) -> bool {
+        self.external_windows.is_some()
+    }
+
+    /// Where span `s`'s zstd-compressed window lies in the windows blob (or section), or
+    /// `None` for a span that needs none.
+    pub fn window_location(&self, s: &SpanInfo) -> Option<(u64, u32)> {
+        (s.window.1 > 0).then_some(s.window)
+    }
+
+    /// Checks an externally fetched window of span `s` against its digest and decompresses it.
+    pub fn external_window(&self, s: &SpanInfo, zstd_window: &[u8]) -> Result<Vec<u8>, IndexError> {
+        let table = self
+            .external_windows
+            .ok_or_else(|| format_err("this index holds its windows itself"))?;
+        let at = table + s.index as usize * 32;
+        if sha256(zstd_window)[..] != self.bytes[at..at + 32] || zstd_window.len() != s.window.1 as usize {
+            return Err(IndexError::Compressed(format!("span {}: window does not match its digest", s.index)));
+        }
+        zstd::bulk::decompress(zstd_window, crate::inflate::WINDOW_SIZE)
+            .map_err(|e| format_err(format!("span {}: bad window: {e}", s.index)))
+    }
+
+    /// Splits an index into a small one without windows (version 2, with a digest per window)
+    /// and the windows blob it refers to, so that a reader fetches only the windows of the
+    /// spans it reads. `None` when there are no windows to split off.
+    pub fn split_windows(&self) -> Result<Option<(Vec<u8>, Vec<u8>)>, IndexError> {
+        let (wo, wl) = self.windows;
+        if self.external_windows.is_some() || wl == 0 {
+            return Ok(None);
+        }
+        let windows = self.bytes[wo..wo + wl].to_vec();
+        let (so, sl) = self.strings;
+        let mut digests = Vec::with_capacity(self.checkpoint_count as usize * 32);
+        for i in 0..self.checkpoint_count {
+            let s = self.span(i)?;
+            let (off, len) = s.window;
+            let z = windows
+                .get(off as usize..off as usize + len as usize)
+                .ok_or_else(|| format_err(format!("span {i}: window outside the index")))?;
+            digests.extend_from_slice(&sha256(z));
+        }
+        // Sections up to the strings are unchanged; the digests follow the strings inside the
+        // string table; the windows section becomes empty.
+        let mut out = self.bytes[..so + sl].to_vec();
+        out.extend_from_slice(&digests);
+        let new_strings_len = (sl + digests.len()) as u64;
+        let windows_off = (so as u64) + new_strings_len;
+        out[8..12].copy_from_slice(&VERSION_EXTERNAL_WINDOWS.to_le_bytes());
+        out[13] = FLAG_EXTERNAL_WINDOWS;
+        out[92..96].copy_from_slice(&u32::try_from(sl).map_err(|_| format_err("strings too large"))?.to_le_bytes());
+        out[96 + 8 * 4..96 + 8 * 5].copy_from_slice(&new_strings_len.to_le_bytes());
+        out[96 + 8 * 5..96 + 8 * 6].copy_from_slice(&windows_off.to_le_bytes());
+        out[96 + 8 * 6..96 + 8 * 7].copy_from_slice(&0u64.to_le_bytes());
+        let checksum = sha256(&out);
+        out.extend_from_slice(&checksum);
+        Ok(Some((out, windows)))
+    }
+
     /// The (uncompressed) history window of a block checkpoint.
     pub(crate) fn window(&self, s: &SpanInfo) -> Result<Vec<u8>, IndexError> {
         let (off, len) = s.window;
         if len == 0 {
             return Ok(Vec::new());
+        }
+        if self.external_windows.is_some() {
+            return Err(format_err(format!("span {}: the window is in the separate windows blob", s.index)));
         }
         let (wo, wl) = self.windows;
         let end = off.checked_add(u64::from(len)).filter(|e| *e <= wl as u64);
@@ -763,7 +856,9 @@ impl Index {
             } else if s.uncomp_start != 0 || s.comp_start != 0 {
                 return Err(format_err("span 0 does not start at 0"));
             }
-            self.window(&s)?;
+            if self.external_windows.is_none() {
+                self.window(&s)?;
+            }
             prev = Some(s);
         }
         self.media_type()?;

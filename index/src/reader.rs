@@ -55,13 +55,32 @@ impl Index {
     /// Decodes span `s` from its verified compressed bytes, returning its uncompressed bytes
     /// `[s.uncomp_start, min(s.uncomp_end, upto))`.
     pub fn decode_span(&self, s: &SpanInfo, compressed: &[u8], upto: Option<u64>) -> Result<Vec<u8>, IndexError> {
+        self.decode_span_with(s, compressed, upto, None)
+    }
+
+    /// [`Index::decode_span`] for an index with external windows: `window` is the span's
+    /// zstd-compressed window as fetched from the windows blob (verified here).
+    pub fn decode_span_with(
+        &self,
+        s: &SpanInfo,
+        compressed: &[u8],
+        upto: Option<u64>,
+        window: Option<&[u8]>,
+    ) -> Result<Vec<u8>, IndexError> {
         self.verify_span(s, compressed)?;
         let end = upto.map_or(s.uncomp_end, |u| u.clamp(s.uncomp_start, s.uncomp_end));
         let want = usize::try_from(end - s.uncomp_start).map_err(|_| IndexError::Invalid("span too large".into()))?;
         let out = match self.compression() {
             Compression::None => compressed[..want.min(compressed.len())].to_vec(),
             Compression::Zstd => decode_zstd(compressed, want)?,
-            Compression::Gzip => self.decode_gzip(s, compressed, want)?,
+            Compression::Gzip => {
+                let window = match (window, self.window_location(s)) {
+                    (Some(z), Some(_)) => self.external_window(s, z)?,
+                    (None, _) => self.window(s)?,
+                    (Some(_), None) => Vec::new(),
+                };
+                self.decode_gzip(s, compressed, want, &window)?
+            }
         };
         if out.len() != want {
             return Err(IndexError::Compressed(format!(
@@ -73,7 +92,7 @@ impl Index {
         Ok(out)
     }
 
-    fn decode_gzip(&self, s: &SpanInfo, compressed: &[u8], want: usize) -> Result<Vec<u8>, IndexError> {
+    fn decode_gzip(&self, s: &SpanInfo, compressed: &[u8], want: usize, window: &[u8]) -> Result<Vec<u8>, IndexError> {
         let mut input = compressed;
         let mut inf = if s.kind == CheckpointKind::Block {
             let mut inf = Inflater::new(RAW)?;
@@ -82,7 +101,7 @@ impl Index {
                 inf.prime(i32::from(s.bits), i32::from(*first >> (8 - s.bits)))?;
                 input = rest;
             }
-            inf.set_dictionary(&self.window(s)?)?;
+            inf.set_dictionary(window)?;
             inf
         } else {
             Inflater::new(GZIP)?

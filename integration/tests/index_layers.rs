@@ -255,3 +255,44 @@ fn python_image_layers_read_back_exactly() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn split_windows_index_decodes_every_span_like_the_full_one_and_checks_windows() -> anyhow::Result<()> {
+    let layout = clip_integration::images::TestImage::Python.layout()?;
+    let (digest, _, _) = clip_integration::images::layout_layers(&layout, "pyapp")?
+        .into_iter()
+        .max_by_key(|(_, _, s)| *s)
+        .ok_or_else(|| anyhow::anyhow!("no layers"))?;
+    let blob = std::fs::read(clip_integration::images::blob_path(&layout, &digest)?)?;
+    let opts = clip_index::BuildOptions { span_size: 512 << 10, expected_digest: Some(digest.clone()), ..Default::default() };
+    let full = clip_index::build_index(&blob[..], &opts)?;
+    let (meta, windows) = full.split_windows()?.ok_or_else(|| anyhow::anyhow!("nothing to split"))?;
+    let split = clip_index::Index::open(meta.clone())?;
+    split.validate()?;
+    assert!(split.has_external_windows());
+    assert_eq!(split.entry_count(), full.entry_count());
+    let packed_full = full.pack()?.len();
+    let packed_meta = split.pack()?.len();
+    eprintln!(
+        "index {} bytes packed -> {packed_meta} without windows + {} of windows ({} spans)",
+        packed_full,
+        windows.len(),
+        split.span_count()
+    );
+    assert!(packed_meta * 3 < packed_full, "the index without windows is much smaller");
+    for i in 0..split.span_count() {
+        let s = split.span(i)?;
+        let compressed = &blob[s.comp_start as usize..s.comp_end as usize];
+        let window = split.window_location(&s).map(|(off, len)| &windows[off as usize..off as usize + len as usize]);
+        let got = split.decode_span_with(&s, compressed, None, window)?;
+        let want = full.decode_span(&full.span(i)?, compressed, None)?;
+        assert!(got == want, "span {i} differs");
+        if let Some(w) = window {
+            let mut bad = w.to_vec();
+            bad[w.len() / 2] ^= 1;
+            assert!(split.decode_span_with(&s, compressed, None, Some(&bad)).is_err(), "a bad window must be refused");
+            assert!(split.decode_span(&s, compressed, None).is_err(), "no window, no decode");
+        }
+    }
+    Ok(())
+}

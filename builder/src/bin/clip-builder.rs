@@ -29,9 +29,10 @@ enum Command {
         /// Local mode: where to write the index.
         #[arg(long, value_name = "FILE")]
         output: Option<PathBuf>,
-        /// Uncompressed bytes between seek points.
-        #[arg(long, value_name = "BYTES", default_value_t = clip_index::build::DEFAULT_SPAN_SIZE)]
-        span_size: u64,
+        /// Uncompressed bytes between seek points. Default: 256 KiB for published indexes
+        /// (their windows are fetched per span), 4 MiB for local ones.
+        #[arg(long, value_name = "BYTES")]
+        span_size: Option<u64>,
         /// Local mode: expected layer digest (sha256:...), verified against the blob.
         #[arg(long)]
         digest: Option<String>,
@@ -103,6 +104,7 @@ fn run(args: Args) -> Result<()> {
     let mut out = stdout.lock();
     match args.command {
         Command::Index { reference: None, layer: Some(layer), output: Some(output), span_size, digest, media_type, packed, json, .. } => {
+            let span_size = span_size.unwrap_or(clip_index::build::DEFAULT_SPAN_SIZE);
             let opts = clip_index::BuildOptions { span_size, expected_digest: digest, media_type };
             let (index, packed_size) = local::index_file(&layer, &output, &opts, packed)?;
             if json {
@@ -132,6 +134,7 @@ fn run(args: Args) -> Result<()> {
             let result = rt.block_on(async {
                 let repo = clip_builder::remote::repository(&cfg, &reference, creds_file.as_deref(), plain_http, hosts_dir).await?;
                 let image = repo.image.clone();
+                let span_size = span_size.unwrap_or(clip_builder::publish::PUBLISH_SPAN_SIZE);
                 clip_builder::publish::index_image(std::sync::Arc::new(repo), image.manifest_reference(), &platform, span_size).await
             })?;
             if json {

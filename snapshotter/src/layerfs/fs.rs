@@ -30,7 +30,14 @@ pub struct LayerFs {
     passthrough: std::sync::atomic::AtomicBool,
     /// Backing files registered with the kernel, by inode; kept while mounted.
     backing: std::sync::Mutex<std::collections::HashMap<u64, fuser::BackingId>>,
+    /// Open file handles by inode: (cached mode, passthrough mode). The kernel refuses to mix
+    /// the two modes on one inode, so a new open follows the mode of the open handles.
+    open_modes: std::sync::Mutex<std::collections::HashMap<u64, (u32, u32)>>,
 }
+
+/// File handle values: which mode an open file is in.
+const FH_CACHED: u64 = 0;
+const FH_PASSTHROUGH: u64 = 1;
 
 impl std::fmt::Debug for LayerFs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -45,6 +52,7 @@ impl LayerFs {
             files_dir: None,
             passthrough: std::sync::atomic::AtomicBool::new(false),
             backing: std::sync::Mutex::new(std::collections::HashMap::new()),
+            open_modes: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
     }
 
@@ -248,28 +256,62 @@ impl Filesystem for LayerFs {
             Err(e) => return reply.error(e),
         };
         let key = u64::from(entry.id) + 1;
-        {
-            let backing = self.backing.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let Some(id) = backing.get(&key) {
+        let mut modes = self.open_modes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (cached, passthrough) = modes.get(&key).copied().unwrap_or((0, 0));
+        if cached == 0 {
+            let mut backing = self.backing.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let id = match backing.get(&key) {
+                Some(id) => Some(id),
+                None if passthrough == 0 => match self.local_file(&entry).map(|f| reply.open_backing(&f)) {
+                    Some(Ok(id)) => {
+                        backing.insert(key, id);
+                        backing.get(&key)
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "passthrough unavailable; serving reads");
+                        None
+                    }
+                    None => None,
+                },
+                None => None,
+            };
+            if let Some(id) = id {
                 self.spans.metrics.passthrough_opens.inc();
-                return reply.opened_passthrough(FileHandle(0), FopenFlags::empty(), id);
+                modes.entry(key).or_insert((0, 0)).1 += 1;
+                return reply.opened_passthrough(FileHandle(FH_PASSTHROUGH), FopenFlags::empty(), id);
             }
         }
-        if let Some(file) = self.local_file(&entry) {
-            match reply.open_backing(&file) {
-                Ok(id) => {
-                    self.spans.metrics.passthrough_opens.inc();
-                    reply.opened_passthrough(FileHandle(0), FopenFlags::empty(), &id);
-                    self.backing
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .insert(key, id);
-                    return;
-                }
-                Err(e) => tracing::debug!(error = %e, "passthrough unavailable; serving reads"),
+        modes.entry(key).or_insert((0, 0)).0 += 1;
+        drop(modes);
+        reply.opened(FileHandle(FH_CACHED), FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: fuser::ReplyEmpty,
+    ) {
+        let key = self
+            .entry(ino)
+            .and_then(|e| self.index().resolve_hardlink(e).map_err(|_| Errno::EIO))
+            .map_or(ino.0, |e| u64::from(e.id) + 1);
+        let mut modes = self.open_modes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(m) = modes.get_mut(&key) {
+            if fh.0 == FH_PASSTHROUGH {
+                m.1 = m.1.saturating_sub(1);
+            } else {
+                m.0 = m.0.saturating_sub(1);
+            }
+            if *m == (0, 0) {
+                modes.remove(&key);
             }
         }
-        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+        reply.ok();
     }
 
     fn read(

@@ -84,6 +84,8 @@ pub struct SpanCache {
     pub readahead_spans: u32,
     /// Foreground reads in flight (shared across layers; background fetching yields to them).
     pub foreground: Arc<std::sync::atomic::AtomicU32>,
+    /// The windows blob, for an index whose windows are separate.
+    pub windows: Option<Arc<dyn BlobSource>>,
 }
 
 impl std::fmt::Debug for SpanCache {
@@ -105,6 +107,7 @@ impl SpanCache {
             metrics: crate::metrics::LayerMetrics::default(),
             readahead_spans: 0,
             foreground: Arc::new(std::sync::atomic::AtomicU32::new(0)),
+            windows: None,
         })
     }
 
@@ -207,14 +210,21 @@ impl SpanCache {
         self.stats.fetched_bytes.fetch_add(compressed.len() as u64, Ordering::Relaxed);
         self.metrics.fetches.inc();
         self.metrics.fetched_bytes.inc_by(compressed.len() as u64);
+        let windows = self.fetch_windows(&group)?;
         for (n, span) in group.iter().enumerate() {
             let from = (span.comp_start - start) as usize;
             let to = (span.comp_end - start) as usize;
             let Some(bytes) = compressed.get(from..to) else {
                 return Err(SpanError::Fetch { start, end, message: "short answer".into() });
             };
+            let window = match (&windows, self.index.window_location(span)) {
+                (Some((wstart, w)), Some((off, len))) => {
+                    w.get((off - wstart) as usize..(off - wstart) as usize + len as usize)
+                }
+                _ => None,
+            };
             // The requested span must verify; a bad read-ahead span is just not cached.
-            let data = match self.index.decode_span(span, bytes, None) {
+            let data = match self.index.decode_span_with(span, bytes, None, window) {
                 Ok(d) => d,
                 Err(e) if n == 0 => return Err(SpanError::Index(span.index, e)),
                 Err(_) => break,
@@ -225,6 +235,29 @@ impl SpanCache {
             self.write_span(span.index, &data)?;
         }
         Ok(())
+    }
+
+    /// For an index without windows: the windows of `group`, in one range request of the
+    /// windows blob (they are contiguous there), with the offset where that range starts.
+    fn fetch_windows(&self, group: &[SpanInfo]) -> Result<Option<(u64, Vec<u8>)>, SpanError> {
+        if !self.index.has_external_windows() {
+            return Ok(None);
+        }
+        let locations: Vec<(u64, u32)> = group.iter().filter_map(|s| self.index.window_location(s)).collect();
+        let (Some(first), Some(last)) = (locations.iter().map(|l| l.0).min(), locations.iter().map(|l| l.0 + u64::from(l.1)).max()) else {
+            return Ok(None);
+        };
+        let source = self.windows.as_ref().ok_or_else(|| SpanError::Fetch {
+            start: first,
+            end: last,
+            message: "the index's windows blob is unknown".into(),
+        })?;
+        let bytes = source
+            .fetch(first, last)
+            .map_err(|message| SpanError::Fetch { start: first, end: last, message })?;
+        self.stats.fetched_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        self.metrics.fetched_bytes.inc_by(bytes.len() as u64);
+        Ok(Some((first, bytes)))
     }
 
     fn write_span(&self, i: u32, data: &[u8]) -> Result<(), SpanError> {

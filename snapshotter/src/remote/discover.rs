@@ -3,7 +3,7 @@
 use super::RemoteLayers;
 use crate::labels::RemoteRequest;
 use clip_index::Index;
-use clip_index::artifact::{ARTIFACT_TYPE, LAYER_DIGEST_ANNOTATION};
+use clip_index::artifact::{ARTIFACT_TYPE, LAYER_DIGEST_ANNOTATION, LAYER_INDEX_MEDIA_TYPE, LAYER_WINDOWS_MEDIA_TYPE};
 use clip_registry::{Platform, Repository};
 use std::path::Path;
 use std::sync::Arc;
@@ -11,15 +11,36 @@ use std::sync::Arc;
 /// Largest index blob accepted (a million-file layer is far below this).
 const MAX_INDEX_BLOB: usize = 256 << 20;
 
-/// Opens a stored index if present; a corrupt one is deleted and reported as absent.
-pub(super) fn open_local(path: &Path, layer_digest: &str) -> Result<Option<Arc<Index>>, String> {
+/// A layer's index and, for an index without windows, the digest of its windows blob.
+pub(super) type Found = (Arc<Index>, Option<String>);
+
+fn windows_sidecar(path: &Path) -> std::path::PathBuf {
+    path.with_extension("windows")
+}
+
+/// Opens a stored index (and its windows blob's digest) if present; a corrupt one is deleted
+/// and reported as absent.
+pub(super) fn open_local(path: &Path, layer_digest: &str) -> Result<Option<Found>, String> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("reading {}: {e}", path.display())),
     };
     match Index::open_any(bytes).and_then(|i| i.validate().map(|()| i)) {
-        Ok(i) if i.layer_digest() == layer_digest => Ok(Some(Arc::new(i))),
+        Ok(i) if i.layer_digest() == layer_digest => {
+            if !i.has_external_windows() {
+                return Ok(Some((Arc::new(i), None)));
+            }
+            match std::fs::read_to_string(windows_sidecar(path)) {
+                Ok(d) if clip_registry::reference::validate_digest(d.trim()).is_ok() => {
+                    Ok(Some((Arc::new(i), Some(d.trim().to_string()))))
+                }
+                _ => {
+                    let _ = std::fs::remove_file(path);
+                    Ok(None)
+                }
+            }
+        }
         Ok(_) | Err(_) => {
             tracing::warn!(path = %path.display(), "stored index is corrupt or for another layer; fetching it again");
             let _ = std::fs::remove_file(path);
@@ -29,7 +50,7 @@ pub(super) fn open_local(path: &Path, layer_digest: &str) -> Result<Option<Arc<I
 }
 
 impl RemoteLayers {
-    pub(super) fn find_index(&self, repo: &Repository, req: &RemoteRequest) -> Result<Arc<Index>, String> {
+    pub(super) fn find_index(&self, repo: &Repository, req: &RemoteRequest) -> Result<Found, String> {
         let path = self.index_path(&req.layer_digest);
         if let Some(i) = open_local(&path, &req.layer_digest)? {
             return Ok(i);
@@ -58,14 +79,16 @@ impl RemoteLayers {
             }
         };
         let artifact = self.artifact(repo, &artifact_digest)?;
-        let blob_digest = artifact["layers"]
-            .as_array()
-            .and_then(|layers| {
-                layers.iter().find(|l| l["annotations"][LAYER_DIGEST_ANNOTATION] == req.layer_digest.as_str())
+        let layer_blob = |media_type: &str| -> Option<String> {
+            artifact["layers"].as_array()?.iter().find_map(|l| {
+                let ours = l["annotations"][LAYER_DIGEST_ANNOTATION] == req.layer_digest.as_str()
+                    && l["mediaType"] == media_type;
+                ours.then(|| l["digest"].as_str().map(ToString::to_string)).flatten()
             })
-            .and_then(|l| l["digest"].as_str())
-            .ok_or_else(|| format!("index artifact {artifact_digest} has no index for layer {}", req.layer_digest))?
-            .to_string();
+        };
+        let blob_digest = layer_blob(LAYER_INDEX_MEDIA_TYPE)
+            .ok_or_else(|| format!("index artifact {artifact_digest} has no index for layer {}", req.layer_digest))?;
+        let windows_digest = layer_blob(LAYER_WINDOWS_MEDIA_TYPE);
         let bytes = rt
             .block_on(repo.get_blob(&blob_digest, MAX_INDEX_BLOB))
             .map_err(|e| format!("fetching index {blob_digest}: {e}"))?;
@@ -74,14 +97,21 @@ impl RemoteLayers {
         if index.layer_digest() != req.layer_digest {
             return Err(format!("index {blob_digest} is for layer {}, not {}", index.layer_digest(), req.layer_digest));
         }
+        if index.has_external_windows() && windows_digest.is_none() {
+            return Err(format!("index artifact {artifact_digest} lacks the windows of layer {}", req.layer_digest));
+        }
+        let windows_digest = windows_digest.filter(|_| index.has_external_windows());
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        }
+        if let Some(d) = &windows_digest {
+            std::fs::write(windows_sidecar(&path), d).map_err(|e| format!("storing the windows digest: {e}"))?;
         }
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, &bytes)
             .and_then(|()| std::fs::rename(&tmp, &path))
             .map_err(|e| format!("storing index {}: {e}", path.display()))?;
-        Ok(Arc::new(index))
+        Ok((Arc::new(index), windows_digest))
     }
 
     fn artifact(&self, repo: &Repository, digest: &str) -> Result<serde_json::Value, String> {

@@ -62,6 +62,8 @@ impl std::fmt::Debug for RemoteLayers {
 pub struct OpenedLayer {
     index: Arc<Index>,
     source: RegistryBlob,
+    /// The windows blob of an index without windows.
+    windows: Option<RegistryBlob>,
     layer_digest: String,
 }
 
@@ -204,32 +206,34 @@ impl RemoteLayers {
     pub fn open(&self, req: &RemoteRequest) -> Result<OpenedLayer, String> {
         self.remember_creds(req)?;
         let repo = self.repository(&req.image_ref)?;
-        let index = self.find_index(&repo, req)?;
-        Ok(OpenedLayer {
-            index,
-            source: RegistryBlob {
-                repo,
-                digest: req.layer_digest.clone(),
-                runtime: self.runtime.clone(),
-            },
-            layer_digest: req.layer_digest.clone(),
-        })
+        let (index, windows) = self.find_index(&repo, req)?;
+        Ok(self.opened(repo, index, windows, &req.layer_digest))
     }
 
-    /// Opens a layer again from the local index store (restarts).
-    pub fn reopen(&self, image_ref: &str, layer_digest: &str) -> Result<OpenedLayer, String> {
-        let path = self.index_path(layer_digest);
-        let index = discover::open_local(&path, layer_digest)?.ok_or_else(|| format!("index {} is gone", path.display()))?;
-        let repo = self.repository(image_ref)?;
-        Ok(OpenedLayer {
+    fn opened(&self, repo: Arc<Repository>, index: Arc<Index>, windows: Option<String>, layer_digest: &str) -> OpenedLayer {
+        OpenedLayer {
             index,
+            windows: windows.map(|digest| RegistryBlob {
+                repo: repo.clone(),
+                digest,
+                runtime: self.runtime.clone(),
+            }),
             source: RegistryBlob {
                 repo,
                 digest: layer_digest.to_string(),
                 runtime: self.runtime.clone(),
             },
             layer_digest: layer_digest.to_string(),
-        })
+        }
+    }
+
+    /// Opens a layer again from the local index store (restarts).
+    pub fn reopen(&self, image_ref: &str, layer_digest: &str) -> Result<OpenedLayer, String> {
+        let path = self.index_path(layer_digest);
+        let (index, windows) =
+            discover::open_local(&path, layer_digest)?.ok_or_else(|| format!("index {} is gone", path.display()))?;
+        let repo = self.repository(image_ref)?;
+        Ok(self.opened(repo, index, windows, layer_digest))
     }
 
     /// Mounts an opened layer at `dir` as the snapshot `id`.
@@ -237,6 +241,7 @@ impl RemoteLayers {
         let mut spans = SpanCache::new(layer.index, self.span_dir(&layer.layer_digest), Arc::new(layer.source))
             .map_err(|e| format!("span cache: {e}"))?;
         spans.readahead_spans = self.readahead_spans;
+        spans.windows = layer.windows.map(|w| Arc::new(w) as Arc<dyn crate::layerfs::BlobSource>);
         spans.foreground = self.foreground.clone();
         spans.metrics = self.metrics.layer(&layer.layer_digest);
         spans.metrics.spans_total.set(i64::from(spans.index().span_count()));
