@@ -70,6 +70,16 @@ fn python_image_starts_lazily_from_the_plain_registry_with_a_fraction_of_its_byt
     let diffs = diff_trees(&overlay, &clip, 20);
     assert!(diffs.is_empty(), "rootfs differs:\n{}", diffs.join("\n"));
     eprintln!("{} entries identical on overlayfs and lazy clip", clip.len());
+
+    // `ctr image rm` lets containerd collect everything: snapshots removed through clip, FUSE
+    // layers unmounted.
+    run(ctrd.ctr("t").args(["images", "rm", "--sync", &reference]))?;
+    let gone = clip_integration::wait_until(std::time::Duration::from_secs(30), || {
+        let listed = clip_integration::run_stdout(ctrd.ctr("t").args(["snapshots", "--snapshotter", "clip", "ls"])).unwrap_or_default();
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+        listed.lines().count() <= 1 && !mounts.lines().any(|l| l.starts_with("clip:sha256:") && l.contains(td.path().to_str().unwrap_or("/")))
+    });
+    assert!(gone, "snapshots or FUSE layers left after image removal:\n{}", snap.log());
     ctrd.purge()?;
     Ok(())
 }

@@ -33,7 +33,12 @@ pub struct LayerFs {
     /// Open file handles by inode: (cached mode, passthrough mode). The kernel refuses to mix
     /// the two modes on one inode, so a new open follows the mode of the open handles.
     open_modes: std::sync::Mutex<std::collections::HashMap<u64, (u32, u32)>>,
+    /// Where the last read of each inode ended, to spot sequential readers.
+    last_read_end: std::sync::Mutex<std::collections::HashMap<u64, u64>>,
 }
+
+/// Spans fetched ahead for a sequential reader.
+const SEQUENTIAL_READAHEAD_SPANS: u32 = 2;
 
 /// File handle values: which mode an open file is in.
 const FH_CACHED: u64 = 0;
@@ -53,6 +58,7 @@ impl LayerFs {
             passthrough: std::sync::atomic::AtomicBool::new(false),
             backing: std::sync::Mutex::new(std::collections::HashMap::new()),
             open_modes: std::sync::Mutex::new(std::collections::HashMap::new()),
+            last_read_end: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
     }
 
@@ -193,6 +199,31 @@ impl LayerFs {
     }
 }
 
+impl LayerFs {
+    /// A directory's entries as the unpacked layer shows them (`.`, `..`, then the children
+    /// with whiteouts presented and opaque markers hidden), with their attributes.
+    fn listing(&self, ino: INodeNo) -> Result<Vec<(FileAttr, Vec<u8>)>, Errno> {
+        let dir = self.entry(ino)?;
+        if dir.kind != EntryKind::Dir {
+            return Err(Errno::ENOTDIR);
+        }
+        let index = self.index();
+        let children = index.children(&dir).map_err(|_| Errno::EIO)?;
+        let parent = index.entry(dir.parent).map_err(|_| Errno::EIO)?;
+        let mut items = vec![(self.attr(&dir, false)?, b".".to_vec()), (self.attr(&parent, false)?, b"..".to_vec())];
+        for id in children {
+            let c = index.entry(id).map_err(|_| Errno::EIO)?;
+            if c.name == OPAQUE_MARKER {
+                continue;
+            }
+            let whiteout = Self::is_whiteout_entry(&c);
+            let name = if whiteout { c.name[WHITEOUT_PREFIX.len()..].to_vec() } else { c.name.to_vec() };
+            items.push((self.attr(&c, whiteout)?, name));
+        }
+        Ok(items)
+    }
+}
+
 fn xattr_reply(reply: ReplyXattr, size: u32, data: &[u8]) {
     if size == 0 {
         reply.size(data.len() as u32);
@@ -205,6 +236,8 @@ fn xattr_reply(reply: ReplyXattr, size: u32, data: &[u8]) {
 
 impl Filesystem for LayerFs {
     fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
+        // Directory listings with attributes in one round trip (ls -l, find, stat walks).
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_DO_READDIRPLUS | fuser::InitFlags::FUSE_READDIRPLUS_AUTO);
         if self.files_dir.is_some() && config.add_capabilities(fuser::InitFlags::FUSE_PASSTHROUGH).is_ok() {
             // Depth 1: backing files on a plain fs, and overlayfs may stack on this mount.
             if config.set_max_stack_depth(1).is_ok() {
@@ -339,8 +372,18 @@ impl Filesystem for LayerFs {
         }
         let len = u64::from(size).min(e.size - offset);
         let start = e.data_offset + offset;
+        let sequential = {
+            let mut last = self.last_read_end.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let seq = offset > 0 && last.get(&ino.0) == Some(&offset);
+            last.insert(ino.0, offset + len);
+            seq
+        };
         let started = std::time::Instant::now();
-        let result = self.spans.read(start, start + len);
+        let result = if sequential {
+            self.spans.read_ahead(start, start + len, SEQUENTIAL_READAHEAD_SPANS)
+        } else {
+            self.spans.read(start, start + len)
+        };
         if let Some(h) = &self.spans.metrics.read_seconds {
             h.observe(started.elapsed().as_secs_f64());
         }
@@ -355,42 +398,25 @@ impl Filesystem for LayerFs {
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let dir = match self.entry(ino) {
-            Ok(d) if d.kind == EntryKind::Dir => d,
-            Ok(_) => return reply.error(Errno::ENOTDIR),
+        let items = match self.listing(ino) {
+            Ok(items) => items,
             Err(e) => return reply.error(e),
         };
-        let index = self.index();
-        let children = match index.children(&dir) {
-            Ok(c) => c,
-            Err(_) => return reply.error(Errno::EIO),
-        };
-        let mut pos = 0u64;
-        let parent_ino = if dir.id == 0 { 1 } else { u64::from(dir.parent) + 1 };
-        let mut items: Vec<(u64, FileType, Vec<u8>)> = vec![
-            (ino.0, FileType::Directory, b".".to_vec()),
-            (parent_ino, FileType::Directory, b"..".to_vec()),
-        ];
-        for id in children {
-            let Ok(c) = index.entry(id) else { continue };
-            if c.name == OPAQUE_MARKER {
-                continue;
+        for (pos, (attr, name)) in items.iter().enumerate().skip(offset as usize) {
+            if reply.add(attr.ino, pos as u64 + 1, attr.kind, OsStr::from_bytes(name)) {
+                break;
             }
-            let whiteout = Self::is_whiteout_entry(&c);
-            let name = if whiteout { c.name[WHITEOUT_PREFIX.len()..].to_vec() } else { c.name.to_vec() };
-            let kind = match self.attr(&c, whiteout) {
-                Ok(a) => a.kind,
-                Err(_) => continue,
-            };
-            let child_ino = self.attr(&c, whiteout).map(|a| a.ino.0).unwrap_or(u64::from(c.id) + 1);
-            items.push((child_ino, kind, name));
         }
-        for (ino, kind, name) in items {
-            pos += 1;
-            if pos <= offset {
-                continue;
-            }
-            if reply.add(INodeNo(ino), pos, kind, OsStr::from_bytes(&name)) {
+        reply.ok();
+    }
+
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: fuser::ReplyDirectoryPlus) {
+        let items = match self.listing(ino) {
+            Ok(items) => items,
+            Err(e) => return reply.error(e),
+        };
+        for (pos, (attr, name)) in items.iter().enumerate().skip(offset as usize) {
+            if reply.add(attr.ino, pos as u64 + 1, OsStr::from_bytes(name), &TTL, attr, Generation(0)) {
                 break;
             }
         }

@@ -137,13 +137,19 @@ impl SpanCache {
 
     /// Reads uncompressed layer bytes `[start, end)` (offsets in the tar stream).
     pub fn read(&self, start: u64, end: u64) -> Result<Vec<u8>, SpanError> {
+        self.read_ahead(start, end, self.readahead_spans)
+    }
+
+    /// [`Self::read`], fetching up to `readahead` missing spans after the last one needed in the
+    /// same request (sequential readers).
+    pub fn read_ahead(&self, start: u64, end: u64, readahead: u32) -> Result<Vec<u8>, SpanError> {
         self.foreground.fetch_add(1, Ordering::Relaxed);
-        let result = self.read_inner(start, end);
+        let result = self.read_inner(start, end, readahead);
         self.foreground.fetch_sub(1, Ordering::Relaxed);
         result
     }
 
-    fn read_inner(&self, start: u64, end: u64) -> Result<Vec<u8>, SpanError> {
+    fn read_inner(&self, start: u64, end: u64, readahead: u32) -> Result<Vec<u8>, SpanError> {
         if end <= start {
             return Ok(Vec::new());
         }
@@ -155,7 +161,7 @@ impl SpanCache {
         let last = *spans.end();
         for i in spans {
             let s = self.index.span(i).map_err(|e| SpanError::Index(i, e))?;
-            self.ensure_through(&s, last)?;
+            self.ensure_through(&s, last, readahead)?;
             let from = start.max(s.uncomp_start);
             let to = end.min(s.uncomp_end);
             let path = self.span_path(i);
@@ -169,13 +175,13 @@ impl SpanCache {
     }
 
     fn ensure(&self, s: &SpanInfo) -> Result<(), SpanError> {
-        self.ensure_through(s, s.index)
+        self.ensure_through(s, s.index, 0)
     }
 
     /// Makes span `s` local: fetch it together with the missing spans after it that the same
     /// read needs (through span `last`) and the read-ahead, in one request; verify, inflate,
     /// write.
-    fn ensure_through(&self, s: &SpanInfo, last: u32) -> Result<(), SpanError> {
+    fn ensure_through(&self, s: &SpanInfo, last: u32, readahead: u32) -> Result<(), SpanError> {
         if self.is_cached(s.index) {
             self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
             self.metrics.span_hits.inc();
@@ -192,7 +198,7 @@ impl SpanCache {
         // Coalesce: the following spans that are missing too, while nobody else fetches them.
         let mut group = vec![s.clone()];
         let mut next = s.index + 1;
-        let limit = last.max(s.index + self.readahead_spans);
+        let limit = last.saturating_add(readahead);
         while next < self.index.span_count() && next <= limit && !self.is_cached(next) {
             match self.index.span(next) {
                 Ok(n) => group.push(n),
