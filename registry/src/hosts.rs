@@ -76,8 +76,9 @@ struct HostsFile {
     header: BTreeMap<String, HeaderValue>,
     #[serde(default)]
     override_path: Option<bool>,
+    /// `[host."URL"]` tables, in file order (mirrors are tried in that order).
     #[serde(default)]
-    host: BTreeMap<String, HostEntry>,
+    host: toml::Table,
     // containerd keys we accept and do not use.
     #[serde(default)]
     #[serde(rename = "client")]
@@ -215,6 +216,7 @@ fn parse_hosts(text: &str, file: &Path, default: Endpoint) -> Result<Vec<Endpoin
     };
     let mut out = Vec::new();
     for (url, h) in parsed.host {
+        let h: HostEntry = h.try_into().map_err(|e: toml::de::Error| err(format!("[host.\"{url}\"]: {e}")))?;
         let (api_base, host) = endpoint(&url, h.override_path.unwrap_or(false))?;
         out.push(Endpoint {
             api_base,
@@ -288,6 +290,22 @@ ca = "ca.pem"
         assert_eq!(eps[0].api_base, "https://other.example/v2");
         let plain = HostsConfig { dir: None, plain_http: true };
         assert_eq!(plain.endpoints("docker.io").expect("hub")[0].api_base, "http://registry-1.docker.io/v2");
+    }
+
+    #[test]
+    fn mirrors_keep_file_order() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let d = dir.path().join("_default");
+        std::fs::create_dir_all(&d).expect("mkdir");
+        std::fs::write(
+            d.join("hosts.toml"),
+            "[host.\"http://zz-first:1\"]\n[host.\"http://aa-second:2\"]\n[host.\"http://mm-third:3\"]\n",
+        )
+        .expect("write");
+        let cfg = HostsConfig { dir: Some(dir.path().to_path_buf()), plain_http: false };
+        let eps = cfg.endpoints("x.example").expect("parse");
+        let hosts: Vec<&str> = eps.iter().map(|e| e.host.as_str()).collect();
+        assert_eq!(hosts, ["zz-first:1", "aa-second:2", "mm-third:3", "x.example"]);
     }
 
     #[test]
