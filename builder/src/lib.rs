@@ -4,6 +4,7 @@
 //! creation from the pushed image, publication of the index artifact, and the local index tools
 //! ([`local`]) used by tests, benchmarks and users debugging an image.
 
+pub mod build;
 pub mod local;
 pub mod publish;
 pub mod remote;

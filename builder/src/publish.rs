@@ -44,6 +44,8 @@ pub struct ImageIndexed {
     pub index_digest: String,
     pub layers: Vec<LayerIndexed>,
     pub seconds: f64,
+    /// An index covering every layer was already published for this manifest: no layer work.
+    pub reused: bool,
     /// Labels for `clip-snapshotter pull` / containerd that skip index discovery.
     pub labels: std::collections::BTreeMap<String, String>,
 }
@@ -55,6 +57,18 @@ pub async fn index_image(repo: Arc<Repository>, reference: &str, platform: &Plat
         .get_image_manifest(reference, platform)
         .await
         .with_context(|| format!("reading the manifest of {}", repo.image))?;
+    if let Some(existing) = published_index(&repo, &manifest.digest, &image).await {
+        let labels = [(clip_config::labels::INDEX_DIGEST.to_string(), existing.clone())].into();
+        return Ok(ImageIndexed {
+            image: repo.image.with_digest(&manifest.digest).to_string(),
+            manifest_digest: manifest.digest,
+            index_digest: existing,
+            layers: Vec::new(),
+            seconds: started.elapsed().as_secs_f64(),
+            reused: true,
+            labels,
+        });
+    }
     let tmp = tempfile::tempdir().context("temp dir for layer downloads")?;
     let limit = Arc::new(tokio::sync::Semaphore::new(2));
     let mut tasks = Vec::new();
@@ -127,8 +141,33 @@ pub async fn index_image(repo: Arc<Repository>, reference: &str, platform: &Plat
         index_digest: artifact_digest,
         layers,
         seconds: started.elapsed().as_secs_f64(),
+        reused: false,
         labels,
     })
+}
+
+/// The digest of an index artifact already published for `manifest_digest` that covers every
+/// layer of `image`, if any (indexes are content addressed: no need to redo them).
+async fn published_index(repo: &Repository, manifest_digest: &str, image: &oci_spec::image::ImageManifest) -> Option<String> {
+    let found = repo.referrers(manifest_digest, Some(ARTIFACT_TYPE)).await.ok()?;
+    for d in found.iter().rev() {
+        let digest = d.digest().to_string();
+        let Ok(fetched) = repo.get_manifest(&digest).await else { continue };
+        let Ok(artifact) = serde_json::from_slice::<serde_json::Value>(&fetched.bytes) else { continue };
+        let indexed: Vec<&str> = artifact["layers"]
+            .as_array()
+            .map(|ls| {
+                ls.iter()
+                    .filter(|l| l["mediaType"] == LAYER_INDEX_MEDIA_TYPE)
+                    .filter_map(|l| l["annotations"][LAYER_DIGEST_ANNOTATION].as_str())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if image.layers().iter().all(|l| indexed.contains(&l.digest().to_string().as_str())) {
+            return Some(digest);
+        }
+    }
+    None
 }
 
 /// Downloads one layer to `path` (streamed), indexes it, and returns the packed index (without

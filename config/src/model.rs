@@ -109,6 +109,10 @@ impl SnapshotterConfig {
 pub struct BuilderConfig {
     /// buildah storage root; buildah's default when unset.
     pub storage_root: Option<PathBuf>,
+    /// buildah run root (with `storage_root`); buildah's default when unset.
+    pub runroot: Option<PathBuf>,
+    /// buildah storage driver (`overlay`, `vfs`); buildah's default when unset.
+    pub storage_driver: Option<String>,
     /// Directory of the builder's persistent state (image reference cache, local indexes).
     pub state_dir: Option<PathBuf>,
     pub registry: RegistryHosts,

@@ -61,6 +61,35 @@ enum Command {
         #[arg(long, value_name = "PLATFORM")]
         platform: Option<String>,
     },
+    /// Build an image with buildah, push it to the build registry with the build registry
+    /// token (through a temporary authfile), index it and publish the index.
+    Build {
+        /// Builder config (TOML): build registry, buildah storage, state directory.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The image to build and push (in the build registry).
+        #[arg(short = 't', long = "tag", value_name = "REF")]
+        tag: String,
+        /// The Containerfile (default: CONTEXT/Containerfile, else CONTEXT/Dockerfile).
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: Option<PathBuf>,
+        #[arg(long = "build-arg", value_name = "K=V")]
+        build_args: Vec<String>,
+        #[arg(long)]
+        platform: Option<String>,
+        /// A file holding the BuildRegistryCreds (`user:password`); else the
+        /// CLIP_BUILD_REGISTRY_CREDS environment variable; else minted from the config.
+        #[arg(long, value_name = "FILE")]
+        build_registry_creds_file: Option<PathBuf>,
+        /// A file holding `user:password` for the registries of the FROM images.
+        #[arg(long, value_name = "FILE")]
+        source_image_creds_file: Option<PathBuf>,
+        #[arg(long, value_name = "BYTES", default_value_t = clip_builder::publish::PUBLISH_SPAN_SIZE)]
+        span_size: u64,
+        #[arg(long)]
+        json: bool,
+        context: PathBuf,
+    },
     /// Describe an index: sizes, digests, seek points, entries.
     Inspect {
         file: PathBuf,
@@ -90,6 +119,13 @@ enum Command {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
     match run(args) {
         // `clip-builder inspect x | head` is not an error.
         Err(e) if e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) => {
@@ -154,6 +190,55 @@ fn run(args: Args) -> Result<()> {
             }
         }
         Command::Index { .. } => anyhow::bail!("give an image reference, or --layer with --output"),
+        Command::Build {
+            config,
+            tag,
+            file,
+            build_args,
+            platform,
+            build_registry_creds_file,
+            source_image_creds_file,
+            span_size,
+            json,
+            context,
+        } => {
+            use clip_registry::credentials::{Credential, Source};
+            let cfg = clip_config::BuilderConfig::load_or_default(config.as_deref())?;
+            let read = |f: &std::path::Path, s: Source| -> Result<Credential> {
+                let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+                Ok(Credential::parse(text.trim_end_matches(['\n', '\r']), s)?)
+            };
+            let build_registry_creds = match (build_registry_creds_file, std::env::var("CLIP_BUILD_REGISTRY_CREDS")) {
+                (Some(f), _) => Some(read(&f, Source::BuildRegistryCreds)?),
+                (None, Ok(v)) if !v.is_empty() => Some(Credential::parse(v.trim(), Source::BuildRegistryCreds)?),
+                _ => None,
+            };
+            let source_image_creds = source_image_creds_file.map(|f| read(&f, Source::SourceImageCreds)).transpose()?;
+            let request = clip_builder::build::BuildRequest {
+                reference: tag,
+                containerfile: file,
+                build_args,
+                platform,
+                context,
+                build_registry_creds,
+                source_image_creds,
+                span_size,
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let report = rt.block_on(clip_builder::build::build(&cfg, &request))?;
+            if json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+            } else {
+                writeln!(
+                    out,
+                    "built {}\nindex {}\nbuild {:.1} s, push {:.1} s, index {:.1} s",
+                    report.image, report.index_digest, report.build_seconds, report.push_seconds, report.index_seconds
+                )?;
+                for (k, v) in &report.labels {
+                    writeln!(out, "label {k}={v}")?;
+                }
+            }
+        }
         Command::Inspect { file, json } => {
             let index = local::open_index(&file)?;
             if json {
