@@ -8,4 +8,5 @@ pub mod build;
 pub mod local;
 pub mod publish;
 pub mod remote;
+pub mod transfer;
 pub mod token;

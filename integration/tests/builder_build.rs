@@ -163,3 +163,42 @@ fn indexing_an_indexed_image_again_does_no_layer_work() -> Result<()> {
     assert_eq!(gets_of_layers(&reg), before, "the second run fetched layers");
     Ok(())
 }
+
+#[test]
+fn an_index_copied_to_another_registry_serves_the_image_lazily_there() -> Result<()> {
+    require_root();
+    let td = TestDir::new("copyindex")?;
+    let a = Registry::start_plain(&td, "a")?;
+    let b = Registry::start_plain(&td, "b")?;
+    let layout = TestImage::Python.layout()?;
+    let ref_a = a.push_layout(&layout, "pyapp", "testbed/python", "latest")?;
+    let ref_b = b.push_layout(&layout, "pyapp", "mirror/python", "latest")?;
+    let builder = workspace_binary("clip-builder")?;
+    run(Command::new(&builder).args(["index", "--plain-http", &ref_a]))?;
+    let dir = td.path().join("index-copy");
+    run(Command::new(&builder).args(["fetch-index", "--plain-http", "--output"]).arg(&dir).arg(&ref_a))?;
+    assert!(dir.join("artifact.json").exists());
+    // Pushing it for a different image is refused.
+    let busybox = b.push_layout(&TestImage::Busybox.layout()?, "busybox", "mirror/busybox", "latest")?;
+    let wrong = Command::new(&builder).args(["push-index", "--plain-http", "--from"]).arg(&dir).arg(&busybox).output()?;
+    assert!(!wrong.status.success() && String::from_utf8_lossy(&wrong.stderr).contains("the index is for"));
+    run(Command::new(&builder).args(["push-index", "--plain-http", "--from"]).arg(&dir).arg(&ref_b))?;
+
+    let hosts_dir = td.sub("certs.d")?;
+    b.write_hosts_toml(&hosts_dir)?;
+    let config = td.path().join("snapshotter.toml");
+    std::fs::write(&config, format!("[registry]\nhosts_dir = \"{}\"\n[lazy]\nbackground_fetch = false\n", hosts_dir.display()))?;
+    let config = config.display().to_string();
+    let snap = ClipSnapshotter::start(&td, "clip", &["--config", &config])?;
+    let ctrd = Containerd::start(&td, &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() })?;
+    let out = run(Command::new(workspace_binary("clip-snapshotter")?)
+        .args(["pull", "--json", "--plain-http", "-n", "t", "--containerd-address"])
+        .arg(ctrd.socket())
+        .arg(&ref_b))?;
+    let pulled: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(pulled["lazy_layers"], 4, "{pulled}");
+    let out = ctrd.ctr_run("t", &["run", "--rm", "--snapshotter", "clip", &ref_b, "m1", "python3", "-c", "print(2+3)"])?;
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "5");
+    ctrd.purge()?;
+    Ok(())
+}

@@ -90,6 +90,25 @@ enum Command {
         json: bool,
         context: PathBuf,
     },
+    /// Download an image's index artifact and its blobs into a directory (to copy it to another
+    /// registry or an air-gapped site).
+    FetchIndex {
+        #[command(flatten)]
+        registry: RegistryArgs,
+        /// Directory to write (`artifact.json`, `blobs/sha256/...`).
+        #[arg(long, value_name = "DIR")]
+        output: PathBuf,
+        reference: String,
+    },
+    /// Publish an index artifact stored by `fetch-index` for the same image in a registry.
+    PushIndex {
+        #[command(flatten)]
+        registry: RegistryArgs,
+        /// Directory written by `fetch-index`.
+        #[arg(long = "from", value_name = "DIR")]
+        from: PathBuf,
+        reference: String,
+    },
     /// Describe an index: sizes, digests, seek points, entries.
     Inspect {
         file: PathBuf,
@@ -115,6 +134,27 @@ enum Command {
         /// Path inside the layer.
         path: String,
     },
+}
+
+/// How to reach an image's registry.
+#[derive(Debug, clap::Args)]
+struct RegistryArgs {
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// A file holding `username:password` for the registry.
+    #[arg(long, value_name = "FILE", env = "CLIP_CREDS_FILE")]
+    creds_file: Option<PathBuf>,
+    #[arg(long)]
+    plain_http: bool,
+    #[arg(long, value_name = "DIR")]
+    hosts_dir: Option<PathBuf>,
+}
+
+impl RegistryArgs {
+    async fn repository(&self, reference: &str) -> Result<clip_registry::Repository> {
+        let cfg = clip_config::BuilderConfig::load_or_default(self.config.as_deref())?;
+        clip_builder::remote::repository(&cfg, reference, self.creds_file.as_deref(), self.plain_http, self.hosts_dir.clone()).await
+    }
 }
 
 fn main() -> Result<()> {
@@ -238,6 +278,24 @@ fn run(args: Args) -> Result<()> {
                     writeln!(out, "label {k}={v}")?;
                 }
             }
+        }
+        Command::FetchIndex { registry, output, reference } => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let digest = rt.block_on(async {
+                let repo = registry.repository(&reference).await?;
+                let r = repo.image.manifest_reference().to_string();
+                clip_builder::transfer::fetch(&repo, &r, &output).await
+            })?;
+            writeln!(out, "index {digest} of {reference} stored in {}", output.display())?;
+        }
+        Command::PushIndex { registry, from, reference } => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let digest = rt.block_on(async {
+                let repo = registry.repository(&reference).await?;
+                let r = repo.image.manifest_reference().to_string();
+                clip_builder::transfer::push(&repo, &r, &from).await
+            })?;
+            writeln!(out, "index {digest} published for {reference}")?;
         }
         Command::Inspect { file, json } => {
             let index = local::open_index(&file)?;

@@ -1,0 +1,78 @@
+//! `clip-builder fetch-index` / `push-index`: copy an image's index artifact between registries
+//! (mirrors, air-gapped sites) through a local directory:
+//!
+//! ```text
+//! DIR/artifact.json            the artifact manifest (its subject names the image manifest)
+//! DIR/blobs/sha256/<hex>       every blob it refers to (config, indexes, windows)
+//! ```
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use clip_index::artifact::ARTIFACT_TYPE;
+use clip_registry::api::{OCI_MANIFEST, sha256_digest};
+use clip_registry::{Platform, Repository};
+use std::path::Path;
+
+fn blob_path(dir: &Path, digest: &str) -> Result<std::path::PathBuf> {
+    let (alg, hex) = digest.split_once(':').with_context(|| format!("bad digest {digest}"))?;
+    clip_registry::reference::validate_digest(digest).map_err(|e| anyhow::anyhow!(e))?;
+    Ok(dir.join("blobs").join(alg).join(hex))
+}
+
+fn referenced_blobs(artifact: &serde_json::Value) -> Vec<String> {
+    let mut out: Vec<String> = artifact["config"]["digest"].as_str().map(ToString::to_string).into_iter().collect();
+    if let Some(layers) = artifact["layers"].as_array() {
+        out.extend(layers.iter().filter_map(|l| l["digest"].as_str().map(ToString::to_string)));
+    }
+    out
+}
+
+/// Downloads the newest index artifact of `reference` (and its blobs) into `dir`.
+pub async fn fetch(repo: &Repository, reference: &str, dir: &Path) -> Result<String> {
+    let (manifest, _) = repo.get_image_manifest(reference, &Platform::default()).await?;
+    let found = repo.referrers(&manifest.digest, Some(ARTIFACT_TYPE)).await?;
+    let desc = found.last().with_context(|| format!("no CLIP index is published for {}", repo.image))?;
+    let digest = desc.digest().to_string();
+    let artifact = repo.get_manifest(&digest).await?;
+    let value: serde_json::Value = serde_json::from_slice(&artifact.bytes)?;
+    for b in referenced_blobs(&value) {
+        let path = blob_path(dir, &b)?;
+        if path.exists() {
+            continue;
+        }
+        let bytes = repo.get_blob(&b, 1 << 30).await.with_context(|| format!("fetching {b}"))?;
+        std::fs::create_dir_all(path.parent().context("blob dir")?)?;
+        std::fs::write(&path, &bytes)?;
+    }
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("artifact.json"), &artifact.bytes)?;
+    Ok(digest)
+}
+
+/// Publishes the artifact stored in `dir` for the image `reference` of `repo`, which must be
+/// the image the artifact was made for (same manifest digest).
+pub async fn push(repo: &Repository, reference: &str, dir: &Path) -> Result<String> {
+    let bytes = std::fs::read(dir.join("artifact.json")).with_context(|| format!("reading {}/artifact.json", dir.display()))?;
+    let value: serde_json::Value = serde_json::from_slice(&bytes)?;
+    if value["artifactType"] != ARTIFACT_TYPE {
+        bail!("{}/artifact.json is not a CLIP index artifact", dir.display());
+    }
+    let subject = value["subject"]["digest"].as_str().context("artifact has no subject")?.to_string();
+    let (manifest, _) = repo.get_image_manifest(reference, &Platform::default()).await?;
+    if manifest.digest != subject {
+        bail!("the index is for {subject}, but {} is {}", repo.image, manifest.digest);
+    }
+    for b in referenced_blobs(&value) {
+        let data = std::fs::read(blob_path(dir, &b)?).with_context(|| format!("blob {b} is missing from {}", dir.display()))?;
+        if sha256_digest(&data) != b {
+            bail!("blob {b} in {} is corrupt", dir.display());
+        }
+        repo.push_blob(Bytes::from(data)).await?;
+    }
+    let digest = repo.put_manifest(&sha256_digest(&bytes), OCI_MANIFEST, Bytes::from(bytes.clone())).await?;
+    let desc: oci_spec::image::Descriptor = serde_json::from_value(serde_json::json!({
+        "mediaType": OCI_MANIFEST, "digest": digest, "size": bytes.len(), "artifactType": ARTIFACT_TYPE,
+    }))?;
+    repo.add_referrer_to_fallback_tag(&subject, desc).await?;
+    Ok(digest)
+}
