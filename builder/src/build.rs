@@ -221,7 +221,12 @@ pub async fn build(cfg: &BuilderConfig, req: &BuildRequest) -> Result<BuildRepor
         Some(p) => Platform::parse(p).with_context(|| format!("bad --platform {p:?}"))?,
         None => Platform::default(),
     };
-    let indexed = publish::index_image(repo, &digest, &platform, req.span_size).await?;
+    let opts = publish::IndexOptions {
+        span_size: req.span_size,
+        cache_dir: cfg.state_dir.as_ref().map(|d| d.join("indexes")),
+        ..Default::default()
+    };
+    let indexed = publish::index_image(repo, &digest, &platform, &opts).await?;
     let index_seconds = started.elapsed().as_secs_f64();
     drop(work); // the authfile goes with it
 

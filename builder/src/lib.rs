@@ -6,6 +6,7 @@
 
 pub mod build;
 pub mod local;
+pub mod progress;
 pub mod publish;
 pub mod remote;
 pub mod transfer;

@@ -51,7 +51,27 @@ pub struct ImageIndexed {
 }
 
 /// Indexes and publishes the image `reference` (a tag or digest) of `repo`.
-pub async fn index_image(repo: Arc<Repository>, reference: &str, platform: &Platform, span_size: u64) -> Result<ImageIndexed> {
+/// How layers are indexed: span size, a local cache of indexes by layer digest (content
+/// addressed: a layer indexed once is not downloaded again), and progress output.
+#[derive(Debug, Clone)]
+pub struct IndexOptions {
+    pub span_size: u64,
+    pub cache_dir: Option<std::path::PathBuf>,
+    pub progress: Arc<crate::progress::Progress>,
+}
+
+impl Default for IndexOptions {
+    fn default() -> Self {
+        Self {
+            span_size: PUBLISH_SPAN_SIZE,
+            cache_dir: None,
+            progress: Arc::new(crate::progress::Progress::new()),
+        }
+    }
+}
+
+pub async fn index_image(repo: Arc<Repository>, reference: &str, platform: &Platform, opts: &IndexOptions) -> Result<ImageIndexed> {
+    let span_size = opts.span_size;
     let started = Instant::now();
     let (manifest, image) = repo
         .get_image_manifest(reference, platform)
@@ -77,9 +97,25 @@ pub async fn index_image(repo: Arc<Repository>, reference: &str, platform: &Plat
         let digest = layer.digest().to_string();
         let media_type = layer.media_type().to_string();
         let path = tmp.path().join(digest.replace(':', "-"));
+        let (cache, progress) = (opts.cache_dir.clone(), opts.progress.clone());
+        let size = layer.size();
         tasks.push(tokio::spawn(async move {
+            if let Some(hit) = cache.as_deref().and_then(|c| cached_layer(c, &digest)) {
+                return Ok(hit);
+            }
             let _permit = limit.acquire_owned().await?;
-            index_layer(&repo, &digest, &media_type, &path, span_size).await
+            let task = progress.task(&format!("layer {}", &digest[7..19.min(digest.len())]), size);
+            let result = index_layer(&repo, &digest, &media_type, &path, span_size, &task).await;
+            if let (Ok(r), Some(c)) = (&result, cache.as_deref()) {
+                if let Err(e) = store_layer(c, &digest, &r.1, r.2.as_deref()) {
+                    tracing::warn!(error = %e, "cannot cache the index of {digest}");
+                }
+            }
+            match &result {
+                Ok((l, _, _)) => task.finish(&format!("indexed: {} entries, {} spans", l.entries, l.spans)),
+                Err(e) => task.finish(&format!("failed: {e}")),
+            }
+            result
         }));
     }
     let mut layers = Vec::new();
@@ -170,6 +206,48 @@ async fn published_index(repo: &Repository, manifest_digest: &str, image: &oci_s
     None
 }
 
+fn cache_paths(dir: &std::path::Path, digest: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let name = digest.replace(':', "-");
+    (dir.join(format!("{name}.clip")), dir.join(format!("{name}.windows")))
+}
+
+/// A layer indexed before, from the local cache (checked: it must open and name the layer).
+fn cached_layer(dir: &std::path::Path, digest: &str) -> Option<(LayerIndexed, Vec<u8>, Option<Vec<u8>>)> {
+    let (index_path, windows_path) = cache_paths(dir, digest);
+    let packed = std::fs::read(&index_path).ok()?;
+    let index = clip_index::Index::open_any(packed.clone()).ok()?;
+    if index.layer_digest() != digest || index.validate().is_err() {
+        return None;
+    }
+    let windows = if index.has_external_windows() { Some(std::fs::read(&windows_path).ok()?) } else { None };
+    Some((
+        LayerIndexed {
+            layer_digest: digest.to_string(),
+            layer_size: index.compressed_size(),
+            index_digest: sha256_digest(&packed),
+            index_size: packed.len(),
+            entries: index.entry_count(),
+            spans: index.span_count(),
+            windows_digest: windows.as_deref().map(sha256_digest),
+            windows_size: windows.as_ref().map_or(0, Vec::len),
+            seconds: 0.0,
+        },
+        packed,
+        windows,
+    ))
+}
+
+fn store_layer(dir: &std::path::Path, digest: &str, packed: &[u8], windows: Option<&[u8]>) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let (index_path, windows_path) = cache_paths(dir, digest);
+    if let Some(w) = windows {
+        std::fs::write(&windows_path, w)?;
+    }
+    let tmp = index_path.with_extension("tmp");
+    std::fs::write(&tmp, packed)?;
+    std::fs::rename(&tmp, &index_path)
+}
+
 /// Downloads one layer to `path` (streamed), indexes it, and returns the packed index (without
 /// windows) and the windows blob, if any.
 async fn index_layer(
@@ -178,6 +256,7 @@ async fn index_layer(
     media_type: &str,
     path: &std::path::Path,
     span_size: u64,
+    task: &crate::progress::Task,
 ) -> Result<(LayerIndexed, Vec<u8>, Option<Vec<u8>>)> {
     let started = Instant::now();
     let resp = repo.blob_response(digest).await.with_context(|| format!("fetching layer {digest}"))?;
@@ -187,6 +266,7 @@ async fn index_layer(
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.with_context(|| format!("reading layer {digest}"))?;
         size += chunk.len() as u64;
+        task.advance(chunk.len() as u64);
         file.write_all(&chunk).await?;
     }
     file.flush().await?;

@@ -146,10 +146,16 @@ fn indexing_an_indexed_image_again_does_no_layer_work() -> Result<()> {
     let reg = Registry::start_plain(&td, "plain")?;
     let layout = TestImage::Python.layout()?;
     let reference = reg.push_layout(&layout, "pyapp", "testbed/python", "latest")?;
-    let index = || -> Result<serde_json::Value> {
-        let out = run(Command::new(workspace_binary("clip-builder")?).args(["index", "--json", "--plain-http", &reference]))?;
+    let config = td.path().join("builder.toml");
+    std::fs::write(&config, format!("state_dir = \"{}/state\"\n", td.path().display()))?;
+    let index_of = |reference: &str| -> Result<serde_json::Value> {
+        let out = run(Command::new(workspace_binary("clip-builder")?)
+            .args(["index", "--json", "--plain-http", "--config"])
+            .arg(&config)
+            .arg(reference))?;
         Ok(serde_json::from_slice(&out.stdout)?)
     };
+    let index = || index_of(&reference);
     let first = index()?;
     assert_eq!(first["reused"], false);
     let layer_digests: Vec<String> = layout_layers(&layout, "pyapp")?.into_iter().map(|(d, _, _)| d).collect();
@@ -161,6 +167,12 @@ fn indexing_an_indexed_image_again_does_no_layer_work() -> Result<()> {
     assert_eq!(second["reused"], true, "{second}");
     assert_eq!(second["index_digest"], first["index_digest"]);
     assert_eq!(gets_of_layers(&reg), before, "the second run fetched layers");
+    // The same layers in another repository: indexes come from the builder's local cache.
+    let other = reg.push_layout(&layout, "pyapp", "testbed/python-copy", "latest")?;
+    let before = gets_of_layers(&reg);
+    let third = index_of(&other)?;
+    assert_eq!(third["reused"], false);
+    assert_eq!(gets_of_layers(&reg), before, "layers indexed before were downloaded again");
     Ok(())
 }
 

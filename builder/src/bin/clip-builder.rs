@@ -211,7 +211,12 @@ fn run(args: Args) -> Result<()> {
                 let repo = clip_builder::remote::repository(&cfg, &reference, creds_file.as_deref(), plain_http, hosts_dir).await?;
                 let image = repo.image.clone();
                 let span_size = span_size.unwrap_or(clip_builder::publish::PUBLISH_SPAN_SIZE);
-                clip_builder::publish::index_image(std::sync::Arc::new(repo), image.manifest_reference(), &platform, span_size).await
+                let opts = clip_builder::publish::IndexOptions {
+                    span_size,
+                    cache_dir: cfg.state_dir.as_ref().map(|d| d.join("indexes")),
+                    ..Default::default()
+                };
+                clip_builder::publish::index_image(std::sync::Arc::new(repo), image.manifest_reference(), &platform, &opts).await
             })?;
             if json {
                 writeln!(out, "{}", serde_json::to_string_pretty(&result)?)?;
