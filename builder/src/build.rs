@@ -85,14 +85,49 @@ fn buildah(cfg: &BuilderConfig) -> Command {
     c
 }
 
+/// Runs buildah, passing its output on to stderr line by line with the secrets redacted (its
+/// own progress lines: pulled and pushed blobs), and keeping the tail for an error message.
 fn run_buildah(mut cmd: Command, what: &str, secrets: &[&str]) -> Result<()> {
-    let out = cmd
-        .output()
+    use std::io::BufRead;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .map_err(|e| anyhow::anyhow!("cannot run buildah ({e}); is it installed (apt install buildah)?"))?;
-    if !out.status.success() {
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        let tail: Vec<&str> = text.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect();
-        bail!("buildah {what} failed ({}):\n{}", out.status, redact(&tail.join("\n"), secrets));
+    let owned: Vec<String> = secrets.iter().map(ToString::to_string).collect();
+    let tail = std::sync::Arc::new(std::sync::Mutex::new(std::collections::VecDeque::<String>::new()));
+    let pump = |stream: Box<dyn std::io::Read + Send>| {
+        let (owned, tail) = (owned.clone(), tail.clone());
+        std::thread::spawn(move || {
+            let refs: Vec<&str> = owned.iter().map(String::as_str).collect();
+            for line in std::io::BufReader::new(stream).lines().map_while(Result::ok) {
+                let line = redact(&line, &refs);
+                eprintln!("buildah: {line}");
+                let mut t = tail.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                t.push_back(line);
+                if t.len() > 40 {
+                    t.pop_front();
+                }
+            }
+        })
+    };
+    let mut pumps = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        pumps.push(pump(Box::new(out)));
+    }
+    if let Some(err) = child.stderr.take() {
+        pumps.push(pump(Box::new(err)));
+    }
+    let status = child.wait()?;
+    for p in pumps {
+        let _ = p.join();
+    }
+    if !status.success() {
+        let t = tail.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let text: Vec<&str> = t.iter().map(String::as_str).collect();
+        bail!("buildah {what} failed ({status}):\n{}", text.join("\n"));
     }
     Ok(())
 }
