@@ -47,6 +47,12 @@ pub struct LazyConfig {
     /// How long credentials received in `clip.*` labels are kept in the root-only store for
     /// restarts (seconds).
     pub credential_ttl_s: u64,
+    /// Keep lazy mounts alive across daemon restarts: a small keeper process holds their FUSE
+    /// connections and the next daemon serves them again (running containers only pause).
+    pub survive_restarts: bool,
+    /// How long the keeper holds connections with no daemon attached before it closes them
+    /// (their pending reads then fail instead of waiting forever), seconds.
+    pub orphan_timeout_s: u64,
 }
 
 impl Default for LazyConfig {
@@ -56,6 +62,8 @@ impl Default for LazyConfig {
             background_start_delay_ms: 2000,
             readahead_spans: 0,
             credential_ttl_s: 12 * 3600,
+            survive_restarts: true,
+            orphan_timeout_s: 600,
         }
     }
 }

@@ -136,3 +136,37 @@ pub fn layout_layers(layout: &Path, tag: &str) -> Result<Vec<(String, String, u6
         })
         .collect()
 }
+
+/// The sha256 of every regular file under `prefix` (no leading `/`) in the image `tag` of an
+/// OCI layout, as the unpacked image has them (layers extracted in order with `tar`).
+pub fn file_digests_under(layout: &Path, tag: &str, prefix: &str, scratch: &Path) -> Result<std::collections::BTreeMap<String, String>> {
+    std::fs::create_dir_all(scratch)?;
+    for (digest, _, _) in layout_layers(layout, tag)? {
+        let blob = blob_path(layout, &digest)?;
+        // Layers without the prefix make tar fail; that is fine.
+        let _ = std::process::Command::new("tar")
+            .arg("-xzf")
+            .arg(&blob)
+            .arg("-C")
+            .arg(scratch)
+            .arg(prefix.trim_end_matches('/'))
+            .stderr(std::process::Stdio::null())
+            .status()?;
+    }
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![scratch.join(prefix)];
+    while let Some(dir) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&dir) else { continue };
+        for e in rd {
+            let e = e?;
+            let ft = e.file_type()?;
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if ft.is_file() {
+                let rel = e.path().strip_prefix(scratch)?.display().to_string();
+                out.insert(format!("/{rel}"), crate::sha256_file(&e.path())?);
+            }
+        }
+    }
+    Ok(out)
+}

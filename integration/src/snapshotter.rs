@@ -106,6 +106,21 @@ impl ClipSnapshotter {
         Ok(())
     }
 
+    /// The pid of the daemon's fd keeper (which outlives the daemon by design).
+    pub fn keeper_pid(&self) -> Option<i32> {
+        std::fs::read_to_string(self.root.join("fd-keeper.pid")).ok()?.trim().parse().ok()
+    }
+
+    /// SIGKILLs the fd keeper (a reboot-like loss of every kept FUSE connection).
+    pub fn kill_keeper(&self) {
+        if let Some(pid) = self.keeper_pid() {
+            let pid = nix::unistd::Pid::from_raw(pid);
+            let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+            wait_until(Duration::from_secs(10), || nix::sys::signal::kill(pid, None).is_err() || is_zombie(pid.as_raw()));
+            let _ = std::fs::remove_file(self.root.join("fd-keeper.pid"));
+        }
+    }
+
     /// Starts the daemon again on the same root and socket.
     pub fn restart(&mut self) -> Result<()> {
         self.kill();
@@ -113,10 +128,18 @@ impl ClipSnapshotter {
     }
 }
 
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')))
+        .unwrap_or(true)
+}
+
 impl Drop for ClipSnapshotter {
     fn drop(&mut self) {
         if let Some(mut d) = self.daemon.take() {
             d.stop();
         }
+        self.kill_keeper();
+        crate::unmount_below(&self.root);
     }
 }

@@ -31,7 +31,7 @@ pub async fn run(cfg: SnapshotterConfig) -> anyhow::Result<()> {
     let state = Arc::new(state);
     let remounted = tokio::task::spawn_blocking({
         let state = state.clone();
-        move || state.remount_remote_layers()
+        move || state.restore_remote_layers()
     })
     .await??;
     let orphans = tokio::task::spawn_blocking({
@@ -64,7 +64,7 @@ pub async fn run(cfg: SnapshotterConfig) -> anyhow::Result<()> {
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
         .await;
     let _ = std::fs::remove_file(&cfg.address);
-    tokio::task::spawn_blocking(move || remote.unmount_all()).await?;
+    tokio::task::spawn_blocking(move || remote.shut_down()).await?;
     result.context("gRPC server failed")?;
     tracing::info!("stopped");
     Ok(())

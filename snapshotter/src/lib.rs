@@ -10,6 +10,7 @@
 //! - [`labels`]: where snapshot labels are validated and secret labels split off;
 //! - [`layerfs`]: lazy layers over FUSE and the span cache (where a span is fetched);
 //! - [`remote`]: remote Prepare — finding a layer's index and mounting it lazily;
+//! - [`keeper`]: the process that keeps FUSE connections alive across daemon restarts;
 //! - [`pull`]: the `pull` client that prepares an image's layers through containerd;
 //! - [`filter`]: containerd's filter syntax for Walk;
 //! - [`metrics`]: Prometheus counters and latencies; [`logging`]: tracing set-up.
@@ -19,6 +20,7 @@ pub mod daemon;
 pub mod dirs;
 pub mod error;
 pub mod filter;
+pub mod keeper;
 pub mod labels;
 pub mod layerfs;
 pub mod logging;

@@ -43,9 +43,10 @@ impl State {
         })
     }
 
-    /// Mounts again the remote layers the metadata records (after a restart, their FUSE
-    /// mounts are gone). Returns how many were remounted; failures are logged.
-    pub fn remount_remote_layers(&self) -> Result<usize> {
+    /// Serves again the remote layers the metadata records: their kept FUSE connections when
+    /// the mounts survived (a daemon restart), else new mounts (a reboot). Returns how many
+    /// layers are served; failures are logged.
+    pub fn restore_remote_layers(&self) -> Result<usize> {
         let Some(remote) = &self.remote else {
             return Ok(0);
         };
@@ -53,15 +54,18 @@ impl State {
         for (name, record) in self.store.list()? {
             let Some(info) = &record.remote else { continue };
             let dir = self.dirs.fs(record.id);
-            crate::dirs::unmount_below(&dir);
             match remote
                 .reopen(&info.image_ref, &info.layer_digest)
-                .and_then(|layer| remote.mount(record.id, &dir, layer))
+                .and_then(|layer| remote.restore(record.id, &dir, layer))
             {
-                Ok(()) => n += 1,
-                Err(reason) => tracing::error!(snapshot = %name, layer = %info.layer_digest, %reason, "cannot remount a remote layer"),
+                Ok(how) => {
+                    tracing::info!(snapshot = %name, id = record.id, layer = %info.layer_digest, how, "remote layer served");
+                    n += 1;
+                }
+                Err(reason) => tracing::error!(snapshot = %name, layer = %info.layer_digest, %reason, "cannot serve a remote layer again"),
             }
         }
+        remote.forget_unclaimed();
         Ok(n)
     }
 

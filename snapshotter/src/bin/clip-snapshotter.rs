@@ -27,6 +27,15 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// The fd keeper (started by the daemon): holds lazy layers' FUSE connections across
+    /// daemon restarts.
+    #[command(hide = true)]
+    KeepFds {
+        #[arg(long, value_name = "SOCKET")]
+        socket: PathBuf,
+        #[arg(long, default_value_t = 600)]
+        orphan_timeout_s: u64,
+    },
     /// Pull an image into containerd with its layers served lazily by clip (like
     /// `ctr-remote rpull`); then `ctr run --snapshotter clip REF` starts it.
     Pull {
@@ -79,12 +88,17 @@ fn main() -> anyhow::Result<()> {
         cfg.log_level = level;
     }
     clip_snapshotter::logging::init(&cfg.log_level, cfg.log_format)?;
+    if let Some(Command::KeepFds { socket, orphan_timeout_s }) = &args.command {
+        // No runtime: a blocking loop with a handful of descriptors.
+        return clip_snapshotter::keeper::serve(socket, std::time::Duration::from_secs(*orphan_timeout_s));
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("clip-snapshotter")
         .build()?;
     match args.command {
         None => runtime.block_on(clip_snapshotter::daemon::run(cfg)),
+        Some(Command::KeepFds { .. }) => Ok(()),
         Some(Command::Pull {
             containerd_address,
             namespace,

@@ -27,9 +27,11 @@ pub struct LayerFs {
     /// Where fully local files are materialized for FUSE passthrough (`None`: never).
     files_dir: Option<std::path::PathBuf>,
     /// Whether the kernel granted passthrough at `init`.
-    passthrough: std::sync::atomic::AtomicBool,
+    passthrough: Arc<std::sync::atomic::AtomicBool>,
     /// Backing files registered with the kernel, by inode; kept while mounted.
     backing: std::sync::Mutex<std::collections::HashMap<u64, fuser::BackingId>>,
+    /// Connection state kept for a restarted daemon (backing ids, open modes).
+    session_state: Option<super::session_state::SessionState>,
     /// Open file handles by inode: (cached mode, passthrough mode). The kernel refuses to mix
     /// the two modes on one inode, so a new open follows the mode of the open handles.
     open_modes: std::sync::Mutex<std::collections::HashMap<u64, (u32, u32)>>,
@@ -55,8 +57,9 @@ impl LayerFs {
         Self {
             spans,
             files_dir: None,
-            passthrough: std::sync::atomic::AtomicBool::new(false),
+            passthrough: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             backing: std::sync::Mutex::new(std::collections::HashMap::new()),
+            session_state: None,
             open_modes: std::sync::Mutex::new(std::collections::HashMap::new()),
             last_read_end: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
@@ -67,6 +70,30 @@ impl LayerFs {
     pub fn with_passthrough(mut self, dir: std::path::PathBuf) -> Self {
         self.files_dir = Some(dir);
         self
+    }
+
+    /// Keeps backing ids and open modes in `state` (and starts from what it adopted).
+    pub fn with_session_state(mut self, state: super::session_state::SessionState) -> Self {
+        *self.open_modes.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner) = state.take_inherited_modes();
+        self.session_state = Some(state);
+        self
+    }
+
+    /// Updates the open handles of `key`, in memory and in the session state.
+    fn set_modes(&self, modes: &mut std::collections::HashMap<u64, (u32, u32)>, key: u64, value: (u32, u32)) {
+        if value == (0, 0) {
+            modes.remove(&key);
+        } else {
+            modes.insert(key, value);
+        }
+        if let Some(state) = &self.session_state {
+            state.store_modes(key, value);
+        }
+    }
+
+    /// Set by the kernel's `init` when it grants passthrough (read it after mounting).
+    pub fn passthrough_granted(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.passthrough.clone()
     }
 
     /// The materialized copy of a fully local file, created on first use; `None` when some of
@@ -293,10 +320,35 @@ impl Filesystem for LayerFs {
         let (cached, passthrough) = modes.get(&key).copied().unwrap_or((0, 0));
         if cached == 0 {
             let mut backing = self.backing.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let adopted = if backing.contains_key(&key) {
+                None
+            } else {
+                self.session_state.as_ref().and_then(|l| l.take_adopted(key))
+            };
+            if let Some(raw) = adopted {
+                // SAFETY: an earlier daemon registered `raw` on this very connection (logged
+                // before it answered) and nothing closed it; it is wrapped once and kept.
+                #[allow(unsafe_code)]
+                let id = unsafe { reply.wrap_backing(raw) };
+                tracing::debug!(ino = key, backing_id = raw, "passthrough: reusing a backing id of the previous daemon");
+                backing.insert(key, id);
+            }
             let id = match backing.get(&key) {
                 Some(id) => Some(id),
                 None if passthrough == 0 => match self.local_file(&entry).map(|f| reply.open_backing(&f)) {
                     Some(Ok(id)) => {
+                        let id = match &self.session_state {
+                            Some(state) => {
+                                let raw = id.into_raw();
+                                tracing::debug!(ino = key, backing_id = raw, "passthrough: new backing id");
+                                state.record_backing(key, raw);
+                                // SAFETY: `raw` was just registered on this connection.
+                                #[allow(unsafe_code)]
+                                let id = unsafe { reply.wrap_backing(raw) };
+                                id
+                            }
+                            None => id,
+                        };
                         backing.insert(key, id);
                         backing.get(&key)
                     }
@@ -310,11 +362,11 @@ impl Filesystem for LayerFs {
             };
             if let Some(id) = id {
                 self.spans.metrics.passthrough_opens.inc();
-                modes.entry(key).or_insert((0, 0)).1 += 1;
+                self.set_modes(&mut modes, key, (cached, passthrough + 1));
                 return reply.opened_passthrough(FileHandle(FH_PASSTHROUGH), FopenFlags::empty(), id);
             }
         }
-        modes.entry(key).or_insert((0, 0)).0 += 1;
+        self.set_modes(&mut modes, key, (cached + 1, passthrough));
         drop(modes);
         reply.opened(FileHandle(FH_CACHED), FopenFlags::FOPEN_KEEP_CACHE);
     }
@@ -334,15 +386,13 @@ impl Filesystem for LayerFs {
             .and_then(|e| self.index().resolve_hardlink(e).map_err(|_| Errno::EIO))
             .map_or(ino.0, |e| u64::from(e.id) + 1);
         let mut modes = self.open_modes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(m) = modes.get_mut(&key) {
-            if fh.0 == FH_PASSTHROUGH {
-                m.1 = m.1.saturating_sub(1);
+        if let Some(&(cached, passthrough)) = modes.get(&key) {
+            let value = if fh.0 == FH_PASSTHROUGH {
+                (cached, passthrough.saturating_sub(1))
             } else {
-                m.0 = m.0.saturating_sub(1);
-            }
-            if *m == (0, 0) {
-                modes.remove(&key);
-            }
+                (cached.saturating_sub(1), passthrough)
+            };
+            self.set_modes(&mut modes, key, value);
         }
         reply.ok();
     }
@@ -454,9 +504,11 @@ impl Filesystem for LayerFs {
     }
 }
 
-/// Mounts `fs` read-only at `mountpoint` (FUSE, `allow_other`, `default_permissions`); the
-/// mount lives as long as the returned session.
-pub fn mount(fs: LayerFs, mountpoint: &std::path::Path, name: &str) -> std::io::Result<fuser::BackgroundSession> {
+/// The session settings of every layer mount. One `/dev/fuse` descriptor shared by the worker
+/// threads (no cloned descriptors): the fd keeper's duplicate then keeps every request the
+/// daemon had read alive across a restart, where a cloned descriptor's requests would be
+/// aborted when the daemon dies.
+pub(crate) fn session_config(name: &str) -> fuser::Config {
     use fuser::MountOption as O;
     let mut config = fuser::Config::default();
     config.mount_options = vec![
@@ -471,6 +523,20 @@ pub fn mount(fs: LayerFs, mountpoint: &std::path::Path, name: &str) -> std::io::
     ];
     config.acl = fuser::SessionACL::All;
     config.n_threads = Some(4);
-    config.clone_fd = true;
-    fuser::spawn_mount(fs, mountpoint, &config)
+    config.clone_fd = false;
+    config
+}
+
+/// Mounts `fs` read-only at `mountpoint` (FUSE, `allow_other`, `default_permissions`). Returns
+/// the session (dropping it unmounts) and a duplicate of its `/dev/fuse` descriptor for the fd
+/// keeper.
+pub fn mount(
+    fs: LayerFs,
+    mountpoint: &std::path::Path,
+    name: &str,
+) -> std::io::Result<(fuser::BackgroundSession, std::os::fd::OwnedFd)> {
+    use std::os::fd::AsFd;
+    let session = fuser::Session::new(fs, mountpoint, &session_config(name))?;
+    let fd = session.as_fd().try_clone_to_owned()?;
+    Ok((session.spawn()?, fd))
 }

@@ -7,27 +7,22 @@
 mod background;
 mod creds_store;
 mod discover;
+mod mount;
 
 pub use creds_store::CredentialStore;
 
 use crate::labels::RemoteRequest;
-use crate::layerfs::{self, LayerFs, RegistryBlob, SpanCache};
+use crate::layerfs::RegistryBlob;
 use clip_config::SnapshotterConfig;
 use clip_config::labels as l;
 use clip_index::Index;
 use clip_registry::credentials::{BuildRegistryScope, ChainInputs, Credential, CredentialChain, Source};
 use clip_registry::{HostsConfig, Reference, RegistryClient, Repository, TokenMinter};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-/// A mounted remote layer.
-struct Mounted {
-    _session: fuser::BackgroundSession,
-    spans: Arc<SpanCache>,
-    mounted_at: std::time::Instant,
-    complete: Arc<std::sync::atomic::AtomicBool>,
-}
+use mount::Mounted;
 
 /// The lazy-layer manager of a daemon.
 pub struct RemoteLayers {
@@ -49,6 +44,10 @@ pub struct RemoteLayers {
     metrics: Arc<crate::metrics::Metrics>,
     /// Container reads waiting for a fetch, across layers (the background fetcher yields).
     foreground: Arc<std::sync::atomic::AtomicU32>,
+    /// Holds every mount's FUSE connection across restarts (`None`: restarts lose mounts).
+    keeper: Option<crate::keeper::KeeperClient>,
+    /// Connections the keeper handed back at start, by snapshot id, until reattached.
+    kept: Mutex<HashMap<u64, crate::keeper::Kept>>,
 }
 
 impl std::fmt::Debug for RemoteLayers {
@@ -117,6 +116,7 @@ impl RemoteLayers {
         if !label_creds.is_empty() {
             tracing::info!(images = label_creds.len(), "restored label credentials from the credential store");
         }
+        let (keeper, kept) = mount::connect_keeper(cfg);
         Ok(Self {
             root: cfg.root.clone(),
             client: RegistryClient::new(hosts),
@@ -131,6 +131,8 @@ impl RemoteLayers {
             readahead_spans: cfg.lazy.readahead_spans,
             metrics,
             foreground: Arc::new(std::sync::atomic::AtomicU32::new(0)),
+            keeper,
+            kept: Mutex::new(kept),
         })
     }
 
@@ -234,65 +236,5 @@ impl RemoteLayers {
             discover::open_local(&path, layer_digest)?.ok_or_else(|| format!("index {} is gone", path.display()))?;
         let repo = self.repository(image_ref)?;
         Ok(self.opened(repo, index, windows, layer_digest))
-    }
-
-    /// Mounts an opened layer at `dir` as the snapshot `id`.
-    pub fn mount(&self, id: u64, dir: &Path, layer: OpenedLayer) -> Result<(), String> {
-        let mut spans = SpanCache::new(layer.index, self.span_dir(&layer.layer_digest), Arc::new(layer.source))
-            .map_err(|e| format!("span cache: {e}"))?;
-        spans.readahead_spans = self.readahead_spans;
-        spans.windows = layer.windows.map(|w| Arc::new(w) as Arc<dyn crate::layerfs::BlobSource>);
-        spans.foreground = self.foreground.clone();
-        spans.metrics = self.metrics.layer(&layer.layer_digest);
-        spans.metrics.spans_total.set(i64::from(spans.index().span_count()));
-        spans.metrics.spans_local.set(i64::from(spans.local_spans()));
-        let spans = Arc::new(spans);
-        let files = self.root.join("files").join(layer.layer_digest.replace(':', "-"));
-        let session = layerfs::mount(LayerFs::new(spans.clone()).with_passthrough(files), dir, &layer.layer_digest)
-            .map_err(|e| format!("FUSE mount at {}: {e}", dir.display()))?;
-        self.mounts
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(
-                id,
-                Mounted {
-                    _session: session,
-                    spans,
-                    mounted_at: std::time::Instant::now(),
-                    complete: Arc::new(std::sync::atomic::AtomicBool::new(false)),
-                },
-            );
-        Ok(())
-    }
-
-    /// Unmounts the layer of snapshot `id`, if mounted here.
-    pub fn unmount(&self, id: u64) {
-        let removed = self
-            .mounts
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(&id);
-        drop(removed); // dropping the session unmounts
-    }
-
-    /// Compressed bytes fetched so far for snapshot `id`'s layer.
-    pub fn fetched_bytes(&self, id: u64) -> Option<u64> {
-        self.mounts
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(&id)
-            .map(|m| m.spans.stats.fetched_bytes.load(std::sync::atomic::Ordering::Relaxed))
-    }
-
-    /// Unmounts everything (shutdown).
-    pub fn unmount_all(&self) {
-        let all: Vec<Mounted> = self
-            .mounts
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .drain()
-            .map(|(_, m)| m)
-            .collect();
-        drop(all);
     }
 }

@@ -1,0 +1,127 @@
+//! Restart survival: a container reading files that were never fetched keeps succeeding while
+//! the snapshotter is SIGKILLed and started again (its FUSE connections are held by the fd
+//! keeper and served again by the new daemon); a graceful stop does the same; and when the
+//! keeper is gone too (a reboot-like loss of every connection) the daemon mounts the layers
+//! anew for new containers.
+
+use anyhow::{Context, Result};
+use clip_integration::containerd::{Containerd, ContainerdOptions};
+use clip_integration::images::{TestImage, file_digests_under};
+use clip_integration::registry::Registry;
+use clip_integration::snapshotter::{ClipSnapshotter, workspace_binary};
+use clip_integration::{TestDir, require_root, run, wait_until};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const NUMPY: &str = "usr/lib/python3/dist-packages/numpy/";
+
+fn output_lines(path: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(path).unwrap_or_default().lines().map(str::to_string).collect()
+}
+
+#[test]
+fn a_reading_container_survives_sigkill_and_restart_of_the_snapshotter() -> Result<()> {
+    require_root();
+    let td = TestDir::new("restart")?;
+    let reg = Registry::start_plain(&td, "plain")?;
+    let layout = TestImage::Python.layout()?;
+    let reference = reg.push_layout(&layout, "pyapp", "testbed/python", "latest")?;
+    run(Command::new(workspace_binary("clip-builder")?).args(["index", "--plain-http", &reference]))?;
+    let expected = file_digests_under(&layout, "pyapp", NUMPY, &td.sub("expected")?)?;
+    assert!(expected.len() > 1000, "numpy has {} files", expected.len());
+
+    let hosts_dir = td.sub("certs.d")?;
+    reg.write_hosts_toml(&hosts_dir)?;
+    let config = td.path().join("snapshotter.toml");
+    // No background fetch: every file the container reads after the kill is fetched then.
+    std::fs::write(&config, format!("[registry]\nhosts_dir = \"{}\"\n[lazy]\nbackground_fetch = false\n", hosts_dir.display()))?;
+    let config = config.display().to_string();
+    let mut snap = ClipSnapshotter::start(&td, "clip", &["--config", &config])?;
+    let ctrd = Containerd::start(&td, &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() })?;
+    run(Command::new(workspace_binary("clip-snapshotter")?)
+        .args(["pull", "--plain-http", "-n", "t", "--containerd-address"])
+        .arg(ctrd.socket())
+        .arg(&reference))?;
+    let keeper = snap.keeper_pid().context("the daemon started no fd keeper")?;
+
+    // The container hashes every numpy file, one at a time, with a timestamp per file.
+    let out_path = td.path().join("reader.out");
+    let script = format!(
+        "find /{NUMPY} -type f | sort | while read f; do s=$(sha256sum \"$f\" 2>&1) || {{ echo \"FAIL $f $s\"; continue; }}; echo \"$(date +%s%N) $s\"; done"
+    );
+    let mut reader = ctrd
+        .ctr("t")
+        .args(["run", "--rm", "--snapshotter", "clip", &reference, "reader", "sh", "-c", &script])
+        .stdout(std::fs::File::create(&out_path)?)
+        .stderr(Stdio::piped())
+        .spawn()?;
+    assert!(wait_until(Duration::from_secs(60), || output_lines(&out_path).len() >= 50), "the reader did not start:\n{}", snap.log());
+
+    // SIGKILL mid-read; the reader blocks in a FUSE read until the new daemon answers it.
+    snap.kill();
+    let at_kill = output_lines(&out_path).len();
+    std::thread::sleep(Duration::from_secs(2));
+    let during = output_lines(&out_path).len();
+    snap.restart()?;
+    let log = snap.log();
+    assert_eq!(snap.keeper_pid(), Some(keeper), "the keeper was replaced");
+
+    // Midway, a graceful stop and start: the same.
+    assert!(wait_until(Duration::from_secs(120), || output_lines(&out_path).len() >= at_kill + 300), "no progress after the restart:\n{}", snap.log());
+    snap.stop()?;
+    std::thread::sleep(Duration::from_secs(1));
+    snap.restart()?;
+
+    let status = wait_until(Duration::from_secs(600), || reader.try_wait().is_ok_and(|s| s.is_some()));
+    assert!(status, "the reader never finished:\n{}", snap.log());
+    let exit = reader.wait()?;
+    let mut stderr = String::new();
+    if let Some(mut e) = reader.stderr.take() {
+        std::io::Read::read_to_string(&mut e, &mut stderr)?;
+    }
+    assert!(exit.success(), "reader failed: {exit:?} {stderr}\n{}", snap.log());
+
+    let lines = output_lines(&out_path);
+    let fails: Vec<&String> = lines.iter().filter(|l| l.starts_with("FAIL")).collect();
+    assert!(
+        fails.is_empty(),
+        "{} reads failed across the restart (first at line {:?} of {}, killed at {at_kill}): {:?}\n{}",
+        fails.len(),
+        lines.iter().position(|l| l.starts_with("FAIL")),
+        lines.len(),
+        &fails[..fails.len().min(3)],
+        snap.log()
+    );
+    let mut times = Vec::new();
+    let mut seen = 0;
+    for l in &lines {
+        let mut it = l.split_whitespace();
+        let (Some(t), Some(sum), Some(path)) = (it.next(), it.next(), it.next()) else { continue };
+        times.push(t.parse::<u128>()?);
+        assert_eq!(expected.get(path).map(String::as_str), Some(sum), "{path}");
+        seen += 1;
+    }
+    assert_eq!(seen, expected.len(), "files hashed");
+    let gap = times.windows(2).map(|w| w[1].saturating_sub(w[0])).max().unwrap_or(0);
+    eprintln!(
+        "{seen} files hashed, all right; {at_kill} before the SIGKILL, {} while no daemon ran; longest pause seen by the container {:.2} s",
+        during - at_kill,
+        gap as f64 / 1e9
+    );
+    assert!(during - at_kill <= 1, "reads completed with no daemon: {}", during - at_kill);
+
+    // A reboot-like loss: daemon and keeper gone, the dead mounts replaced by new ones.
+    snap.kill();
+    snap.kill_keeper();
+    snap.restart()?;
+    let log = snap.log();
+    assert!(log.matches("how=\"mounted\"").count() + log.matches("how=mounted").count() >= 4, "{log}");
+    let reconnected = wait_until(Duration::from_secs(30), || {
+        ctrd.ctr("t").args(["snapshots", "--snapshotter", "clip", "ls"]).output().is_ok_and(|o| o.status.success())
+    });
+    assert!(reconnected);
+    let out = ctrd.ctr_run("t", &["run", "--rm", "--snapshotter", "clip", &reference, "after-reboot", "python3", "-c", "import numpy; print(42)"])?;
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
+    ctrd.purge()?;
+    Ok(())
+}

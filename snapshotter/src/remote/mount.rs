@@ -1,0 +1,220 @@
+//! Where a lazy layer's FUSE mount is made, served again after a restart, and taken down.
+//! Every new mount's `/dev/fuse` descriptor is also handed to the fd keeper
+//! ([`crate::keeper`]), so a restarted daemon finds its mounts alive and serves them again
+//! ([`crate::layerfs::reattach`]) instead of breaking the containers that use them.
+
+use super::{OpenedLayer, RemoteLayers};
+use crate::keeper::{KeeperClient, Kept};
+use crate::layerfs::session_state::SessionState;
+use crate::layerfs::{self, LayerFs, SpanCache};
+use clip_config::SnapshotterConfig;
+use std::collections::HashMap;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+/// A mounted remote layer.
+pub(super) struct Mounted {
+    session: Option<fuser::BackgroundSession>,
+    dir: PathBuf,
+    pub(super) spans: Arc<SpanCache>,
+    pub(super) mounted_at: std::time::Instant,
+    pub(super) complete: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Connects to (or starts) the fd keeper and takes back what it holds.
+pub(super) fn connect_keeper(cfg: &SnapshotterConfig) -> (Option<KeeperClient>, HashMap<u64, Kept>) {
+    if !cfg.lazy.survive_restarts {
+        tracing::info!("survive_restarts is off: lazy mounts end with the daemon");
+        return (None, HashMap::new());
+    }
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot find our own executable; lazy mounts will not survive restarts");
+            return (None, HashMap::new());
+        }
+    };
+    let timeout = std::time::Duration::from_secs(cfg.lazy.orphan_timeout_s);
+    let client = match KeeperClient::connect_or_spawn(&cfg.root, &exe, timeout) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "no fd keeper; lazy mounts will not survive restarts");
+            return (None, HashMap::new());
+        }
+    };
+    let mut kept = HashMap::new();
+    match client.list() {
+        Ok(list) => {
+            for k in list {
+                match k.key.parse::<u64>() {
+                    Ok(id) => {
+                        kept.insert(id, k);
+                    }
+                    Err(_) => {
+                        let _ = client.drop_key(&k.key);
+                    }
+                }
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "cannot list the fd keeper's connections"),
+    }
+    tracing::info!(pid = client.pid, kept = kept.len(), "fd keeper connected");
+    (Some(client), kept)
+}
+
+/// Whether `dir` is a FUSE mount point (from mountinfo: never touches the mount, which may
+/// have nobody serving it).
+fn is_fuse_mount(dir: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    info.lines().any(|l| {
+        let mut fields = l.split(' ');
+        let point = fields.nth(4).map(|p| p.replace("\\040", " "));
+        let fstype = l.split(" - ").nth(1).and_then(|rest| rest.split(' ').next());
+        point.as_deref() == dir.to_str() && fstype.is_some_and(|t| t.starts_with("fuse"))
+    })
+}
+
+impl RemoteLayers {
+    fn layer_fs(&self, id: u64, layer: OpenedLayer, adopt: bool) -> Result<(LayerFs, Arc<SpanCache>, String), String> {
+        let mut spans = SpanCache::new(layer.index, self.span_dir(&layer.layer_digest), Arc::new(layer.source))
+            .map_err(|e| format!("span cache: {e}"))?;
+        spans.readahead_spans = self.readahead_spans;
+        spans.windows = layer.windows.map(|w| Arc::new(w) as Arc<dyn crate::layerfs::BlobSource>);
+        spans.foreground = self.foreground.clone();
+        spans.metrics = self.metrics.layer(&layer.layer_digest);
+        spans.metrics.spans_total.set(i64::from(spans.index().span_count()));
+        spans.metrics.spans_local.set(i64::from(spans.local_spans()));
+        let spans = Arc::new(spans);
+        let files = self.root.join("files").join(layer.layer_digest.replace(':', "-"));
+        let state_dir = self.session_state_dir(id);
+        let state = if adopt { SessionState::adopt(&state_dir) } else { SessionState::create(&state_dir) }
+            .map_err(|e| format!("session state {}: {e}", state_dir.display()))?;
+        let fs = LayerFs::new(spans.clone()).with_passthrough(files).with_session_state(state);
+        Ok((fs, spans, layer.layer_digest))
+    }
+
+    fn insert(&self, id: u64, dir: &Path, session: fuser::BackgroundSession, spans: Arc<SpanCache>) {
+        let mounted = Mounted {
+            session: Some(session),
+            dir: dir.to_path_buf(),
+            spans,
+            mounted_at: std::time::Instant::now(),
+            complete: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        };
+        let old = self.lock_mounts().insert(id, mounted);
+        drop(old);
+    }
+
+    fn session_state_dir(&self, id: u64) -> PathBuf {
+        self.root.join("sessions").join(id.to_string())
+    }
+
+    pub(super) fn lock_mounts(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Mounted>> {
+        self.mounts.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Mounts an opened layer at `dir` as the snapshot `id`.
+    pub fn mount(&self, id: u64, dir: &Path, layer: OpenedLayer) -> Result<(), String> {
+        let (fs, spans, digest) = self.layer_fs(id, layer, false)?;
+        let granted = fs.passthrough_granted();
+        let (session, fd) =
+            layerfs::mount(fs, dir, &digest).map_err(|e| format!("FUSE mount at {}: {e}", dir.display()))?;
+        if let Some(keeper) = &self.keeper {
+            let meta = serde_json::json!({
+                "dir": dir,
+                "layer": digest,
+                "passthrough": granted.load(Ordering::Relaxed),
+            });
+            if let Err(e) = keeper.put(&id.to_string(), fd.as_fd(), &meta) {
+                tracing::warn!(id, error = %e, "the fd keeper refused the mount; it will not survive a restart");
+            }
+        }
+        self.insert(id, dir, session, spans);
+        Ok(())
+    }
+
+    /// Serves snapshot `id`'s layer at `dir` after a restart: the kept FUSE connection when the
+    /// mount is still there (running containers keep it), else a new mount.
+    pub fn restore(&self, id: u64, dir: &Path, layer: OpenedLayer) -> Result<&'static str, String> {
+        let kept = self.kept.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&id);
+        if let Some(k) = kept {
+            if is_fuse_mount(dir) && k.meta.get("dir").and_then(serde_json::Value::as_str) == dir.to_str() {
+                let passthrough = k.meta.get("passthrough").and_then(serde_json::Value::as_bool).unwrap_or(false);
+                let (fs, spans, digest) = self.layer_fs(id, layer, true)?;
+                let session = layerfs::reattach(fs, k.fd, &digest, passthrough)
+                    .map_err(|e| format!("serving the kept FUSE connection of {}: {e}", dir.display()))?;
+                self.insert(id, dir, session, spans);
+                return Ok("reattached");
+            }
+            if let Some(keeper) = &self.keeper {
+                let _ = keeper.drop_key(&id.to_string());
+            }
+        }
+        // Nothing to serve again (a reboot, or the keeper died): a dead mount goes, a new one comes.
+        crate::dirs::unmount_below(dir);
+        self.mount(id, dir, layer).map(|()| "mounted")
+    }
+
+    /// Closes connections the keeper still holds for snapshots that no longer exist.
+    pub fn forget_unclaimed(&self) {
+        let rest: Vec<(u64, Kept)> = self
+            .kept
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .drain()
+            .collect();
+        for (id, k) in rest {
+            if let Some(dir) = k.meta.get("dir").and_then(serde_json::Value::as_str) {
+                crate::dirs::unmount_below(Path::new(dir));
+            }
+            if let Some(keeper) = &self.keeper {
+                let _ = keeper.drop_key(&id.to_string());
+            }
+            tracing::info!(id, "closed a kept FUSE connection no snapshot uses");
+        }
+    }
+
+    /// Unmounts the layer of snapshot `id`, if mounted here.
+    pub fn unmount(&self, id: u64) {
+        let removed = self.lock_mounts().remove(&id);
+        if let Some(mut m) = removed {
+            if let Err(e) = nix::mount::umount2(&m.dir, nix::mount::MntFlags::MNT_DETACH) {
+                tracing::warn!(dir = %m.dir.display(), error = %e, "cannot unmount a layer");
+            }
+            // A fresh session's own unmount then finds nothing to do.
+            drop(m.session.take());
+        }
+        let _ = std::fs::remove_dir_all(self.session_state_dir(id));
+        if let Some(keeper) = &self.keeper {
+            if let Err(e) = keeper.drop_key(&id.to_string()) {
+                tracing::warn!(id, error = %e, "the fd keeper did not close a connection");
+            }
+        }
+    }
+
+    /// Compressed bytes fetched so far for snapshot `id`'s layer.
+    pub fn fetched_bytes(&self, id: u64) -> Option<u64> {
+        self.lock_mounts()
+            .get(&id)
+            .map(|m| m.spans.stats.fetched_bytes.load(Ordering::Relaxed))
+    }
+
+    /// At shutdown: with a keeper, leave every mount to it (the next daemon serves them
+    /// again; until then their reads wait); without one, unmount everything.
+    pub fn shut_down(&self) {
+        let all: Vec<Mounted> = self.lock_mounts().drain().map(|(_, m)| m).collect();
+        if self.keeper.is_some() {
+            tracing::info!(mounts = all.len(), "leaving lazy mounts to the fd keeper for the next daemon");
+            for mut m in all {
+                // Dropping a session would unmount it.
+                std::mem::forget(m.session.take());
+            }
+        } else {
+            drop(all);
+        }
+    }
+}
