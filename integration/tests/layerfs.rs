@@ -78,7 +78,7 @@ fn mount_layer(
     };
     let spans = Arc::new(SpanCache::new(Arc::new(index), td.path().join(format!("spans-{n}")), Arc::new(source))?);
     let mountpoint = td.sub(&format!("mnt-{n}"))?;
-    let session = layerfs::mount(LayerFs::new(spans.clone()), &mountpoint, digest)?;
+    let (session, _fd) = layerfs::mount(LayerFs::new(spans.clone()), &mountpoint, digest)?;
     Ok(Mounted { _session: session, spans, mountpoint })
 }
 

@@ -65,12 +65,16 @@ fn a_reading_container_survives_sigkill_and_restart_of_the_snapshotter() -> Resu
     snap.restart()?;
     let log = snap.log();
     assert_eq!(snap.keeper_pid(), Some(keeper), "the keeper was replaced");
+    let reattached = |log: &str| log.matches("how=\"reattached\"").count() + log.matches("how=reattached").count();
+    assert_eq!(reattached(&log), 4, "{log}");
 
     // Midway, a graceful stop and start: the same.
     assert!(wait_until(Duration::from_secs(120), || output_lines(&out_path).len() >= at_kill + 300), "no progress after the restart:\n{}", snap.log());
     snap.stop()?;
     std::thread::sleep(Duration::from_secs(1));
     snap.restart()?;
+    let log = snap.log();
+    assert!(reattached(&log) >= 4, "{log}");
 
     let status = wait_until(Duration::from_secs(600), || reader.try_wait().is_ok_and(|s| s.is_some()));
     assert!(status, "the reader never finished:\n{}", snap.log());
