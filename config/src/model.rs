@@ -53,6 +53,13 @@ pub struct LazyConfig {
     /// How long the keeper holds connections with no daemon attached before it closes them
     /// (their pending reads then fail instead of waiting forever), seconds.
     pub orphan_timeout_s: u64,
+    /// Disk limit of the span caches and passthrough copies of all layers, bytes (0:
+    /// unlimited). Least recently used spans are evicted beyond it; they are fetched again
+    /// when read.
+    pub cache_max_bytes: u64,
+    /// Bound on one span fetch with all its retries, seconds: a container's read fails with
+    /// an I/O error after it instead of waiting for a registry that does not answer.
+    pub fetch_timeout_s: u64,
 }
 
 impl Default for LazyConfig {
@@ -64,6 +71,8 @@ impl Default for LazyConfig {
             credential_ttl_s: 12 * 3600,
             survive_restarts: true,
             orphan_timeout_s: 600,
+            cache_max_bytes: 20 << 30,
+            fetch_timeout_s: 30,
         }
     }
 }

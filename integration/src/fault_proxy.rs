@@ -4,6 +4,7 @@
 //!   any answer, or the answer cut off halfway — never more than three faults in a row;
 //! - [`Fault::FlipByte`]: responses of blob GETs pass with one body byte inverted;
 //! - [`Fault::Down`]: every connection is closed at once (a registry that disappeared);
+//! - [`Fault::Random`]: a given share of connections get one of those faults or a delay;
 //! - [`Fault::None`]: pass through.
 
 use anyhow::Result;
@@ -18,6 +19,10 @@ pub enum Fault {
     Cycle,
     FlipByte,
     Down,
+    /// About this percentage of connections get a fault, chosen pseudo-randomly (seeded by the
+    /// connection number): `503`, reset, answer cut off, one body byte of a blob flipped, or
+    /// an answer delayed 2 s.
+    Random(u8),
 }
 
 #[derive(Debug)]
@@ -82,6 +87,13 @@ impl Drop for FaultProxy {
     }
 }
 
+fn splitmix(n: u64) -> u64 {
+    let mut z = n.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 /// Reads an HTTP head (up to the blank line); returns it and any bytes read past it.
 fn read_head(conn: &mut TcpStream) -> std::io::Result<(Vec<u8>, Vec<u8>)> {
     let mut buf = Vec::new();
@@ -126,7 +138,15 @@ fn handle(mut client: TcpStream, upstream: &str, mode: Fault, n: u64, faults: &A
     }
     let (head, body_start) = read_head(&mut client)?;
     let is_blob_get = head.starts_with(b"GET ") && String::from_utf8_lossy(&head).contains("/blobs/sha256:");
-    let cycle = if mode == Fault::Cycle { n % 4 } else { 0 };
+    // 1: 503, 2: reset, 3: cut off, 4: flipped byte, 5: delay.
+    let cycle = match mode {
+        Fault::Cycle => n % 4,
+        Fault::Random(percent) => {
+            let h = splitmix(n);
+            if h % 100 < u64::from(percent) { 1 + (h / 100) % 5 } else { 0 }
+        }
+        _ => 0,
+    };
     match cycle {
         1 => {
             faults.fetch_add(1, Ordering::SeqCst);
@@ -158,7 +178,11 @@ fn handle(mut client: TcpStream, upstream: &str, mode: Fault, n: u64, faults: &A
         client.write_all(&resp_rest[..resp_rest.len() / 2])?;
         return client.shutdown(Shutdown::Both);
     }
-    if mode == Fault::FlipByte && is_blob_get && !resp_rest.is_empty() {
+    if cycle == 5 {
+        faults.fetch_add(1, Ordering::SeqCst);
+        std::thread::sleep(std::time::Duration::from_secs(2));
+    }
+    if (mode == Fault::FlipByte || cycle == 4) && is_blob_get && !resp_rest.is_empty() {
         faults.fetch_add(1, Ordering::SeqCst);
         let i = resp_rest.len() / 2;
         resp_rest[i] ^= 0xff;

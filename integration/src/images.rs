@@ -137,21 +137,21 @@ pub fn layout_layers(layout: &Path, tag: &str) -> Result<Vec<(String, String, u6
         .collect()
 }
 
-/// The sha256 of every regular file under `prefix` (no leading `/`) in the image `tag` of an
-/// OCI layout, as the unpacked image has them (layers extracted in order with `tar`).
+/// The sha256 of every regular file under `prefix` (no leading `/`; empty: all) in the image
+/// `tag` of an OCI layout, as the unpacked image has them: layers extracted in order with
+/// `tar`, whiteouts applied after each (opaque directories are refused: no test image has one).
 pub fn file_digests_under(layout: &Path, tag: &str, prefix: &str, scratch: &Path) -> Result<std::collections::BTreeMap<String, String>> {
     std::fs::create_dir_all(scratch)?;
     for (digest, _, _) in layout_layers(layout, tag)? {
         let blob = blob_path(layout, &digest)?;
-        // Layers without the prefix make tar fail; that is fine.
-        let _ = std::process::Command::new("tar")
-            .arg("-xzf")
-            .arg(&blob)
-            .arg("-C")
-            .arg(scratch)
-            .arg(prefix.trim_end_matches('/'))
-            .stderr(std::process::Stdio::null())
-            .status()?;
+        let mut tar = std::process::Command::new("tar");
+        tar.arg("-xzf").arg(&blob).arg("-C").arg(scratch).stderr(std::process::Stdio::null());
+        if !prefix.is_empty() {
+            // Layers without the prefix make tar fail; that is fine.
+            tar.arg(prefix.trim_end_matches('/'));
+        }
+        let _ = tar.status()?;
+        apply_whiteouts(scratch)?;
     }
     let mut out = std::collections::BTreeMap::new();
     let mut stack = vec![scratch.join(prefix)];
@@ -169,4 +169,29 @@ pub fn file_digests_under(layout: &Path, tag: &str, prefix: &str, scratch: &Path
         }
     }
     Ok(out)
+}
+
+fn apply_whiteouts(root: &Path) -> Result<()> {
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir)? {
+            let e = e?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name == ".wh..wh..opq" {
+                anyhow::bail!("opaque directory {} not supported here", dir.display());
+            }
+            if let Some(target) = name.strip_prefix(".wh.") {
+                std::fs::remove_file(e.path())?;
+                let t = dir.join(target);
+                if t.is_dir() && !t.is_symlink() {
+                    std::fs::remove_dir_all(&t)?;
+                } else {
+                    let _ = std::fs::remove_file(&t);
+                }
+            } else if e.file_type()?.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    Ok(())
 }

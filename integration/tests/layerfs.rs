@@ -75,6 +75,7 @@ fn mount_layer(
         repo: Arc::new(client.repository(&image, CredentialChain::anonymous())?),
         digest: digest.to_string(),
         runtime: rt.handle().clone(),
+        timeout: std::time::Duration::from_secs(30),
     };
     let spans = Arc::new(SpanCache::new(Arc::new(index), td.path().join(format!("spans-{n}")), Arc::new(source))?);
     let mountpoint = td.sub(&format!("mnt-{n}"))?;

@@ -55,6 +55,10 @@ pub struct Metrics {
     spans_total: Family<LayerLabels, prometheus_client::metrics::gauge::Gauge>,
     read_seconds: Histogram,
     passthrough_opens: Family<LayerLabels, Counter>,
+    /// Bytes in the span caches and passthrough copies, their limit, and evicted spans.
+    pub cache_bytes: prometheus_client::metrics::gauge::Gauge,
+    pub cache_limit_bytes: prometheus_client::metrics::gauge::Gauge,
+    pub cache_evictions: Counter,
 }
 
 impl Default for Metrics {
@@ -98,6 +102,12 @@ impl Metrics {
         registry.register("fuse_read_seconds", "latency of FUSE reads of lazy layers", read_seconds.clone());
         let passthrough_opens = Family::<LayerLabels, Counter>::default();
         registry.register("fuse_passthrough_opens", "opens of fully local files served by FUSE passthrough", passthrough_opens.clone());
+        let cache_bytes = prometheus_client::metrics::gauge::Gauge::default();
+        let cache_limit_bytes = prometheus_client::metrics::gauge::Gauge::default();
+        let cache_evictions = Counter::default();
+        registry.register("cache_bytes", "bytes in the span caches and passthrough copies", cache_bytes.clone());
+        registry.register("cache_limit_bytes", "the span cache limit (0: unlimited)", cache_limit_bytes.clone());
+        registry.register("cache_evictions", "span files evicted to stay within the limit", cache_evictions.clone());
         Self {
             registry,
             calls,
@@ -110,6 +120,9 @@ impl Metrics {
             spans_total,
             read_seconds,
             passthrough_opens,
+            cache_bytes,
+            cache_limit_bytes,
+            cache_evictions,
         }
     }
 

@@ -186,8 +186,16 @@ impl State {
 
     fn remove(&self, key: &str) -> Result<()> {
         let record = self.store.remove(key)?;
-        if let (Some(remote), Some(_)) = (&self.remote, &record.remote) {
+        if let (Some(remote), Some(layer)) = (&self.remote, &record.remote) {
             remote.unmount(record.id);
+            let still_used = self
+                .store
+                .list()?
+                .iter()
+                .any(|(_, r)| r.remote.as_ref().is_some_and(|o| o.layer_digest == layer.layer_digest));
+            if !still_used {
+                remote.delete_layer_caches(&layer.layer_digest);
+            }
         }
         if let Err(e) = self.dirs.remove(record.id) {
             // The record is gone; Cleanup deletes the directory later.

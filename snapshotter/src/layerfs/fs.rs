@@ -112,6 +112,11 @@ impl LayerFs {
         }
         let path = dir.join(format!("{}", e.id));
         if !path.exists() {
+            if let Some(budget) = &self.spans.budget {
+                if !budget.try_pin(dir, e.size) {
+                    return None;
+                }
+            }
             let data = self.spans.read(start, start + e.size).ok()?;
             std::fs::create_dir_all(dir).ok()?;
             let tmp = dir.join(format!(".tmp-{}-{:?}", e.id, std::thread::current().id()));

@@ -24,14 +24,18 @@ pub struct RegistryBlob {
     pub repo: Arc<clip_registry::Repository>,
     pub digest: String,
     pub runtime: tokio::runtime::Handle,
+    /// Bound on one fetch with all its retries: a FUSE read never waits longer.
+    pub timeout: std::time::Duration,
 }
 
 impl BlobSource for RegistryBlob {
     fn fetch(&self, start: u64, end: u64) -> Result<Vec<u8>, String> {
-        self.runtime
-            .block_on(self.repo.get_blob_range(&self.digest, start, end))
-            .map(|b| b.to_vec())
-            .map_err(|e| e.to_string())
+        let fetch = self.repo.get_blob_range(&self.digest, start, end);
+        // The timer must be made inside the runtime.
+        match self.runtime.block_on(async { tokio::time::timeout(self.timeout, fetch).await }) {
+            Ok(result) => result.map(|b| b.to_vec()).map_err(|e| e.to_string()),
+            Err(_) => Err(format!("no answer within {:?} (with retries)", self.timeout)),
+        }
     }
 }
 
@@ -62,6 +66,9 @@ pub enum SpanError {
     },
 }
 
+/// Fetches again of a span that failed verification before the read fails.
+const VERIFY_RETRIES: u32 = 2;
+
 /// Counters of one layer's read path.
 #[derive(Debug, Default)]
 pub struct SpanStats {
@@ -86,6 +93,8 @@ pub struct SpanCache {
     pub foreground: Arc<std::sync::atomic::AtomicU32>,
     /// The windows blob, for an index whose windows are separate.
     pub windows: Option<Arc<dyn BlobSource>>,
+    /// The daemon's disk budget (`None`: unbounded, untracked).
+    pub budget: Option<Arc<super::budget::CacheBudget>>,
 }
 
 impl std::fmt::Debug for SpanCache {
@@ -108,6 +117,7 @@ impl SpanCache {
             readahead_spans: 0,
             foreground: Arc::new(std::sync::atomic::AtomicU32::new(0)),
             windows: None,
+            budget: None,
         })
     }
 
@@ -161,11 +171,22 @@ impl SpanCache {
         let last = *spans.end();
         for i in spans {
             let s = self.index.span(i).map_err(|e| SpanError::Index(i, e))?;
-            self.ensure_through(&s, last, readahead)?;
             let from = start.max(s.uncomp_start);
             let to = end.min(s.uncomp_end);
             let path = self.span_path(i);
-            let f = fs::File::open(&path).map_err(|e| cache_err(&path, e))?;
+            // The budget may evict a span between making it local and opening it: fetch again.
+            let mut attempts = 0;
+            let f = loop {
+                self.ensure_through(&s, last, readahead)?;
+                match fs::File::open(&path) {
+                    Ok(f) => break f,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempts < 3 => attempts += 1,
+                    Err(e) => return Err(cache_err(&path, e)),
+                }
+            };
+            if let Some(budget) = &self.budget {
+                budget.touch(&path);
+            }
             let mut buf = vec![0u8; (to - from) as usize];
             f.read_exact_at(&mut buf, from - s.uncomp_start)
                 .map_err(|e| cache_err(&path, e))?;
@@ -206,7 +227,25 @@ impl SpanCache {
             }
             next += 1;
         }
-        let start = group[0].comp_start;
+        // A span that fails verification (a byte flipped on the way) is fetched again; a
+        // registry that keeps answering wrong bytes fails the read, never serves them.
+        let mut attempt = 0;
+        loop {
+            match self.fetch_group(&group) {
+                Err(SpanError::Index(i, e)) if attempt < VERIFY_RETRIES => {
+                    attempt += 1;
+                    tracing::warn!(layer = %self.index.layer_digest(), span = i, error = %e, attempt, "span failed verification; fetching it again");
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Fetches `group` (contiguous spans) in one request, verifies and writes each; a bad
+    /// read-ahead span is just not cached.
+    fn fetch_group(&self, group: &[SpanInfo]) -> Result<(), SpanError> {
+        let s = &group[0];
+        let start = s.comp_start;
         let end = group.last().map_or(s.comp_end, |g| g.comp_end);
         let compressed = self
             .source
@@ -216,7 +255,7 @@ impl SpanCache {
         self.stats.fetched_bytes.fetch_add(compressed.len() as u64, Ordering::Relaxed);
         self.metrics.fetches.inc();
         self.metrics.fetched_bytes.inc_by(compressed.len() as u64);
-        let windows = self.fetch_windows(&group)?;
+        let windows = self.fetch_windows(group)?;
         for (n, span) in group.iter().enumerate() {
             let from = (span.comp_start - start) as usize;
             let to = (span.comp_end - start) as usize;
@@ -229,7 +268,6 @@ impl SpanCache {
                 }
                 _ => None,
             };
-            // The requested span must verify; a bad read-ahead span is just not cached.
             let data = match self.index.decode_span_with(span, bytes, None, window) {
                 Ok(d) => d,
                 Err(e) if n == 0 => return Err(SpanError::Index(span.index, e)),
@@ -272,6 +310,9 @@ impl SpanCache {
         fs::write(&tmp, data).map_err(|e| cache_err(&tmp, e))?;
         fs::rename(&tmp, &path).map_err(|e| cache_err(&path, e))?;
         self.metrics.spans_local.inc();
+        if let Some(budget) = &self.budget {
+            budget.added(&path, data.len() as u64);
+        }
         Ok(())
     }
 

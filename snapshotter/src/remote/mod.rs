@@ -46,6 +46,10 @@ pub struct RemoteLayers {
     foreground: Arc<std::sync::atomic::AtomicU32>,
     /// Holds every mount's FUSE connection across restarts (`None`: restarts lose mounts).
     keeper: Option<crate::keeper::KeeperClient>,
+    /// Bound on one span fetch with its retries.
+    fetch_timeout: std::time::Duration,
+    /// The disk budget of all span caches.
+    pub(crate) budget: Arc<crate::layerfs::budget::CacheBudget>,
     /// Connections the keeper handed back at start, by snapshot id, until reattached.
     kept: Mutex<HashMap<u64, crate::keeper::Kept>>,
 }
@@ -117,6 +121,11 @@ impl RemoteLayers {
             tracing::info!(images = label_creds.len(), "restored label credentials from the credential store");
         }
         let (keeper, kept) = mount::connect_keeper(cfg);
+        let budget = crate::layerfs::budget::CacheBudget::new(cfg.lazy.cache_max_bytes)
+            .with_metrics(metrics.cache_bytes.clone(), metrics.cache_evictions.clone());
+        metrics.cache_limit_bytes.set(i64::try_from(cfg.lazy.cache_max_bytes).unwrap_or(i64::MAX));
+        budget.scan(&cfg.root.join("spans"), &cfg.root.join("files"));
+        tracing::info!(bytes = budget.used(), limit = cfg.lazy.cache_max_bytes, "span caches counted");
         Ok(Self {
             root: cfg.root.clone(),
             client: RegistryClient::new(hosts),
@@ -132,6 +141,8 @@ impl RemoteLayers {
             metrics,
             foreground: Arc::new(std::sync::atomic::AtomicU32::new(0)),
             keeper,
+            fetch_timeout: std::time::Duration::from_secs(cfg.lazy.fetch_timeout_s.max(1)),
+            budget: Arc::new(budget),
             kept: Mutex::new(kept),
         })
     }
@@ -158,6 +169,29 @@ impl RemoteLayers {
 
     fn span_dir(&self, layer_digest: &str) -> PathBuf {
         self.root.join("spans").join(layer_digest.replace(':', "-"))
+    }
+
+    fn files_dir(&self, layer_digest: &str) -> PathBuf {
+        self.root.join("files").join(layer_digest.replace(':', "-"))
+    }
+
+    /// Deletes everything kept for a layer no snapshot uses any more: its span cache,
+    /// passthrough copies and index.
+    pub fn delete_layer_caches(&self, layer_digest: &str) {
+        let spans = self.span_dir(layer_digest);
+        let files = self.files_dir(layer_digest);
+        let index = self.index_path(layer_digest);
+        for dir in [&spans, &files] {
+            if let Err(e) = std::fs::remove_dir_all(dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot delete a layer cache");
+                }
+            }
+        }
+        let _ = std::fs::remove_file(&index);
+        let _ = std::fs::remove_file(index.with_extension("windows"));
+        self.budget.forget_layer(&spans, &files);
+        tracing::info!(layer = %layer_digest, "layer caches deleted");
     }
 
     /// Remembers the credential labels of a request for its image (never logged), in memory
@@ -219,11 +253,13 @@ impl RemoteLayers {
                 repo: repo.clone(),
                 digest,
                 runtime: self.runtime.clone(),
+                timeout: self.fetch_timeout,
             }),
             source: RegistryBlob {
                 repo,
                 digest: layer_digest.to_string(),
                 runtime: self.runtime.clone(),
+                timeout: self.fetch_timeout,
             },
             layer_digest: layer_digest.to_string(),
         }

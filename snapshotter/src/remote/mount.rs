@@ -85,11 +85,12 @@ impl RemoteLayers {
         spans.readahead_spans = self.readahead_spans;
         spans.windows = layer.windows.map(|w| Arc::new(w) as Arc<dyn crate::layerfs::BlobSource>);
         spans.foreground = self.foreground.clone();
+        spans.budget = Some(self.budget.clone());
         spans.metrics = self.metrics.layer(&layer.layer_digest);
         spans.metrics.spans_total.set(i64::from(spans.index().span_count()));
         spans.metrics.spans_local.set(i64::from(spans.local_spans()));
         let spans = Arc::new(spans);
-        let files = self.root.join("files").join(layer.layer_digest.replace(':', "-"));
+        let files = self.files_dir(&layer.layer_digest);
         let state_dir = self.session_state_dir(id);
         let state = if adopt { SessionState::adopt(&state_dir) } else { SessionState::create(&state_dir) }
             .map_err(|e| format!("session state {}: {e}", state_dir.display()))?;
