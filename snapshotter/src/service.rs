@@ -89,8 +89,15 @@ impl State {
         labels: HashMap<String, String>,
     ) -> Result<Vec<Mount>> {
         let labels = labels::split(labels)?;
+        let request = match RemoteRequest::from_labels(&labels) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(reason = %e, "malformed lazy-serving labels; preparing an ordinary snapshot");
+                None
+            }
+        };
         if kind == Kind::Active
-            && let (Some(remote), Some(req)) = (&self.remote, RemoteRequest::from_labels(&labels))
+            && let (Some(remote), Some(req)) = (&self.remote, request)
         {
             match self.prepare_remote(remote, key, parent, &labels, &req) {
                 Ok(()) => {
