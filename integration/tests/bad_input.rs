@@ -1,0 +1,122 @@
+//! Bad input at the snapshots API and from registries: oversized labels are refused without
+//! echoing values; malformed lazy-serving labels and index digests that lead nowhere fall back
+//! to ordinary snapshots; a corrupt local index is replaced; unknown labels are kept; the daemon
+//! never panics and keeps serving.
+
+use anyhow::Result;
+use clip_integration::images::{TestImage, layout_layers};
+use clip_integration::registry::Registry;
+use clip_integration::snapshotter::{ClipSnapshotter, workspace_binary};
+use clip_integration::{TestDir, require_root, run};
+use containerd_snapshots::api::snapshots::v1 as api;
+use containerd_snapshots::api::snapshots::v1::snapshots_client::SnapshotsClient;
+use containerd_snapshots::tonic::{Code, transport::Channel};
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+
+async fn connect(socket: &Path) -> Result<SnapshotsClient<Channel>> {
+    let path = socket.to_path_buf();
+    let channel = containerd_snapshots::tonic::transport::Endpoint::try_from("http://[::]:50051")?
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move { tokio::net::UnixStream::connect(path).await }
+        }))
+        .await?;
+    Ok(SnapshotsClient::new(channel))
+}
+
+fn prepare(key: &str, labels: &[(&str, &str)]) -> api::PrepareSnapshotRequest {
+    api::PrepareSnapshotRequest {
+        snapshotter: "clip".into(),
+        key: key.into(),
+        parent: String::new(),
+        labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+    }
+}
+
+fn is_fuse_layer(mounts: &[containerd_snapshots::api::types::Mount]) -> bool {
+    mounts.iter().any(|m| m.source.contains("/snapshots/") && m.r#type == "bind" && m.options.iter().any(|o| o == "ro"))
+}
+
+#[test]
+fn bad_labels_and_bad_registry_answers_fail_clearly_or_fall_back_and_the_daemon_lives() -> Result<()> {
+    use clip_config::labels as l;
+    require_root();
+    let td = TestDir::new("bad-input")?;
+    let reg = Registry::start_plain(&td, "plain")?;
+    let layout = TestImage::Busybox.layout()?;
+    let reference = reg.push_layout(&layout, "busybox", "testbed/busybox", "latest")?;
+    run(Command::new(workspace_binary("clip-builder")?).args(["index", "--plain-http", &reference]))?;
+    let layer = layout_layers(&layout, "busybox")?.remove(0).0;
+    let hosts_dir = td.sub("certs.d")?;
+    reg.write_hosts_toml(&hosts_dir)?;
+    let config = td.path().join("snapshotter.toml");
+    std::fs::write(&config, format!("[registry]\nhosts_dir = \"{}\"\n[lazy]\nbackground_fetch = false\n", hosts_dir.display()))?;
+    let config = config.display().to_string();
+    let snap = ClipSnapshotter::start(&td, "clip", &["--config", &config])?;
+    let bad_digest = "sha256:../../../../../tmp/clip-bad-input";
+    let nowhere = format!("sha256:{}", "f".repeat(64));
+
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let mut c = connect(snap.socket()).await?;
+        // Oversized: refused, the value not echoed.
+        let secret = "Sentinel-Value-0xC1".repeat(300);
+        let err = c
+            .prepare(prepare("big", &[(l::BUILD_REGISTRY_CREDS, &secret)]))
+            .await
+            .expect_err("oversized label");
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(!err.message().contains("Sentinel-Value"), "{}", err.message());
+        let err = c.prepare(prepare("empty-key", &[("", "v")])).await.expect_err("empty key");
+        assert_eq!(err.code(), Code::InvalidArgument);
+
+        // A layer digest that is a path: an ordinary snapshot, nothing written outside the root.
+        let r = c
+            .prepare(prepare("bad-digest", &[(l::TARGET_SNAPSHOT_REF, "t1"), (l::CRI_IMAGE_REF, &reference), (l::CRI_LAYER_DIGEST, bad_digest)]))
+            .await?
+            .into_inner();
+        assert!(!is_fuse_layer(&r.mounts), "{:?}", r.mounts);
+        assert!(!Path::new("/tmp/clip-bad-input.clip").exists());
+
+        // An index digest that leads nowhere: falls back to an ordinary snapshot.
+        let r = c
+            .prepare(prepare(
+                "nowhere",
+                &[(l::TARGET_SNAPSHOT_REF, "t2"), (l::CRI_IMAGE_REF, &reference), (l::CRI_LAYER_DIGEST, &layer), (l::INDEX_DIGEST, &nowhere)],
+            ))
+            .await?
+            .into_inner();
+        assert!(!is_fuse_layer(&r.mounts), "{:?}", r.mounts);
+
+        // Unknown labels are kept.
+        c.prepare(prepare("unknown", &[("example.com/whatever", "x")])).await?;
+        let info = c.stat(api::StatSnapshotRequest { snapshotter: "clip".into(), key: "unknown".into() }).await?.into_inner();
+        assert_eq!(info.info.map(|i| i.labels.get("example.com/whatever").cloned()), Some(Some("x".to_string())));
+
+        // A corrupt index in the local store is replaced from the registry; the layer is lazy.
+        let index_path = snap.root().join("indexes").join(format!("{}.clip", layer.replace(':', "-")));
+        std::fs::create_dir_all(index_path.parent().unwrap_or(Path::new("/")))?;
+        std::fs::write(&index_path, b"not an index at all")?;
+        let err = c
+            .prepare(prepare("lazy", &[(l::TARGET_SNAPSHOT_REF, "t3"), (l::CRI_IMAGE_REF, &reference), (l::CRI_LAYER_DIGEST, &layer)]))
+            .await
+            .expect_err("served lazily: the target exists");
+        assert_eq!(err.code(), Code::AlreadyExists, "{}", err.message());
+        assert!(std::fs::read(&index_path)?.len() > 100, "the corrupt index was not replaced");
+        anyhow::Ok(())
+    })?;
+    let log = snap.log();
+    assert!(log.contains("malformed lazy-serving labels"), "{log}");
+    assert!(log.contains("serving the layer as an ordinary snapshot"), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(!log.contains("Sentinel-Value"));
+    // Still serving.
+    rt.block_on(async {
+        let mut c = connect(snap.socket()).await?;
+        c.stat(api::StatSnapshotRequest { snapshotter: "clip".into(), key: "lazy".into() }).await?;
+        anyhow::Ok(())
+    })?;
+    Ok(())
+}
