@@ -195,3 +195,63 @@ fn apply_whiteouts(root: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// A new OCI layout at `dest` (tag `tag`): the image `tag` of `base` plus one layer holding
+/// `/variant.txt` with `content`, so images share base layers but differ on top.
+pub fn derive_layout(base: &Path, tag: &str, dest: &Path, content: &str) -> Result<PathBuf> {
+    let _ = std::fs::remove_dir_all(dest);
+    let status = std::process::Command::new("cp").arg("-a").arg(base).arg(dest).status()?;
+    anyhow::ensure!(status.success(), "copying {}", base.display());
+    let work = dest.with_extension("work");
+    std::fs::create_dir_all(&work)?;
+    std::fs::write(work.join("variant.txt"), content)?;
+    let tar_path = work.with_extension("tar");
+    let status = std::process::Command::new("tar")
+        .args(["--owner=0", "--group=0", "-cf"])
+        .arg(&tar_path)
+        .arg("-C")
+        .arg(&work)
+        .arg("variant.txt")
+        .status()?;
+    anyhow::ensure!(status.success(), "tar");
+    let tar = std::fs::read(&tar_path)?;
+    let out = std::process::Command::new("gzip").arg("-c").arg(&tar_path).output()?;
+    anyhow::ensure!(out.status.success(), "gzip");
+    let (gz, diff_id) = (out.stdout, format!("sha256:{}", hex::encode(sha2::Sha256::digest(&tar))));
+    let put = |bytes: &[u8]| -> Result<(String, u64)> {
+        let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)));
+        std::fs::write(blob_path(dest, &digest)?, bytes)?;
+        Ok((digest, bytes.len() as u64))
+    };
+    let (layer_digest, layer_size) = put(&gz)?;
+    let mut manifest = layout_manifest(dest, tag)?;
+    let config_digest = manifest["config"]["digest"].as_str().context("config digest")?.to_string();
+    let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(blob_path(dest, &config_digest)?)?)?;
+    config["rootfs"]["diff_ids"].as_array_mut().context("diff_ids")?.push(diff_id.into());
+    if let Some(h) = config["history"].as_array_mut() {
+        h.push(serde_json::json!({"created_by": "clip test: variant layer"}));
+    }
+    let (config_digest, config_size) = put(&serde_json::to_vec(&config)?)?;
+    manifest["config"]["digest"] = config_digest.into();
+    manifest["config"]["size"] = config_size.into();
+    manifest["layers"].as_array_mut().context("layers")?.push(serde_json::json!({
+        "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+        "digest": layer_digest,
+        "size": layer_size,
+    }));
+    let manifest_bytes = serde_json::to_vec(&manifest)?;
+    let (manifest_digest, manifest_size) = put(&manifest_bytes)?;
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": manifest["mediaType"].as_str().unwrap_or("application/vnd.oci.image.manifest.v1+json"),
+            "digest": manifest_digest,
+            "size": manifest_size,
+            "annotations": {"org.opencontainers.image.ref.name": tag},
+        }],
+    });
+    std::fs::write(dest.join("index.json"), serde_json::to_vec(&index)?)?;
+    let _ = std::fs::remove_dir_all(&work);
+    let _ = std::fs::remove_file(&tar_path);
+    Ok(dest.to_path_buf())
+}

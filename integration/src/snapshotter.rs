@@ -106,6 +106,11 @@ impl ClipSnapshotter {
         Ok(())
     }
 
+    /// The daemon's pid (0 when not running).
+    pub fn pid(&self) -> u32 {
+        self.daemon.as_ref().map_or(0, Daemon::pid)
+    }
+
     /// The pid of the daemon's fd keeper (which outlives the daemon by design).
     pub fn keeper_pid(&self) -> Option<i32> {
         std::fs::read_to_string(self.root.join("fd-keeper.pid")).ok()?.trim().parse().ok()

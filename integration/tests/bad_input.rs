@@ -11,7 +11,6 @@ use clip_integration::{TestDir, require_root, run};
 use containerd_snapshots::api::snapshots::v1 as api;
 use containerd_snapshots::api::snapshots::v1::snapshots_client::SnapshotsClient;
 use containerd_snapshots::tonic::{Code, transport::Channel};
-use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
 

@@ -27,6 +27,9 @@ pub struct State {
     pub dirs: SnapshotDirs,
     /// Lazy layers; `None` serves only ordinary snapshots.
     pub remote: Option<Arc<RemoteLayers>>,
+    /// One remote Prepare at a time per (parent, target): concurrent pulls of images sharing
+    /// a layer must not mount it twice.
+    remote_targets: std::sync::Mutex<HashMap<(String, String), Arc<std::sync::Mutex<()>>>>,
 }
 
 impl State {
@@ -40,6 +43,7 @@ impl State {
             store,
             dirs,
             remote: None,
+            remote_targets: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -119,6 +123,33 @@ impl State {
     /// Serves `req` lazily: an existing remote layer for the same target and parent, or a new
     /// one mounted over FUSE and committed under `key`.
     fn prepare_remote(
+        &self,
+        remote: &RemoteLayers,
+        key: &str,
+        parent: &str,
+        labels: &labels::SnapshotLabels,
+        req: &RemoteRequest,
+    ) -> std::result::Result<(), RemoteFallback> {
+        let slot = (parent.to_string(), req.target.clone());
+        let lock = self
+            .remote_targets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(slot.clone())
+            .or_default()
+            .clone();
+        let result = {
+            let _serialized = lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            self.prepare_remote_locked(remote, key, parent, labels, req)
+        };
+        let mut targets = self.remote_targets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if Arc::strong_count(&lock) == 2 {
+            targets.remove(&slot);
+        }
+        result
+    }
+
+    fn prepare_remote_locked(
         &self,
         remote: &RemoteLayers,
         key: &str,

@@ -74,7 +74,19 @@ enum Command {
     },
 }
 
+/// Fixes glibc's mmap threshold at 128 KiB. By default it rises to the size of the largest
+/// freed block, so the multi-MiB buffers of span fetches end up in malloc arenas and stay
+/// there: the load test measured a 216-372 MiB peak RSS with the default and 31 MiB with this.
+#[allow(unsafe_code)]
+fn tame_malloc() {
+    // SAFETY: mallopt only changes allocator parameters; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
 fn main() -> anyhow::Result<()> {
+    tame_malloc();
     let args = Args::parse();
     let cwd = std::env::current_dir()?;
     let mut cfg = clip_config::SnapshotterConfig::load_or_default(args.config.as_deref())?;
