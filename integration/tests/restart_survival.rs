@@ -7,6 +7,7 @@
 use anyhow::{Context, Result};
 use clip_integration::containerd::{Containerd, ContainerdOptions};
 use clip_integration::images::{TestImage, file_digests_under};
+use clip_integration::fault_proxy::{Fault, FaultProxy};
 use clip_integration::registry::Registry;
 use clip_integration::snapshotter::{ClipSnapshotter, workspace_binary};
 use clip_integration::{TestDir, require_root, run, wait_until};
@@ -24,14 +25,19 @@ fn a_reading_container_survives_sigkill_and_restart_of_the_snapshotter() -> Resu
     require_root();
     let td = TestDir::new("restart")?;
     let reg = Registry::start_plain(&td, "plain")?;
+    // The registry is reached through a proxy that can play dead.
+    let proxy = FaultProxy::start(reg.host(), Fault::None)?;
     let layout = TestImage::Python.layout()?;
-    let reference = reg.push_layout(&layout, "pyapp", "testbed/python", "latest")?;
+    reg.push_layout(&layout, "pyapp", "testbed/python", "latest")?;
+    let reference = format!("{}/testbed/python:latest", proxy.host());
     run(Command::new(workspace_binary("clip-builder")?).args(["index", "--plain-http", &reference]))?;
     let expected = file_digests_under(&layout, "pyapp", NUMPY, &td.sub("expected")?)?;
     assert!(expected.len() > 1000, "numpy has {} files", expected.len());
 
     let hosts_dir = td.sub("certs.d")?;
-    reg.write_hosts_toml(&hosts_dir)?;
+    let d = hosts_dir.join(proxy.host());
+    std::fs::create_dir_all(&d)?;
+    std::fs::write(d.join("hosts.toml"), format!("server = \"http://{}\"\n", proxy.host()))?;
     let config = td.path().join("snapshotter.toml");
     // No background fetch: every file the container reads after the kill is fetched then.
     std::fs::write(&config, format!("[registry]\nhosts_dir = \"{}\"\n[lazy]\nbackground_fetch = false\n", hosts_dir.display()))?;
@@ -126,6 +132,45 @@ fn a_reading_container_survives_sigkill_and_restart_of_the_snapshotter() -> Resu
     assert!(reconnected);
     let out = ctrd.ctr_run("t", &["run", "--rm", "--snapshotter", "clip", &reference, "after-reboot", "python3", "-c", "import numpy; print(42)"])?;
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
+
+    // Lost indexes are fetched again at the next start.
+    snap.kill();
+    snap.kill_keeper();
+    std::fs::remove_dir_all(snap.root().join("indexes"))?;
+    snap.restart()?;
+    let log = snap.log();
+    assert!(log.contains("fetching it again"), "{log}");
+    assert!(log.matches("how=\"mounted\"").count() + log.matches("how=mounted").count() >= 4, "{log}");
+
+    // Lost indexes and no registry: the layers cannot be served. Their snapshots go, or, where
+    // containerd still has snapshots above them, lose their directories (never an empty layer
+    // under a container); the next container that needs them has them served again.
+    snap.kill();
+    snap.kill_keeper();
+    std::fs::remove_dir_all(snap.root().join("indexes"))?;
+    proxy.set_mode(Fault::Down);
+    snap.restart()?;
+    let log = snap.log();
+    let handled = log.matches("removed the unservable remote snapshot").count() + log.matches("is left in place without its directory").count();
+    assert_eq!(handled, 4, "{log}");
+    for id in 1..=4 {
+        let fs = snap.root().join(format!("snapshots/{id}/fs"));
+        assert!(!fs.exists(), "{} is an empty layer", fs.display());
+    }
+    proxy.set_mode(Fault::None);
+    let reconnected = wait_until(Duration::from_secs(30), || {
+        ctrd.ctr("t").args(["snapshots", "--snapshotter", "clip", "ls"]).output().is_ok_and(|o| o.status.success())
+    });
+    assert!(reconnected);
+    run(Command::new(workspace_binary("clip-snapshotter")?)
+        .args(["pull", "--plain-http", "-n", "t", "--containerd-address"])
+        .arg(ctrd.socket())
+        .arg(&reference))?;
+    let out = ctrd.ctr_run("t", &["run", "--rm", "--snapshotter", "clip", &reference, "after-repull", "python3", "-c", "import numpy; print(43)"])?;
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "43");
+    let log = snap.log();
+    let back = log.matches("an unservable layer is served again").count() + log.matches("layer mounted lazily").count();
+    assert!(back >= 4, "{log}");
     ctrd.purge()?;
     Ok(())
 }

@@ -14,6 +14,9 @@ pub enum SnapshotError {
     FailedPrecondition(String),
     #[error("{0}")]
     InvalidArgument(String),
+    /// A lazy layer that cannot be served now (its registry is away); retried on next use.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("metadata database: {0}")]
     Database(String),
     #[error("{context}: {source}")]
@@ -39,6 +42,7 @@ impl SnapshotError {
             Self::AlreadyExists(_) => Code::AlreadyExists,
             Self::FailedPrecondition(_) => Code::FailedPrecondition,
             Self::InvalidArgument(_) => Code::InvalidArgument,
+            Self::Unavailable(_) => Code::Unavailable,
             Self::Database(_) | Self::Io { .. } => Code::Internal,
         }
     }

@@ -55,19 +55,59 @@ impl State {
             return Ok(0);
         };
         let mut n = 0;
+        let mut failed = Vec::new();
+        let mut unservable_info = HashMap::new();
+        // One registry that does not answer costs one round of retries, not one per layer.
+        let mut unreachable = std::collections::HashSet::new();
         for (name, record) in self.store.list()? {
             let Some(info) = &record.remote else { continue };
             let dir = self.dirs.fs(record.id);
-            match remote
-                .reopen(&info.image_ref, &info.layer_digest)
-                .and_then(|layer| remote.restore(record.id, &dir, layer))
-            {
+            let fetch = !unreachable.contains(&info.image_ref);
+            let opened = remote.reopen(&info.image_ref, &info.layer_digest, fetch);
+            if opened.is_err() {
+                unreachable.insert(info.image_ref.clone());
+            }
+            match opened.and_then(|layer| remote.restore(record.id, &dir, layer)) {
                 Ok(how) => {
                     tracing::info!(snapshot = %name, id = record.id, layer = %info.layer_digest, how, "remote layer served");
                     n += 1;
                 }
-                Err(reason) => tracing::error!(snapshot = %name, layer = %info.layer_digest, %reason, "cannot serve a remote layer again"),
+                Err(reason) => {
+                    tracing::error!(snapshot = %name, layer = %info.layer_digest, %reason, "cannot serve a remote layer again");
+                    crate::dirs::unmount_below(&dir);
+                    unservable_info.insert(record.id, (info.image_ref.clone(), info.layer_digest.clone()));
+                    failed.push((name, record.id, String::new()));
+                }
             }
+        }
+        // Never leave an empty directory where a layer should be: without the record,
+        // containerd unpacks the layer the ordinary way next time. Upper layers go first.
+        loop {
+            let before = failed.len();
+            failed.retain_mut(|(name, id, why)| match self.store.remove(name) {
+                Ok(_) => {
+                    let _ = self.dirs.remove(*id);
+                    tracing::warn!(snapshot = %name, "removed the unservable remote snapshot; containerd will unpack the layer next time");
+                    false
+                }
+                Err(e) => {
+                    *why = e.to_string();
+                    true
+                }
+            });
+            if failed.is_empty() || failed.len() == before {
+                break;
+            }
+        }
+        for (name, id, why) in &failed {
+            // Snapshots above it exist (containers): its directory goes, so that no mount can
+            // show an empty layer; it is served again when a snapshot above it is next used.
+            let dir = self.dirs.fs(*id);
+            let _ = std::fs::remove_dir_all(&dir);
+            if let Some(info) = unservable_info.get(id) {
+                remote.mark_unservable(*id, &info.0, &info.1);
+            }
+            tracing::error!(snapshot = %name, reason = %why, "an unservable remote snapshot is left in place without its directory until it is next used");
         }
         remote.forget_unclaimed();
         Ok(n)
@@ -113,6 +153,12 @@ impl State {
                 }
             }
         }
+        if !parent.is_empty() {
+            let p = self.store.resolve(parent)?;
+            let mut ids = p.parent_ids.clone();
+            ids.push(p.record.id);
+            self.serve_unservable(&ids)?;
+        }
         let resolved = self
             .store
             .create(kind, key, parent, labels.stored, |id| self.dirs.create(id))?;
@@ -157,12 +203,12 @@ impl State {
         labels: &labels::SnapshotLabels,
         req: &RemoteRequest,
     ) -> std::result::Result<(), RemoteFallback> {
-        let exists = self.store.list().map_err(RemoteFallback::Error)?.into_iter().any(|(_, r)| {
+        let existing = self.store.list().map_err(RemoteFallback::Error)?.into_iter().find(|(_, r)| {
             r.kind == Kind::Committed
                 && r.parent == parent
                 && r.labels.get(clip_config::labels::TARGET_SNAPSHOT_REF) == Some(&req.target)
         });
-        if exists {
+        if existing.is_some() {
             return Ok(());
         }
         let layer = remote.open(req).map_err(RemoteFallback::Reason)?;
@@ -205,7 +251,17 @@ impl State {
                 "snapshot {key:?} is committed; mounts exist only for active snapshots and views"
             )));
         }
+        self.serve_unservable(&resolved.parent_ids)?;
         Ok(mounts_for(&self.dirs, &resolved))
+    }
+
+    /// Serves the layers among `ids` that a restart could not serve; an error if one still
+    /// cannot be (a mount must never show an empty layer).
+    fn serve_unservable(&self, ids: &[u64]) -> Result<()> {
+        let Some(remote) = &self.remote else { return Ok(()) };
+        remote
+            .serve_unservable(ids, |id| self.dirs.fs(id))
+            .map_err(SnapshotError::Unavailable)
     }
 
     fn commit(&self, name: &str, key: &str, labels: HashMap<String, String>) -> Result<()> {

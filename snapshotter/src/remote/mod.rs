@@ -50,6 +50,9 @@ pub struct RemoteLayers {
     fetch_timeout: std::time::Duration,
     /// The disk budget of all span caches.
     pub(crate) budget: Arc<crate::layerfs::budget::CacheBudget>,
+    /// Layers a restart could not serve (their index and registry were away), by snapshot id:
+    /// image reference and layer digest. Served again when a snapshot above them is used.
+    unservable: Mutex<HashMap<u64, (String, String)>>,
     /// Connections the keeper handed back at start, by snapshot id, until reattached.
     kept: Mutex<HashMap<u64, crate::keeper::Kept>>,
 }
@@ -144,6 +147,7 @@ impl RemoteLayers {
             fetch_timeout: std::time::Duration::from_secs(cfg.lazy.fetch_timeout_s.max(1)),
             budget: Arc::new(budget),
             kept: Mutex::new(kept),
+            unservable: Mutex::new(HashMap::new()),
         })
     }
 
@@ -265,12 +269,27 @@ impl RemoteLayers {
         }
     }
 
-    /// Opens a layer again from the local index store (restarts).
-    pub fn reopen(&self, image_ref: &str, layer_digest: &str) -> Result<OpenedLayer, String> {
+    /// Opens a layer again (restarts): from the local index store, else (when `fetch`) from
+    /// the registry (the index was lost), resolving the image reference again.
+    pub fn reopen(&self, image_ref: &str, layer_digest: &str, fetch: bool) -> Result<OpenedLayer, String> {
         let path = self.index_path(layer_digest);
-        let (index, windows) =
-            discover::open_local(&path, layer_digest)?.ok_or_else(|| format!("index {} is gone", path.display()))?;
         let repo = self.repository(image_ref)?;
+        let (index, windows) = match discover::open_local(&path, layer_digest)? {
+            Some(found) => found,
+            None if !fetch => return Err(format!("index {} is gone and its registry did not answer", path.display())),
+            None => {
+                tracing::warn!(layer = %layer_digest, image = %image_ref, "index {} is gone; fetching it again", path.display());
+                let req = RemoteRequest {
+                    target: String::new(),
+                    image_ref: image_ref.to_string(),
+                    layer_digest: layer_digest.to_string(),
+                    manifest_digest: None,
+                    index_digest: None,
+                    secrets: std::collections::BTreeMap::new(),
+                };
+                self.find_index(&repo, &req)?
+            }
+        };
         Ok(self.opened(repo, index, windows, layer_digest))
     }
 }

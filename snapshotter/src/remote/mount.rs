@@ -197,6 +197,36 @@ impl RemoteLayers {
         }
     }
 
+    /// Remembers a layer a restart could not serve, to serve it when it is next needed.
+    pub fn mark_unservable(&self, id: u64, image_ref: &str, layer_digest: &str) {
+        self.unservable
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id, (image_ref.to_string(), layer_digest.to_string()));
+    }
+
+    /// Serves the unservable layers among `ids` at `dir_of(id)`, fetching lost indexes.
+    pub fn serve_unservable(&self, ids: &[u64], dir_of: impl Fn(u64) -> PathBuf) -> Result<(), String> {
+        for id in ids {
+            let entry = self.unservable.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(id).cloned();
+            let Some((image_ref, digest)) = entry else { continue };
+            let dir = dir_of(*id);
+            std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+            let layer = self
+                .reopen(&image_ref, &digest, true)
+                .map_err(|e| format!("layer {digest} of {image_ref} cannot be served: {e}"))?;
+            self.mount(*id, &dir, layer)?;
+            self.unservable.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(id);
+            tracing::info!(id, layer = %digest, "an unservable layer is served again");
+        }
+        Ok(())
+    }
+
+    /// Whether snapshot `id`'s layer is served here.
+    pub fn is_mounted(&self, id: u64) -> bool {
+        self.lock_mounts().contains_key(&id)
+    }
+
     /// Compressed bytes fetched so far for snapshot `id`'s layer.
     pub fn fetched_bytes(&self, id: u64) -> Option<u64> {
         self.lock_mounts()
