@@ -30,6 +30,11 @@ stop_all() {
       rm -f "$Q/$name.pid"
     fi
   done
+  # The snapshotter's fd keeper holds lazy mounts across snapshotter restarts; a full stop ends it.
+  if [ -f "$Q/clip/root/fd-keeper.pid" ]; then
+    kill -KILL "$(cat "$Q/clip/root/fd-keeper.pid")" 2>/dev/null || true
+    rm -f "$Q/clip/root/fd-keeper.pid"
+  fi
   # containerd shims of quickstart containers, then anything still mounted below the state dir.
   pkill -f "containerd-shim-runc-v2 -namespace quickstart" 2>/dev/null || true
   if [ -d "$Q" ]; then
