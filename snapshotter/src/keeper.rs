@@ -4,7 +4,8 @@
 //! takes the descriptors back, serves the same connections again and asks the kernel to resend
 //! what was lost (see [`crate::layerfs::reattach`]); running containers only see a pause.
 //!
-//! The keeper is `clip-snapshotter keep-fds`, started by the daemon in its own session (so a
+//! The keeper is `clip-snapshotter keep-fds`, started by the daemon when it mounts its first
+//! lazy layer, in its own session (so a
 //! SIGKILL of the daemon, or `systemctl restart` with `KillMode=process`, leaves it alive). It
 //! listens on `<root>/fd-keeper.sock` (`SOCK_SEQPACKET`, mode 0600 in the root-only state
 //! directory). One JSON request per message, descriptors as `SCM_RIGHTS`:
@@ -144,6 +145,11 @@ impl KeeperClient {
                 Err(_) => std::thread::sleep(Duration::from_millis(20)),
             }
         }
+    }
+
+    /// Connects to the keeper of `root` if one runs; starts none.
+    pub fn connect_existing(root: &Path) -> Result<Self, KeeperError> {
+        Self::connect(&socket_path(root))
     }
 
     fn connect(path: &Path) -> Result<Self, KeeperError> {

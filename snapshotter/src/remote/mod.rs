@@ -45,7 +45,7 @@ pub struct RemoteLayers {
     /// Container reads waiting for a fetch, across layers (the background fetcher yields).
     foreground: Arc<std::sync::atomic::AtomicU32>,
     /// Holds every mount's FUSE connection across restarts (`None`: restarts lose mounts).
-    keeper: Option<crate::keeper::KeeperClient>,
+    keeper: mount::KeeperHandle,
     /// Bound on one span fetch with its retries.
     fetch_timeout: std::time::Duration,
     /// The disk budget of all span caches.
@@ -123,7 +123,7 @@ impl RemoteLayers {
         if !label_creds.is_empty() {
             tracing::info!(images = label_creds.len(), "restored label credentials from the credential store");
         }
-        let (keeper, kept) = mount::connect_keeper(cfg);
+        let (keeper, kept) = mount::KeeperHandle::new(cfg);
         let budget = crate::layerfs::budget::CacheBudget::new(cfg.lazy.cache_max_bytes)
             .with_metrics(metrics.cache_bytes.clone(), metrics.cache_evictions.clone());
         metrics.cache_limit_bytes.set(i64::try_from(cfg.lazy.cache_max_bytes).unwrap_or(i64::MAX));

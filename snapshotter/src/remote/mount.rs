@@ -23,45 +23,84 @@ pub(super) struct Mounted {
     pub(super) complete: Arc<std::sync::atomic::AtomicBool>,
 }
 
-/// Connects to (or starts) the fd keeper and takes back what it holds.
-pub(super) fn connect_keeper(cfg: &SnapshotterConfig) -> (Option<KeeperClient>, HashMap<u64, Kept>) {
-    if !cfg.lazy.survive_restarts {
-        tracing::info!("survive_restarts is off: lazy mounts end with the daemon");
-        return (None, HashMap::new());
-    }
-    let exe = match std::env::current_exe() {
-        Ok(e) => e,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot find our own executable; lazy mounts will not survive restarts");
-            return (None, HashMap::new());
+/// The daemon's link to its fd keeper: connected at start when one runs (to take back what
+/// it holds), started with the first lazy mount otherwise.
+#[derive(Debug)]
+pub(super) struct KeeperHandle {
+    root: PathBuf,
+    orphan_timeout: std::time::Duration,
+    enabled: bool,
+    client: std::sync::Mutex<Option<Arc<KeeperClient>>>,
+    start_failed: std::sync::atomic::AtomicBool,
+}
+
+impl KeeperHandle {
+    /// Connects to a running keeper and takes back what it holds, by snapshot id.
+    pub(super) fn new(cfg: &SnapshotterConfig) -> (Self, HashMap<u64, Kept>) {
+        let handle = Self {
+            root: cfg.root.clone(),
+            orphan_timeout: std::time::Duration::from_secs(cfg.lazy.orphan_timeout_s),
+            enabled: cfg.lazy.survive_restarts,
+            client: std::sync::Mutex::new(None),
+            start_failed: std::sync::atomic::AtomicBool::new(false),
+        };
+        if !handle.enabled {
+            tracing::info!("survive_restarts is off: lazy mounts end with the daemon");
+            return (handle, HashMap::new());
         }
-    };
-    let timeout = std::time::Duration::from_secs(cfg.lazy.orphan_timeout_s);
-    let client = match KeeperClient::connect_or_spawn(&cfg.root, &exe, timeout) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "no fd keeper; lazy mounts will not survive restarts");
-            return (None, HashMap::new());
-        }
-    };
-    let mut kept = HashMap::new();
-    match client.list() {
-        Ok(list) => {
-            for k in list {
-                match k.key.parse::<u64>() {
-                    Ok(id) => {
-                        kept.insert(id, k);
-                    }
-                    Err(_) => {
-                        let _ = client.drop_key(&k.key);
+        let Ok(client) = KeeperClient::connect_existing(&cfg.root) else {
+            return (handle, HashMap::new());
+        };
+        let mut kept = HashMap::new();
+        match client.list() {
+            Ok(list) => {
+                for k in list {
+                    match k.key.parse::<u64>() {
+                        Ok(id) => {
+                            kept.insert(id, k);
+                        }
+                        Err(_) => {
+                            let _ = client.drop_key(&k.key);
+                        }
                     }
                 }
             }
+            Err(e) => tracing::error!(error = %e, "cannot list the fd keeper's connections"),
         }
-        Err(e) => tracing::error!(error = %e, "cannot list the fd keeper's connections"),
+        tracing::info!(pid = client.pid, kept = kept.len(), "fd keeper connected");
+        *handle.lock() = Some(Arc::new(client));
+        (handle, kept)
     }
-    tracing::info!(pid = client.pid, kept = kept.len(), "fd keeper connected");
-    (Some(client), kept)
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Arc<KeeperClient>>> {
+        self.client.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The keeper, if one is connected.
+    pub(super) fn connected(&self) -> Option<Arc<KeeperClient>> {
+        self.lock().clone()
+    }
+
+    /// The keeper, started if needed (`None` when off or it cannot start).
+    pub(super) fn get_or_start(&self) -> Option<Arc<KeeperClient>> {
+        let mut guard = self.lock();
+        if guard.is_none() && self.enabled && !self.start_failed.load(Ordering::Relaxed) {
+            let started = std::env::current_exe()
+                .map_err(|e| e.to_string())
+                .and_then(|exe| KeeperClient::connect_or_spawn(&self.root, &exe, self.orphan_timeout).map_err(|e| e.to_string()));
+            match started {
+                Ok(c) => {
+                    tracing::info!(pid = c.pid, "fd keeper started");
+                    *guard = Some(Arc::new(c));
+                }
+                Err(e) => {
+                    self.start_failed.store(true, Ordering::Relaxed);
+                    tracing::error!(error = %e, "no fd keeper; lazy mounts will not survive restarts");
+                }
+            }
+        }
+        guard.clone()
+    }
 }
 
 /// Whether `dir` is a FUSE mount point (from mountinfo: never touches the mount, which may
@@ -124,7 +163,7 @@ impl RemoteLayers {
         let granted = fs.passthrough_granted();
         let (session, fd) =
             layerfs::mount(fs, dir, &digest).map_err(|e| format!("FUSE mount at {}: {e}", dir.display()))?;
-        if let Some(keeper) = &self.keeper {
+        if let Some(keeper) = self.keeper.get_or_start() {
             let meta = serde_json::json!({
                 "dir": dir,
                 "layer": digest,
@@ -151,7 +190,7 @@ impl RemoteLayers {
                 self.insert(id, dir, session, spans);
                 return Ok("reattached");
             }
-            if let Some(keeper) = &self.keeper {
+            if let Some(keeper) = self.keeper.connected() {
                 let _ = keeper.drop_key(&id.to_string());
             }
         }
@@ -172,7 +211,7 @@ impl RemoteLayers {
             if let Some(dir) = k.meta.get("dir").and_then(serde_json::Value::as_str) {
                 crate::dirs::unmount_below(Path::new(dir));
             }
-            if let Some(keeper) = &self.keeper {
+            if let Some(keeper) = self.keeper.connected() {
                 let _ = keeper.drop_key(&id.to_string());
             }
             tracing::info!(id, "closed a kept FUSE connection no snapshot uses");
@@ -190,7 +229,7 @@ impl RemoteLayers {
             drop(m.session.take());
         }
         let _ = std::fs::remove_dir_all(self.session_state_dir(id));
-        if let Some(keeper) = &self.keeper {
+        if let Some(keeper) = self.keeper.connected() {
             if let Err(e) = keeper.drop_key(&id.to_string()) {
                 tracing::warn!(id, error = %e, "the fd keeper did not close a connection");
             }
@@ -238,7 +277,7 @@ impl RemoteLayers {
     /// again; until then their reads wait); without one, unmount everything.
     pub fn shut_down(&self) {
         let all: Vec<Mounted> = self.lock_mounts().drain().map(|(_, m)| m).collect();
-        if self.keeper.is_some() {
+        if self.keeper.connected().is_some() {
             tracing::info!(mounts = all.len(), "leaving lazy mounts to the fd keeper for the next daemon");
             for mut m in all {
                 // Dropping a session would unmount it.
