@@ -9,6 +9,7 @@ PKGS=(
   apache2-utils openssl curl ca-certificates jq iproute2 iptables
   pigz zstd xz-utils attr      # layer formats and xattrs in index tests
   golang-go golang-github-containerd-containerd-dev   # containerd's snapshotter conformance suite
+  help2man systemd             # man pages of the Debian packages; systemd-analyze verify of the unit
 )
 missing=()
 for p in "${PKGS[@]}"; do

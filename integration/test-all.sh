@@ -26,6 +26,9 @@ if [ "$FUZZ_SECONDS" != 0 ]; then
   unset RUSTC_BOOTSTRAP
 fi
 
+# The packaging test builds the Debian packages with cargo-deb.
+command -v cargo-deb >/dev/null || cargo install cargo-deb --locked --version 3.8.0
+
 echo "== tests"
 log=$(mktemp)
 set +e
