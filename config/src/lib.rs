@@ -14,7 +14,8 @@ mod model;
 
 pub use model::{
     LazyConfig,
-    BuildRegistry, BuilderConfig, LongTermCredentials, LogFormat, RegistryHosts, SnapshotterConfig,
+    BuildRegistry, BuilderConfig, CriProxyConfig, LongTermCredentials, LogFormat, RegistryHosts,
+    SnapshotterConfig,
 };
 
 use std::path::{Path, PathBuf};

@@ -30,6 +30,20 @@ pub struct SnapshotterConfig {
     pub build_registry: Option<BuildRegistry>,
     /// How lazy layers are fetched.
     pub lazy: LazyConfig,
+    /// The CRI image service proxy (kubelet's `--image-service-endpoint`).
+    pub cri: CriProxyConfig,
+}
+
+/// `[cri]`: the CRI image service proxy. It serves the CRI `ImageService` on its own socket,
+/// forwards every call to containerd, and keeps the `AuthConfig` of each `PullImage` for the
+/// lazy reads of that image.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct CriProxyConfig {
+    /// Unix socket to serve on; off when unset (e.g. `/run/clip-snapshotter/cri.sock`).
+    pub image_service_address: Option<PathBuf>,
+    /// containerd's CRI socket (default `/run/containerd/containerd.sock`).
+    pub containerd_address: Option<PathBuf>,
 }
 
 /// `[lazy]`: the read path of lazily served layers.
@@ -88,6 +102,7 @@ impl Default for SnapshotterConfig {
             registry: RegistryHosts::default(),
             build_registry: None,
             lazy: LazyConfig::default(),
+            cri: CriProxyConfig::default(),
         }
     }
 }
@@ -112,6 +127,9 @@ impl SnapshotterConfig {
                 .is_err()
         {
             return Err(invalid("metrics_address", "must be ip:port, e.g. 127.0.0.1:9102"));
+        }
+        if self.cri.image_service_address.as_ref().is_some_and(|a| !a.is_absolute()) {
+            return Err(invalid("cri.image_service_address", "must be an absolute path"));
         }
         if let Some(b) = &self.build_registry {
             b.validate(path)?;

@@ -58,6 +58,7 @@ impl Credential {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Source {
     ImageCreds,
+    CriPullSecret,
     SourceImageCreds,
     BuildRegistryCreds,
     MintedBuildRegistryToken,
@@ -69,6 +70,7 @@ impl Source {
     pub fn name(self) -> &'static str {
         match self {
             Self::ImageCreds => "image credentials (clip.image-creds)",
+            Self::CriPullSecret => "kubelet pull secret (CRI image service proxy)",
             Self::SourceImageCreds => "source image credentials (clip.source-image-creds)",
             Self::BuildRegistryCreds => "build registry credentials (clip.build-registry-creds)",
             Self::MintedBuildRegistryToken => "build registry token minted from the config",
@@ -81,6 +83,7 @@ impl Source {
     pub fn decision(self) -> &'static str {
         match self {
             Self::ImageCreds => "credentials provided for runtime CLIP layer mounting",
+            Self::CriPullSecret => "using the pull secret kubelet passed to PullImage",
             Self::SourceImageCreds => "using source image credentials for the image's registry",
             Self::BuildRegistryCreds => {
                 "using build registry credentials for image access (image was built and pushed by us)"
@@ -161,6 +164,8 @@ impl Candidate {
 #[derive(Debug, Clone, Default)]
 pub struct ChainInputs {
     pub image_creds: Option<Credential>,
+    /// The `AuthConfig` of kubelet's `PullImage` for this image (CRI image service proxy).
+    pub cri_pull_secret: Option<Credential>,
     pub source_image_creds: Option<Credential>,
     pub build_registry_creds: Option<Credential>,
     pub build_registry: Option<BuildRegistryScope>,
@@ -189,6 +194,9 @@ impl CredentialChain {
         let mut candidates = Vec::new();
         if let Some(c) = &inputs.image_creds {
             candidates.push(Candidate::Static(Source::ImageCreds, c.clone()));
+        }
+        if let Some(c) = &inputs.cri_pull_secret {
+            candidates.push(Candidate::Static(Source::CriPullSecret, c.clone()));
         }
         if let Some(c) = &inputs.source_image_creds {
             candidates.push(Candidate::Static(Source::SourceImageCreds, c.clone()));

@@ -54,6 +54,38 @@ pub async fn run(cfg: SnapshotterConfig) -> anyhow::Result<()> {
         });
     }
 
+    // SIGTERM/SIGINT stop every server.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop_tx = Arc::new(stop_tx);
+    tokio::spawn({
+        let stop_tx = stop_tx.clone();
+        async move {
+            shutdown_signal().await;
+            let _ = stop_tx.send(true);
+        }
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+
+    let cri_proxy = match &cfg.cri.image_service_address {
+        Some(address) => {
+            let containerd = cfg
+                .cri
+                .containerd_address
+                .clone()
+                .unwrap_or_else(|| std::path::PathBuf::from("/run/containerd/containerd.sock"));
+            let proxy = crate::cri_proxy::CriImageProxy::new(&containerd, remote.clone());
+            let (address, stop) = (address.clone(), stopped(stop_rx.clone()));
+            Some(tokio::spawn(async move {
+                if let Err(e) = crate::cri_proxy::serve(&address, proxy, stop).await {
+                    tracing::error!(error = format!("{e:#}"), "the CRI image service proxy stopped");
+                }
+            }))
+        }
+        None => None,
+    };
+
     let listener = bind_socket(&cfg.address)?;
     let service = containerd_snapshots::server(Arc::new(ClipSnapshotter::new(state, metrics)));
     tracing::info!(address = %cfg.address.display(), "serving the containerd snapshots API");
@@ -61,8 +93,12 @@ pub async fn run(cfg: SnapshotterConfig) -> anyhow::Result<()> {
 
     let result = containerd_snapshots::tonic::transport::Server::builder()
         .add_service(service)
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stopped(stop_rx.clone()))
         .await;
+    let _ = stop_tx.send(true);
+    if let Some(task) = cri_proxy {
+        let _ = task.await;
+    }
     let _ = std::fs::remove_file(&cfg.address);
     tokio::task::spawn_blocking(move || remote.shut_down()).await?;
     result.context("gRPC server failed")?;

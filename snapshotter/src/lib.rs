@@ -11,11 +11,13 @@
 //! - [`layerfs`]: lazy layers over FUSE and the span cache (where a span is fetched);
 //! - [`remote`]: remote Prepare — finding a layer's index and mounting it lazily;
 //! - [`keeper`]: the process that keeps FUSE connections alive across daemon restarts;
+//! - [`cri_proxy`]: the CRI image service proxy that hands kubelet's pull secrets to lazy layers;
 //! - [`pull`]: the `pull` client that prepares an image's layers through containerd;
 //! - [`filter`]: containerd's filter syntax for Walk;
 //! - [`metrics`]: Prometheus counters and latencies; [`logging`]: tracing set-up.
 //!
 
+pub mod cri_proxy;
 pub mod daemon;
 pub mod dirs;
 pub mod error;

@@ -33,6 +33,9 @@ pub struct RemoteLayers {
     minter: Option<Arc<TokenMinter>>,
     /// Credentials from labels, per image reference (also in the root-only store).
     label_creds: Mutex<HashMap<String, ChainInputs>>,
+    /// Pull secrets kubelet passed through the CRI image service proxy, per `registry/repository`
+    /// (also in the root-only store).
+    pull_secrets: Mutex<HashMap<String, Credential>>,
     creds_store: CredentialStore,
     /// One registry session per image (auth tokens and redirect targets are shared).
     repos: Mutex<HashMap<String, Arc<Repository>>>,
@@ -71,6 +74,15 @@ pub struct OpenedLayer {
     /// The windows blob of an index without windows.
     windows: Option<RegistryBlob>,
     layer_digest: String,
+}
+
+/// Pull secrets live in the credential store under `cri-pull-secret:<registry>/<repository>`.
+const PULL_SECRET_PREFIX: &str = "cri-pull-secret:";
+const PULL_SECRET_KEY: &str = "auth";
+
+/// The key pull secrets are kept under: the image's `registry/repository`.
+fn pull_secret_key(image: &Reference) -> String {
+    format!("{}/{}", image.registry, image.repository)
 }
 
 /// The chain inputs the `clip.*` credential labels give.
@@ -112,7 +124,14 @@ impl RemoteLayers {
         };
         let creds_store = CredentialStore::open(&cfg.root, cfg.lazy.credential_ttl_s)?;
         let mut label_creds = HashMap::new();
+        let mut pull_secrets = HashMap::new();
         for (image_ref, labels) in creds_store.load() {
+            if let Some(repo) = image_ref.strip_prefix(PULL_SECRET_PREFIX) {
+                if let Some(c) = labels.get(PULL_SECRET_KEY).and_then(|v| Credential::parse(v, Source::CriPullSecret).ok()) {
+                    pull_secrets.insert(repo.to_string(), c);
+                }
+                continue;
+            }
             match inputs_from_labels(&labels) {
                 Ok(inputs) => {
                     label_creds.insert(image_ref, inputs);
@@ -136,6 +155,7 @@ impl RemoteLayers {
             build_registry,
             minter,
             label_creds: Mutex::new(label_creds),
+            pull_secrets: Mutex::new(pull_secrets),
             creds_store,
             repos: Mutex::new(HashMap::new()),
             mounts: Mutex::new(HashMap::new()),
@@ -218,6 +238,28 @@ impl RemoteLayers {
         Ok(())
     }
 
+    /// Remembers the pull secret kubelet passed for `image_ref` (CRI image service proxy), for
+    /// that image's repository: in memory and in the root-only store until it expires. Never
+    /// logged.
+    pub fn remember_pull_secret(&self, image_ref: &str, credential: Credential) -> Result<(), String> {
+        let image = Reference::parse(image_ref).map_err(|e| e.to_string())?;
+        let key = pull_secret_key(&image);
+        let stored = std::collections::BTreeMap::from([(
+            PULL_SECRET_KEY.to_string(),
+            format!("{}:{}", credential.username, credential.password.expose()),
+        )]);
+        if let Err(e) = self.creds_store.save(&format!("{PULL_SECRET_PREFIX}{key}"), &stored) {
+            tracing::warn!(repository = %key, error = %e, "cannot persist a pull secret; it will not survive a restart");
+        }
+        self.pull_secrets.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(key.clone(), credential);
+        // Sessions of that repository pick the secret up.
+        self.repos.lock().unwrap_or_else(std::sync::PoisonError::into_inner).retain(|r, _| {
+            Reference::parse(r).map_or(true, |i| pull_secret_key(&i) != key)
+        });
+        tracing::info!(repository = %key, "pull secret received through the CRI image service proxy");
+        Ok(())
+    }
+
     /// The registry session of an image, with its credential chain.
     fn repository(&self, image_ref: &str) -> Result<Arc<Repository>, String> {
         let mut repos = self.repos.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -232,6 +274,12 @@ impl RemoteLayers {
             .get(image_ref)
             .cloned()
             .unwrap_or_default();
+        inputs.cri_pull_secret = self
+            .pull_secrets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&pull_secret_key(&image))
+            .cloned();
         inputs.build_registry = self.build_registry.clone();
         inputs.minter = self.minter.clone();
         inputs.docker_config = true;

@@ -1,0 +1,148 @@
+//! The CRI image service proxy (as stargz and SOCI offer): serves the CRI `ImageService` on its
+//! own socket for kubelet (`--image-service-endpoint`), forwards every call to containerd, and
+//! hands the `AuthConfig` of each `PullImage` — the pod's pull secret — to the lazy layers of
+//! that image's repository before containerd prepares them. The secret is kept in memory and in
+//! the root-only credential store until it expires, and never logged.
+
+use crate::remote::RemoteLayers;
+use clip_registry::credentials::{Credential, Source};
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::image_service_server::{ImageService, ImageServiceServer};
+use k8s_cri::v1::{
+    AuthConfig, ImageFsInfoRequest, ImageFsInfoResponse, ImageStatusRequest, ImageStatusResponse, ListImagesRequest,
+    ListImagesResponse, PullImageRequest, PullImageResponse, RemoveImageRequest, RemoveImageResponse,
+};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tonic_14::{Request, Response, Status};
+use tracing::Instrument;
+
+/// The credential an `AuthConfig` carries: `username`/`password`, else `auth`
+/// (base64 `username:password`). Token-only configs are not supported (`None`).
+pub fn credential_of(auth: &AuthConfig) -> Option<Credential> {
+    if !auth.username.is_empty() && !auth.password.is_empty() {
+        return Some(Credential::new(auth.username.clone(), auth.password.clone()));
+    }
+    if !auth.auth.is_empty() {
+        use base64::Engine;
+        let decoded = base64::engine::general_purpose::STANDARD.decode(auth.auth.trim()).ok()?;
+        return Credential::parse(std::str::from_utf8(&decoded).ok()?, Source::CriPullSecret).ok();
+    }
+    None
+}
+
+/// The proxy: containerd's image service, with pull secrets handed to lazy layers.
+#[derive(Debug)]
+pub struct CriImageProxy {
+    containerd: PathBuf,
+    remote: Arc<RemoteLayers>,
+}
+
+impl CriImageProxy {
+    pub fn new(containerd: &Path, remote: Arc<RemoteLayers>) -> Self {
+        Self {
+            containerd: containerd.to_path_buf(),
+            remote,
+        }
+    }
+
+    async fn upstream(&self) -> Result<ImageServiceClient<tonic_14::transport::Channel>, Status> {
+        let channel = containerd_client::connect(&self.containerd)
+            .await
+            .map_err(|e| Status::unavailable(format!("containerd at {}: {e}", self.containerd.display())))?;
+        Ok(ImageServiceClient::new(channel))
+    }
+}
+
+#[tonic_14::async_trait]
+impl ImageService for CriImageProxy {
+    async fn list_images(&self, request: Request<ListImagesRequest>) -> Result<Response<ListImagesResponse>, Status> {
+        self.upstream().await?.list_images(request.into_inner()).await
+    }
+
+    async fn image_status(&self, request: Request<ImageStatusRequest>) -> Result<Response<ImageStatusResponse>, Status> {
+        self.upstream().await?.image_status(request.into_inner()).await
+    }
+
+    async fn pull_image(&self, request: Request<PullImageRequest>) -> Result<Response<PullImageResponse>, Status> {
+        let req = request.into_inner();
+        let image = req.image.as_ref().map(|i| i.image.clone()).unwrap_or_default();
+        let span = tracing::info_span!("cri_pull_image", image = %image);
+        async {
+            match req.auth.as_ref().map(|a| (a, credential_of(a))) {
+                Some((_, Some(credential))) => {
+                    let remote = self.remote.clone();
+                    let image = image.clone();
+                    let remembered = tokio::task::spawn_blocking(move || remote.remember_pull_secret(&image, credential))
+                        .await
+                        .map_err(|e| Status::internal(e.to_string()))?;
+                    if let Err(e) = remembered {
+                        tracing::warn!(error = %e, "pull secret not kept for lazy layers");
+                    }
+                }
+                Some((a, None)) if !a.identity_token.is_empty() || !a.registry_token.is_empty() => {
+                    tracing::warn!("token-only pull secrets are not used for lazy layers; their reads use the other credential sources");
+                }
+                _ => {}
+            }
+            let started = std::time::Instant::now();
+            let result = self.upstream().await?.pull_image(req).await;
+            match &result {
+                Ok(r) => tracing::info!(image_ref = %r.get_ref().image_ref, seconds = started.elapsed().as_secs_f64(), "pulled through containerd"),
+                Err(s) => tracing::warn!(code = ?s.code(), message = %s.message(), "containerd refused the pull"),
+            }
+            result
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn remove_image(&self, request: Request<RemoveImageRequest>) -> Result<Response<RemoveImageResponse>, Status> {
+        self.upstream().await?.remove_image(request.into_inner()).await
+    }
+
+    async fn image_fs_info(&self, request: Request<ImageFsInfoRequest>) -> Result<Response<ImageFsInfoResponse>, Status> {
+        self.upstream().await?.image_fs_info(request.into_inner()).await
+    }
+}
+
+/// Serves the proxy on `address` until `shutdown` resolves.
+pub async fn serve(
+    address: &Path,
+    proxy: CriImageProxy,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    if let Some(dir) = address.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let _ = std::fs::remove_file(address);
+    let listener = tokio::net::UnixListener::bind(address).with_context(|| format!("binding {}", address.display()))?;
+    std::fs::set_permissions(address, std::os::unix::fs::PermissionsExt::from_mode(0o660))?;
+    tracing::info!(address = %address.display(), containerd = %proxy.containerd.display(), "serving the CRI image service proxy");
+    tonic_14::transport::Server::builder()
+        .add_service(ImageServiceServer::new(proxy))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(listener), shutdown)
+        .await
+        .context("CRI image service proxy")?;
+    let _ = std::fs::remove_file(address);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auth_configs_become_credentials() {
+        let a = AuthConfig { username: "u".into(), password: "p:w".into(), ..Default::default() };
+        let c = credential_of(&a).expect("basic");
+        assert_eq!((c.username.as_str(), c.password.expose()), ("u", "p:w"));
+        use base64::Engine;
+        let a = AuthConfig { auth: base64::engine::general_purpose::STANDARD.encode("v:secret"), ..Default::default() };
+        let c = credential_of(&a).expect("auth");
+        assert_eq!((c.username.as_str(), c.password.expose()), ("v", "secret"));
+        assert!(credential_of(&AuthConfig { registry_token: "t".into(), ..Default::default() }).is_none());
+        assert!(credential_of(&AuthConfig { auth: "%%%".into(), ..Default::default() }).is_none());
+    }
+}
