@@ -18,6 +18,7 @@
 //! in CI.
 
 pub mod containerd;
+pub mod cri;
 pub mod fault_proxy;
 pub mod http_stub;
 mod delay_proxy;

@@ -2,7 +2,9 @@
 //! own socket for kubelet (`--image-service-endpoint`), forwards every call to containerd, and
 //! hands the `AuthConfig` of each `PullImage` — the pod's pull secret — to the lazy layers of
 //! that image's repository before containerd prepares them. The secret is kept in memory and in
-//! the root-only credential store until it expires, and never logged.
+//! the root-only credential store until it expires, and never logged. A pull without a secret
+//! of an image in the configured build registry gets a token the snapshotter mints, so
+//! containerd can fetch its manifest and config.
 
 use crate::remote::RemoteLayers;
 use clip_registry::credentials::{Credential, Source};
@@ -84,6 +86,19 @@ impl ImageService for CriImageProxy {
                     tracing::warn!("token-only pull secrets are not used for lazy layers; their reads use the other credential sources");
                 }
                 _ => {}
+            }
+            let mut req = req;
+            if req.auth.as_ref().and_then(credential_of).is_none() {
+                // No pull secret: containerd needs one for the build registry, where the
+                // snapshotter mints its own tokens. Lazy reads mint their own as well.
+                if let Some(c) = self.remote.build_registry_credential(&image).await {
+                    tracing::info!(source = Source::MintedBuildRegistryToken.name(), "passing containerd a build registry token for the pull");
+                    req.auth = Some(AuthConfig {
+                        username: c.username.clone(),
+                        password: c.password.expose().to_string(),
+                        ..Default::default()
+                    });
+                }
             }
             let started = std::time::Instant::now();
             let result = self.upstream().await?.pull_image(req).await;

@@ -238,6 +238,22 @@ impl RemoteLayers {
         Ok(())
     }
 
+    /// For an image of the configured build registry: a token minted from the configured
+    /// long-term credentials (the CRI proxy passes it to containerd when kubelet gave none).
+    pub async fn build_registry_credential(&self, image_ref: &str) -> Option<Credential> {
+        let image = Reference::parse(image_ref).ok()?;
+        if !self.build_registry.as_ref().is_some_and(|b| b.covers(&image)) {
+            return None;
+        }
+        match self.minter.as_ref()?.credential(false).await {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(image = %image_ref, error = %e, "cannot mint a build registry token");
+                None
+            }
+        }
+    }
+
     /// Remembers the pull secret kubelet passed for `image_ref` (CRI image service proxy), for
     /// that image's repository: in memory and in the root-only store until it expires. Never
     /// logged.
