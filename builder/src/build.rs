@@ -7,7 +7,7 @@
 use crate::publish::{self, ImageIndexed};
 use anyhow::{Context, Result, bail};
 use clip_config::BuilderConfig;
-use clip_registry::credentials::{BuildRegistryScope, ChainInputs, Credential, CredentialChain};
+use clip_registry::credentials::{BuildRegistryScope, ChainInputs, Credential, CredentialChain, Source};
 use clip_registry::{HostsConfig, Platform, Reference, RegistryClient, TokenMinter};
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -156,12 +156,16 @@ pub async fn build(cfg: &BuilderConfig, req: &BuildRequest) -> Result<BuildRepor
         bail!("{image} is not in the build registry {}/{}", scope.registry, scope.repository_prefix);
     }
     let token = match &req.build_registry_creds {
-        Some(c) => c.clone(),
+        Some(c) => {
+            tracing::info!(source = Source::BuildRegistryCreds.name(), "pushing and indexing with the given build registry token");
+            c.clone()
+        }
         None => {
             let creds = br
                 .credentials
                 .as_ref()
                 .context("no build registry token given and no [build_registry.credentials] to mint one")?;
+            tracing::info!(source = Source::MintedBuildRegistryToken.name(), "pushing and indexing with a token minted from the config");
             TokenMinter::from_config(creds).await?.credential(false).await?
         }
     };

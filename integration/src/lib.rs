@@ -19,6 +19,7 @@
 
 pub mod containerd;
 pub mod cri;
+pub mod ecr_stub;
 pub mod fault_proxy;
 pub mod http_stub;
 mod delay_proxy;

@@ -29,6 +29,12 @@ pub struct TokenService {
 impl TokenService {
     /// Starts a service accepting `user`/`password` and issuing tokens valid `ttl_s` seconds.
     pub fn start(td: &TestDir, user: &str, password: &str, ttl_s: u64) -> Result<Self> {
+        let (user, password) = (user.to_string(), password.to_string());
+        Self::start_checking(td, Arc::new(move |u, p| u == user && p == password), ttl_s)
+    }
+
+    /// Starts a service accepting the basic credentials `check` accepts.
+    pub fn start_checking(td: &TestDir, check: Arc<dyn Fn(&str, &str) -> bool + Send + Sync>, ttl_s: u64) -> Result<Self> {
         let dir = td.sub("token-service")?;
         let key = dir.join("token.key");
         let cert = dir.join("token.crt");
@@ -40,12 +46,9 @@ impl TokenService {
         let der = run(Command::new("openssl").args(["x509", "-outform", "DER", "-in"]).arg(&cert))?.stdout;
         let x5c = STANDARD.encode(der);
         let issued = Arc::new(AtomicU64::new(0));
-        let (user, password) = (user.to_string(), password.to_string());
         let issued2 = issued.clone();
         let key2 = key.clone();
-        let stub = HttpStub::start(move |req| {
-            handle(req, &user, &password, ttl_s, &key2, &x5c, &issued2)
-        })?;
+        let stub = HttpStub::start(move |req| handle(req, check.as_ref(), ttl_s, &key2, &x5c, &issued2))?;
         Ok(Self { stub, cert, issued })
     }
 
@@ -60,13 +63,24 @@ impl TokenService {
     }
 }
 
-fn handle(req: &StubRequest, user: &str, password: &str, ttl_s: u64, key: &Path, x5c: &str, issued: &AtomicU64) -> StubResponse {
+type Check = dyn Fn(&str, &str) -> bool + Send + Sync;
+
+fn basic_user(req: &StubRequest) -> Option<(String, String)> {
+    let raw = req.headers.get("authorization")?.strip_prefix("Basic ")?;
+    let decoded = String::from_utf8(STANDARD.decode(raw.trim()).ok()?).ok()?;
+    let (u, p) = decoded.split_once(':')?;
+    Some((u.to_string(), p.to_string()))
+}
+
+fn handle(req: &StubRequest, check: &Check, ttl_s: u64, key: &Path, x5c: &str, issued: &AtomicU64) -> StubResponse {
     if req.path() != "/token" {
         return StubResponse::status(404);
     }
-    let expected = format!("Basic {}", STANDARD.encode(format!("{user}:{password}")));
-    let authed = req.headers.get("authorization").is_some_and(|a| *a == expected);
-    if !authed {
+    let user = match basic_user(req) {
+        Some((u, p)) if check(&u, &p) => u,
+        _ => String::new(),
+    };
+    if user.is_empty() {
         return StubResponse::json(401, &serde_json::json!({"errors": [{"code": "UNAUTHORIZED"}]}));
     }
     let mut access = Vec::new();
@@ -83,7 +97,7 @@ fn handle(req: &StubRequest, user: &str, password: &str, ttl_s: u64, key: &Path,
     let n = issued.fetch_add(1, Ordering::SeqCst);
     let header = serde_json::json!({"typ": "JWT", "alg": "RS256", "x5c": [x5c]});
     let claims = serde_json::json!({
-        "iss": ISSUER, "sub": user, "aud": SERVICE,
+        "iss": ISSUER, "sub": user.as_str(), "aud": SERVICE,
         "exp": now + ttl_s - REGISTRY_LEEWAY_S.min(now), "nbf": now - 5, "iat": now,
         "jti": format!("clip-test-{n}-{now}"), "access": access,
     });
