@@ -36,6 +36,31 @@ pub struct LayerIndexed {
     pub seconds: f64,
 }
 
+impl LayerIndexed {
+    /// The result for `index` of layer `digest` (`layer_size` compressed bytes), packed as
+    /// `packed`, with its windows blob if any.
+    fn from_index(
+        digest: &str,
+        layer_size: u64,
+        index: &clip_index::Index,
+        packed: &[u8],
+        windows: Option<&[u8]>,
+        seconds: f64,
+    ) -> Self {
+        Self {
+            layer_digest: digest.to_string(),
+            layer_size,
+            index_digest: sha256_digest(packed),
+            index_size: packed.len(),
+            entries: index.entry_count(),
+            spans: index.span_count(),
+            windows_digest: windows.map(sha256_digest),
+            windows_size: windows.map_or(0, <[u8]>::len),
+            seconds,
+        }
+    }
+}
+
 /// What `clip-builder index REF` prints.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ImageIndexed {
@@ -220,21 +245,8 @@ fn cached_layer(dir: &std::path::Path, digest: &str) -> Option<(LayerIndexed, Ve
         return None;
     }
     let windows = if index.has_external_windows() { Some(std::fs::read(&windows_path).ok()?) } else { None };
-    Some((
-        LayerIndexed {
-            layer_digest: digest.to_string(),
-            layer_size: index.compressed_size(),
-            index_digest: sha256_digest(&packed),
-            index_size: packed.len(),
-            entries: index.entry_count(),
-            spans: index.span_count(),
-            windows_digest: windows.as_deref().map(sha256_digest),
-            windows_size: windows.as_ref().map_or(0, Vec::len),
-            seconds: 0.0,
-        },
-        packed,
-        windows,
-    ))
+    let layer = LayerIndexed::from_index(digest, index.compressed_size(), &index, &packed, windows.as_deref(), 0.0);
+    Some((layer, packed, windows))
 }
 
 fn store_layer(dir: &std::path::Path, digest: &str, packed: &[u8], windows: Option<&[u8]>) -> std::io::Result<()> {
@@ -297,19 +309,6 @@ async fn index_layer(
     if index.layer_digest() != digest {
         bail!("index of {digest} names layer {}", index.layer_digest());
     }
-    Ok((
-        LayerIndexed {
-            layer_digest: digest.to_string(),
-            layer_size: size,
-            index_digest: sha256_digest(&packed),
-            index_size: packed.len(),
-            entries: index.entry_count(),
-            spans: index.span_count(),
-            windows_digest: windows.as_deref().map(sha256_digest),
-            windows_size: windows.as_ref().map_or(0, Vec::len),
-            seconds: started.elapsed().as_secs_f64(),
-        },
-        packed,
-        windows,
-    ))
+    let layer = LayerIndexed::from_index(digest, size, &index, &packed, windows.as_deref(), started.elapsed().as_secs_f64());
+    Ok((layer, packed, windows))
 }

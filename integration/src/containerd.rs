@@ -17,6 +17,8 @@ pub struct ContainerdOptions {
     pub cri_snapshotter: Option<String>,
     /// CRI sandbox image, e.g. `127.0.0.1:PORT/testbed/pause:latest`.
     pub sandbox_image: Option<String>,
+    /// The stargz snapshotter's socket for `[proxy_plugins.stargz]` (benchmarks), if any.
+    pub stargz_socket: Option<PathBuf>,
 }
 
 /// A running containerd. On drop: every task killed, every container and image removed in every
@@ -94,6 +96,21 @@ impl Containerd {
     /// Runs `ctr -n ns ARGS...`, failing with its output when it fails.
     pub fn ctr_run(&self, ns: &str, args: &[&str]) -> Result<Output> {
         run(self.ctr(ns).args(args))
+    }
+
+    /// The root file system of `image` as `snapshotter` presents it (`ctr images mount` in
+    /// namespace `t`), described entry by entry.
+    pub fn image_tree(
+        &self,
+        td: &TestDir,
+        image: &str,
+        snapshotter: &str,
+    ) -> Result<std::collections::BTreeMap<PathBuf, crate::tree::EntryDesc>> {
+        let target = td.sub(&format!("mnt-{snapshotter}"))?;
+        run(self.ctr("t").args(["images", "mount", "--snapshotter", snapshotter, image]).arg(&target))?;
+        let tree = crate::tree::describe_tree(&target);
+        let _ = run(self.ctr("t").args(["images", "unmount", "--rm"]).arg(&target));
+        tree
     }
 
     /// Every namespace that exists.
@@ -216,7 +233,11 @@ oom_score = 0
         socket = socket.display(),
         hosts = hosts_dir.display(),
         clip = clip_socket.display(),
-    )
+    ) + &opts
+        .stargz_socket
+        .as_ref()
+        .map(|s| format!("  [proxy_plugins.stargz]\n    type = \"snapshot\"\n    address = \"{}\"\n", s.display()))
+        .unwrap_or_default()
 }
 
 /// Checks that `ctr` output mentions `needle`, with context on failure.

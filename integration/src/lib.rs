@@ -22,7 +22,7 @@ pub mod cri;
 pub mod ecr_stub;
 pub mod fault_proxy;
 pub mod http_stub;
-mod delay_proxy;
+pub mod delay_proxy;
 pub mod images;
 pub mod netns;
 pub mod process;

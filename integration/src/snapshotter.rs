@@ -126,6 +126,18 @@ impl ClipSnapshotter {
         }
     }
 
+    /// Stops the daemon and its keeper, deletes its whole state (caches, metadata) and starts
+    /// it again: a cold snapshotter.
+    pub fn wipe_and_restart(&mut self) -> Result<()> {
+        self.kill();
+        self.kill_keeper();
+        crate::unmount_below(&self.root);
+        if self.root.exists() {
+            std::fs::remove_dir_all(&self.root).with_context(|| format!("wiping {}", self.root.display()))?;
+        }
+        self.launch()
+    }
+
     /// Starts the daemon again on the same root and socket.
     pub fn restart(&mut self) -> Result<()> {
         self.kill();

@@ -89,6 +89,7 @@ fn kubelet_style_pods_start_lazily_with_every_credential_path() -> Result<()> {
             clip_socket: Some(snap.socket().to_path_buf()),
             cri_snapshotter: Some("clip".into()),
             sandbox_image: Some(format!("{}/testbed/pause:latest", plain.host())),
+            ..Default::default()
         },
     )?;
     for reg in [&plain, &other, &build] {

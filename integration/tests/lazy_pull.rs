@@ -7,18 +7,11 @@ use clip_integration::fault_proxy::{Fault, FaultProxy};
 use clip_integration::images::{TestImage, layout_layers};
 use clip_integration::registry::Registry;
 use clip_integration::snapshotter::{ClipSnapshotter, workspace_binary};
-use clip_integration::tree::{describe_tree, diff_trees};
+use clip_integration::tree::diff_trees;
 use clip_integration::{TestDir, require_root, run};
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
-fn image_tree(ctrd: &Containerd, td: &TestDir, image: &str, snapshotter: &str) -> Result<std::collections::BTreeMap<std::path::PathBuf, clip_integration::tree::EntryDesc>> {
-    let target = td.sub(&format!("mnt-{snapshotter}"))?;
-    run(ctrd.ctr("t").args(["images", "mount", "--snapshotter", snapshotter, image]).arg(&target))?;
-    let tree = describe_tree(&target);
-    let _ = run(ctrd.ctr("t").args(["images", "unmount", "--rm"]).arg(&target));
-    tree
-}
 
 #[test]
 fn python_image_starts_lazily_from_the_plain_registry_with_a_fraction_of_its_bytes() -> Result<()> {
@@ -65,8 +58,8 @@ fn python_image_starts_lazily_from_the_plain_registry_with_a_fraction_of_its_byt
 
     // The container's root file system is the one overlayfs unpacking gives.
     run(ctrd.ctr("t").args(["images", "pull", "--plain-http", "--snapshotter", "overlayfs", &reference]))?;
-    let overlay = image_tree(&ctrd, &td, &reference, "overlayfs")?;
-    let clip = image_tree(&ctrd, &td, &reference, "clip")?;
+    let overlay = ctrd.image_tree(&td, &reference, "overlayfs")?;
+    let clip = ctrd.image_tree(&td, &reference, "clip")?;
     let diffs = diff_trees(&overlay, &clip, 20);
     assert!(diffs.is_empty(), "rootfs differs:\n{}", diffs.join("\n"));
     eprintln!("{} entries identical on overlayfs and lazy clip", clip.len());

@@ -5,7 +5,7 @@
 //! never fetched still succeed because the snapshotter mints its own from its config. The logs
 //! name the credential source at build and at run time, never a secret.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clip_integration::containerd::{Containerd, ContainerdOptions};
 use clip_integration::ecr_stub::FakeEcr;
 use clip_integration::images::TestImage;

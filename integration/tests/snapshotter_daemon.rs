@@ -6,12 +6,12 @@ use clip_integration::containerd::{Containerd, ContainerdOptions};
 use clip_integration::images::TestImage;
 use clip_integration::registry::Registry;
 use clip_integration::snapshotter::{ClipSnapshotter, workspace_binary};
-use clip_integration::tree::{describe_tree, diff_trees};
+use clip_integration::tree::diff_trees;
 use clip_integration::{TestDir, require_root, run, run_stdout};
 use containerd_snapshots::api::snapshots::v1 as api;
 use containerd_snapshots::api::snapshots::v1::snapshots_client::SnapshotsClient;
 use containerd_snapshots::tonic::{Code, transport::Channel};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
@@ -382,21 +382,6 @@ fn socket_contract_signals_and_metrics() -> Result<()> {
     Ok(())
 }
 
-/// Pulls `image` into a snapshotter, mounts its root file system read-only with
-/// `ctr images mount`, and describes it.
-fn image_tree(
-    ctrd: &Containerd,
-    td: &TestDir,
-    image: &str,
-    snapshotter: &str,
-) -> Result<BTreeMap<std::path::PathBuf, clip_integration::tree::EntryDesc>> {
-    let target = td.sub(&format!("mnt-{snapshotter}"))?;
-    run(ctrd.ctr("t").args(["images", "mount", "--snapshotter", snapshotter, image]).arg(&target))?;
-    let tree = describe_tree(&target);
-    let _ = run(ctrd.ctr("t").args(["images", "unmount", "--rm"]).arg(&target));
-    tree
-}
-
 #[test]
 fn ctr_pulls_and_runs_images_on_clip_with_the_same_rootfs_as_overlayfs() -> Result<()> {
     require_root();
@@ -430,8 +415,8 @@ fn ctr_pulls_and_runs_images_on_clip_with_the_same_rootfs_as_overlayfs() -> Resu
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(stdout.contains("hello from clip"), "{stdout}");
 
-        let overlay = image_tree(&ctrd, &td, &reference, "overlayfs")?;
-        let clip = image_tree(&ctrd, &td, &reference, "clip")?;
+        let overlay = ctrd.image_tree(&td, &reference, "overlayfs")?;
+        let clip = ctrd.image_tree(&td, &reference, "clip")?;
         let diffs = diff_trees(&overlay, &clip, 20);
         assert!(diffs.is_empty(), "{reference}: rootfs differs:\n{}", diffs.join("\n"));
         eprintln!("{reference}: {} entries identical on overlayfs and clip", clip.len());

@@ -415,7 +415,7 @@ impl Repository {
             match Box::pin(f()).await {
                 Err(e) if e.is_transient() && attempt < policy.retries => {
                     tracing::debug!(error = %e, attempt, "transient failure reading a response; retrying");
-                    tokio::time::sleep(policy.base_delay * (1 << attempt.min(6))).await;
+                    tokio::time::sleep(crate::client::backoff(policy.base_delay, attempt)).await;
                     attempt += 1;
                 }
                 other => return other,

@@ -581,7 +581,7 @@ async fn check_status(resp: reqwest::Response, registry: &str, op: &Op) -> Resul
     })
 }
 
-fn backoff(base: Duration, attempt: u32) -> Duration {
+pub(crate) fn backoff(base: Duration, attempt: u32) -> Duration {
     let exp = base.saturating_mul(1 << attempt.min(10));
     let capped = exp.min(Duration::from_secs(5));
     // Jitter of up to 25 % from the clock's sub-second noise (no RNG needed).

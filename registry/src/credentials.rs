@@ -285,6 +285,7 @@ mod tests {
     fn chain_order_follows_the_design() {
         let inputs = ChainInputs {
             image_creds: Some(Credential::new("i", "p")),
+            cri_pull_secret: Some(Credential::new("k", "p")),
             source_image_creds: Some(Credential::new("s", "p")),
             build_registry_creds: Some(Credential::new("b", "p")),
             build_registry: Some(BuildRegistryScope::new("reg.io", "team")),
@@ -303,6 +304,7 @@ mod tests {
             sources("reg.io/team/app"),
             vec![
                 Source::ImageCreds,
+                Source::CriPullSecret,
                 Source::SourceImageCreds,
                 Source::BuildRegistryCreds,
                 Source::DockerConfig,
@@ -311,7 +313,7 @@ mod tests {
         );
         assert_eq!(
             sources("other.io/team/app"),
-            vec![Source::ImageCreds, Source::SourceImageCreds, Source::DockerConfig, Source::Anonymous]
+            vec![Source::ImageCreds, Source::CriPullSecret, Source::SourceImageCreds, Source::DockerConfig, Source::Anonymous]
         );
     }
 
