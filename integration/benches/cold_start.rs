@@ -520,13 +520,22 @@ fn write_results(
             }
         }
     }
+    let _ = writeln!(
+        md,
+        "\nNotes: `clip-cri` times PullImage + RunPodSandbox + CreateContainer + StartContainer until exit, with the sandbox \
+         image pulled before the clock starts; the test bed's pause image is busybox plus a layer, so busybox through CRI \
+         finds its layer already served (0 MB). eStargz modes run when `containerd-stargz-grpc` is installed \
+         (`../shared/testbed/00-install.sh`); `estargz-opt` is optimized for `import numpy`.\n"
+    );
     let _ = writeln!(md, "\n## Snapshotter memory\n\n{memory}\n");
     std::fs::write(opts.out.join("cold-start.md"), &md)?;
     eprintln!("{md}");
 
     // The chart, when matplotlib is there.
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/plot_cold_start.py");
-    let plotted = Command::new("python3").arg(&script).arg(opts.out.join("cold-start.csv")).arg(opts.out.join("cold-start.png")).status();
+    // Debian's python3 (python3-matplotlib), not whatever python3 comes first in PATH.
+    let python = if Path::new("/usr/bin/python3").exists() { "/usr/bin/python3" } else { "python3" };
+    let plotted = Command::new(python).arg(&script).arg(opts.out.join("cold-start.csv")).arg(opts.out.join("cold-start.png")).status();
     if !plotted.is_ok_and(|s| s.success()) {
         eprintln!("no chart: install python3-matplotlib and run python3 {} CSV PNG", script.display());
     }

@@ -57,7 +57,7 @@ impl ClipSnapshotter {
             .arg(&self.root)
             .arg("--address")
             .arg(&self.socket)
-            .args(["--log-level", "debug"])
+            .args(if self.extra_args.iter().any(|a| a == "--log-level") { &[][..] } else { &["--log-level", "debug"][..] })
             .args(&self.extra_args)
             .env("AWS_EC2_METADATA_DISABLED", "true");
         let mut daemon = Daemon::spawn("clip-snapshotter", cmd, &self.log)?;
