@@ -58,6 +58,17 @@ pub struct LazyConfig {
     pub background_start_delay_ms: u64,
     /// Missing spans fetched together with a requested one (sequential read-ahead).
     pub readahead_spans: u32,
+    /// Serve large fully local files with FUSE passthrough (kernel 6.9+): the kernel reads a
+    /// local copy directly. Costs a copy on disk and a FUSE round trip per open; off, the
+    /// kernel opens files without asking the daemon and keeps their page cache.
+    pub passthrough: bool,
+    /// Threads fetching speculatively what a miss suggests is read next (the rest of the
+    /// file, its neighbours in the layer); 0 turns this off.
+    pub prefetch_threads: usize,
+    /// Spans around a miss fetched speculatively (after it; half as many before it).
+    pub prefetch_neighbour_spans: u32,
+    /// A file read is fetched whole speculatively when it has at most this many spans.
+    pub prefetch_file_spans: u32,
     /// How long credentials received in `clip.*` labels are kept in the root-only store for
     /// restarts (seconds).
     pub credential_ttl_s: u64,
@@ -82,6 +93,10 @@ impl Default for LazyConfig {
             background_fetch: true,
             background_start_delay_ms: 2000,
             readahead_spans: 0,
+            passthrough: false,
+            prefetch_threads: 4,
+            prefetch_neighbour_spans: 2,
+            prefetch_file_spans: 8,
             credential_ttl_s: 12 * 3600,
             survive_restarts: true,
             orphan_timeout_s: 600,

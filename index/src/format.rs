@@ -656,6 +656,11 @@ impl Index {
         Ok(parts.join(&b'/'))
     }
 
+    /// How many extended attributes the layer's entries carry in all.
+    pub fn xattr_total(&self) -> u32 {
+        self.xattr_count
+    }
+
     /// The extended attributes of an entry, as (name, value) pairs.
     pub fn xattrs(&self, e: &Entry<'_>) -> Result<Vec<(&[u8], &[u8])>, IndexError> {
         let end = e.xattr_first.checked_add(e.xattr_count).filter(|x| *x <= self.xattr_count);

@@ -33,6 +33,9 @@ struct Opts {
     links: Vec<String>,
     images: Vec<String>,
     modes: Vec<String>,
+    workloads: Vec<String>,
+    /// Parts left out: `warm`, `memory`, `stargz` (quick runs while tuning).
+    skip: Vec<String>,
     out: PathBuf,
 }
 
@@ -42,6 +45,8 @@ fn parse_opts() -> Result<Opts> {
         links: vec!["loopback".into(), "slow".into()],
         images: vec!["busybox".into(), "python".into()],
         modes: vec!["overlayfs".into(), "clip".into(), "clip-cri".into()],
+        workloads: vec!["print".into(), "numpy".into(), "fullread".into()],
+        skip: Vec::new(),
         out: Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks"),
     };
     let list = |v: String| v.split(',').map(str::to_string).collect::<Vec<_>>();
@@ -52,6 +57,8 @@ fn parse_opts() -> Result<Opts> {
             "--links" => o.links = list(args.next().context("--links")?),
             "--images" => o.images = list(args.next().context("--images")?),
             "--modes" => o.modes = list(args.next().context("--modes")?),
+            "--workloads" => o.workloads = list(args.next().context("--workloads")?),
+            "--skip" => o.skip = list(args.next().context("--skip warm,memory,stargz")?),
             "--out" => o.out = PathBuf::from(args.next().context("--out DIR")?),
             "--bench" => {}
             other => bail!("unknown argument {other}"),
@@ -350,7 +357,7 @@ fn main() -> Result<()> {
     let first = sites.values().next().context("no link")?;
     let pause = format!("{}/bench/pause:latest", first.host);
 
-    let mut stargz = Stargz::find().map(|bin| Stargz { bin, dir: td.path().join("stargz"), daemon: None });
+    let mut stargz = Stargz::find().filter(|_| !opts.skip.iter().any(|s| s == "stargz")).map(|bin| Stargz { bin, dir: td.path().join("stargz"), daemon: None });
     let stargz_hosts: Vec<String> = sites.values().map(|s| s.host.clone()).collect();
     if let Some(s) = &mut stargz {
         std::fs::create_dir_all(&s.dir)?;
@@ -360,9 +367,12 @@ fn main() -> Result<()> {
         eprintln!("containerd-stargz-grpc not found (../shared/testbed/00-install.sh builds it): no eStargz modes");
     }
     let config = td.path().join("snapshotter.toml");
-    std::fs::write(&config, format!("[registry]\nhosts_dir = \"{}\"\n", hosts.display()))?;
+    // CLIP_BENCH_LAZY: extra `[lazy]` settings, e.g. "prefetch_threads = 0" (tuning runs).
+    let lazy = std::env::var("CLIP_BENCH_LAZY").unwrap_or_default().replace(';', "\n");
+    std::fs::write(&config, format!("[registry]\nhosts_dir = \"{}\"\n[lazy]\n{lazy}\n", hosts.display()))?;
     let config = config.display().to_string();
-    let snap = ClipSnapshotter::start(&td, "clip", &["--config", &config, "--log-level", "info"])?;
+    let level = std::env::var("CLIP_BENCH_LOG_LEVEL").unwrap_or_else(|_| "info".into());
+    let snap = ClipSnapshotter::start(&td, "clip", &["--config", &config, "--log-level", &level])?;
     let ctrd = Containerd::start(
         &td,
         &ContainerdOptions {
@@ -416,6 +426,9 @@ fn main() -> Result<()> {
     for (link, site) in &sites {
         for image in &opts.images {
             for name in ["print", "numpy", "fullread"] {
+                if !opts.workloads.iter().any(|w| w == name) {
+                    continue;
+                }
                 let Some(cmd) = workload(image, name) else { continue };
                 for mode in &opts.modes {
                     for rep in 0..opts.reps {
@@ -432,7 +445,7 @@ fn main() -> Result<()> {
 
     // Warm read and metadata walk (python image, loopback-first site), overlayfs vs clip.
     let mut warm: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
-    if opts.images.iter().any(|i| i == "python") {
+    if opts.images.iter().any(|i| i == "python") && !opts.skip.iter().any(|s| s == "warm") {
         let site = sites.values().next().context("site")?;
         for name in ["fullread", "walk"] {
             for mode in ["overlayfs", "clip"] {
@@ -446,16 +459,19 @@ fn main() -> Result<()> {
     }
 
     // Memory: both images mounted lazily on one snapshotter.
-    bench.cold()?;
-    let site = sites.values().next().context("site")?;
-    for image in ["busybox", "python"] {
-        bench.pull("clip", &site.reference(image))?;
-        bench.ctr_run("clip", &site.reference(image), &workload(image, "print").context("print")?)?;
+    let mut memory = String::new();
+    if !opts.skip.iter().any(|s| s == "memory") {
+        bench.cold()?;
+        let site = sites.values().next().context("site")?;
+        for image in ["busybox", "python"] {
+            bench.pull("clip", &site.reference(image))?;
+            bench.ctr_run("clip", &site.reference(image), &workload(image, "print").context("print")?)?;
+        }
+        let pid = bench.snap.pid();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let field = |f: &str| status.lines().find_map(|l| l.strip_prefix(f)).map(|v| v.trim().to_string()).unwrap_or_default();
+        memory = format!("VmRSS {} (peak VmHWM {}), {} threads, with busybox and python mounted (5 lazy layers)", field("VmRSS:"), field("VmHWM:"), field("Threads:"));
     }
-    let pid = bench.snap.pid();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |f: &str| status.lines().find_map(|l| l.strip_prefix(f)).map(|v| v.trim().to_string()).unwrap_or_default();
-    let memory = format!("VmRSS {} (peak VmHWM {}), {} threads, with busybox and python mounted (5 lazy layers)", field("VmRSS:"), field("VmHWM:"), field("Threads:"));
     bench.ctrd.purge()?;
 
     write_results(&opts, &samples, &warm, &memory, &sizes)?;

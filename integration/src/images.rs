@@ -20,6 +20,9 @@ pub enum TestImage {
     /// Debian bookworm minbase + python3 + python3-numpy + `/app/hello.py`: four gzip layers,
     /// ~83 MiB compressed.
     Python,
+    /// Debian bookworm minbase + python3 with python3-scipy + gcc with libc6-dev + `/app/solve.py`:
+    /// four gzip layers, a few hundred MB (the benchmark's large image).
+    Scipy,
 }
 
 struct Recipe {
@@ -29,12 +32,14 @@ struct Recipe {
 
 const BUSYBOX: Recipe = Recipe { name: "busybox", script: include_str!("../images/busybox.sh") };
 const PYTHON: Recipe = Recipe { name: "python", script: include_str!("../images/python.sh") };
+const SCIPY: Recipe = Recipe { name: "scipy", script: include_str!("../images/scipy.sh") };
 
 impl TestImage {
     fn recipe(self) -> &'static Recipe {
         match self {
             Self::Busybox | Self::Pause => &BUSYBOX,
             Self::Python => &PYTHON,
+            Self::Scipy => &SCIPY,
         }
     }
 
@@ -44,6 +49,7 @@ impl TestImage {
             Self::Busybox => "busybox",
             Self::Pause => "pause",
             Self::Python => "pyapp",
+            Self::Scipy => "scipy",
         }
     }
 
@@ -53,6 +59,7 @@ impl TestImage {
             Self::Busybox => "testbed/busybox",
             Self::Pause => "testbed/pause",
             Self::Python => "testbed/pyapp",
+            Self::Scipy => "testbed/scipy",
         }
     }
 

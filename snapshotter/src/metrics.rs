@@ -39,6 +39,7 @@ pub struct LayerMetrics {
     pub spans_total: prometheus_client::metrics::gauge::Gauge,
     pub read_seconds: Option<Histogram>,
     pub passthrough_opens: Counter,
+    pub prefetched_spans: Counter,
 }
 
 /// The daemon's metrics registry.
@@ -55,6 +56,7 @@ pub struct Metrics {
     spans_total: Family<LayerLabels, prometheus_client::metrics::gauge::Gauge>,
     read_seconds: Histogram,
     passthrough_opens: Family<LayerLabels, Counter>,
+    prefetched_spans: Family<LayerLabels, Counter>,
     /// Bytes in the span caches and passthrough copies, their limit, and evicted spans.
     pub cache_bytes: prometheus_client::metrics::gauge::Gauge,
     pub cache_limit_bytes: prometheus_client::metrics::gauge::Gauge,
@@ -102,6 +104,8 @@ impl Metrics {
         registry.register("fuse_read_seconds", "latency of FUSE reads of lazy layers", read_seconds.clone());
         let passthrough_opens = Family::<LayerLabels, Counter>::default();
         registry.register("fuse_passthrough_opens", "opens of fully local files served by FUSE passthrough", passthrough_opens.clone());
+        let prefetched_spans = Family::<LayerLabels, Counter>::default();
+        registry.register("prefetched_spans", "spans fetched speculatively after a miss (rest of a file, tar neighbours)", prefetched_spans.clone());
         let cache_bytes = prometheus_client::metrics::gauge::Gauge::default();
         let cache_limit_bytes = prometheus_client::metrics::gauge::Gauge::default();
         let cache_evictions = Counter::default();
@@ -120,6 +124,7 @@ impl Metrics {
             spans_total,
             read_seconds,
             passthrough_opens,
+            prefetched_spans,
             cache_bytes,
             cache_limit_bytes,
             cache_evictions,
@@ -140,6 +145,7 @@ impl Metrics {
             spans_total: self.spans_total.get_or_create(&l).clone(),
             read_seconds: Some(self.read_seconds.clone()),
             passthrough_opens: self.passthrough_opens.get_or_create(&l).clone(),
+            prefetched_spans: self.prefetched_spans.get_or_create(&l).clone(),
         }
     }
 

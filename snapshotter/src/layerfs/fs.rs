@@ -37,10 +37,22 @@ pub struct LayerFs {
     open_modes: std::sync::Mutex<std::collections::HashMap<u64, (u32, u32)>>,
     /// Where the last read of each inode ended, to spot sequential readers.
     last_read_end: std::sync::Mutex<std::collections::HashMap<u64, u64>>,
+    /// The kernel opens files and directories without asking (no passthrough wanted): no
+    /// OPEN/RELEASE round trip per open, page cache kept, directory listings cached.
+    no_open: bool,
+    no_opendir: bool,
+    /// Whether any entry has extended attributes or is an opaque directory (computed at the
+    /// first getxattr). A layer without any answers ENOSYS, and the kernel stops asking
+    /// (overlayfs asks for its `trusted.overlay.*` names at nearly every lookup and open).
+    has_xattrs: std::sync::OnceLock<bool>,
 }
 
 /// Spans fetched ahead for a sequential reader.
 const SEQUENTIAL_READAHEAD_SPANS: u32 = 2;
+
+/// Smallest file opened with passthrough. A small file costs one FUSE read and then lives in
+/// the page cache; a copy for passthrough would double its disk use and cost a write at open.
+const PASSTHROUGH_MIN_BYTES: u64 = 1 << 20;
 
 /// File handle values: which mode an open file is in.
 const FH_CACHED: u64 = 0;
@@ -62,11 +74,15 @@ impl LayerFs {
             session_state: None,
             open_modes: std::sync::Mutex::new(std::collections::HashMap::new()),
             last_read_end: std::sync::Mutex::new(std::collections::HashMap::new()),
+            no_open: false,
+            no_opendir: false,
+            has_xattrs: std::sync::OnceLock::new(),
         }
     }
 
-    /// Opens files whose data is all local with FUSE passthrough (kernel 6.9+): the file is
-    /// materialized once under `dir` and the kernel reads it directly.
+    /// Opens files whose data is all local with FUSE passthrough (kernel 6.9+): a file of at
+    /// least [`PASSTHROUGH_MIN_BYTES`] is materialized once under `dir` and the kernel reads it
+    /// directly.
     pub fn with_passthrough(mut self, dir: std::path::PathBuf) -> Self {
         self.files_dir = Some(dir);
         self
@@ -103,6 +119,10 @@ impl LayerFs {
         if !self.passthrough.load(std::sync::atomic::Ordering::Relaxed) || e.kind != EntryKind::File {
             return None;
         }
+        let path = dir.join(format!("{}", e.id));
+        if e.size < PASSTHROUGH_MIN_BYTES && !path.exists() {
+            return None;
+        }
         let start = e.data_offset;
         if e.size > 0 {
             let spans = self.index().spans_for(start, e.size).ok()?;
@@ -110,7 +130,6 @@ impl LayerFs {
                 return None;
             }
         }
-        let path = dir.join(format!("{}", e.id));
         if !path.exists() {
             if let Some(budget) = &self.spans.budget {
                 if !budget.try_pin(dir, e.size) {
@@ -207,6 +226,14 @@ impl LayerFs {
         e.name.starts_with(WHITEOUT_PREFIX) && e.name != OPAQUE_MARKER
     }
 
+    fn has_xattrs(&self) -> bool {
+        *self.has_xattrs.get_or_init(|| {
+            let index = self.index();
+            index.xattr_total() > 0
+                || (0..index.entry_count()).any(|id| index.entry(id).is_ok_and(|e| e.name == OPAQUE_MARKER))
+        })
+    }
+
     fn is_opaque(&self, dir: &Entry<'_>) -> bool {
         dir.kind == EntryKind::Dir && self.index().child(dir, OPAQUE_MARKER).ok().flatten().is_some()
     }
@@ -256,6 +283,28 @@ impl LayerFs {
     }
 }
 
+/// The attributes of a negative lookup answer: node id 0 tells the kernel the name does not
+/// exist, and for how long it may remember that.
+fn negative_entry() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
 fn xattr_reply(reply: ReplyXattr, size: u32, data: &[u8]) {
     if size == 0 {
         reply.size(data.len() as u32);
@@ -270,6 +319,13 @@ impl Filesystem for LayerFs {
     fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
         // Directory listings with attributes in one round trip (ls -l, find, stat walks).
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_DO_READDIRPLUS | fuser::InitFlags::FUSE_READDIRPLUS_AUTO);
+        // Symlink targets never change: the kernel may keep them.
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_CACHE_SYMLINKS);
+        // Opens cost a round trip each (a container start opens hundreds of files; overlayfs
+        // opens lower files again and again). Without passthrough there is nothing to decide at
+        // open: the kernel may open on its own, keeping the page cache (FOPEN_KEEP_CACHE).
+        self.no_opendir = config.add_capabilities(fuser::InitFlags::FUSE_NO_OPENDIR_SUPPORT).is_ok();
+        self.no_open = self.files_dir.is_none() && config.add_capabilities(fuser::InitFlags::FUSE_NO_OPEN_SUPPORT).is_ok();
         if self.files_dir.is_some() && config.add_capabilities(fuser::InitFlags::FUSE_PASSTHROUGH).is_ok() {
             // Depth 1: backing files on a plain fs, and overlayfs may stack on this mount.
             if config.set_max_stack_depth(1).is_ok() {
@@ -290,6 +346,22 @@ impl Filesystem for LayerFs {
         });
         match result {
             Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            // A negative entry (node id 0) the kernel caches: overlayfs looks every name up in
+            // every lower layer, and most layers lack most names.
+            Err(e) if e == Errno::ENOENT => reply.entry(&TTL, &negative_entry(), Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if self.no_opendir {
+            // The kernel then opens directories itself, caching their listings.
+            return reply.error(Errno::ENOSYS);
+        }
+        match self.entry(ino) {
+            // Immutable directories: the kernel may keep their listings.
+            Ok(e) if e.kind == EntryKind::Dir => reply.opened(FileHandle(0), FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE),
+            Ok(_) => reply.error(Errno::ENOTDIR),
             Err(e) => reply.error(e),
         }
     }
@@ -313,6 +385,10 @@ impl Filesystem for LayerFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if self.no_open {
+            // Granted at init: from now on the kernel opens files itself (read-only mount).
+            return reply.error(Errno::ENOSYS);
+        }
         if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
             return reply.error(Errno::EROFS);
         }
@@ -376,6 +452,11 @@ impl Filesystem for LayerFs {
         reply.opened(FileHandle(FH_CACHED), FopenFlags::FOPEN_KEEP_CACHE);
     }
 
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: fuser::ReplyEmpty) {
+        // Nothing is ever written: ENOSYS makes the kernel stop sending FLUSH on every close.
+        reply.error(Errno::ENOSYS);
+    }
+
     fn release(
         &self,
         _req: &Request,
@@ -434,11 +515,9 @@ impl Filesystem for LayerFs {
             seq
         };
         let started = std::time::Instant::now();
-        let result = if sequential {
-            self.spans.read_ahead(start, start + len, SEQUENTIAL_READAHEAD_SPANS)
-        } else {
-            self.spans.read(start, start + len)
-        };
+        let readahead = if sequential { SEQUENTIAL_READAHEAD_SPANS } else { self.spans.readahead_spans };
+        let file = e.data_offset..e.data_offset + e.size;
+        let result = self.spans.read_hinted(start, start + len, readahead, Some(file));
         if let Some(h) = &self.spans.metrics.read_seconds {
             h.observe(started.elapsed().as_secs_f64());
         }
@@ -485,6 +564,9 @@ impl Filesystem for LayerFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if !self.has_xattrs() {
+            return reply.error(Errno::ENOSYS);
+        }
         match self.entry(ino).and_then(|e| self.xattrs(&e)) {
             Ok(list) => match list.iter().find(|(k, _)| k.as_slice() == name.as_bytes()) {
                 Some((_, v)) => xattr_reply(reply, size, v),
@@ -495,6 +577,9 @@ impl Filesystem for LayerFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if !self.has_xattrs() {
+            return reply.error(Errno::ENOSYS);
+        }
         match self.entry(ino).and_then(|e| self.xattrs(&e)) {
             Ok(list) => {
                 let mut names = Vec::new();

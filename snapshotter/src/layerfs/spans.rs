@@ -5,12 +5,12 @@
 //! makes concurrent readers of a span share one fetch.
 
 use clip_index::{Index, IndexError, SpanInfo};
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 /// Compressed bytes of one layer blob, by range. Blocking; called from FUSE worker threads.
 pub trait BlobSource: Send + Sync {
@@ -83,7 +83,13 @@ pub struct SpanCache {
     index: Arc<Index>,
     dir: PathBuf,
     source: Arc<dyn BlobSource>,
-    locks: Mutex<HashMap<u32, Arc<Mutex<()>>>>,
+    /// Spans being fetched right now (by a reader or the prefetcher); readers of one wait for
+    /// that fetch instead of starting their own.
+    inflight: Mutex<HashSet<u32>>,
+    landed: Condvar,
+    /// Spans the prefetcher fetched that no read has used yet: the first read of one tells
+    /// the prefetcher its guess was right, and to go on.
+    speculative: Mutex<HashSet<u32>>,
     pub stats: SpanStats,
     /// Prometheus handles (no-ops when not registered).
     pub metrics: crate::metrics::LayerMetrics,
@@ -95,11 +101,30 @@ pub struct SpanCache {
     pub windows: Option<Arc<dyn BlobSource>>,
     /// The daemon's disk budget (`None`: unbounded, untracked).
     pub budget: Option<Arc<super::budget::CacheBudget>>,
+    /// Speculative fetching of what a miss suggests is read next (`None`: off).
+    pub prefetcher: Option<Arc<super::prefetch::Prefetcher>>,
 }
 
 impl std::fmt::Debug for SpanCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "SpanCache({})", self.dir.display())
+    }
+}
+
+/// Releases claimed spans when a fetch ends (however it ends) and wakes their waiters.
+struct Claim<'a> {
+    cache: &'a SpanCache,
+    spans: Vec<u32>,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        let mut inflight = self.cache.inflight.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for i in &self.spans {
+            inflight.remove(i);
+        }
+        drop(inflight);
+        self.cache.landed.notify_all();
     }
 }
 
@@ -111,13 +136,16 @@ impl SpanCache {
             index,
             dir,
             source,
-            locks: Mutex::new(HashMap::new()),
+            inflight: Mutex::new(HashSet::new()),
+            landed: Condvar::new(),
+            speculative: Mutex::new(HashSet::new()),
             stats: SpanStats::default(),
             metrics: crate::metrics::LayerMetrics::default(),
             readahead_spans: 0,
             foreground: Arc::new(std::sync::atomic::AtomicU32::new(0)),
             windows: None,
             budget: None,
+            prefetcher: None,
         })
     }
 
@@ -127,11 +155,6 @@ impl SpanCache {
 
     fn span_path(&self, i: u32) -> PathBuf {
         self.dir.join(format!("{i:08}"))
-    }
-
-    fn lock_for(&self, i: u32) -> Arc<Mutex<()>> {
-        let mut locks = self.locks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        locks.entry(i).or_default().clone()
     }
 
     /// Whether span `i` is in the cache.
@@ -145,6 +168,45 @@ impl SpanCache {
         self.ensure(&s)
     }
 
+    /// Fetches the missing spans of `first..=last` that nobody fetches yet, in requests of at
+    /// most `max_group` spans (the prefetcher). Returns how many spans it fetched.
+    pub fn fetch_missing(&self, first: u32, last: u32, max_group: u32) -> Result<u32, SpanError> {
+        let last = last.min(self.index.span_count().saturating_sub(1));
+        let mut fetched = 0;
+        let mut i = first;
+        while i <= last && i < self.index.span_count() {
+            let claim = {
+                let mut inflight = self.inflight.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let mut spans = Vec::new();
+                let mut j = i;
+                while j <= last && spans.len() < max_group.max(1) as usize && !inflight.contains(&j) && !self.is_cached(j) {
+                    inflight.insert(j);
+                    spans.push(j);
+                    j += 1;
+                }
+                Claim { cache: self, spans }
+            };
+            if claim.spans.is_empty() {
+                i += 1;
+                continue;
+            }
+            let group = claim
+                .spans
+                .iter()
+                .map(|j| self.index.span(*j).map_err(|e| SpanError::Index(*j, e)))
+                .collect::<Result<Vec<_>, _>>()?;
+            i = claim.spans[claim.spans.len() - 1] + 1;
+            self.fetch_group(&group)?;
+            fetched += group.len() as u32;
+            self.speculative
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .extend(claim.spans.iter().copied());
+            drop(claim);
+        }
+        Ok(fetched)
+    }
+
     /// Reads uncompressed layer bytes `[start, end)` (offsets in the tar stream).
     pub fn read(&self, start: u64, end: u64) -> Result<Vec<u8>, SpanError> {
         self.read_ahead(start, end, self.readahead_spans)
@@ -156,6 +218,34 @@ impl SpanCache {
         self.foreground.fetch_add(1, Ordering::Relaxed);
         let result = self.read_inner(start, end, readahead);
         self.foreground.fetch_sub(1, Ordering::Relaxed);
+        result
+    }
+
+    /// [`Self::read_ahead`] for a read of a file whose data lies at `file` (uncompressed
+    /// offsets): when the read had to fetch, the prefetcher is asked for the rest of the file
+    /// and the spans around.
+    pub fn read_hinted(
+        self: &Arc<Self>,
+        start: u64,
+        end: u64,
+        readahead: u32,
+        file: Option<std::ops::Range<u64>>,
+    ) -> Result<Vec<u8>, SpanError> {
+        self.foreground.fetch_add(1, Ordering::Relaxed);
+        let misses = self.stats.cache_misses.load(Ordering::Relaxed);
+        let result = self.read_inner(start, end, readahead);
+        self.foreground.fetch_sub(1, Ordering::Relaxed);
+        let Some(p) = &self.prefetcher else { return result };
+        let Ok(spans) = self.index.spans_for(start, end.saturating_sub(start).max(1)) else { return result };
+        // A miss, or the first use of a guessed span: guess on from here.
+        let guessed_right = {
+            let mut speculative = self.speculative.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            !speculative.is_empty() && spans.clone().fold(false, |hit, i| speculative.remove(&i) || hit)
+        };
+        if guessed_right || self.stats.cache_misses.load(Ordering::Relaxed) != misses {
+            let file_spans = file.and_then(|f| self.index.spans_for(f.start, f.end.saturating_sub(f.start).max(1)).ok());
+            p.missed(self, *spans.start(), *spans.end(), file_spans);
+        }
         result
     }
 
@@ -199,46 +289,72 @@ impl SpanCache {
         self.ensure_through(s, s.index, 0)
     }
 
-    /// Makes span `s` local: fetch it together with the missing spans after it that the same
-    /// read needs (through span `last`) and the read-ahead, in one request; verify, inflate,
-    /// write.
+    /// Makes span `s` local: wait for the fetch of it in flight, or fetch it together with the
+    /// missing spans after it that the same read needs (through span `last`) and the
+    /// read-ahead, in one request; verify, inflate, write.
     fn ensure_through(&self, s: &SpanInfo, last: u32, readahead: u32) -> Result<(), SpanError> {
         if self.is_cached(s.index) {
             self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
             self.metrics.span_hits.inc();
             return Ok(());
         }
-        let lock = self.lock_for(s.index);
-        let _guard = lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if self.is_cached(s.index) {
-            self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(());
-        }
+        let claim = {
+            let mut inflight = self.inflight.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut waited = false;
+            while inflight.contains(&s.index) {
+                waited = true;
+                inflight = self
+                    .landed
+                    .wait_timeout(inflight, std::time::Duration::from_millis(500))
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .0;
+            }
+            if waited {
+                tracing::trace!(layer = %self.index.layer_digest(), span = s.index, "waited for a fetch in flight");
+            }
+            if self.is_cached(s.index) {
+                // Another reader or the prefetcher fetched it.
+                self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+                if waited {
+                    self.metrics.span_hits.inc();
+                }
+                return Ok(());
+            }
+            // Coalesce: the following spans that are missing too, while nobody else fetches them.
+            let mut spans = vec![s.index];
+            inflight.insert(s.index);
+            let mut next = s.index + 1;
+            let limit = last.saturating_add(readahead);
+            while next < self.index.span_count() && next <= limit && !inflight.contains(&next) && !self.is_cached(next) {
+                inflight.insert(next);
+                spans.push(next);
+                next += 1;
+            }
+            Claim { cache: self, spans }
+        };
         self.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
         self.metrics.span_misses.inc();
-        // Coalesce: the following spans that are missing too, while nobody else fetches them.
         let mut group = vec![s.clone()];
-        let mut next = s.index + 1;
-        let limit = last.saturating_add(readahead);
-        while next < self.index.span_count() && next <= limit && !self.is_cached(next) {
-            match self.index.span(next) {
+        for &i in &claim.spans[1..] {
+            match self.index.span(i) {
                 Ok(n) => group.push(n),
                 Err(_) => break,
             }
-            next += 1;
         }
         // A span that fails verification (a byte flipped on the way) is fetched again; a
         // registry that keeps answering wrong bytes fails the read, never serves them.
         let mut attempt = 0;
-        loop {
+        let result = loop {
             match self.fetch_group(&group) {
                 Err(SpanError::Index(i, e)) if attempt < VERIFY_RETRIES => {
                     attempt += 1;
                     tracing::warn!(layer = %self.index.layer_digest(), span = i, error = %e, attempt, "span failed verification; fetching it again");
                 }
-                other => return other,
+                other => break other,
             }
-        }
+        };
+        drop(claim);
+        result
     }
 
     /// Fetches `group` (contiguous spans) in one request, verifies and writes each; a bad
@@ -247,15 +363,27 @@ impl SpanCache {
         let s = &group[0];
         let start = s.comp_start;
         let end = group.last().map_or(s.comp_end, |g| g.comp_end);
-        let compressed = self
-            .source
-            .fetch(start, end)
-            .map_err(|message| SpanError::Fetch { start, end, message })?;
+        let began = std::time::Instant::now();
+        // The compressed bytes and their windows (a separate blob) in parallel: one round trip.
+        let (compressed, windows) = if !self.index.has_external_windows() {
+            (self.source.fetch(start, end), Ok(None))
+        } else {
+            std::thread::scope(|scope| {
+            let windows = scope.spawn(|| self.fetch_windows(group));
+            let compressed = self.source.fetch(start, end);
+            let windows = windows.join().unwrap_or_else(|_| {
+                Err(SpanError::Fetch { start, end, message: "the windows fetch panicked".into() })
+            });
+            (compressed, windows)
+            })
+        };
+        let compressed = compressed.map_err(|message| SpanError::Fetch { start, end, message })?;
+        let windows = windows?;
         self.stats.fetches.fetch_add(1, Ordering::Relaxed);
         self.stats.fetched_bytes.fetch_add(compressed.len() as u64, Ordering::Relaxed);
         self.metrics.fetches.inc();
         self.metrics.fetched_bytes.inc_by(compressed.len() as u64);
-        let windows = self.fetch_windows(group)?;
+        tracing::debug!(layer = %self.index.layer_digest(), first = s.index, spans = group.len(), bytes = end - start, ms = began.elapsed().as_millis() as u64, by = std::thread::current().name().unwrap_or("fuse"), "spans fetched");
         for (n, span) in group.iter().enumerate() {
             let from = (span.comp_start - start) as usize;
             let to = (span.comp_end - start) as usize;

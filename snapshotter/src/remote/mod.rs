@@ -44,6 +44,10 @@ pub struct RemoteLayers {
     artifacts: Mutex<HashMap<String, serde_json::Value>>,
     /// Read-ahead: missing spans fetched together with a requested one.
     pub readahead_spans: u32,
+    /// Whether large local files are served with FUSE passthrough.
+    passthrough: bool,
+    /// Speculative fetching after misses (`None`: off).
+    prefetcher: Option<Arc<crate::layerfs::prefetch::Prefetcher>>,
     metrics: Arc<crate::metrics::Metrics>,
     /// Container reads waiting for a fetch, across layers (the background fetcher yields).
     foreground: Arc<std::sync::atomic::AtomicU32>,
@@ -75,6 +79,9 @@ pub struct OpenedLayer {
     windows: Option<RegistryBlob>,
     layer_digest: String,
 }
+
+/// Spans in one speculative request (about 1-2 MB compressed for the builder's 256 KiB spans).
+const PREFETCH_GROUP_SPANS: u32 = 8;
 
 /// Pull secrets live in the credential store under `cri-pull-secret:<registry>/<repository>`.
 const PULL_SECRET_PREFIX: &str = "cri-pull-secret:";
@@ -161,6 +168,13 @@ impl RemoteLayers {
             mounts: Mutex::new(HashMap::new()),
             artifacts: Mutex::new(HashMap::new()),
             readahead_spans: cfg.lazy.readahead_spans,
+            passthrough: cfg.lazy.passthrough,
+            prefetcher: crate::layerfs::prefetch::Prefetcher::start(crate::layerfs::prefetch::PrefetchPolicy {
+                threads: cfg.lazy.prefetch_threads,
+                neighbour_spans: cfg.lazy.prefetch_neighbour_spans,
+                file_spans: cfg.lazy.prefetch_file_spans,
+                group_spans: PREFETCH_GROUP_SPANS,
+            }),
             metrics,
             foreground: Arc::new(std::sync::atomic::AtomicU32::new(0)),
             keeper,

@@ -125,6 +125,7 @@ impl RemoteLayers {
         spans.windows = layer.windows.map(|w| Arc::new(w) as Arc<dyn crate::layerfs::BlobSource>);
         spans.foreground = self.foreground.clone();
         spans.budget = Some(self.budget.clone());
+        spans.prefetcher = self.prefetcher.clone();
         spans.metrics = self.metrics.layer(&layer.layer_digest);
         spans.metrics.spans_total.set(i64::from(spans.index().span_count()));
         spans.metrics.spans_local.set(i64::from(spans.local_spans()));
@@ -133,7 +134,9 @@ impl RemoteLayers {
         let state_dir = self.session_state_dir(id);
         let state = if adopt { SessionState::adopt(&state_dir) } else { SessionState::create(&state_dir) }
             .map_err(|e| format!("session state {}: {e}", state_dir.display()))?;
-        let fs = LayerFs::new(spans.clone()).with_passthrough(files).with_session_state(state);
+        let fs = LayerFs::new(spans.clone());
+        let fs = if self.passthrough { fs.with_passthrough(files) } else { fs };
+        let fs = fs.with_session_state(state);
         Ok((fs, spans, layer.layer_digest))
     }
 
