@@ -346,7 +346,11 @@ impl Repository {
         if let Some(t) = artifact_type {
             op.query.push(("artifactType".into(), t.to_string()));
         }
-        let resp = self.send(&op).await?;
+        // The tag-schema fallback is asked at the same time: registries without the API (most
+        // today) then cost one round trip, not two.
+        let tag = fallback_tag(digest);
+        let (resp, fallback) = tokio::join!(self.send(&op), self.get_manifest(&tag));
+        let resp = resp?;
         let index = if resp.status().is_success()
             && resp
                 .headers()
@@ -357,7 +361,7 @@ impl Repository {
             let bytes = self.body(resp, "referrers", MAX_MANIFEST).await?;
             Some(serde_json::from_slice::<ImageIndex>(&bytes).map_err(|e| self.bad("referrers", e.to_string()))?)
         } else {
-            match self.get_manifest(&fallback_tag(digest)).await {
+            match fallback {
                 Ok(m) => Some(serde_json::from_slice::<ImageIndex>(&m.bytes).map_err(|e| self.bad("referrers tag", e.to_string()))?),
                 Err(RegistryError::NotFound { .. }) => None,
                 Err(e) => return Err(e),

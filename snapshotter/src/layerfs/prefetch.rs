@@ -30,6 +30,10 @@ pub struct PrefetchPolicy {
     pub group_spans: u32,
 }
 
+/// A layer at most this large (compressed) is fetched whole, in one request, at its first miss:
+/// a few round trips cost more than its bytes.
+const SMALL_LAYER_BYTES: u64 = 2 << 20;
+
 /// Hints kept at most (older ones are dropped).
 const QUEUE_LIMIT: usize = 64;
 
@@ -37,6 +41,8 @@ struct Job {
     cache: Weak<SpanCache>,
     first: u32,
     last: u32,
+    /// Spans per request (0: the policy's).
+    group: u32,
 }
 
 struct Shared {
@@ -89,6 +95,14 @@ impl Prefetcher {
         if count == 0 {
             return;
         }
+        if cache.index().compressed_size() <= SMALL_LAYER_BYTES {
+            let mut queue = self.shared.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            queue.push_front(Job { cache: Arc::downgrade(cache), first: 0, last: count - 1, group: count });
+            queue.truncate(QUEUE_LIMIT);
+            drop(queue);
+            self.shared.ready.notify_all();
+            return;
+        }
         let mut jobs = Vec::with_capacity(3);
         // The rest of the file first: the reader is inside it.
         if let Some(file) = file {
@@ -119,7 +133,7 @@ impl Prefetcher {
             if a > b {
                 continue;
             }
-            queue.push_front(Job { cache: weak.clone(), first: a, last: b });
+            queue.push_front(Job { cache: weak.clone(), first: a, last: b, group: 0 });
         }
         queue.truncate(QUEUE_LIMIT);
         drop(queue);
@@ -151,6 +165,7 @@ fn work(shared: &Shared, group: u32) {
         let Some(cache) = job.cache.upgrade() else { continue };
         // The background completer yields to this as to a container's read.
         cache.foreground.fetch_add(1, Ordering::Relaxed);
+        let group = if job.group > 0 { job.group } else { group };
         match cache.fetch_missing(job.first, job.last, group) {
             Ok(0) => {}
             Ok(n) => {

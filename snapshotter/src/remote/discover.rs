@@ -49,9 +49,72 @@ pub(super) fn open_local(path: &Path, layer_digest: &str) -> Result<Option<Found
     }
 }
 
+/// The blob of `media_type` the artifact holds for `layer`.
+fn layer_blob(artifact: &serde_json::Value, layer: &str, media_type: &str) -> Option<String> {
+    artifact["layers"].as_array()?.iter().find_map(|l| {
+        let ours = l["annotations"][LAYER_DIGEST_ANNOTATION] == layer && l["mediaType"] == media_type;
+        ours.then(|| l["digest"].as_str().map(ToString::to_string)).flatten()
+    })
+}
+
+/// Validates a fetched index blob for `layer` and stores it (with its windows digest) at
+/// `path`, atomically.
+fn store_index(
+    path: &Path,
+    layer: &str,
+    blob_digest: &str,
+    windows_digest: Option<String>,
+    bytes: &[u8],
+    artifact_digest: &str,
+) -> Result<Found, String> {
+    let index = Index::open_any(bytes.to_vec()).map_err(|e| format!("index {blob_digest}: {e}"))?;
+    index.validate().map_err(|e| format!("index {blob_digest}: {e}"))?;
+    if index.layer_digest() != layer {
+        return Err(format!("index {blob_digest} is for layer {}, not {layer}", index.layer_digest()));
+    }
+    if index.has_external_windows() && windows_digest.is_none() {
+        return Err(format!("index artifact {artifact_digest} lacks the windows of layer {layer}"));
+    }
+    let windows_digest = windows_digest.filter(|_| index.has_external_windows());
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    }
+    if let Some(d) = &windows_digest {
+        std::fs::write(windows_sidecar(path), d).map_err(|e| format!("storing the windows digest: {e}"))?;
+    }
+    let tmp = path.with_extension(format!("tmp-{:?}", std::thread::current().id()).replace(['(', ')'], ""));
+    std::fs::write(&tmp, bytes)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| format!("storing index {}: {e}", path.display()))?;
+    Ok((Arc::new(index), windows_digest))
+}
+
+/// An index fetch under way ahead of its layer's Prepare.
+#[derive(Debug, Default)]
+pub(super) struct IndexFetch {
+    done: std::sync::Mutex<bool>,
+    cv: std::sync::Condvar,
+}
+
+impl IndexFetch {
+    fn finish(&self) {
+        *self.done.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = true;
+        self.cv.notify_all();
+    }
+
+    fn wait(&self, limit: std::time::Duration) {
+        let done = self.done.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _ = self.cv.wait_timeout_while(done, limit, |d| !*d);
+    }
+}
+
 impl RemoteLayers {
-    pub(super) fn find_index(&self, repo: &Repository, req: &RemoteRequest) -> Result<Found, String> {
+    pub(super) fn find_index(&self, repo: &Arc<Repository>, req: &RemoteRequest) -> Result<Found, String> {
         let path = self.index_path(&req.layer_digest);
+        if let Some(i) = open_local(&path, &req.layer_digest)? {
+            return Ok(i);
+        }
+        self.wait_for_index(&req.layer_digest);
         if let Some(i) = open_local(&path, &req.layer_digest)? {
             return Ok(i);
         }
@@ -79,39 +142,78 @@ impl RemoteLayers {
             }
         };
         let artifact = self.artifact(repo, &artifact_digest)?;
-        let layer_blob = |media_type: &str| -> Option<String> {
-            artifact["layers"].as_array()?.iter().find_map(|l| {
-                let ours = l["annotations"][LAYER_DIGEST_ANNOTATION] == req.layer_digest.as_str()
-                    && l["mediaType"] == media_type;
-                ours.then(|| l["digest"].as_str().map(ToString::to_string)).flatten()
-            })
-        };
-        let blob_digest = layer_blob(LAYER_INDEX_MEDIA_TYPE)
+        // The other layers' indexes are fetched now, in parallel: containerd prepares layers
+        // one by one, and each would otherwise wait for its own round trips.
+        self.prefetch_indexes(repo, &artifact, &req.layer_digest);
+        let blob_digest = layer_blob(&artifact, &req.layer_digest, LAYER_INDEX_MEDIA_TYPE)
             .ok_or_else(|| format!("index artifact {artifact_digest} has no index for layer {}", req.layer_digest))?;
-        let windows_digest = layer_blob(LAYER_WINDOWS_MEDIA_TYPE);
+        let windows_digest = layer_blob(&artifact, &req.layer_digest, LAYER_WINDOWS_MEDIA_TYPE);
         let bytes = rt
             .block_on(repo.get_blob(&blob_digest, MAX_INDEX_BLOB))
             .map_err(|e| format!("fetching index {blob_digest}: {e}"))?;
-        let index = Index::open_any(bytes.to_vec()).map_err(|e| format!("index {blob_digest}: {e}"))?;
-        index.validate().map_err(|e| format!("index {blob_digest}: {e}"))?;
-        if index.layer_digest() != req.layer_digest {
-            return Err(format!("index {blob_digest} is for layer {}, not {}", index.layer_digest(), req.layer_digest));
+        store_index(&path, &req.layer_digest, &blob_digest, windows_digest, &bytes, &artifact_digest)
+    }
+
+    /// Starts fetching the indexes of the artifact's layers other than `current` that are
+    /// neither local nor on the way; [`Self::wait_for_index`] waits for them.
+    fn prefetch_indexes(&self, repo: &Arc<Repository>, artifact: &serde_json::Value, current: &str) {
+        let Some(layers) = artifact["layers"].as_array() else { return };
+        let digests: Vec<String> = layers
+            .iter()
+            .filter(|l| l["mediaType"] == LAYER_INDEX_MEDIA_TYPE)
+            .filter_map(|l| l["annotations"][LAYER_DIGEST_ANNOTATION].as_str().map(ToString::to_string))
+            .filter(|d| d != current && clip_registry::reference::validate_digest(d).is_ok())
+            .collect();
+        for layer in digests {
+            let path = self.index_path(&layer);
+            if path.exists() {
+                continue;
+            }
+            let done = {
+                let mut inflight = self.index_fetches.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if inflight.contains_key(&layer) {
+                    continue;
+                }
+                let done = Arc::new(IndexFetch::default());
+                inflight.insert(layer.clone(), done.clone());
+                done
+            };
+            let (Some(blob), windows) = (
+                layer_blob(artifact, &layer, LAYER_INDEX_MEDIA_TYPE),
+                layer_blob(artifact, &layer, LAYER_WINDOWS_MEDIA_TYPE),
+            ) else {
+                done.finish();
+                continue;
+            };
+            let repo = repo.clone();
+            let artifact_digest = String::new();
+            self.runtime.spawn(async move {
+                match repo.get_blob(&blob, MAX_INDEX_BLOB).await {
+                    Ok(bytes) => {
+                        let stored = tokio::task::spawn_blocking(move || {
+                            store_index(&path, &layer, &blob, windows, &bytes, &artifact_digest).map(|_| layer)
+                        })
+                        .await;
+                        match stored {
+                            Ok(Ok(layer)) => tracing::debug!(layer = %layer, "index fetched ahead"),
+                            Ok(Err(e)) => tracing::warn!(error = %e, "an index fetched ahead is unusable"),
+                            Err(e) => tracing::warn!(error = %e, "storing an index fetched ahead failed"),
+                        }
+                    }
+                    Err(e) => tracing::debug!(blob = %blob, error = %e, "fetching an index ahead failed (its Prepare will try again)"),
+                }
+                done.finish();
+            });
         }
-        if index.has_external_windows() && windows_digest.is_none() {
-            return Err(format!("index artifact {artifact_digest} lacks the windows of layer {}", req.layer_digest));
+    }
+
+    /// Waits (bounded) for an index fetched ahead of its layer's Prepare.
+    pub(super) fn wait_for_index(&self, layer_digest: &str) {
+        let fetch = self.index_fetches.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(layer_digest).cloned();
+        if let Some(fetch) = fetch {
+            fetch.wait(self.fetch_timeout);
+            self.index_fetches.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(layer_digest);
         }
-        let windows_digest = windows_digest.filter(|_| index.has_external_windows());
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-        }
-        if let Some(d) = &windows_digest {
-            std::fs::write(windows_sidecar(&path), d).map_err(|e| format!("storing the windows digest: {e}"))?;
-        }
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, &bytes)
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .map_err(|e| format!("storing index {}: {e}", path.display()))?;
-        Ok((Arc::new(index), windows_digest))
     }
 
     fn artifact(&self, repo: &Repository, digest: &str) -> Result<serde_json::Value, String> {

@@ -40,6 +40,8 @@ pub struct RemoteLayers {
     /// One registry session per image (auth tokens and redirect targets are shared).
     repos: Mutex<HashMap<String, Arc<Repository>>>,
     mounts: Mutex<HashMap<u64, Mounted>>,
+    /// Index fetches started ahead of their layers' Prepare, by layer digest.
+    index_fetches: Mutex<HashMap<String, Arc<discover::IndexFetch>>>,
     /// Artifact manifests already read, by digest.
     artifacts: Mutex<HashMap<String, serde_json::Value>>,
     /// Read-ahead: missing spans fetched together with a requested one.
@@ -167,6 +169,7 @@ impl RemoteLayers {
             repos: Mutex::new(HashMap::new()),
             mounts: Mutex::new(HashMap::new()),
             artifacts: Mutex::new(HashMap::new()),
+            index_fetches: Mutex::new(HashMap::new()),
             readahead_spans: cfg.lazy.readahead_spans,
             passthrough: cfg.lazy.passthrough,
             prefetcher: crate::layerfs::prefetch::Prefetcher::start(crate::layerfs::prefetch::PrefetchPolicy {
