@@ -92,6 +92,7 @@ impl Site {
     fn reference(&self, image: &str) -> String {
         match image {
             "busybox" => format!("{}/bench/busybox:latest", self.host),
+            "scipy" => format!("{}/bench/scipy:latest", self.host),
             _ => format!("{}/bench/python:latest", self.host),
         }
     }
@@ -106,8 +107,8 @@ fn workload(image: &str, name: &str) -> Option<Vec<&'static str>> {
     match (image, name) {
         ("busybox", "print") => Some(vec!["echo", "1"]),
         ("busybox", "numpy") => None,
-        ("python", "print") => Some(vec!["python3", "-c", "print(1)"]),
-        ("python", "numpy") => Some(vec!["python3", "-c", "import numpy; print(1)"]),
+        ("python" | "scipy", "print") => Some(vec!["python3", "-c", "print(1)"]),
+        ("python" | "scipy", "numpy") => Some(vec!["python3", "-c", "import numpy; print(1)"]),
         (_, "fullread") => Some(vec!["sh", "-c", "find / -xdev -type f -print0 | xargs -0 cat > /dev/null"]),
         (_, "walk") => Some(vec!["sh", "-c", "find / -xdev -exec stat {} + > /dev/null"]),
         _ => None,
@@ -310,11 +311,16 @@ fn main() -> Result<()> {
     let td = TestDir::new("bench")?;
     let busybox = TestImage::Busybox.layout()?;
     let python = TestImage::Python.layout()?;
-    let sizes: BTreeMap<&str, u64> = [
+    // The large image only when asked for (its build and runs take a while).
+    let scipy = if opts.images.iter().any(|i| i == "scipy") { Some(TestImage::Scipy.layout()?) } else { None };
+    let mut sizes: BTreeMap<&str, u64> = [
         ("busybox", layout_layers(&busybox, "busybox")?.iter().map(|l| l.2).sum()),
         ("python", layout_layers(&python, "pyapp")?.iter().map(|l| l.2).sum()),
     ]
     .into();
+    if let Some(s) = &scipy {
+        sizes.insert("scipy", layout_layers(s, "scipy")?.iter().map(|l| l.2).sum());
+    }
 
     // Registries: one on loopback, one behind the slow link.
     let mut sites: BTreeMap<String, Site> = BTreeMap::new();
@@ -343,7 +349,12 @@ fn main() -> Result<()> {
         site.registry.push_layout(&busybox, "busybox", "bench/busybox", "latest")?;
         site.registry.push_layout(&busybox, "pause", "bench/pause", "latest")?;
         site.registry.push_layout(&python, "pyapp", "bench/python", "latest")?;
-        for image in ["busybox", "python"] {
+        let mut indexed = vec!["busybox", "python"];
+        if let Some(s) = &scipy {
+            site.registry.push_layout(s, "scipy", "bench/scipy", "latest")?;
+            indexed.push("scipy");
+        }
+        for image in indexed {
             run(Command::new(workspace_binary("clip-builder")?)
                 .args(["index", "--plain-http", "--config"])
                 .arg(&builder_cfg)
@@ -497,15 +508,16 @@ fn write_results(
     }
     let mut md = String::new();
     let _ = writeln!(md, "# Cold start: clip vs overlayfs\n");
+    let command: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let sizes_text: Vec<String> = sizes.iter().map(|(k, v)| format!("{k} {:.1} MB", *v as f64 / 1e6)).collect();
     let _ = writeln!(
         md,
-        "Produced by `cargo bench -p clip-integration --bench cold_start -- --reps {}` on a 2-core VM (Debian 12, kernel 6.18). \
+        "Produced by `cargo bench -p clip-integration --bench cold_start -- {}` on a 2-core VM (Debian 12, kernel 6.18). \
          Every run is cold (namespaces purged, snapshotter state wiped, page cache dropped, daemons restarted); time is from \
          the pull to the workload's exit; bytes and requests are what the registry served by then. `slow` is 100 Mbit/s with \
-         a 20 ms round trip. Image sizes (compressed): busybox {:.1} MB, python {:.1} MB.\n",
-        opts.reps,
-        sizes.get("busybox").copied().unwrap_or_default() as f64 / 1e6,
-        sizes.get("python").copied().unwrap_or_default() as f64 / 1e6
+         a 20 ms round trip. Image sizes (compressed): {}.\n",
+        command.join(" "),
+        sizes_text.join(", ")
     );
     let _ = writeln!(md, "| link | image | workload | mode | median s | spread s (max-min) | MB served | requests | vs overlayfs |");
     let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|");

@@ -30,7 +30,9 @@ fn python_image_starts_lazily_from_the_plain_registry_with_a_fraction_of_its_byt
     // Background fetch off: the bytes counted are the ones the workload needed.
     std::fs::write(
         &config,
-        format!("[registry]\nhosts_dir = \"{}\"\n[lazy]\nbackground_fetch = false\n", hosts_dir.display()),
+        // On-demand fetching only: what the container's own reads cost (the prefetcher's
+        // speculative fetches are measured by the cold-start benchmark).
+        format!("[registry]\nhosts_dir = \"{}\"\n[lazy]\nbackground_fetch = false\nprefetch_threads = 0\n", hosts_dir.display()),
     )?;
     let config = config.display().to_string();
     let snap = ClipSnapshotter::start(&td, "clip", &["--config", &config])?;
@@ -228,7 +230,7 @@ fn background_fetch_completes_layers_so_the_registry_can_go_away() -> Result<()>
     std::fs::write(
         &config,
         format!(
-            "metrics_address = \"127.0.0.1:{port}\"\n[registry]\nhosts_dir = \"{}\"\n[lazy]\nbackground_fetch = true\nbackground_start_delay_ms = 200\n",
+            "metrics_address = \"127.0.0.1:{port}\"\n[registry]\nhosts_dir = \"{}\"\n[lazy]\nbackground_fetch = true\nbackground_start_delay_ms = 200\npassthrough = true\n",
             hosts_dir.display()
         ),
     )?;

@@ -40,7 +40,7 @@ fn a_reading_container_survives_sigkill_and_restart_of_the_snapshotter() -> Resu
     std::fs::write(d.join("hosts.toml"), format!("server = \"http://{}\"\n", proxy.host()))?;
     let config = td.path().join("snapshotter.toml");
     // No background fetch: every file the container reads after the kill is fetched then.
-    std::fs::write(&config, format!("[registry]\nhosts_dir = \"{}\"\n[lazy]\nbackground_fetch = false\n", hosts_dir.display()))?;
+    std::fs::write(&config, format!("[registry]\nhosts_dir = \"{}\"\n[lazy]\nbackground_fetch = false\npassthrough = true\n", hosts_dir.display()))?;
     let config = config.display().to_string();
     let mut snap = ClipSnapshotter::start(&td, "clip", &["--config", &config])?;
     let ctrd = Containerd::start(&td, &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() })?;

@@ -177,3 +177,121 @@ fn work(shared: &Shared, group: u32) {
         cache.foreground.fetch_sub(1, Ordering::Relaxed);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layerfs::BlobSource;
+    use std::sync::atomic::AtomicU32;
+    use std::time::{Duration, Instant};
+
+    /// An uncompressed layer blob in memory that counts requests and answers slowly.
+    struct SlowBlob {
+        bytes: Vec<u8>,
+        requests: AtomicU32,
+        delay: Duration,
+    }
+
+    impl BlobSource for SlowBlob {
+        fn fetch(&self, start: u64, end: u64) -> Result<Vec<u8>, String> {
+            self.requests.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(self.delay);
+            self.bytes.get(start as usize..end as usize).map(<[u8]>::to_vec).ok_or_else(|| "out of range".into())
+        }
+    }
+
+    /// A tar of `files` files of 64 KiB each, indexed with 64 KiB spans.
+    fn layer(files: usize, delay: Duration) -> (Arc<clip_index::Index>, Arc<SlowBlob>) {
+        let mut b = tar::Builder::new(Vec::new());
+        for n in 0..files {
+            let data = vec![(n % 251) as u8; 64 << 10];
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(0);
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_cksum();
+            b.append_data(&mut h, format!("f{n:03}"), data.as_slice()).expect("append");
+        }
+        let bytes = b.into_inner().expect("tar");
+        let opts = clip_index::build::BuildOptions { span_size: 64 << 10, ..Default::default() };
+        let index = clip_index::build::build_index(bytes.as_slice(), &opts).expect("index");
+        (Arc::new(index), Arc::new(SlowBlob { bytes, requests: AtomicU32::new(0), delay }))
+    }
+
+    fn cache(index: &Arc<clip_index::Index>, blob: &Arc<SlowBlob>, dir: &std::path::Path, prefetch: Option<PrefetchPolicy>) -> Arc<SpanCache> {
+        let mut c = SpanCache::new(index.clone(), dir.to_path_buf(), blob.clone()).expect("cache");
+        c.prefetcher = prefetch.and_then(Prefetcher::start);
+        Arc::new(c)
+    }
+
+    fn wait_until(f: impl Fn() -> bool) -> bool {
+        let until = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < until {
+            if f() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
+    /// Uncompressed offsets of span `i`.
+    fn span_range(index: &clip_index::Index, i: u32) -> (u64, u64) {
+        let s = index.span(i).expect("span");
+        (s.uncomp_start, s.uncomp_end)
+    }
+
+    #[test]
+    fn readers_of_a_span_in_flight_share_its_fetch() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (index, blob) = layer(8, Duration::from_millis(200));
+        let c = cache(&index, &blob, dir.path(), None);
+        let (a, b) = span_range(&index, 3);
+        let readers: Vec<_> = (0..4).map(|_| {
+            let c = c.clone();
+            std::thread::spawn(move || c.read(a, b).expect("read"))
+        }).collect();
+        let first = readers.into_iter().map(|r| r.join().expect("join")).collect::<Vec<_>>();
+        assert!(first.windows(2).all(|w| w[0] == w[1]));
+        assert_eq!(blob.requests.load(Ordering::SeqCst), 1, "four readers of one span made more than one request");
+    }
+
+    #[test]
+    fn a_miss_fetches_its_neighbours_and_a_right_guess_moves_on() {
+        let dir = tempfile::tempdir().expect("tmp");
+        // 40 files: over 2 MiB, so not fetched whole.
+        let (index, blob) = layer(40, Duration::from_millis(5));
+        assert!(index.compressed_size() > SMALL_LAYER_BYTES);
+        let policy = PrefetchPolicy { threads: 2, neighbour_spans: 1, file_spans: 0, group_spans: 8 };
+        let c = cache(&index, &blob, dir.path(), Some(policy));
+        let (a, b) = span_range(&index, 10);
+        c.read_hinted(a, b, 0, None).expect("read");
+        assert!(wait_until(|| c.is_cached(11) && c.is_cached(9)), "the neighbours of a miss were not fetched");
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!c.is_cached(12) && !c.is_cached(8), "fetched further than the window");
+        // Reading the guessed span 11 is a right guess: the window moves on to 12.
+        let (a, b) = span_range(&index, 11);
+        c.read_hinted(a, b, 0, None).expect("read");
+        assert!(wait_until(|| c.is_cached(12)), "a right guess did not move the window on");
+        assert!(!c.is_cached(14));
+        // Nothing was fetched twice: 10 by the reader, then 9, 11, 12 (and 10's rest) ahead.
+        let cached = (0..index.span_count()).filter(|i| c.is_cached(*i)).count() as u64;
+        assert!(c.stats.fetches.load(Ordering::SeqCst) <= cached);
+    }
+
+    #[test]
+    fn a_small_layer_is_fetched_whole_at_its_first_miss() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (index, blob) = layer(12, Duration::from_millis(5));
+        assert!(index.compressed_size() <= SMALL_LAYER_BYTES && index.span_count() > 4);
+        let policy = PrefetchPolicy { threads: 1, neighbour_spans: 1, file_spans: 0, group_spans: 2 };
+        let c = cache(&index, &blob, dir.path(), Some(policy));
+        let (a, b) = span_range(&index, 0);
+        c.read_hinted(a, b, 0, None).expect("read");
+        assert!(wait_until(|| (0..index.span_count()).all(|i| c.is_cached(i))), "the small layer was not completed");
+        assert_eq!(blob.requests.load(Ordering::SeqCst), 2, "one request for the miss, one for the rest");
+    }
+}
