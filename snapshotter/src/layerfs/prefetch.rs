@@ -96,11 +96,7 @@ impl Prefetcher {
             return;
         }
         if cache.index().compressed_size() <= SMALL_LAYER_BYTES {
-            let mut queue = self.shared.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            queue.push_front(Job { cache: Arc::downgrade(cache), first: 0, last: count - 1, group: count });
-            queue.truncate(QUEUE_LIMIT);
-            drop(queue);
-            self.shared.ready.notify_all();
+            self.enqueue([Job { cache: Arc::downgrade(cache), first: 0, last: count - 1, group: count }]);
             return;
         }
         let mut jobs = Vec::with_capacity(3);
@@ -126,14 +122,19 @@ impl Prefetcher {
             }
         }
         let weak = Arc::downgrade(cache);
-        let mut queue = self.shared.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        // Pushed to the front in reverse, so the file's rest is taken first.
-        for (a, b) in jobs.into_iter().rev() {
+        self.enqueue(jobs.into_iter().filter_map(|(a, b)| {
             let b = b.min(count - 1);
-            if a > b {
-                continue;
-            }
-            queue.push_front(Job { cache: weak.clone(), first: a, last: b, group: 0 });
+            (a <= b).then(|| Job { cache: weak.clone(), first: a, last: b, group: 0 })
+        }));
+    }
+
+    /// Puts `jobs` at the head of the queue, the first of them first, dropping the oldest hints
+    /// beyond the limit, and wakes the workers.
+    fn enqueue(&self, jobs: impl IntoIterator<Item = Job>) {
+        let jobs: Vec<Job> = jobs.into_iter().collect();
+        let mut queue = self.shared.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for job in jobs.into_iter().rev() {
+            queue.push_front(job);
         }
         queue.truncate(QUEUE_LIMIT);
         drop(queue);

@@ -177,13 +177,7 @@ impl SpanCache {
         while i <= last && i < self.index.span_count() {
             let claim = {
                 let mut inflight = self.inflight.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                let mut spans = Vec::new();
-                let mut j = i;
-                while j <= last && spans.len() < max_group.max(1) as usize && !inflight.contains(&j) && !self.is_cached(j) {
-                    inflight.insert(j);
-                    spans.push(j);
-                    j += 1;
-                }
+                let spans = self.claim_run(&mut inflight, i, last, max_group.max(1) as usize);
                 Claim { cache: self, spans }
             };
             if claim.spans.is_empty() {
@@ -205,6 +199,19 @@ impl SpanCache {
             drop(claim);
         }
         Ok(fetched)
+    }
+
+    /// Claims (marks in flight) the run of spans from `first` through `last`, at most `max`,
+    /// that are neither local nor being fetched; stops at the first that is.
+    fn claim_run(&self, inflight: &mut HashSet<u32>, first: u32, last: u32, max: usize) -> Vec<u32> {
+        let mut spans = Vec::new();
+        let mut j = first;
+        while j < self.index.span_count() && j <= last && spans.len() < max && !inflight.contains(&j) && !self.is_cached(j) {
+            inflight.insert(j);
+            spans.push(j);
+            j += 1;
+        }
+        spans
     }
 
     /// Reads uncompressed layer bytes `[start, end)` (offsets in the tar stream).
@@ -321,15 +328,7 @@ impl SpanCache {
                 return Ok(());
             }
             // Coalesce: the following spans that are missing too, while nobody else fetches them.
-            let mut spans = vec![s.index];
-            inflight.insert(s.index);
-            let mut next = s.index + 1;
-            let limit = last.saturating_add(readahead);
-            while next < self.index.span_count() && next <= limit && !inflight.contains(&next) && !self.is_cached(next) {
-                inflight.insert(next);
-                spans.push(next);
-                next += 1;
-            }
+            let spans = self.claim_run(&mut inflight, s.index, last.saturating_add(readahead), usize::MAX);
             Claim { cache: self, spans }
         };
         self.stats.cache_misses.fetch_add(1, Ordering::Relaxed);

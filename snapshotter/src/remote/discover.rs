@@ -144,7 +144,7 @@ impl RemoteLayers {
         let artifact = self.artifact(repo, &artifact_digest)?;
         // The other layers' indexes are fetched now, in parallel: containerd prepares layers
         // one by one, and each would otherwise wait for its own round trips.
-        self.prefetch_indexes(repo, &artifact, &req.layer_digest);
+        self.prefetch_indexes(repo, &artifact_digest, &artifact, &req.layer_digest);
         let blob_digest = layer_blob(&artifact, &req.layer_digest, LAYER_INDEX_MEDIA_TYPE)
             .ok_or_else(|| format!("index artifact {artifact_digest} has no index for layer {}", req.layer_digest))?;
         let windows_digest = layer_blob(&artifact, &req.layer_digest, LAYER_WINDOWS_MEDIA_TYPE);
@@ -156,7 +156,7 @@ impl RemoteLayers {
 
     /// Starts fetching the indexes of the artifact's layers other than `current` that are
     /// neither local nor on the way; [`Self::wait_for_index`] waits for them.
-    fn prefetch_indexes(&self, repo: &Arc<Repository>, artifact: &serde_json::Value, current: &str) {
+    fn prefetch_indexes(&self, repo: &Arc<Repository>, artifact_digest: &str, artifact: &serde_json::Value, current: &str) {
         let Some(layers) = artifact["layers"].as_array() else { return };
         let digests: Vec<String> = layers
             .iter()
@@ -186,7 +186,7 @@ impl RemoteLayers {
                 continue;
             };
             let repo = repo.clone();
-            let artifact_digest = String::new();
+            let artifact_digest = artifact_digest.to_string();
             self.runtime.spawn(async move {
                 match repo.get_blob(&blob, MAX_INDEX_BLOB).await {
                     Ok(bytes) => {
