@@ -19,3 +19,45 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -q
   apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
+
+# --- Go tools: containerd 2.x, nerdctl, crictl, built from the Go module proxy at pinned versions ---
+# Into a cache outside the clone ($CLIP_GO_TOOLS, default /var/tmp/clip-go-tools), one directory per
+# tool and version, so a second run builds nothing. The machine's Go (/usr/local/go) is used, never
+# Debian's golang-go (1.19, too old for these modules).
+source "$(dirname "$0")/go-tools.env"
+GO=/usr/local/go/bin/go
+[ -x "$GO" ] || GO=$(command -v go)
+export GOMODCACHE="$CLIP_GO_TOOLS/mod" GOCACHE="$CLIP_GO_TOOLS/build-cache" GOFLAGS=-modcacherw
+export CGO_ENABLED=1
+build_go_tool() { # DIR VERSION -- go install/build command
+  local dir=$1 version=$2; shift 2
+  if [ -f "$dir/.built-$version" ]; then return; fi
+  echo "== building $(basename "$dir") $version (Go $("$GO" env GOVERSION))"
+  rm -rf "$dir"; mkdir -p "$dir/bin"
+  "$@"
+  touch "$dir/.built-$version"
+}
+# containerd 2.x: the daemon, its runc shim and ctr (go install by version: its go.mod has no replace).
+build_go_tool "$CONTAINERD2_DIR" "$CONTAINERD2_VERSION" env GOBIN="$CONTAINERD2_DIR/bin" "$GO" install \
+  -ldflags "-X github.com/containerd/containerd/v2/version.Version=$CONTAINERD2_VERSION" \
+  "github.com/containerd/containerd/v2/cmd/containerd@$CONTAINERD2_VERSION" \
+  "github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2@$CONTAINERD2_VERSION" \
+  "github.com/containerd/containerd/v2/cmd/ctr@$CONTAINERD2_VERSION"
+# crictl (cri-tools).
+build_go_tool "$CRICTL_DIR" "$CRICTL_VERSION" env GOBIN="$CRICTL_DIR/bin" "$GO" install \
+  -ldflags "-X sigs.k8s.io/cri-tools/pkg/version.Version=$CRICTL_VERSION" \
+  "sigs.k8s.io/cri-tools/cmd/crictl@$CRICTL_VERSION"
+# nerdctl: its go.mod replaces the nested module mod/tigron (test tooling) by a directory that its
+# module zip does not contain, so `go install mod@version` refuses it and the proxy does not serve
+# tigron. Build a copy of the module without the one non-test file that imports it
+# (cmd/nerdctl/helpers/testing_linux.go: helpers for nerdctl's own tests).
+build_nerdctl() {
+  local src
+  src=$("$GO" mod download -json "github.com/containerd/nerdctl/v2@$NERDCTL_VERSION" | jq -r .Dir)
+  rm -rf "$NERDCTL_DIR/src"; cp -r "$src" "$NERDCTL_DIR/src"; chmod -R u+w "$NERDCTL_DIR/src"
+  rm "$NERDCTL_DIR/src/cmd/nerdctl/helpers/testing_linux.go"
+  (cd "$NERDCTL_DIR/src" && "$GO" build -o "$NERDCTL_DIR/bin/nerdctl" \
+      -ldflags "-X github.com/containerd/nerdctl/v2/pkg/version.Version=$NERDCTL_VERSION" ./cmd/nerdctl)
+  rm -rf "$NERDCTL_DIR/src"
+}
+build_go_tool "$NERDCTL_DIR" "$NERDCTL_VERSION" build_nerdctl
