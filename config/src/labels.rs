@@ -98,6 +98,36 @@ pub fn validate(key: &str, value: &str) -> Result<(), LabelError> {
     Ok(())
 }
 
+/// The labels containerd's CRI plugin puts on the Prepare of layer `i` of an image
+/// (`snapshotters.AppendInfoHandlerWrapper`): the target chain id, the image, its manifest, the
+/// layer, and this and the following layers within the label size limit.
+pub fn cri_layer_labels(
+    target: &str,
+    image_ref: &str,
+    manifest_digest: &str,
+    layer_digests: &[String],
+    i: usize,
+) -> HashMap<String, String> {
+    let mut labels = HashMap::from([
+        (TARGET_SNAPSHOT_REF.to_string(), target.to_string()),
+        (CRI_IMAGE_REF.to_string(), image_ref.to_string()),
+        (CRI_MANIFEST_DIGEST.to_string(), manifest_digest.to_string()),
+        (CRI_LAYER_DIGEST.to_string(), layer_digests.get(i).cloned().unwrap_or_default()),
+    ]);
+    let mut layers = String::new();
+    for d in layer_digests.iter().skip(i) {
+        if layers.len() + d.len() + 1 + CRI_IMAGE_LAYERS.len() > 4000 {
+            break;
+        }
+        if !layers.is_empty() {
+            layers.push(',');
+        }
+        layers.push_str(d);
+    }
+    labels.insert(CRI_IMAGE_LAYERS.to_string(), layers);
+    labels
+}
+
 /// What a Prepare must carry to be served lazily: the target snapshot name containerd asks
 /// for, and the image layer it is (CRI labels, or the same set from `clip-snapshotter pull`).
 #[derive(Clone)]

@@ -29,6 +29,9 @@ pub const DEFAULT_ROOT: &str = "/var/lib/clip-snapshotter";
 /// Default gRPC socket of the snapshotter.
 pub const DEFAULT_ADDRESS: &str = "/run/clip-snapshotter/clip-snapshotter.sock";
 
+/// Default API socket of containerd.
+pub const DEFAULT_CONTAINERD_ADDRESS: &str = "/run/containerd/containerd.sock";
+
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

@@ -32,6 +32,9 @@ pub struct SnapshotterConfig {
     pub lazy: LazyConfig,
     /// The CRI image service proxy (kubelet's `--image-service-endpoint`).
     pub cri: CriProxyConfig,
+    /// containerd's API socket: where a Prepare without layer labels looks its layer up, and
+    /// what the CRI proxy forwards to unless `[cri] containerd_address` says otherwise.
+    pub containerd_address: PathBuf,
 }
 
 /// `[cri]`: the CRI image service proxy. It serves the CRI `ImageService` on its own socket,
@@ -42,7 +45,7 @@ pub struct SnapshotterConfig {
 pub struct CriProxyConfig {
     /// Unix socket to serve on; off when unset (e.g. `/run/clip-snapshotter/cri.sock`).
     pub image_service_address: Option<PathBuf>,
-    /// containerd's CRI socket (default `/run/containerd/containerd.sock`).
+    /// containerd's CRI socket (default: the top-level `containerd_address`).
     pub containerd_address: Option<PathBuf>,
 }
 
@@ -85,6 +88,9 @@ pub struct LazyConfig {
     /// Bound on one span fetch with all its retries, seconds: a container's read fails with
     /// an I/O error after it instead of waiting for a registry that does not answer.
     pub fetch_timeout_s: u64,
+    /// Serve lazily also the Prepares that carry no layer labels (nerdctl, `ctr images pull`
+    /// on the client-side path): their layer is looked up in containerd's content store.
+    pub serve_unlabelled_pulls: bool,
 }
 
 impl Default for LazyConfig {
@@ -102,6 +108,7 @@ impl Default for LazyConfig {
             orphan_timeout_s: 600,
             cache_max_bytes: 20 << 30,
             fetch_timeout_s: 30,
+            serve_unlabelled_pulls: true,
         }
     }
 }
@@ -118,6 +125,7 @@ impl Default for SnapshotterConfig {
             build_registry: None,
             lazy: LazyConfig::default(),
             cri: CriProxyConfig::default(),
+            containerd_address: PathBuf::from(crate::DEFAULT_CONTAINERD_ADDRESS),
         }
     }
 }
@@ -142,6 +150,9 @@ impl SnapshotterConfig {
                 .is_err()
         {
             return Err(invalid("metrics_address", "must be ip:port, e.g. 127.0.0.1:9102"));
+        }
+        if !self.containerd_address.is_absolute() {
+            return Err(invalid("containerd_address", "must be an absolute path"));
         }
         if self.cri.image_service_address.as_ref().is_some_and(|a| !a.is_absolute()) {
             return Err(invalid("cri.image_service_address", "must be an absolute path"));
@@ -184,6 +195,9 @@ impl BuilderConfig {
 pub struct RegistryHosts {
     /// containerd `hosts.toml` layout: mirrors, CA, plain HTTP.
     pub hosts_dir: Option<PathBuf>,
+    /// Docker's `config.json` (what `nerdctl login` and `docker login` write) instead of
+    /// `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`.
+    pub docker_config: Option<PathBuf>,
 }
 
 /// `[build_registry]`: the registry images are built into.

@@ -391,6 +391,7 @@ fn main() -> Result<()> {
             cri_snapshotter: Some("clip".into()),
             sandbox_image: Some(pause.clone()),
             stargz_socket: stargz.as_ref().map(Stargz::socket),
+            ..Default::default()
         },
     )?;
     for site in sites.values() {

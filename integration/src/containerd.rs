@@ -1,4 +1,6 @@
-//! A private containerd 1.6 (Debian's) with its own root, state, sockets and `hosts.toml` dir.
+//! A private containerd with its own root, state, sockets and `hosts.toml` dir: Debian's 1.6
+//! (config version 2) or the 2.x that `integration/install-deps.sh` builds (config version 3,
+//! with the snippet `packaging/containerd/config-2.x.toml` loaded as shipped).
 
 use crate::process::Daemon;
 use crate::{TestDir, run, wait_until};
@@ -7,9 +9,23 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+/// Which containerd.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Flavor {
+    /// Debian 12's containerd 1.6 (`/usr/bin`), config version 2.
+    #[default]
+    V1_6,
+    /// containerd 2.x built by `install-deps.sh`, config version 3 with the shipped snippet.
+    V2,
+}
+
 /// How to configure a [`Containerd`].
 #[derive(Debug, Clone, Default)]
 pub struct ContainerdOptions {
+    pub flavor: Flavor,
+    /// 2.x: CRI pulls client-side (`disable_snapshot_annotations = false`, which makes CRI
+    /// leave the transfer service) instead of through the transfer service.
+    pub cri_local_pull: bool,
     /// The clip snapshotter's socket for `[proxy_plugins.clip]` (the entry is always written; with
     /// `None` it points at a socket nobody serves).
     pub clip_socket: Option<PathBuf>,
@@ -26,6 +42,9 @@ pub struct ContainerdOptions {
 #[derive(Debug)]
 pub struct Containerd {
     daemon: Option<Daemon>,
+    flavor: Flavor,
+    /// Where `containerd`, its shim and `ctr` are; `None`: `PATH` (Debian's).
+    bin_dir: Option<PathBuf>,
     dir: PathBuf,
     socket: PathBuf,
     hosts_dir: PathBuf,
@@ -42,18 +61,40 @@ impl Containerd {
         let hosts_dir = dir.join("certs.d");
         let clip_socket = opts.clip_socket.clone().unwrap_or_else(|| dir.join("clip-unused.sock"));
         let config = dir.join("config.toml");
-        std::fs::write(&config, render_config(&dir, &socket, &hosts_dir, &clip_socket, opts))?;
-        let mut c = Self { daemon: None, dir, socket, hosts_dir, config };
+        let (text, bin_dir) = match opts.flavor {
+            Flavor::V1_6 => (render_config(&dir, &socket, &hosts_dir, &clip_socket, opts), None),
+            Flavor::V2 => (render_config_v3(&dir, &socket, &hosts_dir, &clip_socket, opts)?, Some(crate::gotools::containerd2_bin_dir()?)),
+        };
+        std::fs::write(&config, text)?;
+        let mut c = Self { daemon: None, flavor: opts.flavor, bin_dir, dir, socket, hosts_dir, config };
         c.launch()?;
         Ok(c)
     }
 
+    /// `name` from this containerd's binaries.
+    fn bin(&self, name: &str) -> PathBuf {
+        self.bin_dir.as_ref().map_or_else(|| PathBuf::from(name), |d| d.join(name))
+    }
+
+    /// `PATH` for this containerd's processes: its own binaries (shim, ctr) first.
+    pub fn path_env(&self) -> std::ffi::OsString {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        match &self.bin_dir {
+            Some(d) => std::env::join_paths(std::iter::once(d.clone()).chain(std::env::split_paths(&path))).unwrap_or(path),
+            None => path,
+        }
+    }
+
+    pub fn flavor(&self) -> Flavor {
+        self.flavor
+    }
+
     fn launch(&mut self) -> Result<()> {
-        let mut cmd = Command::new("containerd");
-        cmd.arg("--config").arg(&self.config);
+        let mut cmd = Command::new(self.bin("containerd"));
+        cmd.arg("--config").arg(&self.config).env("PATH", self.path_env());
         self.daemon = Some(Daemon::spawn("containerd", cmd, &self.dir.join("containerd.log"))?);
         let ok = wait_until(Duration::from_secs(30), || {
-            Command::new("ctr").arg("-a").arg(&self.socket).arg("version").output().is_ok_and(|o| o.status.success())
+            Command::new(self.bin("ctr")).arg("-a").arg(&self.socket).arg("version").output().is_ok_and(|o| o.status.success())
         });
         if !ok {
             bail!("containerd did not start:\n{}", self.log());
@@ -88,9 +129,28 @@ impl Containerd {
 
     /// A `ctr` command against this containerd in namespace `ns`.
     pub fn ctr(&self, ns: &str) -> Command {
-        let mut c = Command::new("ctr");
-        c.arg("-a").arg(&self.socket).arg("-n").arg(ns).stdin(Stdio::null());
+        let mut c = Command::new(self.bin("ctr"));
+        c.arg("-a").arg(&self.socket).arg("-n").arg(ns).stdin(Stdio::null()).env("PATH", self.path_env());
         c
+    }
+
+    /// A `nerdctl` command (the one `install-deps.sh` builds) against this containerd in
+    /// namespace `ns`, with its state in `data_root`, this containerd's `hosts.toml` dir, and
+    /// docker's `config.json` in `docker_config` (what `nerdctl login` writes).
+    pub fn nerdctl(&self, ns: &str, data_root: &Path, docker_config: &Path) -> Result<Command> {
+        let mut c = Command::new(crate::gotools::nerdctl()?);
+        c.arg("--address")
+            .arg(&self.socket)
+            .arg("--namespace")
+            .arg(ns)
+            .arg("--data-root")
+            .arg(data_root)
+            .arg("--hosts-dir")
+            .arg(&self.hosts_dir)
+            .env("DOCKER_CONFIG", docker_config)
+            .env("PATH", self.path_env())
+            .stdin(Stdio::null());
+        Ok(c)
     }
 
     /// Runs `ctr -n ns ARGS...`, failing with its output when it fails.
@@ -115,7 +175,7 @@ impl Containerd {
 
     /// Every namespace that exists.
     pub fn namespaces(&self) -> Vec<String> {
-        let out = Command::new("ctr").arg("-a").arg(&self.socket).args(["namespaces", "ls", "-q"]).output();
+        let out = Command::new(self.bin("ctr")).arg("-a").arg(&self.socket).args(["namespaces", "ls", "-q"]).output();
         out.map(|o| String::from_utf8_lossy(&o.stdout).lines().map(str::to_string).collect()).unwrap_or_default()
     }
 
@@ -238,6 +298,85 @@ oom_score = 0
         .as_ref()
         .map(|s| format!("  [proxy_plugins.stargz]\n    type = \"snapshot\"\n    address = \"{}\"\n", s.display()))
         .unwrap_or_default()
+}
+
+/// The packaged snippet for containerd 2.x, as users copy it.
+pub const SHIPPED_CONFIG_V3: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/containerd/config-2.x.toml");
+
+/// containerd 2.x's config: the test's own paths and this machine's CRI needs, with
+/// `packaging/containerd/config-2.x.toml` as shipped (only the snapshotter's socket is the
+/// test's).
+fn render_config_v3(dir: &Path, socket: &Path, hosts_dir: &Path, clip_socket: &Path, opts: &ContainerdOptions) -> Result<String> {
+    if opts.cri_snapshotter.as_deref().is_some_and(|s| s != "clip") {
+        bail!("containerd 2.x runs with the shipped config, whose CRI snapshotter is clip");
+    }
+    let shipped = std::fs::read_to_string(SHIPPED_CONFIG_V3).with_context(|| format!("reading {SHIPPED_CONFIG_V3}"))?;
+    let default_socket = "\"/run/clip-snapshotter/clip-snapshotter.sock\"";
+    if !shipped.contains(default_socket) {
+        bail!("{SHIPPED_CONFIG_V3} no longer names {default_socket}");
+    }
+    let mut shipped = shipped.replace(default_socket, &format!("\"{}\"", clip_socket.display()));
+    if opts.cri_local_pull {
+        let header = "[plugins.\"io.containerd.cri.v1.images\"]\n";
+        if !shipped.contains(header) {
+            bail!("{SHIPPED_CONFIG_V3} has no {header}");
+        }
+        shipped = shipped.replace(header, &format!("{header}  disable_snapshot_annotations = false\n"));
+    }
+    let d = dir.display();
+    let sandbox = opts.sandbox_image.as_deref().unwrap_or("127.0.0.1:5000/testbed/pause:latest");
+    let stargz = opts
+        .stargz_socket
+        .as_ref()
+        .map(|s| format!("[proxy_plugins.stargz]\n  type = \"snapshot\"\n  address = \"{}\"\n", s.display()))
+        .unwrap_or_default();
+    Ok(format!(
+        r#"root = "{d}/root"
+state = "{d}/state"
+oom_score = 0
+
+# ---- packaging/containerd/config-2.x.toml as shipped ----
+{shipped}
+# ---- the test's own paths and this machine's needs ----
+[grpc]
+  address = "{socket}"
+[ttrpc]
+  address = "{socket}.ttrpc"
+[debug]
+  address = "{d}/debug.sock"
+  level = "info"
+[metrics]
+  address = ""
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{d}/opt"
+[plugins."io.containerd.grpc.v1.cri"]
+  disable_tcp_service = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+[plugins."io.containerd.cri.v1.runtime"]
+  enable_selinux = false
+  # root lacks CAP_SYS_RESOURCE here: the sandbox's oom_score_adj of -998 would fail in runc.
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.cri.v1.runtime".containerd]
+    default_runtime_name = "runc"
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+  [plugins."io.containerd.cri.v1.runtime".cni]
+    bin_dirs = ["/usr/lib/cni"]
+    conf_dir = "{d}/cni"
+[plugins."io.containerd.cri.v1.images".pinned_images]
+  sandbox = "{sandbox}"
+[plugins."io.containerd.cri.v1.images".registry]
+  config_path = "{hosts}"
+[plugins."io.containerd.transfer.v1.local"]
+  config_path = "{hosts}"
+{stargz}"#,
+        socket = socket.display(),
+        hosts = hosts_dir.display(),
+    ))
 }
 
 /// Checks that `ctr` output mentions `needle`, with context on failure.

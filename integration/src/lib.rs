@@ -5,7 +5,8 @@
 //! - [`registry::Registry`]: a Distribution registry (`docker-registry`) on a free loopback port,
 //!   plain HTTP or TLS (self-signed CA) with htpasswd basic auth, with its access log parsed for
 //!   bytes and requests per path;
-//! - [`containerd::Containerd`]: a private containerd 1.6 with its own root, state, sockets and
+//! - [`containerd::Containerd`]: a private containerd (Debian's 1.6, or 2.x from
+//!   [`gotools`] with the shipped config snippet) with its own root, state, sockets and
 //!   `hosts.toml` dir, a `[proxy_plugins.clip]` entry and the CRI settings this machine needs;
 //! - [`images`]: test images built without internet (busybox from scratch; Debian minbase +
 //!   python3 + numpy in four layers), cached between runs as OCI layouts;
@@ -21,6 +22,7 @@ pub mod containerd;
 pub mod cri;
 pub mod ecr_stub;
 pub mod fault_proxy;
+pub mod gotools;
 pub mod http_stub;
 pub mod delay_proxy;
 pub mod images;

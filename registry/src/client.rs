@@ -59,6 +59,8 @@ pub struct RegistryClient {
     pub retry: RetryPolicy,
     pub timeouts: Timeouts,
     clients: std::sync::Mutex<HashMap<(Vec<PathBuf>, bool), reqwest::Client>>,
+    /// Hosts of [`Endpoint::http_fallback`] endpoints that answered plain HTTP, not TLS.
+    plain_hosts: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl RegistryClient {
@@ -72,6 +74,7 @@ impl RegistryClient {
             retry,
             timeouts,
             clients: std::sync::Mutex::new(HashMap::new()),
+            plain_hosts: std::sync::Mutex::new(std::collections::HashSet::new()),
         })
     }
 
@@ -87,6 +90,37 @@ impl RegistryClient {
             auth: tokio::sync::Mutex::new(AuthState::default()),
             redirects: std::sync::Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The API base of `endpoint` as it answers: plain HTTP once a fallback endpoint did.
+    fn api_base(&self, endpoint: &Endpoint) -> String {
+        if endpoint.http_fallback && self.is_plain(&endpoint.host) {
+            if let Some(rest) = endpoint.api_base.strip_prefix("https://") {
+                return format!("http://{rest}");
+            }
+        }
+        endpoint.api_base.clone()
+    }
+
+    fn is_plain(&self, host: &str) -> bool {
+        self.plain_hosts.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains(host)
+    }
+
+    /// After a failed TLS connection to a fallback endpoint: whether to try plain HTTP (once
+    /// per host; every later request goes there directly).
+    fn fall_back_to_http(&self, endpoint: &Endpoint, e: &reqwest::Error) -> bool {
+        if !endpoint.http_fallback || !e.is_connect() {
+            return false;
+        }
+        let first = self
+            .plain_hosts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(endpoint.host.clone());
+        if first {
+            tracing::info!(registry = %endpoint.host, "loopback registry does not speak TLS; using plain HTTP");
+        }
+        first
     }
 
     fn http(&self, endpoint: &Endpoint) -> Result<reqwest::Client> {
@@ -469,7 +503,7 @@ impl Repository {
 
     fn url(&self, endpoint: &Endpoint, op: &Op) -> String {
         op.absolute_url.clone().unwrap_or_else(|| {
-            format!("{}/{}/{}", endpoint.api_base, self.image.repository, op.path)
+            format!("{}/{}/{}", self.client.api_base(endpoint), self.image.repository, op.path)
         })
     }
 
@@ -513,7 +547,13 @@ impl Repository {
         if let Some(body) = &op.body {
             req = req.body(body.clone());
         }
-        let mut resp = req.send().await.map_err(|e| transport("request", &e))?;
+        let mut resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) if self.client.fall_back_to_http(endpoint, &e) => {
+                return Box::pin(self.send_once(endpoint, op, auth)).await;
+            }
+            Err(e) => return Err(transport("request", &e)),
+        };
         let mut current = url;
         for _ in 0..5 {
             if !resp.status().is_redirection() || op.method == Method::PUT || op.method == Method::POST || op.method == Method::PATCH {

@@ -44,6 +44,9 @@ pub struct Endpoint {
     pub ca_files: Vec<PathBuf>,
     pub skip_verify: bool,
     pub headers: BTreeMap<String, String>,
+    /// An `https` endpoint that is retried over plain HTTP when TLS fails (containerd's
+    /// default for loopback registries on a port other than 443 and 80).
+    pub http_fallback: bool,
 }
 
 impl Endpoint {
@@ -60,6 +63,46 @@ pub struct HostsConfig {
     pub dir: Option<PathBuf>,
     /// Use plain HTTP for registries without configuration (`--plain-http`).
     pub plain_http: bool,
+}
+
+/// How containerd reaches a loopback registry (`localhost`, 127.0.0.0/8, `::1`) that no
+/// `hosts.toml` configures (`remotes/docker/config.ConfigureHosts`): HTTPS without verification,
+/// falling back to plain HTTP when TLS fails, except on port 443 or no port (HTTPS only) and on
+/// port 80 (HTTP only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LoopbackDefault {
+    Https,
+    Http,
+    HttpsThenHttp,
+}
+
+impl LoopbackDefault {
+    fn of(registry: &str) -> Option<Self> {
+        let (host, port) = split_host_port(registry);
+        let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+        if !loopback {
+            return None;
+        }
+        Some(match port {
+            None | Some("443") => Self::Https,
+            Some("80") => Self::Http,
+            Some(_) => Self::HttpsThenHttp,
+        })
+    }
+}
+
+/// `host[:port]`, `[v6]:port` or a bare IPv6 address, split.
+pub fn split_host_port(registry: &str) -> (&str, Option<&str>) {
+    if let Some(rest) = registry.strip_prefix('[') {
+        return match rest.split_once(']') {
+            Some((h, tail)) => (h, tail.strip_prefix(':')),
+            None => (registry, None),
+        };
+    }
+    match registry.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => (h, Some(p)),
+        _ => (registry, None),
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -125,14 +168,20 @@ impl HostsConfig {
         } else {
             registry
         };
-        let scheme = if self.plain_http { "http" } else { "https" };
+        let loopback = LoopbackDefault::of(registry);
+        let scheme = match loopback {
+            _ if self.plain_http => "http",
+            Some(LoopbackDefault::Http) => "http",
+            _ => "https",
+        };
         let default = Endpoint {
             api_base: format!("{scheme}://{default_host}/v2"),
             host: default_host.to_string(),
             capabilities: Capabilities::ALL,
             ca_files: Vec::new(),
-            skip_verify: false,
+            skip_verify: loopback.is_some() && scheme == "https",
             headers: BTreeMap::new(),
+            http_fallback: loopback == Some(LoopbackDefault::HttpsThenHttp) && !self.plain_http,
         };
         let Some(file) = self.find_file(registry) else {
             return Ok(vec![default]);
@@ -225,6 +274,7 @@ fn parse_hosts(text: &str, file: &Path, default: Endpoint) -> Result<Vec<Endpoin
             ca_files: resolve_ca(h.ca),
             skip_verify: h.skip_verify.unwrap_or(false),
             headers: headers(h.header),
+            http_fallback: false,
         });
     }
     let server = match parsed.server {
@@ -243,6 +293,7 @@ fn parse_hosts(text: &str, file: &Path, default: Endpoint) -> Result<Vec<Endpoin
         ca_files: resolve_ca(parsed.ca),
         skip_verify: parsed.skip_verify.unwrap_or(false),
         headers: headers(parsed.header),
+        http_fallback: false,
         ..server
     };
     // A `[host]` entry for the server's own URL configures the server; do not try it twice.
@@ -290,6 +341,29 @@ ca = "ca.pem"
         assert_eq!(eps[0].api_base, "https://other.example/v2");
         let plain = HostsConfig { dir: None, plain_http: true };
         assert_eq!(plain.endpoints("docker.io").expect("hub")[0].api_base, "http://registry-1.docker.io/v2");
+    }
+
+    #[test]
+    fn loopback_registries_default_as_in_containerd() {
+        let cfg = HostsConfig::default();
+        let ep = |r: &str| cfg.endpoints(r).expect("default").remove(0);
+        for r in ["127.0.0.1:5000", "localhost:5000", "127.9.9.9:1234", "[::1]:5000"] {
+            let e = ep(r);
+            assert_eq!(e.api_base, format!("https://{r}/v2"), "{r}");
+            assert!(e.http_fallback && e.skip_verify, "{r}");
+        }
+        let e = ep("localhost");
+        assert!(e.api_base.starts_with("https://") && !e.http_fallback && e.skip_verify);
+        assert!(ep("127.0.0.1:443").api_base.starts_with("https://"));
+        let e = ep("127.0.0.1:80");
+        assert!(e.api_base.starts_with("http://") && !e.http_fallback);
+        for r in ["registry.example:5000", "10.0.0.1:5000", "localhost.example:5000"] {
+            let e = ep(r);
+            assert!(e.api_base.starts_with("https://") && !e.http_fallback && !e.skip_verify, "{r}");
+        }
+        let plain = HostsConfig { dir: None, plain_http: true };
+        let e = plain.endpoints("127.0.0.1:5000").expect("plain").remove(0);
+        assert!(e.api_base.starts_with("http://") && !e.http_fallback);
     }
 
     #[test]

@@ -70,11 +70,7 @@ pub async fn run(cfg: SnapshotterConfig) -> anyhow::Result<()> {
 
     let cri_proxy = match &cfg.cri.image_service_address {
         Some(address) => {
-            let containerd = cfg
-                .cri
-                .containerd_address
-                .clone()
-                .unwrap_or_else(|| std::path::PathBuf::from("/run/containerd/containerd.sock"));
+            let containerd = cfg.cri.containerd_address.clone().unwrap_or_else(|| cfg.containerd_address.clone());
             let proxy = crate::cri_proxy::CriImageProxy::new(&containerd, remote.clone());
             let (address, stop) = (address.clone(), stopped(stop_rx.clone()));
             Some(tokio::spawn(async move {
@@ -87,11 +83,23 @@ pub async fn run(cfg: SnapshotterConfig) -> anyhow::Result<()> {
     };
 
     let listener = bind_socket(&cfg.address)?;
-    let service = containerd_snapshots::server(Arc::new(ClipSnapshotter::new(state, metrics)));
+    let lookup = cfg
+        .lazy
+        .serve_unlabelled_pulls
+        .then(|| {
+            let known = crate::content_lookup::KnownRegistries {
+                hosts_dir: cfg.registry.hosts_dir.clone(),
+                docker_config: cfg.registry.docker_config.clone(),
+                build_registry: cfg.build_registry.as_ref().map(|b| b.registry.clone()),
+            };
+            Arc::new(crate::content_lookup::ContentLookup::new(cfg.containerd_address.clone(), known))
+        });
+    let service = containerd_snapshots::server(Arc::new(ClipSnapshotter::new(state, metrics, lookup)));
     tracing::info!(address = %cfg.address.display(), "serving the containerd snapshots API");
     notify_ready();
 
     let result = containerd_snapshots::tonic::transport::Server::builder()
+        .layer(crate::request_namespace::NamespaceLayer)
         .add_service(service)
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stopped(stop_rx.clone()))
         .await;

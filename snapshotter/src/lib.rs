@@ -10,6 +10,8 @@
 //! - [`labels`]: where snapshot labels are validated and secret labels split off;
 //! - [`layerfs`]: lazy layers over FUSE and the span cache (where a span is fetched);
 //! - [`remote`]: remote Prepare — finding a layer's index and mounting it lazily;
+//! - [`content_lookup`]: which image layer a Prepare without layer labels is, from
+//!   containerd's content store; [`request_namespace`]: the namespace of the call;
 //! - [`keeper`]: the process that keeps FUSE connections alive across daemon restarts;
 //! - [`cri_proxy`]: the CRI image service proxy that hands kubelet's pull secrets to lazy layers;
 //! - [`pull`]: the `pull` client that prepares an image's layers through containerd;
@@ -17,6 +19,7 @@
 //! - [`metrics`]: Prometheus counters and latencies; [`logging`]: tracing set-up.
 //!
 
+pub mod content_lookup;
 pub mod cri_proxy;
 pub mod daemon;
 pub mod dirs;
@@ -31,6 +34,7 @@ pub mod metrics;
 pub mod mounts;
 pub mod pull;
 pub mod remote;
+pub mod request_namespace;
 pub mod service;
 
 pub use error::SnapshotError;

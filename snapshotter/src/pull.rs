@@ -270,24 +270,7 @@ fn layer_labels(
     i: usize,
     chain_id: &str,
 ) -> HashMap<String, String> {
-    let mut labels = HashMap::from([
-        (l::TARGET_SNAPSHOT_REF.to_string(), chain_id.to_string()),
-        (l::CRI_IMAGE_REF.to_string(), image.to_string()),
-        (l::CRI_MANIFEST_DIGEST.to_string(), manifest_digest.to_string()),
-        (l::CRI_LAYER_DIGEST.to_string(), layer_digests[i].clone()),
-    ]);
-    // As containerd does: this and the following layers, within the label size limit.
-    let mut layers = String::new();
-    for d in &layer_digests[i..] {
-        if layers.len() + d.len() + 1 + l::CRI_IMAGE_LAYERS.len() > 4000 {
-            break;
-        }
-        if !layers.is_empty() {
-            layers.push(',');
-        }
-        layers.push_str(d);
-    }
-    labels.insert(l::CRI_IMAGE_LAYERS.to_string(), layers);
+    let mut labels = l::cri_layer_labels(chain_id, &image.to_string(), manifest_digest, layer_digests, i);
     for (label, cred) in [
         (l::IMAGE_CREDS, &opts.creds),
         (l::SOURCE_IMAGE_CREDS, &opts.source_image_creds),

@@ -5,6 +5,7 @@
 use crate::dirs::SnapshotDirs;
 use crate::error::{Result, SnapshotError};
 use crate::filter::{Adaptor, Filters};
+use crate::content_lookup::ContentLookup;
 use crate::labels;
 use crate::labels::RemoteRequest;
 use crate::metadata::{DiskUsage, Kind, LabelUpdate, MetaStore, Record, RemoteLayer};
@@ -393,11 +394,44 @@ fn to_info(name: String, record: Record) -> Info {
 pub struct ClipSnapshotter {
     state: Arc<State>,
     metrics: Arc<Metrics>,
+    /// Finds the layer of a Prepare without layer labels; `None` leaves such Prepares ordinary.
+    lookup: Option<Arc<ContentLookup>>,
 }
 
 impl ClipSnapshotter {
-    pub fn new(state: Arc<State>, metrics: Arc<Metrics>) -> Self {
-        Self { state, metrics }
+    pub fn new(state: Arc<State>, metrics: Arc<Metrics>, lookup: Option<Arc<ContentLookup>>) -> Self {
+        Self { state, metrics, lookup }
+    }
+
+    /// An unpack's Prepare that names its target chain id but not its image layer gets the
+    /// labels CRI would have given it, from containerd's content store (see
+    /// [`crate::content_lookup`]). Partial labels are left as they are (they fall back).
+    async fn label_unlabelled(&self, parent: &str, mut labels: HashMap<String, String>) -> HashMap<String, String> {
+        use clip_config::labels as l;
+        let (Some(lookup), Some(_)) = (&self.lookup, &self.state.remote) else { return labels };
+        let Some(target) = labels.get(l::TARGET_SNAPSHOT_REF).cloned() else { return labels };
+        if [l::CRI_IMAGE_REF, l::CRI_LAYER_DIGEST, l::CRI_MANIFEST_DIGEST].iter().any(|k| labels.contains_key(*k)) {
+            return labels;
+        }
+        let Some(namespace) = crate::request_namespace::current() else {
+            tracing::debug!("a Prepare without layer labels nor containerd namespace: an ordinary snapshot");
+            return labels;
+        };
+        match lookup.find(&namespace, &target, parent).await {
+            Ok(Some(found)) => {
+                tracing::info!(image = %found.image_ref, layer = found.index, "layer of an unlabelled Prepare found in containerd's content store");
+                labels.extend(clip_config::labels::cri_layer_labels(
+                    &target,
+                    &found.image_ref,
+                    &found.manifest_digest,
+                    &found.layer_digests,
+                    found.index,
+                ));
+            }
+            Ok(None) => tracing::debug!(namespace, "no manifest in containerd's content store has this layer: an ordinary snapshot"),
+            Err(e) => tracing::warn!(error = %e, "looking the layer of an unlabelled Prepare up failed: an ordinary snapshot"),
+        }
+        labels
     }
 
     /// Runs `f` on a blocking thread inside `span`, records the outcome, maps the error.
@@ -480,6 +514,7 @@ impl containerd_snapshots::Snapshotter for ClipSnapshotter {
         labels: HashMap<String, String>,
     ) -> std::result::Result<Vec<Mount>, Status> {
         let span = tracing::info_span!("prepare", key = %key, parent = %parent);
+        let labels = self.label_unlabelled(&parent, labels).instrument(span.clone()).await;
         self.call("prepare", span, move |s| {
             s.create(Kind::Active, &key, &parent, labels)
         })

@@ -28,6 +28,8 @@ use mount::Mounted;
 pub struct RemoteLayers {
     root: PathBuf,
     client: Arc<RegistryClient>,
+    /// Docker's `config.json` to read credentials from (`[registry] docker_config`).
+    docker_config: Option<PathBuf>,
     runtime: tokio::runtime::Handle,
     build_registry: Option<BuildRegistryScope>,
     minter: Option<Arc<TokenMinter>>,
@@ -160,6 +162,7 @@ impl RemoteLayers {
         Ok(Self {
             root: cfg.root.clone(),
             client: RegistryClient::new(hosts),
+            docker_config: cfg.registry.docker_config.clone(),
             runtime,
             build_registry,
             minter,
@@ -316,6 +319,7 @@ impl RemoteLayers {
         inputs.build_registry = self.build_registry.clone();
         inputs.minter = self.minter.clone();
         inputs.docker_config = true;
+        inputs.docker_config_path = self.docker_config.clone();
         let chain = CredentialChain::for_image(&image, &inputs);
         let repo = Arc::new(self.client.repository(&image, chain).map_err(|e| e.to_string())?);
         repos.insert(image_ref.to_string(), repo.clone());

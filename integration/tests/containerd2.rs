@@ -1,0 +1,238 @@
+//! containerd 2.x with the shipped config (`packaging/containerd/config-2.x.toml`) and the
+//! clients users run on it: `ctr image pull` through the transfer service (labels from the
+//! proxy plugin's `enable_remote_snapshot_annotations` export), `nerdctl run` (nerdctl 2.2's
+//! client-side pull attaches no labels: clip finds each layer in containerd's content store)
+//! and `nerdctl login` for a private registry (the snapshotter reads the `config.json` it
+//! writes). The registries are reached as containerd reaches them: a loopback registry without
+//! any `hosts.toml`.
+
+use anyhow::{Context, Result};
+use clip_integration::containerd::{Containerd, ContainerdOptions, Flavor};
+use clip_integration::images::{TestImage, layout_layers};
+use clip_integration::registry::Registry;
+use clip_integration::snapshotter::{ClipSnapshotter, workspace_binary};
+use clip_integration::{TestDir, require_root, run, wait_until};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+const IMPORT_NUMPY: &str = "import numpy; print('numpy', numpy.__version__, 1)";
+
+/// Lazy layers of this test mounted now (FUSE mounts of clip under the test dir).
+fn fuse_layers(td: &TestDir) -> usize {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let dir = td.path().to_string_lossy().into_owned();
+    mounts.lines().filter(|l| l.starts_with("clip:sha256:") && l.contains(&dir)).count()
+}
+
+/// Where [`Containerd::start`] will put its API socket (the snapshotter is started first).
+fn containerd_socket(td: &TestDir) -> std::path::PathBuf {
+    td.path().join("containerd").join("containerd.sock")
+}
+
+fn snapshotter_config(td: &TestDir, extra: &str) -> Result<String> {
+    let path = td.path().join("snapshotter.toml");
+    // On-demand fetching only: the bytes counted are what the container's reads needed.
+    std::fs::write(
+        &path,
+        format!(
+            "containerd_address = \"{}\"\n{extra}\n[lazy]\nbackground_fetch = false\nprefetch_threads = 0\n",
+            containerd_socket(td).display()
+        ),
+    )?;
+    Ok(path.display().to_string())
+}
+
+fn count(log: &str, needle: &str) -> usize {
+    log.lines().filter(|l| l.contains(needle)).count()
+}
+
+fn stdout(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn ctr_transfer_pull_and_nerdctl_run_start_the_python_image_lazily_on_containerd_2() -> Result<()> {
+    require_root();
+    let td = TestDir::new("ctrd2-lazy")?;
+    let reg = Registry::start_plain(&td, "plain")?;
+    let layout = TestImage::Python.layout()?;
+    let reference = reg.push_layout(&layout, "pyapp", "testbed/python", "latest")?;
+    let image_bytes: u64 = layout_layers(&layout, "pyapp")?.iter().map(|(_, _, s)| s).sum();
+    run(Command::new(workspace_binary("clip-builder")?).args(["index", "--plain-http", &reference]))?;
+
+    // containerd's own hosts.toml dir, empty for now: the loopback registry is reached as
+    // containerd reaches it.
+    let hosts = td.path().join("containerd").join("certs.d");
+    let config = snapshotter_config(&td, &format!("[registry]\nhosts_dir = \"{}\"\n", hosts.display()))?;
+    let snap = ClipSnapshotter::start(&td, "clip", &["--config", &config])?;
+    let ctrd = Containerd::start(
+        &td,
+        &ContainerdOptions { flavor: Flavor::V2, clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() },
+    )?;
+    let version = stdout(&ctrd.ctr_run("t", &["version"])?);
+    assert!(version.contains(&clip_integration::gotools::containerd2_version()), "{version}");
+
+    // ctr 2.x pulls through the transfer service.
+    let before = reg.blob_bytes_served();
+    run(ctrd.ctr("t").args(["image", "pull", "--snapshotter", "clip", &reference]))
+        .with_context(|| snap.log())?;
+    let log = snap.log();
+    assert_eq!(count(&log, "layer mounted lazily"), 4, "{log}");
+    assert_eq!(count(&log, "unlabelled Prepare found"), 0, "the transfer service passed no labels:\n{log}");
+    assert!(!log.contains("ordinary snapshot (containerd unpacks it)"), "{log}");
+    assert_eq!(fuse_layers(&td), 4);
+    let out = ctrd.ctr_run("t", &["run", "--rm", "--snapshotter", "clip", &reference, "ctr2-lazy", "python3", "-c", IMPORT_NUMPY])?;
+    assert!(stdout(&out).trim().ends_with(" 1"), "{}", stdout(&out));
+    let fetched = reg.blob_bytes_served() - before;
+    eprintln!(
+        "ctr image pull (transfer service) + ctr run, import numpy: {fetched} of {image_bytes} compressed bytes ({:.1}%)",
+        fetched as f64 * 100.0 / image_bytes as f64
+    );
+    assert!(fetched * 4 < image_bytes, "fetched {fetched} of {image_bytes}");
+    run(ctrd.ctr("t").args(["images", "rm", "--sync", &reference]))?;
+    assert!(wait_until(Duration::from_secs(30), || fuse_layers(&td) == 0), "FUSE layers left after rmi:\n{}", snap.log());
+
+    // nerdctl 2.2 pulls client-side and attaches no labels for a snapshotter it does not know;
+    // clip finds the layers in containerd's content store. Its source label has no port
+    // (containerd drops it), so clip needs the registry configured somewhere: here the
+    // hosts.toml a user of an HTTP registry writes into containerd's certs.d.
+    reg.write_hosts_toml(ctrd.hosts_dir())?;
+    let before = reg.blob_bytes_served();
+    let data_root = td.sub("nerdctl")?;
+    let docker_config = td.sub("docker")?;
+    let out = run(ctrd
+        .nerdctl("nerd", &data_root, &docker_config)?
+        .args(["--snapshotter", "clip", "run", "--rm", "--net", "host", &reference, "python3", "-c", IMPORT_NUMPY]))
+    .with_context(|| snap.log())?;
+    assert!(stdout(&out).trim().ends_with(" 1"), "{}", stdout(&out));
+    let fetched = reg.blob_bytes_served() - before;
+    let log = snap.log();
+    assert_eq!(count(&log, "unlabelled Prepare found"), 4, "{log}");
+    assert_eq!(count(&log, "layer mounted lazily"), 8, "{log}");
+    assert_eq!(fuse_layers(&td), 4);
+    eprintln!(
+        "nerdctl run, import numpy: {fetched} of {image_bytes} compressed bytes ({:.1}%)",
+        fetched as f64 * 100.0 / image_bytes as f64
+    );
+    assert!(fetched * 4 < image_bytes, "fetched {fetched} of {image_bytes}");
+    run(ctrd.nerdctl("nerd", &data_root, &docker_config)?.args(["rmi", &reference]))?;
+    ctrd.purge()?;
+    assert!(wait_until(Duration::from_secs(30), || fuse_layers(&td) == 0), "FUSE layers left after nerdctl rmi:\n{}", snap.log());
+    Ok(())
+}
+
+#[test]
+fn nerdctl_login_then_run_of_a_private_image_is_lazy_and_without_login_fails_clearly() -> Result<()> {
+    require_root();
+    let td = TestDir::new("ctrd2-login")?;
+    let reg = Registry::start_tls_auth_with(&td, "private", "nerd-user", "Nerd-Pass-31f")?;
+    let layout = TestImage::Python.layout()?;
+    let reference = reg.push_layout(&layout, "pyapp", "team/python", "v1")?;
+    let image_bytes: u64 = layout_layers(&layout, "pyapp")?.iter().map(|(_, _, s)| s).sum();
+    let hosts = td.sub("certs.d")?;
+    reg.write_hosts_toml(&hosts)?;
+    let creds = td.path().join("creds");
+    std::fs::write(&creds, "nerd-user:Nerd-Pass-31f\n")?;
+    run(Command::new(workspace_binary("clip-builder")?)
+        .args(["index", "--hosts-dir"])
+        .arg(&hosts)
+        .arg("--creds-file")
+        .arg(&creds)
+        .arg(&reference))?;
+
+    let docker_config = td.sub("docker")?;
+    let config = snapshotter_config(
+        &td,
+        &format!(
+            "[registry]\nhosts_dir = \"{}\"\ndocker_config = \"{}\"\n",
+            hosts.display(),
+            docker_config.join("config.json").display()
+        ),
+    )?;
+    let snap = ClipSnapshotter::start(&td, "clip", &["--config", &config])?;
+    let ctrd = Containerd::start(
+        &td,
+        &ContainerdOptions { flavor: Flavor::V2, clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() },
+    )?;
+    copy_hosts(&hosts, ctrd.hosts_dir())?;
+    let data_root = td.sub("nerdctl")?;
+    let nerdctl = || ctrd.nerdctl("nerd", &data_root, &docker_config);
+
+    // No login: nerdctl says the registry refused, and nothing is left mounted.
+    let out = nerdctl()?.args(["--snapshotter", "clip", "run", "--rm", "--net", "host", &reference, "true"]).output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "ran without credentials");
+    assert!(stderr.contains("pull access denied") && stderr.contains("authorization"), "{stderr}");
+    assert_eq!(fuse_layers(&td), 0);
+    let listed = stdout(&ctrd.ctr_run("nerd", &["snapshots", "--snapshotter", "clip", "ls"])?);
+    assert!(listed.lines().count() <= 1, "snapshots left: {listed}");
+
+    // `nerdctl login` writes config.json; the snapshotter reads it.
+    let mut login = nerdctl()?;
+    login
+        .args(["login", "--username", "nerd-user", "--password-stdin", reg.host()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = login.spawn()?;
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().context("stdin")?;
+        stdin.write_all(b"Nerd-Pass-31f\n")?;
+    }
+    let out = child.wait_with_output()?;
+    assert!(out.status.success(), "nerdctl login: {}", String::from_utf8_lossy(&out.stderr));
+    let written = std::fs::read_to_string(docker_config.join("config.json"))?;
+    assert!(written.contains(reg.host()), "{written}");
+
+    let before = reg.blob_bytes_served();
+    let out = run(nerdctl()?.args(["--snapshotter", "clip", "run", "--rm", "--net", "host", &reference, "python3", "-c", IMPORT_NUMPY]))
+        .with_context(|| snap.log())?;
+    assert!(stdout(&out).trim().ends_with(" 1"), "{}", stdout(&out));
+    let fetched = reg.blob_bytes_served() - before;
+    let log = snap.log();
+    assert_eq!(count(&log, "layer mounted lazily"), 4, "{log}");
+    assert_eq!(fuse_layers(&td), 4);
+    eprintln!(
+        "nerdctl login + run of a private image, import numpy: {fetched} of {image_bytes} compressed bytes ({:.1}%)",
+        fetched as f64 * 100.0 / image_bytes as f64
+    );
+    assert!(fetched * 4 < image_bytes, "fetched {fetched} of {image_bytes}");
+
+    // Files never read before are fetched later with the credentials from config.json.
+    let out = run(nerdctl()?.args([
+        "--snapshotter",
+        "clip",
+        "run",
+        "--rm",
+        "--net",
+        "host",
+        &reference,
+        "sh",
+        "-c",
+        "find /usr/share /usr/lib/python3 -type f -exec cat {} + | wc -c",
+    ]))
+    .with_context(|| snap.log())?;
+    let read: u64 = stdout(&out).trim().parse().context("wc -c")?;
+    let later = reg.blob_bytes_served() - before - fetched;
+    eprintln!("later reads: {read} bytes of files, {later} compressed bytes fetched for them");
+    assert!(read > 20 << 20 && later > 4 << 20, "read {read}, fetched {later}");
+    assert!(!snap.log().contains("EIO"), "{}", snap.log());
+
+    run(nerdctl()?.args(["rmi", &reference]))?;
+    ctrd.purge()?;
+    assert!(wait_until(Duration::from_secs(30), || fuse_layers(&td) == 0), "FUSE layers left:\n{}", snap.log());
+    Ok(())
+}
+
+/// Copies a `hosts.toml` tree into containerd's own (nerdctl and the transfer service use it).
+fn copy_hosts(from: &Path, to: &Path) -> Result<()> {
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        let d = to.join(e.file_name());
+        std::fs::create_dir_all(&d)?;
+        std::fs::copy(e.path().join("hosts.toml"), d.join("hosts.toml"))?;
+    }
+    Ok(())
+}
