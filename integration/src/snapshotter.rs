@@ -116,6 +116,11 @@ impl ClipSnapshotter {
         std::fs::read_to_string(self.root.join("fd-keeper.pid")).ok()?.trim().parse().ok()
     }
 
+    /// Whether an fd keeper process of this daemon is running.
+    pub fn keeper_alive(&self) -> bool {
+        self.keeper_pid().is_some_and(|pid| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok() && !is_zombie(pid))
+    }
+
     /// SIGKILLs the fd keeper (a reboot-like loss of every kept FUSE connection).
     pub fn kill_keeper(&self) {
         if let Some(pid) = self.keeper_pid() {

@@ -81,8 +81,9 @@ impl KeeperHandle {
         self.lock().clone()
     }
 
-    /// The keeper, started if needed (`None` when off or it cannot start).
-    pub(super) fn get_or_start(&self) -> Option<Arc<KeeperClient>> {
+    /// Hands a new mount's FUSE connection to the keeper, started if needed. Under the
+    /// handle's lock, so that [`Self::stop_if_idle`] cannot stop the keeper in between.
+    pub(super) fn keep(&self, key: &str, fd: std::os::fd::BorrowedFd<'_>, meta: &serde_json::Value) -> Result<(), String> {
         let mut guard = self.lock();
         if guard.is_none() && self.enabled && !self.start_failed.load(Ordering::Relaxed) {
             let started = std::env::current_exe()
@@ -99,7 +100,29 @@ impl KeeperHandle {
                 }
             }
         }
-        guard.clone()
+        match guard.as_ref() {
+            Some(keeper) => keeper.put(key, fd, meta).map_err(|e| e.to_string()),
+            None => Ok(()),
+        }
+    }
+
+    /// Stops the keeper once it holds no connection (the last lazy layer went), so no idle
+    /// process stays behind; the next lazy mount starts one again.
+    pub(super) fn stop_if_idle(&self) {
+        let mut guard = self.lock();
+        let Some(keeper) = guard.as_ref() else { return };
+        match keeper.list() {
+            Ok(kept) if kept.is_empty() => {
+                let pid = keeper.pid;
+                match keeper.exit() {
+                    Ok(()) => tracing::info!(pid, "fd keeper stopped: no lazy layer left"),
+                    Err(e) => tracing::warn!(pid, error = %e, "the idle fd keeper did not stop"),
+                }
+                *guard = None;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot list the fd keeper's connections"),
+        }
     }
 }
 
@@ -166,15 +189,13 @@ impl RemoteLayers {
         let granted = fs.passthrough_granted();
         let (session, fd) =
             layerfs::mount(fs, dir, &digest).map_err(|e| format!("FUSE mount at {}: {e}", dir.display()))?;
-        if let Some(keeper) = self.keeper.get_or_start() {
-            let meta = serde_json::json!({
-                "dir": dir,
-                "layer": digest,
-                "passthrough": granted.load(Ordering::Relaxed),
-            });
-            if let Err(e) = keeper.put(&id.to_string(), fd.as_fd(), &meta) {
-                tracing::warn!(id, error = %e, "the fd keeper refused the mount; it will not survive a restart");
-            }
+        let meta = serde_json::json!({
+            "dir": dir,
+            "layer": digest,
+            "passthrough": granted.load(Ordering::Relaxed),
+        });
+        if let Err(e) = self.keeper.keep(&id.to_string(), fd.as_fd(), &meta) {
+            tracing::warn!(id, error = %e, "the fd keeper refused the mount; it will not survive a restart");
         }
         self.insert(id, dir, session, spans);
         Ok(())
@@ -219,6 +240,7 @@ impl RemoteLayers {
             }
             tracing::info!(id, "closed a kept FUSE connection no snapshot uses");
         }
+        self.keeper.stop_if_idle();
     }
 
     /// Unmounts the layer of snapshot `id`, if mounted here.
@@ -237,6 +259,7 @@ impl RemoteLayers {
                 tracing::warn!(id, error = %e, "the fd keeper did not close a connection");
             }
         }
+        self.keeper.stop_if_idle();
     }
 
     /// Remembers a layer a restart could not serve, to serve it when it is next needed.
