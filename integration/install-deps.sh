@@ -1,6 +1,7 @@
 #!/bin/bash
 # Installs, from Debian's archive, everything clip's build and tests need. Idempotent.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 PKGS=(
   protobuf-compiler            # protoc, for the gRPC crates
@@ -24,7 +25,7 @@ fi
 # Into a cache outside the clone ($CLIP_GO_TOOLS, default /var/tmp/clip-go-tools), one directory per
 # tool and version, so a second run builds nothing. The machine's Go (/usr/local/go) is used, never
 # Debian's golang-go (1.19, too old for these modules).
-source "$(dirname "$0")/go-tools.env"
+source integration/go-tools.env
 GO=/usr/local/go/bin/go
 [ -x "$GO" ] || GO=$(command -v go)
 export GOMODCACHE="$CLIP_GO_TOOLS/mod" GOCACHE="$CLIP_GO_TOOLS/build-cache" GOFLAGS=-modcacherw
@@ -61,3 +62,16 @@ build_nerdctl() {
   rm -rf "$NERDCTL_DIR/src"
 }
 build_go_tool "$NERDCTL_DIR" "$NERDCTL_VERSION" build_nerdctl
+# containerd 2.x's snapshotter conformance suite (core/snapshots/testsuite) as a test binary,
+# from integration/conformance2 (go.mod pins the containerd version) plus the daemon starter it
+# shares with the 1.6 suite; rebuilt when those files change.
+CONFORMANCE_SRC=(integration/conformance2/go.mod integration/conformance2/go.sum
+                 integration/conformance2/conformance_test.go integration/conformance/daemon_test.go)
+conformance_hash=$(cat "${CONFORMANCE_SRC[@]}" | sha256sum | cut -c1-16)
+build_conformance2() {
+  local src="$CONFORMANCE2_DIR/src"
+  rm -rf "$src"; mkdir -p "$src"; cp "${CONFORMANCE_SRC[@]}" "$src/"
+  (cd "$src" && "$GO" test -c -o "$CONFORMANCE2_DIR/bin/conformance.test" .)
+  rm -rf "$src"
+}
+build_go_tool "$CONFORMANCE2_DIR" "$conformance_hash" build_conformance2

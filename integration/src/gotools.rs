@@ -60,12 +60,17 @@ pub fn crictl() -> Result<PathBuf> {
     tool("CRICTL_DIR", "crictl")
 }
 
+/// containerd 2.x's snapshotter conformance suite, built from `integration/conformance2`.
+pub fn conformance2_suite() -> Result<PathBuf> {
+    tool("CONFORMANCE2_DIR", "conformance.test")
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
     fn the_env_file_names_every_tool() {
         let vars = super::variables();
-        for v in ["CONTAINERD2_DIR", "NERDCTL_DIR", "CRICTL_DIR", "CONTAINERD2_VERSION"] {
+        for v in ["CONTAINERD2_DIR", "NERDCTL_DIR", "CRICTL_DIR", "CONTAINERD2_VERSION", "CONFORMANCE2_DIR"] {
             assert!(vars.get(v).is_some_and(|d| !d.is_empty() && !d.contains('$')), "{v}: {vars:?}");
         }
     }
