@@ -23,6 +23,15 @@ pub struct Tls {
     pub password: String,
 }
 
+/// How a TLS registry's certificate is made.
+#[derive(Debug, Clone, Copy)]
+enum CertRecipe {
+    /// A test CA signs a `CA:FALSE` server certificate.
+    CaSigned,
+    /// Docker's docs recipe: one self-signed certificate (`CA:TRUE`).
+    SelfSigned,
+}
+
 /// One line of the registry's access log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AccessEntry {
@@ -60,43 +69,35 @@ impl Registry {
 
     /// [`Self::start_tls_auth`] with a chosen user and password.
     pub fn start_tls_auth_with(td: &TestDir, name: &str, user: &str, password: &str) -> Result<Self> {
+        Self::start_tls(td, name, user, password, CertRecipe::CaSigned)
+    }
+
+    /// A TLS + htpasswd registry whose certificate is self-signed the way Docker's registry
+    /// docs make it (`openssl req -x509 -newkey rsa:2048 -nodes`, which marks it `CA:TRUE`),
+    /// with `subjectAltName` IP:127.0.0.1 and DNS:localhost; [`Tls::ca_cert`] is that
+    /// certificate itself.
+    pub fn start_tls_auth_self_signed(td: &TestDir, name: &str, user: &str, password: &str) -> Result<Self> {
+        Self::start_tls(td, name, user, password, CertRecipe::SelfSigned)
+    }
+
+    fn start_tls(td: &TestDir, name: &str, user: &str, password: &str, recipe: CertRecipe) -> Result<Self> {
         let dir = td.sub(&format!("registry-{name}"))?;
         let cert_dir = dir.join("certs");
         std::fs::create_dir_all(&cert_dir)?;
-        // A CA, and a server certificate it signs (TLS libraries refuse a CA as end entity).
-        let ca_key = dir.join("ca.key");
-        let ca = dir.join("ca.crt");
-        run(Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3", "-subj", "/CN=clip test CA"])
-            .args(["-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"])
-            .arg("-keyout")
-            .arg(&ca_key)
-            .arg("-out")
-            .arg(&ca))?;
         let key = dir.join("registry.key");
-        let csr = dir.join("registry.csr");
-        run(Command::new("openssl")
-            .args(["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout"])
-            .arg(&key)
-            .arg("-out")
-            .arg(&csr))?;
-        let ext = dir.join("server.ext");
-        std::fs::write(
-            &ext,
-            "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:registry.clip.test\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
-        )?;
         let crt = dir.join("registry.crt");
-        run(Command::new("openssl")
-            .args(["x509", "-req", "-days", "3", "-set_serial", "2", "-in"])
-            .arg(&csr)
-            .arg("-CA")
-            .arg(&ca)
-            .arg("-CAkey")
-            .arg(&ca_key)
-            .arg("-extfile")
-            .arg(&ext)
-            .arg("-out")
-            .arg(&crt))?;
+        let ca = match recipe {
+            CertRecipe::SelfSigned => {
+                run(Command::new("openssl")
+                    .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3", "-subj", "/CN=127.0.0.1"])
+                    .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout"])
+                    .arg(&key)
+                    .arg("-out")
+                    .arg(&crt))?;
+                crt.clone()
+            }
+            CertRecipe::CaSigned => Self::ca_signed_cert(&dir, &key, &crt)?,
+        };
         std::fs::copy(&ca, cert_dir.join("ca.crt"))?;
         let htpasswd = run(Command::new("htpasswd").args(["-Bbn", user, password]))?;
         std::fs::write(dir.join("htpasswd"), &htpasswd.stdout)?;
@@ -107,6 +108,42 @@ impl Registry {
             password: password.into(),
         };
         Self::start(td, name, Some(tls), "127.0.0.1")
+    }
+
+    /// A CA, and a server certificate it signs; returns the CA's certificate.
+    fn ca_signed_cert(dir: &Path, key: &Path, crt: &Path) -> Result<PathBuf> {
+        let ca_key = dir.join("ca.key");
+        let ca = dir.join("ca.crt");
+        run(Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3", "-subj", "/CN=clip test CA"])
+            .args(["-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"])
+            .arg("-keyout")
+            .arg(&ca_key)
+            .arg("-out")
+            .arg(&ca))?;
+        let csr = dir.join("registry.csr");
+        run(Command::new("openssl")
+            .args(["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout"])
+            .arg(key)
+            .arg("-out")
+            .arg(&csr))?;
+        let ext = dir.join("server.ext");
+        std::fs::write(
+            &ext,
+            "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:registry.clip.test\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+        )?;
+        run(Command::new("openssl")
+            .args(["x509", "-req", "-days", "3", "-set_serial", "2", "-in"])
+            .arg(&csr)
+            .arg("-CA")
+            .arg(&ca)
+            .arg("-CAkey")
+            .arg(&ca_key)
+            .arg("-extfile")
+            .arg(&ext)
+            .arg("-out")
+            .arg(crt))?;
+        Ok(ca)
     }
 
     fn start(td: &TestDir, name: &str, tls: Option<Tls>, listen_ip: &str) -> Result<Self> {

@@ -5,6 +5,7 @@
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use clip_config::LongTermCredentials;
+use clip_integration::snapshotter::workspace_binary;
 use clip_integration::fault_proxy::{Fault, FaultProxy};
 use clip_integration::http_stub::{HttpStub, StubResponse};
 use clip_integration::images::{TestImage, blob_path, layout_layers, layout_manifest};
@@ -132,13 +133,72 @@ fn basic_auth_over_tls_with_the_test_ca_and_clear_errors_for_wrong_passwords() -
         assert!(!msg.contains("WRONG-SENTINEL-PW"), "{msg}");
         eprintln!("wrong password error: {e}");
 
-        // Without the CA the TLS handshake fails (verification is on).
-        let no_ca = RegistryClient::new(HostsConfig::default());
-        let repo = no_ca.repository(&image, chain(ChainInputs { image_creds: Some(good), ..Default::default() }))?;
+        // With another CA configured the TLS handshake fails (verification is on). (Without any
+        // hosts.toml a loopback registry is reached unverified, as containerd reaches it.)
+        let other_dir = td.sub("certs.d-other")?;
+        let other_ca = other_ca(&td)?;
+        write_hosts_with_ca(&other_dir, reg.host(), &other_ca)?;
+        let wrong_ca = RegistryClient::new(HostsConfig { dir: Some(other_dir), plain_http: false });
+        let repo = wrong_ca.repository(&image, chain(ChainInputs { image_creds: Some(good), ..Default::default() }))?;
         let e = repo.get_manifest("latest").await.expect_err("untrusted certificate");
         assert!(matches!(e, RegistryError::Transport { .. }), "{e}");
         anyhow::Ok(())
     })
+}
+
+/// A CA certificate that signed nothing here.
+fn other_ca(td: &TestDir) -> Result<std::path::PathBuf> {
+    let (key, crt) = (td.path().join("other-ca.key"), td.path().join("other-ca.crt"));
+    clip_integration::run(std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3", "-subj", "/CN=127.0.0.1"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&crt))?;
+    Ok(crt)
+}
+
+fn write_hosts_with_ca(dir: &Path, host: &str, ca: &Path) -> Result<()> {
+    let d = dir.join(host);
+    std::fs::create_dir_all(&d)?;
+    std::fs::write(d.join("hosts.toml"), format!("server = \"https://{host}\"\nca = \"{}\"\n", ca.display()))?;
+    Ok(())
+}
+
+#[test]
+fn a_self_signed_certificate_from_dockers_recipe_is_trusted_as_containerd_trusts_it() -> Result<()> {
+    require_root();
+    let td = TestDir::new("regselfsigned")?;
+    let reg = Registry::start_tls_auth_self_signed(&td, "selfsigned", "docs-user", "Docs-Pass-19")?;
+    let cert = reg.tls().context("tls")?.ca_cert.clone();
+    let ca_true = clip_integration::run_stdout(std::process::Command::new("openssl").args(["x509", "-noout", "-ext", "basicConstraints", "-in"]).arg(&cert))?;
+    assert!(ca_true.contains("CA:TRUE"), "the recipe's certificate is a CA: {ca_true}");
+    let reference = reg.push_layout(&TestImage::Busybox.layout()?, "busybox", "team/busybox", "latest")?;
+    let hosts = td.sub("certs.d")?;
+    write_hosts_with_ca(&hosts, reg.host(), &cert)?;
+    let creds = td.path().join("creds");
+    std::fs::write(&creds, "docs-user:Docs-Pass-19\n")?;
+    // The failing case of before: clip-builder's registry client refused it (CaUsedAsEndEntity).
+    clip_integration::run(std::process::Command::new(workspace_binary("clip-builder")?)
+        .args(["index", "--hosts-dir"])
+        .arg(&hosts)
+        .arg("--creds-file")
+        .arg(&creds)
+        .arg(&reference))?;
+    // Another certificate configured instead: refused.
+    let other = td.sub("certs.d-other")?;
+    write_hosts_with_ca(&other, reg.host(), &other_ca(&td)?)?;
+    let out = std::process::Command::new(workspace_binary("clip-builder")?)
+        .args(["index", "--hosts-dir"])
+        .arg(&other)
+        .arg("--creds-file")
+        .arg(&creds)
+        .arg(&reference)
+        .output()?;
+    assert!(!out.status.success(), "indexed through an untrusted certificate");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(reg.host()), "{err}");
+    Ok(())
 }
 
 #[test]

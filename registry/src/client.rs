@@ -146,16 +146,12 @@ impl RegistryClient {
         let mut certs = Vec::new();
         for ca in &endpoint.ca_files {
             let pem = std::fs::read(ca).map_err(|e| err(format!("reading CA {}: {e}", ca.display())))?;
-            certs.extend(
-                reqwest::Certificate::from_pem_bundle(&pem)
-                    .map_err(|e| err(format!("CA {}: {e}", ca.display())))?,
-            );
-        }
-        if !certs.is_empty() {
-            b = b.tls_certs_merge(certs);
+            certs.extend(crate::tls::parse_pem_bundle(&pem).map_err(|e| err(format!("CA {}: {e}", ca.display())))?);
         }
         if endpoint.skip_verify {
             b = b.tls_danger_accept_invalid_certs(true);
+        } else if !certs.is_empty() {
+            b = b.tls_backend_preconfigured(crate::tls::client_config(certs).map_err(err)?);
         }
         let c = b.build().map_err(|e| err(e.to_string()))?;
         clients.insert(key, c.clone());

@@ -17,6 +17,7 @@ pub mod error;
 pub mod hosts;
 pub mod mint;
 pub mod reference;
+pub mod tls;
 mod secret;
 
 pub use api::{FetchedManifest, Platform};
