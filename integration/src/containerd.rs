@@ -166,7 +166,10 @@ impl Containerd {
         image: &str,
         snapshotter: &str,
     ) -> Result<std::collections::BTreeMap<PathBuf, crate::tree::EntryDesc>> {
-        let target = td.sub(&format!("mnt-{snapshotter}"))?;
+        // A new target each time: containerd 2.x's mount manager remembers a target's name.
+        static MOUNTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = MOUNTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let target = td.sub(&format!("mnt-{snapshotter}-{n}"))?;
         run(self.ctr("t").args(["images", "mount", "--snapshotter", snapshotter, image]).arg(&target))?;
         let tree = crate::tree::describe_tree(&target);
         let _ = run(self.ctr("t").args(["images", "unmount", "--rm"]).arg(&target));

@@ -206,9 +206,6 @@ fn apply_whiteouts(root: &Path) -> Result<()> {
 /// A new OCI layout at `dest` (tag `tag`): the image `tag` of `base` plus one layer holding
 /// `/variant.txt` with `content`, so images share base layers but differ on top.
 pub fn derive_layout(base: &Path, tag: &str, dest: &Path, content: &str) -> Result<PathBuf> {
-    let _ = std::fs::remove_dir_all(dest);
-    let status = std::process::Command::new("cp").arg("-a").arg(base).arg(dest).status()?;
-    anyhow::ensure!(status.success(), "copying {}", base.display());
     let work = dest.with_extension("work");
     std::fs::create_dir_all(&work)?;
     std::fs::write(work.join("variant.txt"), content)?;
@@ -222,9 +219,22 @@ pub fn derive_layout(base: &Path, tag: &str, dest: &Path, content: &str) -> Resu
         .status()?;
     anyhow::ensure!(status.success(), "tar");
     let tar = std::fs::read(&tar_path)?;
+    let _ = std::fs::remove_dir_all(&work);
+    let _ = std::fs::remove_file(&tar_path);
+    derive_layout_with_layer(base, tag, dest, &tar)
+}
+
+/// [`derive_layout`] with a layer of the given uncompressed tar (gzipped here).
+pub fn derive_layout_with_layer(base: &Path, tag: &str, dest: &Path, tar: &[u8]) -> Result<PathBuf> {
+    let _ = std::fs::remove_dir_all(dest);
+    let status = std::process::Command::new("cp").arg("-a").arg(base).arg(dest).status()?;
+    anyhow::ensure!(status.success(), "copying {}", base.display());
+    let tar_path = dest.with_extension("layer.tar");
+    std::fs::write(&tar_path, tar)?;
     let out = std::process::Command::new("gzip").arg("-c").arg(&tar_path).output()?;
+    let _ = std::fs::remove_file(&tar_path);
     anyhow::ensure!(out.status.success(), "gzip");
-    let (gz, diff_id) = (out.stdout, format!("sha256:{}", hex::encode(sha2::Sha256::digest(&tar))));
+    let (gz, diff_id) = (out.stdout, format!("sha256:{}", hex::encode(sha2::Sha256::digest(tar))));
     let put = |bytes: &[u8]| -> Result<(String, u64)> {
         let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)));
         std::fs::write(blob_path(dest, &digest)?, bytes)?;
@@ -258,7 +268,5 @@ pub fn derive_layout(base: &Path, tag: &str, dest: &Path, content: &str) -> Resu
         }],
     });
     std::fs::write(dest.join("index.json"), serde_json::to_vec(&index)?)?;
-    let _ = std::fs::remove_dir_all(&work);
-    let _ = std::fs::remove_file(&tar_path);
     Ok(dest.to_path_buf())
 }

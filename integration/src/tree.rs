@@ -9,8 +9,11 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 /// One entry: type, all mode bits, owner, size, link count, link target, device, xattrs
-/// and the sha256 of a regular file's contents. Times are left out (directories touched by
-/// layer application differ between snapshotters without meaning anything).
+/// and the sha256 of a regular file's contents, whether it reports the root's device (on
+/// overlayfs every entry does: nothing looks like a mount point), and which entry is the
+/// first (by path) of its hardlink group. Times are left out (directories touched by layer
+/// application differ between snapshotters without meaning anything); inode numbers too
+/// (they differ between file systems), but which entries share an inode is compared.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EntryDesc {
     pub kind: char,
@@ -23,6 +26,11 @@ pub struct EntryDesc {
     pub rdev: u64,
     pub xattrs: BTreeMap<String, Vec<u8>>,
     pub sha256: Option<String>,
+    /// `st_dev` equals the root's.
+    pub root_device: bool,
+    /// For a non-directory with more than one link: the smallest path with the same
+    /// `(st_dev, st_ino)`.
+    pub hardlink_group: Option<PathBuf>,
 }
 
 /// Every entry below `root` by relative path (the root itself is `""`), without overlayfs's
@@ -35,6 +43,7 @@ pub fn describe_tree(root: &Path) -> Result<BTreeMap<PathBuf, EntryDesc>> {
 /// compare a layer's own directory, where `trusted.overlay.opaque` matters).
 pub fn describe_tree_with(root: &Path, overlay_xattrs: bool) -> Result<BTreeMap<PathBuf, EntryDesc>> {
     let mut out = BTreeMap::new();
+    let mut inodes: BTreeMap<PathBuf, (u64, u64)> = BTreeMap::new();
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
         let path = root.join(&rel);
@@ -71,6 +80,7 @@ pub fn describe_tree_with(root: &Path, overlay_xattrs: bool) -> Result<BTreeMap<
             None
         };
         let link = if kind == 'l' { Some(fs::read_link(&path)?) } else { None };
+        inodes.insert(rel.clone(), (md.dev(), md.ino()));
         out.insert(
             rel.clone(),
             EntryDesc {
@@ -84,12 +94,24 @@ pub fn describe_tree_with(root: &Path, overlay_xattrs: bool) -> Result<BTreeMap<
                 rdev: md.rdev(),
                 xattrs: xattrs(&path, overlay_xattrs)?,
                 sha256,
+                root_device: false,
+                hardlink_group: None,
             },
         );
         if kind == 'd' {
             for entry in fs::read_dir(&path).with_context(|| format!("readdir {}", path.display()))? {
                 stack.push(rel.join(entry?.file_name()));
             }
+        }
+    }
+    let root_dev = inodes.get(Path::new("")).map(|(d, _)| *d);
+    let mut first_of: BTreeMap<(u64, u64), PathBuf> = BTreeMap::new();
+    for (rel, e) in &mut out {
+        let id = inodes[rel];
+        e.root_device = Some(id.0) == root_dev;
+        if e.kind != 'd' && e.nlink > 1 {
+            // BTreeMap order: the first path seen for an inode is the smallest.
+            e.hardlink_group = Some(first_of.entry(id).or_insert_with(|| rel.clone()).clone());
         }
     }
     Ok(out)

@@ -236,3 +236,71 @@ fn copy_hosts(from: &Path, to: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// A layer whose hardlink header says another mode, owner and time than its target's: the
+/// shared inode takes the last header's (containerd applies each header in tar order).
+fn hardlink_layer() -> Result<Vec<u8>> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut dir = tar::Header::new_gnu();
+    dir.set_entry_type(tar::EntryType::Directory);
+    (dir.set_mode(0o755), dir.set_uid(0), dir.set_gid(0), dir.set_mtime(1_700_000_000), dir.set_size(0));
+    b.append_data(&mut dir, "links/", std::io::empty())?;
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Regular);
+    (h.set_mode(0o640), h.set_uid(0), h.set_gid(0), h.set_mtime(1_700_000_000), h.set_size(7));
+    b.append_data(&mut h, "links/hard1", &b"linked\n"[..])?;
+    let mut l = tar::Header::new_gnu();
+    l.set_entry_type(tar::EntryType::Link);
+    (l.set_mode(0o644), l.set_uid(7), l.set_gid(8), l.set_mtime(1_700_000_100), l.set_size(0));
+    b.append_link(&mut l, "links/hard2", "links/hard1")?;
+    Ok(b.into_inner()?)
+}
+
+#[test]
+fn lazy_root_file_systems_look_exactly_as_on_overlayfs_on_containerd_2() -> Result<()> {
+    require_root();
+    let td = TestDir::new("ctrd2-identity")?;
+    let reg = Registry::start_plain(&td, "plain")?;
+    let links = clip_integration::images::derive_layout_with_layer(
+        &TestImage::Busybox.layout()?,
+        "busybox",
+        &td.path().join("links-layout"),
+        &hardlink_layer()?,
+    )?;
+    let images = [
+        reg.push_layout(&links, "busybox", "testbed/links", "latest")?,
+        reg.push_layout(&TestImage::Python.layout()?, "pyapp", "testbed/python", "latest")?,
+    ];
+    for r in &images {
+        run(Command::new(workspace_binary("clip-builder")?).args(["index", "--plain-http", r]))?;
+    }
+    let config = snapshotter_config(&td, "")?;
+    let snap = ClipSnapshotter::start(&td, "clip", &["--config", &config])?;
+    let ctrd = Containerd::start(
+        &td,
+        &ContainerdOptions { flavor: Flavor::V2, clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() },
+    )?;
+    let mut trees = Vec::new();
+    for reference in &images {
+        for snapshotter in ["overlayfs", "clip"] {
+            run(ctrd.ctr("t").args(["image", "pull", "--snapshotter", snapshotter, reference]))?;
+        }
+        let overlay = ctrd.image_tree(&td, reference, "overlayfs")?;
+        let clip = ctrd.image_tree(&td, reference, "clip")?;
+        let diffs = clip_integration::tree::diff_trees(&overlay, &clip, 20);
+        assert!(diffs.is_empty(), "{reference}: rootfs differs:\n{}", diffs.join("\n"));
+        let off_device: Vec<_> = clip.iter().filter(|(_, e)| !e.root_device).map(|(p, _)| p).take(5).collect();
+        assert!(off_device.is_empty(), "{reference}: entries on another device than the root: {off_device:?}");
+        let hardlinked = clip.values().filter(|e| e.hardlink_group.is_some()).count();
+        eprintln!("{reference}: {} entries identical on overlayfs and lazy clip, one device, {hardlinked} hardlinked", clip.len());
+        trees.push(clip);
+    }
+    assert_eq!(count(&snap.log(), "layer mounted lazily"), 6, "{}", snap.log());
+    let links = &trees[0];
+    let (h1, h2) = (&links[Path::new("links/hard1")], &links[Path::new("links/hard2")]);
+    assert_eq!((h1.mode, h1.uid, h1.gid, h1.nlink), (0o644, 7, 8, 2), "{h1:?}");
+    assert_eq!(h1.hardlink_group, h2.hardlink_group);
+    assert_eq!(h1.hardlink_group.as_deref(), Some(Path::new("links/hard1")));
+    ctrd.purge()?;
+    Ok(())
+}

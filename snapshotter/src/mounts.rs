@@ -4,7 +4,11 @@
 //! - a view of exactly one parent: a read-only bind mount of the parent's `fs`;
 //! - otherwise overlayfs: `lowerdir` = the parents' `fs`, nearest first, and for an active
 //!   snapshot `upperdir`/`workdir`. containerd's mount code shortens long `lowerdir` lists
-//!   (128 layers and more) by mounting from their common parent directory.
+//!   (128 layers and more) by mounting from their common parent directory. Over lazily
+//!   served (FUSE) layers the overlay spans several file systems; `xino=on` makes it report
+//!   one device and unique inode numbers for every entry, as overlayfs on one file system does
+//!   (without it every non-directory shows its layer's device: `os.path.ismount` is true for
+//!   files). Layer file systems number their inodes from 1, far below the bits xino keeps.
 
 use crate::dirs::SnapshotDirs;
 use crate::metadata::{Kind, Resolved};
@@ -35,6 +39,9 @@ pub fn mounts_for(dirs: &SnapshotDirs, snapshot: &Resolved) -> Vec<Mount> {
         .iter()
         .map(|p| dirs.fs(*p).to_string_lossy().into_owned())
         .collect();
+    if snapshot.lazy_parents {
+        options.push("xino=on".into());
+    }
     options.push(format!("lowerdir={}", lower.join(":")));
     vec![Mount {
         r#type: "overlay".into(),
@@ -64,7 +71,17 @@ mod tests {
                 remote: None,
             },
             parent_ids,
+            lazy_parents: false,
         }
+    }
+
+    #[test]
+    fn overlays_over_lazy_layers_use_xino() {
+        let dirs = SnapshotDirs::open(tempfile::tempdir().expect("tmp").path()).expect("dirs");
+        let mut r = resolved(Kind::Active, vec![3, 2]);
+        assert!(!mounts_for(&dirs, &r)[0].options.iter().any(|o| o.starts_with("xino")));
+        r.lazy_parents = true;
+        assert!(mounts_for(&dirs, &r)[0].options.iter().any(|o| o == "xino=on"));
     }
 
     #[test]

@@ -25,6 +25,8 @@ struct Pending {
     link: Vec<u8>,
     dev: (u32, u32),
     xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Position in the tar stream (0 for implicit directories).
+    seq: u64,
 }
 
 fn implicit_dir() -> Pending {
@@ -40,6 +42,7 @@ fn implicit_dir() -> Pending {
         link: Vec::new(),
         dev: (0, 0),
         xattrs: Vec::new(),
+        seq: 0,
     }
 }
 
@@ -47,6 +50,8 @@ fn implicit_dir() -> Pending {
 pub struct TreeBuilder {
     /// Normalised path (components joined by `/`, root = empty) → entry.
     nodes: HashMap<Vec<u8>, Pending>,
+    /// Entries seen so far.
+    seq: u64,
 }
 
 /// Splits a tar path into components: leading `/` and `./` dropped, `.` and empty components
@@ -161,7 +166,8 @@ impl TreeBuilder {
             EntryKind::Symlink => link,
             _ => Vec::new(),
         };
-        let p = Pending { kind, mode, uid, gid, mtime_sec, mtime_nsec, size, data_offset, link, dev, xattrs };
+        self.seq += 1;
+        let p = Pending { kind, mode, uid, gid, mtime_sec, mtime_nsec, size, data_offset, link, dev, xattrs, seq: self.seq };
         self.nodes.insert(path, p);
         Ok(())
     }
@@ -286,10 +292,29 @@ impl TreeBuilder {
             e.data_offset = off;
             out[target as usize].nlink += 1;
         }
+        // containerd's applier gives the shared inode each hardlink header's owner, xattrs,
+        // mode and times in tar order (archive.createTarFile: link, Lchown, setxattr, chmod,
+        // chtimes): the last header wins, xattrs accumulate.
+        let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
         for idx in 0..out.len() {
             if out[idx].kind == EntryKind::Hardlink {
                 let t = out[idx].hardlink_target as usize;
                 out[idx].nlink = out[t].nlink;
+                groups.entry(t).or_insert_with(|| vec![t]).push(idx);
+            }
+        }
+        for mut members in groups.into_values() {
+            members.sort_by_key(|&i| self.nodes[&order[i].0].seq);
+            let mut xattrs: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+            for &i in &members {
+                xattrs.extend(self.nodes[&order[i].0].xattrs.iter().cloned());
+            }
+            let Some(&last) = members.last() else { continue };
+            let last = &self.nodes[&order[last].0];
+            for &i in &members {
+                let e = &mut out[i];
+                (e.mode, e.uid, e.gid, e.mtime_sec, e.mtime_nsec) = (last.mode, last.uid, last.gid, last.mtime_sec, last.mtime_nsec);
+                e.xattrs = xattrs.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
             }
         }
         // Directories: 2 + subdirectories.
@@ -319,6 +344,34 @@ mod tests {
         assert!(normalize(b"a/../../etc").is_err());
         assert!(normalize(b"..").is_err());
         assert_eq!(normalize(b"./").unwrap_or_default(), b"");
+    }
+
+    #[test]
+    fn hardlinks_take_the_last_headers_metadata_as_containerd_applies_it() {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_size(3);
+        (h.set_mode(0o640), h.set_uid(1), h.set_gid(1), h.set_mtime(100));
+        b.append_data(&mut h, "hard1", &b"abc"[..]).expect("append");
+        b.append_pax_extensions([("SCHILY.xattr.user.a", &b"1"[..])]).expect("pax");
+        let mut l = tar::Header::new_gnu();
+        l.set_entry_type(tar::EntryType::Link);
+        l.set_size(0);
+        (l.set_mode(0o644), l.set_uid(2), l.set_gid(3), l.set_mtime(200));
+        b.append_link(&mut l, "hard2", "hard1").expect("link");
+        let bytes = b.into_inner().expect("tar");
+        let mut tree = TreeBuilder::default();
+        let mut archive = tar::Archive::new(&bytes[..]);
+        for e in archive.entries().expect("entries") {
+            tree.add(e.expect("entry")).expect("add");
+        }
+        let out = tree.finish(bytes.len() as u64).expect("tree");
+        for name in [&b"hard1"[..], b"hard2"] {
+            let e = out.iter().find(|e| e.name == name).expect("entry");
+            assert_eq!((e.mode, e.uid, e.gid, e.mtime_sec, e.nlink), (0o644, 2, 3, 200, 2), "{name:?}");
+            assert_eq!(e.xattrs, vec![(b"user.a".to_vec(), b"1".to_vec())], "{name:?}");
+        }
     }
 
     #[test]

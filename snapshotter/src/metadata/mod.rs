@@ -35,6 +35,9 @@ pub struct Resolved {
     pub key: String,
     pub record: Record,
     pub parent_ids: Vec<u64>,
+    /// Whether a parent is a lazily served (FUSE) layer: the overlay then spans several
+    /// file systems.
+    pub lazy_parents: bool,
 }
 
 /// How `update` changes labels (containerd's field paths).
@@ -62,11 +65,12 @@ impl MetaStore {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(SNAPSHOTS)?;
         let record = get(&table, key)?.ok_or_else(|| SnapshotError::NotFound(key.to_string()))?;
-        let parent_ids = parent_ids(&table, &record.parent)?;
+        let (parent_ids, lazy_parents) = parent_ids(&table, &record.parent)?;
         Ok(Resolved {
             key: key.to_string(),
             record,
             parent_ids,
+            lazy_parents,
         })
     }
 
@@ -114,8 +118,8 @@ impl MetaStore {
             if get(&table, key)?.is_some() {
                 return Err(SnapshotError::AlreadyExists(format!("snapshot {key}")));
             }
-            let parent_ids = if parent.is_empty() {
-                Vec::new()
+            let (parent_ids, lazy_parents) = if parent.is_empty() {
+                (Vec::new(), false)
             } else {
                 let p = get(&table, parent)?
                     .ok_or_else(|| SnapshotError::NotFound(format!("parent snapshot {parent}")))?;
@@ -124,9 +128,8 @@ impl MetaStore {
                         "parent {parent:?} is not a committed snapshot"
                     )));
                 }
-                let mut ids = vec![p.id];
-                ids.extend(parent_ids(&table, &p.parent)?);
-                ids
+                let (ids, lazy) = parent_ids(&table, &p.parent)?;
+                (std::iter::once(p.id).chain(ids).collect(), lazy || p.remote.is_some())
             };
             let id = {
                 let mut counters = txn.open_table(COUNTERS)?;
@@ -154,6 +157,7 @@ impl MetaStore {
                 key: key.to_string(),
                 record,
                 parent_ids,
+                lazy_parents,
             }
         };
         txn.commit()?;
@@ -353,23 +357,25 @@ fn get(table: &impl ReadableTable<&'static str, &'static [u8]>, key: &str) -> Re
     }
 }
 
-/// Ids of `parent` and its ancestors, nearest first.
+/// Ids of `parent` and its ancestors, nearest first, and whether one is a remote layer.
 fn parent_ids(
     table: &impl ReadableTable<&'static str, &'static [u8]>,
     parent: &str,
-) -> Result<Vec<u64>> {
+) -> Result<(Vec<u64>, bool)> {
     let mut ids = Vec::new();
+    let mut lazy = false;
     let mut next = parent.to_string();
     while !next.is_empty() {
         let r = get(table, &next)?
             .ok_or_else(|| SnapshotError::Database(format!("parent snapshot {next:?} missing")))?;
         ids.push(r.id);
+        lazy |= r.remote.is_some();
         if ids.len() > 10_000 {
             return Err(SnapshotError::Database("parent chain loops".into()));
         }
         next = r.parent;
     }
-    Ok(ids)
+    Ok((ids, lazy))
 }
 
 #[cfg(test)]
