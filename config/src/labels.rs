@@ -39,6 +39,11 @@ pub const IMAGE_CREDS: &str = "containerd.io/snapshot/clip.image-creds";
 pub const SOURCE_IMAGE_CREDS: &str = "containerd.io/snapshot/clip.source-image-creds";
 /// Optional digest of the image's index artifact.
 pub const INDEX_DIGEST: &str = "containerd.io/snapshot/clip.index-digest";
+/// `true`: reach the image's registry over plain HTTP unless a `hosts.toml` configures it
+/// (`clip-snapshotter pull --plain-http`).
+pub const PLAIN_HTTP: &str = "containerd.io/snapshot/clip.plain-http";
+/// Set by the snapshotter on a snapshot it could not serve lazily: why (no secret in it).
+pub const NOT_LAZY_REASON: &str = "containerd.io/snapshot/clip.not-lazy";
 
 /// Labels whose values are secrets: never stored in metadata, never returned by `Stat`.
 pub const SECRET_LABELS: [&str; 3] = [BUILD_REGISTRY_CREDS, IMAGE_CREDS, SOURCE_IMAGE_CREDS];
@@ -138,6 +143,8 @@ pub struct RemoteRequest {
     pub layer_digest: String,
     pub manifest_digest: Option<String>,
     pub index_digest: Option<String>,
+    /// The registry is reached over plain HTTP ([`PLAIN_HTTP`]).
+    pub plain_http: bool,
     /// The `clip.*` credential labels, by label name.
     pub secrets: BTreeMap<String, String>,
 }
@@ -150,6 +157,7 @@ impl std::fmt::Debug for RemoteRequest {
             .field("layer_digest", &self.layer_digest)
             .field("manifest_digest", &self.manifest_digest)
             .field("index_digest", &self.index_digest)
+            .field("plain_http", &self.plain_http)
             .field("secrets", &self.secrets.keys().collect::<Vec<_>>())
             .finish()
     }
@@ -178,6 +186,7 @@ impl RemoteRequest {
             layer_digest: digest(CRI_LAYER_DIGEST, Some(layer_digest))?.unwrap_or_default(),
             manifest_digest: digest(CRI_MANIFEST_DIGEST, get(CRI_MANIFEST_DIGEST))?,
             index_digest: digest(INDEX_DIGEST, get(INDEX_DIGEST))?,
+            plain_http: get(PLAIN_HTTP).is_some_and(|v| v == "true"),
             secrets: labels.secrets.clone(),
         }))
     }

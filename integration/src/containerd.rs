@@ -9,13 +9,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-/// Which containerd.
+/// Which containerd. Both load the snippet `packaging/containerd/` ships for them as it is
+/// (only the snapshotter's socket is the test's), so CRI's snapshotter is `clip`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Flavor {
-    /// Debian 12's containerd 1.6 (`/usr/bin`), config version 2.
-    #[default]
+    /// Debian 12's containerd 1.6 (`/usr/bin`), config version 2, `config-1.6.toml`.
     V1_6,
-    /// containerd 2.x built by `install-deps.sh`, config version 3 with the shipped snippet.
+    /// containerd 2.x built by `install-deps.sh`, config version 3, `config-2.x.toml`.
+    #[default]
     V2,
 }
 
@@ -29,8 +30,6 @@ pub struct ContainerdOptions {
     /// The clip snapshotter's socket for `[proxy_plugins.clip]` (the entry is always written; with
     /// `None` it points at a socket nobody serves).
     pub clip_socket: Option<PathBuf>,
-    /// The CRI plugin's snapshotter; `overlayfs` when `None`.
-    pub cri_snapshotter: Option<String>,
     /// CRI sandbox image, e.g. `127.0.0.1:PORT/testbed/pause:latest`.
     pub sandbox_image: Option<String>,
     /// The stargz snapshotter's socket for `[proxy_plugins.stargz]` (benchmarks), if any.
@@ -62,7 +61,7 @@ impl Containerd {
         let clip_socket = opts.clip_socket.clone().unwrap_or_else(|| dir.join("clip-unused.sock"));
         let config = dir.join("config.toml");
         let (text, bin_dir) = match opts.flavor {
-            Flavor::V1_6 => (render_config(&dir, &socket, &hosts_dir, &clip_socket, opts), None),
+            Flavor::V1_6 => (render_config(&dir, &socket, &hosts_dir, &clip_socket, opts)?, None),
             Flavor::V2 => (render_config_v3(&dir, &socket, &hosts_dir, &clip_socket, opts)?, Some(crate::gotools::containerd2_bin_dir()?)),
         };
         std::fs::write(&config, text)?;
@@ -242,16 +241,42 @@ impl Drop for Containerd {
     }
 }
 
-fn render_config(dir: &Path, socket: &Path, hosts_dir: &Path, clip_socket: &Path, opts: &ContainerdOptions) -> String {
+/// The packaged snippet for containerd 1.6/1.7, as users copy it.
+pub const SHIPPED_CONFIG_V2: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/containerd/config-1.6.toml");
+
+/// A shipped snippet with the test's snapshotter socket in place of the packaged one.
+fn shipped_snippet(path: &str, clip_socket: &Path) -> Result<String> {
+    let shipped = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+    let default_socket = "\"/run/clip-snapshotter/clip-snapshotter.sock\"";
+    if !shipped.contains(default_socket) {
+        bail!("{path} no longer names {default_socket}");
+    }
+    Ok(shipped.replace(default_socket, &format!("\"{}\"", clip_socket.display())))
+}
+
+fn stargz_section(opts: &ContainerdOptions) -> String {
+    opts.stargz_socket
+        .as_ref()
+        .map(|s| format!("[proxy_plugins.stargz]\n  type = \"snapshot\"\n  address = \"{}\"\n", s.display()))
+        .unwrap_or_default()
+}
+
+/// containerd 1.6's config (version 2): the test's own paths and this machine's CRI needs,
+/// with `packaging/containerd/config-1.6.toml` as shipped.
+fn render_config(dir: &Path, socket: &Path, hosts_dir: &Path, clip_socket: &Path, opts: &ContainerdOptions) -> Result<String> {
+    let shipped = shipped_snippet(SHIPPED_CONFIG_V2, clip_socket)?;
     let d = dir.display();
-    let cri_snapshotter = opts.cri_snapshotter.as_deref().unwrap_or("overlayfs");
     let sandbox = opts.sandbox_image.as_deref().unwrap_or("127.0.0.1:5000/testbed/pause:latest");
-    format!(
+    let stargz = stargz_section(opts);
+    Ok(format!(
         r#"version = 2
 root = "{d}/root"
 state = "{d}/state"
 oom_score = 0
 
+# ---- packaging/containerd/config-1.6.toml as shipped ----
+{shipped}
+# ---- the test's own paths and this machine's needs ----
 [grpc]
   address = "{socket}"
 [ttrpc]
@@ -273,34 +298,19 @@ oom_score = 0
   # root lacks CAP_SYS_RESOURCE here: the sandbox's oom_score_adj of -998 would fail in runc.
   restrict_oom_score_adj = true
   sandbox_image = "{sandbox}"
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "{cri_snapshotter}"
-    # containerd 1.6 defaults to true; remote snapshotters need the cri.* labels.
-    disable_snapshot_annotations = false
-    default_runtime_name = "runc"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-      runtime_type = "io.containerd.runc.v2"
-      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
-        SystemdCgroup = false
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+    runtime_type = "io.containerd.runc.v2"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+      SystemdCgroup = false
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "{d}/cni"
   [plugins."io.containerd.grpc.v1.cri".registry]
     config_path = "{hosts}"
-
-[proxy_plugins]
-  [proxy_plugins.clip]
-    type = "snapshot"
-    address = "{clip}"
-"#,
+{stargz}"#,
         socket = socket.display(),
         hosts = hosts_dir.display(),
-        clip = clip_socket.display(),
-    ) + &opts
-        .stargz_socket
-        .as_ref()
-        .map(|s| format!("  [proxy_plugins.stargz]\n    type = \"snapshot\"\n    address = \"{}\"\n", s.display()))
-        .unwrap_or_default()
+    ))
 }
 
 /// The packaged snippet for containerd 2.x, as users copy it.
@@ -310,15 +320,7 @@ pub const SHIPPED_CONFIG_V3: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../pac
 /// `packaging/containerd/config-2.x.toml` as shipped (only the snapshotter's socket is the
 /// test's).
 fn render_config_v3(dir: &Path, socket: &Path, hosts_dir: &Path, clip_socket: &Path, opts: &ContainerdOptions) -> Result<String> {
-    if opts.cri_snapshotter.as_deref().is_some_and(|s| s != "clip") {
-        bail!("containerd 2.x runs with the shipped config, whose CRI snapshotter is clip");
-    }
-    let shipped = std::fs::read_to_string(SHIPPED_CONFIG_V3).with_context(|| format!("reading {SHIPPED_CONFIG_V3}"))?;
-    let default_socket = "\"/run/clip-snapshotter/clip-snapshotter.sock\"";
-    if !shipped.contains(default_socket) {
-        bail!("{SHIPPED_CONFIG_V3} no longer names {default_socket}");
-    }
-    let mut shipped = shipped.replace(default_socket, &format!("\"{}\"", clip_socket.display()));
+    let mut shipped = shipped_snippet(SHIPPED_CONFIG_V3, clip_socket)?;
     if opts.cri_local_pull {
         let header = "[plugins.\"io.containerd.cri.v1.images\"]\n";
         if !shipped.contains(header) {
@@ -328,11 +330,7 @@ fn render_config_v3(dir: &Path, socket: &Path, hosts_dir: &Path, clip_socket: &P
     }
     let d = dir.display();
     let sandbox = opts.sandbox_image.as_deref().unwrap_or("127.0.0.1:5000/testbed/pause:latest");
-    let stargz = opts
-        .stargz_socket
-        .as_ref()
-        .map(|s| format!("[proxy_plugins.stargz]\n  type = \"snapshot\"\n  address = \"{}\"\n", s.display()))
-        .unwrap_or_default();
+    let stargz = stargz_section(opts);
     Ok(format!(
         r#"root = "{d}/root"
 state = "{d}/state"

@@ -87,7 +87,6 @@ fn kubelet_style_pods_start_lazily_with_every_credential_path() -> Result<()> {
         &td,
         &ContainerdOptions {
             clip_socket: Some(snap.socket().to_path_buf()),
-            cri_snapshotter: Some("clip".into()),
             sandbox_image: Some(format!("{}/testbed/pause:latest", plain.host())),
             ..Default::default()
         },

@@ -23,16 +23,15 @@ fn python_image_starts_lazily_from_the_plain_registry_with_a_fraction_of_its_byt
     let image_bytes: u64 = layout_layers(&layout, "pyapp")?.iter().map(|(_, _, s)| s).sum();
     run(Command::new(workspace_binary("clip-builder")?).args(["index", "--plain-http", &reference]))?;
 
-    // The snapshotter reaches the plain-HTTP registry through containerd's hosts.toml layout.
-    let hosts_dir = td.sub("certs.d")?;
-    reg.write_hosts_toml(&hosts_dir)?;
+    // No hosts.toml: `pull --plain-http` reaches the loopback registry, and so does the daemon
+    // (as containerd reaches loopback registries).
     let config = td.path().join("snapshotter.toml");
     // Background fetch off: the bytes counted are the ones the workload needed.
     std::fs::write(
         &config,
         // On-demand fetching only: what the container's own reads cost (the prefetcher's
         // speculative fetches are measured by the cold-start benchmark).
-        format!("[registry]\nhosts_dir = \"{}\"\n[lazy]\nbackground_fetch = false\nprefetch_threads = 0\n", hosts_dir.display()),
+        "[lazy]\nbackground_fetch = false\nprefetch_threads = 0\n",
     )?;
     let config = config.display().to_string();
     let snap = ClipSnapshotter::start(&td, "clip", &["--config", &config])?;
@@ -210,6 +209,44 @@ fn a_layer_without_an_index_falls_back_to_an_ordinary_snapshot() -> Result<()> {
     assert!(String::from_utf8_lossy(&run_out.stdout).contains("fallback works"));
     let log = snap.log();
     assert!(log.contains("serving the layer as an ordinary snapshot") && log.contains("no CLIP index is published"), "{log}");
+    // pull says why, per layer.
+    let reason = report["not_lazy"][0]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("no CLIP index is published"), "{report}");
+    assert_eq!(report["not_lazy"][0]["layer"], layout_layers(&layout, "busybox")?[0].0.as_str(), "{report}");
+    ctrd.purge()?;
+    Ok(())
+}
+
+#[test]
+fn containerd_1_6_smoke_pull_of_an_indexed_image_is_lazy() -> Result<()> {
+    require_root();
+    let td = TestDir::new("lazy-1.6")?;
+    let reg = Registry::start_plain(&td, "plain")?;
+    let layout = TestImage::Python.layout()?;
+    let reference = reg.push_layout(&layout, "pyapp", "testbed/python", "latest")?;
+    run(Command::new(workspace_binary("clip-builder")?).args(["index", "--plain-http", &reference]))?;
+    // containerd 1.6's own `ctr images pull` downloads every layer before unpacking, so lazy
+    // starts on 1.6 go through `clip-snapshotter pull` (or CRI).
+    let config = td.path().join("snapshotter.toml");
+    std::fs::write(&config, "[lazy]\nbackground_fetch = false\n")?;
+    let config = config.display().to_string();
+    let snap = ClipSnapshotter::start(&td, "clip", &["--config", &config])?;
+    let ctrd = Containerd::start(
+        &td,
+        &ContainerdOptions {
+            flavor: clip_integration::containerd::Flavor::V1_6,
+            clip_socket: Some(snap.socket().to_path_buf()),
+            ..Default::default()
+        },
+    )?;
+    let version = clip_integration::run_stdout(ctrd.ctr("t").arg("version"))?;
+    assert!(version.contains("1.6."), "{version}");
+    let out = pull(&ctrd, &["--plain-http"], &reference)?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(report["lazy_layers"], 4, "{report}\n{}", snap.log());
+    let out = ctrd.ctr_run("t", &["run", "--rm", "--snapshotter", "clip", &reference, "smoke", "python3", "-c", "import numpy; print(6*7)"])?;
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
     ctrd.purge()?;
     Ok(())
 }

@@ -59,7 +59,9 @@ pub struct RegistryClient {
     pub retry: RetryPolicy,
     pub timeouts: Timeouts,
     clients: std::sync::Mutex<HashMap<(Vec<PathBuf>, bool), reqwest::Client>>,
-    /// Hosts of [`Endpoint::http_fallback`] endpoints that answered plain HTTP, not TLS.
+    /// Registries reached over plain HTTP where no `hosts.toml` says otherwise: hosts of
+    /// [`Endpoint::http_fallback`] endpoints that answered plain HTTP, not TLS, and those a
+    /// client asked for with `--plain-http` ([`Self::use_plain_http`]).
     plain_hosts: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
@@ -92,9 +94,16 @@ impl RegistryClient {
         })
     }
 
-    /// The API base of `endpoint` as it answers: plain HTTP once a fallback endpoint did.
+    /// Reaches `registry` (`host[:port]`) over plain HTTP from now on, unless a `hosts.toml`
+    /// configures it (`clip-snapshotter pull --plain-http`).
+    pub fn use_plain_http(&self, registry: &str) {
+        self.plain_hosts.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(registry.to_string());
+    }
+
+    /// The API base of `endpoint` as it answers: plain HTTP once a fallback endpoint did, or
+    /// for an unconfigured registry a client asked plain HTTP for.
     fn api_base(&self, endpoint: &Endpoint) -> String {
-        if endpoint.http_fallback && self.is_plain(&endpoint.host) {
+        if (endpoint.http_fallback || endpoint.unconfigured) && self.is_plain(&endpoint.host) {
             if let Some(rest) = endpoint.api_base.strip_prefix("https://") {
                 return format!("http://{rest}");
             }
@@ -639,4 +648,26 @@ pub fn error_text(e: &reqwest::Error) -> String {
         src = s.source();
     }
     parts.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_http_is_used_for_unconfigured_registries_a_client_asked_it_for() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let d = dir.path().join("configured.example:5000");
+        std::fs::create_dir_all(&d).expect("mkdir");
+        std::fs::write(d.join("hosts.toml"), "server = \"https://configured.example:5000\"\n").expect("write");
+        let client = RegistryClient::new(HostsConfig { dir: Some(dir.path().to_path_buf()), plain_http: false });
+        let base = |r: &str| client.api_base(&client.hosts.endpoints(r).expect("endpoints")[0]);
+        assert_eq!(base("registry.example:5000"), "https://registry.example:5000/v2");
+        client.use_plain_http("registry.example:5000");
+        client.use_plain_http("configured.example:5000");
+        assert_eq!(base("registry.example:5000"), "http://registry.example:5000/v2");
+        assert_eq!(base("other.example:5000"), "https://other.example:5000/v2");
+        // A hosts.toml decides for its registry.
+        assert_eq!(base("configured.example:5000"), "https://configured.example:5000/v2");
+    }
 }

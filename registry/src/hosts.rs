@@ -47,6 +47,9 @@ pub struct Endpoint {
     /// An `https` endpoint that is retried over plain HTTP when TLS fails (containerd's
     /// default for loopback registries on a port other than 443 and 80).
     pub http_fallback: bool,
+    /// The registry's own endpoint by default (no `hosts.toml` configures it): the one a
+    /// client's `--plain-http` for this registry changes to plain HTTP.
+    pub unconfigured: bool,
 }
 
 impl Endpoint {
@@ -182,6 +185,7 @@ impl HostsConfig {
             skip_verify: loopback.is_some() && scheme == "https",
             headers: BTreeMap::new(),
             http_fallback: loopback == Some(LoopbackDefault::HttpsThenHttp) && !self.plain_http,
+            unconfigured: true,
         };
         let Some(file) = self.find_file(registry) else {
             return Ok(vec![default]);
@@ -275,6 +279,7 @@ fn parse_hosts(text: &str, file: &Path, default: Endpoint) -> Result<Vec<Endpoin
             skip_verify: h.skip_verify.unwrap_or(false),
             headers: headers(h.header),
             http_fallback: false,
+            unconfigured: false,
         });
     }
     let server = match parsed.server {
@@ -294,6 +299,7 @@ fn parse_hosts(text: &str, file: &Path, default: Endpoint) -> Result<Vec<Endpoin
         skip_verify: parsed.skip_verify.unwrap_or(false),
         headers: headers(parsed.header),
         http_fallback: false,
+        unconfigured: false,
         ..server
     };
     // A `[host]` entry for the server's own URL configures the server; do not try it twice.

@@ -52,7 +52,16 @@ pub struct PullReport {
     pub unpacked_layers: usize,
     /// Layers whose snapshot already existed.
     pub existing_layers: usize,
+    /// Why each unpacked layer was not served lazily, as the snapshotter said.
+    pub not_lazy: Vec<NotLazy>,
     pub seconds: f64,
+}
+
+/// A layer the snapshotter did not serve lazily.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NotLazy {
+    pub layer: String,
+    pub reason: String,
 }
 
 /// Metadata headers containerd reads from every request.
@@ -174,6 +183,7 @@ pub async fn pull(opts: &PullOptions, reference: &str) -> Result<PullReport> {
             lazy_layers: 0,
             unpacked_layers: 0,
             existing_layers: 0,
+            not_lazy: Vec::new(),
             seconds: 0.0,
         };
         for (i, layer) in layers.iter().enumerate() {
@@ -205,6 +215,16 @@ pub async fn pull(opts: &PullOptions, reference: &str) -> Result<PullReport> {
                 Ok(resp) => {
                     // The snapshotter could not serve it lazily: download and unpack here.
                     let mounts = resp.into_inner().mounts;
+                    let said = snapshots
+                        .stat(ctx.req(StatSnapshotRequest { snapshotter: opts.snapshotter.clone(), key: key.clone() })?)
+                        .await
+                        .ok()
+                        .and_then(|r| r.into_inner().info)
+                        .and_then(|info| info.labels.get(l::NOT_LAZY_REASON).cloned());
+                    report.not_lazy.push(NotLazy {
+                        layer: layer.digest().to_string(),
+                        reason: said.unwrap_or_else(|| "the snapshotter did not say (not clip, or lazy serving is off)".into()),
+                    });
                     let unpacked = unpack_layer(&repo, &channel, &ctx, &mut content, layer, mounts).await;
                     if let Err(e) = unpacked {
                         let _ = snapshots
@@ -271,6 +291,9 @@ fn layer_labels(
     chain_id: &str,
 ) -> HashMap<String, String> {
     let mut labels = l::cri_layer_labels(chain_id, &image.to_string(), manifest_digest, layer_digests, i);
+    if opts.plain_http {
+        labels.insert(l::PLAIN_HTTP.to_string(), "true".to_string());
+    }
     for (label, cred) in [
         (l::IMAGE_CREDS, &opts.creds),
         (l::SOURCE_IMAGE_CREDS, &opts.source_image_creds),

@@ -133,11 +133,12 @@ impl State {
         parent: &str,
         labels: HashMap<String, String>,
     ) -> Result<Vec<Mount>> {
-        let labels = labels::split(labels)?;
+        let mut labels = labels::split(labels)?;
         let request = match RemoteRequest::from_labels(&labels) {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(reason = %e, "malformed lazy-serving labels; preparing an ordinary snapshot");
+                labels.stored.insert(NOT_LAZY.into(), not_lazy_reason(&e.to_string()));
                 None
             }
         };
@@ -151,6 +152,7 @@ impl State {
                 Err(RemoteFallback::Error(e)) => return Err(e),
                 Err(RemoteFallback::Reason(reason)) => {
                     tracing::info!(layer = %req.layer_digest, image = %req.image_ref, %reason, "serving the layer as an ordinary snapshot (containerd unpacks it)");
+                    labels.stored.insert(NOT_LAZY.into(), not_lazy_reason(&reason));
                 }
             }
         }
@@ -344,6 +346,13 @@ impl State {
             .map(|(name, record)| to_info(name, record))
             .collect())
     }
+}
+
+use clip_config::labels::NOT_LAZY_REASON as NOT_LAZY;
+
+/// The reason stored in [`NOT_LAZY`], within containerd's label size limit.
+fn not_lazy_reason(reason: &str) -> String {
+    reason.chars().take(1024).collect()
 }
 
 /// Why a remote Prepare did not happen: a reason to fall back, or an error for containerd.

@@ -157,6 +157,9 @@ fn main() -> anyhow::Result<()> {
                     report.existing_layers,
                     report.seconds
                 );
+                for n in &report.not_lazy {
+                    println!("  layer {} not served lazily: {}", n.layer, n.reason);
+                }
             }
             Ok(())
         }

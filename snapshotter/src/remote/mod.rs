@@ -24,6 +24,9 @@ use std::sync::{Arc, Mutex};
 
 use mount::Mounted;
 
+/// Registries a client asked to reach over plain HTTP, a host a line, under the root.
+const PLAIN_HTTP_FILE: &str = "plain-http-registries";
+
 /// The lazy-layer manager of a daemon.
 pub struct RemoteLayers {
     root: PathBuf,
@@ -159,9 +162,13 @@ impl RemoteLayers {
         metrics.cache_limit_bytes.set(i64::try_from(cfg.lazy.cache_max_bytes).unwrap_or(i64::MAX));
         budget.scan(&cfg.root.join("spans"), &cfg.root.join("files"));
         tracing::info!(bytes = budget.used(), limit = cfg.lazy.cache_max_bytes, "span caches counted");
+        let client = RegistryClient::new(hosts);
+        for registry in std::fs::read_to_string(cfg.root.join(PLAIN_HTTP_FILE)).unwrap_or_default().lines() {
+            client.use_plain_http(registry);
+        }
         Ok(Self {
             root: cfg.root.clone(),
-            client: RegistryClient::new(hosts),
+            client,
             docker_config: cfg.registry.docker_config.clone(),
             runtime,
             build_registry,
@@ -296,6 +303,25 @@ impl RemoteLayers {
         Ok(())
     }
 
+    /// Reaches the registry of `image_ref` over plain HTTP from now on (unless a `hosts.toml`
+    /// configures it), and after restarts: `<root>/plain-http-registries`, a host a line.
+    fn remember_plain_http(&self, image_ref: &str) -> Result<(), String> {
+        let registry = Reference::parse(image_ref).map_err(|e| e.to_string())?.registry;
+        self.client.use_plain_http(&registry);
+        let path = self.root.join(PLAIN_HTTP_FILE);
+        let mut hosts: std::collections::BTreeSet<String> =
+            std::fs::read_to_string(&path).unwrap_or_default().lines().map(str::to_string).collect();
+        if hosts.insert(registry.clone()) {
+            let text: String = hosts.iter().map(|h| format!("{h}\n")).collect();
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, text)
+                .and_then(|()| std::fs::rename(&tmp, &path))
+                .map_err(|e| format!("recording plain HTTP for {registry} in {}: {e}", path.display()))?;
+            tracing::info!(%registry, "reaching this registry over plain HTTP, as its client asked");
+        }
+        Ok(())
+    }
+
     /// The registry session of an image, with its credential chain.
     fn repository(&self, image_ref: &str) -> Result<Arc<Repository>, String> {
         let mut repos = self.repos.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -330,6 +356,9 @@ impl RemoteLayers {
     /// thread, never from async code).
     pub fn open(&self, req: &RemoteRequest) -> Result<OpenedLayer, String> {
         self.remember_creds(req)?;
+        if req.plain_http {
+            self.remember_plain_http(&req.image_ref)?;
+        }
         let repo = self.repository(&req.image_ref)?;
         let (index, windows) = self.find_index(&repo, req)?;
         Ok(self.opened(repo, index, windows, &req.layer_digest))
@@ -370,6 +399,7 @@ impl RemoteLayers {
                     layer_digest: layer_digest.to_string(),
                     manifest_digest: None,
                     index_digest: None,
+                    plain_http: false,
                     secrets: std::collections::BTreeMap::new(),
                 };
                 self.find_index(&repo, &req)?
