@@ -51,7 +51,14 @@ fn bad_labels_and_bad_registry_answers_fail_clearly_or_fall_back_and_the_daemon_
     let hosts_dir = td.sub("certs.d")?;
     reg.write_hosts_toml(&hosts_dir)?;
     let config = td.path().join("snapshotter.toml");
-    std::fs::write(&config, format!("[registry]\nhosts_dir = \"{}\"\n[lazy]\nbackground_fetch = false\n", hosts_dir.display()))?;
+    std::fs::write(
+        &config,
+        format!(
+            "containerd_address = \"{}\"\n[registry]\nhosts_dir = \"{}\"\n[lazy]\nbackground_fetch = false\n",
+            td.path().join("no-containerd.sock").display(),
+            hosts_dir.display()
+        ),
+    )?;
     let config = config.display().to_string();
     let snap = ClipSnapshotter::start(&td, "clip", &["--config", &config])?;
     let bad_digest = "sha256:../../../../../tmp/clip-bad-input";
@@ -89,6 +96,35 @@ fn bad_labels_and_bad_registry_answers_fail_clearly_or_fall_back_and_the_daemon_
             .into_inner();
         assert!(!is_fuse_layer(&r.mounts), "{:?}", r.mounts);
 
+        // What a transfer-service pull may send: partial or odd layer labels fall back, and
+        // the ordinary snapshot says why.
+        let r = c.prepare(prepare("partial", &[(l::TARGET_SNAPSHOT_REF, "t4"), (l::CRI_IMAGE_REF, &reference)])).await?.into_inner();
+        assert!(!is_fuse_layer(&r.mounts), "{:?}", r.mounts);
+        let r = c
+            .prepare(prepare("odd-ref", &[(l::TARGET_SNAPSHOT_REF, "t5"), (l::CRI_IMAGE_REF, "Not A Reference!!"), (l::CRI_LAYER_DIGEST, &layer)]))
+            .await?
+            .into_inner();
+        assert!(!is_fuse_layer(&r.mounts), "{:?}", r.mounts);
+        let info = c.stat(api::StatSnapshotRequest { snapshotter: "clip".into(), key: "odd-ref".into() }).await?.into_inner();
+        let why = info.info.and_then(|i| i.labels.get(l::NOT_LAZY_REASON).cloned()).unwrap_or_default();
+        assert!(!why.is_empty(), "no reason recorded for a fallback");
+        let r = c
+            .prepare(prepare(
+                "odd-manifest",
+                &[(l::TARGET_SNAPSHOT_REF, "t6"), (l::CRI_IMAGE_REF, &reference), (l::CRI_LAYER_DIGEST, &layer), (l::CRI_MANIFEST_DIGEST, "md5:xyz")],
+            ))
+            .await?
+            .into_inner();
+        assert!(!is_fuse_layer(&r.mounts), "{:?}", r.mounts);
+        // No labels but the target, in a namespace, and containerd unreachable for the lookup:
+        // an ordinary snapshot, at once.
+        let mut req = containerd_snapshots::tonic::Request::new(prepare("unlabelled", &[(l::TARGET_SNAPSHOT_REF, "t7")]));
+        req.metadata_mut().insert("containerd-namespace", "t".parse()?);
+        let started = std::time::Instant::now();
+        let r = c.prepare(req).await?.into_inner();
+        assert!(!is_fuse_layer(&r.mounts), "{:?}", r.mounts);
+        assert!(started.elapsed() < std::time::Duration::from_secs(10), "{:?}", started.elapsed());
+
         // Unknown labels are kept.
         c.prepare(prepare("unknown", &[("example.com/whatever", "x")])).await?;
         let info = c.stat(api::StatSnapshotRequest { snapshotter: "clip".into(), key: "unknown".into() }).await?.into_inner();
@@ -108,6 +144,7 @@ fn bad_labels_and_bad_registry_answers_fail_clearly_or_fall_back_and_the_daemon_
     })?;
     let log = snap.log();
     assert!(log.contains("malformed lazy-serving labels"), "{log}");
+    assert!(log.contains("looking the layer of an unlabelled Prepare up failed"), "{log}");
     assert!(log.contains("serving the layer as an ordinary snapshot"), "{log}");
     assert!(!log.contains("panicked"), "{log}");
     assert!(!log.contains("Sentinel-Value"));

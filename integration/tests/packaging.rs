@@ -89,6 +89,7 @@ fn debian_packages_build_install_into_a_root_and_purge() -> Result<()> {
         "usr/share/man/man1/clip-snapshotter.1.gz",
         "usr/share/man/man1/clip-builder.1.gz",
         "usr/share/doc/clip-snapshotter/examples/containerd-config-1.6.toml",
+        "usr/share/doc/clip-snapshotter/examples/containerd-config-2.x.toml",
     ] {
         assert!(root.join(f).exists(), "{f} not installed");
     }
