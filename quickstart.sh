@@ -122,6 +122,8 @@ echo $! >"$Q/snapshotter.pid"
   stream_server_port = "0"
 [plugins."io.containerd.cri.v1.runtime"]
   restrict_oom_score_adj = true
+[plugins."io.containerd.nri.v1.nri"]
+  socket_path = "$C/nri.sock"
 EOF
 } >"$C/config.toml"
 containerd --config "$C/config.toml" >>"$C/containerd.log" 2>&1 &

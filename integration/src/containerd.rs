@@ -254,6 +254,26 @@ fn shipped_snippet(path: &str, clip_socket: &Path) -> Result<String> {
     Ok(shipped.replace(default_socket, &format!("\"{}\"", clip_socket.display())))
 }
 
+/// The sockets, debug and opt sections both config versions have.
+fn common_sections(dir: &Path, socket: &Path) -> String {
+    format!(
+        r#"[grpc]
+  address = "{socket}"
+[ttrpc]
+  address = "{socket}.ttrpc"
+[debug]
+  address = "{d}/debug.sock"
+  level = "info"
+[metrics]
+  address = ""
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{d}/opt"
+"#,
+        socket = socket.display(),
+        d = dir.display()
+    )
+}
+
 fn stargz_section(opts: &ContainerdOptions) -> String {
     opts.stargz_socket
         .as_ref()
@@ -268,6 +288,7 @@ fn render_config(dir: &Path, socket: &Path, hosts_dir: &Path, clip_socket: &Path
     let d = dir.display();
     let sandbox = opts.sandbox_image.as_deref().unwrap_or("127.0.0.1:5000/testbed/pause:latest");
     let stargz = stargz_section(opts);
+    let common = common_sections(dir, socket);
     Ok(format!(
         r#"version = 2
 root = "{d}/root"
@@ -277,19 +298,7 @@ oom_score = 0
 # ---- packaging/containerd/config-1.6.toml as shipped ----
 {shipped}
 # ---- the test's own paths and this machine's needs ----
-[grpc]
-  address = "{socket}"
-[ttrpc]
-  address = "{socket}.ttrpc"
-[debug]
-  address = "{d}/debug.sock"
-  level = "info"
-[metrics]
-  address = ""
-
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{d}/opt"
-
+{common}
 [plugins."io.containerd.grpc.v1.cri"]
   disable_tcp_service = true
   stream_server_address = "127.0.0.1"
@@ -308,7 +317,6 @@ oom_score = 0
   [plugins."io.containerd.grpc.v1.cri".registry]
     config_path = "{hosts}"
 {stargz}"#,
-        socket = socket.display(),
         hosts = hosts_dir.display(),
     ))
 }
@@ -331,6 +339,7 @@ fn render_config_v3(dir: &Path, socket: &Path, hosts_dir: &Path, clip_socket: &P
     let d = dir.display();
     let sandbox = opts.sandbox_image.as_deref().unwrap_or("127.0.0.1:5000/testbed/pause:latest");
     let stargz = stargz_section(opts);
+    let common = common_sections(dir, socket);
     Ok(format!(
         r#"root = "{d}/root"
 state = "{d}/state"
@@ -339,19 +348,7 @@ oom_score = 0
 # ---- packaging/containerd/config-2.x.toml as shipped ----
 {shipped}
 # ---- the test's own paths and this machine's needs ----
-[grpc]
-  address = "{socket}"
-[ttrpc]
-  address = "{socket}.ttrpc"
-[debug]
-  address = "{d}/debug.sock"
-  level = "info"
-[metrics]
-  address = ""
-
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{d}/opt"
-[plugins."io.containerd.grpc.v1.cri"]
+{common}[plugins."io.containerd.grpc.v1.cri"]
   disable_tcp_service = true
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
@@ -374,8 +371,10 @@ oom_score = 0
   config_path = "{hosts}"
 [plugins."io.containerd.transfer.v1.local"]
   config_path = "{hosts}"
+# NRI's socket is machine-wide by default: one of its own, so containerds can run side by side.
+[plugins."io.containerd.nri.v1.nri"]
+  socket_path = "{d}/nri.sock"
 {stargz}"#,
-        socket = socket.display(),
         hosts = hosts_dir.display(),
     ))
 }

@@ -23,6 +23,17 @@ impl TestDir {
         self.dir.as_ref().map_or(Path::new("/nonexistent"), tempfile::TempDir::path)
     }
 
+    /// How many of clip's lazy layers (its FUSE mounts, source `clip:sha256:...`) are mounted
+    /// below this dir now.
+    pub fn lazy_layers(&self) -> usize {
+        let dir = self.path().to_string_lossy().into_owned();
+        std::fs::read_to_string("/proc/mounts")
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("clip:sha256:") && l.contains(&dir))
+            .count()
+    }
+
     /// `path()/sub`, created.
     pub fn sub(&self, sub: &str) -> Result<PathBuf> {
         let p = self.path().join(sub);

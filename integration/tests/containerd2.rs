@@ -18,13 +18,6 @@ use std::time::Duration;
 
 const IMPORT_NUMPY: &str = "import numpy; print('numpy', numpy.__version__, 1)";
 
-/// Lazy layers of this test mounted now (FUSE mounts of clip under the test dir).
-fn fuse_layers(td: &TestDir) -> usize {
-    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-    let dir = td.path().to_string_lossy().into_owned();
-    mounts.lines().filter(|l| l.starts_with("clip:sha256:") && l.contains(&dir)).count()
-}
-
 /// Where [`Containerd::start`] will put its API socket (the snapshotter is started first).
 fn containerd_socket(td: &TestDir) -> std::path::PathBuf {
     td.path().join("containerd").join("containerd.sock")
@@ -81,7 +74,7 @@ fn ctr_transfer_pull_and_nerdctl_run_start_the_python_image_lazily_on_containerd
     assert_eq!(count(&log, "layer mounted lazily"), 4, "{log}");
     assert_eq!(count(&log, "unlabelled Prepare found"), 0, "the transfer service passed no labels:\n{log}");
     assert!(!log.contains("ordinary snapshot (containerd unpacks it)"), "{log}");
-    assert_eq!(fuse_layers(&td), 4);
+    assert_eq!(td.lazy_layers(), 4);
     let out = ctrd.ctr_run("t", &["run", "--rm", "--snapshotter", "clip", &reference, "ctr2-lazy", "python3", "-c", IMPORT_NUMPY])?;
     assert!(stdout(&out).trim().ends_with(" 1"), "{}", stdout(&out));
     let fetched = reg.blob_bytes_served() - before;
@@ -91,7 +84,7 @@ fn ctr_transfer_pull_and_nerdctl_run_start_the_python_image_lazily_on_containerd
     );
     assert!(fetched * 4 < image_bytes, "fetched {fetched} of {image_bytes}");
     run(ctrd.ctr("t").args(["images", "rm", "--sync", &reference]))?;
-    assert!(wait_until(Duration::from_secs(30), || fuse_layers(&td) == 0), "FUSE layers left after rmi:\n{}", snap.log());
+    assert!(wait_until(Duration::from_secs(30), || td.lazy_layers() == 0), "FUSE layers left after rmi:\n{}", snap.log());
 
     // nerdctl 2.2 pulls client-side and attaches no labels for a snapshotter it does not know;
     // clip finds the layers in containerd's content store. Its source label has no port
@@ -110,7 +103,7 @@ fn ctr_transfer_pull_and_nerdctl_run_start_the_python_image_lazily_on_containerd
     let log = snap.log();
     assert_eq!(count(&log, "unlabelled Prepare found"), 4, "{log}");
     assert_eq!(count(&log, "layer mounted lazily"), 8, "{log}");
-    assert_eq!(fuse_layers(&td), 4);
+    assert_eq!(td.lazy_layers(), 4);
     eprintln!(
         "nerdctl run, import numpy: {fetched} of {image_bytes} compressed bytes ({:.1}%)",
         fetched as f64 * 100.0 / image_bytes as f64
@@ -118,7 +111,7 @@ fn ctr_transfer_pull_and_nerdctl_run_start_the_python_image_lazily_on_containerd
     assert!(fetched * 4 < image_bytes, "fetched {fetched} of {image_bytes}");
     run(ctrd.nerdctl("nerd", &data_root, &docker_config)?.args(["rmi", &reference]))?;
     ctrd.purge()?;
-    assert!(wait_until(Duration::from_secs(30), || fuse_layers(&td) == 0), "FUSE layers left after nerdctl rmi:\n{}", snap.log());
+    assert!(wait_until(Duration::from_secs(30), || td.lazy_layers() == 0), "FUSE layers left after nerdctl rmi:\n{}", snap.log());
     Ok(())
 }
 
@@ -164,7 +157,7 @@ fn nerdctl_login_then_run_of_a_private_image_is_lazy_and_without_login_fails_cle
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "ran without credentials");
     assert!(stderr.contains("pull access denied") && stderr.contains("authorization"), "{stderr}");
-    assert_eq!(fuse_layers(&td), 0);
+    assert_eq!(td.lazy_layers(), 0);
     let listed = stdout(&ctrd.ctr_run("nerd", &["snapshots", "--snapshotter", "clip", "ls"])?);
     assert!(listed.lines().count() <= 1, "snapshots left: {listed}");
 
@@ -193,7 +186,7 @@ fn nerdctl_login_then_run_of_a_private_image_is_lazy_and_without_login_fails_cle
     let fetched = reg.blob_bytes_served() - before;
     let log = snap.log();
     assert_eq!(count(&log, "layer mounted lazily"), 4, "{log}");
-    assert_eq!(fuse_layers(&td), 4);
+    assert_eq!(td.lazy_layers(), 4);
     eprintln!(
         "nerdctl login + run of a private image, import numpy: {fetched} of {image_bytes} compressed bytes ({:.1}%)",
         fetched as f64 * 100.0 / image_bytes as f64
@@ -222,7 +215,7 @@ fn nerdctl_login_then_run_of_a_private_image_is_lazy_and_without_login_fails_cle
 
     run(nerdctl()?.args(["rmi", &reference]))?;
     ctrd.purge()?;
-    assert!(wait_until(Duration::from_secs(30), || fuse_layers(&td) == 0), "FUSE layers left:\n{}", snap.log());
+    assert!(wait_until(Duration::from_secs(30), || td.lazy_layers() == 0), "FUSE layers left:\n{}", snap.log());
     Ok(())
 }
 

@@ -17,14 +17,6 @@ use std::time::Duration;
 const OTHER_PASS: &str = "Pull-Secret-7c41e";
 const BUILD_PASS: &str = "Build-LongTerm-93b2";
 
-fn lazy_mounts(td: &TestDir) -> usize {
-    std::fs::read_to_string("/proc/mounts")
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.starts_with("clip:sha256:") && l.contains(td.path().to_str().unwrap_or("/")))
-        .count()
-}
-
 #[test]
 fn kubelet_style_pods_start_lazily_with_every_credential_path() -> Result<()> {
     require_root();
@@ -102,7 +94,7 @@ fn kubelet_style_pods_start_lazily_with_every_credential_path() -> Result<()> {
         ("build-registry", &build_ref, &cri_socket, None, "print(open('/variant.txt').read().strip())"),
     ];
     for (name, image, image_service, auth, script) in scenarios {
-        let before = lazy_mounts(&td);
+        let before = td.lazy_layers();
         let (log, exec) = rt.block_on(async {
             let mut c = CriClient::connect(ctrd.socket(), image_service, &logs).await?;
             let image_ref = c.pull(image, auth).await.with_context(|| format!("{name}: pull {image}"))?;
@@ -117,7 +109,7 @@ fn kubelet_style_pods_start_lazily_with_every_credential_path() -> Result<()> {
             c.teardown(&pod).await?;
             anyhow::Ok((done.log, exec))
         })?;
-        let mounted = lazy_mounts(&td) - before.min(lazy_mounts(&td));
+        let mounted = td.lazy_layers() - before.min(td.lazy_layers());
         eprintln!("{name}: container log {log:?}; exec {exec:?}; {mounted} new lazy layers");
         match name {
             "plain" => assert!(log.starts_with("numpy "), "{log}"),

@@ -19,12 +19,6 @@ use std::time::Duration;
 
 const PRIVATE_PASS: &str = "Crictl-Secret-4d2a";
 
-fn fuse_layers(td: &TestDir) -> usize {
-    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-    let dir = td.path().to_string_lossy().into_owned();
-    mounts.lines().filter(|l| l.starts_with("clip:sha256:") && l.contains(&dir)).count()
-}
-
 /// `crictl` against containerd's CRI for the runtime and `image_endpoint` for images.
 struct Crictl {
     bin: PathBuf,
@@ -182,7 +176,7 @@ fn pods_start_lazily_and_leave_nothing_behind(name: &str, cri_local_pull: bool) 
     let before = b.plain.blob_bytes_served();
     crictl.run(&["pull", &b.python_ref]).with_context(|| b.snap.log())?;
     assert_eq!(containerd_log_mentions_fallback(), cri_local_pull, "CRI's pull path:\n{}", b.ctrd.log());
-    assert_eq!(fuse_layers(&b.td), 4, "{}", b.snap.log());
+    assert_eq!(b.td.lazy_layers(), 4, "{}", b.snap.log());
     let (pod, id, log) = crictl.run_to_exit(b.td.path(), "plain", &b.python_ref, &["python3", "-c", "import numpy; print('numpy', numpy.__version__)"])?;
     assert!(log.starts_with("numpy "), "{log}");
     let fetched = b.plain.blob_bytes_served() - before;
@@ -201,7 +195,7 @@ fn pods_start_lazily_and_leave_nothing_behind(name: &str, cri_local_pull: bool) 
     crictl.remove(&pod, &id)?;
     // The private image has the same layers: remove this one so that they are served anew.
     crictl.run(&["rmi", &b.python_ref])?;
-    assert!(wait_until(Duration::from_secs(60), || fuse_layers(&b.td) == 0), "layers left after rmi:\n{}", b.snap.log());
+    assert!(wait_until(Duration::from_secs(60), || b.td.lazy_layers() == 0), "layers left after rmi:\n{}", b.snap.log());
 
     // A private image: crictl hands the credentials to clip's CRI image service proxy.
     let proxied = Crictl::new(b.ctrd.socket(), &b.cri_proxy)?;
@@ -209,9 +203,10 @@ fn pods_start_lazily_and_leave_nothing_behind(name: &str, cri_local_pull: bool) 
     assert!(!wrong.status.success(), "pulled with wrong credentials");
     let err = String::from_utf8_lossy(&wrong.stderr);
     assert!(err.contains("401") || err.contains("unauthorized") || err.contains("authorization failed"), "{err}");
+    assert_eq!(b.td.lazy_layers(), 0, "a refused pull left layers mounted");
     let before = b.private.blob_bytes_served();
     proxied.run(&["pull", "--creds", &format!("reader:{PRIVATE_PASS}"), &b.private_ref]).with_context(|| b.snap.log())?;
-    assert_eq!(fuse_layers(&b.td), 4, "{}", b.snap.log());
+    assert_eq!(b.td.lazy_layers(), 4, "{}", b.snap.log());
     let (pod, id, log) = crictl.run_to_exit(
         b.td.path(),
         "private",
@@ -235,13 +230,13 @@ fn pods_start_lazily_and_leave_nothing_behind(name: &str, cri_local_pull: bool) 
     let spans = b.snap.root().join("spans");
     let cache_entries = || std::fs::read_dir(&spans).map(|d| d.count()).unwrap_or(0);
     let clean = wait_until(Duration::from_secs(60), || {
-        snapshots().lines().count() <= 1 && fuse_layers(&b.td) == 0 && cache_entries() == 0 && !b.snap.keeper_alive()
+        snapshots().lines().count() <= 1 && b.td.lazy_layers() == 0 && cache_entries() == 0 && !b.snap.keeper_alive()
     });
     assert!(
         clean,
         "left behind: snapshots {:?}, {} FUSE mounts, {} span caches, keeper alive {}\n{}",
         snapshots(),
-        fuse_layers(&b.td),
+        b.td.lazy_layers(),
         cache_entries(),
         b.snap.keeper_alive(),
         b.snap.log()
