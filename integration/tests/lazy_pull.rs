@@ -386,3 +386,33 @@ fn corrupted_spans_fail_reads_a_vanished_registry_recovers_and_a_restart_remount
     ctrd.purge()?;
     Ok(())
 }
+
+#[test]
+fn pull_plain_http_reaches_the_daemons_requests_for_a_registry_that_is_not_loopback() -> Result<()> {
+    require_root();
+    let td = TestDir::new("lazy-plain-ns")?;
+    // A registry at the address of a network namespace of this test's own (not loopback, so no
+    // default reaches it over plain HTTP), with no hosts.toml anywhere.
+    let link = clip_integration::netns::SlowLink::new(1000, 2)?;
+    let reg = Registry::start_wrapped(&td, "ns", None, link.ns_ip(), &link.wrap())?;
+    let layout = TestImage::Busybox.layout()?;
+    let reference = reg.push_layout(&layout, "busybox", "testbed/busybox", "latest")?;
+    run(Command::new(workspace_binary("clip-builder")?).args(["index", "--plain-http", &reference]))?;
+    let config = td.path().join("snapshotter.toml");
+    std::fs::write(&config, "[lazy]\nbackground_fetch = false\n")?;
+    let config = config.display().to_string();
+    let snap = ClipSnapshotter::start(&td, "clip", &["--config", &config])?;
+    let ctrd = Containerd::start(&td, &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() })?;
+    let out = pull(&ctrd, &["--plain-http"], &reference)?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(report["lazy_layers"], 1, "{report}\n{}", snap.log());
+    let recorded = std::fs::read_to_string(snap.root().join("plain-http-registries"))?;
+    assert_eq!(recorded.trim(), reg.host(), "kept for restarts");
+    let out = ctrd.ctr_run("t", &["run", "--rm", "--snapshotter", "clip", &reference, "ns1", "sh", "-c", "ls /bin | wc -l"])?;
+    assert!(String::from_utf8_lossy(&out.stdout).trim().parse::<u32>().unwrap_or(0) > 100);
+    ctrd.purge()?;
+    drop(snap);
+    drop(reg);
+    Ok(())
+}
