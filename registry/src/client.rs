@@ -118,7 +118,8 @@ impl RegistryClient {
     /// After a failed TLS connection to a fallback endpoint: whether to try plain HTTP (once
     /// per host; every later request goes there directly).
     fn fall_back_to_http(&self, endpoint: &Endpoint, e: &reqwest::Error) -> bool {
-        if !endpoint.http_fallback || !e.is_connect() {
+        // As containerd's httpFallback: a TLS failure, not a registry that is down.
+        if !endpoint.http_fallback || !e.is_connect() || is_unreachable(e) {
             return false;
         }
         let first = self
@@ -650,6 +651,21 @@ pub fn error_text(e: &reqwest::Error) -> String {
     parts.join(": ")
 }
 
+/// Whether a connection failed before any TLS was spoken (refused, unreachable, timed out).
+fn is_unreachable(e: &reqwest::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            if matches!(io.kind(), ConnectionRefused | HostUnreachable | NetworkUnreachable | TimedOut | AddrNotAvailable) {
+                return true;
+            }
+        }
+        source = err.source();
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -669,5 +685,18 @@ mod tests {
         assert_eq!(base("other.example:5000"), "https://other.example:5000/v2");
         // A hosts.toml decides for its registry.
         assert_eq!(base("configured.example:5000"), "https://configured.example:5000/v2");
+    }
+
+    #[test]
+    fn a_loopback_registry_that_is_down_is_not_taken_for_a_plain_http_one() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port");
+        let registry = format!("127.0.0.1:{port}");
+        let policy = RetryPolicy { retries: 0, base_delay: Duration::from_millis(1) };
+        let client = RegistryClient::with_policy(HostsConfig::default(), policy, Timeouts::default());
+        let image = crate::Reference::parse(&format!("{registry}/x/y:1")).expect("reference");
+        let repo = client.repository(&image, crate::CredentialChain::anonymous()).expect("repository");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        assert!(rt.block_on(repo.get_manifest("1")).is_err(), "nothing listens there");
+        assert!(!client.is_plain(&registry), "a refused connection is no TLS failure");
     }
 }
