@@ -77,38 +77,21 @@ impl State {
                     tracing::error!(snapshot = %name, layer = %info.layer_digest, %reason, "cannot serve a remote layer again");
                     crate::dirs::unmount_below(&dir);
                     unservable_info.insert(record.id, (info.image_ref.clone(), info.layer_digest.clone()));
-                    failed.push((name, record.id, String::new()));
+                    failed.push((name, record.id));
                 }
             }
         }
-        // Never leave an empty directory where a layer should be: without the record,
-        // containerd unpacks the layer the ordinary way next time. Upper layers go first.
-        loop {
-            let before = failed.len();
-            failed.retain_mut(|(name, id, why)| match self.store.remove(name) {
-                Ok(_) => {
-                    let _ = self.dirs.remove(*id);
-                    tracing::warn!(snapshot = %name, "removed the unservable remote snapshot; containerd will unpack the layer next time");
-                    false
-                }
-                Err(e) => {
-                    *why = e.to_string();
-                    true
-                }
-            });
-            if failed.is_empty() || failed.len() == before {
-                break;
-            }
-        }
-        for (name, id, why) in &failed {
-            // Snapshots above it exist (containers): its directory goes, so that no mount can
-            // show an empty layer; it is served again when a snapshot above it is next used.
+        // Never leave an empty directory where a layer should be. The record stays: containerd
+        // keeps its own record of the snapshot (and answers a Prepare of its chain id with
+        // "already exists" from it, without asking here), so removing ours would leave
+        // containerd pointing at nothing. The layer is served again when it is next used.
+        for (name, id) in &failed {
             let dir = self.dirs.fs(*id);
             let _ = std::fs::remove_dir_all(&dir);
             if let Some(info) = unservable_info.get(id) {
                 remote.mark_unservable(*id, &info.0, &info.1);
             }
-            tracing::error!(snapshot = %name, reason = %why, "an unservable remote snapshot is left in place without its directory until it is next used");
+            tracing::error!(snapshot = %name, "an unservable remote snapshot is left in place without its directory until it is next used");
         }
         remote.forget_unclaimed();
         Ok(n)
