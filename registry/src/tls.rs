@@ -153,8 +153,10 @@ mod tests {
             Err(Error::InvalidCertificate(CertificateError::Expired))
         ));
         let client_only = recipe_cert(&["-addext", "extendedKeyUsage=clientAuth"]);
+        // A minute on: made after `now`, the certificate may not be valid at `now` yet.
+        let soon = UnixTime::since_unix_epoch(std::time::Duration::from_secs(now.as_secs() + 60));
         assert!(matches!(
-            check_configured_leaf(&client_only, &ip("127.0.0.1"), now),
+            check_configured_leaf(&client_only, &ip("127.0.0.1"), soon),
             Err(Error::InvalidCertificate(CertificateError::InvalidPurpose))
         ));
         assert!(parse_pem_bundle(b"not a pem").is_err());
