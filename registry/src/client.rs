@@ -103,7 +103,8 @@ impl RegistryClient {
     /// The API base of `endpoint` as it answers: plain HTTP once a fallback endpoint did, or
     /// for an unconfigured registry a client asked plain HTTP for.
     fn api_base(&self, endpoint: &Endpoint) -> String {
-        if (endpoint.http_fallback || endpoint.unconfigured) && self.is_plain(&endpoint.host) {
+        // Fallback endpoints are unconfigured ones (the loopback default), so this covers both.
+        if endpoint.unconfigured && self.is_plain(&endpoint.host) {
             if let Some(rest) = endpoint.api_base.strip_prefix("https://") {
                 return format!("http://{rest}");
             }
