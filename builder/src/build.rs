@@ -138,10 +138,8 @@ fn write_authfile(path: &Path, entries: &[(String, &Credential)]) -> Result<()> 
     let mut auths = serde_json::Map::new();
     for (host, c) in entries {
         let raw = format!("{}:{}", c.username, c.password.expose());
-        auths.insert(
-            host.clone(),
-            serde_json::json!({ "auth": base64::engine::general_purpose::STANDARD.encode(raw) }),
-        );
+        auths
+            .insert(host.clone(), serde_json::json!({ "auth": base64::engine::general_purpose::STANDARD.encode(raw) }));
     }
     let mut f = std::fs::OpenOptions::new().create_new(true).write(true).mode(0o600).open(path)?;
     f.write_all(serde_json::to_string(&serde_json::json!({ "auths": auths }))?.as_bytes())?;
@@ -157,7 +155,10 @@ pub async fn build(cfg: &BuilderConfig, req: &BuildRequest) -> Result<BuildRepor
     }
     let token = match &req.build_registry_creds {
         Some(c) => {
-            tracing::info!(source = Source::BuildRegistryCreds.name(), "pushing and indexing with the given build registry token");
+            tracing::info!(
+                source = Source::BuildRegistryCreds.name(),
+                "pushing and indexing with the given build registry token"
+            );
             c.clone()
         }
         None => {
@@ -165,14 +166,18 @@ pub async fn build(cfg: &BuilderConfig, req: &BuildRequest) -> Result<BuildRepor
                 .credentials
                 .as_ref()
                 .context("no build registry token given and no [build_registry.credentials] to mint one")?;
-            tracing::info!(source = Source::MintedBuildRegistryToken.name(), "pushing and indexing with a token minted from the config");
+            tracing::info!(
+                source = Source::MintedBuildRegistryToken.name(),
+                "pushing and indexing with a token minted from the config"
+            );
             TokenMinter::from_config(creds).await?.credential(false).await?
         }
     };
-    let secrets: Vec<&str> = [Some(token.password.expose()), req.source_image_creds.as_ref().map(|c| c.password.expose())]
-        .into_iter()
-        .flatten()
-        .collect();
+    let secrets: Vec<&str> =
+        [Some(token.password.expose()), req.source_image_creds.as_ref().map(|c| c.password.expose())]
+            .into_iter()
+            .flatten()
+            .collect();
 
     // The private working directory: authfile, CA, digest file. Removed on every path out.
     let work = tempfile::Builder::new().prefix("clip-build-").tempdir().context("temporary directory")?;
@@ -180,7 +185,8 @@ pub async fn build(cfg: &BuilderConfig, req: &BuildRequest) -> Result<BuildRepor
     let authfile = work.path().join("auth.json");
     let containerfile = req.containerfile.clone().unwrap_or_else(|| req.context.join("Containerfile"));
     let containerfile = if containerfile.exists() { containerfile } else { req.context.join("Dockerfile") };
-    let text = std::fs::read_to_string(&containerfile).with_context(|| format!("reading {}", containerfile.display()))?;
+    let text =
+        std::fs::read_to_string(&containerfile).with_context(|| format!("reading {}", containerfile.display()))?;
     let mut auth_entries = vec![(image.registry.clone(), &token)];
     if let Some(src) = &req.source_image_creds {
         for host in from_registries(&text) {
@@ -254,7 +260,8 @@ pub async fn build(cfg: &BuilderConfig, req: &BuildRequest) -> Result<BuildRepor
         }
     };
     let client = RegistryClient::new(hosts);
-    let chain = CredentialChain::for_image(&image, &ChainInputs { image_creds: Some(token.clone()), ..Default::default() });
+    let chain =
+        CredentialChain::for_image(&image, &ChainInputs { image_creds: Some(token.clone()), ..Default::default() });
     let repo = Arc::new(client.repository(&image, chain)?.for_push());
     let platform = match &req.platform {
         Some(p) => Platform::parse(p).with_context(|| format!("bad --platform {p:?}"))?,

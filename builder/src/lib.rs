@@ -9,5 +9,5 @@ pub mod local;
 pub mod progress;
 pub mod publish;
 pub mod remote;
-pub mod transfer;
 pub mod token;
+pub mod transfer;

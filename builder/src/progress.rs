@@ -18,17 +18,14 @@ impl Default for Progress {
 impl Progress {
     /// Bars when stderr is a terminal, lines otherwise.
     pub fn new() -> Self {
-        let bars = std::io::stderr()
-            .is_terminal()
-            .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
+        let bars =
+            std::io::stderr().is_terminal().then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
         Self { bars }
     }
 
     /// Silent (tests, `--json` callers that parse stderr).
     pub fn hidden() -> Self {
-        Self {
-            bars: Some(MultiProgress::with_draw_target(ProgressDrawTarget::hidden())),
-        }
+        Self { bars: Some(MultiProgress::with_draw_target(ProgressDrawTarget::hidden())) }
     }
 
     /// A task of `total` bytes named `name`.

@@ -87,15 +87,16 @@ pub struct IndexOptions {
 
 impl Default for IndexOptions {
     fn default() -> Self {
-        Self {
-            span_size: PUBLISH_SPAN_SIZE,
-            cache_dir: None,
-            progress: Arc::new(crate::progress::Progress::new()),
-        }
+        Self { span_size: PUBLISH_SPAN_SIZE, cache_dir: None, progress: Arc::new(crate::progress::Progress::new()) }
     }
 }
 
-pub async fn index_image(repo: Arc<Repository>, reference: &str, platform: &Platform, opts: &IndexOptions) -> Result<ImageIndexed> {
+pub async fn index_image(
+    repo: Arc<Repository>,
+    reference: &str,
+    platform: &Platform,
+    opts: &IndexOptions,
+) -> Result<ImageIndexed> {
     let span_size = opts.span_size;
     let started = Instant::now();
     let (manifest, image) = repo
@@ -209,7 +210,11 @@ pub async fn index_image(repo: Arc<Repository>, reference: &str, platform: &Plat
 
 /// The digest of an index artifact already published for `manifest_digest` that covers every
 /// layer of `image`, if any (indexes are content addressed: no need to redo them).
-async fn published_index(repo: &Repository, manifest_digest: &str, image: &oci_spec::image::ImageManifest) -> Option<String> {
+async fn published_index(
+    repo: &Repository,
+    manifest_digest: &str,
+    image: &oci_spec::image::ImageManifest,
+) -> Option<String> {
     let found = repo.referrers(manifest_digest, Some(ARTIFACT_TYPE)).await.ok()?;
     for d in found.iter().rev() {
         let digest = d.digest().to_string();
@@ -285,11 +290,7 @@ async fn index_layer(
     drop(file);
     let (path, digest_owned, media_type) = (path.to_path_buf(), digest.to_string(), media_type.to_string());
     let index = tokio::task::spawn_blocking(move || -> Result<_> {
-        let opts = clip_index::BuildOptions {
-            span_size,
-            expected_digest: Some(digest_owned.clone()),
-            media_type,
-        };
+        let opts = clip_index::BuildOptions { span_size, expected_digest: Some(digest_owned.clone()), media_type };
         let f = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(&path)?);
         let full = clip_index::build_index(f, &opts).with_context(|| format!("indexing layer {digest_owned}"))?;
         match full.split_windows()? {
@@ -309,6 +310,7 @@ async fn index_layer(
     if index.layer_digest() != digest {
         bail!("index of {digest} names layer {}", index.layer_digest());
     }
-    let layer = LayerIndexed::from_index(digest, size, &index, &packed, windows.as_deref(), started.elapsed().as_secs_f64());
+    let layer =
+        LayerIndexed::from_index(digest, size, &index, &packed, windows.as_deref(), started.elapsed().as_secs_f64());
     Ok((layer, packed, windows))
 }

@@ -24,11 +24,7 @@ pub async fn repository(
         }
         None => None,
     };
-    let mut inputs = ChainInputs {
-        image_creds,
-        docker_config: true,
-        ..Default::default()
-    };
+    let mut inputs = ChainInputs { image_creds, docker_config: true, ..Default::default() };
     let mut insecure = plain_http;
     if let Some(br) = &cfg.build_registry {
         let scope = BuildRegistryScope::new(&br.registry, &br.repository);
@@ -40,10 +36,7 @@ pub async fn repository(
             inputs.minter = Some(Arc::new(TokenMinter::from_config(creds).await?));
         }
     }
-    let hosts = HostsConfig {
-        dir: hosts_dir.or_else(|| cfg.registry.hosts_dir.clone()),
-        plain_http: insecure,
-    };
+    let hosts = HostsConfig { dir: hosts_dir.or_else(|| cfg.registry.hosts_dir.clone()), plain_http: insecure };
     let client = RegistryClient::new(hosts);
     let chain = CredentialChain::for_image(&image, &inputs);
     Ok(client.repository(&image, chain)?.for_push())

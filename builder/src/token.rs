@@ -21,37 +21,19 @@ pub struct TokenOutput {
 }
 
 pub async fn mint(cfg: &BuilderConfig) -> Result<TokenOutput> {
-    let br = cfg
-        .build_registry
-        .as_ref()
-        .context("the config has no [build_registry] section")?;
-    let creds = br
-        .credentials
-        .as_ref()
-        .context("the config has no [build_registry.credentials]")?;
+    let br = cfg.build_registry.as_ref().context("the config has no [build_registry] section")?;
+    let creds = br.credentials.as_ref().context("the config has no [build_registry.credentials]")?;
     let minter = TokenMinter::from_config(creds).await?;
-    let token = minter
-        .mint()
-        .await
-        .with_context(|| format!("minting a token for build registry {}", br.registry))?;
-    let expires_at = token
-        .expires_at
-        .and_then(|e| e.duration_since(UNIX_EPOCH).ok())
-        .map(|d| d.as_secs());
-    let expires_in_seconds = token
-        .expires_at
-        .and_then(|e| e.duration_since(SystemTime::now()).ok())
-        .map(|d| d.as_secs());
+    let token = minter.mint().await.with_context(|| format!("minting a token for build registry {}", br.registry))?;
+    let expires_at = token.expires_at.and_then(|e| e.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_secs());
+    let expires_in_seconds =
+        token.expires_at.and_then(|e| e.duration_since(SystemTime::now()).ok()).map(|d| d.as_secs());
     Ok(TokenOutput {
         registry: clip_registry::reference::normalize_registry(&br.registry),
         repository: br.repository.clone(),
         kind: minter.kind_name(),
         username: token.credential.username.clone(),
-        build_registry_creds: format!(
-            "{}:{}",
-            token.credential.username,
-            token.credential.password.expose()
-        ),
+        build_registry_creds: format!("{}:{}", token.credential.username, token.credential.password.expose()),
         expires_at,
         expires_in_seconds,
     })

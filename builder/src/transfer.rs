@@ -52,7 +52,8 @@ pub async fn fetch(repo: &Repository, reference: &str, dir: &Path) -> Result<Str
 /// Publishes the artifact stored in `dir` for the image `reference` of `repo`, which must be
 /// the image the artifact was made for (same manifest digest).
 pub async fn push(repo: &Repository, reference: &str, dir: &Path) -> Result<String> {
-    let bytes = std::fs::read(dir.join("artifact.json")).with_context(|| format!("reading {}/artifact.json", dir.display()))?;
+    let bytes =
+        std::fs::read(dir.join("artifact.json")).with_context(|| format!("reading {}/artifact.json", dir.display()))?;
     let value: serde_json::Value = serde_json::from_slice(&bytes)?;
     if value["artifactType"] != ARTIFACT_TYPE {
         bail!("{}/artifact.json is not a CLIP index artifact", dir.display());
@@ -63,7 +64,8 @@ pub async fn push(repo: &Repository, reference: &str, dir: &Path) -> Result<Stri
         bail!("the index is for {subject}, but {} is {}", repo.image, manifest.digest);
     }
     for b in referenced_blobs(&value) {
-        let data = std::fs::read(blob_path(dir, &b)?).with_context(|| format!("blob {b} is missing from {}", dir.display()))?;
+        let data = std::fs::read(blob_path(dir, &b)?)
+            .with_context(|| format!("blob {b} is missing from {}", dir.display()))?;
         if sha256_digest(&data) != b {
             bail!("blob {b} in {} is corrupt", dir.display());
         }

@@ -26,12 +26,14 @@ fn index_inspect_and_cat_a_gzip_layer() {
     ok(Command::new("sh").arg("-c").arg(format!("tar -C {} -cf - . | gzip -c > {}", src.display(), layer.display())));
     let idx = d.join("layer.idx");
     let digest = format!("sha256:{}", sha256_hex(&layer));
-    let out = ok(bin()
-        .args(["index", "--layer"])
-        .arg(&layer)
-        .arg("--output")
-        .arg(&idx)
-        .args(["--span-size", "1048576", "--packed", "--json", "--digest", &digest]));
+    let out = ok(bin().args(["index", "--layer"]).arg(&layer).arg("--output").arg(&idx).args([
+        "--span-size",
+        "1048576",
+        "--packed",
+        "--json",
+        "--digest",
+        &digest,
+    ]));
     let summary: serde_json::Value = serde_json::from_slice(&out).expect("json");
     assert_eq!(summary["layer_digest"], digest.as_str());
     assert_eq!(summary["compression"], "gzip");
@@ -39,7 +41,8 @@ fn index_inspect_and_cat_a_gzip_layer() {
 
     let out = ok(bin().arg("inspect").arg(&idx).arg("--json"));
     let v: serde_json::Value = serde_json::from_slice(&out).expect("json");
-    let paths: Vec<&str> = v["entries"].as_array().expect("entries").iter().filter_map(|e| e["path"].as_str()).collect();
+    let paths: Vec<&str> =
+        v["entries"].as_array().expect("entries").iter().filter_map(|e| e["path"].as_str()).collect();
     assert!(paths.contains(&"/usr/bin/tool") && paths.contains(&"/hello.txt"), "{paths:?}");
 
     let got = ok(bin().args(["cat", "--index"]).arg(&idx).arg("--layer").arg(&layer).arg("/usr/bin/tool"));

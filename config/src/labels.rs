@@ -195,7 +195,6 @@ impl RemoteRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
-    
 
     #[test]
     fn secrets_are_split_off_and_oversized_labels_rejected() {
@@ -207,8 +206,7 @@ mod tests {
         assert_eq!(l.stored.len(), 1);
         assert!(l.secrets.contains_key(BUILD_REGISTRY_CREDS));
         assert!(!format!("{l:?}").contains("sentinel-pass"));
-        let err = split(HashMap::from([("k".to_string(), "x".repeat(5000))]))
-            .expect_err("oversized label");
+        let err = split(HashMap::from([("k".to_string(), "x".repeat(5000))])).expect_err("oversized label");
         assert!(err.to_string().contains("maximum size"));
         let err = split(HashMap::from([(BUILD_REGISTRY_CREDS.to_string(), "s3cret".repeat(1000))]))
             .expect_err("oversized secret");
@@ -229,7 +227,8 @@ mod tests {
         assert_eq!(RemoteRequest::from_labels(&base(&d)).expect("ok").expect("remote").layer_digest, d);
         assert!(RemoteRequest::from_labels(&base("sha256:../../etc/passwd")).is_err());
         assert!(RemoteRequest::from_labels(&base(&format!("sha256:{}", "A".repeat(64)))).is_err());
-        assert!(RemoteRequest::from_labels(&split(HashMap::<String, String>::new()).expect("empty")).expect("ok").is_none());
+        assert!(
+            RemoteRequest::from_labels(&split(HashMap::<String, String>::new()).expect("empty")).expect("ok").is_none()
+        );
     }
 }
-

@@ -13,8 +13,7 @@ pub mod labels;
 mod model;
 
 pub use model::{
-    LazyConfig,
-    BuildRegistry, BuilderConfig, CriProxyConfig, LongTermCredentials, LogFormat, RegistryHosts,
+    BuildRegistry, BuilderConfig, CriProxyConfig, LazyConfig, LogFormat, LongTermCredentials, RegistryHosts,
     SnapshotterConfig,
 };
 
@@ -44,26 +43,17 @@ pub enum ConfigError {
     #[error("invalid config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("invalid config {path}: `{key}`: {message}")]
-    Invalid {
-        path: PathBuf,
-        key: &'static str,
-        message: String,
-    },
+    Invalid { path: PathBuf, key: &'static str, message: String },
 }
 
 fn load_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
     parse_toml(&text, path)
 }
 
 fn parse_toml<T: serde::de::DeserializeOwned>(text: &str, path: &Path) -> Result<T, ConfigError> {
-    toml::from_str(text).map_err(|e| ConfigError::Parse {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })
+    toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })
 }
 
 impl SnapshotterConfig {
@@ -85,9 +75,7 @@ impl SnapshotterConfig {
     pub fn load_or_default(path: Option<&Path>) -> Result<Self, ConfigError> {
         match path {
             Some(p) => Self::load(p),
-            None if Path::new(DEFAULT_SNAPSHOTTER_CONFIG).exists() => {
-                Self::load(Path::new(DEFAULT_SNAPSHOTTER_CONFIG))
-            }
+            None if Path::new(DEFAULT_SNAPSHOTTER_CONFIG).exists() => Self::load(Path::new(DEFAULT_SNAPSHOTTER_CONFIG)),
             None => Ok(Self::default()),
         }
     }
@@ -112,9 +100,7 @@ impl BuilderConfig {
     pub fn load_or_default(path: Option<&Path>) -> Result<Self, ConfigError> {
         match path {
             Some(p) => Self::load(p),
-            None if Path::new(DEFAULT_BUILDER_CONFIG).exists() => {
-                Self::load(Path::new(DEFAULT_BUILDER_CONFIG))
-            }
+            None if Path::new(DEFAULT_BUILDER_CONFIG).exists() => Self::load(Path::new(DEFAULT_BUILDER_CONFIG)),
             None => Ok(Self::default()),
         }
     }

@@ -132,23 +132,15 @@ impl Default for SnapshotterConfig {
 
 impl SnapshotterConfig {
     pub(crate) fn validate(&self, path: &Path) -> Result<(), ConfigError> {
-        let invalid = |key, message: &str| ConfigError::Invalid {
-            path: path.to_path_buf(),
-            key,
-            message: message.to_string(),
-        };
+        let invalid =
+            |key, message: &str| ConfigError::Invalid { path: path.to_path_buf(), key, message: message.to_string() };
         if !self.root.is_absolute() {
             return Err(invalid("root", "must be an absolute path"));
         }
         if !self.address.is_absolute() {
             return Err(invalid("address", "must be an absolute path"));
         }
-        if !self.metrics_address.is_empty()
-            && self
-                .metrics_address
-                .parse::<std::net::SocketAddr>()
-                .is_err()
-        {
+        if !self.metrics_address.is_empty() && self.metrics_address.parse::<std::net::SocketAddr>().is_err() {
             return Err(invalid("metrics_address", "must be ip:port, e.g. 127.0.0.1:9102"));
         }
         if !self.containerd_address.is_absolute() {
@@ -222,14 +214,9 @@ pub struct BuildRegistry {
 
 impl BuildRegistry {
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
-        let invalid = |key, message: String| ConfigError::Invalid {
-            path: path.to_path_buf(),
-            key,
-            message,
-        };
+        let invalid = |key, message: String| ConfigError::Invalid { path: path.to_path_buf(), key, message };
         let r = self.registry.trim();
-        if r.is_empty() || r.contains('/') || r.contains("://") || r.chars().any(char::is_whitespace)
-        {
+        if r.is_empty() || r.contains('/') || r.contains("://") || r.chars().any(char::is_whitespace) {
             return Err(invalid(
                 "build_registry.registry",
                 format!("must be host[:port] without scheme or path, got {:?}", self.registry),

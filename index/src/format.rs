@@ -213,7 +213,8 @@ impl IndexData {
                 for x in [ko, kl, vo, vl] {
                     put_u32(&mut xattrs, x);
                 }
-                xattr_count = xattr_count.checked_add(1).ok_or_else(|| IndexError::Invalid("too many xattrs".into()))?;
+                xattr_count =
+                    xattr_count.checked_add(1).ok_or_else(|| IndexError::Invalid("too many xattrs".into()))?;
             }
             put_u32(&mut entries, e.parent);
             put_u32(&mut entries, name_off);
@@ -278,7 +279,15 @@ impl IndexData {
         put_u32(&mut out, xattr_count);
         put_u32(&mut out, len_u32(self.checkpoints.len(), "checkpoints")?);
         put_u32(&mut out, 0);
-        for v in [entries_off, xattrs_off, checkpoints_off, strings_off, strings.len() as u64, windows_off, windows.len() as u64] {
+        for v in [
+            entries_off,
+            xattrs_off,
+            checkpoints_off,
+            strings_off,
+            strings.len() as u64,
+            windows_off,
+            windows.len() as u64,
+        ] {
             put_u64(&mut out, v);
         }
         debug_assert_eq!(out.len(), HEADER_LEN);
@@ -750,9 +759,7 @@ impl Index {
 
     /// Checks an externally fetched window of span `s` against its digest and decompresses it.
     pub fn external_window(&self, s: &SpanInfo, zstd_window: &[u8]) -> Result<Vec<u8>, IndexError> {
-        let table = self
-            .external_windows
-            .ok_or_else(|| format_err("this index holds its windows itself"))?;
+        let table = self.external_windows.ok_or_else(|| format_err("this index holds its windows itself"))?;
         let at = table + s.index as usize * 32;
         if sha256(zstd_window)[..] != self.bytes[at..at + 32] || zstd_window.len() != s.window.1 as usize {
             return Err(IndexError::Compressed(format!("span {}: window does not match its digest", s.index)));

@@ -48,12 +48,7 @@ impl Inflater {
         // SAFETY: `strm` is a default-initialised z_stream (null allocators select the built-in
         // allocator); version and size identify this library's own struct layout.
         let rc = unsafe {
-            z::inflateInit2_(
-                &raw mut *strm,
-                window_bits,
-                z::zlibVersion(),
-                std::mem::size_of::<z::z_stream>() as i32,
-            )
+            z::inflateInit2_(&raw mut *strm, window_bits, z::zlibVersion(), std::mem::size_of::<z::z_stream>() as i32)
         };
         if rc != z::Z_OK {
             return Err(zerr("inflateInit2", rc));

@@ -1,10 +1,10 @@
 //! Random access through an index: which spans hold a range, and decoding a span after checking
 //! its digest. A mismatch is an error, never wrong bytes.
 
+use crate::IndexError;
 use crate::build::sha256;
 use crate::format::{CheckpointKind, Compression, Entry, EntryKind, Index, SpanInfo};
 use crate::inflate::{GZIP, Inflater, RAW};
-use crate::IndexError;
 
 /// Reads byte ranges of the layer blob (a local file, an HTTP Range request, a cache...).
 pub trait RangeFetcher {
@@ -134,7 +134,13 @@ impl Index {
     /// Reads `len` bytes at `offset` of a regular file (or hardlink) through `fetcher`: fetches
     /// the spans that hold them, verifies and decodes them, returns exactly the bytes asked for
     /// (fewer at the end of the file).
-    pub fn read(&self, fetcher: &dyn RangeFetcher, entry: &Entry<'_>, offset: u64, len: u64) -> Result<Vec<u8>, IndexError> {
+    pub fn read(
+        &self,
+        fetcher: &dyn RangeFetcher,
+        entry: &Entry<'_>,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, IndexError> {
         let e = self.resolve_hardlink(entry.clone())?;
         if e.kind != EntryKind::File {
             return Err(IndexError::Invalid(format!("entry {} is a {}, not a file", entry.id, e.kind.name())));

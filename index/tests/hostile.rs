@@ -102,7 +102,12 @@ fn flipped_bytes_fail_the_checksum() {
         let mut b = bytes.clone();
         b[at] ^= 0x40;
         let err = Index::open(b).expect_err("corruption undetected");
-        assert!(err.to_string().contains("checksum") || err.to_string().contains("magic") || err.to_string().contains("version"), "{err}");
+        assert!(
+            err.to_string().contains("checksum")
+                || err.to_string().contains("magic")
+                || err.to_string().contains("version"),
+            "{err}"
+        );
     }
 }
 

@@ -127,7 +127,10 @@ impl Stargz {
         std::env::var_os("CLIP_BENCH_STARGZ")
             .map(PathBuf::from)
             .into_iter()
-            .chain([PathBuf::from("/tmp/testbed/bin/containerd-stargz-grpc"), PathBuf::from("/usr/local/bin/containerd-stargz-grpc")])
+            .chain([
+                PathBuf::from("/tmp/testbed/bin/containerd-stargz-grpc"),
+                PathBuf::from("/usr/local/bin/containerd-stargz-grpc"),
+            ])
             .find(|p| p.exists())
     }
 
@@ -150,7 +153,11 @@ impl Stargz {
         let mut cmd = Command::new(&self.bin);
         cmd.arg("-address").arg(self.socket()).arg("-root").arg(&root).arg("-config").arg(self.dir.join("config.toml"));
         cmd.args(["-log-level", "info"]).env("DOCKER_CONFIG", self.dir.join("docker"));
-        self.daemon = Some(clip_integration::process::Daemon::spawn("containerd-stargz-grpc", cmd, &self.dir.join("stargz.log"))?);
+        self.daemon = Some(clip_integration::process::Daemon::spawn(
+            "containerd-stargz-grpc",
+            cmd,
+            &self.dir.join("stargz.log"),
+        )?);
         let sock = self.socket();
         if !clip_integration::wait_until(Duration::from_secs(20), || sock.exists()) {
             bail!("containerd-stargz-grpc did not start");
@@ -195,7 +202,11 @@ impl Bench {
         drop_caches();
         // containerd's proxy client reconnects lazily: wait until clip answers through it.
         let ok = clip_integration::wait_until(Duration::from_secs(30), || {
-            self.ctrd.ctr(NS).args(["snapshots", "--snapshotter", "clip", "ls"]).output().is_ok_and(|o| o.status.success())
+            self.ctrd
+                .ctr(NS)
+                .args(["snapshots", "--snapshotter", "clip", "ls"])
+                .output()
+                .is_ok_and(|o| o.status.success())
         });
         if !ok {
             bail!("containerd does not reach clip after a restart");
@@ -214,7 +225,12 @@ impl Bench {
     fn pull(&self, mode: &str, reference: &str) -> Result<()> {
         match mode {
             "overlayfs" => {
-                run(self.ctrd.ctr(NS).args(["images", "pull", "--plain-http", "--hosts-dir"]).arg(&self.hosts).args(["--snapshotter", "overlayfs", reference]))?;
+                run(self
+                    .ctrd
+                    .ctr(NS)
+                    .args(["images", "pull", "--plain-http", "--hosts-dir"])
+                    .arg(&self.hosts)
+                    .args(["--snapshotter", "overlayfs", reference]))?;
             }
             "clip" => {
                 run(Command::new(workspace_binary("clip-snapshotter")?)
@@ -223,7 +239,14 @@ impl Bench {
                     .arg(reference))?;
             }
             "estargz" | "estargz-opt" => {
-                run(Command::new("ctr-remote").arg("-a").arg(self.ctrd.socket()).args(["-n", NS, "images", "rpull", "--plain-http", reference]))?;
+                run(Command::new("ctr-remote").arg("-a").arg(self.ctrd.socket()).args([
+                    "-n",
+                    NS,
+                    "images",
+                    "rpull",
+                    "--plain-http",
+                    reference,
+                ]))?;
             }
             other => bail!("no pull for {other}"),
         }
@@ -368,7 +391,11 @@ fn main() -> Result<()> {
     let first = sites.values().next().context("no link")?;
     let pause = format!("{}/bench/pause:latest", first.host);
 
-    let mut stargz = Stargz::find().filter(|_| !opts.skip.iter().any(|s| s == "stargz")).map(|bin| Stargz { bin, dir: td.path().join("stargz"), daemon: None });
+    let mut stargz = Stargz::find().filter(|_| !opts.skip.iter().any(|s| s == "stargz")).map(|bin| Stargz {
+        bin,
+        dir: td.path().join("stargz"),
+        daemon: None,
+    });
     let stargz_hosts: Vec<String> = sites.values().map(|s| s.host.clone()).collect();
     if let Some(s) = &mut stargz {
         std::fs::create_dir_all(&s.dir)?;
@@ -419,7 +446,19 @@ fn main() -> Result<()> {
                     "busybox" => ("[\"echo\"]", "[\"1\"]"),
                     _ => ("[\"python3\"]", "[\"-c\",\"import numpy; print(1)\"]"),
                 };
-                run(ctr().args(["images", "optimize", "--oci", "--entrypoint", entry, "--args", args, "--period", "5", &src, &opt]))?;
+                run(ctr().args([
+                    "images",
+                    "optimize",
+                    "--oci",
+                    "--entrypoint",
+                    entry,
+                    "--args",
+                    args,
+                    "--period",
+                    "5",
+                    &src,
+                    &opt,
+                ]))?;
                 for r in [&esgz, &opt] {
                     run(ctr().args(["images", "push", "--plain-http", r, r]))?;
                 }
@@ -448,8 +487,20 @@ fn main() -> Result<()> {
                         let (seconds, bytes, requests) = bench
                             .measure(site, mode, image, &cmd)
                             .with_context(|| format!("{link} {image} {name} {mode} #{rep}"))?;
-                        eprintln!("{link:8} {image:7} {name:8} {mode:10} #{rep}: {seconds:6.2} s {:7.1} MB {requests:4} requests", bytes as f64 / 1e6);
-                        samples.push(Sample { link: link.clone(), image: image.clone(), workload: name.into(), mode: mode.clone(), rep, seconds, bytes, requests });
+                        eprintln!(
+                            "{link:8} {image:7} {name:8} {mode:10} #{rep}: {seconds:6.2} s {:7.1} MB {requests:4} requests",
+                            bytes as f64 / 1e6
+                        );
+                        samples.push(Sample {
+                            link: link.clone(),
+                            image: image.clone(),
+                            workload: name.into(),
+                            mode: mode.clone(),
+                            rep,
+                            seconds,
+                            bytes,
+                            requests,
+                        });
                     }
                 }
             }
@@ -482,8 +533,14 @@ fn main() -> Result<()> {
         }
         let pid = bench.snap.pid();
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let field = |f: &str| status.lines().find_map(|l| l.strip_prefix(f)).map(|v| v.trim().to_string()).unwrap_or_default();
-        memory = format!("VmRSS {} (peak VmHWM {}), {} threads, with busybox and python mounted (5 lazy layers)", field("VmRSS:"), field("VmHWM:"), field("Threads:"));
+        let field =
+            |f: &str| status.lines().find_map(|l| l.strip_prefix(f)).map(|v| v.trim().to_string()).unwrap_or_default();
+        memory = format!(
+            "VmRSS {} (peak VmHWM {}), {} threads, with busybox and python mounted (5 lazy layers)",
+            field("VmRSS:"),
+            field("VmHWM:"),
+            field("Threads:")
+        );
     }
     bench.ctrd.purge()?;
 
@@ -500,7 +557,11 @@ fn write_results(
 ) -> Result<()> {
     let mut csv = String::from("link,image,workload,mode,rep,seconds,bytes,requests\n");
     for s in samples {
-        let _ = writeln!(csv, "{},{},{},{},{},{:.3},{},{}", s.link, s.image, s.workload, s.mode, s.rep, s.seconds, s.bytes, s.requests);
+        let _ = writeln!(
+            csv,
+            "{},{},{},{},{},{:.3},{},{}",
+            s.link, s.image, s.workload, s.mode, s.rep, s.seconds, s.bytes, s.requests
+        );
     }
     std::fs::write(opts.out.join("cold-start.csv"), &csv)?;
 
@@ -521,7 +582,10 @@ fn write_results(
         command.join(" "),
         sizes_text.join(", ")
     );
-    let _ = writeln!(md, "| link | image | workload | mode | median s | spread s (max-min) | MB served | requests | vs overlayfs |");
+    let _ = writeln!(
+        md,
+        "| link | image | workload | mode | median s | spread s (max-min) | MB served | requests | vs overlayfs |"
+    );
     let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|");
     let mut medians: BTreeMap<(String, String, String, String), f64> = BTreeMap::new();
     for (k, v) in &groups {
@@ -536,7 +600,16 @@ fn write_results(
         let mut r: Vec<f64> = v.iter().map(|s| s.requests as f64).collect();
         let base = medians.get(&(k.0.clone(), k.1.clone(), k.2.clone(), "overlayfs".into())).copied();
         let ratio = base.map(|b| format!("{:.2}x", m / b)).unwrap_or_else(|| "-".into());
-        let _ = writeln!(md, "| {} | {} | {} | {} | {m:.2} | {spread:.2} | {:.1} | {:.0} | {ratio} |", k.0, k.1, k.2, k.3, median(&mut b), median(&mut r));
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {m:.2} | {spread:.2} | {:.1} | {:.0} | {ratio} |",
+            k.0,
+            k.1,
+            k.2,
+            k.3,
+            median(&mut b),
+            median(&mut r)
+        );
     }
     if !warm.is_empty() {
         let _ = writeln!(md, "\n## Warm reads and metadata walk (python image, all data local)\n");
@@ -565,7 +638,11 @@ fn write_results(
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/plot_cold_start.py");
     // Debian's python3 (python3-matplotlib), not whatever python3 comes first in PATH.
     let python = if Path::new("/usr/bin/python3").exists() { "/usr/bin/python3" } else { "python3" };
-    let plotted = Command::new(python).arg(&script).arg(opts.out.join("cold-start.csv")).arg(opts.out.join("cold-start.png")).status();
+    let plotted = Command::new(python)
+        .arg(&script)
+        .arg(opts.out.join("cold-start.csv"))
+        .arg(opts.out.join("cold-start.png"))
+        .status();
     if !plotted.is_ok_and(|s| s.success()) {
         eprintln!("no chart: install python3-matplotlib and run python3 {} CSV PNG", script.display());
     }

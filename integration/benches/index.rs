@@ -34,7 +34,11 @@ fn main() -> anyhow::Result<()> {
         pigz.push(t.elapsed());
         let t = Instant::now();
         let f = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(&blob)?);
-        let opts = BuildOptions { expected_digest: Some(digest.clone()), media_type: media_type.clone(), ..BuildOptions::default() };
+        let opts = BuildOptions {
+            expected_digest: Some(digest.clone()),
+            media_type: media_type.clone(),
+            ..BuildOptions::default()
+        };
         index = Some(clip_index::build_index(f, &opts)?);
         indexing.push(t.elapsed());
     }
@@ -65,7 +69,10 @@ fn main() -> anyhow::Result<()> {
     let p99 = lat[lat.len() * 99 / 100];
     let max = lat[lat.len() - 1];
 
-    println!("## clip-index on the numpy layer ({digest}, {size} bytes compressed, {} uncompressed)\n", index.uncompressed_size());
+    println!(
+        "## clip-index on the numpy layer ({digest}, {size} bytes compressed, {} uncompressed)\n",
+        index.uncompressed_size()
+    );
     println!("| measure | value | target |");
     println!("|---|---|---|");
     println!("| pigz -dc (median of {reps}) | {:.3} s | |", p.as_secs_f64());
@@ -74,7 +81,11 @@ fn main() -> anyhow::Result<()> {
     println!("| index size, packed (plain) | {packed} B ({} B) | |", index.bytes().len());
     println!("| packed index / compressed layer | {:.3}% | ≤ 1.5% |", packed as f64 * 100.0 / size as f64);
     println!("| entries, spans | {}, {} | |", index.entry_count(), index.span_count());
-    println!("| random 4 KiB read, local blob: p50 / p99 / max of 300 | {:.2} / {:.2} / {:.2} ms | < 10 ms |",
-        p50.as_secs_f64() * 1e3, p99.as_secs_f64() * 1e3, max.as_secs_f64() * 1e3);
+    println!(
+        "| random 4 KiB read, local blob: p50 / p99 / max of 300 | {:.2} / {:.2} / {:.2} ms | < 10 ms |",
+        p50.as_secs_f64() * 1e3,
+        p99.as_secs_f64() * 1e3,
+        max.as_secs_f64() * 1e3
+    );
     Ok(())
 }

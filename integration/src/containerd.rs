@@ -62,7 +62,10 @@ impl Containerd {
         let config = dir.join("config.toml");
         let (text, bin_dir) = match opts.flavor {
             Flavor::V1_6 => (render_config(&dir, &socket, &hosts_dir, &clip_socket, opts)?, None),
-            Flavor::V2 => (render_config_v3(&dir, &socket, &hosts_dir, &clip_socket, opts)?, Some(crate::gotools::containerd2_bin_dir()?)),
+            Flavor::V2 => (
+                render_config_v3(&dir, &socket, &hosts_dir, &clip_socket, opts)?,
+                Some(crate::gotools::containerd2_bin_dir()?),
+            ),
         };
         std::fs::write(&config, text)?;
         let mut c = Self { daemon: None, flavor: opts.flavor, bin_dir, dir, socket, hosts_dir, config };
@@ -79,7 +82,9 @@ impl Containerd {
     pub fn path_env(&self) -> std::ffi::OsString {
         let path = std::env::var_os("PATH").unwrap_or_default();
         match &self.bin_dir {
-            Some(d) => std::env::join_paths(std::iter::once(d.clone()).chain(std::env::split_paths(&path))).unwrap_or(path),
+            Some(d) => {
+                std::env::join_paths(std::iter::once(d.clone()).chain(std::env::split_paths(&path))).unwrap_or(path)
+            }
             None => path,
         }
     }
@@ -93,7 +98,12 @@ impl Containerd {
         cmd.arg("--config").arg(&self.config).env("PATH", self.path_env());
         self.daemon = Some(Daemon::spawn("containerd", cmd, &self.dir.join("containerd.log"))?);
         let ok = wait_until(Duration::from_secs(30), || {
-            Command::new(self.bin("ctr")).arg("-a").arg(&self.socket).arg("version").output().is_ok_and(|o| o.status.success())
+            Command::new(self.bin("ctr"))
+                .arg("-a")
+                .arg(&self.socket)
+                .arg("version")
+                .output()
+                .is_ok_and(|o| o.status.success())
         });
         if !ok {
             bail!("containerd did not start:\n{}", self.log());
@@ -283,7 +293,13 @@ fn stargz_section(opts: &ContainerdOptions) -> String {
 
 /// containerd 1.6's config (version 2): the test's own paths and this machine's CRI needs,
 /// with `packaging/containerd/config-1.6.toml` as shipped.
-fn render_config(dir: &Path, socket: &Path, hosts_dir: &Path, clip_socket: &Path, opts: &ContainerdOptions) -> Result<String> {
+fn render_config(
+    dir: &Path,
+    socket: &Path,
+    hosts_dir: &Path,
+    clip_socket: &Path,
+    opts: &ContainerdOptions,
+) -> Result<String> {
     let shipped = shipped_snippet(SHIPPED_CONFIG_V2, clip_socket)?;
     let d = dir.display();
     let sandbox = opts.sandbox_image.as_deref().unwrap_or("127.0.0.1:5000/testbed/pause:latest");
@@ -327,7 +343,13 @@ pub const SHIPPED_CONFIG_V3: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../pac
 /// containerd 2.x's config: the test's own paths and this machine's CRI needs, with
 /// `packaging/containerd/config-2.x.toml` as shipped (only the snapshotter's socket is the
 /// test's).
-fn render_config_v3(dir: &Path, socket: &Path, hosts_dir: &Path, clip_socket: &Path, opts: &ContainerdOptions) -> Result<String> {
+fn render_config_v3(
+    dir: &Path,
+    socket: &Path,
+    hosts_dir: &Path,
+    clip_socket: &Path,
+    opts: &ContainerdOptions,
+) -> Result<String> {
     let mut shipped = shipped_snippet(SHIPPED_CONFIG_V3, clip_socket)?;
     if opts.cri_local_pull {
         let header = "[plugins.\"io.containerd.cri.v1.images\"]\n";

@@ -15,7 +15,9 @@ pub async fn connect(socket: &Path) -> Result<Channel> {
     let channel = tonic_14::transport::Endpoint::try_from("http://[::]:50051")?
         .connect_with_connector(tower_05::service_fn(move |_| {
             let path = path.clone();
-            async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
         }))
         .await
         .with_context(|| format!("connecting to {}", socket.display()))?;
@@ -60,12 +62,20 @@ impl CriClient {
 
     fn sandbox_config(name: &str, logs: &Path) -> cri::PodSandboxConfig {
         cri::PodSandboxConfig {
-            metadata: Some(cri::PodSandboxMetadata { name: name.into(), uid: format!("uid-{name}"), namespace: "clip-test".into(), attempt: 0 }),
+            metadata: Some(cri::PodSandboxMetadata {
+                name: name.into(),
+                uid: format!("uid-{name}"),
+                namespace: "clip-test".into(),
+                attempt: 0,
+            }),
             // Host network: no hostname of its own (runc refuses one without a UTS namespace).
             log_directory: logs.display().to_string(),
             linux: Some(cri::LinuxPodSandboxConfig {
                 security_context: Some(cri::LinuxSandboxSecurityContext {
-                    namespace_options: Some(cri::NamespaceOption { network: cri::NamespaceMode::Node as i32, ..Default::default() }),
+                    namespace_options: Some(cri::NamespaceOption {
+                        network: cri::NamespaceMode::Node as i32,
+                        ..Default::default()
+                    }),
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -78,12 +88,22 @@ impl CriClient {
     pub async fn run_pod(&mut self, name: &str) -> Result<String> {
         let logs = self.logs.join(name);
         std::fs::create_dir_all(&logs)?;
-        let req = cri::RunPodSandboxRequest { config: Some(Self::sandbox_config(name, &logs)), runtime_handler: String::new() };
+        let req = cri::RunPodSandboxRequest {
+            config: Some(Self::sandbox_config(name, &logs)),
+            runtime_handler: String::new(),
+        };
         Ok(self.runtime.run_pod_sandbox(req).await.context("RunPodSandbox")?.into_inner().pod_sandbox_id)
     }
 
     /// CreateContainer + StartContainer of `image` running `command` in pod `pod`.
-    pub async fn start(&mut self, pod: &str, pod_name: &str, name: &str, image: &str, command: &[&str]) -> Result<String> {
+    pub async fn start(
+        &mut self,
+        pod: &str,
+        pod_name: &str,
+        name: &str,
+        image: &str,
+        command: &[&str],
+    ) -> Result<String> {
         let config = cri::ContainerConfig {
             metadata: Some(cri::ContainerMetadata { name: name.into(), attempt: 0 }),
             image: Some(cri::ImageSpec { image: image.into(), ..Default::default() }),
@@ -118,7 +138,8 @@ impl CriClient {
                 .status
                 .context("no status")?;
             if status.state == cri::ContainerState::ContainerExited as i32 {
-                let raw = std::fs::read_to_string(self.logs.join(pod_name).join(format!("{name}.log"))).unwrap_or_default();
+                let raw =
+                    std::fs::read_to_string(self.logs.join(pod_name).join(format!("{name}.log"))).unwrap_or_default();
                 // CRI log lines: `<time> <stream> <F|P> <text>`.
                 let log = raw.lines().filter_map(|l| l.splitn(4, ' ').nth(3)).collect::<Vec<_>>().join("\n");
                 return Ok(Finished { exit_code: status.exit_code, log });
@@ -134,7 +155,11 @@ impl CriClient {
     pub async fn exec(&mut self, id: &str, cmd: &[&str]) -> Result<(i32, String)> {
         let r = self
             .runtime
-            .exec_sync(cri::ExecSyncRequest { container_id: id.into(), cmd: cmd.iter().map(ToString::to_string).collect(), timeout: 60 })
+            .exec_sync(cri::ExecSyncRequest {
+                container_id: id.into(),
+                cmd: cmd.iter().map(ToString::to_string).collect(),
+                timeout: 60,
+            })
             .await
             .context("ExecSync")?
             .into_inner();
@@ -151,11 +176,21 @@ impl CriClient {
             .await?
             .into_inner();
         for c in list.containers {
-            let _ = self.runtime.stop_container(cri::StopContainerRequest { container_id: c.id.clone(), timeout: 5 }).await;
-            self.runtime.remove_container(cri::RemoveContainerRequest { container_id: c.id }).await.context("RemoveContainer")?;
+            let _ =
+                self.runtime.stop_container(cri::StopContainerRequest { container_id: c.id.clone(), timeout: 5 }).await;
+            self.runtime
+                .remove_container(cri::RemoveContainerRequest { container_id: c.id })
+                .await
+                .context("RemoveContainer")?;
         }
-        self.runtime.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: pod.into() }).await.context("StopPodSandbox")?;
-        self.runtime.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: pod.into() }).await.context("RemovePodSandbox")?;
+        self.runtime
+            .stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: pod.into() })
+            .await
+            .context("StopPodSandbox")?;
+        self.runtime
+            .remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: pod.into() })
+            .await
+            .context("RemovePodSandbox")?;
         Ok(())
     }
 }

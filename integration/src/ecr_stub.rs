@@ -32,7 +32,10 @@ impl FakeEcr {
                 || !auth.starts_with("AWS4-HMAC-SHA256 Credential=AKIATESTKEY/")
                 || !auth.contains("/eu-west-1/ecr/aws4_request")
             {
-                return StubResponse::json(400, &serde_json::json!({"__type": "UnrecognizedClientException", "message": "bad request"}));
+                return StubResponse::json(
+                    400,
+                    &serde_json::json!({"__type": "UnrecognizedClientException", "message": "bad request"}),
+                );
             }
             let n = c.fetch_add(1, Ordering::SeqCst);
             let password = format!("ecr-password-{n}");

@@ -87,11 +87,7 @@ impl StubResponse {
     }
 
     pub fn status(status: u16) -> Self {
-        Self {
-            status,
-            headers: Vec::new(),
-            body: Vec::new(),
-        }
+        Self { status, headers: Vec::new(), body: Vec::new() }
     }
 }
 
@@ -175,7 +171,8 @@ fn serve(conn: TcpStream, handler: &Handler) -> std::io::Result<()> {
     let req = StubRequest { method, target, headers, body };
     let resp = handler(&req);
     let mut out = conn;
-    let mut head = format!("HTTP/1.1 {} X\r\nContent-Length: {}\r\nConnection: close\r\n", resp.status, resp.body.len());
+    let mut head =
+        format!("HTTP/1.1 {} X\r\nContent-Length: {}\r\nConnection: close\r\n", resp.status, resp.body.len());
     for (k, v) in &resp.headers {
         head.push_str(&format!("{k}: {v}\r\n"));
     }

@@ -71,8 +71,7 @@ impl TestImage {
 
 /// Cache root.
 pub fn cache_dir() -> PathBuf {
-    std::env::var_os("CLIP_TESTBED_CACHE")
-        .map_or_else(|| PathBuf::from("/var/tmp/clip-testbed-cache"), PathBuf::from)
+    std::env::var_os("CLIP_TESTBED_CACHE").map_or_else(|| PathBuf::from("/var/tmp/clip-testbed-cache"), PathBuf::from)
 }
 
 fn ensure_built(recipe: &Recipe) -> Result<PathBuf> {
@@ -113,9 +112,7 @@ pub fn layout_manifest(layout: &Path, tag: &str) -> Result<serde_json::Value> {
     let index: serde_json::Value = serde_json::from_slice(&std::fs::read(layout.join("index.json"))?)?;
     let desc = index["manifests"]
         .as_array()
-        .and_then(|m| {
-            m.iter().find(|d| d["annotations"]["org.opencontainers.image.ref.name"].as_str() == Some(tag))
-        })
+        .and_then(|m| m.iter().find(|d| d["annotations"]["org.opencontainers.image.ref.name"].as_str() == Some(tag)))
         .with_context(|| format!("tag {tag} not in {}", layout.display()))?;
     let digest = desc["digest"].as_str().context("manifest digest")?;
     Ok(serde_json::from_slice(&std::fs::read(blob_path(layout, digest)?)?)?)
@@ -147,7 +144,12 @@ pub fn layout_layers(layout: &Path, tag: &str) -> Result<Vec<(String, String, u6
 /// The sha256 of every regular file under `prefix` (no leading `/`; empty: all) in the image
 /// `tag` of an OCI layout, as the unpacked image has them: layers extracted in order with
 /// `tar`, whiteouts applied after each (opaque directories are refused: no test image has one).
-pub fn file_digests_under(layout: &Path, tag: &str, prefix: &str, scratch: &Path) -> Result<std::collections::BTreeMap<String, String>> {
+pub fn file_digests_under(
+    layout: &Path,
+    tag: &str,
+    prefix: &str,
+    scratch: &Path,
+) -> Result<std::collections::BTreeMap<String, String>> {
     std::fs::create_dir_all(scratch)?;
     for (digest, _, _) in layout_layers(layout, tag)? {
         let blob = blob_path(layout, &digest)?;

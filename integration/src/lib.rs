@@ -20,11 +20,11 @@
 
 pub mod containerd;
 pub mod cri;
+pub mod delay_proxy;
 pub mod ecr_stub;
 pub mod fault_proxy;
 pub mod gotools;
 pub mod http_stub;
-pub mod delay_proxy;
 pub mod images;
 pub mod netns;
 pub mod process;
@@ -42,17 +42,12 @@ use std::process::{Command, Output};
 
 /// Panics with a clear message unless running as root (the suite's tests mount and run containers).
 pub fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "this test needs root (mounts, containerd, runc); run the suite as root"
-    );
+    assert!(nix::unistd::geteuid().is_root(), "this test needs root (mounts, containerd, runc); run the suite as root");
 }
 
 /// Runs a command to completion; fails with its stderr when it exits non-zero.
 pub fn run(cmd: &mut Command) -> Result<Output> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
+    let out = cmd.output().with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
     if !out.status.success() {
         bail!(
             "{:?} failed ({}):\nstdout: {}\nstderr: {}",

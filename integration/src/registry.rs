@@ -101,12 +101,7 @@ impl Registry {
         std::fs::copy(&ca, cert_dir.join("ca.crt"))?;
         let htpasswd = run(Command::new("htpasswd").args(["-Bbn", user, password]))?;
         std::fs::write(dir.join("htpasswd"), &htpasswd.stdout)?;
-        let tls = Tls {
-            ca_cert: ca,
-            cert_dir,
-            username: user.into(),
-            password: password.into(),
-        };
+        let tls = Tls { ca_cert: ca, cert_dir, username: user.into(), password: password.into() };
         Self::start(td, name, Some(tls), "127.0.0.1")
     }
 
@@ -258,7 +253,9 @@ impl Registry {
         };
         std::fs::write(
             d.join("hosts.toml"),
-            format!("server = \"{url}\"\n[host.\"{url}\"]\n  capabilities = [\"pull\", \"resolve\", \"push\"]\n{extra}"),
+            format!(
+                "server = \"{url}\"\n[host.\"{url}\"]\n  capabilities = [\"pull\", \"resolve\", \"push\"]\n{extra}"
+            ),
         )?;
         Ok(())
     }
@@ -365,7 +362,10 @@ mod tests {
             127.0.0.1 - - [28/Nov/2026:05:00:00 +0000] \"HEAD /v2/a/manifests/latest HTTP/1.1\" 200 0 \"\" \"x\"\n";
         let e = parse_access_log(log);
         assert_eq!(e.len(), 2);
-        assert_eq!(e[0], AccessEntry { method: "GET".into(), path: "/v2/a/blobs/sha256:ab".into(), status: 206, bytes: 50000 });
+        assert_eq!(
+            e[0],
+            AccessEntry { method: "GET".into(), path: "/v2/a/blobs/sha256:ab".into(), status: 206, bytes: 50000 }
+        );
         assert_eq!(e[1].method, "HEAD");
     }
 

@@ -12,16 +12,10 @@ use std::time::Duration;
 /// binary (`target/<profile>/deps/<test>` -> `target/<profile>/<name>`).
 pub fn workspace_binary(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("test binary has no target dir")?;
+    let profile_dir = exe.parent().and_then(Path::parent).context("test binary has no target dir")?;
     let bin = profile_dir.join(name);
     if !bin.exists() {
-        bail!(
-            "{} not found: run `cargo build --workspace` (integration/test-all.sh does) first",
-            bin.display()
-        );
+        bail!("{} not found: run `cargo build --workspace` (integration/test-all.sh does) first", bin.display());
     }
     Ok(bin)
 }
@@ -57,14 +51,16 @@ impl ClipSnapshotter {
             .arg(&self.root)
             .arg("--address")
             .arg(&self.socket)
-            .args(if self.extra_args.iter().any(|a| a == "--log-level") { &[][..] } else { &["--log-level", "debug"][..] })
+            .args(if self.extra_args.iter().any(|a| a == "--log-level") {
+                &[][..]
+            } else {
+                &["--log-level", "debug"][..]
+            })
             .args(&self.extra_args)
             .env("AWS_EC2_METADATA_DISABLED", "true");
         let mut daemon = Daemon::spawn("clip-snapshotter", cmd, &self.log)?;
         let socket = self.socket.clone();
-        let up = wait_until(Duration::from_secs(20), || {
-            std::os::unix::net::UnixStream::connect(&socket).is_ok()
-        });
+        let up = wait_until(Duration::from_secs(20), || std::os::unix::net::UnixStream::connect(&socket).is_ok());
         if !up || !daemon.is_running() {
             let log = daemon.log();
             daemon.stop();
@@ -118,7 +114,8 @@ impl ClipSnapshotter {
 
     /// Whether an fd keeper process of this daemon is running.
     pub fn keeper_alive(&self) -> bool {
-        self.keeper_pid().is_some_and(|pid| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok() && !is_zombie(pid))
+        self.keeper_pid()
+            .is_some_and(|pid| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok() && !is_zombie(pid))
     }
 
     /// SIGKILLs the fd keeper (a reboot-like loss of every kept FUSE connection).
@@ -126,7 +123,9 @@ impl ClipSnapshotter {
         if let Some(pid) = self.keeper_pid() {
             let pid = nix::unistd::Pid::from_raw(pid);
             let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
-            wait_until(Duration::from_secs(10), || nix::sys::signal::kill(pid, None).is_err() || is_zombie(pid.as_raw()));
+            wait_until(Duration::from_secs(10), || {
+                nix::sys::signal::kill(pid, None).is_err() || is_zombie(pid.as_raw())
+            });
             let _ = std::fs::remove_file(self.root.join("fd-keeper.pid"));
         }
     }

@@ -34,12 +34,27 @@ impl TokenService {
     }
 
     /// Starts a service accepting the basic credentials `check` accepts.
-    pub fn start_checking(td: &TestDir, check: Arc<dyn Fn(&str, &str) -> bool + Send + Sync>, ttl_s: u64) -> Result<Self> {
+    pub fn start_checking(
+        td: &TestDir,
+        check: Arc<dyn Fn(&str, &str) -> bool + Send + Sync>,
+        ttl_s: u64,
+    ) -> Result<Self> {
         let dir = td.sub("token-service")?;
         let key = dir.join("token.key");
         let cert = dir.join("token.crt");
         run(Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=clip-test-token-issuer", "-keyout"])
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=clip-test-token-issuer",
+                "-keyout",
+            ])
             .arg(&key)
             .arg("-out")
             .arg(&cert))?;
@@ -101,11 +116,8 @@ fn handle(req: &StubRequest, check: &Check, ttl_s: u64, key: &Path, x5c: &str, i
         "exp": now + ttl_s - REGISTRY_LEEWAY_S.min(now), "nbf": now - 5, "iat": now,
         "jti": format!("clip-test-{n}-{now}"), "access": access,
     });
-    let signing_input = format!(
-        "{}.{}",
-        URL_SAFE_NO_PAD.encode(header.to_string()),
-        URL_SAFE_NO_PAD.encode(claims.to_string())
-    );
+    let signing_input =
+        format!("{}.{}", URL_SAFE_NO_PAD.encode(header.to_string()), URL_SAFE_NO_PAD.encode(claims.to_string()));
     let sig = match sign(key, signing_input.as_bytes()) {
         Ok(s) => s,
         Err(_) => return StubResponse::status(500),

@@ -69,10 +69,7 @@ fn bad_labels_and_bad_registry_answers_fail_clearly_or_fall_back_and_the_daemon_
         let mut c = connect(snap.socket()).await?;
         // Oversized: refused, the value not echoed.
         let secret = "Sentinel-Value-0xC1".repeat(300);
-        let err = c
-            .prepare(prepare("big", &[(l::BUILD_REGISTRY_CREDS, &secret)]))
-            .await
-            .expect_err("oversized label");
+        let err = c.prepare(prepare("big", &[(l::BUILD_REGISTRY_CREDS, &secret)])).await.expect_err("oversized label");
         assert_eq!(err.code(), Code::InvalidArgument);
         assert!(!err.message().contains("Sentinel-Value"), "{}", err.message());
         let err = c.prepare(prepare("empty-key", &[("", "v")])).await.expect_err("empty key");
@@ -80,7 +77,10 @@ fn bad_labels_and_bad_registry_answers_fail_clearly_or_fall_back_and_the_daemon_
 
         // A layer digest that is a path: an ordinary snapshot, nothing written outside the root.
         let r = c
-            .prepare(prepare("bad-digest", &[(l::TARGET_SNAPSHOT_REF, "t1"), (l::CRI_IMAGE_REF, &reference), (l::CRI_LAYER_DIGEST, bad_digest)]))
+            .prepare(prepare(
+                "bad-digest",
+                &[(l::TARGET_SNAPSHOT_REF, "t1"), (l::CRI_IMAGE_REF, &reference), (l::CRI_LAYER_DIGEST, bad_digest)],
+            ))
             .await?
             .into_inner();
         assert!(!is_fuse_layer(&r.mounts), "{:?}", r.mounts);
@@ -90,7 +90,12 @@ fn bad_labels_and_bad_registry_answers_fail_clearly_or_fall_back_and_the_daemon_
         let r = c
             .prepare(prepare(
                 "nowhere",
-                &[(l::TARGET_SNAPSHOT_REF, "t2"), (l::CRI_IMAGE_REF, &reference), (l::CRI_LAYER_DIGEST, &layer), (l::INDEX_DIGEST, &nowhere)],
+                &[
+                    (l::TARGET_SNAPSHOT_REF, "t2"),
+                    (l::CRI_IMAGE_REF, &reference),
+                    (l::CRI_LAYER_DIGEST, &layer),
+                    (l::INDEX_DIGEST, &nowhere),
+                ],
             ))
             .await?
             .into_inner();
@@ -98,27 +103,44 @@ fn bad_labels_and_bad_registry_answers_fail_clearly_or_fall_back_and_the_daemon_
 
         // What a transfer-service pull may send: partial or odd layer labels fall back, and
         // the ordinary snapshot says why.
-        let r = c.prepare(prepare("partial", &[(l::TARGET_SNAPSHOT_REF, "t4"), (l::CRI_IMAGE_REF, &reference)])).await?.into_inner();
-        assert!(!is_fuse_layer(&r.mounts), "{:?}", r.mounts);
         let r = c
-            .prepare(prepare("odd-ref", &[(l::TARGET_SNAPSHOT_REF, "t5"), (l::CRI_IMAGE_REF, "Not A Reference!!"), (l::CRI_LAYER_DIGEST, &layer)]))
+            .prepare(prepare("partial", &[(l::TARGET_SNAPSHOT_REF, "t4"), (l::CRI_IMAGE_REF, &reference)]))
             .await?
             .into_inner();
         assert!(!is_fuse_layer(&r.mounts), "{:?}", r.mounts);
-        let info = c.stat(api::StatSnapshotRequest { snapshotter: "clip".into(), key: "odd-ref".into() }).await?.into_inner();
+        let r = c
+            .prepare(prepare(
+                "odd-ref",
+                &[
+                    (l::TARGET_SNAPSHOT_REF, "t5"),
+                    (l::CRI_IMAGE_REF, "Not A Reference!!"),
+                    (l::CRI_LAYER_DIGEST, &layer),
+                ],
+            ))
+            .await?
+            .into_inner();
+        assert!(!is_fuse_layer(&r.mounts), "{:?}", r.mounts);
+        let info =
+            c.stat(api::StatSnapshotRequest { snapshotter: "clip".into(), key: "odd-ref".into() }).await?.into_inner();
         let why = info.info.and_then(|i| i.labels.get(l::NOT_LAZY_REASON).cloned()).unwrap_or_default();
         assert!(!why.is_empty(), "no reason recorded for a fallback");
         let r = c
             .prepare(prepare(
                 "odd-manifest",
-                &[(l::TARGET_SNAPSHOT_REF, "t6"), (l::CRI_IMAGE_REF, &reference), (l::CRI_LAYER_DIGEST, &layer), (l::CRI_MANIFEST_DIGEST, "md5:xyz")],
+                &[
+                    (l::TARGET_SNAPSHOT_REF, "t6"),
+                    (l::CRI_IMAGE_REF, &reference),
+                    (l::CRI_LAYER_DIGEST, &layer),
+                    (l::CRI_MANIFEST_DIGEST, "md5:xyz"),
+                ],
             ))
             .await?
             .into_inner();
         assert!(!is_fuse_layer(&r.mounts), "{:?}", r.mounts);
         // No labels but the target, in a namespace, and containerd unreachable for the lookup:
         // an ordinary snapshot, at once.
-        let mut req = containerd_snapshots::tonic::Request::new(prepare("unlabelled", &[(l::TARGET_SNAPSHOT_REF, "t7")]));
+        let mut req =
+            containerd_snapshots::tonic::Request::new(prepare("unlabelled", &[(l::TARGET_SNAPSHOT_REF, "t7")]));
         req.metadata_mut().insert("containerd-namespace", "t".parse()?);
         let started = std::time::Instant::now();
         let r = c.prepare(req).await?.into_inner();
@@ -127,7 +149,8 @@ fn bad_labels_and_bad_registry_answers_fail_clearly_or_fall_back_and_the_daemon_
 
         // Unknown labels are kept.
         c.prepare(prepare("unknown", &[("example.com/whatever", "x")])).await?;
-        let info = c.stat(api::StatSnapshotRequest { snapshotter: "clip".into(), key: "unknown".into() }).await?.into_inner();
+        let info =
+            c.stat(api::StatSnapshotRequest { snapshotter: "clip".into(), key: "unknown".into() }).await?.into_inner();
         assert_eq!(info.info.map(|i| i.labels.get("example.com/whatever").cloned()), Some(Some("x".to_string())));
 
         // A corrupt index in the local store is replaced from the registry; the layer is lazy.
@@ -135,7 +158,10 @@ fn bad_labels_and_bad_registry_answers_fail_clearly_or_fall_back_and_the_daemon_
         std::fs::create_dir_all(index_path.parent().unwrap_or(Path::new("/")))?;
         std::fs::write(&index_path, b"not an index at all")?;
         let err = c
-            .prepare(prepare("lazy", &[(l::TARGET_SNAPSHOT_REF, "t3"), (l::CRI_IMAGE_REF, &reference), (l::CRI_LAYER_DIGEST, &layer)]))
+            .prepare(prepare(
+                "lazy",
+                &[(l::TARGET_SNAPSHOT_REF, "t3"), (l::CRI_IMAGE_REF, &reference), (l::CRI_LAYER_DIGEST, &layer)],
+            ))
             .await
             .expect_err("served lazily: the target exists");
         assert_eq!(err.code(), Code::AlreadyExists, "{}", err.message());

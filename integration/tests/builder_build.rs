@@ -108,7 +108,10 @@ fn build_pushes_with_an_env_token_indexes_and_the_image_starts_lazily() -> Resul
     )?;
     let snap_config = snap_config.display().to_string();
     let snap = ClipSnapshotter::start(&td, "clip", &["--config", &snap_config])?;
-    let ctrd = Containerd::start(&td, &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() })?;
+    let ctrd = Containerd::start(
+        &td,
+        &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() },
+    )?;
     let out = run(Command::new(workspace_binary("clip-snapshotter")?)
         .args(["pull", "--json", "-n", "t", "--hosts-dir"])
         .arg(&hosts_dir)
@@ -160,7 +163,10 @@ fn indexing_an_indexed_image_again_does_no_layer_work() -> Result<()> {
     assert_eq!(first["reused"], false);
     let layer_digests: Vec<String> = layout_layers(&layout, "pyapp")?.into_iter().map(|(d, _, _)| d).collect();
     let gets_of_layers = |reg: &Registry| {
-        reg.access_log().iter().filter(|e| e.method == "GET" && layer_digests.iter().any(|d| e.path.ends_with(d.as_str()))).count()
+        reg.access_log()
+            .iter()
+            .filter(|e| e.method == "GET" && layer_digests.iter().any(|d| e.path.ends_with(d.as_str())))
+            .count()
     };
     let before = gets_of_layers(&reg);
     let second = index()?;
@@ -192,24 +198,32 @@ fn an_index_copied_to_another_registry_serves_the_image_lazily_there() -> Result
     assert!(dir.join("artifact.json").exists());
     // Pushing it for a different image is refused.
     let busybox = b.push_layout(&TestImage::Busybox.layout()?, "busybox", "mirror/busybox", "latest")?;
-    let wrong = Command::new(&builder).args(["push-index", "--plain-http", "--from"]).arg(&dir).arg(&busybox).output()?;
+    let wrong =
+        Command::new(&builder).args(["push-index", "--plain-http", "--from"]).arg(&dir).arg(&busybox).output()?;
     assert!(!wrong.status.success() && String::from_utf8_lossy(&wrong.stderr).contains("the index is for"));
     run(Command::new(&builder).args(["push-index", "--plain-http", "--from"]).arg(&dir).arg(&ref_b))?;
 
     let hosts_dir = td.sub("certs.d")?;
     b.write_hosts_toml(&hosts_dir)?;
     let config = td.path().join("snapshotter.toml");
-    std::fs::write(&config, format!("[registry]\nhosts_dir = \"{}\"\n[lazy]\nbackground_fetch = false\n", hosts_dir.display()))?;
+    std::fs::write(
+        &config,
+        format!("[registry]\nhosts_dir = \"{}\"\n[lazy]\nbackground_fetch = false\n", hosts_dir.display()),
+    )?;
     let config = config.display().to_string();
     let snap = ClipSnapshotter::start(&td, "clip", &["--config", &config])?;
-    let ctrd = Containerd::start(&td, &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() })?;
+    let ctrd = Containerd::start(
+        &td,
+        &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() },
+    )?;
     let out = run(Command::new(workspace_binary("clip-snapshotter")?)
         .args(["pull", "--json", "--plain-http", "-n", "t", "--containerd-address"])
         .arg(ctrd.socket())
         .arg(&ref_b))?;
     let pulled: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(pulled["lazy_layers"], 4, "{pulled}");
-    let out = ctrd.ctr_run("t", &["run", "--rm", "--snapshotter", "clip", &ref_b, "m1", "python3", "-c", "print(2+3)"])?;
+    let out =
+        ctrd.ctr_run("t", &["run", "--rm", "--snapshotter", "clip", &ref_b, "m1", "python3", "-c", "print(2+3)"])?;
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "5");
     ctrd.purge()?;
     Ok(())

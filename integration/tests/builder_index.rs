@@ -34,7 +34,8 @@ fn index_ref_publishes_an_artifact_found_through_referrers() -> Result<()> {
     let index_digest = result["index_digest"].as_str().context("index_digest")?.to_string();
     let manifest_digest = result["manifest_digest"].as_str().context("manifest_digest")?.to_string();
     let total_layers: u64 = layers.iter().map(|(_, _, s)| s).sum();
-    let total_index: u64 = result["layers"].as_array().context("layers")?.iter().filter_map(|l| l["index_size"].as_u64()).sum();
+    let total_index: u64 =
+        result["layers"].as_array().context("layers")?.iter().filter_map(|l| l["index_size"].as_u64()).sum();
     eprintln!(
         "indexed {} layers ({total_layers} bytes) in {:.2} s; indexes {total_index} bytes ({:.2}%)",
         layers.len(),

@@ -94,7 +94,13 @@ fn containerd_1_6_snapshotter_suite_passes_through_the_proxy_client() -> Result<
     let td = TestDir::new("conformance")?;
     let suite = build_suite_1_6(&td)?;
     let r = run_suite(&td, &suite)?;
-    eprintln!("containerd 1.6 conformance: {} passed, {} skipped ({:?}), {} failed", r.passed.len(), r.skipped.len(), r.skipped, r.failed.len());
+    eprintln!(
+        "containerd 1.6 conformance: {} passed, {} skipped ({:?}), {} failed",
+        r.passed.len(),
+        r.skipped.len(),
+        r.skipped,
+        r.failed.len()
+    );
     assert!(r.failed.is_empty(), "{:?} failed:\n{}", r.failed, r.stdout);
     assert_core_tests_pass(&r.passed, &r.stdout);
     // containerd 1.6's suite has 21 sub-tests; upstream skips Rename for every snapshotter.
@@ -126,16 +132,10 @@ fn containerd_2_snapshotter_suite_passes_through_the_proxy_client_but_for_the_ov
     // 2.x's Rename renames a directory of a lower layer, which overlayfs refuses without
     // redirect_dir (EXDEV); the suite leaves that step out for containerd's overlayfs, whose
     // mounts clip's ordinary snapshots are. Only that may fail, and only for that reason.
-    let rename_exdev = r
-        .stdout
-        .lines()
-        .any(|l| l.contains("Check snapshots failed") && l.contains("/dir1") && l.contains("/dir2: invalid cross-device link"));
-    assert!(
-        r.failed.is_empty() || (r.failed == ["Rename"] && rename_exdev),
-        "{:?} failed:\n{}",
-        r.failed,
-        r.stdout
-    );
+    let rename_exdev = r.stdout.lines().any(|l| {
+        l.contains("Check snapshots failed") && l.contains("/dir1") && l.contains("/dir2: invalid cross-device link")
+    });
+    assert!(r.failed.is_empty() || (r.failed == ["Rename"] && rename_exdev), "{:?} failed:\n{}", r.failed, r.stdout);
     let total = r.stdout.lines().filter(|l| l.trim().starts_with("=== RUN   TestClipSnapshotter/")).count();
     assert_eq!(r.passed.len() + r.skipped.len() + r.failed.len(), total, "{}", r.stdout);
     assert!(r.passed.len() >= 20, "only {} sub-tests passed:\n{}", r.passed.len(), r.stdout);

@@ -68,14 +68,16 @@ fn ctr_transfer_pull_and_nerdctl_run_start_the_python_image_lazily_on_containerd
 
     // ctr 2.x pulls through the transfer service.
     let before = reg.blob_bytes_served();
-    run(ctrd.ctr("t").args(["image", "pull", "--snapshotter", "clip", &reference]))
-        .with_context(|| snap.log())?;
+    run(ctrd.ctr("t").args(["image", "pull", "--snapshotter", "clip", &reference])).with_context(|| snap.log())?;
     let log = snap.log();
     assert_eq!(count(&log, "layer mounted lazily"), 4, "{log}");
     assert_eq!(count(&log, "unlabelled Prepare found"), 0, "the transfer service passed no labels:\n{log}");
     assert!(!log.contains("ordinary snapshot (containerd unpacks it)"), "{log}");
     assert_eq!(td.lazy_layers(), 4);
-    let out = ctrd.ctr_run("t", &["run", "--rm", "--snapshotter", "clip", &reference, "ctr2-lazy", "python3", "-c", IMPORT_NUMPY])?;
+    let out = ctrd.ctr_run(
+        "t",
+        &["run", "--rm", "--snapshotter", "clip", &reference, "ctr2-lazy", "python3", "-c", IMPORT_NUMPY],
+    )?;
     assert!(stdout(&out).trim().ends_with(" 1"), "{}", stdout(&out));
     let fetched = reg.blob_bytes_served() - before;
     eprintln!(
@@ -84,7 +86,11 @@ fn ctr_transfer_pull_and_nerdctl_run_start_the_python_image_lazily_on_containerd
     );
     assert!(fetched * 4 < image_bytes, "fetched {fetched} of {image_bytes}");
     run(ctrd.ctr("t").args(["images", "rm", "--sync", &reference]))?;
-    assert!(wait_until(Duration::from_secs(30), || td.lazy_layers() == 0), "FUSE layers left after rmi:\n{}", snap.log());
+    assert!(
+        wait_until(Duration::from_secs(30), || td.lazy_layers() == 0),
+        "FUSE layers left after rmi:\n{}",
+        snap.log()
+    );
 
     // nerdctl 2.2 pulls client-side and attaches no labels for a snapshotter it does not know;
     // clip finds the layers in containerd's content store. Its source label has no port
@@ -94,9 +100,18 @@ fn ctr_transfer_pull_and_nerdctl_run_start_the_python_image_lazily_on_containerd
     let before = reg.blob_bytes_served();
     let data_root = td.sub("nerdctl")?;
     let docker_config = td.sub("docker")?;
-    let out = run(ctrd
-        .nerdctl("nerd", &data_root, &docker_config)?
-        .args(["--snapshotter", "clip", "run", "--rm", "--net", "host", &reference, "python3", "-c", IMPORT_NUMPY]))
+    let out = run(ctrd.nerdctl("nerd", &data_root, &docker_config)?.args([
+        "--snapshotter",
+        "clip",
+        "run",
+        "--rm",
+        "--net",
+        "host",
+        &reference,
+        "python3",
+        "-c",
+        IMPORT_NUMPY,
+    ]))
     .with_context(|| snap.log())?;
     assert!(stdout(&out).trim().ends_with(" 1"), "{}", stdout(&out));
     let fetched = reg.blob_bytes_served() - before;
@@ -111,7 +126,11 @@ fn ctr_transfer_pull_and_nerdctl_run_start_the_python_image_lazily_on_containerd
     assert!(fetched * 4 < image_bytes, "fetched {fetched} of {image_bytes}");
     run(ctrd.nerdctl("nerd", &data_root, &docker_config)?.args(["rmi", &reference]))?;
     ctrd.purge()?;
-    assert!(wait_until(Duration::from_secs(30), || td.lazy_layers() == 0), "FUSE layers left after nerdctl rmi:\n{}", snap.log());
+    assert!(
+        wait_until(Duration::from_secs(30), || td.lazy_layers() == 0),
+        "FUSE layers left after nerdctl rmi:\n{}",
+        snap.log()
+    );
     Ok(())
 }
 
@@ -153,7 +172,8 @@ fn nerdctl_login_then_run_of_a_private_image_is_lazy_and_without_login_fails_cle
     let nerdctl = || ctrd.nerdctl("nerd", &data_root, &docker_config);
 
     // No login: nerdctl says the registry refused, and nothing is left mounted.
-    let out = nerdctl()?.args(["--snapshotter", "clip", "run", "--rm", "--net", "host", &reference, "true"]).output()?;
+    let out =
+        nerdctl()?.args(["--snapshotter", "clip", "run", "--rm", "--net", "host", &reference, "true"]).output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "ran without credentials");
     assert!(stderr.contains("pull access denied") && stderr.contains("authorization"), "{stderr}");
@@ -180,8 +200,19 @@ fn nerdctl_login_then_run_of_a_private_image_is_lazy_and_without_login_fails_cle
     assert!(written.contains(reg.host()), "{written}");
 
     let before = reg.blob_bytes_served();
-    let out = run(nerdctl()?.args(["--snapshotter", "clip", "run", "--rm", "--net", "host", &reference, "python3", "-c", IMPORT_NUMPY]))
-        .with_context(|| snap.log())?;
+    let out = run(nerdctl()?.args([
+        "--snapshotter",
+        "clip",
+        "run",
+        "--rm",
+        "--net",
+        "host",
+        &reference,
+        "python3",
+        "-c",
+        IMPORT_NUMPY,
+    ]))
+    .with_context(|| snap.log())?;
     assert!(stdout(&out).trim().ends_with(" 1"), "{}", stdout(&out));
     let fetched = reg.blob_bytes_served() - before;
     let log = snap.log();
@@ -285,7 +316,10 @@ fn lazy_root_file_systems_look_exactly_as_on_overlayfs_on_containerd_2() -> Resu
         let off_device: Vec<_> = clip.iter().filter(|(_, e)| !e.root_device).map(|(p, _)| p).take(5).collect();
         assert!(off_device.is_empty(), "{reference}: entries on another device than the root: {off_device:?}");
         let hardlinked = clip.values().filter(|e| e.hardlink_group.is_some()).count();
-        eprintln!("{reference}: {} entries identical on overlayfs and lazy clip, one device, {hardlinked} hardlinked", clip.len());
+        eprintln!(
+            "{reference}: {} entries identical on overlayfs and lazy clip, one device, {hardlinked} hardlinked",
+            clip.len()
+        );
         trees.push(clip);
     }
     assert_eq!(count(&snap.log(), "layer mounted lazily"), 6, "{}", snap.log());

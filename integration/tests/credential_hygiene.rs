@@ -57,10 +57,8 @@ fn sentinel_passwords_never_reach_logs_or_errors() -> Result<()> {
 
     let capture = Capture::default();
     let writer = capture.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .finish();
+    let subscriber =
+        tracing_subscriber::fmt().with_max_level(tracing::Level::TRACE).with_writer(move || writer.clone()).finish();
     let mut errors = Vec::new();
     let mut successes = 0;
     tracing::subscriber::with_default(subscriber, || -> Result<()> {
@@ -90,7 +88,11 @@ fn sentinel_passwords_never_reach_logs_or_errors() -> Result<()> {
                     ),
                     (
                         "minted",
-                        ChainInputs { minter: Some(minter.clone()), build_registry: Some(scope.clone()), ..Default::default() },
+                        ChainInputs {
+                            minter: Some(minter.clone()),
+                            build_registry: Some(scope.clone()),
+                            ..Default::default()
+                        },
                     ),
                     (
                         "docker-config",
@@ -157,7 +159,10 @@ fn sentinel_passwords_never_reach_logs_or_errors() -> Result<()> {
     assert_eq!(v["build_registry_creds"], format!("builder:{GOOD}"));
     assert_eq!(v["kind"], "basic");
     // A failing token command names the file, not a secret.
-    std::fs::write(&config, "[build_registry]\nregistry = \"r:1\"\nrepository = \"x\"\n[build_registry.credentials]\ntype = \"basic\"\nusername = \"u\"\npassword_file = \"/nonexistent/pw\"\n")?;
+    std::fs::write(
+        &config,
+        "[build_registry]\nregistry = \"r:1\"\nrepository = \"x\"\n[build_registry.credentials]\ntype = \"basic\"\nusername = \"u\"\npassword_file = \"/nonexistent/pw\"\n",
+    )?;
     let out = std::process::Command::new(workspace_binary("clip-builder")?)
         .args(["token", "--config"])
         .arg(&config)

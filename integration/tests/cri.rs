@@ -90,7 +90,13 @@ fn kubelet_style_pods_start_lazily_with_every_credential_path() -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     let scenarios: [(&str, &str, &std::path::Path, Option<(&str, &str)>, &str); 3] = [
         ("plain", &python_ref, ctrd.socket(), None, "import numpy; print('numpy', numpy.__version__)"),
-        ("pull-secret", &other_ref, &cri_socket, Some(("reader", OTHER_PASS)), "print(open('/variant.txt').read().strip())"),
+        (
+            "pull-secret",
+            &other_ref,
+            &cri_socket,
+            Some(("reader", OTHER_PASS)),
+            "print(open('/variant.txt').read().strip())",
+        ),
         ("build-registry", &build_ref, &cri_socket, None, "print(open('/variant.txt').read().strip())"),
     ];
     for (name, image, image_service, auth, script) in scenarios {

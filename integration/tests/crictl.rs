@@ -37,9 +37,18 @@ impl Crictl {
 
     fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(&self.bin);
-        c.args(["--config", "/dev/null", "--timeout", "120s", "--runtime-endpoint", &self.runtime, "--image-endpoint", &self.images])
-            .args(args)
-            .stdin(std::process::Stdio::null());
+        c.args([
+            "--config",
+            "/dev/null",
+            "--timeout",
+            "120s",
+            "--runtime-endpoint",
+            &self.runtime,
+            "--image-endpoint",
+            &self.images,
+        ])
+        .args(args)
+        .stdin(std::process::Stdio::null());
         c
     }
 
@@ -177,7 +186,12 @@ fn pods_start_lazily_and_leave_nothing_behind(name: &str, cri_local_pull: bool) 
     crictl.run(&["pull", &b.python_ref]).with_context(|| b.snap.log())?;
     assert_eq!(containerd_log_mentions_fallback(), cri_local_pull, "CRI's pull path:\n{}", b.ctrd.log());
     assert_eq!(b.td.lazy_layers(), 4, "{}", b.snap.log());
-    let (pod, id, log) = crictl.run_to_exit(b.td.path(), "plain", &b.python_ref, &["python3", "-c", "import numpy; print('numpy', numpy.__version__)"])?;
+    let (pod, id, log) = crictl.run_to_exit(
+        b.td.path(),
+        "plain",
+        &b.python_ref,
+        &["python3", "-c", "import numpy; print('numpy', numpy.__version__)"],
+    )?;
     assert!(log.starts_with("numpy "), "{log}");
     let fetched = b.plain.blob_bytes_served() - before;
     eprintln!(
@@ -195,7 +209,11 @@ fn pods_start_lazily_and_leave_nothing_behind(name: &str, cri_local_pull: bool) 
     crictl.remove(&pod, &id)?;
     // The private image has the same layers: remove this one so that they are served anew.
     crictl.run(&["rmi", &b.python_ref])?;
-    assert!(wait_until(Duration::from_secs(60), || b.td.lazy_layers() == 0), "layers left after rmi:\n{}", b.snap.log());
+    assert!(
+        wait_until(Duration::from_secs(60), || b.td.lazy_layers() == 0),
+        "layers left after rmi:\n{}",
+        b.snap.log()
+    );
 
     // A private image: crictl hands the credentials to clip's CRI image service proxy.
     let proxied = Crictl::new(b.ctrd.socket(), &b.cri_proxy)?;
@@ -205,7 +223,9 @@ fn pods_start_lazily_and_leave_nothing_behind(name: &str, cri_local_pull: bool) 
     assert!(err.contains("401") || err.contains("unauthorized") || err.contains("authorization failed"), "{err}");
     assert_eq!(b.td.lazy_layers(), 0, "a refused pull left layers mounted");
     let before = b.private.blob_bytes_served();
-    proxied.run(&["pull", "--creds", &format!("reader:{PRIVATE_PASS}"), &b.private_ref]).with_context(|| b.snap.log())?;
+    proxied
+        .run(&["pull", "--creds", &format!("reader:{PRIVATE_PASS}"), &b.private_ref])
+        .with_context(|| b.snap.log())?;
     assert_eq!(b.td.lazy_layers(), 4, "{}", b.snap.log());
     let (pod, id, log) = crictl.run_to_exit(
         b.td.path(),
@@ -215,7 +235,9 @@ fn pods_start_lazily_and_leave_nothing_behind(name: &str, cri_local_pull: bool) 
     )?;
     let read: u64 = log.trim().parse().with_context(|| format!("wc -c said {log:?}"))?;
     let fetched = b.private.blob_bytes_served() - before;
-    eprintln!("{name}: private image via the CRI proxy: {read} bytes of never-read files read, {fetched} compressed bytes fetched");
+    eprintln!(
+        "{name}: private image via the CRI proxy: {read} bytes of never-read files read, {fetched} compressed bytes fetched"
+    );
     assert!(read > 20 << 20 && fetched > 4 << 20, "read {read}, fetched {fetched}");
     let slog = b.snap.log();
     assert!(slog.contains("using the pull secret kubelet passed to PullImage"), "{slog}");
@@ -226,7 +248,8 @@ fn pods_start_lazily_and_leave_nothing_behind(name: &str, cri_local_pull: bool) 
     for image in [b.private_ref.as_str(), &format!("{}/testbed/pause:latest", b.plain.host())] {
         crictl.run(&["rmi", image])?;
     }
-    let snapshots = || run_stdout(b.ctrd.ctr("k8s.io").args(["snapshots", "--snapshotter", "clip", "ls"])).unwrap_or_default();
+    let snapshots =
+        || run_stdout(b.ctrd.ctr("k8s.io").args(["snapshots", "--snapshotter", "clip", "ls"])).unwrap_or_default();
     let spans = b.snap.root().join("spans");
     let cache_entries = || std::fs::read_dir(&spans).map(|d| d.count()).unwrap_or(0);
     let clean = wait_until(Duration::from_secs(60), || {

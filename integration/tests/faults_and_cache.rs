@@ -59,7 +59,10 @@ fn a_full_read_through_ten_percent_faults_is_exact_and_the_cache_stays_bounded()
     )?;
     let config = config.display().to_string();
     let snap = ClipSnapshotter::start(&td, "clip", &["--config", &config])?;
-    let ctrd = Containerd::start(&td, &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() })?;
+    let ctrd = Containerd::start(
+        &td,
+        &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() },
+    )?;
     run(Command::new(workspace_binary("clip-snapshotter")?)
         .args(["pull", "--plain-http", "-n", "t", "--containerd-address"])
         .arg(ctrd.socket())
@@ -80,15 +83,36 @@ fn a_full_read_through_ten_percent_faults_is_exact_and_the_cache_stays_bounded()
             }
         })
     };
-    let out = ctrd.ctr("t")
-        .args(["run", "--rm", "--snapshotter", "clip", &reference, "reader", "sh", "-c", "find / -xdev -type f -print0 | xargs -0 sha256sum"])
+    let out = ctrd
+        .ctr("t")
+        .args([
+            "run",
+            "--rm",
+            "--snapshotter",
+            "clip",
+            &reference,
+            "reader",
+            "sh",
+            "-c",
+            "find / -xdev -type f -print0 | xargs -0 sha256sum",
+        ])
         .output()?;
     done.store(true, Ordering::Relaxed);
     let _ = sampler.join();
     if !out.status.success() {
         let _ = std::fs::write(td.path().join("../faults-cache-daemon.log"), snap.log());
     }
-    assert!(out.status.success(), "reader failed: {}\n{}", String::from_utf8_lossy(&out.stderr), snap.log().lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).take(20).collect::<Vec<_>>().join("\n"));
+    assert!(
+        out.status.success(),
+        "reader failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        snap.log()
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .take(20)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     let mut checked = 0;
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let (sum, path) = line.split_once("  ").context("sha256sum line")?;
@@ -119,7 +143,11 @@ fn a_full_read_through_ten_percent_faults_is_exact_and_the_cache_stays_bounded()
     let emptied = wait_until(Duration::from_secs(30), || {
         dir_bytes(&snap.root().join("spans")) + dir_bytes(&snap.root().join("files")) == 0
     });
-    assert!(emptied, "caches left: {} B", dir_bytes(&snap.root().join("spans")) + dir_bytes(&snap.root().join("files")));
+    assert!(
+        emptied,
+        "caches left: {} B",
+        dir_bytes(&snap.root().join("spans")) + dir_bytes(&snap.root().join("files"))
+    );
     ctrd.purge()?;
     Ok(())
 }

@@ -180,7 +180,11 @@ fn every_format_reads_back_exactly_what_tar_extracts() -> anyhow::Result<()> {
     let td = TestDir::new("idxfmt")?;
     let (_src, layers) = make_layers(&td)?;
     let out = td.sub("x")?;
-    run(Command::new("tar").args(["--xattrs", "--xattrs-include=*", "--numeric-owner", "-xpf"]).arg(td.path().join("layer.tar")).arg("-C").arg(&out))?;
+    run(Command::new("tar")
+        .args(["--xattrs", "--xattrs-include=*", "--numeric-owner", "-xpf"])
+        .arg(td.path().join("layer.tar"))
+        .arg("-C")
+        .arg(&out))?;
     for layer in &layers {
         let idx = index_of(&layer.blob, 64 << 10)?;
         // A single zstd frame has one span (no seek points inside a frame); the rest have many.
@@ -198,15 +202,22 @@ fn every_format_reads_back_exactly_what_tar_extracts() -> anyhow::Result<()> {
         // The digest recorded is the blob's, and a wrong expectation is refused.
         let digest = format!("sha256:{}", clip_integration::sha256_file(&layer.blob)?);
         assert_eq!(idx.layer_digest(), digest);
-        let opts = BuildOptions { expected_digest: Some(format!("sha256:{}", "0".repeat(64))), ..BuildOptions::default() };
+        let opts =
+            BuildOptions { expected_digest: Some(format!("sha256:{}", "0".repeat(64))), ..BuildOptions::default() };
         let err = clip_index::build_index(std::fs::File::open(&layer.blob)?, &opts).expect_err("wrong digest");
         assert!(matches!(err, IndexError::LayerDigest { .. }), "{err}");
     }
     // Multi-member gzip gets member checkpoints; multi-frame zstd gets frame checkpoints.
     let multi = index_of(&layers[2].blob, 64 << 10)?;
-    assert!((0..multi.span_count()).any(|i| multi.span(i).is_ok_and(|s| s.kind == clip_index::format::CheckpointKind::Member)));
+    assert!(
+        (0..multi.span_count())
+            .any(|i| multi.span(i).is_ok_and(|s| s.kind == clip_index::format::CheckpointKind::Member))
+    );
     let zmulti = index_of(&layers[5].blob, 64 << 10)?;
-    assert!((0..zmulti.span_count()).any(|i| zmulti.span(i).is_ok_and(|s| s.kind == clip_index::format::CheckpointKind::Frame)));
+    assert!(
+        (0..zmulti.span_count())
+            .any(|i| zmulti.span(i).is_ok_and(|s| s.kind == clip_index::format::CheckpointKind::Frame))
+    );
     Ok(())
 }
 
@@ -264,7 +275,8 @@ fn split_windows_index_decodes_every_span_like_the_full_one_and_checks_windows()
         .max_by_key(|(_, _, s)| *s)
         .ok_or_else(|| anyhow::anyhow!("no layers"))?;
     let blob = std::fs::read(clip_integration::images::blob_path(&layout, &digest)?)?;
-    let opts = clip_index::BuildOptions { span_size: 512 << 10, expected_digest: Some(digest.clone()), ..Default::default() };
+    let opts =
+        clip_index::BuildOptions { span_size: 512 << 10, expected_digest: Some(digest.clone()), ..Default::default() };
     let full = clip_index::build_index(&blob[..], &opts)?;
     let (meta, windows) = full.split_windows()?.ok_or_else(|| anyhow::anyhow!("nothing to split"))?;
     let split = clip_index::Index::open(meta.clone())?;

@@ -125,10 +125,8 @@ fn small_reads_fetch_little_corrupted_spans_fail_and_a_vanished_registry_recover
     let proxy = FaultProxy::start(reg.host(), Fault::None)?;
     let rt = tokio::runtime::Runtime::new()?;
     // The largest layer (numpy and friends).
-    let (digest, _, size) = layout_layers(&layout, "pyapp")?
-        .into_iter()
-        .max_by_key(|(_, _, s)| *s)
-        .context("layers")?;
+    let (digest, _, size) =
+        layout_layers(&layout, "pyapp")?.into_iter().max_by_key(|(_, _, s)| *s).context("layers")?;
     let blob = blob_path(&layout, &digest)?;
     let reference = td.path().join("ref");
     unpack_like_containerd(&blob, &reference)?;

@@ -12,7 +12,6 @@ use clip_integration::{TestDir, require_root, run};
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
-
 #[test]
 fn python_image_starts_lazily_from_the_plain_registry_with_a_fraction_of_its_bytes() -> Result<()> {
     require_root();
@@ -35,7 +34,10 @@ fn python_image_starts_lazily_from_the_plain_registry_with_a_fraction_of_its_byt
     )?;
     let config = config.display().to_string();
     let snap = ClipSnapshotter::start(&td, "clip", &["--config", &config])?;
-    let ctrd = Containerd::start(&td, &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() })?;
+    let ctrd = Containerd::start(
+        &td,
+        &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() },
+    )?;
     let before = reg.blob_bytes_served();
     let out = run(Command::new(workspace_binary("clip-snapshotter")?)
         .args(["pull", "--json", "--plain-http", "-n", "t", "--containerd-address"])
@@ -45,7 +47,20 @@ fn python_image_starts_lazily_from_the_plain_registry_with_a_fraction_of_its_byt
     assert_eq!(report["lazy_layers"], 4, "{report}\n{}", snap.log());
     assert!(td.lazy_layers() >= 4, "FUSE layers in /proc/mounts:\n{}", std::fs::read_to_string("/proc/mounts")?);
 
-    let out = ctrd.ctr_run("t", &["run", "--rm", "--snapshotter", "clip", &reference, "lazy1", "python3", "-c", "import numpy; print(numpy.__version__, 1)"])?;
+    let out = ctrd.ctr_run(
+        "t",
+        &[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "clip",
+            &reference,
+            "lazy1",
+            "python3",
+            "-c",
+            "import numpy; print(numpy.__version__, 1)",
+        ],
+    )?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.trim().ends_with(" 1"), "{stdout}");
     let fetched = reg.blob_bytes_served() - before;
@@ -67,7 +82,8 @@ fn python_image_starts_lazily_from_the_plain_registry_with_a_fraction_of_its_byt
     // layers unmounted.
     run(ctrd.ctr("t").args(["images", "rm", "--sync", &reference]))?;
     let gone = clip_integration::wait_until(std::time::Duration::from_secs(30), || {
-        let listed = clip_integration::run_stdout(ctrd.ctr("t").args(["snapshots", "--snapshotter", "clip", "ls"])).unwrap_or_default();
+        let listed = clip_integration::run_stdout(ctrd.ctr("t").args(["snapshots", "--snapshotter", "clip", "ls"]))
+            .unwrap_or_default();
         listed.lines().count() <= 1 && td.lazy_layers() == 0
     });
     assert!(gone, "snapshots or FUSE layers left after image removal:\n{}", snap.log());
@@ -122,7 +138,10 @@ fn private_registries_work_with_label_credentials_only_and_wrong_ones_fail_clear
     )?;
     let config = config.display().to_string();
     let mut snap = ClipSnapshotter::start(&td, "clip", &["--config", &config])?;
-    let ctrd = Containerd::start(&td, &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() })?;
+    let ctrd = Containerd::start(
+        &td,
+        &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() },
+    )?;
     let hosts = hosts_dir.display().to_string();
 
     // Wrong credentials: a clear failure naming the registry, nothing pulled.
@@ -136,7 +155,20 @@ fn private_registries_work_with_label_credentials_only_and_wrong_ones_fail_clear
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(report["lazy_layers"], 1, "{report}");
-    let run_out = ctrd.ctr_run("t", &["run", "--rm", "--snapshotter", "clip", &refs[0], "b1", "sh", "-c", "cat /etc/hostname >/dev/null; ls /bin | wc -l"])?;
+    let run_out = ctrd.ctr_run(
+        "t",
+        &[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "clip",
+            &refs[0],
+            "b1",
+            "sh",
+            "-c",
+            "cat /etc/hostname >/dev/null; ls /bin | wc -l",
+        ],
+    )?;
     assert!(String::from_utf8_lossy(&run_out.stdout).trim().parse::<u32>().unwrap_or(0) > 100);
 
     // Another registry with --creds (the clip.image-creds label).
@@ -144,11 +176,15 @@ fn private_registries_work_with_label_credentials_only_and_wrong_ones_fail_clear
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(report["lazy_layers"], 4, "{report}");
-    let run_out = ctrd.ctr_run("t", &["run", "--rm", "--snapshotter", "clip", &refs[1], "p2", "python3", "-c", "print(6*7)"])?;
+    let run_out =
+        ctrd.ctr_run("t", &["run", "--rm", "--snapshotter", "clip", &refs[1], "p2", "python3", "-c", "print(6*7)"])?;
     assert_eq!(String::from_utf8_lossy(&run_out.stdout).trim(), "42");
 
     let log = snap.log();
-    assert!(log.contains("using build registry credentials for image access (image was built and pushed by us)"), "{log}");
+    assert!(
+        log.contains("using build registry credentials for image access (image was built and pushed by us)"),
+        "{log}"
+    );
     assert!(log.contains("credentials provided for runtime CLIP layer mounting"));
     // Secrets reach neither the daemon's log nor the labels containerd or clip return.
     let labels = clip_integration::run_stdout(ctrd.ctr("t").args(["snapshots", "--snapshotter", "clip", "ls"]))?;
@@ -158,7 +194,8 @@ fn private_registries_work_with_label_credentials_only_and_wrong_ones_fail_clear
     }
     for line in labels.lines().skip(1) {
         let key = line.split_whitespace().next().unwrap_or_default();
-        let info = clip_integration::run_stdout(ctrd.ctr("t").args(["snapshots", "--snapshotter", "clip", "info", key]))?;
+        let info =
+            clip_integration::run_stdout(ctrd.ctr("t").args(["snapshots", "--snapshotter", "clip", "info", key]))?;
         for secret in ["Build-Token-5e1f", "Other-Pass-77aa"] {
             assert!(!info.contains(secret), "{secret} in the labels of {key}:\n{info}");
         }
@@ -177,7 +214,10 @@ fn private_registries_work_with_label_credentials_only_and_wrong_ones_fail_clear
         ctrd.ctr("t").args(["snapshots", "--snapshotter", "clip", "ls"]).output().is_ok_and(|o| o.status.success())
     });
     assert!(reconnected);
-    let out = ctrd.ctr_run("t", &["run", "--rm", "--snapshotter", "clip", &refs[1], "p3", "python3", "-c", "import numpy; print(3)"])?;
+    let out = ctrd.ctr_run(
+        "t",
+        &["run", "--rm", "--snapshotter", "clip", &refs[1], "p3", "python3", "-c", "import numpy; print(3)"],
+    )?;
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "3");
     assert!(snap.log().contains("restored label credentials"), "{}", snap.log());
     ctrd.purge()?;
@@ -197,15 +237,22 @@ fn a_layer_without_an_index_falls_back_to_an_ordinary_snapshot() -> Result<()> {
     std::fs::write(&config, format!("[registry]\nhosts_dir = \"{}\"\n", hosts_dir.display()))?;
     let config = config.display().to_string();
     let snap = ClipSnapshotter::start(&td, "clip", &["--config", &config])?;
-    let ctrd = Containerd::start(&td, &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() })?;
+    let ctrd = Containerd::start(
+        &td,
+        &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() },
+    )?;
     let out = pull(&ctrd, &["--plain-http"], &reference)?;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!((report["lazy_layers"].as_u64(), report["unpacked_layers"].as_u64()), (Some(0), Some(1)), "{report}");
-    let run_out = ctrd.ctr_run("t", &["run", "--rm", "--snapshotter", "clip", &reference, "f1", "echo", "fallback works"])?;
+    let run_out =
+        ctrd.ctr_run("t", &["run", "--rm", "--snapshotter", "clip", &reference, "f1", "echo", "fallback works"])?;
     assert!(String::from_utf8_lossy(&run_out.stdout).contains("fallback works"));
     let log = snap.log();
-    assert!(log.contains("serving the layer as an ordinary snapshot") && log.contains("no CLIP index is published"), "{log}");
+    assert!(
+        log.contains("serving the layer as an ordinary snapshot") && log.contains("no CLIP index is published"),
+        "{log}"
+    );
     // pull says why, per layer.
     let reason = report["not_lazy"][0]["reason"].as_str().unwrap_or_default();
     assert!(reason.contains("no CLIP index is published"), "{report}");
@@ -242,7 +289,10 @@ fn containerd_1_6_smoke_pull_of_an_indexed_image_is_lazy() -> Result<()> {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(report["lazy_layers"], 4, "{report}\n{}", snap.log());
-    let out = ctrd.ctr_run("t", &["run", "--rm", "--snapshotter", "clip", &reference, "smoke", "python3", "-c", "import numpy; print(6*7)"])?;
+    let out = ctrd.ctr_run(
+        "t",
+        &["run", "--rm", "--snapshotter", "clip", &reference, "smoke", "python3", "-c", "import numpy; print(6*7)"],
+    )?;
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
     ctrd.purge()?;
     Ok(())
@@ -270,13 +320,19 @@ fn background_fetch_completes_layers_so_the_registry_can_go_away() -> Result<()>
     )?;
     let config = config.display().to_string();
     let snap = ClipSnapshotter::start(&td, "clip", &["--config", &config])?;
-    let ctrd = Containerd::start(&td, &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() })?;
+    let ctrd = Containerd::start(
+        &td,
+        &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() },
+    )?;
     let before = reg.blob_bytes_served();
     run(Command::new(workspace_binary("clip-snapshotter")?)
         .args(["pull", "--plain-http", "-n", "t", "--containerd-address"])
         .arg(ctrd.socket())
         .arg(&reference))?;
-    let metrics = || clip_integration::run_stdout(Command::new("curl").args(["-sf", &format!("http://127.0.0.1:{port}/metrics")])).unwrap_or_default();
+    let metrics = || {
+        clip_integration::run_stdout(Command::new("curl").args(["-sf", &format!("http://127.0.0.1:{port}/metrics")]))
+            .unwrap_or_default()
+    };
     let value = |text: &str, name: &str| -> u64 {
         text.lines()
             .filter(|l| l.starts_with(name) && l.contains("layer=\""))
@@ -291,15 +347,29 @@ fn background_fetch_completes_layers_so_the_registry_can_go_away() -> Result<()>
     let m = metrics();
     assert!(done, "layers not completed in the background:\n{m}\n{}", snap.log());
     let fetched = reg.blob_bytes_served() - before;
-    eprintln!("background fetch completed 4 layers: {fetched} bytes fetched for {image_bytes} bytes of layers (indexes and windows included)");
+    eprintln!(
+        "background fetch completed 4 layers: {fetched} bytes fetched for {image_bytes} bytes of layers (indexes and windows included)"
+    );
     // Every span once, plus the indexes and the zran windows (about 10% with 256 KiB spans).
     assert!(fetched >= image_bytes && fetched < image_bytes + image_bytes * 15 / 100, "{fetched} vs {image_bytes}");
     assert!(value(&m, "clip_snapshotter_registry_fetched_bytes_total{") >= image_bytes);
     // Everything is local: the registry can go away and every file still reads.
     reg.daemon_mut().stop();
-    let out = ctrd.ctr_run("t", &["run", "--rm", "--snapshotter", "clip", &reference, "bg1", "sh", "-c",
-        "python3 -c 'import numpy; print(7)' && find / -xdev -type f -exec cat {} + >/dev/null && echo all-read \
-         && find / -xdev -type f -size +1048575c | wc -l"])?;
+    let out = ctrd.ctr_run(
+        "t",
+        &[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "clip",
+            &reference,
+            "bg1",
+            "sh",
+            "-c",
+            "python3 -c 'import numpy; print(7)' && find / -xdev -type f -exec cat {} + >/dev/null && echo all-read \
+         && find / -xdev -type f -size +1048575c | wc -l",
+        ],
+    )?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("7") && stdout.contains("all-read"), "{stdout}");
     // Fully local files are opened with FUSE passthrough: the kernel reads them directly.
@@ -341,15 +411,34 @@ fn corrupted_spans_fail_reads_a_vanished_registry_recovers_and_a_restart_remount
     std::fs::create_dir_all(&d)?;
     std::fs::write(d.join("hosts.toml"), format!("server = \"http://{}\"\n", proxy.host()))?;
     let config = td.path().join("snapshotter.toml");
-    std::fs::write(&config, format!("[registry]\nhosts_dir = \"{}\"\n[lazy]\nbackground_fetch = false\n", hosts_dir.display()))?;
+    std::fs::write(
+        &config,
+        format!("[registry]\nhosts_dir = \"{}\"\n[lazy]\nbackground_fetch = false\n", hosts_dir.display()),
+    )?;
     let config = config.display().to_string();
     let mut snap = ClipSnapshotter::start(&td, "clip", &["--config", &config])?;
-    let ctrd = Containerd::start(&td, &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() })?;
+    let ctrd = Containerd::start(
+        &td,
+        &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() },
+    )?;
     let out = pull(&ctrd, &["--plain-http"], &reference)?;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     let py = |id: &str| -> Result<std::process::Output> {
-        Ok(ctrd.ctr("t").args(["run", "--rm", "--snapshotter", "clip", &reference, id, "python3", "-c", "import numpy; print(41+1)"]).output()?)
+        Ok(ctrd
+            .ctr("t")
+            .args([
+                "run",
+                "--rm",
+                "--snapshotter",
+                "clip",
+                &reference,
+                id,
+                "python3",
+                "-c",
+                "import numpy; print(41+1)",
+            ])
+            .output()?)
     };
     // Every blob answer has a flipped byte: reads fail with I/O errors; nothing wrong runs.
     proxy.set_mode(Fault::FlipByte);
@@ -402,14 +491,18 @@ fn pull_plain_http_reaches_the_daemons_requests_for_a_registry_that_is_not_loopb
     std::fs::write(&config, "[lazy]\nbackground_fetch = false\n")?;
     let config = config.display().to_string();
     let snap = ClipSnapshotter::start(&td, "clip", &["--config", &config])?;
-    let ctrd = Containerd::start(&td, &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() })?;
+    let ctrd = Containerd::start(
+        &td,
+        &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() },
+    )?;
     let out = pull(&ctrd, &["--plain-http"], &reference)?;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(report["lazy_layers"], 1, "{report}\n{}", snap.log());
     let recorded = std::fs::read_to_string(snap.root().join("plain-http-registries"))?;
     assert_eq!(recorded.trim(), reg.host(), "kept for restarts");
-    let out = ctrd.ctr_run("t", &["run", "--rm", "--snapshotter", "clip", &reference, "ns1", "sh", "-c", "ls /bin | wc -l"])?;
+    let out =
+        ctrd.ctr_run("t", &["run", "--rm", "--snapshotter", "clip", &reference, "ns1", "sh", "-c", "ls /bin | wc -l"])?;
     assert!(String::from_utf8_lossy(&out.stdout).trim().parse::<u32>().unwrap_or(0) > 100);
     ctrd.purge()?;
     drop(snap);

@@ -35,8 +35,20 @@ fn twenty_containers_from_four_images_start_at_once() -> Result<()> {
     let images = [
         (busybox.clone(), "busybox", "load/busybox", "sh -c 'echo ok-busybox'", "ok-busybox"),
         (python.clone(), "pyapp", "load/python", "python3 -c 'print(\"ok-python\")'", "ok-python"),
-        (derive_layout(&busybox, "busybox", &td.path().join("bb-variant"), "busybox variant\n")?, "busybox", "load/busybox-variant", "cat /variant.txt", "busybox variant"),
-        (derive_layout(&python, "pyapp", &td.path().join("py-variant"), "python variant\n")?, "pyapp", "load/python-variant", "sh -c 'cat /variant.txt; python3 -c \"import json\"'", "python variant"),
+        (
+            derive_layout(&busybox, "busybox", &td.path().join("bb-variant"), "busybox variant\n")?,
+            "busybox",
+            "load/busybox-variant",
+            "cat /variant.txt",
+            "busybox variant",
+        ),
+        (
+            derive_layout(&python, "pyapp", &td.path().join("py-variant"), "python variant\n")?,
+            "pyapp",
+            "load/python-variant",
+            "sh -c 'cat /variant.txt; python3 -c \"import json\"'",
+            "python variant",
+        ),
     ];
     let mut refs = Vec::new();
     for (layout, tag, repo, _, _) in &images {
@@ -50,11 +62,15 @@ fn twenty_containers_from_four_images_start_at_once() -> Result<()> {
     std::fs::write(&config, format!("[registry]\nhosts_dir = \"{}\"\n", hosts_dir.display()))?;
     let config = config.display().to_string();
     let snap = ClipSnapshotter::start(&td, "clip", &["--config", &config])?;
-    let ctrd = Containerd::start(&td, &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() })?;
+    let ctrd = Containerd::start(
+        &td,
+        &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() },
+    )?;
     let pid = snap.pid();
     let rss_before = proc_status_kb(pid, "VmRSS:");
 
-    let (peak_threads, peak_fds, done) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
+    let (peak_threads, peak_fds, done) =
+        (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
     let sampler = {
         let (t, f, d) = (peak_threads.clone(), peak_fds.clone(), done.clone());
         std::thread::spawn(move || {

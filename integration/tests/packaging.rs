@@ -16,10 +16,16 @@ fn repo_root() -> PathBuf {
 fn uncommented(text: &str) -> String {
     text.lines()
         .map(|l| match l.strip_prefix('#') {
-            Some(rest) if rest.starts_with('[') || !rest.starts_with(' ') && rest.split('=').next().is_some_and(|k| {
-                let k = k.trim();
-                !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '_') && rest.contains('=')
-            }) => rest.to_string(),
+            Some(rest)
+                if rest.starts_with('[')
+                    || !rest.starts_with(' ')
+                        && rest.split('=').next().is_some_and(|k| {
+                            let k = k.trim();
+                            !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '_') && rest.contains('=')
+                        }) =>
+            {
+                rest.to_string()
+            }
             _ => l.to_string(),
         })
         .collect::<Vec<_>>()
@@ -52,7 +58,11 @@ fn debian_packages_build_install_into_a_root_and_purge() -> Result<()> {
         // The binaries are those the test run built (packaging/build-debs.sh builds by itself).
         .args(["--profile", "dev", "--fast", "--no-build", "--out"])
         .arg(&out))?;
-    let debs: Vec<PathBuf> = std::fs::read_dir(&out)?.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "deb")).collect();
+    let debs: Vec<PathBuf> = std::fs::read_dir(&out)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "deb"))
+        .collect();
     assert_eq!(debs.len(), 2, "{debs:?}");
     for deb in &debs {
         let info = run_stdout(Command::new("dpkg-deb").arg("-I").arg(deb))?;
@@ -73,7 +83,10 @@ fn debian_packages_build_install_into_a_root_and_purge() -> Result<()> {
     std::fs::write(root.join("var/lib/dpkg/status"), "")?;
     std::fs::write(root.join("var/lib/dpkg/available"), "")?;
     let dpkg = |args: &[&str]| -> Result<()> {
-        run(Command::new("dpkg").arg(format!("--root={}", root.display())).args(["--force-script-chrootless", "--force-depends"]).args(args))?;
+        run(Command::new("dpkg")
+            .arg(format!("--root={}", root.display()))
+            .args(["--force-script-chrootless", "--force-depends"])
+            .args(args))?;
         Ok(())
     };
     let mut install = vec!["-i".to_string()];
@@ -102,7 +115,11 @@ fn debian_packages_build_install_into_a_root_and_purge() -> Result<()> {
     assert!(version.starts_with("clip-builder "), "{version}");
     clip_config::SnapshotterConfig::load(&root.join("etc/clip/snapshotter.toml"))?;
     clip_config::BuilderConfig::load(&root.join("etc/clip/builder.toml"))?;
-    let man = run_stdout(Command::new("sh").arg("-c").arg(format!("zcat {}", root.join("usr/share/man/man1/clip-snapshotter.1.gz").display())))?;
+    let man = run_stdout(
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("zcat {}", root.join("usr/share/man/man1/clip-snapshotter.1.gz").display())),
+    )?;
     assert!(man.contains(".SH") && man.contains("pull"), "{man}");
 
     // systemd-analyze verify on the installed unit, pointed at the installed binary.
@@ -115,7 +132,12 @@ fn debian_packages_build_install_into_a_root_and_purge() -> Result<()> {
     assert!(verify.status.success(), "systemd-analyze verify: {}", String::from_utf8_lossy(&verify.stderr));
 
     dpkg(&["-P", "clip-snapshotter", "clip-builder"])?;
-    for f in ["usr/bin/clip-snapshotter", "usr/bin/clip-builder", "etc/clip/snapshotter.toml", "lib/systemd/system/clip-snapshotter.service"] {
+    for f in [
+        "usr/bin/clip-snapshotter",
+        "usr/bin/clip-builder",
+        "etc/clip/snapshotter.toml",
+        "lib/systemd/system/clip-snapshotter.service",
+    ] {
         assert!(!root.join(f).exists(), "{f} left after purge");
     }
     Ok(())

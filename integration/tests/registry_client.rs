@@ -5,11 +5,11 @@
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use clip_config::LongTermCredentials;
-use clip_integration::snapshotter::workspace_binary;
 use clip_integration::fault_proxy::{Fault, FaultProxy};
 use clip_integration::http_stub::{HttpStub, StubResponse};
 use clip_integration::images::{TestImage, blob_path, layout_layers, layout_manifest};
 use clip_integration::registry::Registry;
+use clip_integration::snapshotter::workspace_binary;
 use clip_integration::token_service::TokenService;
 use clip_integration::{TestDir, require_root};
 use clip_registry::credentials::{BuildRegistryScope, ChainInputs, Credential, CredentialChain};
@@ -24,7 +24,12 @@ fn rt() -> tokio::runtime::Runtime {
 }
 
 /// Pushes an OCI layout's image with clip-registry itself (blob uploads + manifest PUT).
-async fn push_with_client(repo: &clip_registry::Repository, layout: &Path, tag: &str, dest_tag: &str) -> Result<String> {
+async fn push_with_client(
+    repo: &clip_registry::Repository,
+    layout: &Path,
+    tag: &str,
+    dest_tag: &str,
+) -> Result<String> {
     let manifest = layout_manifest(layout, tag)?;
     let mut digests = vec![manifest["config"]["digest"].as_str().context("config")?.to_string()];
     for l in manifest["layers"].as_array().context("layers")? {
@@ -35,9 +40,7 @@ async fn push_with_client(repo: &clip_registry::Repository, layout: &Path, tag: 
         assert_eq!(repo.push_blob(Bytes::from(bytes)).await?, d);
     }
     let bytes = serde_json::to_vec(&manifest)?;
-    Ok(repo
-        .put_manifest(dest_tag, clip_registry::api::OCI_MANIFEST, Bytes::from(bytes))
-        .await?)
+    Ok(repo.put_manifest(dest_tag, clip_registry::api::OCI_MANIFEST, Bytes::from(bytes)).await?)
 }
 
 /// Reads `n` pseudo-random ranges of `blob` (a local copy) through `repo` and compares.
@@ -107,7 +110,8 @@ fn basic_auth_over_tls_with_the_test_ca_and_clear_errors_for_wrong_passwords() -
         let bad = Credential::new(&tls.username, "WRONG-SENTINEL-PW");
 
         let chain = |inputs: ChainInputs| CredentialChain::for_image(&image, &inputs);
-        let repo = client.repository(&image, chain(ChainInputs { image_creds: Some(good.clone()), ..Default::default() }))?;
+        let repo =
+            client.repository(&image, chain(ChainInputs { image_creds: Some(good.clone()), ..Default::default() }))?;
         repo.get_image_manifest("latest", &Platform::default()).await?;
         check_ranges(&repo, &digest, &blob, 5, 3).await?;
 
@@ -124,7 +128,8 @@ fn basic_auth_over_tls_with_the_test_ca_and_clear_errors_for_wrong_passwords() -
         repo.get_blob_range(&digest, 0, 100).await?;
 
         // Only wrong creds: a clear error naming the registry and the sources, not the password.
-        let repo = client.repository(&image, chain(ChainInputs { image_creds: Some(bad.clone()), ..Default::default() }))?;
+        let repo =
+            client.repository(&image, chain(ChainInputs { image_creds: Some(bad.clone()), ..Default::default() }))?;
         let e = repo.get_manifest("latest").await.expect_err("wrong password");
         let msg = format!("{e} {e:?}");
         assert!(matches!(e, RegistryError::Unauthorized { .. }), "{msg}");
@@ -149,12 +154,14 @@ fn basic_auth_over_tls_with_the_test_ca_and_clear_errors_for_wrong_passwords() -
 /// A CA certificate that signed nothing here.
 fn other_ca(td: &TestDir) -> Result<std::path::PathBuf> {
     let (key, crt) = (td.path().join("other-ca.key"), td.path().join("other-ca.crt"));
-    clip_integration::run(std::process::Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3", "-subj", "/CN=127.0.0.1"])
-        .args(["-addext", "subjectAltName=IP:127.0.0.1", "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&crt))?;
+    clip_integration::run(
+        std::process::Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3", "-subj", "/CN=127.0.0.1"])
+            .args(["-addext", "subjectAltName=IP:127.0.0.1", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&crt),
+    )?;
     Ok(crt)
 }
 
@@ -171,7 +178,9 @@ fn a_self_signed_certificate_from_dockers_recipe_is_trusted_as_containerd_trusts
     let td = TestDir::new("regselfsigned")?;
     let reg = Registry::start_tls_auth_self_signed(&td, "selfsigned", "docs-user", "Docs-Pass-19")?;
     let cert = reg.tls().context("tls")?.ca_cert.clone();
-    let ca_true = clip_integration::run_stdout(std::process::Command::new("openssl").args(["x509", "-noout", "-ext", "basicConstraints", "-in"]).arg(&cert))?;
+    let ca_true = clip_integration::run_stdout(
+        std::process::Command::new("openssl").args(["x509", "-noout", "-ext", "basicConstraints", "-in"]).arg(&cert),
+    )?;
     assert!(ca_true.contains("CA:TRUE"), "the recipe's certificate is a CA: {ca_true}");
     let reference = reg.push_layout(&TestImage::Busybox.layout()?, "busybox", "team/busybox", "latest")?;
     let hosts = td.sub("certs.d")?;
@@ -179,12 +188,14 @@ fn a_self_signed_certificate_from_dockers_recipe_is_trusted_as_containerd_trusts
     let creds = td.path().join("creds");
     std::fs::write(&creds, "docs-user:Docs-Pass-19\n")?;
     // The failing case of before: clip-builder's registry client refused it (CaUsedAsEndEntity).
-    clip_integration::run(std::process::Command::new(workspace_binary("clip-builder")?)
-        .args(["index", "--hosts-dir"])
-        .arg(&hosts)
-        .arg("--creds-file")
-        .arg(&creds)
-        .arg(&reference))?;
+    clip_integration::run(
+        std::process::Command::new(workspace_binary("clip-builder")?)
+            .args(["index", "--hosts-dir"])
+            .arg(&hosts)
+            .arg("--creds-file")
+            .arg(&creds)
+            .arg(&reference),
+    )?;
     // Another certificate configured instead: refused.
     let other = td.sub("certs.d-other")?;
     write_hosts_with_ca(&other, reg.host(), &other_ca(&td)?)?;
@@ -262,7 +273,11 @@ fn injected_5xx_resets_and_truncated_bodies_are_survived() -> Result<()> {
         assert_eq!(&whole[..], &blob[..]);
         anyhow::Ok(())
     })?;
-    eprintln!("{} faults injected over {} connections, every read correct", proxy.faults_injected(), proxy.connections());
+    eprintln!(
+        "{} faults injected over {} connections, every read correct",
+        proxy.faults_injected(),
+        proxy.connections()
+    );
     assert!(proxy.faults_injected() >= 30);
     // A byte flipped in transit is caught by digest verification of a whole blob.
     proxy.set_mode(Fault::FlipByte);
@@ -287,7 +302,10 @@ fn fake_ecr(ttl_s: u64, calls: Arc<AtomicU64>, seen: Arc<Mutex<Vec<String>>>) ->
             || !auth.starts_with("AWS4-HMAC-SHA256 Credential=AKIATESTKEY/")
             || !auth.contains("/eu-west-1/ecr/aws4_request")
         {
-            return StubResponse::json(400, &serde_json::json!({"__type": "UnrecognizedClientException", "message": "bad request"}));
+            return StubResponse::json(
+                400,
+                &serde_json::json!({"__type": "UnrecognizedClientException", "message": "bad request"}),
+            );
         }
         let n = calls.fetch_add(1, Ordering::SeqCst);
         use base64::Engine;
@@ -354,17 +372,26 @@ fn fake_gcp(ttl_s: u64, calls: Arc<AtomicU64>) -> Result<HttpStub> {
             base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(c).ok()
         });
         let claims: serde_json::Value = claims.and_then(|c| serde_json::from_slice(&c).ok()).unwrap_or_default();
-        if claims["iss"] != "clip-test@clip-test.iam.gserviceaccount.com" || !claims["scope"].as_str().unwrap_or("").contains("cloud-platform") {
+        if claims["iss"] != "clip-test@clip-test.iam.gserviceaccount.com"
+            || !claims["scope"].as_str().unwrap_or("").contains("cloud-platform")
+        {
             return StubResponse::json(400, &serde_json::json!({"error": "invalid_grant"}));
         }
         let n = calls.fetch_add(1, Ordering::SeqCst);
-        StubResponse::json(200, &serde_json::json!({"access_token": format!("ya29.test-{n}"), "expires_in": ttl_s, "token_type": "Bearer"}))
+        StubResponse::json(
+            200,
+            &serde_json::json!({"access_token": format!("ya29.test-{n}"), "expires_in": ttl_s, "token_type": "Bearer"}),
+        )
     })
 }
 
 fn write_service_account(dir: &Path, token_uri: &str) -> Result<std::path::PathBuf> {
     let key = dir.join("sa.key");
-    clip_integration::run(std::process::Command::new("openssl").args(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out"]).arg(&key))?;
+    clip_integration::run(
+        std::process::Command::new("openssl")
+            .args(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out"])
+            .arg(&key),
+    )?;
     let pem = std::fs::read_to_string(&key)?;
     let sa = serde_json::json!({
         "type": "service_account", "project_id": "clip-test", "private_key_id": "k1",
@@ -494,7 +521,13 @@ fn publishing_an_artifact_with_a_subject_is_found_through_the_referrers_fallback
         });
         let bytes = serde_json::to_vec(&artifact)?;
         let size = bytes.len();
-        let digest = repo.put_manifest(&clip_registry::api::sha256_digest(&bytes), clip_registry::api::OCI_MANIFEST, Bytes::from(bytes)).await?;
+        let digest = repo
+            .put_manifest(
+                &clip_registry::api::sha256_digest(&bytes),
+                clip_registry::api::OCI_MANIFEST,
+                Bytes::from(bytes),
+            )
+            .await?;
         let desc: oci_descriptor::Descriptor = serde_json::from_value(serde_json::json!({
             "mediaType": clip_registry::api::OCI_MANIFEST, "digest": digest, "size": size,
             "artifactType": "application/vnd.clip.index.v1"

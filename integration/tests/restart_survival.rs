@@ -6,8 +6,8 @@
 
 use anyhow::{Context, Result};
 use clip_integration::containerd::{Containerd, ContainerdOptions};
-use clip_integration::images::{TestImage, file_digests_under};
 use clip_integration::fault_proxy::{Fault, FaultProxy};
+use clip_integration::images::{TestImage, file_digests_under};
 use clip_integration::registry::Registry;
 use clip_integration::snapshotter::{ClipSnapshotter, workspace_binary};
 use clip_integration::{TestDir, require_root, run, wait_until};
@@ -40,10 +40,19 @@ fn a_reading_container_survives_sigkill_and_restart_of_the_snapshotter() -> Resu
     std::fs::write(d.join("hosts.toml"), format!("server = \"http://{}\"\n", proxy.host()))?;
     let config = td.path().join("snapshotter.toml");
     // No background fetch: every file the container reads after the kill is fetched then.
-    std::fs::write(&config, format!("[registry]\nhosts_dir = \"{}\"\n[lazy]\nbackground_fetch = false\npassthrough = true\n", hosts_dir.display()))?;
+    std::fs::write(
+        &config,
+        format!(
+            "[registry]\nhosts_dir = \"{}\"\n[lazy]\nbackground_fetch = false\npassthrough = true\n",
+            hosts_dir.display()
+        ),
+    )?;
     let config = config.display().to_string();
     let mut snap = ClipSnapshotter::start(&td, "clip", &["--config", &config])?;
-    let ctrd = Containerd::start(&td, &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() })?;
+    let ctrd = Containerd::start(
+        &td,
+        &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() },
+    )?;
     let pulled = run(Command::new(workspace_binary("clip-snapshotter")?)
         .args(["pull", "--plain-http", "-n", "t", "--containerd-address"])
         .arg(ctrd.socket())
@@ -62,7 +71,11 @@ fn a_reading_container_survives_sigkill_and_restart_of_the_snapshotter() -> Resu
         .stdout(std::fs::File::create(&out_path)?)
         .stderr(Stdio::piped())
         .spawn()?;
-    assert!(wait_until(Duration::from_secs(60), || output_lines(&out_path).len() >= 50), "the reader did not start:\n{}", snap.log());
+    assert!(
+        wait_until(Duration::from_secs(60), || output_lines(&out_path).len() >= 50),
+        "the reader did not start:\n{}",
+        snap.log()
+    );
 
     // SIGKILL mid-read; the reader blocks in a FUSE read until the new daemon answers it.
     snap.kill();
@@ -76,7 +89,11 @@ fn a_reading_container_survives_sigkill_and_restart_of_the_snapshotter() -> Resu
     assert_eq!(reattached(&log), 4, "{log}");
 
     // Midway, a graceful stop and start: the same.
-    assert!(wait_until(Duration::from_secs(120), || output_lines(&out_path).len() >= at_kill + 300), "no progress after the restart:\n{}", snap.log());
+    assert!(
+        wait_until(Duration::from_secs(120), || output_lines(&out_path).len() >= at_kill + 300),
+        "no progress after the restart:\n{}",
+        snap.log()
+    );
     snap.stop()?;
     std::thread::sleep(Duration::from_secs(1));
     snap.restart()?;
@@ -131,7 +148,20 @@ fn a_reading_container_survives_sigkill_and_restart_of_the_snapshotter() -> Resu
         ctrd.ctr("t").args(["snapshots", "--snapshotter", "clip", "ls"]).output().is_ok_and(|o| o.status.success())
     });
     assert!(reconnected);
-    let out = ctrd.ctr_run("t", &["run", "--rm", "--snapshotter", "clip", &reference, "after-reboot", "python3", "-c", "import numpy; print(42)"])?;
+    let out = ctrd.ctr_run(
+        "t",
+        &[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "clip",
+            &reference,
+            "after-reboot",
+            "python3",
+            "-c",
+            "import numpy; print(42)",
+        ],
+    )?;
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
 
     // Lost indexes are fetched again at the next start.
@@ -169,7 +199,20 @@ fn a_reading_container_survives_sigkill_and_restart_of_the_snapshotter() -> Resu
         .arg(ctrd.socket())
         .arg(&reference))?;
     let out = ctrd
-        .ctr_run("t", &["run", "--rm", "--snapshotter", "clip", &reference, "after-repull", "python3", "-c", "import numpy; print(43)"])
+        .ctr_run(
+            "t",
+            &[
+                "run",
+                "--rm",
+                "--snapshotter",
+                "clip",
+                &reference,
+                "after-repull",
+                "python3",
+                "-c",
+                "import numpy; print(43)",
+            ],
+        )
         .with_context(|| format!("after the repull:\n{}", snap.log()))?;
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "43");
     let log = snap.log();

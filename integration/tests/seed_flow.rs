@@ -87,7 +87,10 @@ fn a_built_image_runs_lazily_and_keeps_reading_after_its_build_token_expired() -
     )?;
     let snap_config = snap_config.display().to_string();
     let snap = ClipSnapshotter::start(&td, "clip", &["--config", &snap_config])?;
-    let ctrd = Containerd::start(&td, &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() })?;
+    let ctrd = Containerd::start(
+        &td,
+        &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() },
+    )?;
     let out = run(Command::new(workspace_binary("clip-snapshotter")?)
         .args(["pull", "--json", "--plain-http", "-n", "t", "--hosts-dir"])
         .arg(&hosts_dir)
@@ -110,11 +113,17 @@ fn a_built_image_runs_lazily_and_keeps_reading_after_its_build_token_expired() -
     assert!(!(ecr.checker())("AWS", token.trim_start_matches("AWS:")), "the token should have expired");
 
     // 5. Files never fetched (numpy) still read: the snapshotter mints its own token.
-    let out = ctrd.ctr_run("t", &["run", "--rm", "--snapshotter", "clip", &target, "second", "python3", "-c", "import numpy; print(42)"])?;
+    let out = ctrd.ctr_run(
+        "t",
+        &["run", "--rm", "--snapshotter", "clip", &target, "second", "python3", "-c", "import numpy; print(42)"],
+    )?;
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
     assert!(ecr.calls.load(std::sync::atomic::Ordering::SeqCst) > ecr_calls_before, "the snapshotter minted nothing");
     let log = snap.log();
-    assert!(log.contains("using build registry credentials for image access (image was built and pushed by us)"), "{log}");
+    assert!(
+        log.contains("using build registry credentials for image access (image was built and pushed by us)"),
+        "{log}"
+    );
     assert!(log.contains("using a build registry token minted from the configured long-term credentials"), "{log}");
     for (what, text) in [("snapshotter log", &log), ("build output", &build_log), ("containerd log", &ctrd.log())] {
         assert!(!text.contains("ecr-password-"), "a token in the {what}");

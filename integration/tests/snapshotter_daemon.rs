@@ -85,22 +85,12 @@ async fn storm_worker(
         let view = rng.below(5) == 0;
         let created = if view {
             client
-                .view(api::ViewSnapshotRequest {
-                    snapshotter: "clip".into(),
-                    key: key.clone(),
-                    parent,
-                    labels,
-                })
+                .view(api::ViewSnapshotRequest { snapshotter: "clip".into(), key: key.clone(), parent, labels })
                 .await
                 .map(|_| ())
         } else {
             client
-                .prepare(api::PrepareSnapshotRequest {
-                    snapshotter: "clip".into(),
-                    key: key.clone(),
-                    parent,
-                    labels,
-                })
+                .prepare(api::PrepareSnapshotRequest { snapshotter: "clip".into(), key: key.clone(), parent, labels })
                 .await
                 .map(|_| ())
         };
@@ -139,13 +129,7 @@ async fn storm_worker(
             committed.lock().expect("lock").push(name);
         } else if action == 1 {
             ledger.lock().expect("lock").touch(&key);
-            if client
-                .remove(api::RemoveSnapshotRequest {
-                    snapshotter: "clip".into(),
-                    key: key.clone(),
-                })
-                .await
-                .is_err()
+            if client.remove(api::RemoveSnapshotRequest { snapshotter: "clip".into(), key: key.clone() }).await.is_err()
             {
                 return;
             }
@@ -163,13 +147,7 @@ async fn storm_worker(
                 c[rng.below(c.len() as u64) as usize].clone()
             };
             ledger.lock().expect("lock").touch(&victim);
-            match client
-                .remove(api::RemoveSnapshotRequest {
-                    snapshotter: "clip".into(),
-                    key: victim.clone(),
-                })
-                .await
-            {
+            match client.remove(api::RemoveSnapshotRequest { snapshotter: "clip".into(), key: victim.clone() }).await {
                 Ok(_) => {
                     committed.lock().expect("lock").retain(|c| c != &victim);
                     let mut l = ledger.lock().expect("lock");
@@ -186,13 +164,8 @@ async fn storm_worker(
 }
 
 async fn walk_all(client: &mut SnapshotsClient<Channel>) -> Result<Vec<api::Info>> {
-    let mut stream = client
-        .list(api::ListSnapshotsRequest {
-            snapshotter: "clip".into(),
-            filters: vec![],
-        })
-        .await?
-        .into_inner();
+    let mut stream =
+        client.list(api::ListSnapshotsRequest { snapshotter: "clip".into(), filters: vec![] }).await?.into_inner();
     let mut out = Vec::new();
     while let Some(msg) = stream.message().await? {
         out.extend(msg.info);
@@ -208,9 +181,7 @@ fn sigkill_during_a_storm_of_calls_leaves_consistent_metadata_and_no_orphans() -
     let rt = tokio::runtime::Runtime::new()?;
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let committed = Arc::new(Mutex::new(Vec::<String>::new()));
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_nanos() as u64;
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as u64;
     eprintln!("storm seed {seed}");
     let mut rng = Rng(seed | 1);
     let mut orphans_seen = 0usize;
@@ -244,10 +215,7 @@ fn sigkill_during_a_storm_of_calls_leaves_consistent_metadata_and_no_orphans() -
         let on_disk = snapshot_dir_entries(&root)?;
         orphans_seen += on_disk.iter().filter(|e| !e.parse().is_ok_and(|id| live.contains(&id))).count();
         for id in &live {
-            assert!(
-                root.join(format!("snapshots/{id}/fs")).is_dir(),
-                "round {round}: snapshot {id} has no directory"
-            );
+            assert!(root.join(format!("snapshots/{id}/fs")).is_dir(), "round {round}: snapshot {id} has no directory");
         }
         drop(store);
 
@@ -266,10 +234,7 @@ fn sigkill_during_a_storm_of_calls_leaves_consistent_metadata_and_no_orphans() -
             for info in &infos {
                 if info.kind != 3 {
                     let m = client
-                        .mounts(api::MountsRequest {
-                            snapshotter: "clip".into(),
-                            key: info.name.clone(),
-                        })
+                        .mounts(api::MountsRequest { snapshotter: "clip".into(), key: info.name.clone() })
                         .await?
                         .into_inner();
                     assert!(!m.mounts.is_empty());
@@ -353,10 +318,7 @@ fn socket_contract_signals_and_metrics() -> Result<()> {
         anyhow::Ok(())
     })?;
     let metrics = run_stdout(Command::new("curl").args(["-sf", &format!("http://127.0.0.1:{port}/metrics")]))?;
-    assert!(
-        metrics.contains(r#"clip_snapshotter_grpc_calls_total{method="prepare",code="OK"} 1"#),
-        "{metrics}"
-    );
+    assert!(metrics.contains(r#"clip_snapshotter_grpc_calls_total{method="prepare",code="OK"} 1"#), "{metrics}");
     assert!(metrics.contains(r#"clip_snapshotter_grpc_calls_total{method="stat",code="NotFound"} 1"#));
     assert!(metrics.contains("clip_snapshotter_grpc_call_seconds_bucket"));
     // JSON logs, one object per line.
@@ -405,9 +367,7 @@ fn ctr_pulls_and_runs_images_on_clip_with_the_same_rootfs_as_overlayfs() -> Resu
         reg.push_layout(&layout, tag, repo, "latest")?;
         let reference = format!("{}/{repo}:latest", reg.host());
         for snapshotter in ["overlayfs", "clip"] {
-            run(ctrd
-                .ctr("t")
-                .args(["images", "pull", "--plain-http", "--snapshotter", snapshotter, &reference]))?;
+            run(ctrd.ctr("t").args(["images", "pull", "--plain-http", "--snapshotter", snapshotter, &reference]))?;
         }
         let mut args = vec!["run", "--rm", "--snapshotter", "clip", reference.as_str(), "c1"];
         args.extend(cmd.iter().copied());

@@ -50,11 +50,7 @@ impl Default for Platform {
             "x86" => "386",
             other => other,
         };
-        Self {
-            os: "linux".into(),
-            architecture: architecture.into(),
-            variant: None,
-        }
+        Self { os: "linux".into(), architecture: architecture.into(), variant: None }
     }
 }
 
@@ -65,11 +61,7 @@ impl Platform {
         let os = parts.next().filter(|p| !p.is_empty())?.to_string();
         let architecture = parts.next().filter(|p| !p.is_empty())?.to_string();
         let variant = parts.next().map(ToString::to_string);
-        Some(Self {
-            os,
-            architecture,
-            variant,
-        })
+        Some(Self { os, architecture, variant })
     }
 }
 
@@ -100,10 +92,7 @@ impl Repository {
     }
 
     fn not_found(&self, what: String) -> RegistryError {
-        RegistryError::NotFound {
-            registry: self.image.registry.clone(),
-            what,
-        }
+        RegistryError::NotFound { registry: self.image.registry.clone(), what }
     }
 
     async fn body(&self, resp: reqwest::Response, what: &str, limit: usize) -> Result<Bytes> {
@@ -153,19 +142,20 @@ impl Repository {
             .media_type
             .or(header_type.filter(|t| t.contains("manifest") || t.contains("index")))
             .unwrap_or_else(|| if probe.manifests.is_some() { OCI_INDEX } else { OCI_MANIFEST }.to_string());
-        Ok(FetchedManifest {
-            bytes,
-            media_type,
-            digest,
-        })
+        Ok(FetchedManifest { bytes, media_type, digest })
     }
 
     /// The image manifest for `platform`: the manifest itself, or the matching entry of an
     /// index.
-    pub async fn get_image_manifest(&self, reference: &str, platform: &Platform) -> Result<(FetchedManifest, ImageManifest)> {
+    pub async fn get_image_manifest(
+        &self,
+        reference: &str,
+        platform: &Platform,
+    ) -> Result<(FetchedManifest, ImageManifest)> {
         let mut fetched = self.get_manifest(reference).await?;
         if fetched.is_index() {
-            let index: ImageIndex = serde_json::from_slice(&fetched.bytes).map_err(|e| self.bad("index", e.to_string()))?;
+            let index: ImageIndex =
+                serde_json::from_slice(&fetched.bytes).map_err(|e| self.bad("index", e.to_string()))?;
             let chosen = select_platform(index.manifests(), platform).ok_or_else(|| {
                 self.not_found(format!(
                     "manifest for platform {}/{} in {reference}",
@@ -186,16 +176,8 @@ impl Repository {
         if resp.status() == StatusCode::NOT_FOUND {
             return Ok(None);
         }
-        let digest = resp
-            .headers()
-            .get("docker-content-digest")
-            .and_then(|v| v.to_str().ok())
-            .map(ToString::to_string);
-        let size = resp
-            .headers()
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse().ok())
-            .unwrap_or(0);
+        let digest = resp.headers().get("docker-content-digest").and_then(|v| v.to_str().ok()).map(ToString::to_string);
+        let size = resp.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(0);
         match digest {
             Some(d) => Ok(Some((d, size))),
             None => Ok(Some((self.get_manifest(reference).await?.digest, size))),
@@ -236,7 +218,8 @@ impl Repository {
     }
 
     async fn get_blob_range_once(&self, digest: &str, start: u64, end: u64) -> Result<Bytes> {
-        let mut op = Op::new(Method::GET, format!("blobs/{digest}")).header(RANGE, format!("bytes={start}-{}", end - 1));
+        let mut op =
+            Op::new(Method::GET, format!("blobs/{digest}")).header(RANGE, format!("bytes={start}-{}", end - 1));
         op.redirect_key = Some(digest.to_string());
         let resp = self.send(&op).await?;
         let want = (end - start) as usize;
@@ -254,11 +237,8 @@ impl Repository {
                 end,
             }),
             StatusCode::PARTIAL_CONTENT => {
-                let range = resp
-                    .headers()
-                    .get(CONTENT_RANGE)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(parse_content_range);
+                let range =
+                    resp.headers().get(CONTENT_RANGE).and_then(|v| v.to_str().ok()).and_then(parse_content_range);
                 if let Some((s, e)) = range {
                     if s != start || e + 1 > end || e < s {
                         return Err(self.bad("Content-Range", format!("asked {start}-{}, got {s}-{e}", end - 1)));
@@ -314,8 +294,7 @@ impl Repository {
         let base = resp.url().clone();
         let mut url = base.join(&location).map_err(|e| self.bad("upload Location", e.to_string()))?;
         url.query_pairs_mut().append_pair("digest", &digest);
-        let mut put = Op::new(Method::PUT, "blobs/uploads/(location)")
-            .header(CONTENT_TYPE, "application/octet-stream");
+        let mut put = Op::new(Method::PUT, "blobs/uploads/(location)").header(CONTENT_TYPE, "application/octet-stream");
         put.absolute_url = Some(url.to_string());
         put.body = Some(bytes);
         put.push = true;
@@ -352,17 +331,16 @@ impl Repository {
         let (resp, fallback) = tokio::join!(self.send(&op), self.get_manifest(&tag));
         let resp = resp?;
         let index = if resp.status().is_success()
-            && resp
-                .headers()
-                .get(CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|t| t.starts_with(OCI_INDEX))
+            && resp.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|t| t.starts_with(OCI_INDEX))
         {
             let bytes = self.body(resp, "referrers", MAX_MANIFEST).await?;
             Some(serde_json::from_slice::<ImageIndex>(&bytes).map_err(|e| self.bad("referrers", e.to_string()))?)
         } else {
             match fallback {
-                Ok(m) => Some(serde_json::from_slice::<ImageIndex>(&m.bytes).map_err(|e| self.bad("referrers tag", e.to_string()))?),
+                Ok(m) => Some(
+                    serde_json::from_slice::<ImageIndex>(&m.bytes)
+                        .map_err(|e| self.bad("referrers tag", e.to_string()))?,
+                ),
                 Err(RegistryError::NotFound { .. }) => None,
                 Err(e) => return Err(e),
             }
@@ -373,9 +351,7 @@ impl Repository {
         Ok(index
             .manifests()
             .iter()
-            .filter(|d| {
-                artifact_type.is_none_or(|t| d.artifact_type().as_ref().is_some_and(|a| a.to_string() == t))
-            })
+            .filter(|d| artifact_type.is_none_or(|t| d.artifact_type().as_ref().is_some_and(|a| a.to_string() == t)))
             .cloned()
             .collect())
     }

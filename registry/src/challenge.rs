@@ -6,11 +6,7 @@ use std::collections::BTreeMap;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Challenge {
     Basic,
-    Bearer {
-        realm: String,
-        service: Option<String>,
-        scope: Option<String>,
-    },
+    Bearer { realm: String, service: Option<String>, scope: Option<String> },
 }
 
 /// Parses the first challenge we understand; `None` for an unknown scheme or garbage.
@@ -22,11 +18,7 @@ pub fn parse(header: &str) -> Option<Challenge> {
         "bearer" => {
             let mut params = params(rest);
             let realm = params.remove("realm")?;
-            Some(Challenge::Bearer {
-                realm,
-                service: params.remove("service"),
-                scope: params.remove("scope"),
-            })
+            Some(Challenge::Bearer { realm, service: params.remove("service"), scope: params.remove("scope") })
         }
         _ => None,
     }
@@ -83,7 +75,9 @@ mod tests {
 
     #[test]
     fn bearer_and_basic() {
-        let c = parse(r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull,push""#);
+        let c = parse(
+            r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull,push""#,
+        );
         assert_eq!(
             c,
             Some(Challenge::Bearer {

@@ -28,10 +28,7 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        Self {
-            retries: 4,
-            base_delay: Duration::from_millis(100),
-        }
+        Self { retries: 4, base_delay: Duration::from_millis(100) }
     }
 }
 
@@ -45,10 +42,7 @@ pub struct Timeouts {
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Self {
-            connect: Duration::from_secs(10),
-            request: Duration::from_secs(60),
-        }
+        Self { connect: Duration::from_secs(10), request: Duration::from_secs(60) }
     }
 }
 
@@ -123,11 +117,8 @@ impl RegistryClient {
         if !endpoint.http_fallback || !e.is_connect() || is_unreachable(e) {
             return false;
         }
-        let first = self
-            .plain_hosts
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(endpoint.host.clone());
+        let first =
+            self.plain_hosts.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(endpoint.host.clone());
         if first {
             tracing::info!(registry = %endpoint.host, "loopback registry does not speak TLS; using plain HTTP");
         }
@@ -136,10 +127,7 @@ impl RegistryClient {
 
     fn http(&self, endpoint: &Endpoint) -> Result<reqwest::Client> {
         let key = endpoint.tls_key();
-        let mut clients = self
-            .clients
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut clients = self.clients.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(c) = clients.get(&key) {
             return Ok(c.clone());
         }
@@ -328,11 +316,8 @@ impl Repository {
             if status != StatusCode::UNAUTHORIZED && status != StatusCode::FORBIDDEN {
                 return check_status(resp, self.registry(), op).await;
             }
-            let fresh_challenge = resp
-                .headers()
-                .get(WWW_AUTHENTICATE)
-                .and_then(|v| v.to_str().ok())
-                .and_then(challenge::parse);
+            let fresh_challenge =
+                resp.headers().get(WWW_AUTHENTICATE).and_then(|v| v.to_str().ok()).and_then(challenge::parse);
             let mut state = self.auth.lock().await;
             if state.generation != generation {
                 continue; // another request re-authenticated meanwhile; use its result
@@ -371,32 +356,22 @@ impl Repository {
             if !tried.contains(&candidate.source()) {
                 tried.push(candidate.source());
             }
-            self.authenticate(&mut state, endpoint, &candidate, challenge, refresh)
-                .await?;
+            self.authenticate(&mut state, endpoint, &candidate, challenge, refresh).await?;
         }
     }
 
     /// The cached `Authorization` for `endpoint`, renewed first when its token expired.
     async fn current_auth(&self, endpoint: &Endpoint) -> Result<(Option<Secret>, u64)> {
         let mut state = self.auth.lock().await;
-        let expired = state
-            .headers
-            .get(&endpoint.host)
-            .is_some_and(|a| a.expires.is_some_and(|e| Instant::now() >= e));
+        let expired = state.headers.get(&endpoint.host).is_some_and(|a| a.expires.is_some_and(|e| Instant::now() >= e));
         if expired {
             let challenge = state.headers.get(&endpoint.host).map(|a| a.challenge.clone());
-            if let (Some(challenge), Some(candidate)) =
-                (challenge, self.chain.candidates.get(state.candidate).cloned())
+            if let (Some(challenge), Some(candidate)) = (challenge, self.chain.candidates.get(state.candidate).cloned())
             {
-                self.authenticate(&mut state, endpoint, &candidate, challenge, false)
-                    .await?;
+                self.authenticate(&mut state, endpoint, &candidate, challenge, false).await?;
             }
         }
-        let value = state
-            .headers
-            .get(&endpoint.host)
-            .map(|a| a.value.clone())
-            .filter(|v| !v.expose().is_empty());
+        let value = state.headers.get(&endpoint.host).map(|a| a.value.clone()).filter(|v| !v.expose().is_empty());
         Ok((value, state.generation))
     }
 
@@ -419,25 +394,14 @@ impl Repository {
                 Some(c) => (Secret::new(c.basic_header()), None),
                 None => (Secret::new(""), None),
             },
-            Challenge::Bearer {
-                realm,
-                service,
-                scope,
-            } => {
+            Challenge::Bearer { realm, service, scope } => {
                 let (token, expires) = self
                     .fetch_token(endpoint, realm, service.as_deref(), scope.as_deref(), credential.as_ref())
                     .await?;
                 (Secret::new(format!("Bearer {}", token.expose())), expires)
             }
         };
-        state.headers.insert(
-            endpoint.host.clone(),
-            CachedAuth {
-                value,
-                expires,
-                challenge,
-            },
-        );
+        state.headers.insert(endpoint.host.clone(), CachedAuth { value, expires, challenge });
         state.generation += 1;
         Ok(())
     }
@@ -509,9 +473,9 @@ impl Repository {
     }
 
     fn url(&self, endpoint: &Endpoint, op: &Op) -> String {
-        op.absolute_url.clone().unwrap_or_else(|| {
-            format!("{}/{}/{}", self.client.api_base(endpoint), self.image.repository, op.path)
-        })
+        op.absolute_url
+            .clone()
+            .unwrap_or_else(|| format!("{}/{}/{}", self.client.api_base(endpoint), self.image.repository, op.path))
     }
 
     /// One HTTP exchange, following redirects without credentials.
@@ -535,10 +499,7 @@ impl Repository {
                 match resp {
                     Ok(r) if r.status().is_success() => return Ok(r),
                     _ => {
-                        self.redirects
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .remove(key);
+                        self.redirects.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(key);
                     }
                 }
             }
@@ -563,7 +524,11 @@ impl Repository {
         };
         let mut current = url;
         for _ in 0..5 {
-            if !resp.status().is_redirection() || op.method == Method::PUT || op.method == Method::POST || op.method == Method::PATCH {
+            if !resp.status().is_redirection()
+                || op.method == Method::PUT
+                || op.method == Method::POST
+                || op.method == Method::PATCH
+            {
                 return Ok(resp);
             }
             let Some(location) = resp.headers().get(LOCATION).and_then(|l| l.to_str().ok()) else {
@@ -578,11 +543,8 @@ impl Repository {
                 })?
                 .to_string();
             // Never forward Authorization to another host (object stores, CDNs).
-            resp = self
-                .plain_request(&http, op, &next)
-                .send()
-                .await
-                .map_err(|e| transport("redirected request", &e))?;
+            resp =
+                self.plain_request(&http, op, &next).send().await.map_err(|e| transport("redirected request", &e))?;
             if resp.status().is_success() {
                 if let Some(key) = &op.redirect_key {
                     self.redirects
@@ -632,10 +594,9 @@ pub(crate) fn backoff(base: Duration, attempt: u32) -> Duration {
     let exp = base.saturating_mul(1 << attempt.min(10));
     let capped = exp.min(Duration::from_secs(5));
     // Jitter of up to 25 % from the clock's sub-second noise (no RNG needed).
-    let noise = u64::from(std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .subsec_nanos()) % 250;
+    let noise = u64::from(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos(),
+    ) % 250;
     capped + capped.mul_f64(noise as f64 / 1000.0)
 }
 
@@ -658,7 +619,10 @@ fn is_unreachable(e: &reqwest::Error) -> bool {
     while let Some(err) = source {
         if let Some(io) = err.downcast_ref::<std::io::Error>() {
             use std::io::ErrorKind::*;
-            if matches!(io.kind(), ConnectionRefused | HostUnreachable | NetworkUnreachable | TimedOut | AddrNotAvailable) {
+            if matches!(
+                io.kind(),
+                ConnectionRefused | HostUnreachable | NetworkUnreachable | TimedOut | AddrNotAvailable
+            ) {
                 return true;
             }
         }
@@ -690,7 +654,8 @@ mod tests {
 
     #[test]
     fn a_loopback_registry_that_is_down_is_not_taken_for_a_plain_http_one() {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port");
+        let port =
+            std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port");
         let registry = format!("127.0.0.1:{port}");
         let policy = RetryPolicy { retries: 0, base_delay: Duration::from_millis(1) };
         let client = RegistryClient::with_policy(HostsConfig::default(), policy, Timeouts::default());

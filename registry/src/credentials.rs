@@ -28,10 +28,7 @@ impl std::fmt::Debug for Credential {
 
 impl Credential {
     pub fn new(username: impl Into<String>, password: impl Into<String>) -> Self {
-        Self {
-            username: username.into(),
-            password: Secret::new(password),
-        }
+        Self { username: username.into(), password: Secret::new(password) }
     }
 
     /// Parses `username:password` (split at the first `:`; the password may contain more).
@@ -122,10 +119,7 @@ impl BuildRegistryScope {
         let p = &self.repository_prefix;
         p.is_empty()
             || image.repository == *p
-            || image
-                .repository
-                .strip_prefix(p.as_str())
-                .is_some_and(|rest| rest.starts_with('/'))
+            || image.repository.strip_prefix(p.as_str()).is_some_and(|rest| rest.starts_with('/'))
     }
 }
 
@@ -185,9 +179,7 @@ pub struct CredentialChain {
 impl CredentialChain {
     /// Only anonymous access.
     pub fn anonymous() -> Self {
-        Self {
-            candidates: vec![Candidate::Anonymous],
-        }
+        Self { candidates: vec![Candidate::Anonymous] }
     }
 
     pub fn for_image(image: &Reference, inputs: &ChainInputs) -> Self {
@@ -201,10 +193,7 @@ impl CredentialChain {
         if let Some(c) = &inputs.source_image_creds {
             candidates.push(Candidate::Static(Source::SourceImageCreds, c.clone()));
         }
-        let in_build_registry = inputs
-            .build_registry
-            .as_ref()
-            .is_some_and(|b| b.covers(image));
+        let in_build_registry = inputs.build_registry.as_ref().is_some_and(|b| b.covers(image));
         if in_build_registry {
             if let Some(c) = &inputs.build_registry_creds {
                 candidates.push(Candidate::Static(Source::BuildRegistryCreds, c.clone()));
@@ -222,10 +211,7 @@ impl CredentialChain {
 }
 
 /// Docker's `config.json` (`$DOCKER_CONFIG` or `~/.docker`), with credential helpers.
-async fn docker_config_credential(
-    registry: &str,
-    path: Option<std::path::PathBuf>,
-) -> Result<Option<Credential>> {
+async fn docker_config_credential(registry: &str, path: Option<std::path::PathBuf>) -> Result<Option<Credential>> {
     let server = if registry == crate::reference::DOCKER_HUB {
         "https://index.docker.io/v1/".to_string()
     } else {
@@ -234,20 +220,13 @@ async fn docker_config_credential(
     let result = tokio::task::spawn_blocking(move || match path {
         Some(p) => std::fs::File::open(&p)
             .map_err(|_| docker_credential::CredentialRetrievalError::ConfigReadError)
-            .and_then(|f| {
-                docker_credential::get_credential_from_reader(std::io::BufReader::new(f), &server)
-            }),
+            .and_then(|f| docker_credential::get_credential_from_reader(std::io::BufReader::new(f), &server)),
         None => docker_credential::get_credential(&server),
     })
-        .await
-        .map_err(|e| RegistryError::Credentials {
-            source_name: Source::DockerConfig.name(),
-            message: e.to_string(),
-        })?;
+    .await
+    .map_err(|e| RegistryError::Credentials { source_name: Source::DockerConfig.name(), message: e.to_string() })?;
     match result {
-        Ok(docker_credential::DockerCredential::UsernamePassword(u, p)) => {
-            Ok(Some(Credential::new(u, p)))
-        }
+        Ok(docker_credential::DockerCredential::UsernamePassword(u, p)) => Ok(Some(Credential::new(u, p))),
         Ok(docker_credential::DockerCredential::IdentityToken(_)) => {
             tracing::warn!(registry, "docker config.json holds an identity token, which clip does not use");
             Ok(None)
@@ -294,11 +273,7 @@ mod tests {
             docker_config_path: None,
         };
         let sources = |img: &str| -> Vec<Source> {
-            CredentialChain::for_image(&r(img), &inputs)
-                .candidates
-                .iter()
-                .map(Candidate::source)
-                .collect()
+            CredentialChain::for_image(&r(img), &inputs).candidates.iter().map(Candidate::source).collect()
         };
         assert_eq!(
             sources("reg.io/team/app"),
@@ -313,7 +288,13 @@ mod tests {
         );
         assert_eq!(
             sources("other.io/team/app"),
-            vec![Source::ImageCreds, Source::CriPullSecret, Source::SourceImageCreds, Source::DockerConfig, Source::Anonymous]
+            vec![
+                Source::ImageCreds,
+                Source::CriPullSecret,
+                Source::SourceImageCreds,
+                Source::DockerConfig,
+                Source::Anonymous
+            ]
         );
     }
 

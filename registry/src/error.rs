@@ -8,50 +8,23 @@ pub enum RegistryError {
     #[error("invalid image reference {reference:?}: {reason}")]
     InvalidReference { reference: String, reason: String },
     #[error("registry {registry}: access denied ({status}) for {repository}; credentials tried: {tried}")]
-    Unauthorized {
-        registry: String,
-        repository: String,
-        status: u16,
-        tried: SourceList,
-    },
+    Unauthorized { registry: String, repository: String, status: u16, tried: SourceList },
     #[error("registry {registry}: {what} not found")]
     NotFound { registry: String, what: String },
     #[error("registry {registry}: {method} {path} answered {status}: {body}")]
-    Status {
-        registry: String,
-        method: String,
-        path: String,
-        status: u16,
-        body: String,
-    },
+    Status { registry: String, method: String, path: String, status: u16, body: String },
     #[error("registry {registry}: {context}: {message}")]
-    Transport {
-        registry: String,
-        context: String,
-        message: String,
-    },
+    Transport { registry: String, context: String, message: String },
     #[error("registry {registry}: range {start}-{end} of {digest} not satisfiable (blob is shorter)")]
-    RangeNotSatisfiable {
-        registry: String,
-        digest: String,
-        start: u64,
-        end: u64,
-    },
+    RangeNotSatisfiable { registry: String, digest: String, start: u64, end: u64 },
     #[error("registry {registry}: {what}: {message}")]
-    BadResponse {
-        registry: String,
-        what: String,
-        message: String,
-    },
+    BadResponse { registry: String, what: String, message: String },
     #[error("content of {digest} does not match its digest (got {actual})")]
     DigestMismatch { digest: String, actual: String },
     #[error("hosts configuration {path}: {message}")]
     HostsConfig { path: String, message: String },
     #[error("credentials ({source_name}): {message}")]
-    Credentials {
-        source_name: &'static str,
-        message: String,
-    },
+    Credentials { source_name: &'static str, message: String },
     #[error("token minting ({kind}): {message}")]
     Mint { kind: &'static str, message: String },
 }

@@ -26,11 +26,7 @@ pub struct Capabilities {
 }
 
 impl Capabilities {
-    pub const ALL: Self = Self {
-        pull: true,
-        resolve: true,
-        push: true,
-    };
+    pub const ALL: Self = Self { pull: true, resolve: true, push: true };
 }
 
 /// One place to send requests for a registry.
@@ -166,11 +162,7 @@ enum HeaderValue {
 impl HostsConfig {
     /// The endpoints for `registry` (normalised `host[:port]`), mirrors first, the server last.
     pub fn endpoints(&self, registry: &str) -> Result<Vec<Endpoint>> {
-        let default_host = if registry == crate::reference::DOCKER_HUB {
-            "registry-1.docker.io"
-        } else {
-            registry
-        };
+        let default_host = if registry == crate::reference::DOCKER_HUB { "registry-1.docker.io" } else { registry };
         let loopback = LoopbackDefault::of(registry);
         let scheme = match loopback {
             _ if self.plain_http => "http",
@@ -190,27 +182,19 @@ impl HostsConfig {
         let Some(file) = self.find_file(registry) else {
             return Ok(vec![default]);
         };
-        let text = std::fs::read_to_string(&file).map_err(|e| RegistryError::HostsConfig {
-            path: file.display().to_string(),
-            message: e.to_string(),
-        })?;
+        let text = std::fs::read_to_string(&file)
+            .map_err(|e| RegistryError::HostsConfig { path: file.display().to_string(), message: e.to_string() })?;
         parse_hosts(&text, &file, default)
     }
 
     fn find_file(&self, registry: &str) -> Option<PathBuf> {
         let dir = self.dir.as_ref()?;
-        [registry, "_default"]
-            .iter()
-            .map(|d| dir.join(d).join("hosts.toml"))
-            .find(|p| p.is_file())
+        [registry, "_default"].iter().map(|d| dir.join(d).join("hosts.toml")).find(|p| p.is_file())
     }
 }
 
 fn parse_hosts(text: &str, file: &Path, default: Endpoint) -> Result<Vec<Endpoint>> {
-    let err = |message: String| RegistryError::HostsConfig {
-        path: file.display().to_string(),
-        message,
-    };
+    let err = |message: String| RegistryError::HostsConfig { path: file.display().to_string(), message };
     let parsed: HostsFile = toml::from_str(text).map_err(|e| err(e.to_string()))?;
     let base_dir = file.parent().unwrap_or(Path::new("/"));
     let resolve_ca = |ca: Option<OneOrMany>| -> Vec<PathBuf> {
@@ -219,9 +203,7 @@ fn parse_hosts(text: &str, file: &Path, default: Endpoint) -> Result<Vec<Endpoin
             Some(OneOrMany::One(p)) => vec![p],
             Some(OneOrMany::Many(v)) => v,
         };
-        list.into_iter()
-            .map(|p| if p.is_absolute() { p } else { base_dir.join(p) })
-            .collect()
+        list.into_iter().map(|p| if p.is_absolute() { p } else { base_dir.join(p) }).collect()
     };
     let caps = |c: Option<Vec<String>>| -> Result<Capabilities> {
         let Some(list) = c else {
@@ -260,11 +242,7 @@ fn parse_hosts(text: &str, file: &Path, default: Endpoint) -> Result<Vec<Endpoin
             _ => return Err(err(format!("URL {url:?} has no host"))),
         };
         let base = url.trim_end_matches('/');
-        let api = if override_path || base.ends_with("/v2") {
-            base.to_string()
-        } else {
-            format!("{base}/v2")
-        };
+        let api = if override_path || base.ends_with("/v2") { base.to_string() } else { format!("{base}/v2") };
         Ok((api, host))
     };
     let mut out = Vec::new();
@@ -285,11 +263,7 @@ fn parse_hosts(text: &str, file: &Path, default: Endpoint) -> Result<Vec<Endpoin
     let server = match parsed.server {
         Some(s) => {
             let (api_base, host) = endpoint(&s, parsed.override_path.unwrap_or(false))?;
-            Endpoint {
-                api_base,
-                host,
-                ..default
-            }
+            Endpoint { api_base, host, ..default }
         }
         None => default,
     };
@@ -331,10 +305,7 @@ ca = "ca.pem"
 "#,
         )
         .expect("write");
-        let cfg = HostsConfig {
-            dir: Some(dir.path().to_path_buf()),
-            plain_http: false,
-        };
+        let cfg = HostsConfig { dir: Some(dir.path().to_path_buf()), plain_http: false };
         let eps = cfg.endpoints("reg.example:5000").expect("parse");
         assert_eq!(eps.len(), 2);
         assert_eq!(eps[0].api_base, "http://127.0.0.1:6000/v2");

@@ -17,8 +17,8 @@ pub mod error;
 pub mod hosts;
 pub mod mint;
 pub mod reference;
-pub mod tls;
 mod secret;
+pub mod tls;
 
 pub use api::{FetchedManifest, Platform};
 pub use client::{RegistryClient, Repository, RetryPolicy, Timeouts};

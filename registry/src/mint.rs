@@ -60,11 +60,7 @@ impl std::fmt::Debug for TokenMinter {
 impl TokenMinter {
     pub async fn from_config(creds: &LongTermCredentials) -> Result<Self> {
         let kind = match creds {
-            LongTermCredentials::Basic {
-                username,
-                password,
-                password_file,
-            } => {
+            LongTermCredentials::Basic { username, password, password_file } => {
                 let password = match (password, password_file) {
                     (Some(p), _) => p.clone(),
                     (None, Some(f)) => std::fs::read_to_string(f)
@@ -83,13 +79,7 @@ impl TokenMinter {
                 };
                 Kind::Basic(Credential::new(username.clone(), password))
             }
-            LongTermCredentials::Ecr {
-                region,
-                access_key_id,
-                secret_access_key,
-                use_default_chain,
-                endpoint_url,
-            } => {
+            LongTermCredentials::Ecr { region, access_key_id, secret_access_key, use_default_chain, endpoint_url } => {
                 let region = aws_sdk_ecr::config::Region::new(region.clone());
                 let conf = match (access_key_id, secret_access_key) {
                     (Some(id), Some(secret)) => {
@@ -110,10 +100,8 @@ impl TokenMinter {
                         b.build()
                     }
                     _ if *use_default_chain => {
-                        let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
-                            .region(region)
-                            .load()
-                            .await;
+                        let shared =
+                            aws_config::defaults(aws_config::BehaviorVersion::latest()).region(region).load().await;
                         let mut b = aws_sdk_ecr::config::Builder::from(&shared);
                         if let Some(url) = endpoint_url {
                             b = b.endpoint_url(url.clone());
@@ -129,14 +117,9 @@ impl TokenMinter {
                 };
                 Kind::Ecr(aws_sdk_ecr::Client::from_conf(conf))
             }
-            LongTermCredentials::Gcp {
-                service_account_key_file,
-            } => Kind::Gcp(service_account_key_file.clone()),
+            LongTermCredentials::Gcp { service_account_key_file } => Kind::Gcp(service_account_key_file.clone()),
         };
-        Ok(Self {
-            kind,
-            cache: Mutex::new(None),
-        })
+        Ok(Self { kind, cache: Mutex::new(None) })
     }
 
     pub fn kind_name(&self) -> &'static str {
@@ -159,10 +142,7 @@ impl TokenMinter {
         let t = self.mint().await?;
         tracing::info!(
             kind = self.kind_name(),
-            expires_in_s = t
-                .expires_at
-                .and_then(|e| e.duration_since(SystemTime::now()).ok())
-                .map(|d| d.as_secs()),
+            expires_in_s = t.expires_at.and_then(|e| e.duration_since(SystemTime::now()).ok()).map(|d| d.as_secs()),
             "minted a build registry token"
         );
         *cache = Some(t.clone());
@@ -177,11 +157,7 @@ impl TokenMinter {
     pub async fn mint(&self) -> Result<MintedToken> {
         let minted_at = SystemTime::now();
         match &self.kind {
-            Kind::Basic(c) => Ok(MintedToken {
-                credential: c.clone(),
-                minted_at,
-                expires_at: None,
-            }),
+            Kind::Basic(c) => Ok(MintedToken { credential: c.clone(), minted_at, expires_at: None }),
             Kind::Ecr(client) => mint_ecr(client, minted_at).await,
             Kind::Gcp(key_file) => mint_gcp(key_file, minted_at).await,
         }
@@ -189,10 +165,7 @@ impl TokenMinter {
 }
 
 async fn mint_ecr(client: &aws_sdk_ecr::Client, minted_at: SystemTime) -> Result<MintedToken> {
-    let err = |message: String| RegistryError::Mint {
-        kind: "ecr",
-        message,
-    };
+    let err = |message: String| RegistryError::Mint { kind: "ecr", message };
     let out = client
         .get_authorization_token()
         .send()
@@ -202,26 +175,19 @@ async fn mint_ecr(client: &aws_sdk_ecr::Client, minted_at: SystemTime) -> Result
         .authorization_data()
         .first()
         .ok_or_else(|| err("GetAuthorizationToken returned no authorizationData".into()))?;
-    let token = data
-        .authorization_token()
-        .ok_or_else(|| err("authorizationData has no authorizationToken".into()))?;
+    let token = data.authorization_token().ok_or_else(|| err("authorizationData has no authorizationToken".into()))?;
     use base64::Engine;
     let decoded = base64::engine::general_purpose::STANDARD
         .decode(token)
         .map_err(|_| err("authorizationToken is not base64".into()))?;
-    let decoded =
-        String::from_utf8(decoded).map_err(|_| err("authorizationToken is not UTF-8".into()))?;
+    let decoded = String::from_utf8(decoded).map_err(|_| err("authorizationToken is not UTF-8".into()))?;
     let credential = Credential::parse(&decoded, crate::credentials::Source::MintedBuildRegistryToken)
         .map_err(|_| err("authorizationToken is not user:password".into()))?;
     let expires_at = data
         .expires_at()
         .and_then(|t| SystemTime::try_from(*t).ok())
         .or_else(|| Some(minted_at + Duration::from_secs(12 * 3600)));
-    Ok(MintedToken {
-        credential,
-        minted_at,
-        expires_at,
-    })
+    Ok(MintedToken { credential, minted_at, expires_at })
 }
 
 fn aws_error_text<E: std::error::Error>(e: &E) -> String {
@@ -237,18 +203,12 @@ fn aws_error_text<E: std::error::Error>(e: &E) -> String {
 
 async fn mint_gcp(key_file: &std::path::Path, minted_at: SystemTime) -> Result<MintedToken> {
     use gcp_auth::TokenProvider;
-    let err = |message: String| RegistryError::Mint {
-        kind: "gcp",
-        message,
-    };
+    let err = |message: String| RegistryError::Mint { kind: "gcp", message };
     // A fresh provider per mint: gcp_auth caches internally and offers no forced refresh.
     let sa = gcp_auth::CustomServiceAccount::from_file(key_file)
         .map_err(|e| err(format!("service account key {}: {e}", key_file.display())))?;
     let sa = Arc::new(sa);
-    let token = sa
-        .token(&[GCP_SCOPE])
-        .await
-        .map_err(|e| err(format!("token request: {e}")))?;
+    let token = sa.token(&[GCP_SCOPE]).await.map_err(|e| err(format!("token request: {e}")))?;
     Ok(MintedToken {
         credential: Credential::new("oauth2accesstoken", token.as_str()),
         minted_at,

@@ -33,10 +33,8 @@ pub fn normalize_registry(host: &str) -> String {
 
 impl Reference {
     pub fn parse(input: &str) -> Result<Self> {
-        let bad = |reason: &str| RegistryError::InvalidReference {
-            reference: input.to_string(),
-            reason: reason.to_string(),
-        };
+        let bad =
+            |reason: &str| RegistryError::InvalidReference { reference: input.to_string(), reason: reason.to_string() };
         if input.is_empty() || input.len() > 4096 {
             return Err(bad("empty or longer than 4096 bytes"));
         }
@@ -50,10 +48,7 @@ impl Reference {
         // A tag is after the last ':' that follows the last '/'.
         let last_slash = name_tag.rfind('/').map_or(0, |i| i + 1);
         let (name, tag) = match name_tag[last_slash..].rfind(':') {
-            Some(i) => (
-                &name_tag[..last_slash + i],
-                Some(name_tag[last_slash + i + 1..].to_string()),
-            ),
+            Some(i) => (&name_tag[..last_slash + i], Some(name_tag[last_slash + i + 1..].to_string())),
             None => (name_tag, None),
         };
         if let Some(t) = &tag {
@@ -66,9 +61,7 @@ impl Reference {
             }
         }
         let (registry, repository) = match name.split_once('/') {
-            Some((first, rest))
-                if first.contains('.') || first.contains(':') || first == "localhost" =>
-            {
+            Some((first, rest)) if first.contains('.') || first.contains(':') || first == "localhost" => {
                 (normalize_registry(first), rest.to_string())
             }
             _ => (DOCKER_HUB.to_string(), name.to_string()),
@@ -84,43 +77,27 @@ impl Reference {
         let repo_ok = !repository.is_empty()
             && repository.split('/').all(|c| {
                 !c.is_empty()
-                    && c.chars()
-                        .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || "._-".contains(ch))
+                    && c.chars().all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || "._-".contains(ch))
             });
         if !repo_ok {
             return Err(bad("repository must be lower-case [a-z0-9._-] components"));
         }
-        Ok(Self {
-            registry,
-            repository,
-            tag,
-            digest,
-        })
+        Ok(Self { registry, repository, tag, digest })
     }
 
     /// What the manifest endpoint is asked for: the digest if any, else the tag, else `latest`.
     pub fn manifest_reference(&self) -> &str {
-        self.digest
-            .as_deref()
-            .or(self.tag.as_deref())
-            .unwrap_or("latest")
+        self.digest.as_deref().or(self.tag.as_deref()).unwrap_or("latest")
     }
 
     /// The host requests go to by default (`docker.io` is served by `registry-1.docker.io`).
     pub fn api_host(&self) -> &str {
-        if self.registry == DOCKER_HUB {
-            "registry-1.docker.io"
-        } else {
-            &self.registry
-        }
+        if self.registry == DOCKER_HUB { "registry-1.docker.io" } else { &self.registry }
     }
 
     /// The same repository at `digest`.
     pub fn with_digest(&self, digest: &str) -> Self {
-        Self {
-            digest: Some(digest.to_string()),
-            ..self.clone()
-        }
+        Self { digest: Some(digest.to_string()), ..self.clone() }
     }
 }
 
@@ -142,10 +119,8 @@ fn valid_registry(r: &str) -> bool {
         Some((h, p)) => (h, Some(p)),
         None => (r, None),
     };
-    let host_ok = !host.is_empty()
-        && host
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || ".-".contains(c));
+    let host_ok =
+        !host.is_empty() && host.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || ".-".contains(c));
     let port_ok = port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.chars().all(|c| c.is_ascii_digit()));
     host_ok && port_ok
 }
@@ -171,7 +146,12 @@ mod tests {
 
     #[test]
     fn docker_hub_forms_normalise_to_one_registry() {
-        for s in ["busybox", "docker.io/busybox", "index.docker.io/library/busybox", "registry-1.docker.io/library/busybox:latest"] {
+        for s in [
+            "busybox",
+            "docker.io/busybox",
+            "index.docker.io/library/busybox",
+            "registry-1.docker.io/library/busybox:latest",
+        ] {
             let r = Reference::parse(s).expect(s);
             assert_eq!((r.registry.as_str(), r.repository.as_str()), ("docker.io", "library/busybox"), "{s}");
         }

@@ -95,9 +95,9 @@ impl ServerCertVerifier for ConfiguredCertVerifier {
 fn check_configured_leaf(cert: &CertificateDer<'_>, server_name: &ServerName<'_>, now: UnixTime) -> Result<(), Error> {
     let bad = |e: CertificateError| Error::InvalidCertificate(e);
     let ee = webpki::EndEntityCert::try_from(cert).map_err(|_| bad(CertificateError::BadEncoding))?;
-    ee.verify_is_valid_for_subject_name(server_name)
-        .map_err(|_| bad(CertificateError::NotValidForName))?;
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).map_err(|_| bad(CertificateError::BadEncoding))?;
+    ee.verify_is_valid_for_subject_name(server_name).map_err(|_| bad(CertificateError::NotValidForName))?;
+    let (_, parsed) =
+        x509_parser::parse_x509_certificate(cert.as_ref()).map_err(|_| bad(CertificateError::BadEncoding))?;
     let t = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
     let validity = parsed.validity();
     if t < validity.not_before.timestamp() {

@@ -38,15 +38,9 @@ const MAX_CONFIG_READS: usize = 64;
 #[derive(Debug, thiserror::Error)]
 pub enum LookupError {
     #[error("cannot reach containerd at {address}: {source}")]
-    Connect {
-        address: String,
-        source: containerd_client::tonic::transport::Error,
-    },
+    Connect { address: String, source: containerd_client::tonic::transport::Error },
     #[error("containerd refused {what}: {status}")]
-    Api {
-        what: String,
-        status: Box<containerd_client::tonic::Status>,
-    },
+    Api { what: String, status: Box<containerd_client::tonic::Status> },
     #[error("{0}")]
     Malformed(String),
 }
@@ -122,22 +116,16 @@ pub struct ContentLookup {
 impl ContentLookup {
     /// A lookup against containerd's API socket `address` (connected at first use).
     pub fn new(address: PathBuf, known: KnownRegistries) -> Self {
-        Self {
-            address,
-            known,
-            channel: tokio::sync::OnceCell::new(),
-            chains: Mutex::new(HashMap::new()),
-        }
+        Self { address, known, channel: tokio::sync::OnceCell::new(), chains: Mutex::new(HashMap::new()) }
     }
 
     async fn channel(&self) -> Result<Channel, LookupError> {
         let channel = self
             .channel
             .get_or_try_init(|| async {
-                containerd_client::connect(&self.address).await.map_err(|source| LookupError::Connect {
-                    address: self.address.display().to_string(),
-                    source,
-                })
+                containerd_client::connect(&self.address)
+                    .await
+                    .map_err(|source| LookupError::Connect { address: self.address.display().to_string(), source })
             })
             .await?;
         Ok(channel.clone())
@@ -149,14 +137,9 @@ impl ContentLookup {
     pub async fn find(&self, namespace: &str, target: &str, parent: &str) -> Result<Option<FoundLayer>, LookupError> {
         let channel = self.channel().await?;
         let mut client = ContentClient::new(channel.clone());
-        let request = ListContentRequest {
-            filters: vec![format!("labels.\"{CONFIG_REF_LABEL}\"")],
-        };
-        let mut stream = client
-            .list(namespaced(namespace, request)?)
-            .await
-            .map_err(|s| api("listing content", s))?
-            .into_inner();
+        let request = ListContentRequest { filters: vec![format!("labels.\"{CONFIG_REF_LABEL}\"")] };
+        let mut stream =
+            client.list(namespaced(namespace, request)?).await.map_err(|s| api("listing content", s))?.into_inner();
         let mut manifests = Vec::new();
         while let Some(page) = stream.next().await {
             manifests.extend(page.map_err(|s| api("listing content", s))?.info);
@@ -200,12 +183,7 @@ impl ContentLookup {
                     chain.len()
                 )));
             }
-            return Ok(Some(FoundLayer {
-                image_ref,
-                manifest_digest: manifest.digest,
-                layer_digests,
-                index,
-            }));
+            return Ok(Some(FoundLayer { image_ref, manifest_digest: manifest.digest, layer_digests, index }));
         }
         Ok(None)
     }
@@ -221,13 +199,10 @@ impl ContentLookup {
         config: &str,
     ) -> Result<Vec<String>, LookupError> {
         let bytes = read_blob(client, namespace, config).await?;
-        let diff_ids = config_diff_ids(&bytes)
-            .map_err(|e| LookupError::Malformed(format!("image config {config}: {e}")))?;
+        let diff_ids =
+            config_diff_ids(&bytes).map_err(|e| LookupError::Malformed(format!("image config {config}: {e}")))?;
         let chain = crate::pull::chain_ids(&diff_ids);
-        self.chains
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(config.to_string(), chain.clone());
+        self.chains.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(config.to_string(), chain.clone());
         Ok(chain)
     }
 }
@@ -248,11 +223,7 @@ fn namespaced<T>(namespace: &str, msg: T) -> Result<Request<T>, LookupError> {
 async fn read_blob(client: &mut ContentClient<Channel>, namespace: &str, digest: &str) -> Result<Vec<u8>, LookupError> {
     let what = || format!("reading {digest}");
     let request = ReadContentRequest { digest: digest.to_string(), offset: 0, size: 0 };
-    let mut stream = client
-        .read(namespaced(namespace, request)?)
-        .await
-        .map_err(|s| api(&what(), s))?
-        .into_inner();
+    let mut stream = client.read(namespaced(namespace, request)?).await.map_err(|s| api(&what(), s))?.into_inner();
     let mut out = Vec::new();
     while let Some(chunk) = stream.next().await {
         out.extend_from_slice(&chunk.map_err(|s| api(&what(), s))?.data);
@@ -303,9 +274,7 @@ fn registry_with_port(hostname: &str, repository: &str, images: &[String], known
 fn config_diff_ids(bytes: &[u8]) -> Result<Vec<String>, String> {
     let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
     let ids = v["rootfs"]["diff_ids"].as_array().ok_or("no rootfs.diff_ids")?;
-    ids.iter()
-        .map(|d| d.as_str().map(str::to_string).ok_or_else(|| "a diff id is not a string".to_string()))
-        .collect()
+    ids.iter().map(|d| d.as_str().map(str::to_string).ok_or_else(|| "a diff id is not a string".to_string())).collect()
 }
 
 fn manifest_layers(bytes: &[u8]) -> Result<Vec<String>, LookupError> {
@@ -355,7 +324,10 @@ mod tests {
         assert_eq!(manifest_layers(m.as_bytes()).expect("valid"), vec![d.clone(), d.clone()]);
         assert!(manifest_layers(br#"{"layers":[{"digest":"sha256:../x"}]}"#).is_err());
         assert!(manifest_layers(b"not json").is_err());
-        assert_eq!(config_diff_ids(format!(r#"{{"rootfs":{{"diff_ids":["{d}"]}}}}"#).as_bytes()).expect("valid"), vec![d]);
+        assert_eq!(
+            config_diff_ids(format!(r#"{{"rootfs":{{"diff_ids":["{d}"]}}}}"#).as_bytes()).expect("valid"),
+            vec![d]
+        );
         assert!(config_diff_ids(br#"{"rootfs":{}}"#).is_err());
     }
 }

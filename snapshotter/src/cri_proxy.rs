@@ -42,10 +42,7 @@ pub struct CriImageProxy {
 
 impl CriImageProxy {
     pub fn new(containerd: &Path, remote: Arc<RemoteLayers>) -> Self {
-        Self {
-            containerd: containerd.to_path_buf(),
-            remote,
-        }
+        Self { containerd: containerd.to_path_buf(), remote }
     }
 
     async fn upstream(&self) -> Result<ImageServiceClient<tonic_14::transport::Channel>, Status> {
@@ -62,7 +59,10 @@ impl ImageService for CriImageProxy {
         self.upstream().await?.list_images(request.into_inner()).await
     }
 
-    async fn image_status(&self, request: Request<ImageStatusRequest>) -> Result<Response<ImageStatusResponse>, Status> {
+    async fn image_status(
+        &self,
+        request: Request<ImageStatusRequest>,
+    ) -> Result<Response<ImageStatusResponse>, Status> {
         self.upstream().await?.image_status(request.into_inner()).await
     }
 
@@ -112,11 +112,17 @@ impl ImageService for CriImageProxy {
         .await
     }
 
-    async fn remove_image(&self, request: Request<RemoveImageRequest>) -> Result<Response<RemoveImageResponse>, Status> {
+    async fn remove_image(
+        &self,
+        request: Request<RemoveImageRequest>,
+    ) -> Result<Response<RemoveImageResponse>, Status> {
         self.upstream().await?.remove_image(request.into_inner()).await
     }
 
-    async fn image_fs_info(&self, request: Request<ImageFsInfoRequest>) -> Result<Response<ImageFsInfoResponse>, Status> {
+    async fn image_fs_info(
+        &self,
+        request: Request<ImageFsInfoRequest>,
+    ) -> Result<Response<ImageFsInfoResponse>, Status> {
         self.upstream().await?.image_fs_info(request.into_inner()).await
     }
 }

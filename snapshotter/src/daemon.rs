@@ -42,10 +42,7 @@ pub async fn run(cfg: SnapshotterConfig) -> anyhow::Result<()> {
     tracing::info!(root = %cfg.root.display(), orphans_removed = orphans, remounted, "state opened");
 
     if !cfg.metrics_address.is_empty() {
-        let addr = cfg
-            .metrics_address
-            .parse()
-            .context("metrics_address must be ip:port")?;
+        let addr = cfg.metrics_address.parse().context("metrics_address must be ip:port")?;
         let metrics = metrics.clone();
         tokio::spawn(async move {
             if let Err(e) = metrics::serve(addr, metrics).await {
@@ -83,17 +80,14 @@ pub async fn run(cfg: SnapshotterConfig) -> anyhow::Result<()> {
     };
 
     let listener = bind_socket(&cfg.address)?;
-    let lookup = cfg
-        .lazy
-        .serve_unlabelled_pulls
-        .then(|| {
-            let known = crate::content_lookup::KnownRegistries {
-                hosts_dir: cfg.registry.hosts_dir.clone(),
-                docker_config: cfg.registry.docker_config.clone(),
-                build_registry: cfg.build_registry.as_ref().map(|b| b.registry.clone()),
-            };
-            Arc::new(crate::content_lookup::ContentLookup::new(cfg.containerd_address.clone(), known))
-        });
+    let lookup = cfg.lazy.serve_unlabelled_pulls.then(|| {
+        let known = crate::content_lookup::KnownRegistries {
+            hosts_dir: cfg.registry.hosts_dir.clone(),
+            docker_config: cfg.registry.docker_config.clone(),
+            build_registry: cfg.build_registry.as_ref().map(|b| b.registry.clone()),
+        };
+        Arc::new(crate::content_lookup::ContentLookup::new(cfg.containerd_address.clone(), known))
+    });
     let service = containerd_snapshots::server(Arc::new(ClipSnapshotter::new(state, metrics, lookup)));
     tracing::info!(address = %cfg.address.display(), "serving the containerd snapshots API");
     notify_ready();
@@ -122,26 +116,18 @@ fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            bail!(
-                "{} is in use by a running process; is another clip-snapshotter running?",
-                path.display()
-            );
+            bail!("{} is in use by a running process; is another clip-snapshotter running?", path.display());
         }
-        std::fs::remove_file(path)
-            .with_context(|| format!("removing stale socket {}", path.display()))?;
+        std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
     }
-    let listener =
-        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
         .with_context(|| format!("chmod 0660 {}", path.display()))?;
     Ok(listener)
 }
 
 async fn shutdown_signal() {
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         tracing::error!("cannot install signal handlers; stop with SIGKILL");
         return std::future::pending().await;
     };

@@ -59,9 +59,8 @@ impl SnapshotDirs {
         mk(&tmp, 0o700)?;
         mk(&tmp.join("fs"), 0o755)?;
         mk(&tmp.join("work"), 0o711)?;
-        fs::rename(&tmp, &target).map_err(|e| {
-            SnapshotError::io(format!("renaming {} to {}", tmp.display(), target.display()), e)
-        })
+        fs::rename(&tmp, &target)
+            .map_err(|e| SnapshotError::io(format!("renaming {} to {}", tmp.display(), target.display()), e))
     }
 
     /// Deletes a snapshot's directory. It is first renamed out of the id namespace, so a
@@ -72,8 +71,7 @@ impl SnapshotDirs {
             return Ok(());
         }
         let trash = self.base.join(format!("rm-{id}-{}", std::process::id()));
-        fs::rename(&dir, &trash)
-            .map_err(|e| SnapshotError::io(format!("renaming {}", dir.display()), e))?;
+        fs::rename(&dir, &trash).map_err(|e| SnapshotError::io(format!("renaming {}", dir.display()), e))?;
         remove_tree(&trash)
     }
 
@@ -81,16 +79,12 @@ impl SnapshotDirs {
     /// leftovers of crashes (`new-*`, `rm-*`, unrecorded ids). Returns what was removed.
     pub fn remove_orphans(&self, live: &HashSet<u64>) -> Result<Vec<PathBuf>> {
         let mut removed = Vec::new();
-        let entries = fs::read_dir(&self.base)
-            .map_err(|e| SnapshotError::io(format!("listing {}", self.base.display()), e))?;
+        let entries =
+            fs::read_dir(&self.base).map_err(|e| SnapshotError::io(format!("listing {}", self.base.display()), e))?;
         for entry in entries {
-            let entry =
-                entry.map_err(|e| SnapshotError::io(format!("listing {}", self.base.display()), e))?;
+            let entry = entry.map_err(|e| SnapshotError::io(format!("listing {}", self.base.display()), e))?;
             let name = entry.file_name();
-            let keep = name
-                .to_str()
-                .and_then(|n| n.parse::<u64>().ok())
-                .is_some_and(|id| live.contains(&id));
+            let keep = name.to_str().and_then(|n| n.parse::<u64>().ok()).is_some_and(|id| live.contains(&id));
             if !keep {
                 remove_tree(&entry.path())?;
                 removed.push(entry.path());
@@ -122,11 +116,10 @@ fn disk_usage(root: &Path) -> Result<DiskUsage> {
             usage.size += (md.blocks() * 512) as i64;
         }
         if md.is_dir() {
-            let entries = fs::read_dir(&path)
-                .map_err(|e| SnapshotError::io(format!("listing {}", path.display()), e))?;
+            let entries =
+                fs::read_dir(&path).map_err(|e| SnapshotError::io(format!("listing {}", path.display()), e))?;
             for entry in entries {
-                let entry =
-                    entry.map_err(|e| SnapshotError::io(format!("listing {}", path.display()), e))?;
+                let entry = entry.map_err(|e| SnapshotError::io(format!("listing {}", path.display()), e))?;
                 stack.push(entry.path());
             }
         }
@@ -160,10 +153,10 @@ fn remove_tree(path: &Path) -> Result<()> {
     match fs::symlink_metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(SnapshotError::io(format!("stat {}", path.display()), e)),
-        Ok(md) if md.is_dir() => fs::remove_dir_all(path)
-            .map_err(|e| SnapshotError::io(format!("removing {}", path.display()), e)),
-        Ok(_) => fs::remove_file(path)
-            .map_err(|e| SnapshotError::io(format!("removing {}", path.display()), e)),
+        Ok(md) if md.is_dir() => {
+            fs::remove_dir_all(path).map_err(|e| SnapshotError::io(format!("removing {}", path.display()), e))
+        }
+        Ok(_) => fs::remove_file(path).map_err(|e| SnapshotError::io(format!("removing {}", path.display()), e)),
     }
 }
 

@@ -29,10 +29,7 @@ pub enum SnapshotError {
 
 impl SnapshotError {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        Self::Io {
-            context: context.into(),
-            source,
-        }
+        Self::Io { context: context.into(), source }
     }
 
     /// The gRPC code this error travels as.

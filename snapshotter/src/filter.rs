@@ -60,11 +60,7 @@ impl Filters {
     }
 
     pub fn matches(&self, target: &impl Adaptor) -> bool {
-        self.0.is_empty()
-            || self
-                .0
-                .iter()
-                .any(|selectors| selectors.iter().all(|s| s.matches(target)))
+        self.0.is_empty() || self.0.iter().any(|selectors| selectors.iter().all(|s| s.matches(target)))
     }
 }
 
@@ -89,11 +85,7 @@ struct Parser<'a> {
 
 impl Parser<'_> {
     fn error(&self, message: impl Into<String>) -> FilterError {
-        FilterError {
-            input: self.input.to_string(),
-            pos: self.pos,
-            message: message.into(),
-        }
+        FilterError { input: self.input.to_string(), pos: self.pos, message: message.into() }
     }
 
     fn peek(&self) -> Option<char> {
@@ -133,10 +125,7 @@ impl Parser<'_> {
         let rest = &self.input[self.pos..];
         let op = ["==", "!=", "~="].into_iter().find(|op| rest.starts_with(op));
         let Some(op) = op else {
-            return Ok(Selector {
-                fieldpath,
-                op: None,
-            });
+            return Ok(Selector { fieldpath, op: None });
         };
         self.pos += 2;
         self.skip_spaces();
@@ -144,14 +133,9 @@ impl Parser<'_> {
         let op = match op {
             "==" => Op::Equal(value),
             "!=" => Op::NotEqual(value),
-            _ => Op::Matches(
-                Regex::new(&value).map_err(|e| self.error(format!("bad regular expression: {e}")))?,
-            ),
+            _ => Op::Matches(Regex::new(&value).map_err(|e| self.error(format!("bad regular expression: {e}")))?),
         };
-        Ok(Selector {
-            fieldpath,
-            op: Some(op),
-        })
+        Ok(Selector { fieldpath, op: Some(op) })
     }
 
     fn field(&mut self) -> Result<String, FilterError> {
@@ -227,10 +211,7 @@ impl Parser<'_> {
     }
 
     fn hex_escape(&mut self, digits: usize) -> Result<char, FilterError> {
-        let hex = self
-            .input
-            .get(self.pos..self.pos + digits)
-            .ok_or_else(|| self.error("short escape"))?;
+        let hex = self.input.get(self.pos..self.pos + digits).ok_or_else(|| self.error("short escape"))?;
         let code = u32::from_str_radix(hex, 16).map_err(|_| self.error("bad hex escape"))?;
         self.pos += digits;
         char::from_u32(code).ok_or_else(|| self.error("escape is not a character"))

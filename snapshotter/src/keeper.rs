@@ -158,13 +158,8 @@ impl KeeperClient {
         socket::connect(fd.as_raw_fd(), &addr).map_err(|source| KeeperError::Socket { path: path.into(), source })?;
         // A keeper serving another daemon would never answer: give up after a while.
         socket::setsockopt(&fd, socket::sockopt::ReceiveTimeout, &nix::sys::time::TimeVal::new(10, 0))?;
-        let pid = std::fs::read_to_string(path.with_extension("pid"))
-            .ok()
-            .and_then(|s| s.trim().parse().ok());
-        let client = Self {
-            conn: std::sync::Mutex::new(fd),
-            pid,
-        };
+        let pid = std::fs::read_to_string(path.with_extension("pid")).ok().and_then(|s| s.trim().parse().ok());
+        let client = Self { conn: std::sync::Mutex::new(fd), pid };
         client.request(&serde_json::json!({"op": "ping"}), None)?;
         Ok(client)
     }
@@ -181,8 +176,7 @@ impl KeeperClient {
 
     /// Keeps a duplicate of `fd` under `key` (replacing what was kept under it).
     pub fn put(&self, key: &str, fd: BorrowedFd<'_>, meta: &serde_json::Value) -> Result<(), KeeperError> {
-        self.request(&serde_json::json!({"op": "put", "key": key, "meta": meta}), Some(fd.as_raw_fd()))
-            .map(drop)
+        self.request(&serde_json::json!({"op": "put", "key": key, "meta": meta}), Some(fd.as_raw_fd())).map(drop)
     }
 
     /// Closes the keeper's copy of `key`.

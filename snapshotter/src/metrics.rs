@@ -74,20 +74,10 @@ impl Metrics {
         let mut registry = Registry::with_prefix("clip_snapshotter");
         let calls = Family::<CallLabels, Counter>::default();
         let latency = Family::<MethodLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new([
-                0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0,
-            ])
+            Histogram::new([0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0])
         });
-        registry.register(
-            "grpc_calls",
-            "snapshots API calls by method and gRPC code",
-            calls.clone(),
-        );
-        registry.register(
-            "grpc_call_seconds",
-            "snapshots API call latency by method",
-            latency.clone(),
-        );
+        registry.register("grpc_calls", "snapshots API calls by method and gRPC code", calls.clone());
+        registry.register("grpc_call_seconds", "snapshots API call latency by method", latency.clone());
         let fetched_bytes = Family::<LayerLabels, Counter>::default();
         let fetches = Family::<LayerLabels, Counter>::default();
         let span_hits = Family::<LayerLabels, Counter>::default();
@@ -95,7 +85,11 @@ impl Metrics {
         let spans_local = Family::<LayerLabels, prometheus_client::metrics::gauge::Gauge>::default();
         let spans_total = Family::<LayerLabels, prometheus_client::metrics::gauge::Gauge>::default();
         let read_seconds = Histogram::new([0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]);
-        registry.register("registry_fetched_bytes", "compressed bytes fetched from registries, by layer", fetched_bytes.clone());
+        registry.register(
+            "registry_fetched_bytes",
+            "compressed bytes fetched from registries, by layer",
+            fetched_bytes.clone(),
+        );
         registry.register("registry_fetches", "range requests to registries, by layer", fetches.clone());
         registry.register("span_cache_hits", "span reads served from the local span cache", span_hits.clone());
         registry.register("span_cache_misses", "span reads that had to fetch", span_misses.clone());
@@ -103,9 +97,17 @@ impl Metrics {
         registry.register("layer_spans", "spans of a mounted layer", spans_total.clone());
         registry.register("fuse_read_seconds", "latency of FUSE reads of lazy layers", read_seconds.clone());
         let passthrough_opens = Family::<LayerLabels, Counter>::default();
-        registry.register("fuse_passthrough_opens", "opens of fully local files served by FUSE passthrough", passthrough_opens.clone());
+        registry.register(
+            "fuse_passthrough_opens",
+            "opens of fully local files served by FUSE passthrough",
+            passthrough_opens.clone(),
+        );
         let prefetched_spans = Family::<LayerLabels, Counter>::default();
-        registry.register("prefetched_spans", "spans fetched speculatively after a miss (rest of a file, tar neighbours)", prefetched_spans.clone());
+        registry.register(
+            "prefetched_spans",
+            "spans fetched speculatively after a miss (rest of a file, tar neighbours)",
+            prefetched_spans.clone(),
+        );
         let cache_bytes = prometheus_client::metrics::gauge::Gauge::default();
         let cache_limit_bytes = prometheus_client::metrics::gauge::Gauge::default();
         let cache_evictions = Counter::default();
@@ -133,9 +135,7 @@ impl Metrics {
 
     /// The counters of one layer.
     pub fn layer(&self, layer_digest: &str) -> LayerMetrics {
-        let l = LayerLabels {
-            layer: layer_digest.to_string(),
-        };
+        let l = LayerLabels { layer: layer_digest.to_string() };
         LayerMetrics {
             fetched_bytes: self.fetched_bytes.get_or_create(&l).clone(),
             fetches: self.fetches.get_or_create(&l).clone(),
@@ -151,15 +151,8 @@ impl Metrics {
 
     /// Records one finished call.
     pub fn observe_call(&self, method: &'static str, code: &str, elapsed: Duration) {
-        self.calls
-            .get_or_create(&CallLabels {
-                method,
-                code: code.to_string(),
-            })
-            .inc();
-        self.latency
-            .get_or_create(&MethodLabels { method })
-            .observe(elapsed.as_secs_f64());
+        self.calls.get_or_create(&CallLabels { method, code: code.to_string() }).inc();
+        self.latency.get_or_create(&MethodLabels { method }).observe(elapsed.as_secs_f64());
     }
 
     /// The OpenMetrics text exposition.
@@ -181,9 +174,7 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<(
         let metrics = metrics.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 4096];
-            let Ok(Ok(n)) =
-                tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf)).await
-            else {
+            let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf)).await else {
                 return;
             };
             let request = String::from_utf8_lossy(&buf[..n]);

@@ -35,20 +35,12 @@ pub fn mounts_for(dirs: &SnapshotDirs, snapshot: &Resolved) -> Vec<Mount> {
         options.push(format!("workdir={}", dirs.work(id).display()));
         options.push(format!("upperdir={}", dirs.fs(id).display()));
     }
-    let lower: Vec<String> = parents
-        .iter()
-        .map(|p| dirs.fs(*p).to_string_lossy().into_owned())
-        .collect();
+    let lower: Vec<String> = parents.iter().map(|p| dirs.fs(*p).to_string_lossy().into_owned()).collect();
     if snapshot.lazy_parents {
         options.push("xino=on".into());
     }
     options.push(format!("lowerdir={}", lower.join(":")));
-    vec![Mount {
-        r#type: "overlay".into(),
-        source: "overlay".into(),
-        target: String::new(),
-        options,
-    }]
+    vec![Mount { r#type: "overlay".into(), source: "overlay".into(), target: String::new(), options }]
 }
 
 #[cfg(test)]

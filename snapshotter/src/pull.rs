@@ -12,13 +12,11 @@ use clip_registry::credentials::{Candidate, Credential, CredentialChain, Source}
 use clip_registry::{HostsConfig, Platform, Reference, RegistryClient, Repository};
 use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
 use containerd_client::services::v1::snapshots::{
-    CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
-    UpdateSnapshotRequest,
+    CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest, UpdateSnapshotRequest,
 };
 use containerd_client::services::v1::{
     ApplyRequest, CreateImageRequest, Image, UpdateImageRequest, WriteAction, WriteContentRequest,
-    content_client::ContentClient, diff_client::DiffClient, images_client::ImagesClient,
-    leases_client::LeasesClient,
+    content_client::ContentClient, diff_client::DiffClient, images_client::ImagesClient, leases_client::LeasesClient,
 };
 use containerd_client::tonic::{Code, Request, transport::Channel};
 use futures::StreamExt;
@@ -73,8 +71,7 @@ struct Ctx {
 impl Ctx {
     fn req<T>(&self, msg: T) -> Result<Request<T>> {
         let mut r = Request::new(msg);
-        r.metadata_mut()
-            .insert("containerd-namespace", self.namespace.parse().context("namespace")?);
+        r.metadata_mut().insert("containerd-namespace", self.namespace.parse().context("namespace")?);
         if let Some(lease) = &self.lease {
             r.metadata_mut().insert("containerd-lease", lease.parse().context("lease")?);
         }
@@ -116,10 +113,7 @@ pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
 pub async fn pull(opts: &PullOptions, reference: &str) -> Result<PullReport> {
     let started = Instant::now();
     let image = Reference::parse(reference)?;
-    let client = RegistryClient::new(HostsConfig {
-        dir: opts.hosts_dir.clone(),
-        plain_http: opts.plain_http,
-    });
+    let client = RegistryClient::new(HostsConfig { dir: opts.hosts_dir.clone(), plain_http: opts.plain_http });
     let repo = client.repository(&image, chain(opts))?;
     let (manifest, parsed) = repo
         .get_image_manifest(image.manifest_reference(), &opts.platform)
@@ -145,10 +139,7 @@ pub async fn pull(opts: &PullOptions, reference: &str) -> Result<PullReport> {
     let channel = containerd_client::connect(&opts.containerd_address)
         .await
         .with_context(|| format!("connecting to containerd at {}", opts.containerd_address.display()))?;
-    let mut ctx = Ctx {
-        namespace: opts.namespace.clone(),
-        lease: None,
-    };
+    let mut ctx = Ctx { namespace: opts.namespace.clone(), lease: None };
     let lease_id = format!("clip-pull-{}", std::process::id());
     let mut leases = LeasesClient::new(channel.clone());
     let expire = (std::time::SystemTime::now() + std::time::Duration::from_secs(3600))
@@ -166,7 +157,8 @@ pub async fn pull(opts: &PullOptions, reference: &str) -> Result<PullReport> {
 
     let result = async {
         let mut content = ContentClient::new(channel.clone());
-        let mut manifest_labels = HashMap::from([("containerd.io/gc.ref.content.config".to_string(), config_digest.clone())]);
+        let mut manifest_labels =
+            HashMap::from([("containerd.io/gc.ref.content.config".to_string(), config_digest.clone())]);
         for (i, layer) in layers.iter().enumerate() {
             manifest_labels.insert(format!("containerd.io/gc.ref.content.l.{i}"), layer.digest().to_string());
         }
@@ -223,25 +215,42 @@ pub async fn pull(opts: &PullOptions, reference: &str) -> Result<PullReport> {
                         .and_then(|info| info.labels.get(l::NOT_LAZY_REASON).cloned());
                     report.not_lazy.push(NotLazy {
                         layer: layer.digest().to_string(),
-                        reason: said.unwrap_or_else(|| "the snapshotter did not say (not clip, or lazy serving is off)".into()),
+                        reason: said
+                            .unwrap_or_else(|| "the snapshotter did not say (not clip, or lazy serving is off)".into()),
                     });
                     let unpacked = unpack_layer(&repo, &channel, &ctx, &mut content, layer, mounts).await;
                     if let Err(e) = unpacked {
                         let _ = snapshots
-                            .remove(ctx.req(RemoveSnapshotRequest { snapshotter: opts.snapshotter.clone(), key: key.clone() })?)
+                            .remove(ctx.req(RemoveSnapshotRequest {
+                                snapshotter: opts.snapshotter.clone(),
+                                key: key.clone(),
+                            })?)
                             .await;
                         return Err(e.context(format!("unpacking layer {}", layer.digest())));
                     }
-                    snapshots
+                    let committed = snapshots
                         .commit(ctx.req(CommitSnapshotRequest {
                             snapshotter: opts.snapshotter.clone(),
                             name: chain_id.clone(),
                             key: key.clone(),
                             labels: HashMap::new(),
                         })?)
-                        .await
-                        .with_context(|| format!("committing layer {}", layer.digest()))?;
-                    report.unpacked_layers += 1;
+                        .await;
+                    match committed {
+                        Ok(_) => report.unpacked_layers += 1,
+                        // Another pull of an image sharing this layer committed it first (as containerd's
+                        // unpacker does, the first commit wins and ours is dropped).
+                        Err(s) if s.code() == Code::AlreadyExists => {
+                            let _ = snapshots
+                                .remove(ctx.req(RemoveSnapshotRequest {
+                                    snapshotter: opts.snapshotter.clone(),
+                                    key: key.clone(),
+                                })?)
+                                .await;
+                            report.existing_layers += 1;
+                        }
+                        Err(s) => bail!("committing layer {} ({chain_id}): {}", layer.digest(), s.message()),
+                    }
                 }
             }
         }
@@ -259,11 +268,16 @@ pub async fn pull(opts: &PullOptions, reference: &str) -> Result<PullReport> {
             created_at: None,
             updated_at: None,
         };
-        match images.create(ctx.req(CreateImageRequest { image: Some(record.clone()), source_date_epoch: None })?).await {
+        match images.create(ctx.req(CreateImageRequest { image: Some(record.clone()), source_date_epoch: None })?).await
+        {
             Ok(_) => {}
             Err(s) if s.code() == Code::AlreadyExists => {
                 images
-                    .update(ctx.req(UpdateImageRequest { image: Some(record), update_mask: None, source_date_epoch: None })?)
+                    .update(ctx.req(UpdateImageRequest {
+                        image: Some(record),
+                        update_mask: None,
+                        source_date_epoch: None,
+                    })?)
                     .await
                     .context("updating the image record")?;
             }
@@ -275,9 +289,8 @@ pub async fn pull(opts: &PullOptions, reference: &str) -> Result<PullReport> {
     .await;
     let mut release = Ctx { namespace: opts.namespace.clone(), lease: None };
     release.lease = None;
-    let _ = leases
-        .delete(release.req(containerd_client::services::v1::DeleteRequest { id: lease_id, sync: false })?)
-        .await;
+    let _ =
+        leases.delete(release.req(containerd_client::services::v1::DeleteRequest { id: lease_id, sync: false })?).await;
     result
 }
 
@@ -370,7 +383,9 @@ async fn write_content(
             while let Some(m) = stream.next().await {
                 match m {
                     Ok(_) => {}
-                    Err(s) if s.code() == Code::AlreadyExists => return set_content_labels(content, ctx, digest, labels).await,
+                    Err(s) if s.code() == Code::AlreadyExists => {
+                        return set_content_labels(content, ctx, digest, labels).await;
+                    }
                     Err(s) => bail!("writing {digest} to the content store: {}", s.message()),
                 }
             }
@@ -381,7 +396,12 @@ async fn write_content(
     }
 }
 
-async fn set_content_labels(content: &mut ContentClient<Channel>, ctx: &Ctx, digest: &str, labels: HashMap<String, String>) -> Result<()> {
+async fn set_content_labels(
+    content: &mut ContentClient<Channel>,
+    ctx: &Ctx,
+    digest: &str,
+    labels: HashMap<String, String>,
+) -> Result<()> {
     let paths = labels.keys().map(|k| format!("labels.{k}")).collect();
     content
         .update(ctx.req(containerd_client::services::v1::UpdateRequest {

@@ -48,12 +48,8 @@ where
     }
 
     fn call(&mut self, req: http_02::Request<B>) -> Self::Future {
-        let namespace = req
-            .headers()
-            .get(HEADER)
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| !v.is_empty())
-            .map(str::to_string);
+        let namespace =
+            req.headers().get(HEADER).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty()).map(str::to_string);
         NAMESPACE.scope(namespace, self.inner.call(req))
     }
 }

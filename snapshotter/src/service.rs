@@ -2,16 +2,16 @@
 //! [`SnapshotDirs`], with overlayfs semantics. Every call runs in its own tracing span, on a
 //! blocking thread (redb and the file system block), and is counted in [`Metrics`].
 
+use crate::content_lookup::ContentLookup;
 use crate::dirs::SnapshotDirs;
 use crate::error::{Result, SnapshotError};
 use crate::filter::{Adaptor, Filters};
-use crate::content_lookup::ContentLookup;
 use crate::labels;
 use crate::labels::RemoteRequest;
 use crate::metadata::{DiskUsage, Kind, LabelUpdate, MetaStore, Record, RemoteLayer};
-use crate::remote::RemoteLayers;
 use crate::metrics::Metrics;
 use crate::mounts::mounts_for;
+use crate::remote::RemoteLayers;
 use containerd_snapshots::api::types::Mount;
 use containerd_snapshots::tonic::Status;
 use containerd_snapshots::{Info, Usage};
@@ -36,16 +36,10 @@ pub struct State {
 impl State {
     /// Opens (or creates) the state under `root`: `metadata.redb` and `snapshots/`.
     pub fn open(root: &Path) -> Result<Self> {
-        std::fs::create_dir_all(root)
-            .map_err(|e| SnapshotError::io(format!("creating {}", root.display()), e))?;
+        std::fs::create_dir_all(root).map_err(|e| SnapshotError::io(format!("creating {}", root.display()), e))?;
         let dirs = SnapshotDirs::open(root)?;
         let store = MetaStore::open(&root.join("metadata.redb"))?;
-        Ok(Self {
-            store,
-            dirs,
-            remote: None,
-            remote_targets: std::sync::Mutex::new(HashMap::new()),
-        })
+        Ok(Self { store, dirs, remote: None, remote_targets: std::sync::Mutex::new(HashMap::new()) })
     }
 
     /// Serves again the remote layers the metadata records: their kept FUSE connections when
@@ -100,22 +94,14 @@ impl State {
     /// Deletes snapshot directories no snapshot refers to (leftovers of crashes and of
     /// removals whose directory deletion failed). Returns how many were removed.
     pub fn cleanup(&self) -> Result<usize> {
-        let removed = self
-            .store
-            .with_ids_locked(|live| self.dirs.remove_orphans(live))?;
+        let removed = self.store.with_ids_locked(|live| self.dirs.remove_orphans(live))?;
         for path in &removed {
             tracing::info!(path = %path.display(), "removed orphaned snapshot directory");
         }
         Ok(removed.len())
     }
 
-    fn create(
-        &self,
-        kind: Kind,
-        key: &str,
-        parent: &str,
-        labels: HashMap<String, String>,
-    ) -> Result<Vec<Mount>> {
+    fn create(&self, kind: Kind, key: &str, parent: &str, labels: HashMap<String, String>) -> Result<Vec<Mount>> {
         let mut labels = labels::split(labels)?;
         let request = match RemoteRequest::from_labels(&labels) {
             Ok(r) => r,
@@ -145,9 +131,7 @@ impl State {
             ids.push(p.record.id);
             self.serve_unservable(&ids)?;
         }
-        let resolved = self
-            .store
-            .create(kind, key, parent, labels.stored, |id| self.dirs.create(id))?;
+        let resolved = self.store.create(kind, key, parent, labels.stored, |id| self.dirs.create(id))?;
         tracing::debug!(id = resolved.record.id, "snapshot created");
         Ok(mounts_for(&self.dirs, &resolved))
     }
@@ -199,10 +183,7 @@ impl State {
         }
         let layer = remote.open(req).map_err(RemoteFallback::Reason)?;
         let mounted = std::cell::Cell::new(None);
-        let info = RemoteLayer {
-            image_ref: req.image_ref.clone(),
-            layer_digest: req.layer_digest.clone(),
-        };
+        let info = RemoteLayer { image_ref: req.image_ref.clone(), layer_digest: req.layer_digest.clone() };
         let result = self.store.create_remote(key, parent, labels.stored.clone(), info, |id| {
             self.dirs.create(id)?;
             remote
@@ -221,9 +202,9 @@ impl State {
                     remote.unmount(id);
                 }
                 match e {
-                    SnapshotError::AlreadyExists(_) | SnapshotError::NotFound(_) | SnapshotError::InvalidArgument(_) => {
-                        Err(RemoteFallback::Error(e))
-                    }
+                    SnapshotError::AlreadyExists(_)
+                    | SnapshotError::NotFound(_)
+                    | SnapshotError::InvalidArgument(_) => Err(RemoteFallback::Error(e)),
                     other => Err(RemoteFallback::Reason(other.to_string())),
                 }
             }
@@ -245,9 +226,7 @@ impl State {
     /// cannot be (a mount must never show an empty layer).
     fn serve_unservable(&self, ids: &[u64]) -> Result<()> {
         let Some(remote) = &self.remote else { return Ok(()) };
-        remote
-            .serve_unservable(ids, |id| self.dirs.fs(id))
-            .map_err(SnapshotError::Unavailable)
+        remote.serve_unservable(ids, |id| self.dirs.fs(id)).map_err(SnapshotError::Unavailable)
     }
 
     fn commit(&self, name: &str, key: &str, labels: HashMap<String, String>) -> Result<()> {
@@ -319,8 +298,7 @@ impl State {
     }
 
     fn list(&self, filters: &[String]) -> Result<Vec<Info>> {
-        let filters = Filters::parse_all(filters)
-            .map_err(|e| SnapshotError::InvalidArgument(e.to_string()))?;
+        let filters = Filters::parse_all(filters).map_err(|e| SnapshotError::InvalidArgument(e.to_string()))?;
         Ok(self
             .store
             .list()?
@@ -420,8 +398,13 @@ impl ClipSnapshotter {
                     found.index,
                 ));
             }
-            Ok(None) => tracing::debug!(namespace, "no manifest in containerd's content store has this layer: an ordinary snapshot"),
-            Err(e) => tracing::warn!(error = %e, "looking the layer of an unlabelled Prepare up failed: an ordinary snapshot"),
+            Ok(None) => tracing::debug!(
+                namespace,
+                "no manifest in containerd's content store has this layer: an ordinary snapshot"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "looking the layer of an unlabelled Prepare up failed: an ordinary snapshot")
+            }
         }
         labels
     }
@@ -475,23 +458,15 @@ impl containerd_snapshots::Snapshotter for ClipSnapshotter {
         .await
     }
 
-    async fn update(
-        &self,
-        info: Info,
-        fieldpaths: Option<Vec<String>>,
-    ) -> std::result::Result<Info, Status> {
+    async fn update(&self, info: Info, fieldpaths: Option<Vec<String>>) -> std::result::Result<Info, Status> {
         let span = tracing::info_span!("update", key = %info.name, fieldpaths = ?fieldpaths);
-        self.call("update", span, move |s| s.update(info, fieldpaths))
-            .await
+        self.call("update", span, move |s| s.update(info, fieldpaths)).await
     }
 
     async fn usage(&self, key: String) -> std::result::Result<Usage, Status> {
         let span = tracing::debug_span!("usage", key = %key);
         let u = self.call("usage", span, move |s| s.usage(&key)).await?;
-        Ok(Usage {
-            inodes: u.inodes,
-            size: u.size,
-        })
+        Ok(Usage { inodes: u.inodes, size: u.size })
     }
 
     async fn mounts(&self, key: String) -> std::result::Result<Vec<Mount>, Status> {
@@ -507,10 +482,7 @@ impl containerd_snapshots::Snapshotter for ClipSnapshotter {
     ) -> std::result::Result<Vec<Mount>, Status> {
         let span = tracing::info_span!("prepare", key = %key, parent = %parent);
         let labels = self.label_unlabelled(&parent, labels).instrument(span.clone()).await;
-        self.call("prepare", span, move |s| {
-            s.create(Kind::Active, &key, &parent, labels)
-        })
-        .await
+        self.call("prepare", span, move |s| s.create(Kind::Active, &key, &parent, labels)).await
     }
 
     async fn view(
@@ -520,8 +492,7 @@ impl containerd_snapshots::Snapshotter for ClipSnapshotter {
         labels: HashMap<String, String>,
     ) -> std::result::Result<Vec<Mount>, Status> {
         let span = tracing::info_span!("view", key = %key, parent = %parent);
-        self.call("view", span, move |s| s.create(Kind::View, &key, &parent, labels))
-            .await
+        self.call("view", span, move |s| s.create(Kind::View, &key, &parent, labels)).await
     }
 
     async fn commit(
@@ -531,8 +502,7 @@ impl containerd_snapshots::Snapshotter for ClipSnapshotter {
         labels: HashMap<String, String>,
     ) -> std::result::Result<(), Status> {
         let span = tracing::info_span!("commit", name = %name, key = %key);
-        self.call("commit", span, move |s| s.commit(&name, &key, labels))
-            .await
+        self.call("commit", span, move |s| s.commit(&name, &key, labels)).await
     }
 
     async fn remove(&self, key: String) -> std::result::Result<(), Status> {
@@ -547,15 +517,9 @@ impl containerd_snapshots::Snapshotter for ClipSnapshotter {
 
     type InfoStream = futures::stream::Iter<std::vec::IntoIter<std::result::Result<Info, Status>>>;
 
-    async fn list(
-        &self,
-        _snapshotter: String,
-        filters: Vec<String>,
-    ) -> std::result::Result<Self::InfoStream, Status> {
+    async fn list(&self, _snapshotter: String, filters: Vec<String>) -> std::result::Result<Self::InfoStream, Status> {
         let span = tracing::debug_span!("walk", filters = ?filters);
         let infos = self.call("walk", span, move |s| s.list(&filters)).await?;
-        Ok(futures::stream::iter(
-            infos.into_iter().map(Ok).collect::<Vec<_>>(),
-        ))
+        Ok(futures::stream::iter(infos.into_iter().map(Ok).collect::<Vec<_>>()))
     }
 }

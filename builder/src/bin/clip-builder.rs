@@ -1,7 +1,7 @@
 //! `clip-builder`: the builder binary. Argument parsing and wiring only.
 
-use anyhow::Result;
 use anyhow::Context;
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 use clip_builder::local;
 use std::io::Write;
@@ -153,7 +153,14 @@ struct RegistryArgs {
 impl RegistryArgs {
     async fn repository(&self, reference: &str) -> Result<clip_registry::Repository> {
         let cfg = clip_config::BuilderConfig::load_or_default(self.config.as_deref())?;
-        clip_builder::remote::repository(&cfg, reference, self.creds_file.as_deref(), self.plain_http, self.hosts_dir.clone()).await
+        clip_builder::remote::repository(
+            &cfg,
+            reference,
+            self.creds_file.as_deref(),
+            self.plain_http,
+            self.hosts_dir.clone(),
+        )
+        .await
     }
 }
 
@@ -179,7 +186,17 @@ fn run(args: Args) -> Result<()> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     match args.command {
-        Command::Index { reference: None, layer: Some(layer), output: Some(output), span_size, digest, media_type, packed, json, .. } => {
+        Command::Index {
+            reference: None,
+            layer: Some(layer),
+            output: Some(output),
+            span_size,
+            digest,
+            media_type,
+            packed,
+            json,
+            ..
+        } => {
             let span_size = span_size.unwrap_or(clip_index::build::DEFAULT_SPAN_SIZE);
             let opts = clip_index::BuildOptions { span_size, expected_digest: digest, media_type };
             let (index, packed_size) = local::index_file(&layer, &output, &opts, packed)?;
@@ -200,7 +217,17 @@ fn run(args: Args) -> Result<()> {
                 )?;
             }
         }
-        Command::Index { reference: Some(reference), span_size, json, config, creds_file, plain_http, hosts_dir, platform, .. } => {
+        Command::Index {
+            reference: Some(reference),
+            span_size,
+            json,
+            config,
+            creds_file,
+            plain_http,
+            hosts_dir,
+            platform,
+            ..
+        } => {
             let cfg = clip_config::BuilderConfig::load_or_default(config.as_deref())?;
             let platform = match platform {
                 Some(p) => clip_registry::Platform::parse(&p).with_context(|| format!("bad --platform {p:?}"))?,
@@ -208,7 +235,9 @@ fn run(args: Args) -> Result<()> {
             };
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             let result = rt.block_on(async {
-                let repo = clip_builder::remote::repository(&cfg, &reference, creds_file.as_deref(), plain_http, hosts_dir).await?;
+                let repo =
+                    clip_builder::remote::repository(&cfg, &reference, creds_file.as_deref(), plain_http, hosts_dir)
+                        .await?;
                 let image = repo.image.clone();
                 let span_size = span_size.unwrap_or(clip_builder::publish::PUBLISH_SPAN_SIZE);
                 let opts = clip_builder::publish::IndexOptions {
@@ -216,7 +245,13 @@ fn run(args: Args) -> Result<()> {
                     cache_dir: cfg.state_dir.as_ref().map(|d| d.join("indexes")),
                     ..Default::default()
                 };
-                clip_builder::publish::index_image(std::sync::Arc::new(repo), image.manifest_reference(), &platform, &opts).await
+                clip_builder::publish::index_image(
+                    std::sync::Arc::new(repo),
+                    image.manifest_reference(),
+                    &platform,
+                    &opts,
+                )
+                .await
             })?;
             if json {
                 writeln!(out, "{}", serde_json::to_string_pretty(&result)?)?;

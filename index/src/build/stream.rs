@@ -234,7 +234,8 @@ impl<R: Read> LayerStream<R> {
                         }
                         return Err(stream_err("gzip stream is truncated"));
                     }
-                    let step = inf.inflate(&self.inbuf[self.in_pos..self.in_len], &mut self.out, libz_rs_sys::Z_BLOCK)?;
+                    let step =
+                        inf.inflate(&self.inbuf[self.in_pos..self.in_len], &mut self.out, libz_rs_sys::Z_BLOCK)?;
                     let dt = inf.data_type();
                     self.consume(step.consumed);
                     self.uncomp_pos += step.produced as u64;

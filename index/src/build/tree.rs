@@ -123,10 +123,9 @@ impl TreeBuilder {
         let mut mtime_sec = i64::try_from(header.mtime().map_err(terr)?).unwrap_or(i64::MAX);
         let mut mtime_nsec = 0;
         let dev = match kind {
-            EntryKind::CharDevice | EntryKind::BlockDevice => (
-                header.device_major().map_err(terr)?.unwrap_or(0),
-                header.device_minor().map_err(terr)?.unwrap_or(0),
-            ),
+            EntryKind::CharDevice | EntryKind::BlockDevice => {
+                (header.device_major().map_err(terr)?.unwrap_or(0), header.device_minor().map_err(terr)?.unwrap_or(0))
+            }
             _ => (0, 0),
         };
         let path = normalize(&entry.path_bytes())?;
@@ -167,7 +166,20 @@ impl TreeBuilder {
             _ => Vec::new(),
         };
         self.seq += 1;
-        let p = Pending { kind, mode, uid, gid, mtime_sec, mtime_nsec, size, data_offset, link, dev, xattrs, seq: self.seq };
+        let p = Pending {
+            kind,
+            mode,
+            uid,
+            gid,
+            mtime_sec,
+            mtime_nsec,
+            size,
+            data_offset,
+            link,
+            dev,
+            xattrs,
+            seq: self.seq,
+        };
         self.nodes.insert(path, p);
         Ok(())
     }
@@ -233,7 +245,10 @@ impl TreeBuilder {
             let name = path.rsplit(|b| *b == b'/').next().unwrap_or_default().to_vec();
             let name = if idx == 0 { Vec::new() } else { name };
             if p.kind == EntryKind::File && p.data_offset.checked_add(p.size).is_none_or(|e| e > uncompressed_size) {
-                return Err(IndexError::Tar(format!("{:?}: data runs past the end of the layer", String::from_utf8_lossy(path))));
+                return Err(IndexError::Tar(format!(
+                    "{:?}: data runs past the end of the layer",
+                    String::from_utf8_lossy(path)
+                )));
             }
             out.push(EntryRecord {
                 parent: *parent,
@@ -313,7 +328,8 @@ impl TreeBuilder {
             let last = &self.nodes[&order[last].0];
             for &i in &members {
                 let e = &mut out[i];
-                (e.mode, e.uid, e.gid, e.mtime_sec, e.mtime_nsec) = (last.mode, last.uid, last.gid, last.mtime_sec, last.mtime_nsec);
+                (e.mode, e.uid, e.gid, e.mtime_sec, e.mtime_nsec) =
+                    (last.mode, last.uid, last.gid, last.mtime_sec, last.mtime_nsec);
                 e.xattrs = xattrs.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
             }
         }

@@ -104,10 +104,7 @@ fn main() -> anyhow::Result<()> {
         // No runtime: a blocking loop with a handful of descriptors.
         return clip_snapshotter::keeper::serve(socket, std::time::Duration::from_secs(*orphan_timeout_s));
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("clip-snapshotter")
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("clip-snapshotter").build()?;
     match args.command {
         None => runtime.block_on(clip_snapshotter::daemon::run(cfg)),
         Some(Command::KeepFds { .. }) => Ok(()),

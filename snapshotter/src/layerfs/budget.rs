@@ -36,14 +36,15 @@ fn file_size(p: &Path) -> u64 {
 
 impl CacheBudget {
     pub fn new(max_bytes: u64) -> Self {
-        Self {
-            max_bytes,
-            ..Self::default()
-        }
+        Self { max_bytes, ..Self::default() }
     }
 
     /// Reports usage and evictions into these metrics.
-    pub fn with_metrics(mut self, used: prometheus_client::metrics::gauge::Gauge, evictions: prometheus_client::metrics::counter::Counter) -> Self {
+    pub fn with_metrics(
+        mut self,
+        used: prometheus_client::metrics::gauge::Gauge,
+        evictions: prometheus_client::metrics::counter::Counter,
+    ) -> Self {
         self.used_gauge = used;
         self.evictions = evictions;
         self

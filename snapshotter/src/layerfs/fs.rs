@@ -162,11 +162,8 @@ impl LayerFs {
         } else {
             e.clone()
         };
-        let mtime = if e.mtime_sec >= 0 {
-            UNIX_EPOCH + Duration::new(e.mtime_sec as u64, e.mtime_nsec)
-        } else {
-            UNIX_EPOCH
-        };
+        let mtime =
+            if e.mtime_sec >= 0 { UNIX_EPOCH + Duration::new(e.mtime_sec as u64, e.mtime_nsec) } else { UNIX_EPOCH };
         let (kind, size, perm, rdev) = if whiteout {
             (FileType::CharDevice, 0, 0, 0)
         } else {
@@ -318,21 +315,26 @@ fn xattr_reply(reply: ReplyXattr, size: u32, data: &[u8]) {
 impl Filesystem for LayerFs {
     fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
         // Directory listings with attributes in one round trip (ls -l, find, stat walks).
-        let _ = config.add_capabilities(fuser::InitFlags::FUSE_DO_READDIRPLUS | fuser::InitFlags::FUSE_READDIRPLUS_AUTO);
+        let _ =
+            config.add_capabilities(fuser::InitFlags::FUSE_DO_READDIRPLUS | fuser::InitFlags::FUSE_READDIRPLUS_AUTO);
         // Symlink targets never change: the kernel may keep them.
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_CACHE_SYMLINKS);
         // Opens cost a round trip each (a container start opens hundreds of files; overlayfs
         // opens lower files again and again). Without passthrough there is nothing to decide at
         // open: the kernel may open on its own, keeping the page cache (FOPEN_KEEP_CACHE).
         self.no_opendir = config.add_capabilities(fuser::InitFlags::FUSE_NO_OPENDIR_SUPPORT).is_ok();
-        self.no_open = self.files_dir.is_none() && config.add_capabilities(fuser::InitFlags::FUSE_NO_OPEN_SUPPORT).is_ok();
+        self.no_open =
+            self.files_dir.is_none() && config.add_capabilities(fuser::InitFlags::FUSE_NO_OPEN_SUPPORT).is_ok();
         if self.files_dir.is_some() && config.add_capabilities(fuser::InitFlags::FUSE_PASSTHROUGH).is_ok() {
             // Depth 1: backing files on a plain fs, and overlayfs may stack on this mount.
             if config.set_max_stack_depth(1).is_ok() {
                 self.passthrough.store(true, std::sync::atomic::Ordering::Relaxed);
             }
         }
-        tracing::debug!(passthrough = self.passthrough.load(std::sync::atomic::Ordering::Relaxed), "FUSE session initialised");
+        tracing::debug!(
+            passthrough = self.passthrough.load(std::sync::atomic::Ordering::Relaxed),
+            "FUSE session initialised"
+        );
         Ok(())
     }
 
@@ -360,7 +362,9 @@ impl Filesystem for LayerFs {
         }
         match self.entry(ino) {
             // Immutable directories: the kernel may keep their listings.
-            Ok(e) if e.kind == EntryKind::Dir => reply.opened(FileHandle(0), FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE),
+            Ok(e) if e.kind == EntryKind::Dir => {
+                reply.opened(FileHandle(0), FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE)
+            }
             Ok(_) => reply.error(Errno::ENOTDIR),
             Err(e) => reply.error(e),
         }
@@ -411,7 +415,11 @@ impl Filesystem for LayerFs {
                 // before it answered) and nothing closed it; it is wrapped once and kept.
                 #[allow(unsafe_code)]
                 let id = unsafe { reply.wrap_backing(raw) };
-                tracing::debug!(ino = key, backing_id = raw, "passthrough: reusing a backing id of the previous daemon");
+                tracing::debug!(
+                    ino = key,
+                    backing_id = raw,
+                    "passthrough: reusing a backing id of the previous daemon"
+                );
                 backing.insert(key, id);
             }
             let id = match backing.get(&key) {
@@ -544,7 +552,14 @@ impl Filesystem for LayerFs {
         reply.ok();
     }
 
-    fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: fuser::ReplyDirectoryPlus) {
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: fuser::ReplyDirectoryPlus,
+    ) {
         let items = match self.listing(ino) {
             Ok(items) => items,
             Err(e) => return reply.error(e),

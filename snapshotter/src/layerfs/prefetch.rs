@@ -77,9 +77,8 @@ impl Prefetcher {
         for n in 0..policy.threads {
             let shared = shared.clone();
             let group = policy.group_spans.max(1);
-            let spawned = std::thread::Builder::new()
-                .name(format!("clip-prefetch-{n}"))
-                .spawn(move || work(&shared, group));
+            let spawned =
+                std::thread::Builder::new().name(format!("clip-prefetch-{n}")).spawn(move || work(&shared, group));
             if let Err(e) = spawned {
                 tracing::error!(error = %e, "cannot start a prefetch thread");
             }
@@ -173,7 +172,9 @@ fn work(shared: &Shared, group: u32) {
                 cache.metrics.prefetched_spans.inc_by(u64::from(n));
                 tracing::trace!(layer = %cache.index().layer_digest(), first = job.first, last = job.last, spans = n, "prefetched");
             }
-            Err(e) => tracing::debug!(layer = %cache.index().layer_digest(), error = %e, "prefetch failed (a read will fetch again)"),
+            Err(e) => {
+                tracing::debug!(layer = %cache.index().layer_digest(), error = %e, "prefetch failed (a read will fetch again)")
+            }
         }
         cache.foreground.fetch_sub(1, Ordering::Relaxed);
     }
@@ -222,7 +223,12 @@ mod tests {
         (Arc::new(index), Arc::new(SlowBlob { bytes, requests: AtomicU32::new(0), delay }))
     }
 
-    fn cache(index: &Arc<clip_index::Index>, blob: &Arc<SlowBlob>, dir: &std::path::Path, prefetch: Option<PrefetchPolicy>) -> Arc<SpanCache> {
+    fn cache(
+        index: &Arc<clip_index::Index>,
+        blob: &Arc<SlowBlob>,
+        dir: &std::path::Path,
+        prefetch: Option<PrefetchPolicy>,
+    ) -> Arc<SpanCache> {
         let mut c = SpanCache::new(index.clone(), dir.to_path_buf(), blob.clone()).expect("cache");
         c.prefetcher = prefetch.and_then(Prefetcher::start);
         Arc::new(c)
@@ -251,10 +257,12 @@ mod tests {
         let (index, blob) = layer(8, Duration::from_millis(200));
         let c = cache(&index, &blob, dir.path(), None);
         let (a, b) = span_range(&index, 3);
-        let readers: Vec<_> = (0..4).map(|_| {
-            let c = c.clone();
-            std::thread::spawn(move || c.read(a, b).expect("read"))
-        }).collect();
+        let readers: Vec<_> = (0..4)
+            .map(|_| {
+                let c = c.clone();
+                std::thread::spawn(move || c.read(a, b).expect("read"))
+            })
+            .collect();
         let first = readers.into_iter().map(|r| r.join().expect("join")).collect::<Vec<_>>();
         assert!(first.windows(2).all(|w| w[0] == w[1]));
         assert_eq!(blob.requests.load(Ordering::SeqCst), 1, "four readers of one span made more than one request");

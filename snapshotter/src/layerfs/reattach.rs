@@ -47,7 +47,12 @@ fn init_request(passthrough: bool) -> Vec<u8> {
 /// Serves the kept connection `fuse` with `fs`. `passthrough` says whether the kernel granted
 /// passthrough when the layer was first mounted.
 #[allow(unsafe_code)] // dup3 over the session's descriptor
-pub fn reattach(fs: LayerFs, fuse: OwnedFd, name: &str, passthrough: bool) -> std::io::Result<fuser::BackgroundSession> {
+pub fn reattach(
+    fs: LayerFs,
+    fuse: OwnedFd,
+    name: &str,
+    passthrough: bool,
+) -> std::io::Result<fuser::BackgroundSession> {
     let (ours, feeder) =
         nix::sys::socket::socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)?;
     nix::unistd::write(&feeder, &init_request(passthrough))?;

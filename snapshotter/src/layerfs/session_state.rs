@@ -36,7 +36,8 @@ impl SessionState {
     pub fn create(dir: &Path) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let backing = std::fs::File::create(dir.join("backing"))?;
-        let modes = std::fs::File::options().read(true).write(true).create(true).truncate(true).open(dir.join("modes"))?;
+        let modes =
+            std::fs::File::options().read(true).write(true).create(true).truncate(true).open(dir.join("modes"))?;
         Ok(Self {
             dir: dir.to_path_buf(),
             backing: Mutex::new(backing),
@@ -69,7 +70,8 @@ impl SessionState {
             })
             .collect();
         let backing = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("backing"))?;
-        let modes = std::fs::File::options().read(true).write(true).create(true).truncate(false).open(dir.join("modes"))?;
+        let modes =
+            std::fs::File::options().read(true).write(true).create(true).truncate(false).open(dir.join("modes"))?;
         Ok(Self {
             dir: dir.to_path_buf(),
             backing: Mutex::new(backing),

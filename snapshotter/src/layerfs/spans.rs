@@ -206,7 +206,12 @@ impl SpanCache {
     fn claim_run(&self, inflight: &mut HashSet<u32>, first: u32, last: u32, max: usize) -> Vec<u32> {
         let mut spans = Vec::new();
         let mut j = first;
-        while j < self.index.span_count() && j <= last && spans.len() < max && !inflight.contains(&j) && !self.is_cached(j) {
+        while j < self.index.span_count()
+            && j <= last
+            && spans.len() < max
+            && !inflight.contains(&j)
+            && !self.is_cached(j)
+        {
             inflight.insert(j);
             spans.push(j);
             j += 1;
@@ -250,7 +255,8 @@ impl SpanCache {
             !speculative.is_empty() && spans.clone().fold(false, |hit, i| speculative.remove(&i) || hit)
         };
         if guessed_right || self.stats.cache_misses.load(Ordering::Relaxed) != misses {
-            let file_spans = file.and_then(|f| self.index.spans_for(f.start, f.end.saturating_sub(f.start).max(1)).ok());
+            let file_spans =
+                file.and_then(|f| self.index.spans_for(f.start, f.end.saturating_sub(f.start).max(1)).ok());
             p.missed(self, *spans.start(), *spans.end(), file_spans);
         }
         result
@@ -260,10 +266,7 @@ impl SpanCache {
         if end <= start {
             return Ok(Vec::new());
         }
-        let spans = self
-            .index
-            .spans_for(start, end - start)
-            .map_err(|e| SpanError::Index(0, e))?;
+        let spans = self.index.spans_for(start, end - start).map_err(|e| SpanError::Index(0, e))?;
         let mut out = Vec::with_capacity((end - start) as usize);
         let last = *spans.end();
         for i in spans {
@@ -285,8 +288,7 @@ impl SpanCache {
                 budget.touch(&path);
             }
             let mut buf = vec![0u8; (to - from) as usize];
-            f.read_exact_at(&mut buf, from - s.uncomp_start)
-                .map_err(|e| cache_err(&path, e))?;
+            f.read_exact_at(&mut buf, from - s.uncomp_start).map_err(|e| cache_err(&path, e))?;
             out.extend_from_slice(&buf);
         }
         Ok(out)
@@ -368,12 +370,12 @@ impl SpanCache {
             (self.source.fetch(start, end), Ok(None))
         } else {
             std::thread::scope(|scope| {
-            let windows = scope.spawn(|| self.fetch_windows(group));
-            let compressed = self.source.fetch(start, end);
-            let windows = windows.join().unwrap_or_else(|_| {
-                Err(SpanError::Fetch { start, end, message: "the windows fetch panicked".into() })
-            });
-            (compressed, windows)
+                let windows = scope.spawn(|| self.fetch_windows(group));
+                let compressed = self.source.fetch(start, end);
+                let windows = windows.join().unwrap_or_else(|_| {
+                    Err(SpanError::Fetch { start, end, message: "the windows fetch panicked".into() })
+                });
+                (compressed, windows)
             })
         };
         let compressed = compressed.map_err(|message| SpanError::Fetch { start, end, message })?;
@@ -415,7 +417,9 @@ impl SpanCache {
             return Ok(None);
         }
         let locations: Vec<(u64, u32)> = group.iter().filter_map(|s| self.index.window_location(s)).collect();
-        let (Some(first), Some(last)) = (locations.iter().map(|l| l.0).min(), locations.iter().map(|l| l.0 + u64::from(l.1)).max()) else {
+        let (Some(first), Some(last)) =
+            (locations.iter().map(|l| l.0).min(), locations.iter().map(|l| l.0 + u64::from(l.1)).max())
+        else {
             return Ok(None);
         };
         let source = self.windows.as_ref().ok_or_else(|| SpanError::Fetch {
@@ -423,9 +427,8 @@ impl SpanCache {
             end: last,
             message: "the index's windows blob is unknown".into(),
         })?;
-        let bytes = source
-            .fetch(first, last)
-            .map_err(|message| SpanError::Fetch { start: first, end: last, message })?;
+        let bytes =
+            source.fetch(first, last).map_err(|message| SpanError::Fetch { start: first, end: last, message })?;
         self.stats.fetched_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         self.metrics.fetched_bytes.inc_by(bytes.len() as u64);
         Ok(Some((first, bytes)))
@@ -450,8 +453,5 @@ impl SpanCache {
 }
 
 fn cache_err(path: &std::path::Path, source: std::io::Error) -> SpanError {
-    SpanError::Cache {
-        path: path.display().to_string(),
-        source,
-    }
+    SpanError::Cache { path: path.display().to_string(), source }
 }

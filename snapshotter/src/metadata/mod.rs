@@ -12,8 +12,7 @@ pub use record::{DiskUsage, Kind, Record, RemoteLayer, Timestamp};
 
 use crate::error::{Result, SnapshotError};
 use redb::{
-    Database, MultimapTableDefinition, ReadableDatabase, ReadableMultimapTable, ReadableTable,
-    TableDefinition,
+    Database, MultimapTableDefinition, ReadableDatabase, ReadableMultimapTable, ReadableTable, TableDefinition,
 };
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
@@ -66,12 +65,7 @@ impl MetaStore {
         let table = txn.open_table(SNAPSHOTS)?;
         let record = get(&table, key)?.ok_or_else(|| SnapshotError::NotFound(key.to_string()))?;
         let (parent_ids, lazy_parents) = parent_ids(&table, &record.parent)?;
-        Ok(Resolved {
-            key: key.to_string(),
-            record,
-            parent_ids,
-            lazy_parents,
-        })
+        Ok(Resolved { key: key.to_string(), record, parent_ids, lazy_parents })
     }
 
     /// Creates an active or view snapshot. `make_dir(id)` creates its directory inside the
@@ -121,8 +115,8 @@ impl MetaStore {
             let (parent_ids, lazy_parents) = if parent.is_empty() {
                 (Vec::new(), false)
             } else {
-                let p = get(&table, parent)?
-                    .ok_or_else(|| SnapshotError::NotFound(format!("parent snapshot {parent}")))?;
+                let p =
+                    get(&table, parent)?.ok_or_else(|| SnapshotError::NotFound(format!("parent snapshot {parent}")))?;
                 if p.kind != Kind::Committed {
                     return Err(SnapshotError::InvalidArgument(format!(
                         "parent {parent:?} is not a committed snapshot"
@@ -153,12 +147,7 @@ impl MetaStore {
             if !parent.is_empty() {
                 txn.open_multimap_table(CHILDREN)?.insert(parent, key)?;
             }
-            Resolved {
-                key: key.to_string(),
-                record,
-                parent_ids,
-                lazy_parents,
-            }
+            Resolved { key: key.to_string(), record, parent_ids, lazy_parents }
         };
         txn.commit()?;
         Ok(resolved)
@@ -166,13 +155,7 @@ impl MetaStore {
 
     /// Turns the active snapshot `key` into the committed snapshot `name` (same id and
     /// directory), with `labels` replacing the active snapshot's labels.
-    pub fn commit(
-        &self,
-        key: &str,
-        name: &str,
-        labels: BTreeMap<String, String>,
-        usage: DiskUsage,
-    ) -> Result<Record> {
+    pub fn commit(&self, key: &str, name: &str, labels: BTreeMap<String, String>, usage: DiskUsage) -> Result<Record> {
         if name.is_empty() {
             return Err(SnapshotError::InvalidArgument("snapshot name must not be empty".into()));
         }
@@ -182,8 +165,8 @@ impl MetaStore {
             if get(&table, name)?.is_some() {
                 return Err(SnapshotError::AlreadyExists(format!("committed snapshot {name}")));
             }
-            let mut record = get(&table, key)?
-                .ok_or_else(|| SnapshotError::NotFound(format!("active snapshot {key}")))?;
+            let mut record =
+                get(&table, key)?.ok_or_else(|| SnapshotError::NotFound(format!("active snapshot {key}")))?;
             if record.kind != Kind::Active {
                 return Err(SnapshotError::FailedPrecondition(format!(
                     "snapshot {key:?} is {}, not active",
@@ -214,8 +197,7 @@ impl MetaStore {
         let txn = self.db.begin_write()?;
         let record = {
             let mut table = txn.open_table(SNAPSHOTS)?;
-            let record =
-                get(&table, key)?.ok_or_else(|| SnapshotError::NotFound(format!("snapshot {key}")))?;
+            let record = get(&table, key)?.ok_or_else(|| SnapshotError::NotFound(format!("snapshot {key}")))?;
             let mut children = txn.open_multimap_table(CHILDREN)?;
             if children.get(key)?.next().is_some() {
                 return Err(SnapshotError::FailedPrecondition(format!(
@@ -237,8 +219,7 @@ impl MetaStore {
         let txn = self.db.begin_write()?;
         let record = {
             let mut table = txn.open_table(SNAPSHOTS)?;
-            let mut record =
-                get(&table, key)?.ok_or_else(|| SnapshotError::NotFound(format!("snapshot {key}")))?;
+            let mut record = get(&table, key)?.ok_or_else(|| SnapshotError::NotFound(format!("snapshot {key}")))?;
             match update {
                 LabelUpdate::ReplaceAll(labels) => record.labels = labels,
                 LabelUpdate::Keys(keys) => {
@@ -295,10 +276,7 @@ impl MetaStore {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(SNAPSHOTS)?;
         let children = txn.open_multimap_table(CHILDREN)?;
-        let next_id = txn
-            .open_table(COUNTERS)?
-            .get(NEXT_ID)?
-            .map_or(1, |v| v.value());
+        let next_id = txn.open_table(COUNTERS)?.get(NEXT_ID)?.map_or(1, |v| v.value());
         let mut problems = Vec::new();
         let mut ids = HashSet::new();
         for row in table.iter()? {
@@ -319,9 +297,7 @@ impl MetaStore {
                     }
                     Some(_) => {}
                 }
-                let linked = children
-                    .get(r.parent.as_str())?
-                    .any(|c| c.is_ok_and(|c| c.value() == key));
+                let linked = children.get(r.parent.as_str())?.any(|c| c.is_ok_and(|c| c.value() == key));
                 if !linked {
                     problems.push(format!("{key}: no child link from {}", r.parent));
                 }
@@ -333,11 +309,7 @@ impl MetaStore {
                 let kid = kid?;
                 match get(&table, kid.value())? {
                     Some(r) if r.parent == parent.value() => {}
-                    _ => problems.push(format!(
-                        "stale child link {} -> {}",
-                        parent.value(),
-                        kid.value()
-                    )),
+                    _ => problems.push(format!("stale child link {} -> {}", parent.value(), kid.value())),
                 }
             }
         }
@@ -358,16 +330,13 @@ fn get(table: &impl ReadableTable<&'static str, &'static [u8]>, key: &str) -> Re
 }
 
 /// Ids of `parent` and its ancestors, nearest first, and whether one is a remote layer.
-fn parent_ids(
-    table: &impl ReadableTable<&'static str, &'static [u8]>,
-    parent: &str,
-) -> Result<(Vec<u64>, bool)> {
+fn parent_ids(table: &impl ReadableTable<&'static str, &'static [u8]>, parent: &str) -> Result<(Vec<u64>, bool)> {
     let mut ids = Vec::new();
     let mut lazy = false;
     let mut next = parent.to_string();
     while !next.is_empty() {
-        let r = get(table, &next)?
-            .ok_or_else(|| SnapshotError::Database(format!("parent snapshot {next:?} missing")))?;
+        let r =
+            get(table, &next)?.ok_or_else(|| SnapshotError::Database(format!("parent snapshot {next:?} missing")))?;
         ids.push(r.id);
         lazy |= r.remote.is_some();
         if ids.len() > 10_000 {
@@ -393,18 +362,12 @@ mod tests {
         let (_d, s) = store();
         let ok = |_| Ok(());
         let a = s.create(Kind::Active, "a", "", BTreeMap::new(), ok).expect("create");
-        assert!(matches!(
-            s.create(Kind::Active, "a", "", BTreeMap::new(), ok),
-            Err(SnapshotError::AlreadyExists(_))
-        ));
+        assert!(matches!(s.create(Kind::Active, "a", "", BTreeMap::new(), ok), Err(SnapshotError::AlreadyExists(_))));
         assert!(matches!(
             s.create(Kind::Active, "b", "a", BTreeMap::new(), ok),
             Err(SnapshotError::InvalidArgument(_))
         ));
-        assert!(matches!(
-            s.create(Kind::Active, "b", "nope", BTreeMap::new(), ok),
-            Err(SnapshotError::NotFound(_))
-        ));
+        assert!(matches!(s.create(Kind::Active, "b", "nope", BTreeMap::new(), ok), Err(SnapshotError::NotFound(_))));
         let c = s.commit("a", "c", BTreeMap::new(), DiskUsage::default()).expect("commit");
         assert_eq!(c.id, a.record.id);
         let v = s.create(Kind::View, "v", "c", BTreeMap::new(), ok).expect("view");
@@ -437,10 +400,7 @@ mod tests {
         let labels = BTreeMap::from([("l1".to_string(), "v1".to_string()), ("l2".into(), "v2".into())]);
         s.create(Kind::Active, "a", "", labels, |_| Ok(())).expect("create");
         let r = s
-            .update_labels(
-                "a",
-                LabelUpdate::Keys(vec![("l1".into(), Some("new".into())), ("l2".into(), None)]),
-            )
+            .update_labels("a", LabelUpdate::Keys(vec![("l1".into(), Some("new".into())), ("l2".into(), None)]))
             .expect("update");
         assert_eq!(r.labels, BTreeMap::from([("l1".to_string(), "new".to_string())]));
     }

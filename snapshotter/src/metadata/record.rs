@@ -39,10 +39,7 @@ impl Timestamp {
 impl From<SystemTime> for Timestamp {
     fn from(t: SystemTime) -> Self {
         let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-        Self {
-            secs: d.as_secs(),
-            nanos: d.subsec_nanos(),
-        }
+        Self { secs: d.as_secs(), nanos: d.subsec_nanos() }
     }
 }
 

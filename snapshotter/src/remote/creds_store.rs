@@ -43,11 +43,8 @@ impl CredentialStore {
 
     /// Saves the credential labels of an image (replacing earlier ones).
     pub fn save(&self, image_ref: &str, labels: &BTreeMap<String, String>) -> std::io::Result<()> {
-        let stored = Stored {
-            image_ref: image_ref.to_string(),
-            expires_at: now() + self.ttl_s,
-            labels: labels.clone(),
-        };
+        let stored =
+            Stored { image_ref: image_ref.to_string(), expires_at: now() + self.ttl_s, labels: labels.clone() };
         let bytes = serde_json::to_vec(&stored).map_err(std::io::Error::other)?;
         let path = self.path(image_ref);
         let tmp = path.with_extension("tmp");

@@ -156,7 +156,13 @@ impl RemoteLayers {
 
     /// Starts fetching the indexes of the artifact's layers other than `current` that are
     /// neither local nor on the way; [`Self::wait_for_index`] waits for them.
-    fn prefetch_indexes(&self, repo: &Arc<Repository>, artifact_digest: &str, artifact: &serde_json::Value, current: &str) {
+    fn prefetch_indexes(
+        &self,
+        repo: &Arc<Repository>,
+        artifact_digest: &str,
+        artifact: &serde_json::Value,
+        current: &str,
+    ) {
         let Some(layers) = artifact["layers"].as_array() else { return };
         let digests: Vec<String> = layers
             .iter()
@@ -209,7 +215,8 @@ impl RemoteLayers {
 
     /// Waits (bounded) for an index fetched ahead of its layer's Prepare.
     pub(super) fn wait_for_index(&self, layer_digest: &str) {
-        let fetch = self.index_fetches.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(layer_digest).cloned();
+        let fetch =
+            self.index_fetches.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(layer_digest).cloned();
         if let Some(fetch) = fetch {
             fetch.wait(self.fetch_timeout);
             self.index_fetches.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(layer_digest);
@@ -217,12 +224,7 @@ impl RemoteLayers {
     }
 
     fn artifact(&self, repo: &Repository, digest: &str) -> Result<serde_json::Value, String> {
-        if let Some(a) = self
-            .artifacts
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(digest)
-        {
+        if let Some(a) = self.artifacts.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(digest) {
             return Ok(a.clone());
         }
         let fetched = self

@@ -102,10 +102,7 @@ fn pull_secret_key(image: &Reference) -> String {
 /// The chain inputs the `clip.*` credential labels give.
 fn inputs_from_labels(secrets: &std::collections::BTreeMap<String, String>) -> Result<ChainInputs, String> {
     let parse = |label: &str, source: Source| -> Result<Option<Credential>, String> {
-        secrets
-            .get(label)
-            .map(|v| Credential::parse(v, source).map_err(|e| format!("label {label}: {e}")))
-            .transpose()
+        secrets.get(label).map(|v| Credential::parse(v, source).map_err(|e| format!("label {label}: {e}"))).transpose()
     };
     Ok(ChainInputs {
         image_creds: parse(l::IMAGE_CREDS, Source::ImageCreds)?,
@@ -122,10 +119,7 @@ impl RemoteLayers {
         runtime: tokio::runtime::Handle,
         metrics: Arc<crate::metrics::Metrics>,
     ) -> anyhow::Result<Self> {
-        let hosts = HostsConfig {
-            dir: cfg.registry.hosts_dir.clone(),
-            plain_http: false,
-        };
+        let hosts = HostsConfig { dir: cfg.registry.hosts_dir.clone(), plain_http: false };
         let (build_registry, minter) = match &cfg.build_registry {
             Some(br) => {
                 let minter = match &br.credentials {
@@ -141,7 +135,9 @@ impl RemoteLayers {
         let mut pull_secrets = HashMap::new();
         for (image_ref, labels) in creds_store.load() {
             if let Some(repo) = image_ref.strip_prefix(PULL_SECRET_PREFIX) {
-                if let Some(c) = labels.get(PULL_SECRET_KEY).and_then(|v| Credential::parse(v, Source::CriPullSecret).ok()) {
+                if let Some(c) =
+                    labels.get(PULL_SECRET_KEY).and_then(|v| Credential::parse(v, Source::CriPullSecret).ok())
+                {
                     pull_secrets.insert(repo.to_string(), c);
                 }
                 continue;
@@ -258,10 +254,7 @@ impl RemoteLayers {
         let mut map = self.label_creds.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         map.insert(req.image_ref.clone(), inputs);
         // New credentials: a new session picks them up.
-        self.repos
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(&req.image_ref);
+        self.repos.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&req.image_ref);
         Ok(())
     }
 
@@ -296,9 +289,10 @@ impl RemoteLayers {
         }
         self.pull_secrets.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(key.clone(), credential);
         // Sessions of that repository pick the secret up.
-        self.repos.lock().unwrap_or_else(std::sync::PoisonError::into_inner).retain(|r, _| {
-            Reference::parse(r).map_or(true, |i| pull_secret_key(&i) != key)
-        });
+        self.repos
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|r, _| Reference::parse(r).map_or(true, |i| pull_secret_key(&i) != key));
         tracing::info!(repository = %key, "pull secret received through the CRI image service proxy");
         Ok(())
     }
@@ -364,7 +358,13 @@ impl RemoteLayers {
         Ok(self.opened(repo, index, windows, &req.layer_digest))
     }
 
-    fn opened(&self, repo: Arc<Repository>, index: Arc<Index>, windows: Option<String>, layer_digest: &str) -> OpenedLayer {
+    fn opened(
+        &self,
+        repo: Arc<Repository>,
+        index: Arc<Index>,
+        windows: Option<String>,
+        layer_digest: &str,
+    ) -> OpenedLayer {
         OpenedLayer {
             index,
             windows: windows.map(|digest| RegistryBlob {

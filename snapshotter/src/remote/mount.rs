@@ -83,12 +83,17 @@ impl KeeperHandle {
 
     /// Hands a new mount's FUSE connection to the keeper, started if needed. Under the
     /// handle's lock, so that [`Self::stop_if_idle`] cannot stop the keeper in between.
-    pub(super) fn keep(&self, key: &str, fd: std::os::fd::BorrowedFd<'_>, meta: &serde_json::Value) -> Result<(), String> {
+    pub(super) fn keep(
+        &self,
+        key: &str,
+        fd: std::os::fd::BorrowedFd<'_>,
+        meta: &serde_json::Value,
+    ) -> Result<(), String> {
         let mut guard = self.lock();
         if guard.is_none() && self.enabled && !self.start_failed.load(Ordering::Relaxed) {
-            let started = std::env::current_exe()
-                .map_err(|e| e.to_string())
-                .and_then(|exe| KeeperClient::connect_or_spawn(&self.root, &exe, self.orphan_timeout).map_err(|e| e.to_string()));
+            let started = std::env::current_exe().map_err(|e| e.to_string()).and_then(|exe| {
+                KeeperClient::connect_or_spawn(&self.root, &exe, self.orphan_timeout).map_err(|e| e.to_string())
+            });
             match started {
                 Ok(c) => {
                     tracing::info!(pid = c.pid, "fd keeper started");
@@ -225,12 +230,8 @@ impl RemoteLayers {
 
     /// Closes connections the keeper still holds for snapshots that no longer exist.
     pub fn forget_unclaimed(&self) {
-        let rest: Vec<(u64, Kept)> = self
-            .kept
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .drain()
-            .collect();
+        let rest: Vec<(u64, Kept)> =
+            self.kept.lock().unwrap_or_else(std::sync::PoisonError::into_inner).drain().collect();
         for (id, k) in rest {
             if let Some(dir) = k.meta.get("dir").and_then(serde_json::Value::as_str) {
                 crate::dirs::unmount_below(Path::new(dir));
@@ -294,9 +295,7 @@ impl RemoteLayers {
 
     /// Compressed bytes fetched so far for snapshot `id`'s layer.
     pub fn fetched_bytes(&self, id: u64) -> Option<u64> {
-        self.lock_mounts()
-            .get(&id)
-            .map(|m| m.spans.stats.fetched_bytes.load(Ordering::Relaxed))
+        self.lock_mounts().get(&id).map(|m| m.spans.stats.fetched_bytes.load(Ordering::Relaxed))
     }
 
     /// At shutdown: with a keeper, leave every mount to it (the next daemon serves them
