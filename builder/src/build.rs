@@ -97,7 +97,7 @@ fn run_buildah(mut cmd: Command, what: &str, secrets: &[&str]) -> Result<()> {
         .spawn()
         .map_err(|e| anyhow::anyhow!("cannot run buildah ({e}); is it installed (apt install buildah)?"))?;
     let owned: Vec<String> = secrets.iter().map(ToString::to_string).collect();
-    let tail = std::sync::Arc::new(std::sync::Mutex::new(std::collections::VecDeque::<String>::new()));
+    let tail = std::sync::Arc::new(parking_lot::Mutex::new(std::collections::VecDeque::<String>::new()));
     let pump = |stream: Box<dyn std::io::Read + Send>| {
         let (owned, tail) = (owned.clone(), tail.clone());
         std::thread::spawn(move || {
@@ -105,7 +105,7 @@ fn run_buildah(mut cmd: Command, what: &str, secrets: &[&str]) -> Result<()> {
             for line in std::io::BufReader::new(stream).lines().map_while(Result::ok) {
                 let line = redact(&line, &refs);
                 eprintln!("buildah: {line}");
-                let mut t = tail.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let mut t = tail.lock();
                 t.push_back(line);
                 if t.len() > 40 {
                     t.pop_front();
@@ -125,7 +125,7 @@ fn run_buildah(mut cmd: Command, what: &str, secrets: &[&str]) -> Result<()> {
         let _ = p.join();
     }
     if !status.success() {
-        let t = tail.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let t = tail.lock();
         let text: Vec<&str> = t.iter().map(String::as_str).collect();
         bail!("buildah {what} failed ({status}):\n{}", text.join("\n"));
     }

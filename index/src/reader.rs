@@ -6,8 +6,9 @@ use crate::build::sha256;
 use crate::format::{CheckpointKind, Compression, Entry, EntryKind, Index, SpanInfo};
 use crate::inflate::{GZIP, Inflater, RAW};
 
-/// Reads byte ranges of the layer blob (a local file, an HTTP Range request, a cache...).
-pub trait RangeFetcher {
+/// Reads byte ranges of the layer blob (a local file, an HTTP Range request, a cache...): the
+/// one blob-fetching trait of clip; the snapshotter's read path fetches spans through it too.
+pub trait RangeFetcher: Send + Sync {
     /// Returns exactly `len` bytes at `offset` of the blob, or an error.
     fn fetch(&self, offset: u64, len: u64) -> Result<Vec<u8>, IndexError>;
 }

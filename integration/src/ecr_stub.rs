@@ -5,7 +5,8 @@
 use crate::http_stub::{HttpStub, StubResponse};
 use anyhow::Result;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use parking_lot::Mutex;
+use std::sync::Arc;
 
 #[derive(Debug)]
 pub struct FakeEcr {
@@ -40,7 +41,7 @@ impl FakeEcr {
             let n = c.fetch_add(1, Ordering::SeqCst);
             let password = format!("ecr-password-{n}");
             let expires = now() + ttl_s as f64;
-            i.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push((password.clone(), expires));
+            i.lock().push((password.clone(), expires));
             use base64::Engine;
             let token = base64::engine::general_purpose::STANDARD.encode(format!("AWS:{password}"));
             let mut r = StubResponse::json(
@@ -65,7 +66,6 @@ impl FakeEcr {
             user == "AWS"
                 && issued
                     .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .iter()
                     .any(|(p, exp)| p == password && *exp > now())
         })

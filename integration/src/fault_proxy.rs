@@ -11,7 +11,8 @@ use anyhow::Result;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use parking_lot::Mutex;
+use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
@@ -50,7 +51,7 @@ impl FaultProxy {
                 match listener.accept() {
                     Ok((conn, _)) => {
                         let n = c.fetch_add(1, Ordering::SeqCst);
-                        let mode = *m.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                        let mode = *m.lock();
                         let (up, f) = (up.clone(), f.clone());
                         std::thread::spawn(move || {
                             let _ = handle(conn, &up, mode, n, &f);
@@ -69,7 +70,7 @@ impl FaultProxy {
     }
 
     pub fn set_mode(&self, mode: Fault) {
-        *self.mode.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = mode;
+        *self.mode.lock() = mode;
     }
 
     pub fn faults_injected(&self) -> u64 {

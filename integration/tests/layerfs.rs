@@ -10,7 +10,9 @@ use clip_integration::registry::Registry;
 use clip_integration::tree::{describe_tree_with, diff_trees};
 use clip_integration::{TestDir, require_root, run};
 use clip_registry::{CredentialChain, HostsConfig, Reference, RegistryClient};
-use clip_snapshotter::layerfs::{self, LayerFs, RegistryBlob, SpanCache};
+use clip_layerfs::{self as layerfs, LayerFs};
+use clip_readpath::SpanCache;
+use clip_snapshotter::remote::RegistryBlob;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -107,7 +109,7 @@ fn fuse_layers_of_the_python_image_match_containerd_unpacking_and_fetch_lazily()
         got.remove(Path::new(""));
         let diffs = diff_trees(&want, &got, 20);
         assert!(diffs.is_empty(), "layer {n} ({digest}) differs:\n{}", diffs.join("\n"));
-        let fetched = m.spans.stats.fetched_bytes.load(Ordering::SeqCst);
+        let fetched = m.spans.stats().fetched_bytes.load(Ordering::SeqCst);
         eprintln!("layer {n}: {} entries identical; whole-tree read fetched {fetched} of {size} bytes", got.len());
         total += got.len();
     }
@@ -145,7 +147,7 @@ fn small_reads_fetch_little_corrupted_spans_fail_and_a_vanished_registry_recover
     let (small, _) = files.last().context("a file")?.clone();
     let got = std::fs::read(m.mountpoint.join(&small))?;
     assert_eq!(got, std::fs::read(reference.join(&small))?);
-    let fetched = m.spans.stats.fetched_bytes.load(Ordering::SeqCst);
+    let fetched = m.spans.stats().fetched_bytes.load(Ordering::SeqCst);
     eprintln!("reading {} fetched {fetched} of {size} compressed bytes", small.display());
     assert!(fetched * 4 < size, "a small read fetched {fetched} of {size}");
 

@@ -52,11 +52,11 @@ pub struct RegistryClient {
     pub hosts: HostsConfig,
     pub retry: RetryPolicy,
     pub timeouts: Timeouts,
-    clients: std::sync::Mutex<HashMap<(Vec<PathBuf>, bool), reqwest::Client>>,
+    clients: parking_lot::Mutex<HashMap<(Vec<PathBuf>, bool), reqwest::Client>>,
     /// Registries reached over plain HTTP where no `hosts.toml` says otherwise: hosts of
     /// [`Endpoint::http_fallback`] endpoints that answered plain HTTP, not TLS, and those a
     /// client asked for with `--plain-http` ([`Self::use_plain_http`]).
-    plain_hosts: std::sync::Mutex<std::collections::HashSet<String>>,
+    plain_hosts: parking_lot::Mutex<std::collections::HashSet<String>>,
 }
 
 impl RegistryClient {
@@ -69,8 +69,8 @@ impl RegistryClient {
             hosts,
             retry,
             timeouts,
-            clients: std::sync::Mutex::new(HashMap::new()),
-            plain_hosts: std::sync::Mutex::new(std::collections::HashSet::new()),
+            clients: parking_lot::Mutex::new(HashMap::new()),
+            plain_hosts: parking_lot::Mutex::new(std::collections::HashSet::new()),
         })
     }
 
@@ -84,14 +84,14 @@ impl RegistryClient {
             chain,
             push: false,
             auth: tokio::sync::Mutex::new(AuthState::default()),
-            redirects: std::sync::Mutex::new(HashMap::new()),
+            redirects: parking_lot::Mutex::new(HashMap::new()),
         })
     }
 
     /// Reaches `registry` (`host[:port]`) over plain HTTP from now on, unless a `hosts.toml`
     /// configures it (`clip-snapshotter pull --plain-http`).
     pub fn use_plain_http(&self, registry: &str) {
-        self.plain_hosts.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(registry.to_string());
+        self.plain_hosts.lock().insert(registry.to_string());
     }
 
     /// The API base of `endpoint` as it answers: plain HTTP once a fallback endpoint did, or
@@ -107,7 +107,7 @@ impl RegistryClient {
     }
 
     fn is_plain(&self, host: &str) -> bool {
-        self.plain_hosts.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains(host)
+        self.plain_hosts.lock().contains(host)
     }
 
     /// After a failed TLS connection to a fallback endpoint: whether to try plain HTTP (once
@@ -118,7 +118,7 @@ impl RegistryClient {
             return false;
         }
         let first =
-            self.plain_hosts.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(endpoint.host.clone());
+            self.plain_hosts.lock().insert(endpoint.host.clone());
         if first {
             tracing::info!(registry = %endpoint.host, "loopback registry does not speak TLS; using plain HTTP");
         }
@@ -127,7 +127,7 @@ impl RegistryClient {
 
     fn http(&self, endpoint: &Endpoint) -> Result<reqwest::Client> {
         let key = endpoint.tls_key();
-        let mut clients = self.clients.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut clients = self.clients.lock();
         if let Some(c) = clients.get(&key) {
             return Ok(c.clone());
         }
@@ -220,7 +220,7 @@ pub struct Repository {
     chain: CredentialChain,
     push: bool,
     auth: tokio::sync::Mutex<AuthState>,
-    redirects: std::sync::Mutex<HashMap<String, (String, Instant)>>,
+    redirects: parking_lot::Mutex<HashMap<String, (String, Instant)>>,
 }
 
 impl std::fmt::Debug for Repository {
@@ -490,7 +490,6 @@ impl Repository {
             let cached = self
                 .redirects
                 .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .get(key)
                 .filter(|(_, at)| at.elapsed() < REDIRECT_TTL)
                 .map(|(u, _)| u.clone());
@@ -499,7 +498,7 @@ impl Repository {
                 match resp {
                     Ok(r) if r.status().is_success() => return Ok(r),
                     _ => {
-                        self.redirects.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(key);
+                        self.redirects.lock().remove(key);
                     }
                 }
             }
@@ -549,7 +548,6 @@ impl Repository {
                 if let Some(key) = &op.redirect_key {
                     self.redirects
                         .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
                         .insert(key.clone(), (next.clone(), Instant::now()));
                 }
             }

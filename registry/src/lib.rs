@@ -1,6 +1,7 @@
 //! `clip-registry`: the only crate that speaks HTTP to registries.
 //!
 //! - [`reference`]: image references and registry name normalisation;
+//! - [`image`]: chain ids from an image config's diff ids;
 //! - [`hosts`]: containerd `hosts.toml` (mirrors, CA, skip_verify, plain HTTP);
 //! - [`client`]: HTTP clients, the per-repository request loop (endpoints, retries, auth
 //!   challenges along the credential chain, redirects without `Authorization`);
@@ -15,6 +16,7 @@ pub mod client;
 pub mod credentials;
 pub mod error;
 pub mod hosts;
+pub mod image;
 pub mod mint;
 pub mod reference;
 mod secret;

@@ -23,7 +23,7 @@ use containerd_client::tonic::{Request, transport::Channel};
 use futures::StreamExt;
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use parking_lot::Mutex;
 
 /// The manifest label that names its config (set by containerd's pull before unpacking).
 const CONFIG_REF_LABEL: &str = "containerd.io/gc.ref.content.config";
@@ -189,7 +189,7 @@ impl ContentLookup {
     }
 
     fn cached_chain(&self, config: &str) -> Option<Vec<String>> {
-        self.chains.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(config).cloned()
+        self.chains.lock().get(config).cloned()
     }
 
     async fn read_chain(
@@ -201,8 +201,8 @@ impl ContentLookup {
         let bytes = read_blob(client, namespace, config).await?;
         let diff_ids =
             config_diff_ids(&bytes).map_err(|e| LookupError::Malformed(format!("image config {config}: {e}")))?;
-        let chain = crate::pull::chain_ids(&diff_ids);
-        self.chains.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(config.to_string(), chain.clone());
+        let chain = clip_registry::image::chain_ids(&diff_ids);
+        self.chains.lock().insert(config.to_string(), chain.clone());
         Ok(chain)
     }
 }

@@ -68,10 +68,10 @@ pub async fn run(cfg: SnapshotterConfig) -> anyhow::Result<()> {
     let cri_proxy = match &cfg.cri.image_service_address {
         Some(address) => {
             let containerd = cfg.cri.containerd_address.clone().unwrap_or_else(|| cfg.containerd_address.clone());
-            let proxy = crate::cri_proxy::CriImageProxy::new(&containerd, remote.clone());
+            let proxy = clip_cri_proxy::CriImageProxy::new(&containerd, remote.clone());
             let (address, stop) = (address.clone(), stopped(stop_rx.clone()));
             Some(tokio::spawn(async move {
-                if let Err(e) = crate::cri_proxy::serve(&address, proxy, stop).await {
+                if let Err(e) = clip_cri_proxy::serve(&address, proxy, stop).await {
                     tracing::error!(error = format!("{e:#}"), "the CRI image service proxy stopped");
                 }
             }))

@@ -130,17 +130,7 @@ fn disk_usage(root: &Path) -> Result<DiskUsage> {
 /// Detaches every mount at or below `path` (deepest first): stale FUSE layers of a previous
 /// daemon, before a directory is reused or deleted.
 pub fn unmount_below(path: &Path) {
-    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
-        return;
-    };
-    let mut points: Vec<PathBuf> = info
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|p| PathBuf::from(p.replace("\\040", " ")))
-        .filter(|p| p.starts_with(path))
-        .collect();
-    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    for p in points {
+    for p in clip_fsutil::mountinfo::mount_points_below(path) {
         if let Err(e) = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH) {
             tracing::warn!(path = %p.display(), error = %e, "cannot unmount");
         }

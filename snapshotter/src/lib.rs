@@ -1,6 +1,8 @@
-//! `clip-snapshotter`: the containerd proxy snapshotter.
-//!
-//! The only crate that talks to containerd and FUSE. Map:
+//! `clip-snapshotter`: the containerd proxy snapshotter service — the snapshots API over gRPC,
+//! its metadata, and remote Prepare (finding a layer's index and mounting it lazily). The read
+//! path (`clip-readpath`), the FUSE layer and its restart machinery (`clip-layerfs`), the CRI
+//! image-service proxy (`clip-cri-proxy`) and the pull client (`clip-pull`) are crates of their
+//! own; `docs/architecture.md` draws the graph and the flows. Map:
 //! - [`daemon`]: socket, gRPC server, readiness, signals;
 //! - [`service`]: the snapshots API (Prepare, View, Mounts, Commit, Remove, Stat, Update,
 //!   Usage, Walk, Cleanup) with containerd's semantics and error codes;
@@ -8,31 +10,24 @@
 //! - [`dirs`]: the snapshot directories `snapshots/<id>/{fs,work}` and their disk usage;
 //! - [`mounts`]: the bind and overlay mounts handed to containerd;
 //! - [`labels`]: where snapshot labels are validated and secret labels split off;
-//! - [`layerfs`]: lazy layers over FUSE and the span cache (where a span is fetched);
-//! - [`remote`]: remote Prepare — finding a layer's index and mounting it lazily;
+//! - [`remote`]: remote Prepare — finding a layer's index and mounting it lazily (where a
+//!   mount is made: [`remote::mount`]);
 //! - [`content_lookup`]: which image layer a Prepare without layer labels is, from
 //!   containerd's content store; [`request_namespace`]: the namespace of the call;
-//! - [`keeper`]: the process that keeps FUSE connections alive across daemon restarts;
-//! - [`cri_proxy`]: the CRI image service proxy that hands kubelet's pull secrets to lazy layers;
-//! - [`pull`]: the `pull` client that prepares an image's layers through containerd;
 //! - [`filter`]: containerd's filter syntax for Walk;
 //! - [`metrics`]: Prometheus counters and latencies; [`logging`]: tracing set-up.
 //!
 
 pub mod content_lookup;
-pub mod cri_proxy;
 pub mod daemon;
 pub mod dirs;
 pub mod error;
 pub mod filter;
-pub mod keeper;
 pub mod labels;
-pub mod layerfs;
 pub mod logging;
 pub mod metadata;
 pub mod metrics;
 pub mod mounts;
-pub mod pull;
 pub mod remote;
 pub mod request_namespace;
 pub mod service;

@@ -6,6 +6,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+pub use clip_readpath::LayerMetrics;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,20 +27,6 @@ struct MethodLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LayerLabels {
     layer: String,
-}
-
-/// The read-path counters of one lazily served layer (handles into the registry's families).
-#[derive(Clone, Debug, Default)]
-pub struct LayerMetrics {
-    pub fetched_bytes: Counter,
-    pub fetches: Counter,
-    pub span_hits: Counter,
-    pub span_misses: Counter,
-    pub spans_local: prometheus_client::metrics::gauge::Gauge,
-    pub spans_total: prometheus_client::metrics::gauge::Gauge,
-    pub read_seconds: Option<Histogram>,
-    pub passthrough_opens: Counter,
-    pub prefetched_spans: Counter,
 }
 
 /// The daemon's metrics registry.

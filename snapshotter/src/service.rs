@@ -30,7 +30,7 @@ pub struct State {
     pub remote: Option<Arc<RemoteLayers>>,
     /// One remote Prepare at a time per (parent, target): concurrent pulls of images sharing
     /// a layer must not mount it twice.
-    remote_targets: std::sync::Mutex<HashMap<(String, String), Arc<std::sync::Mutex<()>>>>,
+    remote_targets: parking_lot::Mutex<HashMap<(String, String), Arc<parking_lot::Mutex<()>>>>,
 }
 
 impl State {
@@ -39,7 +39,7 @@ impl State {
         std::fs::create_dir_all(root).map_err(|e| SnapshotError::io(format!("creating {}", root.display()), e))?;
         let dirs = SnapshotDirs::open(root)?;
         let store = MetaStore::open(&root.join("metadata.redb"))?;
-        Ok(Self { store, dirs, remote: None, remote_targets: std::sync::Mutex::new(HashMap::new()) })
+        Ok(Self { store, dirs, remote: None, remote_targets: parking_lot::Mutex::new(HashMap::new()) })
     }
 
     /// Serves again the remote layers the metadata records: their kept FUSE connections when
@@ -150,15 +150,14 @@ impl State {
         let lock = self
             .remote_targets
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .entry(slot.clone())
             .or_default()
             .clone();
         let result = {
-            let _serialized = lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let _serialized = lock.lock();
             self.prepare_remote_locked(remote, key, parent, labels, req)
         };
-        let mut targets = self.remote_targets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut targets = self.remote_targets.lock();
         if Arc::strong_count(&lock) == 2 {
             targets.remove(&slot);
         }

@@ -102,7 +102,7 @@ fn main() -> anyhow::Result<()> {
     clip_snapshotter::logging::init(&cfg.log_level, cfg.log_format)?;
     if let Some(Command::KeepFds { socket, orphan_timeout_s }) = &args.command {
         // No runtime: a blocking loop with a handful of descriptors.
-        return clip_snapshotter::keeper::serve(socket, std::time::Duration::from_secs(*orphan_timeout_s));
+        return clip_layerfs::keeper::serve(socket, std::time::Duration::from_secs(*orphan_timeout_s));
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("clip-snapshotter").build()?;
     match args.command {
@@ -127,7 +127,7 @@ fn main() -> anyhow::Result<()> {
                 Some(f) => Some(std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?),
                 None => creds,
             };
-            let opts = clip_snapshotter::pull::PullOptions {
+            let opts = clip_pull::PullOptions {
                 containerd_address,
                 namespace,
                 snapshotter,
@@ -141,7 +141,7 @@ fn main() -> anyhow::Result<()> {
                     None => clip_registry::Platform::default(),
                 },
             };
-            let report = runtime.block_on(clip_snapshotter::pull::pull(&opts, &reference))?;
+            let report = runtime.block_on(clip_pull::pull(&opts, &reference))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

@@ -18,7 +18,7 @@ pub(super) fn run(manager: Weak<RemoteLayers>, start_delay: Duration) {
         }
         // The next missing span of the longest-mounted layer that is old enough.
         let candidate = {
-            let mounts = m.mounts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mounts = m.mounts.lock();
             let mut layers: Vec<_> = mounts
                 .values()
                 .filter(|l| l.mounted_at.elapsed() >= start_delay && !l.complete.load(Ordering::Relaxed))

@@ -92,19 +92,19 @@ fn store_index(
 /// An index fetch under way ahead of its layer's Prepare.
 #[derive(Debug, Default)]
 pub(super) struct IndexFetch {
-    done: std::sync::Mutex<bool>,
-    cv: std::sync::Condvar,
+    done: parking_lot::Mutex<bool>,
+    cv: parking_lot::Condvar,
 }
 
 impl IndexFetch {
     fn finish(&self) {
-        *self.done.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = true;
+        *self.done.lock() = true;
         self.cv.notify_all();
     }
 
     fn wait(&self, limit: std::time::Duration) {
-        let done = self.done.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let _ = self.cv.wait_timeout_while(done, limit, |d| !*d);
+        let mut done = self.done.lock();
+        let _ = self.cv.wait_while_for(&mut done, |d| !*d, limit);
     }
 }
 
@@ -176,7 +176,7 @@ impl RemoteLayers {
                 continue;
             }
             let done = {
-                let mut inflight = self.index_fetches.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let mut inflight = self.index_fetches.lock();
                 if inflight.contains_key(&layer) {
                     continue;
                 }
@@ -216,15 +216,15 @@ impl RemoteLayers {
     /// Waits (bounded) for an index fetched ahead of its layer's Prepare.
     pub(super) fn wait_for_index(&self, layer_digest: &str) {
         let fetch =
-            self.index_fetches.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(layer_digest).cloned();
+            self.index_fetches.lock().get(layer_digest).cloned();
         if let Some(fetch) = fetch {
             fetch.wait(self.fetch_timeout);
-            self.index_fetches.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(layer_digest);
+            self.index_fetches.lock().remove(layer_digest);
         }
     }
 
     fn artifact(&self, repo: &Repository, digest: &str) -> Result<serde_json::Value, String> {
-        if let Some(a) = self.artifacts.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(digest) {
+        if let Some(a) = self.artifacts.lock().get(digest) {
             return Ok(a.clone());
         }
         let fetched = self
@@ -235,7 +235,6 @@ impl RemoteLayers {
             serde_json::from_slice(&fetched.bytes).map_err(|e| format!("index artifact {digest}: {e}"))?;
         self.artifacts
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(digest.to_string(), value.clone());
         Ok(value)
     }

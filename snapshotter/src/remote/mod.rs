@@ -5,14 +5,15 @@
 //! unpacks it. Failures are returned as reasons; the caller falls back to an ordinary snapshot.
 
 mod background;
+mod blob;
 mod creds_store;
 mod discover;
 mod mount;
 
+pub use blob::RegistryBlob;
 pub use creds_store::CredentialStore;
 
 use crate::labels::RemoteRequest;
-use crate::layerfs::RegistryBlob;
 use clip_config::SnapshotterConfig;
 use clip_config::labels as l;
 use clip_index::Index;
@@ -20,7 +21,8 @@ use clip_registry::credentials::{BuildRegistryScope, ChainInputs, Credential, Cr
 use clip_registry::{HostsConfig, Reference, RegistryClient, Repository, TokenMinter};
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use parking_lot::Mutex;
+use std::sync::Arc;
 
 use mount::Mounted;
 
@@ -54,7 +56,7 @@ pub struct RemoteLayers {
     /// Whether large local files are served with FUSE passthrough.
     passthrough: bool,
     /// Speculative fetching after misses (`None`: off).
-    prefetcher: Option<Arc<crate::layerfs::prefetch::Prefetcher>>,
+    prefetcher: Option<Arc<clip_readpath::Prefetcher>>,
     metrics: Arc<crate::metrics::Metrics>,
     /// Container reads waiting for a fetch, across layers (the background fetcher yields).
     foreground: Arc<std::sync::atomic::AtomicU32>,
@@ -63,12 +65,12 @@ pub struct RemoteLayers {
     /// Bound on one span fetch with its retries.
     fetch_timeout: std::time::Duration,
     /// The disk budget of all span caches.
-    pub(crate) budget: Arc<crate::layerfs::budget::CacheBudget>,
+    pub(crate) budget: Arc<clip_readpath::CacheBudget>,
     /// Layers a restart could not serve (their index and registry were away), by snapshot id:
     /// image reference and layer digest. Served again when a snapshot above them is used.
     unservable: Mutex<HashMap<u64, (String, String)>>,
     /// Connections the keeper handed back at start, by snapshot id, until reattached.
-    kept: Mutex<HashMap<u64, crate::keeper::Kept>>,
+    kept: Mutex<HashMap<u64, clip_layerfs::keeper::Kept>>,
 }
 
 impl std::fmt::Debug for RemoteLayers {
@@ -153,7 +155,7 @@ impl RemoteLayers {
             tracing::info!(images = label_creds.len(), "restored label credentials from the credential store");
         }
         let (keeper, kept) = mount::KeeperHandle::new(cfg);
-        let budget = crate::layerfs::budget::CacheBudget::new(cfg.lazy.cache_max_bytes)
+        let budget = clip_readpath::CacheBudget::new(cfg.lazy.cache_max_bytes)
             .with_metrics(metrics.cache_bytes.clone(), metrics.cache_evictions.clone());
         metrics.cache_limit_bytes.set(i64::try_from(cfg.lazy.cache_max_bytes).unwrap_or(i64::MAX));
         budget.scan(&cfg.root.join("spans"), &cfg.root.join("files"));
@@ -178,7 +180,7 @@ impl RemoteLayers {
             index_fetches: Mutex::new(HashMap::new()),
             readahead_spans: cfg.lazy.readahead_spans,
             passthrough: cfg.lazy.passthrough,
-            prefetcher: crate::layerfs::prefetch::Prefetcher::start(crate::layerfs::prefetch::PrefetchPolicy {
+            prefetcher: clip_readpath::Prefetcher::start(clip_readpath::PrefetchPolicy {
                 threads: cfg.lazy.prefetch_threads,
                 neighbour_spans: cfg.lazy.prefetch_neighbour_spans,
                 file_spans: cfg.lazy.prefetch_file_spans,
@@ -251,49 +253,10 @@ impl RemoteLayers {
         if let Err(e) = self.creds_store.save(&req.image_ref, &req.secrets) {
             tracing::warn!(image = %req.image_ref, error = %e, "cannot persist label credentials; they will not survive a restart");
         }
-        let mut map = self.label_creds.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut map = self.label_creds.lock();
         map.insert(req.image_ref.clone(), inputs);
         // New credentials: a new session picks them up.
-        self.repos.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&req.image_ref);
-        Ok(())
-    }
-
-    /// For an image of the configured build registry: a token minted from the configured
-    /// long-term credentials (the CRI proxy passes it to containerd when kubelet gave none).
-    pub async fn build_registry_credential(&self, image_ref: &str) -> Option<Credential> {
-        let image = Reference::parse(image_ref).ok()?;
-        if !self.build_registry.as_ref().is_some_and(|b| b.covers(&image)) {
-            return None;
-        }
-        match self.minter.as_ref()?.credential(false).await {
-            Ok(c) => Some(c),
-            Err(e) => {
-                tracing::warn!(image = %image_ref, error = %e, "cannot mint a build registry token");
-                None
-            }
-        }
-    }
-
-    /// Remembers the pull secret kubelet passed for `image_ref` (CRI image service proxy), for
-    /// that image's repository: in memory and in the root-only store until it expires. Never
-    /// logged.
-    pub fn remember_pull_secret(&self, image_ref: &str, credential: Credential) -> Result<(), String> {
-        let image = Reference::parse(image_ref).map_err(|e| e.to_string())?;
-        let key = pull_secret_key(&image);
-        let stored = std::collections::BTreeMap::from([(
-            PULL_SECRET_KEY.to_string(),
-            format!("{}:{}", credential.username, credential.password.expose()),
-        )]);
-        if let Err(e) = self.creds_store.save(&format!("{PULL_SECRET_PREFIX}{key}"), &stored) {
-            tracing::warn!(repository = %key, error = %e, "cannot persist a pull secret; it will not survive a restart");
-        }
-        self.pull_secrets.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(key.clone(), credential);
-        // Sessions of that repository pick the secret up.
-        self.repos
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .retain(|r, _| Reference::parse(r).map_or(true, |i| pull_secret_key(&i) != key));
-        tracing::info!(repository = %key, "pull secret received through the CRI image service proxy");
+        self.repos.lock().remove(&req.image_ref);
         Ok(())
     }
 
@@ -307,9 +270,7 @@ impl RemoteLayers {
             std::fs::read_to_string(&path).unwrap_or_default().lines().map(str::to_string).collect();
         if hosts.insert(registry.clone()) {
             let text: String = hosts.iter().map(|h| format!("{h}\n")).collect();
-            let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, text)
-                .and_then(|()| std::fs::rename(&tmp, &path))
+            clip_fsutil::atomic_write(&path, text.as_bytes(), 0o600, clip_fsutil::Durability::Durable)
                 .map_err(|e| format!("recording plain HTTP for {registry} in {}: {e}", path.display()))?;
             tracing::info!(%registry, "reaching this registry over plain HTTP, as its client asked");
         }
@@ -318,7 +279,7 @@ impl RemoteLayers {
 
     /// The registry session of an image, with its credential chain.
     fn repository(&self, image_ref: &str) -> Result<Arc<Repository>, String> {
-        let mut repos = self.repos.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut repos = self.repos.lock();
         if let Some(r) = repos.get(image_ref) {
             return Ok(r.clone());
         }
@@ -326,14 +287,12 @@ impl RemoteLayers {
         let mut inputs = self
             .label_creds
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(image_ref)
             .cloned()
             .unwrap_or_default();
         inputs.cri_pull_secret = self
             .pull_secrets
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(&pull_secret_key(&image))
             .cloned();
         inputs.build_registry = self.build_registry.clone();
@@ -406,5 +365,46 @@ impl RemoteLayers {
             }
         };
         Ok(self.opened(repo, index, windows, layer_digest))
+    }
+}
+
+/// What the CRI image-service proxy hands over: pull secrets, and minted build registry tokens.
+impl clip_cri_proxy::PullSecrets for RemoteLayers {
+    /// For an image of the configured build registry: a token minted from the configured
+    /// long-term credentials (the CRI proxy passes it to containerd when kubelet gave none).
+    async fn build_registry_credential(&self, image_ref: &str) -> Option<Credential> {
+        let image = Reference::parse(image_ref).ok()?;
+        if !self.build_registry.as_ref().is_some_and(|b| b.covers(&image)) {
+            return None;
+        }
+        match self.minter.as_ref()?.credential(false).await {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(image = %image_ref, error = %e, "cannot mint a build registry token");
+                None
+            }
+        }
+    }
+
+    /// Remembers the pull secret kubelet passed for `image_ref` (CRI image service proxy), for
+    /// that image's repository: in memory and in the root-only store until it expires. Never
+    /// logged.
+    fn remember_pull_secret(&self, image_ref: &str, credential: Credential) -> Result<(), String> {
+        let image = Reference::parse(image_ref).map_err(|e| e.to_string())?;
+        let key = pull_secret_key(&image);
+        let stored = std::collections::BTreeMap::from([(
+            PULL_SECRET_KEY.to_string(),
+            format!("{}:{}", credential.username, credential.password.expose()),
+        )]);
+        if let Err(e) = self.creds_store.save(&format!("{PULL_SECRET_PREFIX}{key}"), &stored) {
+            tracing::warn!(repository = %key, error = %e, "cannot persist a pull secret; it will not survive a restart");
+        }
+        self.pull_secrets.lock().insert(key.clone(), credential);
+        // Sessions of that repository pick the secret up.
+        self.repos
+            .lock()
+            .retain(|r, _| Reference::parse(r).map_or(true, |i| pull_secret_key(&i) != key));
+        tracing::info!(repository = %key, "pull secret received through the CRI image service proxy");
+        Ok(())
     }
 }

@@ -1,12 +1,13 @@
 //! Where a lazy layer's FUSE mount is made, served again after a restart, and taken down.
 //! Every new mount's `/dev/fuse` descriptor is also handed to the fd keeper
-//! ([`crate::keeper`]), so a restarted daemon finds its mounts alive and serves them again
-//! ([`crate::layerfs::reattach`]) instead of breaking the containers that use them.
+//! ([`clip_layerfs::keeper`]), so a restarted daemon finds its mounts alive and serves them
+//! again ([`clip_layerfs::reattach`]) instead of breaking the containers that use them.
 
 use super::{OpenedLayer, RemoteLayers};
-use crate::keeper::{KeeperClient, Kept};
-use crate::layerfs::session_state::SessionState;
-use crate::layerfs::{self, LayerFs, SpanCache};
+use clip_layerfs::keeper::{KeeperClient, Kept};
+use clip_layerfs::session_state::SessionState;
+use clip_layerfs::{self as layerfs, LayerFs};
+use clip_readpath::{MissObserver, RangeFetcher, SpanCache, SpanCacheOptions};
 use clip_config::SnapshotterConfig;
 use std::collections::HashMap;
 use std::os::fd::AsFd;
@@ -30,7 +31,7 @@ pub(super) struct KeeperHandle {
     root: PathBuf,
     orphan_timeout: std::time::Duration,
     enabled: bool,
-    client: std::sync::Mutex<Option<Arc<KeeperClient>>>,
+    client: parking_lot::Mutex<Option<Arc<KeeperClient>>>,
     start_failed: std::sync::atomic::AtomicBool,
 }
 
@@ -41,7 +42,7 @@ impl KeeperHandle {
             root: cfg.root.clone(),
             orphan_timeout: std::time::Duration::from_secs(cfg.lazy.orphan_timeout_s),
             enabled: cfg.lazy.survive_restarts,
-            client: std::sync::Mutex::new(None),
+            client: parking_lot::Mutex::new(None),
             start_failed: std::sync::atomic::AtomicBool::new(false),
         };
         if !handle.enabled {
@@ -72,8 +73,8 @@ impl KeeperHandle {
         (handle, kept)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Arc<KeeperClient>>> {
-        self.client.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn lock(&self) -> parking_lot::MutexGuard<'_, Option<Arc<KeeperClient>>> {
+        self.client.lock()
     }
 
     /// The keeper, if one is connected.
@@ -131,32 +132,23 @@ impl KeeperHandle {
     }
 }
 
-/// Whether `dir` is a FUSE mount point (from mountinfo: never touches the mount, which may
-/// have nobody serving it).
-fn is_fuse_mount(dir: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    info.lines().any(|l| {
-        let mut fields = l.split(' ');
-        let point = fields.nth(4).map(|p| p.replace("\\040", " "));
-        let fstype = l.split(" - ").nth(1).and_then(|rest| rest.split(' ').next());
-        point.as_deref() == dir.to_str() && fstype.is_some_and(|t| t.starts_with("fuse"))
-    })
-}
-
 impl RemoteLayers {
     fn layer_fs(&self, id: u64, layer: OpenedLayer, adopt: bool) -> Result<(LayerFs, Arc<SpanCache>, String), String> {
-        let mut spans = SpanCache::new(layer.index, self.span_dir(&layer.layer_digest), Arc::new(layer.source))
-            .map_err(|e| format!("span cache: {e}"))?;
-        spans.readahead_spans = self.readahead_spans;
-        spans.windows = layer.windows.map(|w| Arc::new(w) as Arc<dyn crate::layerfs::BlobSource>);
-        spans.foreground = self.foreground.clone();
-        spans.budget = Some(self.budget.clone());
-        spans.prefetcher = self.prefetcher.clone();
-        spans.metrics = self.metrics.layer(&layer.layer_digest);
-        spans.metrics.spans_total.set(i64::from(spans.index().span_count()));
-        spans.metrics.spans_local.set(i64::from(spans.local_spans()));
+        let options = SpanCacheOptions {
+            metrics: self.metrics.layer(&layer.layer_digest),
+            readahead_spans: self.readahead_spans,
+            foreground: Some(self.foreground.clone()),
+            windows: layer.windows.map(|w| Arc::new(w) as Arc<dyn RangeFetcher>),
+            budget: Some(self.budget.clone()),
+            observer: self.prefetcher.clone().map(|p| p as Arc<dyn MissObserver>),
+        };
+        let spans = SpanCache::with_options(
+            layer.index,
+            self.span_dir(&layer.layer_digest),
+            Arc::new(layer.source),
+            options,
+        )
+        .map_err(|e| format!("span cache: {e}"))?;
         let spans = Arc::new(spans);
         let files = self.files_dir(&layer.layer_digest);
         let state_dir = self.session_state_dir(id);
@@ -184,8 +176,8 @@ impl RemoteLayers {
         self.root.join("sessions").join(id.to_string())
     }
 
-    pub(super) fn lock_mounts(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Mounted>> {
-        self.mounts.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    pub(super) fn lock_mounts(&self) -> parking_lot::MutexGuard<'_, HashMap<u64, Mounted>> {
+        self.mounts.lock()
     }
 
     /// Mounts an opened layer at `dir` as the snapshot `id`.
@@ -209,9 +201,9 @@ impl RemoteLayers {
     /// Serves snapshot `id`'s layer at `dir` after a restart: the kept FUSE connection when the
     /// mount is still there (running containers keep it), else a new mount.
     pub fn restore(&self, id: u64, dir: &Path, layer: OpenedLayer) -> Result<&'static str, String> {
-        let kept = self.kept.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&id);
+        let kept = self.kept.lock().remove(&id);
         if let Some(k) = kept {
-            if is_fuse_mount(dir) && k.meta.get("dir").and_then(serde_json::Value::as_str) == dir.to_str() {
+            if clip_fsutil::mountinfo::is_fuse_mount(dir) && k.meta.get("dir").and_then(serde_json::Value::as_str) == dir.to_str() {
                 let passthrough = k.meta.get("passthrough").and_then(serde_json::Value::as_bool).unwrap_or(false);
                 let (fs, spans, digest) = self.layer_fs(id, layer, true)?;
                 let session = layerfs::reattach(fs, k.fd, &digest, passthrough)
@@ -231,7 +223,7 @@ impl RemoteLayers {
     /// Closes connections the keeper still holds for snapshots that no longer exist.
     pub fn forget_unclaimed(&self) {
         let rest: Vec<(u64, Kept)> =
-            self.kept.lock().unwrap_or_else(std::sync::PoisonError::into_inner).drain().collect();
+            self.kept.lock().drain().collect();
         for (id, k) in rest {
             if let Some(dir) = k.meta.get("dir").and_then(serde_json::Value::as_str) {
                 crate::dirs::unmount_below(Path::new(dir));
@@ -267,14 +259,13 @@ impl RemoteLayers {
     pub fn mark_unservable(&self, id: u64, image_ref: &str, layer_digest: &str) {
         self.unservable
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(id, (image_ref.to_string(), layer_digest.to_string()));
     }
 
     /// Serves the unservable layers among `ids` at `dir_of(id)`, fetching lost indexes.
     pub fn serve_unservable(&self, ids: &[u64], dir_of: impl Fn(u64) -> PathBuf) -> Result<(), String> {
         for id in ids {
-            let entry = self.unservable.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(id).cloned();
+            let entry = self.unservable.lock().get(id).cloned();
             let Some((image_ref, digest)) = entry else { continue };
             let dir = dir_of(*id);
             std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
@@ -282,7 +273,7 @@ impl RemoteLayers {
                 .reopen(&image_ref, &digest, true)
                 .map_err(|e| format!("layer {digest} of {image_ref} cannot be served: {e}"))?;
             self.mount(*id, &dir, layer)?;
-            self.unservable.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(id);
+            self.unservable.lock().remove(id);
             tracing::info!(id, layer = %digest, "an unservable layer is served again");
         }
         Ok(())
@@ -295,7 +286,7 @@ impl RemoteLayers {
 
     /// Compressed bytes fetched so far for snapshot `id`'s layer.
     pub fn fetched_bytes(&self, id: u64) -> Option<u64> {
-        self.lock_mounts().get(&id).map(|m| m.spans.stats.fetched_bytes.load(Ordering::Relaxed))
+        self.lock_mounts().get(&id).map(|m| m.spans.stats().fetched_bytes.load(Ordering::Relaxed))
     }
 
     /// At shutdown: with a keeper, leave every mount to it (the next daemon serves them

@@ -2,7 +2,7 @@
 //! `/dev/fuse` descriptor, so that the kernel keeps each FUSE connection (and the requests the
 //! daemon had read but not answered) alive while the daemon is killed or restarted. A new daemon
 //! takes the descriptors back, serves the same connections again and asks the kernel to resend
-//! what was lost (see [`crate::layerfs::reattach`]); running containers only see a pause.
+//! what was lost (see [`crate::reattach`]); running containers only see a pause.
 //!
 //! The keeper is `clip-snapshotter keep-fds`, started by the daemon when it mounts its first
 //! lazy layer, in its own session (so a
@@ -97,7 +97,7 @@ pub struct Kept {
 /// The daemon's connection to its keeper.
 #[derive(Debug)]
 pub struct KeeperClient {
-    conn: std::sync::Mutex<OwnedFd>,
+    conn: parking_lot::Mutex<OwnedFd>,
     /// The keeper's process id (from its pid file).
     pub pid: Option<i32>,
 }
@@ -159,13 +159,13 @@ impl KeeperClient {
         // A keeper serving another daemon would never answer: give up after a while.
         socket::setsockopt(&fd, socket::sockopt::ReceiveTimeout, &nix::sys::time::TimeVal::new(10, 0))?;
         let pid = std::fs::read_to_string(path.with_extension("pid")).ok().and_then(|s| s.trim().parse().ok());
-        let client = Self { conn: std::sync::Mutex::new(fd), pid };
+        let client = Self { conn: parking_lot::Mutex::new(fd), pid };
         client.request(&serde_json::json!({"op": "ping"}), None)?;
         Ok(client)
     }
 
     fn request(&self, msg: &serde_json::Value, pass: Option<RawFd>) -> Result<serde_json::Value, KeeperError> {
-        let conn = self.conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let conn = self.conn.lock();
         send(conn.as_fd(), msg, pass)?;
         match recv(conn.as_fd())? {
             Some((v, _)) if v.get("ok").and_then(serde_json::Value::as_bool) == Some(true) => Ok(v),
@@ -186,7 +186,7 @@ impl KeeperClient {
 
     /// Duplicates of every kept descriptor (the keeper keeps its own).
     pub fn list(&self) -> Result<Vec<Kept>, KeeperError> {
-        let conn = self.conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let conn = self.conn.lock();
         send(conn.as_fd(), &serde_json::json!({"op": "list"}), None)?;
         let mut out = Vec::new();
         loop {

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use parking_lot::Mutex;
 
 /// Open handles of an inode: (cached mode, passthrough mode).
 pub type OpenModes = (u32, u32);
@@ -83,17 +83,17 @@ impl SessionState {
 
     /// The id an earlier daemon registered for `ino`, taken (it is logged already).
     pub fn take_adopted(&self, ino: u64) -> Option<u32> {
-        self.adopted.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&ino)
+        self.adopted.lock().remove(&ino)
     }
 
     /// The open handles an earlier daemon left (taken once, to seed the in-memory table).
     pub fn take_inherited_modes(&self) -> HashMap<u64, OpenModes> {
-        std::mem::take(&mut *self.inherited_modes.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+        std::mem::take(&mut *self.inherited_modes.lock())
     }
 
     /// Logs a new backing id registration.
     pub fn record_backing(&self, ino: u64, id: u32) {
-        let mut f = self.backing.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut f = self.backing.lock();
         if let Err(e) = writeln!(f, "{ino} {id}") {
             tracing::warn!(dir = %self.dir.display(), error = %e, "cannot log a backing id; after a restart this file's opens may fail");
         }

@@ -5,7 +5,7 @@
 //! Inode numbers are entry ids + 1 (the root is entry 0, FUSE's inode 1). Everything is
 //! immutable, so the kernel may cache attributes, entries and pages for long.
 
-use super::spans::SpanCache;
+use clip_readpath::SpanCache;
 use clip_index::{Entry, EntryId, EntryKind, Index};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner, OpenFlags,
@@ -29,14 +29,14 @@ pub struct LayerFs {
     /// Whether the kernel granted passthrough at `init`.
     passthrough: Arc<std::sync::atomic::AtomicBool>,
     /// Backing files registered with the kernel, by inode; kept while mounted.
-    backing: std::sync::Mutex<std::collections::HashMap<u64, fuser::BackingId>>,
+    backing: parking_lot::Mutex<std::collections::HashMap<u64, fuser::BackingId>>,
     /// Connection state kept for a restarted daemon (backing ids, open modes).
-    session_state: Option<super::session_state::SessionState>,
+    session_state: Option<crate::session_state::SessionState>,
     /// Open file handles by inode: (cached mode, passthrough mode). The kernel refuses to mix
     /// the two modes on one inode, so a new open follows the mode of the open handles.
-    open_modes: std::sync::Mutex<std::collections::HashMap<u64, (u32, u32)>>,
+    open_modes: parking_lot::Mutex<std::collections::HashMap<u64, (u32, u32)>>,
     /// Where the last read of each inode ended, to spot sequential readers.
-    last_read_end: std::sync::Mutex<std::collections::HashMap<u64, u64>>,
+    last_read_end: parking_lot::Mutex<std::collections::HashMap<u64, u64>>,
     /// The kernel opens files and directories without asking (no passthrough wanted): no
     /// OPEN/RELEASE round trip per open, page cache kept, directory listings cached.
     no_open: bool,
@@ -70,10 +70,10 @@ impl LayerFs {
             spans,
             files_dir: None,
             passthrough: Arc::new(std::sync::atomic::AtomicBool::new(false)),
-            backing: std::sync::Mutex::new(std::collections::HashMap::new()),
+            backing: parking_lot::Mutex::new(std::collections::HashMap::new()),
             session_state: None,
-            open_modes: std::sync::Mutex::new(std::collections::HashMap::new()),
-            last_read_end: std::sync::Mutex::new(std::collections::HashMap::new()),
+            open_modes: parking_lot::Mutex::new(std::collections::HashMap::new()),
+            last_read_end: parking_lot::Mutex::new(std::collections::HashMap::new()),
             no_open: false,
             no_opendir: false,
             has_xattrs: std::sync::OnceLock::new(),
@@ -89,8 +89,8 @@ impl LayerFs {
     }
 
     /// Keeps backing ids and open modes in `state` (and starts from what it adopted).
-    pub fn with_session_state(mut self, state: super::session_state::SessionState) -> Self {
-        *self.open_modes.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner) = state.take_inherited_modes();
+    pub fn with_session_state(mut self, state: crate::session_state::SessionState) -> Self {
+        *self.open_modes.get_mut() = state.take_inherited_modes();
         self.session_state = Some(state);
         self
     }
@@ -131,18 +131,22 @@ impl LayerFs {
             }
         }
         if !path.exists() {
-            if let Some(budget) = &self.spans.budget {
+            if let Some(budget) = self.spans.budget() {
                 if !budget.try_pin(dir, e.size) {
                     return None;
                 }
             }
             let data = self.spans.read(start, start + e.size).ok()?;
             std::fs::create_dir_all(dir).ok()?;
-            let tmp = dir.join(format!(".tmp-{}-{:?}", e.id, std::thread::current().id()));
-            std::fs::write(&tmp, &data).ok()?;
-            std::fs::rename(&tmp, &path).ok()?;
+            clip_fsutil::atomic_write(&path, &data, 0o644, clip_fsutil::Durability::Cache).ok()?;
         }
-        std::fs::File::open(&path).ok()
+        // A copy a crash left short is made again.
+        let file = std::fs::File::open(&path).ok()?;
+        if file.metadata().ok()?.len() != e.size {
+            let _ = std::fs::remove_file(&path);
+            return None;
+        }
+        Some(file)
     }
 
     fn index(&self) -> &Index {
@@ -314,18 +318,15 @@ fn xattr_reply(reply: ReplyXattr, size: u32, data: &[u8]) {
 
 impl Filesystem for LayerFs {
     fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
-        // Directory listings with attributes in one round trip (ls -l, find, stat walks).
-        let _ =
-            config.add_capabilities(fuser::InitFlags::FUSE_DO_READDIRPLUS | fuser::InitFlags::FUSE_READDIRPLUS_AUTO);
-        // Symlink targets never change: the kernel may keep them.
-        let _ = config.add_capabilities(fuser::InitFlags::FUSE_CACHE_SYMLINKS);
+        use crate::capabilities as cap;
+        let _ = config.add_capabilities(cap::READDIRPLUS);
+        let _ = config.add_capabilities(cap::CACHE_SYMLINKS);
         // Opens cost a round trip each (a container start opens hundreds of files; overlayfs
         // opens lower files again and again). Without passthrough there is nothing to decide at
         // open: the kernel may open on its own, keeping the page cache (FOPEN_KEEP_CACHE).
-        self.no_opendir = config.add_capabilities(fuser::InitFlags::FUSE_NO_OPENDIR_SUPPORT).is_ok();
-        self.no_open =
-            self.files_dir.is_none() && config.add_capabilities(fuser::InitFlags::FUSE_NO_OPEN_SUPPORT).is_ok();
-        if self.files_dir.is_some() && config.add_capabilities(fuser::InitFlags::FUSE_PASSTHROUGH).is_ok() {
+        self.no_opendir = config.add_capabilities(cap::NO_OPENDIR).is_ok();
+        self.no_open = self.files_dir.is_none() && config.add_capabilities(cap::NO_OPEN).is_ok();
+        if self.files_dir.is_some() && config.add_capabilities(cap::PASSTHROUGH).is_ok() {
             // Depth 1: backing files on a plain fs, and overlayfs may stack on this mount.
             if config.set_max_stack_depth(1).is_ok() {
                 self.passthrough.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -401,10 +402,10 @@ impl Filesystem for LayerFs {
             Err(e) => return reply.error(e),
         };
         let key = u64::from(entry.id) + 1;
-        let mut modes = self.open_modes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut modes = self.open_modes.lock();
         let (cached, passthrough) = modes.get(&key).copied().unwrap_or((0, 0));
         if cached == 0 {
-            let mut backing = self.backing.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut backing = self.backing.lock();
             let adopted = if backing.contains_key(&key) {
                 None
             } else {
@@ -450,7 +451,7 @@ impl Filesystem for LayerFs {
                 None => None,
             };
             if let Some(id) = id {
-                self.spans.metrics.passthrough_opens.inc();
+                self.spans.metrics().passthrough_opens.inc();
                 self.set_modes(&mut modes, key, (cached, passthrough + 1));
                 return reply.opened_passthrough(FileHandle(FH_PASSTHROUGH), FopenFlags::empty(), id);
             }
@@ -479,7 +480,7 @@ impl Filesystem for LayerFs {
             .entry(ino)
             .and_then(|e| self.index().resolve_hardlink(e).map_err(|_| Errno::EIO))
             .map_or(ino.0, |e| u64::from(e.id) + 1);
-        let mut modes = self.open_modes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut modes = self.open_modes.lock();
         if let Some(&(cached, passthrough)) = modes.get(&key) {
             let value = if fh.0 == FH_PASSTHROUGH {
                 (cached, passthrough.saturating_sub(1))
@@ -517,16 +518,16 @@ impl Filesystem for LayerFs {
         let len = u64::from(size).min(e.size - offset);
         let start = e.data_offset + offset;
         let sequential = {
-            let mut last = self.last_read_end.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut last = self.last_read_end.lock();
             let seq = offset > 0 && last.get(&ino.0) == Some(&offset);
             last.insert(ino.0, offset + len);
             seq
         };
         let started = std::time::Instant::now();
-        let readahead = if sequential { SEQUENTIAL_READAHEAD_SPANS } else { self.spans.readahead_spans };
+        let readahead = if sequential { SEQUENTIAL_READAHEAD_SPANS } else { self.spans.readahead_spans() };
         let file = e.data_offset..e.data_offset + e.size;
         let result = self.spans.read_hinted(start, start + len, readahead, Some(file));
-        if let Some(h) = &self.spans.metrics.read_seconds {
+        if let Some(h) = &self.spans.metrics().read_seconds {
             h.observe(started.elapsed().as_secs_f64());
         }
         match result {

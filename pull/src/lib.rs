@@ -1,4 +1,4 @@
-//! `clip-snapshotter pull`: what `ctr-remote rpull` does, in Rust. Resolve the image with the
+//! `clip-pull`: the client behind `clip-snapshotter pull`, what `ctr-remote rpull` does, in Rust. Resolve the image with the
 //! given credentials, store its manifest and config in containerd's content store, create the
 //! image record, and prepare every layer's snapshot *through containerd* with the `cri.*` and
 //! `clip.*` labels, so that the clip snapshotter mounts each layer lazily and containerd records
@@ -20,7 +20,7 @@ use containerd_client::services::v1::{
 };
 use containerd_client::tonic::{Code, Request, transport::Channel};
 use futures::StreamExt;
-use sha2::{Digest, Sha256};
+use clip_registry::image::chain_ids;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -97,18 +97,6 @@ fn chain(opts: &PullOptions) -> CredentialChain {
     CredentialChain { candidates }
 }
 
-/// containerd's chain ids from the config's diff ids.
-pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
-    let mut out: Vec<String> = Vec::with_capacity(diff_ids.len());
-    for d in diff_ids {
-        let next = match out.last() {
-            None => d.clone(),
-            Some(prev) => format!("sha256:{}", hex::encode(Sha256::digest(format!("{prev} {d}")))),
-        };
-        out.push(next);
-    }
-    out
-}
 
 pub async fn pull(opts: &PullOptions, reference: &str) -> Result<PullReport> {
     let started = Instant::now();
@@ -467,13 +455,6 @@ fn format_rfc3339(secs: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn chain_ids_follow_containerd() {
-        let ids = chain_ids(&["sha256:a".into(), "sha256:b".into()]);
-        assert_eq!(ids[0], "sha256:a");
-        assert_eq!(ids[1], format!("sha256:{}", hex::encode(Sha256::digest("sha256:a sha256:b"))));
-    }
 
     #[test]
     fn rfc3339() {

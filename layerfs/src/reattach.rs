@@ -9,18 +9,12 @@
 //! requests the dead daemon had read but not answered: the container's pending reads complete
 //! instead of hanging.
 
-use super::LayerFs;
+use crate::LayerFs;
 use nix::sys::socket::{AddressFamily, SockFlag, SockType};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 const FUSE_INIT: u32 = 26;
 const FUSE_NOTIFY_RESEND: i32 = 7;
-const FUSE_DO_READDIRPLUS: u32 = 1 << 13;
-const FUSE_READDIRPLUS_AUTO: u32 = 1 << 14;
-const FUSE_MAX_PAGES: u32 = 1 << 22;
-const FUSE_INIT_EXT: u32 = 1 << 30;
-/// `FUSE_PASSTHROUGH` is bit 37: bit 5 of `flags2`.
-const FUSE_PASSTHROUGH_FLAGS2: u32 = 1 << 5;
 
 /// The synthetic `FUSE_INIT` request: `fuse_in_header` + `fuse_init_in`.
 fn init_request(passthrough: bool) -> Vec<u8> {
@@ -36,8 +30,9 @@ fn init_request(passthrough: bool) -> Vec<u8> {
     push(&mut b, 7); // major
     push(&mut b, 40); // minor: what fuser 0.18 speaks
     push(&mut b, 128 * 1024); // max_readahead
-    push(&mut b, FUSE_DO_READDIRPLUS | FUSE_READDIRPLUS_AUTO | FUSE_MAX_PAGES | FUSE_INIT_EXT);
-    push(&mut b, if passthrough { FUSE_PASSTHROUGH_FLAGS2 } else { 0 });
+    let (flags, flags2) = crate::capabilities::offered_words(passthrough);
+    push(&mut b, flags);
+    push(&mut b, flags2);
     for _ in 0..11 {
         push(&mut b, 0);
     }
@@ -56,7 +51,7 @@ pub fn reattach(
     let (ours, feeder) =
         nix::sys::socket::socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)?;
     nix::unistd::write(&feeder, &init_request(passthrough))?;
-    let config = super::fs::session_config(name);
+    let config = crate::fs::session_config(name);
     let session = fuser::Session::from_fd(fs, ours, config.acl, config)?;
     // Drain fuser's INIT answer; nobody needs it.
     let mut answer = [0u8; 512];
@@ -101,6 +96,9 @@ mod tests {
         assert_eq!(r.len(), 104);
         assert_eq!(u32::from_ne_bytes(r[4..8].try_into().expect("4")), super::FUSE_INIT);
         assert_eq!(u32::from_ne_bytes(r[40..44].try_into().expect("4")), 7);
-        assert_eq!(u32::from_ne_bytes(r[56..60].try_into().expect("4")), super::FUSE_PASSTHROUGH_FLAGS2);
+        // FUSE_PASSTHROUGH is bit 37: bit 5 of flags2; FUSE_INIT_EXT (bit 30) says flags2 is there.
+        assert_eq!(u32::from_ne_bytes(r[56..60].try_into().expect("4")), 1 << 5);
+        assert_ne!(u32::from_ne_bytes(r[52..56].try_into().expect("4")) & (1 << 30), 0);
+        assert_eq!(u32::from_ne_bytes(super::init_request(false)[56..60].try_into().expect("4")), 0);
     }
 }

@@ -1,12 +1,12 @@
-//! The CRI image service proxy (as stargz and SOCI offer): serves the CRI `ImageService` on its
+//! `clip-cri-proxy`: the CRI image service proxy (as stargz and SOCI offer): serves the CRI `ImageService` on its
 //! own socket for kubelet (`--image-service-endpoint`), forwards every call to containerd, and
 //! hands the `AuthConfig` of each `PullImage` — the pod's pull secret — to the lazy layers of
 //! that image's repository before containerd prepares them. The secret is kept in memory and in
 //! the root-only credential store until it expires, and never logged. A pull without a secret
 //! of an image in the configured build registry gets a token the snapshotter mints, so
-//! containerd can fetch its manifest and config.
+//! containerd can fetch its manifest and config. What is done with a secret is the daemon's
+//! ([`PullSecrets`], implemented by the snapshotter's remote layers); see `docs/architecture.md`.
 
-use crate::remote::RemoteLayers;
 use clip_registry::credentials::{Credential, Source};
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::image_service_server::{ImageService, ImageServiceServer};
@@ -33,15 +33,28 @@ pub fn credential_of(auth: &AuthConfig) -> Option<Credential> {
     None
 }
 
-/// The proxy: containerd's image service, with pull secrets handed to lazy layers.
-#[derive(Debug)]
-pub struct CriImageProxy {
-    containerd: PathBuf,
-    remote: Arc<RemoteLayers>,
+/// Where the proxy hands what a `PullImage` carries: the daemon's lazy layers.
+pub trait PullSecrets: Send + Sync + 'static {
+    /// Keeps `credential` for the lazy layers of `image_ref`'s repository (blocking: it writes
+    /// the credential store).
+    fn remember_pull_secret(&self, image_ref: &str, credential: Credential) -> Result<(), String>;
+    /// A credential for `image_ref` when it is in the build registry, where the daemon mints
+    /// its own tokens.
+    fn build_registry_credential(
+        &self,
+        image_ref: &str,
+    ) -> impl std::future::Future<Output = Option<Credential>> + Send;
 }
 
-impl CriImageProxy {
-    pub fn new(containerd: &Path, remote: Arc<RemoteLayers>) -> Self {
+/// The proxy: containerd's image service, with pull secrets handed to lazy layers.
+#[derive(Debug)]
+pub struct CriImageProxy<S> {
+    containerd: PathBuf,
+    remote: Arc<S>,
+}
+
+impl<S: PullSecrets> CriImageProxy<S> {
+    pub fn new(containerd: &Path, remote: Arc<S>) -> Self {
         Self { containerd: containerd.to_path_buf(), remote }
     }
 
@@ -54,7 +67,7 @@ impl CriImageProxy {
 }
 
 #[tonic_14::async_trait]
-impl ImageService for CriImageProxy {
+impl<S: PullSecrets> ImageService for CriImageProxy<S> {
     async fn list_images(&self, request: Request<ListImagesRequest>) -> Result<Response<ListImagesResponse>, Status> {
         self.upstream().await?.list_images(request.into_inner()).await
     }
@@ -128,9 +141,9 @@ impl ImageService for CriImageProxy {
 }
 
 /// Serves the proxy on `address` until `shutdown` resolves.
-pub async fn serve(
+pub async fn serve<S: PullSecrets>(
     address: &Path,
-    proxy: CriImageProxy,
+    proxy: CriImageProxy<S>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     use anyhow::Context;

@@ -10,60 +10,65 @@ use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use parking_lot::{Condvar, Mutex};
+use std::sync::Arc;
 
-/// Compressed bytes of one layer blob, by range. Blocking; called from FUSE worker threads.
-pub trait BlobSource: Send + Sync {
-    /// Bytes `[start, end)` of the compressed blob.
-    fn fetch(&self, start: u64, end: u64) -> Result<Vec<u8>, String>;
-}
+use crate::budget::CacheBudget;
+use crate::metrics::LayerMetrics;
+use clip_index::RangeFetcher;
+use std::sync::atomic::AtomicU32;
 
-/// A layer blob in a registry, read with Range GETs through the credential chain.
-#[derive(Debug)]
-pub struct RegistryBlob {
-    pub repo: Arc<clip_registry::Repository>,
-    pub digest: String,
-    pub runtime: tokio::runtime::Handle,
-    /// Bound on one fetch with all its retries: a FUSE read never waits longer.
-    pub timeout: std::time::Duration,
-}
-
-impl BlobSource for RegistryBlob {
-    fn fetch(&self, start: u64, end: u64) -> Result<Vec<u8>, String> {
-        let fetch = self.repo.get_blob_range(&self.digest, start, end);
-        // The timer must be made inside the runtime.
-        match self.runtime.block_on(async { tokio::time::timeout(self.timeout, fetch).await }) {
-            Ok(result) => result.map(|b| b.to_vec()).map_err(|e| e.to_string()),
-            Err(_) => Err(format!("no answer within {:?} (with retries)", self.timeout)),
-        }
-    }
-}
-
-/// A layer blob in a local file (tests, and layers already downloaded).
-#[derive(Debug)]
-pub struct FileBlob(pub fs::File);
-
-impl BlobSource for FileBlob {
-    fn fetch(&self, start: u64, end: u64) -> Result<Vec<u8>, String> {
-        let mut buf = vec![0u8; (end - start) as usize];
-        self.0.read_exact_at(&mut buf, start).map_err(|e| e.to_string())?;
-        Ok(buf)
-    }
+/// Told of every read that had to fetch, or that used a span fetched speculatively first: where
+/// a container is reading ([`crate::prefetch::Prefetcher`] guesses from it).
+pub trait MissObserver: Send + Sync {
+    /// A read of spans `first..=last` of `cache` had to fetch (or used a guessed span first);
+    /// `file` are the spans of the file it read.
+    fn missed(&self, cache: &Arc<SpanCache>, first: u32, last: u32, file: Option<std::ops::RangeInclusive<u32>>);
 }
 
 /// Why a read failed; the FUSE layer answers `EIO` for all of them.
 #[derive(Debug, thiserror::Error)]
 pub enum SpanError {
-    #[error("fetching compressed bytes {start}-{end}: {message}")]
-    Fetch { start: u64, end: u64, message: String },
-    #[error("span {0}: {1}")]
-    Index(u32, IndexError),
+    #[error("fetching compressed bytes {start}-{end}: {source}")]
+    Fetch {
+        start: u64,
+        end: u64,
+        #[source]
+        source: IndexError,
+    },
+    #[error("span {span}: {source}")]
+    Span {
+        span: u32,
+        #[source]
+        source: IndexError,
+    },
+    #[error("reading {start}-{end}: {source}")]
+    Range {
+        start: u64,
+        end: u64,
+        #[source]
+        source: IndexError,
+    },
     #[error("span cache {path}: {source}")]
     Cache {
         path: String,
         #[source]
         source: std::io::Error,
     },
+}
+
+/// How [`SpanCache::ensure_through`] made a span local.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Local {
+    /// It was local, or another reader's fetch brought it.
+    Hit,
+    /// This call fetched it.
+    Fetched,
+}
+
+/// Whether `f` holds exactly `len` bytes (a span or passthrough file a crash left empty does not).
+pub(crate) fn has_len(f: &fs::File, len: u64) -> bool {
+    f.metadata().is_ok_and(|m| m.len() == len)
 }
 
 /// Fetches again of a span that failed verification before the read fails.
@@ -82,7 +87,7 @@ pub struct SpanStats {
 pub struct SpanCache {
     index: Arc<Index>,
     dir: PathBuf,
-    source: Arc<dyn BlobSource>,
+    source: Arc<dyn RangeFetcher>,
     /// Spans being fetched right now (by a reader or the prefetcher); readers of one wait for
     /// that fetch instead of starting their own.
     inflight: Mutex<HashSet<u32>>,
@@ -90,19 +95,36 @@ pub struct SpanCache {
     /// Spans the prefetcher fetched that no read has used yet: the first read of one tells
     /// the prefetcher its guess was right, and to go on.
     speculative: Mutex<HashSet<u32>>,
-    pub stats: SpanStats,
+    stats: SpanStats,
+    metrics: LayerMetrics,
+    readahead_spans: u32,
+    pub(crate) foreground: Arc<AtomicU32>,
+    windows: Option<Arc<dyn RangeFetcher>>,
+    budget: Option<Arc<CacheBudget>>,
+    observer: Option<Arc<dyn MissObserver>>,
+}
+
+/// How one layer's span cache is wired into the daemon; the default is a cache on its own.
+#[derive(Default)]
+pub struct SpanCacheOptions {
     /// Prometheus handles (no-ops when not registered).
-    pub metrics: crate::metrics::LayerMetrics,
+    pub metrics: LayerMetrics,
     /// How many missing spans after the requested ones one fetch may add (read-ahead).
     pub readahead_spans: u32,
-    /// Foreground reads in flight (shared across layers; background fetching yields to them).
-    pub foreground: Arc<std::sync::atomic::AtomicU32>,
+    /// Foreground reads in flight, shared across layers (background fetching yields to them).
+    pub foreground: Option<Arc<AtomicU32>>,
     /// The windows blob, for an index whose windows are separate.
-    pub windows: Option<Arc<dyn BlobSource>>,
+    pub windows: Option<Arc<dyn RangeFetcher>>,
     /// The daemon's disk budget (`None`: unbounded, untracked).
-    pub budget: Option<Arc<super::budget::CacheBudget>>,
-    /// Speculative fetching of what a miss suggests is read next (`None`: off).
-    pub prefetcher: Option<Arc<super::prefetch::Prefetcher>>,
+    pub budget: Option<Arc<CacheBudget>>,
+    /// Told where reads miss, to fetch ahead (`None`: no speculation).
+    pub observer: Option<Arc<dyn MissObserver>>,
+}
+
+impl std::fmt::Debug for SpanCacheOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SpanCacheOptions").field("readahead_spans", &self.readahead_spans).finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for SpanCache {
@@ -119,7 +141,7 @@ struct Claim<'a> {
 
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
-        let mut inflight = self.cache.inflight.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut inflight = self.cache.inflight.lock();
         for i in &self.spans {
             inflight.remove(i);
         }
@@ -130,8 +152,19 @@ impl Drop for Claim<'_> {
 
 impl SpanCache {
     /// `dir` holds this layer's decompressed spans, one file per span.
-    pub fn new(index: Arc<Index>, dir: PathBuf, source: Arc<dyn BlobSource>) -> std::io::Result<Self> {
+    pub fn new(index: Arc<Index>, dir: PathBuf, source: Arc<dyn RangeFetcher>) -> std::io::Result<Self> {
+        Self::with_options(index, dir, source, SpanCacheOptions::default())
+    }
+
+    /// [`Self::new`] wired into the daemon's metrics, budget, read-ahead and prefetcher.
+    pub fn with_options(
+        index: Arc<Index>,
+        dir: PathBuf,
+        source: Arc<dyn RangeFetcher>,
+        options: SpanCacheOptions,
+    ) -> std::io::Result<Self> {
         fs::create_dir_all(&dir)?;
+        options.metrics.spans_total.set(i64::from(index.span_count()));
         Ok(Self {
             index,
             dir,
@@ -140,13 +173,36 @@ impl SpanCache {
             landed: Condvar::new(),
             speculative: Mutex::new(HashSet::new()),
             stats: SpanStats::default(),
-            metrics: crate::metrics::LayerMetrics::default(),
-            readahead_spans: 0,
-            foreground: Arc::new(std::sync::atomic::AtomicU32::new(0)),
-            windows: None,
-            budget: None,
-            prefetcher: None,
+            metrics: options.metrics,
+            readahead_spans: options.readahead_spans,
+            foreground: options.foreground.unwrap_or_default(),
+            windows: options.windows,
+            budget: options.budget,
+            observer: options.observer,
         })
+        .inspect(|cache| {
+            cache.metrics.spans_local.set(i64::from(cache.local_spans()));
+        })
+    }
+
+    /// This layer's counters.
+    pub fn stats(&self) -> &SpanStats {
+        &self.stats
+    }
+
+    /// This layer's Prometheus handles.
+    pub fn metrics(&self) -> &LayerMetrics {
+        &self.metrics
+    }
+
+    /// Spans one fetch adds after those a read needs.
+    pub fn readahead_spans(&self) -> u32 {
+        self.readahead_spans
+    }
+
+    /// The daemon's disk budget, if any (files made for passthrough are counted in it too).
+    pub fn budget(&self) -> Option<&Arc<CacheBudget>> {
+        self.budget.as_ref()
     }
 
     pub fn index(&self) -> &Index {
@@ -164,7 +220,7 @@ impl SpanCache {
 
     /// Fetches span `i` into the cache unless it is there (background completion).
     pub fn prefetch(&self, i: u32) -> Result<(), SpanError> {
-        let s = self.index.span(i).map_err(|e| SpanError::Index(i, e))?;
+        let s = self.index.span(i).map_err(|e| SpanError::Span { span: i, source: e })?;
         self.ensure(&s)
     }
 
@@ -176,7 +232,7 @@ impl SpanCache {
         let mut i = first;
         while i <= last && i < self.index.span_count() {
             let claim = {
-                let mut inflight = self.inflight.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let mut inflight = self.inflight.lock();
                 let spans = self.claim_run(&mut inflight, i, last, max_group.max(1) as usize);
                 Claim { cache: self, spans }
             };
@@ -187,14 +243,13 @@ impl SpanCache {
             let group = claim
                 .spans
                 .iter()
-                .map(|j| self.index.span(*j).map_err(|e| SpanError::Index(*j, e)))
+                .map(|j| self.index.span(*j).map_err(|e| SpanError::Span { span: *j, source: e }))
                 .collect::<Result<Vec<_>, _>>()?;
             i = claim.spans[claim.spans.len() - 1] + 1;
             self.fetch_group(&group)?;
             fetched += group.len() as u32;
             self.speculative
                 .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .extend(claim.spans.iter().copied());
             drop(claim);
         }
@@ -230,7 +285,7 @@ impl SpanCache {
         self.foreground.fetch_add(1, Ordering::Relaxed);
         let result = self.read_inner(start, end, readahead);
         self.foreground.fetch_sub(1, Ordering::Relaxed);
-        result
+        result.map(|(bytes, _)| bytes)
     }
 
     /// [`Self::read_ahead`] for a read of a file whose data lies at `file` (uncompressed
@@ -244,42 +299,54 @@ impl SpanCache {
         file: Option<std::ops::Range<u64>>,
     ) -> Result<Vec<u8>, SpanError> {
         self.foreground.fetch_add(1, Ordering::Relaxed);
-        let misses = self.stats.cache_misses.load(Ordering::Relaxed);
         let result = self.read_inner(start, end, readahead);
         self.foreground.fetch_sub(1, Ordering::Relaxed);
-        let Some(p) = &self.prefetcher else { return result };
+        let (result, fetched) = match result {
+            Ok((bytes, fetched)) => (Ok(bytes), fetched),
+            Err(e) => (Err(e), false),
+        };
+        let Some(observer) = &self.observer else { return result };
         let Ok(spans) = self.index.spans_for(start, end.saturating_sub(start).max(1)) else { return result };
         // A miss, or the first use of a guessed span: guess on from here.
         let guessed_right = {
-            let mut speculative = self.speculative.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut speculative = self.speculative.lock();
             !speculative.is_empty() && spans.clone().fold(false, |hit, i| speculative.remove(&i) || hit)
         };
-        if guessed_right || self.stats.cache_misses.load(Ordering::Relaxed) != misses {
+        if guessed_right || fetched {
             let file_spans =
                 file.and_then(|f| self.index.spans_for(f.start, f.end.saturating_sub(f.start).max(1)).ok());
-            p.missed(self, *spans.start(), *spans.end(), file_spans);
+            observer.missed(self, *spans.start(), *spans.end(), file_spans);
         }
         result
     }
 
-    fn read_inner(&self, start: u64, end: u64, readahead: u32) -> Result<Vec<u8>, SpanError> {
+    /// The bytes, and whether this read had to fetch any of them itself.
+    fn read_inner(&self, start: u64, end: u64, readahead: u32) -> Result<(Vec<u8>, bool), SpanError> {
         if end <= start {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), false));
         }
-        let spans = self.index.spans_for(start, end - start).map_err(|e| SpanError::Index(0, e))?;
+        let mut fetched = false;
+        let spans = self.index.spans_for(start, end - start).map_err(|e| SpanError::Range { start, end, source: e })?;
         let mut out = Vec::with_capacity((end - start) as usize);
         let last = *spans.end();
         for i in spans {
-            let s = self.index.span(i).map_err(|e| SpanError::Index(i, e))?;
+            let s = self.index.span(i).map_err(|e| SpanError::Span { span: i, source: e })?;
             let from = start.max(s.uncomp_start);
             let to = end.min(s.uncomp_end);
             let path = self.span_path(i);
-            // The budget may evict a span between making it local and opening it: fetch again.
+            // The budget may evict a span between making it local and opening it, and a crash
+            // may have left a span file empty: fetch again.
             let mut attempts = 0;
             let f = loop {
-                self.ensure_through(&s, last, readahead)?;
+                fetched |= self.ensure_through(&s, last, readahead)? == Local::Fetched;
                 match fs::File::open(&path) {
-                    Ok(f) => break f,
+                    Ok(f) if has_len(&f, s.uncomp_end - s.uncomp_start) => break f,
+                    Ok(_) if attempts < 3 => {
+                        tracing::warn!(layer = %self.index.layer_digest(), span = i, "span file has the wrong length; fetching it again");
+                        let _ = fs::remove_file(&path);
+                        attempts += 1;
+                    }
+                    Ok(_) => return Err(cache_err(&path, std::io::Error::other("span file has the wrong length"))),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempts < 3 => attempts += 1,
                     Err(e) => return Err(cache_err(&path, e)),
                 }
@@ -291,32 +358,28 @@ impl SpanCache {
             f.read_exact_at(&mut buf, from - s.uncomp_start).map_err(|e| cache_err(&path, e))?;
             out.extend_from_slice(&buf);
         }
-        Ok(out)
+        Ok((out, fetched))
     }
 
     fn ensure(&self, s: &SpanInfo) -> Result<(), SpanError> {
-        self.ensure_through(s, s.index, 0)
+        self.ensure_through(s, s.index, 0).map(drop)
     }
 
     /// Makes span `s` local: wait for the fetch of it in flight, or fetch it together with the
     /// missing spans after it that the same read needs (through span `last`) and the
     /// read-ahead, in one request; verify, inflate, write.
-    fn ensure_through(&self, s: &SpanInfo, last: u32, readahead: u32) -> Result<(), SpanError> {
+    fn ensure_through(&self, s: &SpanInfo, last: u32, readahead: u32) -> Result<Local, SpanError> {
         if self.is_cached(s.index) {
             self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
             self.metrics.span_hits.inc();
-            return Ok(());
+            return Ok(Local::Hit);
         }
         let claim = {
-            let mut inflight = self.inflight.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut inflight = self.inflight.lock();
             let mut waited = false;
             while inflight.contains(&s.index) {
                 waited = true;
-                inflight = self
-                    .landed
-                    .wait_timeout(inflight, std::time::Duration::from_millis(500))
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .0;
+                self.landed.wait_for(&mut inflight, std::time::Duration::from_millis(500));
             }
             if waited {
                 tracing::trace!(layer = %self.index.layer_digest(), span = s.index, "waited for a fetch in flight");
@@ -327,7 +390,7 @@ impl SpanCache {
                 if waited {
                     self.metrics.span_hits.inc();
                 }
-                return Ok(());
+                return Ok(Local::Hit);
             }
             // Coalesce: the following spans that are missing too, while nobody else fetches them.
             let spans = self.claim_run(&mut inflight, s.index, last.saturating_add(readahead), usize::MAX);
@@ -347,7 +410,7 @@ impl SpanCache {
         let mut attempt = 0;
         let result = loop {
             match self.fetch_group(&group) {
-                Err(SpanError::Index(i, e)) if attempt < VERIFY_RETRIES => {
+                Err(SpanError::Span { span: i, source: e }) if attempt < VERIFY_RETRIES => {
                     attempt += 1;
                     tracing::warn!(layer = %self.index.layer_digest(), span = i, error = %e, attempt, "span failed verification; fetching it again");
                 }
@@ -355,7 +418,7 @@ impl SpanCache {
             }
         };
         drop(claim);
-        result
+        result.map(|()| Local::Fetched)
     }
 
     /// Fetches `group` (contiguous spans) in one request, verifies and writes each; a bad
@@ -367,18 +430,18 @@ impl SpanCache {
         let began = std::time::Instant::now();
         // The compressed bytes and their windows (a separate blob) in parallel: one round trip.
         let (compressed, windows) = if !self.index.has_external_windows() {
-            (self.source.fetch(start, end), Ok(None))
+            (self.source.fetch(start, end - start), Ok(None))
         } else {
             std::thread::scope(|scope| {
                 let windows = scope.spawn(|| self.fetch_windows(group));
-                let compressed = self.source.fetch(start, end);
+                let compressed = self.source.fetch(start, end - start);
                 let windows = windows.join().unwrap_or_else(|_| {
-                    Err(SpanError::Fetch { start, end, message: "the windows fetch panicked".into() })
+                    Err(fetch_failed(start, end, "the windows fetch panicked"))
                 });
                 (compressed, windows)
             })
         };
-        let compressed = compressed.map_err(|message| SpanError::Fetch { start, end, message })?;
+        let compressed = compressed.map_err(|source| SpanError::Fetch { start, end, source })?;
         let windows = windows?;
         self.stats.fetches.fetch_add(1, Ordering::Relaxed);
         self.stats.fetched_bytes.fetch_add(compressed.len() as u64, Ordering::Relaxed);
@@ -389,7 +452,7 @@ impl SpanCache {
             let from = (span.comp_start - start) as usize;
             let to = (span.comp_end - start) as usize;
             let Some(bytes) = compressed.get(from..to) else {
-                return Err(SpanError::Fetch { start, end, message: "short answer".into() });
+                return Err(fetch_failed(start, end, "short answer"));
             };
             let window = match (&windows, self.index.window_location(span)) {
                 (Some((wstart, w)), Some((off, len))) => {
@@ -399,7 +462,7 @@ impl SpanCache {
             };
             let data = match self.index.decode_span_with(span, bytes, None, window) {
                 Ok(d) => d,
-                Err(e) if n == 0 => return Err(SpanError::Index(span.index, e)),
+                Err(e) if n == 0 => return Err(SpanError::Span { span: span.index, source: e }),
                 Err(_) => break,
             };
             if n > 0 && self.is_cached(span.index) {
@@ -422,13 +485,10 @@ impl SpanCache {
         else {
             return Ok(None);
         };
-        let source = self.windows.as_ref().ok_or_else(|| SpanError::Fetch {
-            start: first,
-            end: last,
-            message: "the index's windows blob is unknown".into(),
-        })?;
+        let source =
+            self.windows.as_ref().ok_or_else(|| fetch_failed(first, last, "the index's windows blob is unknown"))?;
         let bytes =
-            source.fetch(first, last).map_err(|message| SpanError::Fetch { start: first, end: last, message })?;
+            source.fetch(first, last - first).map_err(|source| SpanError::Fetch { start: first, end: last, source })?;
         self.stats.fetched_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         self.metrics.fetched_bytes.inc_by(bytes.len() as u64);
         Ok(Some((first, bytes)))
@@ -436,9 +496,7 @@ impl SpanCache {
 
     fn write_span(&self, i: u32, data: &[u8]) -> Result<(), SpanError> {
         let path = self.span_path(i);
-        let tmp = self.dir.join(format!(".tmp-{i:08}-{:?}", std::thread::current().id()));
-        fs::write(&tmp, data).map_err(|e| cache_err(&tmp, e))?;
-        fs::rename(&tmp, &path).map_err(|e| cache_err(&path, e))?;
+        clip_fsutil::atomic_write(&path, data, 0o644, clip_fsutil::Durability::Cache).map_err(|e| cache_err(&path, e))?;
         self.metrics.spans_local.inc();
         if let Some(budget) = &self.budget {
             budget.added(&path, data.len() as u64);
@@ -449,6 +507,14 @@ impl SpanCache {
     /// How many spans are local (a directory listing; for start-up and progress).
     pub fn local_spans(&self) -> u32 {
         (0..self.index.span_count()).filter(|i| self.is_cached(*i)).count() as u32
+    }
+}
+
+fn fetch_failed(start: u64, end: u64, message: &str) -> SpanError {
+    SpanError::Fetch {
+        start,
+        end,
+        source: IndexError::Fetch { offset: start, len: end - start, message: message.to_string() },
     }
 }
 

@@ -3,7 +3,7 @@
 //! to it (a package, a directory: neighbours in the tar). The prefetcher fetches those spans on
 //! a few worker threads, in parallel with the container's own fetches, so the container's
 //! next reads find their spans local or already on the way (readers wait for a span in flight
-//! instead of fetching it again, see [`super::spans`]). No profiling, no image conversion.
+//! instead of fetching it again, see [`crate::spans`]). No profiling, no image conversion.
 //!
 //! A guess that proves right (a read uses a prefetched span first) counts as a new hint, so a
 //! reader moving through a package is followed with a short window rather than a wide one.
@@ -11,10 +11,11 @@
 //! Newest hints first: a container moves on, and an old hint is worth less than a new one; the
 //! queue is bounded and drops the oldest.
 
-use super::spans::SpanCache;
+use crate::spans::{MissObserver, SpanCache};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, Weak};
+use parking_lot::{Condvar, Mutex};
+use std::sync::{Arc, Weak};
 
 /// How the prefetcher guesses.
 #[derive(Debug, Clone, Copy)]
@@ -86,9 +87,10 @@ impl Prefetcher {
         Some(Arc::new(Self { policy, shared }))
     }
 
-    /// A read of spans `first..=last` had to fetch, or used a guessed span first; `file` are
-    /// the spans of the file read.
-    pub fn missed(&self, cache: &Arc<SpanCache>, first: u32, last: u32, file: Option<std::ops::RangeInclusive<u32>>) {
+}
+
+impl MissObserver for Prefetcher {
+    fn missed(&self, cache: &Arc<SpanCache>, first: u32, last: u32, file: Option<std::ops::RangeInclusive<u32>>) {
         let p = self.policy;
         let count = cache.index().span_count();
         if count == 0 {
@@ -126,12 +128,14 @@ impl Prefetcher {
             (a <= b).then(|| Job { cache: weak.clone(), first: a, last: b, group: 0 })
         }));
     }
+}
 
+impl Prefetcher {
     /// Puts `jobs` at the head of the queue, the first of them first, dropping the oldest hints
     /// beyond the limit, and wakes the workers.
     fn enqueue(&self, jobs: impl IntoIterator<Item = Job>) {
         let jobs: Vec<Job> = jobs.into_iter().collect();
-        let mut queue = self.shared.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut queue = self.shared.queue.lock();
         for job in jobs.into_iter().rev() {
             queue.push_front(job);
         }
@@ -151,7 +155,7 @@ impl Drop for Prefetcher {
 fn work(shared: &Shared, group: u32) {
     loop {
         let job = {
-            let mut queue = shared.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut queue = shared.queue.lock();
             loop {
                 if shared.stop.load(Ordering::Relaxed) {
                     return;
@@ -159,7 +163,7 @@ fn work(shared: &Shared, group: u32) {
                 if let Some(job) = queue.pop_front() {
                     break job;
                 }
-                queue = shared.ready.wait(queue).unwrap_or_else(std::sync::PoisonError::into_inner);
+                shared.ready.wait(&mut queue);
             }
         };
         let Some(cache) = job.cache.upgrade() else { continue };
@@ -169,7 +173,7 @@ fn work(shared: &Shared, group: u32) {
         match cache.fetch_missing(job.first, job.last, group) {
             Ok(0) => {}
             Ok(n) => {
-                cache.metrics.prefetched_spans.inc_by(u64::from(n));
+                cache.metrics().prefetched_spans.inc_by(u64::from(n));
                 tracing::trace!(layer = %cache.index().layer_digest(), first = job.first, last = job.last, spans = n, "prefetched");
             }
             Err(e) => {
@@ -183,7 +187,7 @@ fn work(shared: &Shared, group: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layerfs::BlobSource;
+    use clip_index::{IndexError, RangeFetcher};
     use std::sync::atomic::AtomicU32;
     use std::time::{Duration, Instant};
 
@@ -194,11 +198,13 @@ mod tests {
         delay: Duration,
     }
 
-    impl BlobSource for SlowBlob {
-        fn fetch(&self, start: u64, end: u64) -> Result<Vec<u8>, String> {
+    impl RangeFetcher for SlowBlob {
+        fn fetch(&self, offset: u64, len: u64) -> Result<Vec<u8>, IndexError> {
             self.requests.fetch_add(1, Ordering::SeqCst);
             std::thread::sleep(self.delay);
-            self.bytes.get(start as usize..end as usize).map(<[u8]>::to_vec).ok_or_else(|| "out of range".into())
+            self.bytes.get(offset as usize..(offset + len) as usize).map(<[u8]>::to_vec).ok_or_else(|| {
+                IndexError::Fetch { offset, len, message: "out of range".into() }
+            })
         }
     }
 
@@ -229,9 +235,9 @@ mod tests {
         dir: &std::path::Path,
         prefetch: Option<PrefetchPolicy>,
     ) -> Arc<SpanCache> {
-        let mut c = SpanCache::new(index.clone(), dir.to_path_buf(), blob.clone()).expect("cache");
-        c.prefetcher = prefetch.and_then(Prefetcher::start);
-        Arc::new(c)
+        let observer = prefetch.and_then(Prefetcher::start).map(|p| p as Arc<dyn MissObserver>);
+        let options = crate::SpanCacheOptions { observer, ..Default::default() };
+        Arc::new(SpanCache::with_options(index.clone(), dir.to_path_buf(), blob.clone(), options).expect("cache"))
     }
 
     fn wait_until(f: impl Fn() -> bool) -> bool {
@@ -288,7 +294,7 @@ mod tests {
         assert!(!c.is_cached(14));
         // Nothing was fetched twice: 10 by the reader, then 9, 11, 12 (and 10's rest) ahead.
         let cached = (0..index.span_count()).filter(|i| c.is_cached(*i)).count() as u64;
-        assert!(c.stats.fetches.load(Ordering::SeqCst) <= cached);
+        assert!(c.stats().fetches.load(Ordering::SeqCst) <= cached);
     }
 
     #[test]

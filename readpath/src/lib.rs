@@ -1,0 +1,19 @@
+//! `clip-readpath`: where a span is fetched. Under a lazy layer's FUSE file system, a read of
+//! uncompressed tar bytes becomes spans taken from the on-disk span cache or fetched from the
+//! blob (Range requests through a [`clip_index::RangeFetcher`]), verified against the index's
+//! span digests and inflated from their checkpoints ([`spans`]), within the daemon's disk
+//! budget ([`budget`]), with what a miss suggests fetched ahead ([`prefetch`]) and counted
+//! ([`metrics`]). No FUSE, no async runtime: plain threads, unit-testable on local files.
+//! See `docs/architecture.md` for how it sits under `clip-layerfs`.
+
+pub mod budget;
+pub mod metrics;
+pub mod prefetch;
+pub mod spans;
+
+pub use budget::CacheBudget;
+pub use clip_index::RangeFetcher;
+pub use clip_index::reader::FileFetcher;
+pub use metrics::LayerMetrics;
+pub use prefetch::{PrefetchPolicy, Prefetcher};
+pub use spans::{MissObserver, SpanCache, SpanCacheOptions, SpanError, SpanStats};

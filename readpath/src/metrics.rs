@@ -1,0 +1,20 @@
+//! The read-path counters of one lazily served layer: handles into the daemon's Prometheus
+//! families (the daemon registers them; a cache on its own keeps unregistered no-op handles).
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+
+/// One layer's read-path metrics.
+#[derive(Clone, Debug, Default)]
+pub struct LayerMetrics {
+    pub fetched_bytes: Counter,
+    pub fetches: Counter,
+    pub span_hits: Counter,
+    pub span_misses: Counter,
+    pub spans_local: Gauge,
+    pub spans_total: Gauge,
+    pub read_seconds: Option<Histogram>,
+    pub passthrough_opens: Counter,
+    pub prefetched_spans: Counter,
+}
