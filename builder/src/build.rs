@@ -308,10 +308,8 @@ fn record(state: &Path, image: &Reference, indexed: &ImageIndexed) -> Result<()>
             "recorded_at": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         }),
     );
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&all)?)?;
-    std::fs::rename(&tmp, &path)?;
-    Ok(())
+    clip_fsutil::atomic_write(&path, &serde_json::to_vec_pretty(&all)?, 0o644, clip_fsutil::Durability::Durable)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 #[cfg(test)]

@@ -29,10 +29,8 @@ pub fn open_index(path: &Path) -> Result<Index> {
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).with_context(|| format!("write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("rename to {}", path.display()))?;
-    Ok(())
+    clip_fsutil::atomic_write(path, bytes, 0o644, clip_fsutil::Durability::Durable)
+        .with_context(|| format!("write {}", path.display()))
 }
 
 /// A summary of an index as JSON (sizes, digests, spans, and every entry when `entries`);

@@ -257,12 +257,11 @@ fn cached_layer(dir: &std::path::Path, digest: &str) -> Option<(LayerIndexed, Ve
 fn store_layer(dir: &std::path::Path, digest: &str, packed: &[u8], windows: Option<&[u8]>) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let (index_path, windows_path) = cache_paths(dir, digest);
+    use clip_fsutil::{Durability, atomic_write};
     if let Some(w) = windows {
-        std::fs::write(&windows_path, w)?;
+        atomic_write(&windows_path, w, 0o644, Durability::Durable)?;
     }
-    let tmp = index_path.with_extension("tmp");
-    std::fs::write(&tmp, packed)?;
-    std::fs::rename(&tmp, &index_path)
+    atomic_write(&index_path, packed, 0o644, Durability::Durable)
 }
 
 /// Downloads one layer to `path` (streamed), indexes it, and returns the packed index (without

@@ -15,7 +15,7 @@ use std::path::Path;
 
 fn blob_path(dir: &Path, digest: &str) -> Result<std::path::PathBuf> {
     let (alg, hex) = digest.split_once(':').with_context(|| format!("bad digest {digest}"))?;
-    clip_registry::reference::validate_digest(digest).map_err(|e| anyhow::anyhow!(e))?;
+    clip_config::digest::validate(digest)?;
     Ok(dir.join("blobs").join(alg).join(hex))
 }
 

@@ -11,15 +11,7 @@ use std::hash::BuildHasher;
 #[error("{0}")]
 pub struct LabelError(pub String);
 
-/// Whether `s` is a sha256 or sha512 digest in canonical form (lowercase hex).
-pub fn is_digest(s: &str) -> bool {
-    let hex = |h: &str, n: usize| h.len() == n && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-    match s.split_once(':') {
-        Some(("sha256", h)) => hex(h, 64),
-        Some(("sha512", h)) => hex(h, 128),
-        _ => false,
-    }
-}
+use crate::digest::is_digest;
 
 /// Set by containerd's unpacker on a Prepare that may be served remotely.
 pub const TARGET_SNAPSHOT_REF: &str = "containerd.io/snapshot.ref";

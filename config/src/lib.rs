@@ -3,12 +3,14 @@
 //! This crate owns three things and nothing else:
 //! - the configuration file format of both programs, with defaults and validation
 //!   ([`SnapshotterConfig`], [`BuilderConfig`], [`BuildRegistry`]);
-//! - the names of the snapshot labels clip reads ([`labels`]);
+//! - the names of the snapshot labels clip reads ([`labels`]), and the one check of the
+//!   digests they and every other input carry ([`digest`]);
 //! - the credential settings of the build registry ([`LongTermCredentials`]).
 //!
 //! Loading never panics: a missing file, bad TOML, an unknown key or an invalid value is a
 //! [`ConfigError`] naming the file and the key.
 
+pub mod digest;
 pub mod labels;
 mod model;
 

@@ -47,7 +47,7 @@ fuzz_target!(|data: &[u8]| {
         Ok(split) => {
             assert!(split.stored.keys().all(|k| !labels::is_secret(k)));
             if let Ok(Some(req)) = RemoteRequest::from_labels(&split) {
-                assert!(labels::is_digest(&req.layer_digest));
+                assert!(clip_config::digest::is_digest(&req.layer_digest));
                 assert!(!req.layer_digest.contains('/'));
             }
         }

@@ -85,27 +85,12 @@ pub fn wait_until(timeout: std::time::Duration, mut check: impl FnMut() -> bool)
 
 /// Unmounts, deepest first, every mount point at or below `dir` (lazy unmount as a last resort).
 pub fn unmount_below(dir: &Path) {
-    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
-        return;
-    };
-    let prefix = dir.to_string_lossy().into_owned();
-    let mut points: Vec<String> = mounts
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(1))
-        .map(unescape_mount_path)
-        .filter(|p| p == &prefix || p.starts_with(&format!("{prefix}/")))
-        .collect();
-    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
-    for p in points {
+    for p in clip_fsutil::mountinfo::mount_points_below(dir) {
         let ok = Command::new("umount").arg(&p).output().is_ok_and(|o| o.status.success());
         if !ok {
             let _ = Command::new("umount").arg("-l").arg(&p).output();
         }
     }
-}
-
-fn unescape_mount_path(p: &str) -> String {
-    p.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
 }
 
 /// sha256 of a file, as lowercase hex.

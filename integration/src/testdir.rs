@@ -26,11 +26,9 @@ impl TestDir {
     /// How many of clip's lazy layers (its FUSE mounts, source `clip:sha256:...`) are mounted
     /// below this dir now.
     pub fn lazy_layers(&self) -> usize {
-        let dir = self.path().to_string_lossy().into_owned();
-        std::fs::read_to_string("/proc/mounts")
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.starts_with("clip:sha256:") && l.contains(&dir))
+        clip_fsutil::mountinfo::mounts()
+            .iter()
+            .filter(|m| m.source.starts_with("clip:sha256:") && m.mount_point.starts_with(self.path()))
             .count()
     }
 

@@ -43,7 +43,7 @@ impl Reference {
             None => (input, None),
         };
         if let Some(d) = &digest {
-            validate_digest(d).map_err(|r| bad(&r))?;
+            clip_config::digest::validate(d).map_err(|e| bad(&e.to_string()))?;
         }
         // A tag is after the last ':' that follows the last '/'.
         let last_slash = name_tag.rfind('/').map_or(0, |i| i + 1);
@@ -123,19 +123,6 @@ fn valid_registry(r: &str) -> bool {
         !host.is_empty() && host.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || ".-".contains(c));
     let port_ok = port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.chars().all(|c| c.is_ascii_digit()));
     host_ok && port_ok
-}
-
-/// `sha256:<64 hex>` (or another algorithm with a plausible encoded part).
-pub fn validate_digest(d: &str) -> std::result::Result<(), String> {
-    let Some((algo, hex)) = d.split_once(':') else {
-        return Err(format!("digest {d:?} has no algorithm"));
-    };
-    let ok = match algo {
-        "sha256" => hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()),
-        "sha512" => hex.len() == 128 && hex.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()),
-        _ => false,
-    };
-    if ok { Ok(()) } else { Err(format!("invalid digest {d:?}")) }
 }
 
 #[cfg(test)]

@@ -286,7 +286,7 @@ fn manifest_layers(bytes: &[u8]) -> Result<Vec<String>, LookupError> {
         .map(|l| {
             l["digest"]
                 .as_str()
-                .filter(|d| clip_config::labels::is_digest(d))
+                .filter(|d| clip_config::digest::is_digest(d))
                 .map(str::to_string)
                 .ok_or_else(|| malformed("a layer without a valid digest".into()))
         })

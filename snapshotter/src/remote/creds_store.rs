@@ -6,8 +6,7 @@
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -47,11 +46,7 @@ impl CredentialStore {
             Stored { image_ref: image_ref.to_string(), expires_at: now() + self.ttl_s, labels: labels.clone() };
         let bytes = serde_json::to_vec(&stored).map_err(std::io::Error::other)?;
         let path = self.path(image_ref);
-        let tmp = path.with_extension("tmp");
-        let mut f = fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, &path)
+        clip_fsutil::atomic_write(&path, &bytes, 0o600, clip_fsutil::Durability::Durable)
     }
 
     /// Every unexpired entry; expired and unreadable ones are deleted.

@@ -32,7 +32,7 @@ pub(super) fn open_local(path: &Path, layer_digest: &str) -> Result<Option<Found
                 return Ok(Some((Arc::new(i), None)));
             }
             match std::fs::read_to_string(windows_sidecar(path)) {
-                Ok(d) if clip_registry::reference::validate_digest(d.trim()).is_ok() => {
+                Ok(d) if clip_config::digest::is_digest(d.trim()) => {
                     Ok(Some((Arc::new(i), Some(d.trim().to_string()))))
                 }
                 _ => {
@@ -82,9 +82,7 @@ fn store_index(
     if let Some(d) = &windows_digest {
         std::fs::write(windows_sidecar(path), d).map_err(|e| format!("storing the windows digest: {e}"))?;
     }
-    let tmp = path.with_extension(format!("tmp-{:?}", std::thread::current().id()).replace(['(', ')'], ""));
-    std::fs::write(&tmp, bytes)
-        .and_then(|()| std::fs::rename(&tmp, path))
+    clip_fsutil::atomic_write(path, &bytes, 0o644, clip_fsutil::Durability::Durable)
         .map_err(|e| format!("storing index {}: {e}", path.display()))?;
     Ok((Arc::new(index), windows_digest))
 }
@@ -168,7 +166,7 @@ impl RemoteLayers {
             .iter()
             .filter(|l| l["mediaType"] == LAYER_INDEX_MEDIA_TYPE)
             .filter_map(|l| l["annotations"][LAYER_DIGEST_ANNOTATION].as_str().map(ToString::to_string))
-            .filter(|d| d != current && clip_registry::reference::validate_digest(d).is_ok())
+            .filter(|d| d != current && clip_config::digest::is_digest(d))
             .collect();
         for layer in digests {
             let path = self.index_path(&layer);
