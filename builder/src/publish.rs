@@ -6,10 +6,7 @@
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
-use clip_index::artifact::{
-    ARTIFACT_TYPE, EMPTY_CONFIG, EMPTY_CONFIG_MEDIA_TYPE, LAYER_DIGEST_ANNOTATION, LAYER_INDEX_MEDIA_TYPE,
-    LAYER_WINDOWS_MEDIA_TYPE, VERSION_ANNOTATION,
-};
+use clip_index::artifact::{ARTIFACT_TYPE, ArtifactBlob, BlobKind, EMPTY_CONFIG, IndexArtifact};
 use clip_registry::api::{OCI_MANIFEST, sha256_digest};
 use clip_registry::{Platform, Repository};
 use futures::StreamExt;
@@ -153,46 +150,40 @@ pub async fn index_image(
             .await
             .with_context(|| format!("pushing the index of layer {}", indexed.layer_digest))?;
         debug_assert_eq!(pushed, indexed.index_digest);
-        artifact_layers.push(serde_json::json!({
-            "mediaType": LAYER_INDEX_MEDIA_TYPE,
-            "digest": indexed.index_digest,
-            "size": indexed.index_size,
-            "annotations": { LAYER_DIGEST_ANNOTATION: indexed.layer_digest },
-        }));
+        artifact_layers.push(ArtifactBlob {
+            kind: BlobKind::Index,
+            digest: indexed.index_digest.clone(),
+            size: indexed.index_size as u64,
+            layer_digest: indexed.layer_digest.clone(),
+        });
         if let Some(windows) = windows {
             let size = windows.len();
             let digest = repo
                 .push_blob(Bytes::from(windows))
                 .await
                 .with_context(|| format!("pushing the windows of layer {}", indexed.layer_digest))?;
-            artifact_layers.push(serde_json::json!({
-                "mediaType": LAYER_WINDOWS_MEDIA_TYPE,
-                "digest": digest,
-                "size": size,
-                "annotations": { LAYER_DIGEST_ANNOTATION: indexed.layer_digest },
-            }));
+            artifact_layers.push(ArtifactBlob {
+                kind: BlobKind::Windows,
+                digest,
+                size: size as u64,
+                layer_digest: indexed.layer_digest.clone(),
+            });
         }
         layers.push(indexed);
     }
     let config_digest = repo.push_blob(Bytes::from_static(EMPTY_CONFIG)).await?;
-    let artifact = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "artifactType": ARTIFACT_TYPE,
-        "config": { "mediaType": EMPTY_CONFIG_MEDIA_TYPE, "digest": config_digest, "size": EMPTY_CONFIG.len() },
-        "layers": artifact_layers,
-        "subject": { "mediaType": manifest.media_type, "digest": manifest.digest, "size": manifest.bytes.len() },
-        "annotations": { VERSION_ANNOTATION: "1" },
-    });
-    let bytes = serde_json::to_vec(&artifact)?;
+    let subject = oci_spec::image::Descriptor::new(
+        manifest.media_type.as_str().into(),
+        manifest.bytes.len() as u64,
+        manifest.digest.parse::<oci_spec::image::Digest>().context("the image manifest's digest")?,
+    );
+    let bytes = IndexArtifact::new(subject, &config_digest, &artifact_layers)?.to_bytes()?;
     let artifact_digest = sha256_digest(&bytes);
     let size = bytes.len();
     repo.put_manifest(&artifact_digest, OCI_MANIFEST, Bytes::from(bytes))
         .await
         .context("pushing the index artifact")?;
-    let descriptor: oci_spec::image::Descriptor = serde_json::from_value(serde_json::json!({
-        "mediaType": OCI_MANIFEST, "digest": artifact_digest, "size": size, "artifactType": ARTIFACT_TYPE,
-    }))?;
+    let descriptor = IndexArtifact::referrer_descriptor(&artifact_digest, size as u64)?;
     repo.add_referrer_to_fallback_tag(&manifest.digest, descriptor)
         .await
         .context("adding the index to the referrers fallback tag")?;
@@ -219,17 +210,9 @@ async fn published_index(
     for d in found.iter().rev() {
         let digest = d.digest().to_string();
         let Ok(fetched) = repo.get_manifest(&digest).await else { continue };
-        let Ok(artifact) = serde_json::from_slice::<serde_json::Value>(&fetched.bytes) else { continue };
-        let indexed: Vec<&str> = artifact["layers"]
-            .as_array()
-            .map(|ls| {
-                ls.iter()
-                    .filter(|l| l["mediaType"] == LAYER_INDEX_MEDIA_TYPE)
-                    .filter_map(|l| l["annotations"][LAYER_DIGEST_ANNOTATION].as_str())
-                    .collect()
-            })
-            .unwrap_or_default();
-        if image.layers().iter().all(|l| indexed.contains(&l.digest().to_string().as_str())) {
+        let Ok(artifact) = IndexArtifact::parse(&fetched.bytes) else { continue };
+        let indexed = artifact.indexed_layers();
+        if image.layers().iter().all(|l| indexed.contains(&l.digest().to_string())) {
             return Some(digest);
         }
     }

@@ -8,7 +8,7 @@
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
-use clip_index::artifact::ARTIFACT_TYPE;
+use clip_index::artifact::{ARTIFACT_TYPE, IndexArtifact};
 use clip_registry::api::{OCI_MANIFEST, sha256_digest};
 use clip_registry::{Platform, Repository};
 use std::path::Path;
@@ -19,14 +19,6 @@ fn blob_path(dir: &Path, digest: &str) -> Result<std::path::PathBuf> {
     Ok(dir.join("blobs").join(alg).join(hex))
 }
 
-fn referenced_blobs(artifact: &serde_json::Value) -> Vec<String> {
-    let mut out: Vec<String> = artifact["config"]["digest"].as_str().map(ToString::to_string).into_iter().collect();
-    if let Some(layers) = artifact["layers"].as_array() {
-        out.extend(layers.iter().filter_map(|l| l["digest"].as_str().map(ToString::to_string)));
-    }
-    out
-}
-
 /// Downloads the newest index artifact of `reference` (and its blobs) into `dir`.
 pub async fn fetch(repo: &Repository, reference: &str, dir: &Path) -> Result<String> {
     let (manifest, _) = repo.get_image_manifest(reference, &Platform::default()).await?;
@@ -34,8 +26,8 @@ pub async fn fetch(repo: &Repository, reference: &str, dir: &Path) -> Result<Str
     let desc = found.last().with_context(|| format!("no CLIP index is published for {}", repo.image))?;
     let digest = desc.digest().to_string();
     let artifact = repo.get_manifest(&digest).await?;
-    let value: serde_json::Value = serde_json::from_slice(&artifact.bytes)?;
-    for b in referenced_blobs(&value) {
+    let parsed = IndexArtifact::parse(&artifact.bytes).with_context(|| format!("index artifact {digest}"))?;
+    for b in parsed.referenced_blobs() {
         let path = blob_path(dir, &b)?;
         if path.exists() {
             continue;
@@ -54,16 +46,14 @@ pub async fn fetch(repo: &Repository, reference: &str, dir: &Path) -> Result<Str
 pub async fn push(repo: &Repository, reference: &str, dir: &Path) -> Result<String> {
     let bytes =
         std::fs::read(dir.join("artifact.json")).with_context(|| format!("reading {}/artifact.json", dir.display()))?;
-    let value: serde_json::Value = serde_json::from_slice(&bytes)?;
-    if value["artifactType"] != ARTIFACT_TYPE {
-        bail!("{}/artifact.json is not a CLIP index artifact", dir.display());
-    }
-    let subject = value["subject"]["digest"].as_str().context("artifact has no subject")?.to_string();
+    let artifact =
+        IndexArtifact::parse(&bytes).with_context(|| format!("{}/artifact.json", dir.display()))?;
+    let subject = artifact.subject_digest().context("artifact has no subject")?;
     let (manifest, _) = repo.get_image_manifest(reference, &Platform::default()).await?;
     if manifest.digest != subject {
         bail!("the index is for {subject}, but {} is {}", repo.image, manifest.digest);
     }
-    for b in referenced_blobs(&value) {
+    for b in artifact.referenced_blobs() {
         let data = std::fs::read(blob_path(dir, &b)?)
             .with_context(|| format!("blob {b} is missing from {}", dir.display()))?;
         if sha256_digest(&data) != b {
@@ -72,9 +62,7 @@ pub async fn push(repo: &Repository, reference: &str, dir: &Path) -> Result<Stri
         repo.push_blob(Bytes::from(data)).await?;
     }
     let digest = repo.put_manifest(&sha256_digest(&bytes), OCI_MANIFEST, Bytes::from(bytes.clone())).await?;
-    let desc: oci_spec::image::Descriptor = serde_json::from_value(serde_json::json!({
-        "mediaType": OCI_MANIFEST, "digest": digest, "size": bytes.len(), "artifactType": ARTIFACT_TYPE,
-    }))?;
+    let desc = IndexArtifact::referrer_descriptor(&digest, bytes.len() as u64)?;
     repo.add_referrer_to_fallback_tag(&subject, desc).await?;
     Ok(digest)
 }

@@ -3,7 +3,7 @@
 use super::RemoteLayers;
 use crate::labels::RemoteRequest;
 use clip_index::Index;
-use clip_index::artifact::{ARTIFACT_TYPE, LAYER_DIGEST_ANNOTATION, LAYER_INDEX_MEDIA_TYPE, LAYER_WINDOWS_MEDIA_TYPE};
+use clip_index::artifact::{ARTIFACT_TYPE, BlobKind, IndexArtifact};
 use clip_registry::{Platform, Repository};
 use std::path::Path;
 use std::sync::Arc;
@@ -47,14 +47,6 @@ pub(super) fn open_local(path: &Path, layer_digest: &str) -> Result<Option<Found
             Ok(None)
         }
     }
-}
-
-/// The blob of `media_type` the artifact holds for `layer`.
-fn layer_blob(artifact: &serde_json::Value, layer: &str, media_type: &str) -> Option<String> {
-    artifact["layers"].as_array()?.iter().find_map(|l| {
-        let ours = l["annotations"][LAYER_DIGEST_ANNOTATION] == layer && l["mediaType"] == media_type;
-        ours.then(|| l["digest"].as_str().map(ToString::to_string)).flatten()
-    })
 }
 
 /// Validates a fetched index blob for `layer` and stores it (with its windows digest) at
@@ -143,9 +135,9 @@ impl RemoteLayers {
         // The other layers' indexes are fetched now, in parallel: containerd prepares layers
         // one by one, and each would otherwise wait for its own round trips.
         self.prefetch_indexes(repo, &artifact_digest, &artifact, &req.layer_digest);
-        let blob_digest = layer_blob(&artifact, &req.layer_digest, LAYER_INDEX_MEDIA_TYPE)
+        let blob_digest = artifact.blob_for(&req.layer_digest, BlobKind::Index)
             .ok_or_else(|| format!("index artifact {artifact_digest} has no index for layer {}", req.layer_digest))?;
-        let windows_digest = layer_blob(&artifact, &req.layer_digest, LAYER_WINDOWS_MEDIA_TYPE);
+        let windows_digest = artifact.blob_for(&req.layer_digest, BlobKind::Windows);
         let bytes = rt
             .block_on(repo.get_blob(&blob_digest, MAX_INDEX_BLOB))
             .map_err(|e| format!("fetching index {blob_digest}: {e}"))?;
@@ -158,14 +150,12 @@ impl RemoteLayers {
         &self,
         repo: &Arc<Repository>,
         artifact_digest: &str,
-        artifact: &serde_json::Value,
+        artifact: &IndexArtifact,
         current: &str,
     ) {
-        let Some(layers) = artifact["layers"].as_array() else { return };
-        let digests: Vec<String> = layers
-            .iter()
-            .filter(|l| l["mediaType"] == LAYER_INDEX_MEDIA_TYPE)
-            .filter_map(|l| l["annotations"][LAYER_DIGEST_ANNOTATION].as_str().map(ToString::to_string))
+        let digests: Vec<String> = artifact
+            .indexed_layers()
+            .into_iter()
             .filter(|d| d != current && clip_config::digest::is_digest(d))
             .collect();
         for layer in digests {
@@ -183,8 +173,8 @@ impl RemoteLayers {
                 done
             };
             let (Some(blob), windows) = (
-                layer_blob(artifact, &layer, LAYER_INDEX_MEDIA_TYPE),
-                layer_blob(artifact, &layer, LAYER_WINDOWS_MEDIA_TYPE),
+                artifact.blob_for(&layer, BlobKind::Index),
+                artifact.blob_for(&layer, BlobKind::Windows),
             ) else {
                 done.finish();
                 continue;
@@ -221,7 +211,7 @@ impl RemoteLayers {
         }
     }
 
-    fn artifact(&self, repo: &Repository, digest: &str) -> Result<serde_json::Value, String> {
+    fn artifact(&self, repo: &Repository, digest: &str) -> Result<IndexArtifact, String> {
         if let Some(a) = self.artifacts.lock().get(digest) {
             return Ok(a.clone());
         }
@@ -229,8 +219,7 @@ impl RemoteLayers {
             .runtime
             .block_on(repo.get_manifest(digest))
             .map_err(|e| format!("fetching index artifact {digest}: {e}"))?;
-        let value: serde_json::Value =
-            serde_json::from_slice(&fetched.bytes).map_err(|e| format!("index artifact {digest}: {e}"))?;
+        let value = IndexArtifact::parse(&fetched.bytes).map_err(|e| format!("index artifact {digest}: {e}"))?;
         self.artifacts
             .lock()
             .insert(digest.to_string(), value.clone());

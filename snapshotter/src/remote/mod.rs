@@ -50,7 +50,7 @@ pub struct RemoteLayers {
     /// Index fetches started ahead of their layers' Prepare, by layer digest.
     index_fetches: Mutex<HashMap<String, Arc<discover::IndexFetch>>>,
     /// Artifact manifests already read, by digest.
-    artifacts: Mutex<HashMap<String, serde_json::Value>>,
+    artifacts: Mutex<HashMap<String, clip_index::artifact::IndexArtifact>>,
     /// Read-ahead: missing spans fetched together with a requested one.
     pub readahead_spans: u32,
     /// Whether large local files are served with FUSE passthrough.
