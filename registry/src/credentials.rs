@@ -1,4 +1,4 @@
-//! Credentials and the priority chain of `DESIGN.md`:
+//! Credentials and their priority chain (docs/architecture.md, "Credentials"):
 //! 1. `clip.image-creds`, 2. `clip.source-image-creds` (both for the image's own registry),
 //! 3. `clip.build-registry-creds` — only when the image's registry *is* the configured build
 //!    registry (normalised `host[:port]` equality) and its repository is under the configured
@@ -76,7 +76,7 @@ impl Source {
         }
     }
 
-    /// The log line of `DESIGN.md` for a chosen source.
+    /// The name a chosen source is logged as.
     pub fn decision(self) -> &'static str {
         match self {
             Self::ImageCreds => "credentials provided for runtime CLIP layer mounting",

@@ -6,7 +6,7 @@
 //! - [`client`]: HTTP clients, the per-repository request loop (endpoints, retries, auth
 //!   challenges along the credential chain, redirects without `Authorization`);
 //! - [`api`]: manifests, blobs, **Range** reads, uploads, referrers;
-//! - [`credentials`]: credentials, their sources and the priority chain of `DESIGN.md`;
+//! - [`credentials`]: credentials, their sources and the priority chain (docs/architecture.md, "Credentials");
 //! - [`mint`]: short-lived tokens minted from long-term credentials (ECR, GCP, basic);
 //! - [`challenge`]: `WWW-Authenticate` parsing; [`Secret`]: a string that never prints.
 
