@@ -7,6 +7,7 @@
 //! containerd can fetch its manifest and config. What is done with a secret is the daemon's
 //! ([`PullSecrets`], implemented by the snapshotter's remote layers); see `docs/architecture.md`.
 
+use clip_registry::RegistryError;
 use clip_registry::credentials::{Credential, Source};
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::image_service_server::{ImageService, ImageServiceServer};
@@ -37,7 +38,7 @@ pub fn credential_of(auth: &AuthConfig) -> Option<Credential> {
 pub trait PullSecrets: Send + Sync + 'static {
     /// Keeps `credential` for the lazy layers of `image_ref`'s repository (blocking: it writes
     /// the credential store).
-    fn remember_pull_secret(&self, image_ref: &str, credential: Credential) -> Result<(), String>;
+    fn remember_pull_secret(&self, image_ref: &str, credential: Credential) -> Result<(), RegistryError>;
     /// A credential for `image_ref` when it is in the build registry, where the daemon mints
     /// its own tokens.
     fn build_registry_credential(

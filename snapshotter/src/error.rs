@@ -17,6 +17,9 @@ pub enum SnapshotError {
     /// A lazy layer that cannot be served now (its registry is away); retried on next use.
     #[error("{0}")]
     Unavailable(String),
+    /// A lazy layer that cannot be served (its index, registry or mount failed).
+    #[error(transparent)]
+    Remote(Box<crate::remote::RemoteError>),
     #[error("metadata database: {0}")]
     Database(String),
     #[error("{context}: {source}")]
@@ -39,7 +42,7 @@ impl SnapshotError {
             Self::AlreadyExists(_) => Code::AlreadyExists,
             Self::FailedPrecondition(_) => Code::FailedPrecondition,
             Self::InvalidArgument(_) => Code::InvalidArgument,
-            Self::Unavailable(_) => Code::Unavailable,
+            Self::Unavailable(_) | Self::Remote(_) => Code::Unavailable,
             Self::Database(_) | Self::Io { .. } => Code::Internal,
         }
     }

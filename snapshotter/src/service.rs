@@ -121,7 +121,7 @@ impl State {
                 Err(RemoteFallback::Error(e)) => return Err(e),
                 Err(RemoteFallback::Reason(reason)) => {
                     tracing::info!(layer = %req.layer_digest, image = %req.image_ref, %reason, "serving the layer as an ordinary snapshot (containerd unpacks it)");
-                    labels.stored.insert(NOT_LAZY.into(), not_lazy_reason(&reason));
+                    labels.stored.insert(NOT_LAZY.into(), not_lazy_reason(&reason.to_string()));
                 }
             }
         }
@@ -180,14 +180,14 @@ impl State {
         if existing.is_some() {
             return Ok(());
         }
-        let layer = remote.open(req).map_err(RemoteFallback::Reason)?;
+        let layer = remote.open(req).map_err(|e| RemoteFallback::Reason(SnapshotError::Remote(Box::new(e))))?;
         let mounted = std::cell::Cell::new(None);
         let info = RemoteLayer { image_ref: req.image_ref.clone(), layer_digest: req.layer_digest.clone() };
         let result = self.store.create_remote(key, parent, labels.stored.clone(), info, |id| {
             self.dirs.create(id)?;
             remote
                 .mount(id, &self.dirs.fs(id), layer)
-                .map_err(|e| SnapshotError::io("mounting the layer", std::io::Error::other(e)))?;
+                .map_err(|e| SnapshotError::Remote(Box::new(e)))?;
             mounted.set(Some(id));
             Ok(())
         });
@@ -204,7 +204,7 @@ impl State {
                     SnapshotError::AlreadyExists(_)
                     | SnapshotError::NotFound(_)
                     | SnapshotError::InvalidArgument(_) => Err(RemoteFallback::Error(e)),
-                    other => Err(RemoteFallback::Reason(other.to_string())),
+                    other => Err(RemoteFallback::Reason(other)),
                 }
             }
         }
@@ -225,7 +225,7 @@ impl State {
     /// cannot be (a mount must never show an empty layer).
     fn serve_unservable(&self, ids: &[u64]) -> Result<()> {
         let Some(remote) = &self.remote else { return Ok(()) };
-        remote.serve_unservable(ids, |id| self.dirs.fs(id)).map_err(SnapshotError::Unavailable)
+        remote.serve_unservable(ids, |id| self.dirs.fs(id)).map_err(|e| SnapshotError::Remote(Box::new(e)))
     }
 
     fn commit(&self, name: &str, key: &str, labels: HashMap<String, String>) -> Result<()> {
@@ -317,7 +317,9 @@ fn not_lazy_reason(reason: &str) -> String {
 
 /// Why a remote Prepare did not happen: a reason to fall back, or an error for containerd.
 enum RemoteFallback {
-    Reason(String),
+    /// The layer cannot be served lazily: fall back to an ordinary snapshot, recording why.
+    Reason(SnapshotError),
+    /// The request itself is wrong (containerd gets the error).
     Error(SnapshotError),
 }
 

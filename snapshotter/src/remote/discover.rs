@@ -1,6 +1,6 @@
 //! Finding a layer's index: the local index store, else the registry.
 
-use super::RemoteLayers;
+use super::{RemoteError, RemoteLayers};
 use crate::labels::RemoteRequest;
 use clip_index::Index;
 use clip_index::artifact::{ARTIFACT_TYPE, BlobKind, IndexArtifact};
@@ -20,11 +20,11 @@ fn windows_sidecar(path: &Path) -> std::path::PathBuf {
 
 /// Opens a stored index (and its windows blob's digest) if present; a corrupt one is deleted
 /// and reported as absent.
-pub(super) fn open_local(path: &Path, layer_digest: &str) -> Result<Option<Found>, String> {
+pub(super) fn open_local(path: &Path, layer_digest: &str) -> Result<Option<Found>, RemoteError> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("reading {}: {e}", path.display())),
+        Err(e) => return Err(RemoteError::io(format!("reading {}", path.display()))(e)),
     };
     match Index::open_any(bytes).and_then(|i| i.validate().map(|()| i)) {
         Ok(i) if i.layer_digest() == layer_digest => {
@@ -58,24 +58,29 @@ fn store_index(
     windows_digest: Option<String>,
     bytes: &[u8],
     artifact_digest: &str,
-) -> Result<Found, String> {
-    let index = Index::open_any(bytes.to_vec()).map_err(|e| format!("index {blob_digest}: {e}"))?;
-    index.validate().map_err(|e| format!("index {blob_digest}: {e}"))?;
+) -> Result<Found, RemoteError> {
+    let invalid = |source| RemoteError::Index { blob: blob_digest.to_string(), source };
+    let index = Index::open_any(bytes.to_vec()).map_err(invalid)?;
+    index.validate().map_err(invalid)?;
     if index.layer_digest() != layer {
-        return Err(format!("index {blob_digest} is for layer {}, not {layer}", index.layer_digest()));
+        return Err(RemoteError::WrongLayer {
+            blob: blob_digest.to_string(),
+            expected: layer.to_string(),
+            actual: index.layer_digest(),
+        });
     }
     if index.has_external_windows() && windows_digest.is_none() {
-        return Err(format!("index artifact {artifact_digest} lacks the windows of layer {layer}"));
+        return Err(RemoteError::MissingWindows { artifact: artifact_digest.to_string(), layer: layer.to_string() });
     }
     let windows_digest = windows_digest.filter(|_| index.has_external_windows());
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(RemoteError::io(format!("creating {}", dir.display())))?;
     }
     if let Some(d) = &windows_digest {
-        std::fs::write(windows_sidecar(path), d).map_err(|e| format!("storing the windows digest: {e}"))?;
+        std::fs::write(windows_sidecar(path), d).map_err(RemoteError::io("storing the windows digest"))?;
     }
     clip_fsutil::atomic_write(path, &bytes, 0o644, clip_fsutil::Durability::Durable)
-        .map_err(|e| format!("storing index {}: {e}", path.display()))?;
+        .map_err(RemoteError::io(format!("storing index {}", path.display())))?;
     Ok((Arc::new(index), windows_digest))
 }
 
@@ -99,7 +104,7 @@ impl IndexFetch {
 }
 
 impl RemoteLayers {
-    pub(super) fn find_index(&self, repo: &Arc<Repository>, req: &RemoteRequest) -> Result<Found, String> {
+    pub(super) fn find_index(&self, repo: &Arc<Repository>, req: &RemoteRequest) -> Result<Found, RemoteError> {
         let path = self.index_path(&req.layer_digest);
         if let Some(i) = open_local(&path, &req.layer_digest)? {
             return Ok(i);
@@ -117,18 +122,18 @@ impl RemoteLayers {
                     None => {
                         let image = &repo.image;
                         rt.block_on(repo.get_image_manifest(image.manifest_reference(), &Platform::default()))
-                            .map_err(|e| format!("resolving {}: {e}", req.image_ref))?
+                            .map_err(RemoteError::request(format!("resolving {}", req.image_ref)))?
                             .0
                             .digest
                     }
                 };
                 let found = rt
                     .block_on(repo.referrers(&manifest_digest, Some(ARTIFACT_TYPE)))
-                    .map_err(|e| format!("looking up the index of {manifest_digest}: {e}"))?;
+                    .map_err(RemoteError::request(format!("looking up the index of {manifest_digest}")))?;
                 found
                     .last()
                     .map(|d| d.digest().to_string())
-                    .ok_or_else(|| format!("no CLIP index is published for {} ({manifest_digest})", req.image_ref))?
+                    .ok_or_else(|| RemoteError::NoIndex { image: req.image_ref.clone(), manifest: manifest_digest.clone() })?
             }
         };
         let artifact = self.artifact(repo, &artifact_digest)?;
@@ -136,11 +141,14 @@ impl RemoteLayers {
         // one by one, and each would otherwise wait for its own round trips.
         self.prefetch_indexes(repo, &artifact_digest, &artifact, &req.layer_digest);
         let blob_digest = artifact.blob_for(&req.layer_digest, BlobKind::Index)
-            .ok_or_else(|| format!("index artifact {artifact_digest} has no index for layer {}", req.layer_digest))?;
+            .ok_or_else(|| RemoteError::NotInArtifact {
+                artifact: artifact_digest.clone(),
+                layer: req.layer_digest.clone(),
+            })?;
         let windows_digest = artifact.blob_for(&req.layer_digest, BlobKind::Windows);
         let bytes = rt
             .block_on(repo.get_blob(&blob_digest, MAX_INDEX_BLOB))
-            .map_err(|e| format!("fetching index {blob_digest}: {e}"))?;
+            .map_err(RemoteError::request(format!("fetching index {blob_digest}")))?;
         store_index(&path, &req.layer_digest, &blob_digest, windows_digest, &bytes, &artifact_digest)
     }
 
@@ -211,15 +219,16 @@ impl RemoteLayers {
         }
     }
 
-    fn artifact(&self, repo: &Repository, digest: &str) -> Result<IndexArtifact, String> {
+    fn artifact(&self, repo: &Repository, digest: &str) -> Result<IndexArtifact, RemoteError> {
         if let Some(a) = self.artifacts.lock().get(digest) {
             return Ok(a.clone());
         }
         let fetched = self
             .runtime
             .block_on(repo.get_manifest(digest))
-            .map_err(|e| format!("fetching index artifact {digest}: {e}"))?;
-        let value = IndexArtifact::parse(&fetched.bytes).map_err(|e| format!("index artifact {digest}: {e}"))?;
+            .map_err(RemoteError::request(format!("fetching index artifact {digest}")))?;
+        let value = IndexArtifact::parse(&fetched.bytes)
+            .map_err(|source| RemoteError::Artifact { artifact: digest.to_string(), source })?;
         self.artifacts
             .lock()
             .insert(digest.to_string(), value.clone());

@@ -8,17 +8,19 @@ mod background;
 mod blob;
 mod creds_store;
 mod discover;
+mod error;
 mod mount;
 
 pub use blob::RegistryBlob;
 pub use creds_store::CredentialStore;
+pub use error::RemoteError;
 
 use crate::labels::RemoteRequest;
 use clip_config::SnapshotterConfig;
 use clip_config::labels as l;
 use clip_index::Index;
 use clip_registry::credentials::{BuildRegistryScope, ChainInputs, Credential, CredentialChain, Source};
-use clip_registry::{HostsConfig, Reference, RegistryClient, Repository, TokenMinter};
+use clip_registry::{HostsConfig, Reference, RegistryClient, RegistryError, Repository, TokenMinter};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use parking_lot::Mutex;
@@ -102,9 +104,12 @@ fn pull_secret_key(image: &Reference) -> String {
 }
 
 /// The chain inputs the `clip.*` credential labels give.
-fn inputs_from_labels(secrets: &std::collections::BTreeMap<String, String>) -> Result<ChainInputs, String> {
-    let parse = |label: &str, source: Source| -> Result<Option<Credential>, String> {
-        secrets.get(label).map(|v| Credential::parse(v, source).map_err(|e| format!("label {label}: {e}"))).transpose()
+fn inputs_from_labels(secrets: &std::collections::BTreeMap<String, String>) -> Result<ChainInputs, RemoteError> {
+    let parse = |label: &'static str, source: Source| -> Result<Option<Credential>, RemoteError> {
+        secrets
+            .get(label)
+            .map(|v| Credential::parse(v, source).map_err(|source| RemoteError::CredentialLabel { label, source }))
+            .transpose()
     };
     Ok(ChainInputs {
         image_creds: parse(l::IMAGE_CREDS, Source::ImageCreds)?,
@@ -245,7 +250,7 @@ impl RemoteLayers {
 
     /// Remembers the credential labels of a request for its image (never logged), in memory
     /// and in the root-only store.
-    fn remember_creds(&self, req: &RemoteRequest) -> Result<(), String> {
+    fn remember_creds(&self, req: &RemoteRequest) -> Result<(), RemoteError> {
         if req.secrets.is_empty() {
             return Ok(());
         }
@@ -262,8 +267,8 @@ impl RemoteLayers {
 
     /// Reaches the registry of `image_ref` over plain HTTP from now on (unless a `hosts.toml`
     /// configures it), and after restarts: `<root>/plain-http-registries`, a host a line.
-    fn remember_plain_http(&self, image_ref: &str) -> Result<(), String> {
-        let registry = Reference::parse(image_ref).map_err(|e| e.to_string())?.registry;
+    fn remember_plain_http(&self, image_ref: &str) -> Result<(), RemoteError> {
+        let registry = Reference::parse(image_ref)?.registry;
         self.client.use_plain_http(&registry);
         let path = self.root.join(PLAIN_HTTP_FILE);
         let mut hosts: std::collections::BTreeSet<String> =
@@ -271,19 +276,19 @@ impl RemoteLayers {
         if hosts.insert(registry.clone()) {
             let text: String = hosts.iter().map(|h| format!("{h}\n")).collect();
             clip_fsutil::atomic_write(&path, text.as_bytes(), 0o600, clip_fsutil::Durability::Durable)
-                .map_err(|e| format!("recording plain HTTP for {registry} in {}: {e}", path.display()))?;
+                .map_err(RemoteError::io(format!("recording plain HTTP for {registry} in {}", path.display())))?;
             tracing::info!(%registry, "reaching this registry over plain HTTP, as its client asked");
         }
         Ok(())
     }
 
     /// The registry session of an image, with its credential chain.
-    fn repository(&self, image_ref: &str) -> Result<Arc<Repository>, String> {
+    fn repository(&self, image_ref: &str) -> Result<Arc<Repository>, RemoteError> {
         let mut repos = self.repos.lock();
         if let Some(r) = repos.get(image_ref) {
             return Ok(r.clone());
         }
-        let image = Reference::parse(image_ref).map_err(|e| e.to_string())?;
+        let image = Reference::parse(image_ref)?;
         let mut inputs = self
             .label_creds
             .lock()
@@ -300,14 +305,14 @@ impl RemoteLayers {
         inputs.docker_config = true;
         inputs.docker_config_path = self.docker_config.clone();
         let chain = CredentialChain::for_image(&image, &inputs);
-        let repo = Arc::new(self.client.repository(&image, chain).map_err(|e| e.to_string())?);
+        let repo = Arc::new(self.client.repository(&image, chain)?);
         repos.insert(image_ref.to_string(), repo.clone());
         Ok(repo)
     }
 
     /// Finds and opens the index of the requested layer. Blocking (call from a blocking
     /// thread, never from async code).
-    pub fn open(&self, req: &RemoteRequest) -> Result<OpenedLayer, String> {
+    pub fn open(&self, req: &RemoteRequest) -> Result<OpenedLayer, RemoteError> {
         self.remember_creds(req)?;
         if req.plain_http {
             self.remember_plain_http(&req.image_ref)?;
@@ -344,12 +349,12 @@ impl RemoteLayers {
 
     /// Opens a layer again (restarts): from the local index store, else (when `fetch`) from
     /// the registry (the index was lost), resolving the image reference again.
-    pub fn reopen(&self, image_ref: &str, layer_digest: &str, fetch: bool) -> Result<OpenedLayer, String> {
+    pub fn reopen(&self, image_ref: &str, layer_digest: &str, fetch: bool) -> Result<OpenedLayer, RemoteError> {
         let path = self.index_path(layer_digest);
         let repo = self.repository(image_ref)?;
         let (index, windows) = match discover::open_local(&path, layer_digest)? {
             Some(found) => found,
-            None if !fetch => return Err(format!("index {} is gone and its registry did not answer", path.display())),
+            None if !fetch => return Err(RemoteError::IndexGone { path: path.display().to_string() }),
             None => {
                 tracing::warn!(layer = %layer_digest, image = %image_ref, "index {} is gone; fetching it again", path.display());
                 let req = RemoteRequest {
@@ -389,8 +394,8 @@ impl clip_cri_proxy::PullSecrets for RemoteLayers {
     /// Remembers the pull secret kubelet passed for `image_ref` (CRI image service proxy), for
     /// that image's repository: in memory and in the root-only store until it expires. Never
     /// logged.
-    fn remember_pull_secret(&self, image_ref: &str, credential: Credential) -> Result<(), String> {
-        let image = Reference::parse(image_ref).map_err(|e| e.to_string())?;
+    fn remember_pull_secret(&self, image_ref: &str, credential: Credential) -> Result<(), RegistryError> {
+        let image = Reference::parse(image_ref)?;
         let key = pull_secret_key(&image);
         let stored = std::collections::BTreeMap::from([(
             PULL_SECRET_KEY.to_string(),

@@ -3,7 +3,7 @@
 //! ([`clip_layerfs::keeper`]), so a restarted daemon finds its mounts alive and serves them
 //! again ([`clip_layerfs::reattach`]) instead of breaking the containers that use them.
 
-use super::{OpenedLayer, RemoteLayers};
+use super::{OpenedLayer, RemoteError, RemoteLayers};
 use clip_layerfs::keeper::{KeeperClient, Kept};
 use clip_layerfs::session_state::SessionState;
 use clip_layerfs::{self as layerfs, LayerFs};
@@ -89,11 +89,11 @@ impl KeeperHandle {
         key: &str,
         fd: std::os::fd::BorrowedFd<'_>,
         meta: &serde_json::Value,
-    ) -> Result<(), String> {
+    ) -> Result<(), RemoteError> {
         let mut guard = self.lock();
         if guard.is_none() && self.enabled && !self.start_failed.load(Ordering::Relaxed) {
-            let started = std::env::current_exe().map_err(|e| e.to_string()).and_then(|exe| {
-                KeeperClient::connect_or_spawn(&self.root, &exe, self.orphan_timeout).map_err(|e| e.to_string())
+            let started = std::env::current_exe().map_err(RemoteError::io("finding this program")).and_then(|exe| {
+                Ok(KeeperClient::connect_or_spawn(&self.root, &exe, self.orphan_timeout)?)
             });
             match started {
                 Ok(c) => {
@@ -107,7 +107,7 @@ impl KeeperHandle {
             }
         }
         match guard.as_ref() {
-            Some(keeper) => keeper.put(key, fd, meta).map_err(|e| e.to_string()),
+            Some(keeper) => Ok(keeper.put(key, fd, meta)?),
             None => Ok(()),
         }
     }
@@ -133,7 +133,7 @@ impl KeeperHandle {
 }
 
 impl RemoteLayers {
-    fn layer_fs(&self, id: u64, layer: OpenedLayer, adopt: bool) -> Result<(LayerFs, Arc<SpanCache>, String), String> {
+    fn layer_fs(&self, id: u64, layer: OpenedLayer, adopt: bool) -> Result<(LayerFs, Arc<SpanCache>, String), RemoteError> {
         let options = SpanCacheOptions {
             metrics: self.metrics.layer(&layer.layer_digest),
             readahead_spans: self.readahead_spans,
@@ -148,12 +148,12 @@ impl RemoteLayers {
             Arc::new(layer.source),
             options,
         )
-        .map_err(|e| format!("span cache: {e}"))?;
+        .map_err(RemoteError::io("span cache"))?;
         let spans = Arc::new(spans);
         let files = self.files_dir(&layer.layer_digest);
         let state_dir = self.session_state_dir(id);
         let state = if adopt { SessionState::adopt(&state_dir) } else { SessionState::create(&state_dir) }
-            .map_err(|e| format!("session state {}: {e}", state_dir.display()))?;
+            .map_err(RemoteError::io(format!("session state {}", state_dir.display())))?;
         let fs = LayerFs::new(spans.clone());
         let fs = if self.passthrough { fs.with_passthrough(files) } else { fs };
         let fs = fs.with_session_state(state);
@@ -181,11 +181,11 @@ impl RemoteLayers {
     }
 
     /// Mounts an opened layer at `dir` as the snapshot `id`.
-    pub fn mount(&self, id: u64, dir: &Path, layer: OpenedLayer) -> Result<(), String> {
+    pub fn mount(&self, id: u64, dir: &Path, layer: OpenedLayer) -> Result<(), RemoteError> {
         let (fs, spans, digest) = self.layer_fs(id, layer, false)?;
         let granted = fs.passthrough_granted();
         let (session, fd) =
-            layerfs::mount(fs, dir, &digest).map_err(|e| format!("FUSE mount at {}: {e}", dir.display()))?;
+            layerfs::mount(fs, dir, &digest).map_err(RemoteError::io(format!("FUSE mount at {}", dir.display())))?;
         let meta = serde_json::json!({
             "dir": dir,
             "layer": digest,
@@ -200,14 +200,14 @@ impl RemoteLayers {
 
     /// Serves snapshot `id`'s layer at `dir` after a restart: the kept FUSE connection when the
     /// mount is still there (running containers keep it), else a new mount.
-    pub fn restore(&self, id: u64, dir: &Path, layer: OpenedLayer) -> Result<&'static str, String> {
+    pub fn restore(&self, id: u64, dir: &Path, layer: OpenedLayer) -> Result<&'static str, RemoteError> {
         let kept = self.kept.lock().remove(&id);
         if let Some(k) = kept {
             if clip_fsutil::mountinfo::is_fuse_mount(dir) && k.meta.get("dir").and_then(serde_json::Value::as_str) == dir.to_str() {
                 let passthrough = k.meta.get("passthrough").and_then(serde_json::Value::as_bool).unwrap_or(false);
                 let (fs, spans, digest) = self.layer_fs(id, layer, true)?;
                 let session = layerfs::reattach(fs, k.fd, &digest, passthrough)
-                    .map_err(|e| format!("serving the kept FUSE connection of {}: {e}", dir.display()))?;
+                    .map_err(RemoteError::io(format!("serving the kept FUSE connection of {}", dir.display())))?;
                 self.insert(id, dir, session, spans);
                 return Ok("reattached");
             }
@@ -263,15 +263,19 @@ impl RemoteLayers {
     }
 
     /// Serves the unservable layers among `ids` at `dir_of(id)`, fetching lost indexes.
-    pub fn serve_unservable(&self, ids: &[u64], dir_of: impl Fn(u64) -> PathBuf) -> Result<(), String> {
+    pub fn serve_unservable(&self, ids: &[u64], dir_of: impl Fn(u64) -> PathBuf) -> Result<(), RemoteError> {
         for id in ids {
             let entry = self.unservable.lock().get(id).cloned();
             let Some((image_ref, digest)) = entry else { continue };
             let dir = dir_of(*id);
-            std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+            std::fs::create_dir_all(&dir).map_err(RemoteError::io(format!("creating {}", dir.display())))?;
             let layer = self
                 .reopen(&image_ref, &digest, true)
-                .map_err(|e| format!("layer {digest} of {image_ref} cannot be served: {e}"))?;
+                .map_err(|e| RemoteError::Unservable {
+                    layer: digest.clone(),
+                    image: image_ref.clone(),
+                    source: Box::new(e),
+                })?;
             self.mount(*id, &dir, layer)?;
             self.unservable.lock().remove(id);
             tracing::info!(id, layer = %digest, "an unservable layer is served again");

@@ -1,0 +1,79 @@
+//! Why a layer could not be served lazily. The snapshot service turns every one of these into
+//! a fallback (an ordinary snapshot containerd unpacks) and records it in the `clip.not-lazy`
+//! label; the messages name what failed, never a secret.
+
+use clip_index::IndexError;
+use clip_index::artifact::ArtifactError;
+use clip_layerfs::keeper::KeeperError;
+use clip_registry::RegistryError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    /// A bad image reference, or no way to reach its registry (hosts configuration).
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// A registry request failed.
+    #[error("{what}: {source}")]
+    Request {
+        what: String,
+        #[source]
+        source: RegistryError,
+    },
+    /// A `clip.*` credential label does not parse.
+    #[error("label {label}: {source}")]
+    CredentialLabel {
+        label: &'static str,
+        #[source]
+        source: RegistryError,
+    },
+    #[error("no CLIP index is published for {image} ({manifest})")]
+    NoIndex { image: String, manifest: String },
+    #[error("index artifact {artifact}: {source}")]
+    Artifact {
+        artifact: String,
+        #[source]
+        source: ArtifactError,
+    },
+    #[error("index artifact {artifact} has no index for layer {layer}")]
+    NotInArtifact { artifact: String, layer: String },
+    #[error("index artifact {artifact} lacks the windows of layer {layer}")]
+    MissingWindows { artifact: String, layer: String },
+    #[error("index {blob}: {source}")]
+    Index {
+        blob: String,
+        #[source]
+        source: IndexError,
+    },
+    #[error("index {blob} is for layer {actual}, not {expected}")]
+    WrongLayer { blob: String, expected: String, actual: String },
+    #[error("index {path} is gone and its registry did not answer")]
+    IndexGone { path: String },
+    /// A local file or mount operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("fd keeper: {0}")]
+    Keeper(#[from] KeeperError),
+    #[error("layer {layer} of {image} cannot be served: {source}")]
+    Unservable {
+        layer: String,
+        image: String,
+        #[source]
+        source: Box<RemoteError>,
+    },
+}
+
+impl RemoteError {
+    pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
+        let what = what.into();
+        move |source| Self::Io { what, source }
+    }
+
+    pub(crate) fn request(what: impl Into<String>) -> impl FnOnce(RegistryError) -> Self {
+        let what = what.into();
+        move |source| Self::Request { what, source }
+    }
+}
