@@ -1,5 +1,6 @@
 #!/bin/bash
-# Runs every test of clip: unit tests, the integration suite against real containerd, runc,
+# Runs every test of clip: `cargo fmt --check` and clippy (warnings are errors; the lint set
+# is in the workspace Cargo.toml), unit tests, the integration suite against real containerd, runc,
 # registries, buildah and FUSE, and short fuzz runs of the parsers. Needs root and the packages of
 # integration/install-deps.sh. Test images are cached in $CLIP_TESTBED_CACHE
 # (default /var/tmp/clip-testbed-cache) after the first run.
@@ -10,6 +11,10 @@ export PATH="$HOME/.cargo/bin:$PATH"
 export AWS_EC2_METADATA_DISABLED=true
 export CARGO_TERM_COLOR=never
 FUZZ_SECONDS=${CLIP_FUZZ_SECONDS:-30}
+
+echo "== format and lints"
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "== build"
 cargo build --workspace --all-targets --locked

@@ -9,6 +9,7 @@ use anyhow::{Context, Result, bail};
 use clip_config::BuilderConfig;
 use clip_registry::credentials::{BuildRegistryScope, ChainInputs, Credential, CredentialChain, Source};
 use clip_registry::{HostsConfig, Platform, Reference, RegistryClient, TokenMinter};
+use std::fmt::Write as _;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -53,10 +54,10 @@ pub fn from_registries(containerfile: &str) -> Vec<String> {
             continue;
         }
         let image = words.find(|w| !w.starts_with("--"));
-        if let Some(r) = image.and_then(|i| Reference::parse(i).ok()) {
-            if !out.contains(&r.registry) {
-                out.push(r.registry);
-            }
+        if let Some(r) = image.and_then(|i| Reference::parse(i).ok())
+            && !out.contains(&r.registry)
+        {
+            out.push(r.registry);
         }
     }
     out
@@ -253,7 +254,7 @@ pub async fn build(cfg: &BuilderConfig, req: &BuildRequest) -> Result<BuildRepor
             let scheme = if br.insecure { "http" } else { "https" };
             let mut toml = format!("server = \"{scheme}://{}\"\n", image.registry);
             if let Some(ca) = ca {
-                toml.push_str(&format!("ca = \"{}\"\n", ca.display()));
+                let _ = writeln!(toml, "ca = \"{}\"", ca.display());
             }
             std::fs::write(host_dir.join("hosts.toml"), toml)?;
             HostsConfig { dir: Some(d), plain_http: br.insecure }
@@ -305,7 +306,7 @@ fn record(state: &Path, image: &Reference, indexed: &ImageIndexed) -> Result<()>
             "image": indexed.image,
             "manifest_digest": indexed.manifest_digest,
             "index_digest": indexed.index_digest,
-            "recorded_at": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            "recorded_at": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         }),
     );
     clip_fsutil::atomic_write(&path, &serde_json::to_vec_pretty(&all)?, 0o644, clip_fsutil::Durability::Durable)

@@ -129,10 +129,10 @@ pub async fn index_image(
             let _permit = limit.acquire_owned().await?;
             let task = progress.task(&format!("layer {}", &digest[7..19.min(digest.len())]), size);
             let result = index_layer(&repo, &digest, &media_type, &path, span_size, &task).await;
-            if let (Ok(r), Some(c)) = (&result, cache.as_deref()) {
-                if let Err(e) = store_layer(c, &digest, &r.1, r.2.as_deref()) {
-                    tracing::warn!(error = %e, "cannot cache the index of {digest}");
-                }
+            if let (Ok(r), Some(c)) = (&result, cache.as_deref())
+                && let Err(e) = store_layer(c, &digest, &r.1, r.2.as_deref())
+            {
+                tracing::warn!(error = %e, "cannot cache the index of {digest}");
             }
             match &result {
                 Ok((l, _, _)) => task.finish(&format!("indexed: {} entries, {} spans", l.entries, l.spans)),

@@ -46,8 +46,7 @@ pub async fn fetch(repo: &Repository, reference: &str, dir: &Path) -> Result<Str
 pub async fn push(repo: &Repository, reference: &str, dir: &Path) -> Result<String> {
     let bytes =
         std::fs::read(dir.join("artifact.json")).with_context(|| format!("reading {}/artifact.json", dir.display()))?;
-    let artifact =
-        IndexArtifact::parse(&bytes).with_context(|| format!("{}/artifact.json", dir.display()))?;
+    let artifact = IndexArtifact::parse(&bytes).with_context(|| format!("{}/artifact.json", dir.display()))?;
     let subject = artifact.subject_digest().context("artifact has no subject")?;
     let (manifest, _) = repo.get_image_manifest(reference, &Platform::default()).await?;
     if manifest.digest != subject {

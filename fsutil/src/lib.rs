@@ -42,10 +42,10 @@ pub fn atomic_write(path: &Path, bytes: &[u8], mode: u32, durability: Durability
         let _ = std::fs::remove_file(&tmp);
         return written;
     }
-    if durability == Durability::Durable {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::File::open(dir)?.sync_all()?;
-        }
+    if durability == Durability::Durable
+        && let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+    {
+        std::fs::File::open(dir)?.sync_all()?;
     }
     Ok(())
 }
@@ -71,7 +71,8 @@ mod tests {
         atomic_write(&path, b"second, longer", 0o644, Durability::Cache).expect("replace");
         assert_eq!(std::fs::read(&path).expect("read"), b"second, longer");
         assert_eq!(std::fs::metadata(&path).expect("stat").permissions().mode() & 0o777, 0o644);
-        let names: Vec<_> = std::fs::read_dir(dir.path()).expect("list").map(|e| e.expect("entry").file_name()).collect();
+        let names: Vec<_> =
+            std::fs::read_dir(dir.path()).expect("list").map(|e| e.expect("entry").file_name()).collect();
         assert_eq!(names, vec![std::ffi::OsString::from("record")]);
     }
 

@@ -35,8 +35,7 @@ pub fn parse(text: &str) -> Vec<Mount> {
 
 /// Mount points at or below `dir`, deepest first (the order to unmount them in).
 pub fn mount_points_below(dir: &Path) -> Vec<PathBuf> {
-    let mut points: Vec<PathBuf> =
-        mounts().into_iter().map(|m| m.mount_point).filter(|p| p.starts_with(dir)).collect();
+    let mut points: Vec<PathBuf> = mounts().into_iter().map(|m| m.mount_point).filter(|p| p.starts_with(dir)).collect();
     points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     points.dedup();
     points

@@ -98,11 +98,9 @@ impl IndexArtifact {
         let layers = blobs
             .iter()
             .map(|b| {
-                let mut d = Descriptor::new(MediaType::Other(b.kind.media_type().into()), b.size, digest_of(&b.digest)?);
-                d.set_annotations(Some(HashMap::from([(
-                    LAYER_DIGEST_ANNOTATION.to_string(),
-                    b.layer_digest.clone(),
-                )])));
+                let mut d =
+                    Descriptor::new(MediaType::Other(b.kind.media_type().into()), b.size, digest_of(&b.digest)?);
+                d.set_annotations(Some(HashMap::from([(LAYER_DIGEST_ANNOTATION.to_string(), b.layer_digest.clone())])));
                 Ok(d)
             })
             .collect::<Result<Vec<_>, ArtifactError>>()?;

@@ -115,9 +115,8 @@ impl Inflater {
         self.strm.next_out = std::ptr::null_mut();
         self.strm.avail_out = 0;
         match rc {
-            z::Z_OK => Ok(Step { consumed, produced, stream_end: false }),
+            z::Z_OK | z::Z_BUF_ERROR => Ok(Step { consumed, produced, stream_end: false }),
             z::Z_STREAM_END => Ok(Step { consumed, produced, stream_end: true }),
-            z::Z_BUF_ERROR => Ok(Step { consumed, produced, stream_end: false }),
             z::Z_NEED_DICT => Err(IndexError::Compressed("stream needs a preset dictionary".into())),
             code => Err(IndexError::Compressed(format!("inflate failed (zlib code {code})"))),
         }

@@ -80,7 +80,7 @@ impl Index {
                     (None, _) => self.window(s)?,
                     (Some(_), None) => Vec::new(),
                 };
-                self.decode_gzip(s, compressed, want, &window)?
+                Self::decode_gzip(s, compressed, want, &window)?
             }
         };
         if out.len() != want {
@@ -93,7 +93,7 @@ impl Index {
         Ok(out)
     }
 
-    fn decode_gzip(&self, s: &SpanInfo, compressed: &[u8], want: usize, window: &[u8]) -> Result<Vec<u8>, IndexError> {
+    fn decode_gzip(s: &SpanInfo, compressed: &[u8], want: usize, window: &[u8]) -> Result<Vec<u8>, IndexError> {
         let mut input = compressed;
         let mut inf = if s.kind == CheckpointKind::Block {
             let mut inf = Inflater::new(RAW)?;

@@ -66,10 +66,7 @@ fn splice(client: TcpStream, server: TcpStream, delay: Duration) {
 /// Copies `from` to `to`, each chunk released `delay` after it was read.
 fn pump(mut from: TcpStream, mut to: TcpStream, delay: Duration) {
     let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>)>();
-    let mut to2 = match to.try_clone() {
-        Ok(t) => t,
-        Err(_) => return,
-    };
+    let Ok(mut to2) = to.try_clone() else { return };
     let writer = std::thread::spawn(move || {
         for (due, chunk) in rx {
             let now = Instant::now();

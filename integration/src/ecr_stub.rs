@@ -4,9 +4,9 @@
 
 use crate::http_stub::{HttpStub, StubResponse};
 use anyhow::Result;
-use std::sync::atomic::{AtomicU64, Ordering};
 use parking_lot::Mutex;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 #[derive(Debug)]
 pub struct FakeEcr {
@@ -63,11 +63,7 @@ impl FakeEcr {
     pub fn checker(&self) -> Arc<dyn Fn(&str, &str) -> bool + Send + Sync> {
         let issued = self.issued.clone();
         Arc::new(move |user, password| {
-            user == "AWS"
-                && issued
-                    .lock()
-                    .iter()
-                    .any(|(p, exp)| p == password && *exp > now())
+            user == "AWS" && issued.lock().iter().any(|(p, exp)| p == password && *exp > now())
         })
     }
 }

@@ -8,11 +8,11 @@
 //! - [`Fault::None`]: pass through.
 
 use anyhow::Result;
+use parking_lot::Mutex;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use parking_lot::Mutex;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
@@ -45,14 +45,15 @@ impl FaultProxy {
         let stop = Arc::new(AtomicBool::new(false));
         let connections = Arc::new(AtomicU64::new(0));
         let faults = Arc::new(AtomicU64::new(0));
-        let (m, s, c, f, up) = (mode.clone(), stop.clone(), connections.clone(), faults.clone(), upstream.to_string());
+        let (mode2, stop2, conns, faults2, up) =
+            (mode.clone(), stop.clone(), connections.clone(), faults.clone(), upstream.to_string());
         std::thread::spawn(move || {
-            while !s.load(Ordering::Relaxed) {
+            while !stop2.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((conn, _)) => {
-                        let n = c.fetch_add(1, Ordering::SeqCst);
-                        let mode = *m.lock();
-                        let (up, f) = (up.clone(), f.clone());
+                        let n = conns.fetch_add(1, Ordering::SeqCst);
+                        let mode = *mode2.lock();
+                        let (up, f) = (up.clone(), faults2.clone());
                         std::thread::spawn(move || {
                             let _ = handle(conn, &up, mode, n, &f);
                         });

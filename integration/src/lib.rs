@@ -47,7 +47,7 @@ pub fn require_root() {
 
 /// Runs a command to completion; fails with its stderr when it exits non-zero.
 pub fn run(cmd: &mut Command) -> Result<Output> {
-    let out = cmd.output().with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
+    let out = cmd.output().with_context(|| format!("cannot start {}", cmd.get_program().display()))?;
     if !out.status.success() {
         bail!(
             "{:?} failed ({}):\nstdout: {}\nstderr: {}",

@@ -3,6 +3,7 @@
 use crate::process::Daemon;
 use crate::{TestDir, free_port, run, wait_until};
 use anyhow::{Context, Result, bail};
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -182,12 +183,13 @@ impl Registry {
             data.display()
         );
         if tls.is_some() {
-            cfg.push_str(&format!(
+            let _ = write!(
+                cfg,
                 "  tls:\n    certificate: {}\n    key: {}\nauth:\n  htpasswd:\n    realm: clip-test\n    path: {}\n",
                 dir.join("registry.crt").display(),
                 dir.join("registry.key").display(),
                 dir.join("htpasswd").display()
-            ));
+            );
         }
         cfg.push_str(extra_config);
         let cfg_path = dir.join("config.yml");

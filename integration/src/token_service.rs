@@ -118,10 +118,7 @@ fn handle(req: &StubRequest, check: &Check, ttl_s: u64, key: &Path, x5c: &str, i
     });
     let signing_input =
         format!("{}.{}", URL_SAFE_NO_PAD.encode(header.to_string()), URL_SAFE_NO_PAD.encode(claims.to_string()));
-    let sig = match sign(key, signing_input.as_bytes()) {
-        Ok(s) => s,
-        Err(_) => return StubResponse::status(500),
-    };
+    let Ok(sig) = sign(key, signing_input.as_bytes()) else { return StubResponse::status(500) };
     let token = format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(sig));
     StubResponse::json(200, &serde_json::json!({"token": token, "access_token": token, "expires_in": ttl_s}))
 }

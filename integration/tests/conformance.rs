@@ -52,7 +52,7 @@ fn run_suite(td: &TestDir, suite: &Path) -> Result<SuiteRun> {
         .output()?;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let daemon_logs: String = std::fs::read_dir(&tmp)?
-        .filter_map(|e| e.ok())
+        .filter_map(std::result::Result::ok)
         .filter(|e| e.file_name().to_string_lossy().ends_with(".clip.log"))
         .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
         .collect();

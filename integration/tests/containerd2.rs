@@ -267,15 +267,27 @@ fn hardlink_layer() -> Result<Vec<u8>> {
     let mut b = tar::Builder::new(Vec::new());
     let mut dir = tar::Header::new_gnu();
     dir.set_entry_type(tar::EntryType::Directory);
-    (dir.set_mode(0o755), dir.set_uid(0), dir.set_gid(0), dir.set_mtime(1_700_000_000), dir.set_size(0));
+    dir.set_mode(0o755);
+    dir.set_uid(0);
+    dir.set_gid(0);
+    dir.set_mtime(1_700_000_000);
+    dir.set_size(0);
     b.append_data(&mut dir, "links/", std::io::empty())?;
     let mut h = tar::Header::new_gnu();
     h.set_entry_type(tar::EntryType::Regular);
-    (h.set_mode(0o640), h.set_uid(0), h.set_gid(0), h.set_mtime(1_700_000_000), h.set_size(7));
+    h.set_mode(0o640);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(1_700_000_000);
+    h.set_size(7);
     b.append_data(&mut h, "links/hard1", &b"linked\n"[..])?;
     let mut l = tar::Header::new_gnu();
     l.set_entry_type(tar::EntryType::Link);
-    (l.set_mode(0o644), l.set_uid(7), l.set_gid(8), l.set_mtime(1_700_000_100), l.set_size(0));
+    l.set_mode(0o644);
+    l.set_uid(7);
+    l.set_gid(8);
+    l.set_mtime(1_700_000_100);
+    l.set_size(0);
     b.append_link(&mut l, "links/hard2", "links/hard1")?;
     Ok(b.into_inner()?)
 }

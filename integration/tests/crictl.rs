@@ -251,7 +251,7 @@ fn pods_start_lazily_and_leave_nothing_behind(name: &str, cri_local_pull: bool) 
     let snapshots =
         || run_stdout(b.ctrd.ctr("k8s.io").args(["snapshots", "--snapshotter", "clip", "ls"])).unwrap_or_default();
     let spans = b.snap.root().join("spans");
-    let cache_entries = || std::fs::read_dir(&spans).map(|d| d.count()).unwrap_or(0);
+    let cache_entries = || std::fs::read_dir(&spans).map_or(0, std::iter::Iterator::count);
     let clean = wait_until(Duration::from_secs(60), || {
         snapshots().lines().count() <= 1 && b.td.lazy_layers() == 0 && cache_entries() == 0 && !b.snap.keeper_alive()
     });

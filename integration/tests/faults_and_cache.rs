@@ -24,7 +24,7 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
         for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
             match e.file_type() {
                 Ok(t) if t.is_dir() => stack.push(e.path()),
-                Ok(t) if t.is_file() => total += e.metadata().map(|m| m.len()).unwrap_or(0),
+                Ok(t) if t.is_file() => total += e.metadata().map_or(0, |m| m.len()),
                 _ => {}
             }
         }

@@ -22,7 +22,7 @@ fn sh(script: &str) -> anyhow::Result<()> {
 fn make_tree(root: &Path) -> anyhow::Result<()> {
     let r = root.display();
     sh(&format!(
-        r#"
+        r"
         mkdir -p {r}/dir/sub {r}/opaque {r}/empty-dir
         head -c 3000000 /dev/urandom > {r}/dir/random.bin
         seq 1 2000000 > {r}/dir/counting.txt
@@ -43,7 +43,7 @@ fn make_tree(root: &Path) -> anyhow::Result<()> {
         setfattr -n trusted.overlay.opaque -v y {r}/opaque 2>/dev/null || true
         chown 1234:5678 {r}/dir/random.bin
         touch -h -d '2021-03-04 05:06:07.123456789' {r}/dir/random.bin {r}/dir/rel-link
-        "#
+        "
     ))
 }
 
@@ -58,7 +58,7 @@ fn make_layers(td: &TestDir) -> anyhow::Result<(PathBuf, Vec<Layer>)> {
     let d = td.path().display();
     let s = src.display();
     sh(&format!(
-        r#"
+        r"
         cd {d}
         tar --format=posix --xattrs --xattrs-include='*' --numeric-owner -C {s} -cf layer.tar .
         gzip -6 -c layer.tar > layer.tar.gz
@@ -67,7 +67,7 @@ fn make_layers(td: &TestDir) -> anyhow::Result<(PathBuf, Vec<Layer>)> {
         for p in part.*; do gzip -c $p; done > layer.multi.tar.gz
         zstd -q -c layer.tar > layer.tar.zst
         for p in part.*; do zstd -q -c $p; done > layer.multi.tar.zst
-        "#
+        "
     ))?;
     let p = |n: &str| td.path().join(n);
     Ok((

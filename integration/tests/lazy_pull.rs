@@ -371,7 +371,7 @@ fn background_fetch_completes_layers_so_the_registry_can_go_away() -> Result<()>
         ],
     )?;
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("7") && stdout.contains("all-read"), "{stdout}");
+    assert!(stdout.contains('7') && stdout.contains("all-read"), "{stdout}");
     // Fully local files are opened with FUSE passthrough: the kernel reads them directly.
     let m = metrics();
     // Files of 1 MiB or more are opened with passthrough (smaller ones live in the page cache).

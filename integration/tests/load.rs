@@ -22,7 +22,7 @@ fn proc_status_kb(pid: u32, field: &str) -> u64 {
 }
 
 fn count_dir(path: String) -> u64 {
-    std::fs::read_dir(path).map(|d| d.count() as u64).unwrap_or(0)
+    std::fs::read_dir(path).map_or(0, |d| d.count() as u64)
 }
 
 #[test]

@@ -224,11 +224,14 @@ fn sigkill_during_a_storm_of_calls_leaves_consistent_metadata_and_no_orphans() -
             let mut client = connect(daemon.socket()).await?;
             let infos = walk_all(&mut client).await?;
             let names: HashSet<&str> = infos.iter().map(|i| i.name.as_str()).collect();
-            let l = ledger.lock().expect("lock");
-            for k in &l.must_exist {
+            let (must_exist, must_not_exist) = {
+                let l = ledger.lock().expect("lock");
+                (l.must_exist.clone(), l.must_not_exist.clone())
+            };
+            for k in &must_exist {
                 assert!(names.contains(k.as_str()), "round {round}: acknowledged {k} lost");
             }
-            for k in &l.must_not_exist {
+            for k in &must_not_exist {
                 assert!(!names.contains(k.as_str()), "round {round}: removed {k} is back");
             }
             for info in &infos {
@@ -270,7 +273,7 @@ fn sigkill_during_a_storm_of_calls_leaves_consistent_metadata_and_no_orphans() -
 
 fn snapshot_dir_entries(root: &Path) -> Result<Vec<String>> {
     Ok(std::fs::read_dir(root.join("snapshots"))?
-        .filter_map(|e| e.ok())
+        .filter_map(std::result::Result::ok)
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect())
 }

@@ -5,8 +5,8 @@
 //! Inode numbers are entry ids + 1 (the root is entry 0, FUSE's inode 1). Everything is
 //! immutable, so the kernel may cache attributes, entries and pages for long.
 
-use clip_readpath::SpanCache;
 use clip_index::{Entry, EntryId, EntryKind, Index};
+use clip_readpath::SpanCache;
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner, OpenFlags,
     ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
@@ -131,10 +131,10 @@ impl LayerFs {
             }
         }
         if !path.exists() {
-            if let Some(budget) = self.spans.budget() {
-                if !budget.try_pin(dir, e.size) {
-                    return None;
-                }
+            if let Some(budget) = self.spans.budget()
+                && !budget.try_pin(dir, e.size)
+            {
+                return None;
             }
             let data = self.spans.read(start, start + e.size).ok()?;
             std::fs::create_dir_all(dir).ok()?;
@@ -364,7 +364,7 @@ impl Filesystem for LayerFs {
         match self.entry(ino) {
             // Immutable directories: the kernel may keep their listings.
             Ok(e) if e.kind == EntryKind::Dir => {
-                reply.opened(FileHandle(0), FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE)
+                reply.opened(FileHandle(0), FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE);
             }
             Ok(_) => reply.error(Errno::ENOTDIR),
             Err(e) => reply.error(e),

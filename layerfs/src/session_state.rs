@@ -11,11 +11,11 @@
 //! Both live in `<root>/sessions/<snapshot id>/`, written without fsync: they only matter
 //! while the kernel connection lives, which a machine crash ends anyway.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use parking_lot::Mutex;
 
 /// Open handles of an inode: (cached mode, passthrough mode).
 pub type OpenModes = (u32, u32);

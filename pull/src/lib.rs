@@ -9,6 +9,7 @@
 use anyhow::{Context, Result, bail};
 use clip_config::labels as l;
 use clip_registry::credentials::{Candidate, Credential, CredentialChain, Source};
+use clip_registry::image::chain_ids;
 use clip_registry::{HostsConfig, Platform, Reference, RegistryClient, Repository};
 use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
 use containerd_client::services::v1::snapshots::{
@@ -20,7 +21,6 @@ use containerd_client::services::v1::{
 };
 use containerd_client::tonic::{Code, Request, transport::Channel};
 use futures::StreamExt;
-use clip_registry::image::chain_ids;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -96,7 +96,6 @@ fn chain(opts: &PullOptions) -> CredentialChain {
     candidates.push(Candidate::Anonymous);
     CredentialChain { candidates }
 }
-
 
 pub async fn pull(opts: &PullOptions, reference: &str) -> Result<PullReport> {
     let started = Instant::now();

@@ -5,9 +5,9 @@
 //! are counted but never evicted while their layer is mounted (the kernel reads them
 //! directly); they go with the layer's caches when its last snapshot is removed.
 
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use parking_lot::Mutex;
 
 #[derive(Debug, Default)]
 struct State {
@@ -31,7 +31,7 @@ pub struct CacheBudget {
 }
 
 fn file_size(p: &Path) -> u64 {
-    std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+    std::fs::metadata(p).map_or(0, |m| m.len())
 }
 
 impl CacheBudget {
@@ -187,7 +187,7 @@ fn dir_size(dir: &Path) -> u64 {
         for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
             match e.file_type() {
                 Ok(t) if t.is_dir() => stack.push(e.path()),
-                Ok(t) if t.is_file() => total += e.metadata().map(|m| m.len()).unwrap_or(0),
+                Ok(t) if t.is_file() => total += e.metadata().map_or(0, |m| m.len()),
                 _ => {}
             }
         }

@@ -12,9 +12,9 @@
 //! queue is bounded and drops the oldest.
 
 use crate::spans::{MissObserver, SpanCache};
+use parking_lot::{Condvar, Mutex};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use parking_lot::{Condvar, Mutex};
 use std::sync::{Arc, Weak};
 
 /// How the prefetcher guesses.
@@ -86,7 +86,6 @@ impl Prefetcher {
         }
         Some(Arc::new(Self { policy, shared }))
     }
-
 }
 
 impl MissObserver for Prefetcher {
@@ -177,7 +176,7 @@ fn work(shared: &Shared, group: u32) {
                 tracing::trace!(layer = %cache.index().layer_digest(), first = job.first, last = job.last, spans = n, "prefetched");
             }
             Err(e) => {
-                tracing::debug!(layer = %cache.index().layer_digest(), error = %e, "prefetch failed (a read will fetch again)")
+                tracing::debug!(layer = %cache.index().layer_digest(), error = %e, "prefetch failed (a read will fetch again)");
             }
         }
         cache.foreground.fetch_sub(1, Ordering::Relaxed);
@@ -202,9 +201,10 @@ mod tests {
         fn fetch(&self, offset: u64, len: u64) -> Result<Vec<u8>, IndexError> {
             self.requests.fetch_add(1, Ordering::SeqCst);
             std::thread::sleep(self.delay);
-            self.bytes.get(offset as usize..(offset + len) as usize).map(<[u8]>::to_vec).ok_or_else(|| {
-                IndexError::Fetch { offset, len, message: "out of range".into() }
-            })
+            self.bytes
+                .get(offset as usize..(offset + len) as usize)
+                .map(<[u8]>::to_vec)
+                .ok_or_else(|| IndexError::Fetch { offset, len, message: "out of range".into() })
         }
     }
 

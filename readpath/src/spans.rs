@@ -5,13 +5,13 @@
 //! makes concurrent readers of a span share one fetch.
 
 use clip_index::{Index, IndexError, SpanInfo};
+use parking_lot::{Condvar, Mutex};
 use std::collections::HashSet;
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use parking_lot::{Condvar, Mutex};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::budget::CacheBudget;
 use crate::metrics::LayerMetrics;
@@ -248,9 +248,7 @@ impl SpanCache {
             i = claim.spans[claim.spans.len() - 1] + 1;
             self.fetch_group(&group)?;
             fetched += group.len() as u32;
-            self.speculative
-                .lock()
-                .extend(claim.spans.iter().copied());
+            self.speculative.lock().extend(claim.spans.iter().copied());
             drop(claim);
         }
         Ok(fetched)
@@ -310,7 +308,10 @@ impl SpanCache {
         // A miss, or the first use of a guessed span: guess on from here.
         let guessed_right = {
             let mut speculative = self.speculative.lock();
-            !speculative.is_empty() && spans.clone().fold(false, |hit, i| speculative.remove(&i) || hit)
+            // Every guessed span this read uses is taken off the list (no short cut as with `any`).
+            #[allow(clippy::unnecessary_fold)]
+            let hit = !speculative.is_empty() && spans.clone().fold(false, |hit, i| speculative.remove(&i) || hit);
+            hit
         };
         if guessed_right || fetched {
             let file_spans =
@@ -429,17 +430,16 @@ impl SpanCache {
         let end = group.last().map_or(s.comp_end, |g| g.comp_end);
         let began = std::time::Instant::now();
         // The compressed bytes and their windows (a separate blob) in parallel: one round trip.
-        let (compressed, windows) = if !self.index.has_external_windows() {
-            (self.source.fetch(start, end - start), Ok(None))
-        } else {
+        let (compressed, windows) = if self.index.has_external_windows() {
             std::thread::scope(|scope| {
                 let windows = scope.spawn(|| self.fetch_windows(group));
                 let compressed = self.source.fetch(start, end - start);
-                let windows = windows.join().unwrap_or_else(|_| {
-                    Err(fetch_failed(start, end, "the windows fetch panicked"))
-                });
+                let windows =
+                    windows.join().unwrap_or_else(|_| Err(fetch_failed(start, end, "the windows fetch panicked")));
                 (compressed, windows)
             })
+        } else {
+            (self.source.fetch(start, end - start), Ok(None))
         };
         let compressed = compressed.map_err(|source| SpanError::Fetch { start, end, source })?;
         let windows = windows?;
@@ -496,7 +496,8 @@ impl SpanCache {
 
     fn write_span(&self, i: u32, data: &[u8]) -> Result<(), SpanError> {
         let path = self.span_path(i);
-        clip_fsutil::atomic_write(&path, data, 0o644, clip_fsutil::Durability::Cache).map_err(|e| cache_err(&path, e))?;
+        clip_fsutil::atomic_write(&path, data, 0o644, clip_fsutil::Durability::Cache)
+            .map_err(|e| cache_err(&path, e))?;
         self.metrics.spans_local.inc();
         if let Some(budget) = &self.budget {
             budget.added(&path, data.len() as u64);

@@ -162,7 +162,7 @@ impl Repository {
                     platform.os, platform.architecture
                 ))
             })?;
-            fetched = self.get_manifest(&chosen.digest().to_string()).await?;
+            fetched = self.get_manifest(chosen.digest().as_ref()).await?;
         }
         let manifest: ImageManifest =
             serde_json::from_slice(&fetched.bytes).map_err(|e| self.bad("image manifest", e.to_string()))?;
@@ -239,10 +239,10 @@ impl Repository {
             StatusCode::PARTIAL_CONTENT => {
                 let range =
                     resp.headers().get(CONTENT_RANGE).and_then(|v| v.to_str().ok()).and_then(parse_content_range);
-                if let Some((s, e)) = range {
-                    if s != start || e + 1 > end || e < s {
-                        return Err(self.bad("Content-Range", format!("asked {start}-{}, got {s}-{e}", end - 1)));
-                    }
+                if let Some((s, e)) = range
+                    && (s != start || e + 1 > end || e < s)
+                {
+                    return Err(self.bad("Content-Range", format!("asked {start}-{}, got {s}-{e}", end - 1)));
                 }
                 let bytes = self.body(resp, "blob range", want).await?;
                 if bytes.len() != want {

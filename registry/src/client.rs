@@ -98,10 +98,11 @@ impl RegistryClient {
     /// for an unconfigured registry a client asked plain HTTP for.
     fn api_base(&self, endpoint: &Endpoint) -> String {
         // Fallback endpoints are unconfigured ones (the loopback default), so this covers both.
-        if endpoint.unconfigured && self.is_plain(&endpoint.host) {
-            if let Some(rest) = endpoint.api_base.strip_prefix("https://") {
-                return format!("http://{rest}");
-            }
+        if endpoint.unconfigured
+            && self.is_plain(&endpoint.host)
+            && let Some(rest) = endpoint.api_base.strip_prefix("https://")
+        {
+            return format!("http://{rest}");
         }
         endpoint.api_base.clone()
     }
@@ -117,8 +118,7 @@ impl RegistryClient {
         if !endpoint.http_fallback || !e.is_connect() || is_unreachable(e) {
             return false;
         }
-        let first =
-            self.plain_hosts.lock().insert(endpoint.host.clone());
+        let first = self.plain_hosts.lock().insert(endpoint.host.clone());
         if first {
             tracing::info!(registry = %endpoint.host, "loopback registry does not speak TLS; using plain HTTP");
         }
@@ -487,14 +487,10 @@ impl Repository {
             message: error_text(e),
         };
         if let Some(key) = &op.redirect_key {
-            let cached = self
-                .redirects
-                .lock()
-                .get(key)
-                .filter(|(_, at)| at.elapsed() < REDIRECT_TTL)
-                .map(|(u, _)| u.clone());
+            let cached =
+                self.redirects.lock().get(key).filter(|(_, at)| at.elapsed() < REDIRECT_TTL).map(|(u, _)| u.clone());
             if let Some(url) = cached {
-                let resp = self.plain_request(&http, op, &url).send().await;
+                let resp = Self::plain_request(&http, op, &url).send().await;
                 match resp {
                     Ok(r) if r.status().is_success() => return Ok(r),
                     _ => {
@@ -504,7 +500,7 @@ impl Repository {
             }
         }
         let url = self.url(endpoint, op);
-        let mut req = self.plain_request(&http, op, &url);
+        let mut req = Self::plain_request(&http, op, &url);
         for (k, v) in &endpoint.headers {
             req = req.header(k.as_str(), v.as_str());
         }
@@ -543,20 +539,18 @@ impl Repository {
                 .to_string();
             // Never forward Authorization to another host (object stores, CDNs).
             resp =
-                self.plain_request(&http, op, &next).send().await.map_err(|e| transport("redirected request", &e))?;
-            if resp.status().is_success() {
-                if let Some(key) = &op.redirect_key {
-                    self.redirects
-                        .lock()
-                        .insert(key.clone(), (next.clone(), Instant::now()));
-                }
+                Self::plain_request(&http, op, &next).send().await.map_err(|e| transport("redirected request", &e))?;
+            if resp.status().is_success()
+                && let Some(key) = &op.redirect_key
+            {
+                self.redirects.lock().insert(key.clone(), (next.clone(), Instant::now()));
             }
             current = next;
         }
         Ok(resp)
     }
 
-    fn plain_request(&self, http: &reqwest::Client, op: &Op, url: &str) -> reqwest::RequestBuilder {
+    fn plain_request(http: &reqwest::Client, op: &Op, url: &str) -> reqwest::RequestBuilder {
         let mut req = http.request(op.method.clone(), url);
         if !op.query.is_empty() {
             req = req.query(&op.query);
@@ -616,7 +610,9 @@ fn is_unreachable(e: &reqwest::Error) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
     while let Some(err) = source {
         if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            use std::io::ErrorKind::*;
+            use std::io::ErrorKind::{
+                AddrNotAvailable, ConnectionRefused, HostUnreachable, NetworkUnreachable, TimedOut,
+            };
             if matches!(
                 io.kind(),
                 ConnectionRefused | HostUnreachable | NetworkUnreachable | TimedOut | AddrNotAvailable

@@ -106,10 +106,11 @@ fn check_configured_leaf(cert: &CertificateDer<'_>, server_name: &ServerName<'_>
     if t > validity.not_after.timestamp() {
         return Err(bad(CertificateError::Expired));
     }
-    if let Ok(Some(eku)) = parsed.extended_key_usage() {
-        if !eku.value.any && !eku.value.server_auth {
-            return Err(bad(CertificateError::InvalidPurpose));
-        }
+    if let Ok(Some(eku)) = parsed.extended_key_usage()
+        && !eku.value.any
+        && !eku.value.server_auth
+    {
+        return Err(bad(CertificateError::InvalidPurpose));
     }
     Ok(())
 }

@@ -21,9 +21,9 @@ use containerd_client::services::v1::images_client::ImagesClient;
 use containerd_client::services::v1::{ListContentRequest, ListImagesRequest, ReadContentRequest};
 use containerd_client::tonic::{Request, transport::Channel};
 use futures::StreamExt;
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::path::PathBuf;
-use parking_lot::Mutex;
 
 /// The manifest label that names its config (set by containerd's pull before unpacking).
 const CONFIG_REF_LABEL: &str = "containerd.io/gc.ref.content.config";
@@ -90,12 +90,11 @@ impl KnownRegistries {
         if let Some(v) = config
             .and_then(|c| std::fs::read(c).ok())
             .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            && let Some(auths) = v["auths"].as_object()
         {
-            if let Some(auths) = v["auths"].as_object() {
-                for key in auths.keys() {
-                    let host = key.trim_start_matches("https://").trim_start_matches("http://");
-                    out.push(host.split('/').next().unwrap_or(host).to_string());
-                }
+            for key in auths.keys() {
+                let host = key.trim_start_matches("https://").trim_start_matches("http://");
+                out.push(host.split('/').next().unwrap_or(host).to_string());
             }
         }
         out.extend(self.build_registry.clone());

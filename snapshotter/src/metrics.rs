@@ -1,12 +1,12 @@
 //! Prometheus metrics: per-call counts (by gRPC code) and latencies, served as text on
 //! `metrics_address` (off unless configured).
 
+pub use clip_readpath::LayerMetrics;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-pub use clip_readpath::LayerMetrics;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;

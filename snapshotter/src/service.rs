@@ -147,12 +147,7 @@ impl State {
         req: &RemoteRequest,
     ) -> std::result::Result<(), RemoteFallback> {
         let slot = (parent.to_string(), req.target.clone());
-        let lock = self
-            .remote_targets
-            .lock()
-            .entry(slot.clone())
-            .or_default()
-            .clone();
+        let lock = self.remote_targets.lock().entry(slot.clone()).or_default().clone();
         let result = {
             let _serialized = lock.lock();
             self.prepare_remote_locked(remote, key, parent, labels, req)
@@ -185,9 +180,7 @@ impl State {
         let info = RemoteLayer { image_ref: req.image_ref.clone(), layer_digest: req.layer_digest.clone() };
         let result = self.store.create_remote(key, parent, labels.stored.clone(), info, |id| {
             self.dirs.create(id)?;
-            remote
-                .mount(id, &self.dirs.fs(id), layer)
-                .map_err(|e| SnapshotError::Remote(Box::new(e)))?;
+            remote.mount(id, &self.dirs.fs(id), layer).map_err(|e| SnapshotError::Remote(Box::new(e)))?;
             mounted.set(Some(id));
             Ok(())
         });
@@ -404,7 +397,7 @@ impl ClipSnapshotter {
                 "no manifest in containerd's content store has this layer: an ordinary snapshot"
             ),
             Err(e) => {
-                tracing::warn!(error = %e, "looking the layer of an unlabelled Prepare up failed: an ordinary snapshot")
+                tracing::warn!(error = %e, "looking the layer of an unlabelled Prepare up failed: an ordinary snapshot");
             }
         }
         labels

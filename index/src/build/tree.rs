@@ -129,7 +129,7 @@ impl TreeBuilder {
             _ => (0, 0),
         };
         let path = normalize(&entry.path_bytes())?;
-        let link = entry.link_name_bytes().map(|l| l.into_owned()).unwrap_or_default();
+        let link = entry.link_name_bytes().map(std::borrow::Cow::into_owned).unwrap_or_default();
         let size = if kind == EntryKind::File { entry.size() } else { 0 };
         let data_offset = if kind == EntryKind::File { entry.raw_file_position() } else { 0 };
         let mut xattrs = Vec::new();
@@ -289,7 +289,7 @@ impl TreeBuilder {
                 match out[t as usize].kind {
                     EntryKind::File => break t,
                     EntryKind::Hardlink if hops < 64 && t as usize != idx => {
-                        target_path = self.nodes[&order[t as usize].0].link.clone();
+                        target_path.clone_from(&self.nodes[&order[t as usize].0].link);
                         hops += 1;
                     }
                     _ => {
@@ -368,13 +368,19 @@ mod tests {
         let mut h = tar::Header::new_gnu();
         h.set_entry_type(tar::EntryType::Regular);
         h.set_size(3);
-        (h.set_mode(0o640), h.set_uid(1), h.set_gid(1), h.set_mtime(100));
+        h.set_mode(0o640);
+        h.set_uid(1);
+        h.set_gid(1);
+        h.set_mtime(100);
         b.append_data(&mut h, "hard1", &b"abc"[..]).expect("append");
         b.append_pax_extensions([("SCHILY.xattr.user.a", &b"1"[..])]).expect("pax");
         let mut l = tar::Header::new_gnu();
         l.set_entry_type(tar::EntryType::Link);
         l.set_size(0);
-        (l.set_mode(0o644), l.set_uid(2), l.set_gid(3), l.set_mtime(200));
+        l.set_mode(0o644);
+        l.set_uid(2);
+        l.set_gid(3);
+        l.set_mtime(200);
         b.append_link(&mut l, "hard2", "hard1").expect("link");
         let bytes = b.into_inner().expect("tar");
         let mut tree = TreeBuilder::default();

@@ -126,4 +126,3 @@ impl IndexData {
         Ok(out)
     }
 }
-

@@ -73,8 +73,15 @@ impl Header {
         put(CHECKPOINT_COUNT_AT, &self.checkpoint_count.to_le_bytes());
         put(WINDOW_TABLE_AT, &self.window_table.to_le_bytes());
         let s = &self.sections;
-        let sections =
-            [s.entries_off, s.xattrs_off, s.checkpoints_off, s.strings_off, s.strings_len, s.windows_off, s.windows_len];
+        let sections = [
+            s.entries_off,
+            s.xattrs_off,
+            s.checkpoints_off,
+            s.strings_off,
+            s.strings_len,
+            s.windows_off,
+            s.windows_len,
+        ];
         for (i, v) in sections.into_iter().enumerate() {
             put(SECTIONS_AT + 8 * i, &v.to_le_bytes());
         }

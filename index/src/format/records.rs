@@ -54,4 +54,3 @@ pub struct IndexData {
     pub entries: Vec<EntryRecord>,
     pub checkpoints: Vec<CheckpointRecord>,
 }
-

@@ -70,4 +70,3 @@ pub fn validate_name(name: &[u8]) -> Result<(), String> {
     }
     Ok(())
 }
-

@@ -3,8 +3,8 @@
 
 use super::header::{Header, Sections};
 use super::{
-    CHECKPOINT_LEN, CheckpointKind, Compression, ENTRY_LEN, EntryId, EntryKind, HEADER_LEN, MAX_INDEX_LEN,
-    TRAILER_LEN, VERSION, VERSION_EXTERNAL_WINDOWS, XATTR_LEN, FLAG_EXTERNAL_WINDOWS, rd_u32, rd_u64,
+    CHECKPOINT_LEN, CheckpointKind, Compression, ENTRY_LEN, EntryId, EntryKind, FLAG_EXTERNAL_WINDOWS, HEADER_LEN,
+    MAX_INDEX_LEN, TRAILER_LEN, VERSION, VERSION_EXTERNAL_WINDOWS, XATTR_LEN, rd_u32, rd_u64,
 };
 use crate::IndexError;
 use crate::error::format_err;
@@ -32,7 +32,6 @@ pub struct Index {
     /// their sha256 digests, one per checkpoint.
     pub(crate) external_windows: Option<usize>,
 }
-
 
 impl std::fmt::Debug for Index {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -26,6 +26,7 @@ struct Args {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per process
 enum Command {
     /// The fd keeper (started by the daemon): holds lazy layers' FUSE connections across
     /// daemon restarts.

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 /// Runs until the manager is dropped. One thread per daemon.
-pub(super) fn run(manager: Weak<RemoteLayers>, start_delay: Duration) {
+pub(super) fn run(manager: &Weak<RemoteLayers>, start_delay: Duration) {
     loop {
         let Some(m) = manager.upgrade() else { return };
         if m.foreground.load(Ordering::Relaxed) > 0 {
@@ -21,8 +21,8 @@ pub(super) fn run(manager: Weak<RemoteLayers>, start_delay: Duration) {
             let mounts = m.mounts.lock();
             let mut layers: Vec<_> = mounts
                 .values()
-                .filter(|l| l.mounted_at.elapsed() >= start_delay && !l.complete.load(Ordering::Relaxed))
-                .map(|l| (l.mounted_at, l.spans.clone(), l.complete.clone()))
+                .filter(|l| l.since.elapsed() >= start_delay && !l.complete.load(Ordering::Relaxed))
+                .map(|l| (l.since, l.spans.clone(), l.complete.clone()))
                 .collect();
             layers.sort_by_key(|(at, _, _)| *at);
             layers.into_iter().next()

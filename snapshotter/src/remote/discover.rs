@@ -79,7 +79,7 @@ fn store_index(
     if let Some(d) = &windows_digest {
         std::fs::write(windows_sidecar(path), d).map_err(RemoteError::io("storing the windows digest"))?;
     }
-    clip_fsutil::atomic_write(path, &bytes, 0o644, clip_fsutil::Durability::Durable)
+    clip_fsutil::atomic_write(path, bytes, 0o644, clip_fsutil::Durability::Durable)
         .map_err(RemoteError::io(format!("storing index {}", path.display())))?;
     Ok((Arc::new(index), windows_digest))
 }
@@ -130,21 +130,19 @@ impl RemoteLayers {
                 let found = rt
                     .block_on(repo.referrers(&manifest_digest, Some(ARTIFACT_TYPE)))
                     .map_err(RemoteError::request(format!("looking up the index of {manifest_digest}")))?;
-                found
-                    .last()
-                    .map(|d| d.digest().to_string())
-                    .ok_or_else(|| RemoteError::NoIndex { image: req.image_ref.clone(), manifest: manifest_digest.clone() })?
+                found.last().map(|d| d.digest().to_string()).ok_or_else(|| RemoteError::NoIndex {
+                    image: req.image_ref.clone(),
+                    manifest: manifest_digest.clone(),
+                })?
             }
         };
         let artifact = self.artifact(repo, &artifact_digest)?;
         // The other layers' indexes are fetched now, in parallel: containerd prepares layers
         // one by one, and each would otherwise wait for its own round trips.
         self.prefetch_indexes(repo, &artifact_digest, &artifact, &req.layer_digest);
-        let blob_digest = artifact.blob_for(&req.layer_digest, BlobKind::Index)
-            .ok_or_else(|| RemoteError::NotInArtifact {
-                artifact: artifact_digest.clone(),
-                layer: req.layer_digest.clone(),
-            })?;
+        let blob_digest = artifact.blob_for(&req.layer_digest, BlobKind::Index).ok_or_else(|| {
+            RemoteError::NotInArtifact { artifact: artifact_digest.clone(), layer: req.layer_digest.clone() }
+        })?;
         let windows_digest = artifact.blob_for(&req.layer_digest, BlobKind::Windows);
         let bytes = rt
             .block_on(repo.get_blob(&blob_digest, MAX_INDEX_BLOB))
@@ -154,13 +152,7 @@ impl RemoteLayers {
 
     /// Starts fetching the indexes of the artifact's layers other than `current` that are
     /// neither local nor on the way; [`Self::wait_for_index`] waits for them.
-    fn prefetch_indexes(
-        &self,
-        repo: &Arc<Repository>,
-        artifact_digest: &str,
-        artifact: &IndexArtifact,
-        current: &str,
-    ) {
+    fn prefetch_indexes(&self, repo: &Arc<Repository>, artifact_digest: &str, artifact: &IndexArtifact, current: &str) {
         let digests: Vec<String> = artifact
             .indexed_layers()
             .into_iter()
@@ -180,10 +172,9 @@ impl RemoteLayers {
                 inflight.insert(layer.clone(), done.clone());
                 done
             };
-            let (Some(blob), windows) = (
-                artifact.blob_for(&layer, BlobKind::Index),
-                artifact.blob_for(&layer, BlobKind::Windows),
-            ) else {
+            let (Some(blob), windows) =
+                (artifact.blob_for(&layer, BlobKind::Index), artifact.blob_for(&layer, BlobKind::Windows))
+            else {
                 done.finish();
                 continue;
             };
@@ -211,8 +202,7 @@ impl RemoteLayers {
 
     /// Waits (bounded) for an index fetched ahead of its layer's Prepare.
     pub(super) fn wait_for_index(&self, layer_digest: &str) {
-        let fetch =
-            self.index_fetches.lock().get(layer_digest).cloned();
+        let fetch = self.index_fetches.lock().get(layer_digest).cloned();
         if let Some(fetch) = fetch {
             fetch.wait(self.fetch_timeout);
             self.index_fetches.lock().remove(layer_digest);
@@ -229,9 +219,7 @@ impl RemoteLayers {
             .map_err(RemoteError::request(format!("fetching index artifact {digest}")))?;
         let value = IndexArtifact::parse(&fetched.bytes)
             .map_err(|source| RemoteError::Artifact { artifact: digest.to_string(), source })?;
-        self.artifacts
-            .lock()
-            .insert(digest.to_string(), value.clone());
+        self.artifacts.lock().insert(digest.to_string(), value.clone());
         Ok(value)
     }
 }

@@ -11,20 +11,20 @@ use clip_registry::RegistryError;
 pub enum RemoteError {
     /// A bad image reference, or no way to reach its registry (hosts configuration).
     #[error(transparent)]
-    Registry(#[from] RegistryError),
+    Registry(Box<RegistryError>),
     /// A registry request failed.
     #[error("{what}: {source}")]
     Request {
         what: String,
         #[source]
-        source: RegistryError,
+        source: Box<RegistryError>,
     },
     /// A `clip.*` credential label does not parse.
     #[error("label {label}: {source}")]
     CredentialLabel {
         label: &'static str,
         #[source]
-        source: RegistryError,
+        source: Box<RegistryError>,
     },
     #[error("no CLIP index is published for {image} ({manifest})")]
     NoIndex { image: String, manifest: String },
@@ -66,6 +66,12 @@ pub enum RemoteError {
     },
 }
 
+impl From<RegistryError> for RemoteError {
+    fn from(e: RegistryError) -> Self {
+        Self::Registry(Box::new(e))
+    }
+}
+
 impl RemoteError {
     pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
         let what = what.into();
@@ -74,6 +80,6 @@ impl RemoteError {
 
     pub(crate) fn request(what: impl Into<String>) -> impl FnOnce(RegistryError) -> Self {
         let what = what.into();
-        move |source| Self::Request { what, source }
+        move |source| Self::Request { what, source: Box::new(source) }
     }
 }

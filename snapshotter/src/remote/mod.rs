@@ -21,9 +21,9 @@ use clip_config::labels as l;
 use clip_index::Index;
 use clip_registry::credentials::{BuildRegistryScope, ChainInputs, Credential, CredentialChain, Source};
 use clip_registry::{HostsConfig, Reference, RegistryClient, RegistryError, Repository, TokenMinter};
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::path::PathBuf;
-use parking_lot::Mutex;
 use std::sync::Arc;
 
 use mount::Mounted;
@@ -108,7 +108,10 @@ fn inputs_from_labels(secrets: &std::collections::BTreeMap<String, String>) -> R
     let parse = |label: &'static str, source: Source| -> Result<Option<Credential>, RemoteError> {
         secrets
             .get(label)
-            .map(|v| Credential::parse(v, source).map_err(|source| RemoteError::CredentialLabel { label, source }))
+            .map(|v| {
+                Credential::parse(v, source)
+                    .map_err(|source| RemoteError::CredentialLabel { label, source: Box::new(source) })
+            })
             .transpose()
     };
     Ok(ChainInputs {
@@ -211,7 +214,7 @@ impl RemoteLayers {
         let delay = std::time::Duration::from_millis(cfg.lazy.background_start_delay_ms);
         let spawned = std::thread::Builder::new()
             .name("clip-background-fetch".into())
-            .spawn(move || background::run(weak, delay));
+            .spawn(move || background::run(&weak, delay));
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start the background fetcher");
         }
@@ -236,10 +239,10 @@ impl RemoteLayers {
         let files = self.files_dir(layer_digest);
         let index = self.index_path(layer_digest);
         for dir in [&spans, &files] {
-            if let Err(e) = std::fs::remove_dir_all(dir) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(dir = %dir.display(), error = %e, "cannot delete a layer cache");
-                }
+            if let Err(e) = std::fs::remove_dir_all(dir)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot delete a layer cache");
             }
         }
         let _ = std::fs::remove_file(&index);
@@ -274,7 +277,7 @@ impl RemoteLayers {
         let mut hosts: std::collections::BTreeSet<String> =
             std::fs::read_to_string(&path).unwrap_or_default().lines().map(str::to_string).collect();
         if hosts.insert(registry.clone()) {
-            let text: String = hosts.iter().map(|h| format!("{h}\n")).collect();
+            let text: String = hosts.iter().flat_map(|h| [h.as_str(), "\n"]).collect();
             clip_fsutil::atomic_write(&path, text.as_bytes(), 0o600, clip_fsutil::Durability::Durable)
                 .map_err(RemoteError::io(format!("recording plain HTTP for {registry} in {}", path.display())))?;
             tracing::info!(%registry, "reaching this registry over plain HTTP, as its client asked");
@@ -289,21 +292,12 @@ impl RemoteLayers {
             return Ok(r.clone());
         }
         let image = Reference::parse(image_ref)?;
-        let mut inputs = self
-            .label_creds
-            .lock()
-            .get(image_ref)
-            .cloned()
-            .unwrap_or_default();
-        inputs.cri_pull_secret = self
-            .pull_secrets
-            .lock()
-            .get(&pull_secret_key(&image))
-            .cloned();
-        inputs.build_registry = self.build_registry.clone();
-        inputs.minter = self.minter.clone();
+        let mut inputs = self.label_creds.lock().get(image_ref).cloned().unwrap_or_default();
+        inputs.cri_pull_secret = self.pull_secrets.lock().get(&pull_secret_key(&image)).cloned();
+        inputs.build_registry.clone_from(&self.build_registry);
+        inputs.minter.clone_from(&self.minter);
         inputs.docker_config = true;
-        inputs.docker_config_path = self.docker_config.clone();
+        inputs.docker_config_path.clone_from(&self.docker_config);
         let chain = CredentialChain::for_image(&image, &inputs);
         let repo = Arc::new(self.client.repository(&image, chain)?);
         repos.insert(image_ref.to_string(), repo.clone());
@@ -406,9 +400,7 @@ impl clip_cri_proxy::PullSecrets for RemoteLayers {
         }
         self.pull_secrets.lock().insert(key.clone(), credential);
         // Sessions of that repository pick the secret up.
-        self.repos
-            .lock()
-            .retain(|r, _| Reference::parse(r).map_or(true, |i| pull_secret_key(&i) != key));
+        self.repos.lock().retain(|r, _| Reference::parse(r).map_or(true, |i| pull_secret_key(&i) != key));
         tracing::info!(repository = %key, "pull secret received through the CRI image service proxy");
         Ok(())
     }

@@ -4,11 +4,11 @@
 //! again ([`clip_layerfs::reattach`]) instead of breaking the containers that use them.
 
 use super::{OpenedLayer, RemoteError, RemoteLayers};
+use clip_config::SnapshotterConfig;
 use clip_layerfs::keeper::{KeeperClient, Kept};
 use clip_layerfs::session_state::SessionState;
 use clip_layerfs::{self as layerfs, LayerFs};
 use clip_readpath::{MissObserver, RangeFetcher, SpanCache, SpanCacheOptions};
-use clip_config::SnapshotterConfig;
 use std::collections::HashMap;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
@@ -20,7 +20,7 @@ pub(super) struct Mounted {
     session: Option<fuser::BackgroundSession>,
     dir: PathBuf,
     pub(super) spans: Arc<SpanCache>,
-    pub(super) mounted_at: std::time::Instant,
+    pub(super) since: std::time::Instant,
     pub(super) complete: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -92,9 +92,9 @@ impl KeeperHandle {
     ) -> Result<(), RemoteError> {
         let mut guard = self.lock();
         if guard.is_none() && self.enabled && !self.start_failed.load(Ordering::Relaxed) {
-            let started = std::env::current_exe().map_err(RemoteError::io("finding this program")).and_then(|exe| {
-                Ok(KeeperClient::connect_or_spawn(&self.root, &exe, self.orphan_timeout)?)
-            });
+            let started = std::env::current_exe()
+                .map_err(RemoteError::io("finding this program"))
+                .and_then(|exe| Ok(KeeperClient::connect_or_spawn(&self.root, &exe, self.orphan_timeout)?));
             match started {
                 Ok(c) => {
                     tracing::info!(pid = c.pid, "fd keeper started");
@@ -133,7 +133,12 @@ impl KeeperHandle {
 }
 
 impl RemoteLayers {
-    fn layer_fs(&self, id: u64, layer: OpenedLayer, adopt: bool) -> Result<(LayerFs, Arc<SpanCache>, String), RemoteError> {
+    fn layer_fs(
+        &self,
+        id: u64,
+        layer: OpenedLayer,
+        adopt: bool,
+    ) -> Result<(LayerFs, Arc<SpanCache>, String), RemoteError> {
         let options = SpanCacheOptions {
             metrics: self.metrics.layer(&layer.layer_digest),
             readahead_spans: self.readahead_spans,
@@ -142,13 +147,9 @@ impl RemoteLayers {
             budget: Some(self.budget.clone()),
             observer: self.prefetcher.clone().map(|p| p as Arc<dyn MissObserver>),
         };
-        let spans = SpanCache::with_options(
-            layer.index,
-            self.span_dir(&layer.layer_digest),
-            Arc::new(layer.source),
-            options,
-        )
-        .map_err(RemoteError::io("span cache"))?;
+        let spans =
+            SpanCache::with_options(layer.index, self.span_dir(&layer.layer_digest), Arc::new(layer.source), options)
+                .map_err(RemoteError::io("span cache"))?;
         let spans = Arc::new(spans);
         let files = self.files_dir(&layer.layer_digest);
         let state_dir = self.session_state_dir(id);
@@ -165,7 +166,7 @@ impl RemoteLayers {
             session: Some(session),
             dir: dir.to_path_buf(),
             spans,
-            mounted_at: std::time::Instant::now(),
+            since: std::time::Instant::now(),
             complete: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         };
         let old = self.lock_mounts().insert(id, mounted);
@@ -203,7 +204,9 @@ impl RemoteLayers {
     pub fn restore(&self, id: u64, dir: &Path, layer: OpenedLayer) -> Result<&'static str, RemoteError> {
         let kept = self.kept.lock().remove(&id);
         if let Some(k) = kept {
-            if clip_fsutil::mountinfo::is_fuse_mount(dir) && k.meta.get("dir").and_then(serde_json::Value::as_str) == dir.to_str() {
+            if clip_fsutil::mountinfo::is_fuse_mount(dir)
+                && k.meta.get("dir").and_then(serde_json::Value::as_str) == dir.to_str()
+            {
                 let passthrough = k.meta.get("passthrough").and_then(serde_json::Value::as_bool).unwrap_or(false);
                 let (fs, spans, digest) = self.layer_fs(id, layer, true)?;
                 let session = layerfs::reattach(fs, k.fd, &digest, passthrough)
@@ -222,8 +225,7 @@ impl RemoteLayers {
 
     /// Closes connections the keeper still holds for snapshots that no longer exist.
     pub fn forget_unclaimed(&self) {
-        let rest: Vec<(u64, Kept)> =
-            self.kept.lock().drain().collect();
+        let rest: Vec<(u64, Kept)> = self.kept.lock().drain().collect();
         for (id, k) in rest {
             if let Some(dir) = k.meta.get("dir").and_then(serde_json::Value::as_str) {
                 crate::dirs::unmount_below(Path::new(dir));
@@ -247,19 +249,17 @@ impl RemoteLayers {
             drop(m.session.take());
         }
         let _ = std::fs::remove_dir_all(self.session_state_dir(id));
-        if let Some(keeper) = self.keeper.connected() {
-            if let Err(e) = keeper.drop_key(&id.to_string()) {
-                tracing::warn!(id, error = %e, "the fd keeper did not close a connection");
-            }
+        if let Some(keeper) = self.keeper.connected()
+            && let Err(e) = keeper.drop_key(&id.to_string())
+        {
+            tracing::warn!(id, error = %e, "the fd keeper did not close a connection");
         }
         self.keeper.stop_if_idle();
     }
 
     /// Remembers a layer a restart could not serve, to serve it when it is next needed.
     pub fn mark_unservable(&self, id: u64, image_ref: &str, layer_digest: &str) {
-        self.unservable
-            .lock()
-            .insert(id, (image_ref.to_string(), layer_digest.to_string()));
+        self.unservable.lock().insert(id, (image_ref.to_string(), layer_digest.to_string()));
     }
 
     /// Serves the unservable layers among `ids` at `dir_of(id)`, fetching lost indexes.
@@ -269,13 +269,11 @@ impl RemoteLayers {
             let Some((image_ref, digest)) = entry else { continue };
             let dir = dir_of(*id);
             std::fs::create_dir_all(&dir).map_err(RemoteError::io(format!("creating {}", dir.display())))?;
-            let layer = self
-                .reopen(&image_ref, &digest, true)
-                .map_err(|e| RemoteError::Unservable {
-                    layer: digest.clone(),
-                    image: image_ref.clone(),
-                    source: Box::new(e),
-                })?;
+            let layer = self.reopen(&image_ref, &digest, true).map_err(|e| RemoteError::Unservable {
+                layer: digest.clone(),
+                image: image_ref.clone(),
+                source: Box::new(e),
+            })?;
             self.mount(*id, &dir, layer)?;
             self.unservable.lock().remove(id);
             tracing::info!(id, layer = %digest, "an unservable layer is served again");
