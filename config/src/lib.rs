@@ -81,6 +81,11 @@ impl SnapshotterConfig {
             None => Ok(Self::default()),
         }
     }
+    /// The config as the TOML text [`Self::parse`] reads back (programs and tests that write
+    /// a config for a daemon).
+    pub fn to_toml(&self) -> Result<String, ConfigError> {
+        toml::to_string(self).map_err(|e| ConfigError::Parse { path: "<serialized>".into(), message: e.to_string() })
+    }
 }
 
 impl BuilderConfig {

@@ -1,11 +1,11 @@
 //! The configuration structures and their validation.
 
 use crate::ConfigError;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 /// Output format of the logs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     #[default]
@@ -14,7 +14,7 @@ pub enum LogFormat {
 }
 
 /// `/etc/clip/snapshotter.toml`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SnapshotterConfig {
     /// State directory (metadata DB, snapshot dirs, caches).
@@ -40,7 +40,7 @@ pub struct SnapshotterConfig {
 /// `[cri]`: the CRI image service proxy. It serves the CRI `ImageService` on its own socket,
 /// forwards every call to containerd, and keeps the `AuthConfig` of each `PullImage` for the
 /// lazy reads of that image.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct CriProxyConfig {
     /// Unix socket to serve on; off when unset (e.g. `/run/clip-snapshotter/cri.sock`).
@@ -50,7 +50,7 @@ pub struct CriProxyConfig {
 }
 
 /// `[lazy]`: the read path of lazily served layers.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LazyConfig {
     /// Complete mounted layers in the background, one span at a time, paused while
@@ -157,7 +157,7 @@ impl SnapshotterConfig {
 }
 
 /// `/etc/clip/builder.toml`.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct BuilderConfig {
     /// buildah storage root; buildah's default when unset.
@@ -182,7 +182,7 @@ impl BuilderConfig {
 }
 
 /// `[registry]`: how registries are reached.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct RegistryHosts {
     /// containerd `hosts.toml` layout: mirrors, CA, plain HTTP.
@@ -193,7 +193,7 @@ pub struct RegistryHosts {
 }
 
 /// `[build_registry]`: the registry images are built into.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BuildRegistry {
     /// `host[:port]`.
@@ -236,7 +236,7 @@ impl BuildRegistry {
 }
 
 /// `[build_registry.credentials]`: long-term credentials.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
 pub enum LongTermCredentials {
     Basic {
@@ -314,6 +314,38 @@ mod tests {
 
     fn parse(text: &str) -> Result<SnapshotterConfig, ConfigError> {
         SnapshotterConfig::parse(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn a_config_value_round_trips_through_its_toml() {
+        let mut c = SnapshotterConfig::default();
+        c.containerd_address = PathBuf::from("/run/x/containerd.sock");
+        c.registry.hosts_dir = Some(PathBuf::from("/etc/x/certs.d"));
+        c.lazy.background_fetch = false;
+        c.lazy.prefetch_threads = 0;
+        c.cri.image_service_address = Some(PathBuf::from("/run/x/cri.sock"));
+        c.build_registry = Some(BuildRegistry {
+            registry: "127.0.0.1:5000".into(),
+            repository: "userimages".into(),
+            insecure: true,
+            ca_file: None,
+            credentials: Some(LongTermCredentials::Basic {
+                username: "u".into(),
+                password: Some("p".into()),
+                password_file: None,
+            }),
+        });
+        let text = c.to_toml().expect("serialize");
+        let back = parse(&text).unwrap_or_else(|e| panic!("{e}:\n{text}"));
+        assert_eq!(back.containerd_address, c.containerd_address);
+        assert_eq!(back.registry.hosts_dir, c.registry.hosts_dir);
+        assert!(!back.lazy.background_fetch);
+        assert_eq!(back.lazy.prefetch_threads, 0);
+        assert_eq!(back.lazy.cache_max_bytes, c.lazy.cache_max_bytes);
+        assert_eq!(back.cri.image_service_address, c.cri.image_service_address);
+        let br = back.build_registry.expect("build registry");
+        assert_eq!((br.registry.as_str(), br.repository.as_str(), br.insecure), ("127.0.0.1:5000", "userimages", true));
+        assert!(matches!(br.credentials, Some(LongTermCredentials::Basic { password: Some(p), .. }) if p == "p"));
     }
 
     #[test]

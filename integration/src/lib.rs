@@ -18,6 +18,7 @@
 //! Tests that need root, containerd or buildah call [`require_root`] first; the suite runs as root
 //! in CI.
 
+pub mod bed;
 pub mod containerd;
 pub mod cri;
 pub mod delay_proxy;

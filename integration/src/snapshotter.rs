@@ -45,6 +45,25 @@ impl ClipSnapshotter {
         Ok(s)
     }
 
+    /// [`Self::start`] with `config` (a value, written to `<td>/<name>.toml`; its root and
+    /// address are the test's).
+    pub fn start_configured(
+        td: &TestDir,
+        name: &str,
+        config: &clip_config::SnapshotterConfig,
+        extra_args: &[&str],
+    ) -> Result<Self> {
+        let mut config = config.clone();
+        config.root = td.path().join(format!("{name}-root"));
+        config.address = td.path().join(format!("{name}.sock"));
+        let path = td.path().join(format!("{name}.toml"));
+        std::fs::write(&path, config.to_toml()?)?;
+        let path = path.display().to_string();
+        let mut args = vec!["--config", path.as_str()];
+        args.extend_from_slice(extra_args);
+        Self::start(td, name, &args)
+    }
+
     fn launch(&mut self) -> Result<()> {
         let mut cmd = Command::new(workspace_binary("clip-snapshotter")?);
         cmd.arg("--root")

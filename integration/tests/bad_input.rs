@@ -4,6 +4,7 @@
 //! never panics and keeps serving.
 
 use anyhow::Result;
+use clip_integration::bed::lazy_config;
 use clip_integration::images::{TestImage, layout_layers};
 use clip_integration::registry::Registry;
 use clip_integration::snapshotter::{ClipSnapshotter, workspace_binary};
@@ -50,17 +51,10 @@ fn bad_labels_and_bad_registry_answers_fail_clearly_or_fall_back_and_the_daemon_
     let layer = layout_layers(&layout, "busybox")?.remove(0).0;
     let hosts_dir = td.sub("certs.d")?;
     reg.write_hosts_toml(&hosts_dir)?;
-    let config = td.path().join("snapshotter.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "containerd_address = \"{}\"\n[registry]\nhosts_dir = \"{}\"\n[lazy]\nbackground_fetch = false\n",
-            td.path().join("no-containerd.sock").display(),
-            hosts_dir.display()
-        ),
-    )?;
-    let config = config.display().to_string();
-    let snap = ClipSnapshotter::start(&td, "clip", &["--config", &config])?;
+    let mut config = lazy_config(true);
+    config.containerd_address = td.path().join("no-containerd.sock");
+    config.registry.hosts_dir = Some(hosts_dir.clone());
+    let snap = ClipSnapshotter::start_configured(&td, "clip", &config, &[])?;
     let bad_digest = "sha256:../../../../../tmp/clip-bad-input";
     let nowhere = format!("sha256:{}", "f".repeat(64));
 

@@ -4,6 +4,7 @@
 //! And `clip-builder index` of an already indexed image does no layer work.
 
 use anyhow::{Context, Result};
+use clip_integration::bed::{hosts_stack, lazy_config};
 use clip_integration::containerd::{Containerd, ContainerdOptions};
 use clip_integration::images::{TestImage, layout_layers};
 use clip_integration::registry::Registry;
@@ -96,18 +97,17 @@ fn build_pushes_with_an_env_token_indexes_and_the_image_starts_lazily() -> Resul
     // The snapshotter finds the index through referrers and runs the image lazily.
     let hosts_dir = td.sub("certs.d")?;
     reg.write_hosts_toml(&hosts_dir)?;
-    let snap_config = td.path().join("snapshotter.toml");
     // The build registry token applies only where the snapshotter knows the build registry.
-    std::fs::write(
-        &snap_config,
-        format!(
-            "[registry]\nhosts_dir = \"{}\"\n[lazy]\nbackground_fetch = false\n[build_registry]\nregistry = \"{}\"\nrepository = \"userimages\"\n",
-            hosts_dir.display(),
-            reg.host()
-        ),
-    )?;
-    let snap_config = snap_config.display().to_string();
-    let snap = ClipSnapshotter::start(&td, "clip", &["--config", &snap_config])?;
+    let mut snap_config = lazy_config(true);
+    snap_config.registry.hosts_dir = Some(hosts_dir.clone());
+    snap_config.build_registry = Some(clip_config::BuildRegistry {
+        registry: reg.host().to_string(),
+        repository: "userimages".into(),
+        insecure: false,
+        ca_file: None,
+        credentials: None,
+    });
+    let snap = ClipSnapshotter::start_configured(&td, "clip", &snap_config, &[])?;
     let ctrd = Containerd::start(
         &td,
         &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() },
@@ -203,19 +203,7 @@ fn an_index_copied_to_another_registry_serves_the_image_lazily_there() -> Result
     assert!(!wrong.status.success() && String::from_utf8_lossy(&wrong.stderr).contains("the index is for"));
     run(Command::new(&builder).args(["push-index", "--plain-http", "--from"]).arg(&dir).arg(&ref_b))?;
 
-    let hosts_dir = td.sub("certs.d")?;
-    b.write_hosts_toml(&hosts_dir)?;
-    let config = td.path().join("snapshotter.toml");
-    std::fs::write(
-        &config,
-        format!("[registry]\nhosts_dir = \"{}\"\n[lazy]\nbackground_fetch = false\n", hosts_dir.display()),
-    )?;
-    let config = config.display().to_string();
-    let snap = ClipSnapshotter::start(&td, "clip", &["--config", &config])?;
-    let ctrd = Containerd::start(
-        &td,
-        &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() },
-    )?;
+    let (_snap, ctrd) = hosts_stack(&td, &b, lazy_config(true))?;
     let out = run(Command::new(workspace_binary("clip-snapshotter")?)
         .args(["pull", "--json", "--plain-http", "-n", "t", "--containerd-address"])
         .arg(ctrd.socket())

@@ -7,6 +7,8 @@
 //! any `hosts.toml`.
 
 use anyhow::{Context, Result};
+use clip_config::SnapshotterConfig;
+use clip_integration::bed::{IndexedImage, lazy_config};
 use clip_integration::containerd::{Containerd, ContainerdOptions, Flavor};
 use clip_integration::images::{TestImage, layout_layers};
 use clip_integration::registry::Registry;
@@ -23,17 +25,12 @@ fn containerd_socket(td: &TestDir) -> std::path::PathBuf {
     td.path().join("containerd").join("containerd.sock")
 }
 
-fn snapshotter_config(td: &TestDir, extra: &str) -> Result<String> {
-    let path = td.path().join("snapshotter.toml");
-    // On-demand fetching only: the bytes counted are what the container's reads needed.
-    std::fs::write(
-        &path,
-        format!(
-            "containerd_address = \"{}\"\n{extra}\n[lazy]\nbackground_fetch = false\nprefetch_threads = 0\n",
-            containerd_socket(td).display()
-        ),
-    )?;
-    Ok(path.display().to_string())
+/// On-demand fetching only (the bytes counted are what the container's reads needed), and
+/// unlabelled Prepares looked up in this test's containerd.
+fn snapshotter_config(td: &TestDir) -> SnapshotterConfig {
+    let mut c = lazy_config(false);
+    c.containerd_address = containerd_socket(td);
+    c
 }
 
 fn count(log: &str, needle: &str) -> usize {
@@ -48,17 +45,15 @@ fn stdout(out: &std::process::Output) -> String {
 fn ctr_transfer_pull_and_nerdctl_run_start_the_python_image_lazily_on_containerd_2() -> Result<()> {
     require_root();
     let td = TestDir::new("ctrd2-lazy")?;
-    let reg = Registry::start_plain(&td, "plain")?;
-    let layout = TestImage::Python.layout()?;
-    let reference = reg.push_layout(&layout, "pyapp", "testbed/python", "latest")?;
-    let image_bytes: u64 = layout_layers(&layout, "pyapp")?.iter().map(|(_, _, s)| s).sum();
-    run(Command::new(workspace_binary("clip-builder")?).args(["index", "--plain-http", &reference]))?;
+    let image = IndexedImage::plain(&td, TestImage::Python, "testbed/python")?;
+    let (reg, reference, image_bytes) = (&image.registry, image.reference.clone(), image.layer_bytes);
 
     // containerd's own hosts.toml dir, empty for now: the loopback registry is reached as
     // containerd reaches it.
     let hosts = td.path().join("containerd").join("certs.d");
-    let config = snapshotter_config(&td, &format!("[registry]\nhosts_dir = \"{}\"\n", hosts.display()))?;
-    let snap = ClipSnapshotter::start(&td, "clip", &["--config", &config])?;
+    let mut config = snapshotter_config(&td);
+    config.registry.hosts_dir = Some(hosts.clone());
+    let snap = ClipSnapshotter::start_configured(&td, "clip", &config, &[])?;
     let ctrd = Containerd::start(
         &td,
         &ContainerdOptions { flavor: Flavor::V2, clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() },
@@ -154,15 +149,10 @@ fn nerdctl_login_then_run_of_a_private_image_is_lazy_and_without_login_fails_cle
         .arg(&reference))?;
 
     let docker_config = td.sub("docker")?;
-    let config = snapshotter_config(
-        &td,
-        &format!(
-            "[registry]\nhosts_dir = \"{}\"\ndocker_config = \"{}\"\n",
-            hosts.display(),
-            docker_config.join("config.json").display()
-        ),
-    )?;
-    let snap = ClipSnapshotter::start(&td, "clip", &["--config", &config])?;
+    let mut config = snapshotter_config(&td);
+    config.registry.hosts_dir = Some(hosts.clone());
+    config.registry.docker_config = Some(docker_config.join("config.json"));
+    let snap = ClipSnapshotter::start_configured(&td, "clip", &config, &[])?;
     let ctrd = Containerd::start(
         &td,
         &ContainerdOptions { flavor: Flavor::V2, clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() },
@@ -310,8 +300,7 @@ fn lazy_root_file_systems_look_exactly_as_on_overlayfs_on_containerd_2() -> Resu
     for r in &images {
         run(Command::new(workspace_binary("clip-builder")?).args(["index", "--plain-http", r]))?;
     }
-    let config = snapshotter_config(&td, "")?;
-    let snap = ClipSnapshotter::start(&td, "clip", &["--config", &config])?;
+    let snap = ClipSnapshotter::start_configured(&td, "clip", &snapshotter_config(&td), &[])?;
     let ctrd = Containerd::start(
         &td,
         &ContainerdOptions { flavor: Flavor::V2, clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() },

@@ -5,6 +5,7 @@
 //! credentials in the request at all: the proxy and the snapshotter mint from the config.
 
 use anyhow::{Context, Result};
+use clip_integration::bed::lazy_config;
 use clip_integration::containerd::{Containerd, ContainerdOptions};
 use clip_integration::cri::CriClient;
 use clip_integration::images::{TestImage, derive_layout};
@@ -56,25 +57,23 @@ fn kubelet_style_pods_start_lazily_with_every_credential_path() -> Result<()> {
     }
     let build_ca = build.tls().context("tls")?.ca_cert.clone();
     let cri_socket = td.path().join("cri.sock");
-    let config = td.path().join("snapshotter.toml");
     let ctrd_dir = td.path().join("containerd");
-    std::fs::write(
-        &config,
-        format!(
-            "[registry]\nhosts_dir = \"{hosts}\"\n[lazy]\nbackground_fetch = false\n\
-             [cri]\nimage_service_address = \"{cri}\"\ncontainerd_address = \"{ctrd}/containerd.sock\"\n\
-             [build_registry]\nregistry = \"{build}\"\nrepository = \"userimages\"\nca_file = \"{ca}\"\n\
-             [build_registry.credentials]\ntype = \"basic\"\nusername = \"builder\"\npassword_file = \"{pw}\"\n",
-            hosts = snap_hosts.display(),
-            cri = cri_socket.display(),
-            ctrd = ctrd_dir.display(),
-            build = build.host(),
-            ca = build_ca.display(),
-            pw = password_file.display(),
-        ),
-    )?;
-    let config = config.display().to_string();
-    let snap = ClipSnapshotter::start(&td, "clip", &["--config", &config])?;
+    let mut config = lazy_config(true);
+    config.registry.hosts_dir = Some(snap_hosts.clone());
+    config.cri.image_service_address = Some(cri_socket.clone());
+    config.cri.containerd_address = Some(ctrd_dir.join("containerd.sock"));
+    config.build_registry = Some(clip_config::BuildRegistry {
+        registry: build.host().to_string(),
+        repository: "userimages".into(),
+        insecure: false,
+        ca_file: Some(build_ca.clone()),
+        credentials: Some(clip_config::LongTermCredentials::Basic {
+            username: "builder".into(),
+            password: None,
+            password_file: Some(password_file.clone()),
+        }),
+    });
+    let snap = ClipSnapshotter::start_configured(&td, "clip", &config, &[])?;
     let ctrd = Containerd::start(
         &td,
         &ContainerdOptions {

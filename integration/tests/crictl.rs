@@ -8,6 +8,7 @@
 //! snapshot, FUSE mount, cache or idle fd keeper behind.
 
 use anyhow::{Context, Result, bail};
+use clip_integration::bed::lazy_config;
 use clip_integration::containerd::{Containerd, ContainerdOptions, Flavor};
 use clip_integration::images::{TestImage, layout_layers};
 use clip_integration::registry::Registry;
@@ -142,19 +143,11 @@ fn bed(name: &str, cri_local_pull: bool) -> Result<Bed> {
         .arg(&private_ref))?;
 
     let cri_proxy = td.path().join("cri.sock");
-    let config = td.path().join("snapshotter.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "containerd_address = \"{ctrd}/containerd.sock\"\n[registry]\nhosts_dir = \"{hosts}\"\n\
-             [lazy]\nbackground_fetch = false\nprefetch_threads = 0\n[cri]\nimage_service_address = \"{cri}\"\n",
-            ctrd = ctrd_dir.display(),
-            hosts = hosts.display(),
-            cri = cri_proxy.display(),
-        ),
-    )?;
-    let config = config.display().to_string();
-    let snap = ClipSnapshotter::start(&td, "clip", &["--config", &config])?;
+    let mut config = lazy_config(false);
+    config.containerd_address = ctrd_dir.join("containerd.sock");
+    config.registry.hosts_dir = Some(hosts.clone());
+    config.cri.image_service_address = Some(cri_proxy.clone());
+    let snap = ClipSnapshotter::start_configured(&td, "clip", &config, &[])?;
     let ctrd = Containerd::start(
         &td,
         &ContainerdOptions {

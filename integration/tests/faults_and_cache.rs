@@ -4,6 +4,7 @@
 //! under its limit; removing the image deletes its layer caches.
 
 use anyhow::{Context, Result};
+use clip_integration::bed::lazy_config;
 use clip_integration::containerd::{Containerd, ContainerdOptions};
 use clip_integration::fault_proxy::{Fault, FaultProxy};
 use clip_integration::images::{TestImage, file_digests_under};
@@ -49,16 +50,11 @@ fn a_full_read_through_ten_percent_faults_is_exact_and_the_cache_stays_bounded()
     let d = hosts_dir.join(proxy.host());
     std::fs::create_dir_all(&d)?;
     std::fs::write(d.join("hosts.toml"), format!("server = \"http://{}\"\n", proxy.host()))?;
-    let config = td.path().join("snapshotter.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[registry]\nhosts_dir = \"{}\"\n[lazy]\nbackground_fetch = false\ncache_max_bytes = {CACHE_LIMIT}\nfetch_timeout_s = 60\n",
-            hosts_dir.display()
-        ),
-    )?;
-    let config = config.display().to_string();
-    let snap = ClipSnapshotter::start(&td, "clip", &["--config", &config])?;
+    let mut config = lazy_config(true);
+    config.registry.hosts_dir = Some(hosts_dir.clone());
+    config.lazy.cache_max_bytes = CACHE_LIMIT;
+    config.lazy.fetch_timeout_s = 60;
+    let snap = ClipSnapshotter::start_configured(&td, "clip", &config, &[])?;
     let ctrd = Containerd::start(
         &td,
         &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() },

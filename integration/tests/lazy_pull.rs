@@ -2,7 +2,9 @@
 //! pull`, started with `ctr run --snapshotter clip` before most of it is downloaded.
 
 use anyhow::{Context, Result};
-use clip_integration::containerd::{Containerd, ContainerdOptions};
+use clip_config::{BuildRegistry, SnapshotterConfig};
+use clip_integration::bed::{IndexedImage, containerd_for, hosts_stack, lazy_config};
+use clip_integration::containerd::{Containerd, ContainerdOptions, Flavor};
 use clip_integration::fault_proxy::{Fault, FaultProxy};
 use clip_integration::images::{TestImage, layout_layers};
 use clip_integration::registry::Registry;
@@ -16,28 +18,15 @@ use std::process::Command;
 fn python_image_starts_lazily_from_the_plain_registry_with_a_fraction_of_its_bytes() -> Result<()> {
     require_root();
     let td = TestDir::new("lazy")?;
-    let reg = Registry::start_plain(&td, "plain")?;
-    let layout = TestImage::Python.layout()?;
-    let reference = reg.push_layout(&layout, "pyapp", "testbed/python", "latest")?;
-    let image_bytes: u64 = layout_layers(&layout, "pyapp")?.iter().map(|(_, _, s)| s).sum();
-    run(Command::new(workspace_binary("clip-builder")?).args(["index", "--plain-http", &reference]))?;
+    let image = IndexedImage::plain(&td, TestImage::Python, "testbed/python")?;
+    let (reg, reference, image_bytes) = (&image.registry, image.reference.clone(), image.layer_bytes);
 
     // No hosts.toml: `pull --plain-http` reaches the loopback registry, and so does the daemon
-    // (as containerd reaches loopback registries).
-    let config = td.path().join("snapshotter.toml");
-    // Background fetch off: the bytes counted are the ones the workload needed.
-    std::fs::write(
-        &config,
-        // On-demand fetching only: what the container's own reads cost (the prefetcher's
-        // speculative fetches are measured by the cold-start benchmark).
-        "[lazy]\nbackground_fetch = false\nprefetch_threads = 0\n",
-    )?;
-    let config = config.display().to_string();
-    let snap = ClipSnapshotter::start(&td, "clip", &["--config", &config])?;
-    let ctrd = Containerd::start(
-        &td,
-        &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() },
-    )?;
+    // (as containerd reaches loopback registries). On-demand fetching only: what the
+    // container's own reads cost (the prefetcher's speculative fetches are measured by the
+    // cold-start benchmark).
+    let snap = ClipSnapshotter::start_configured(&td, "clip", &lazy_config(false), &[])?;
+    let ctrd = containerd_for(&td, &snap, Flavor::V2)?;
     let before = reg.blob_bytes_served();
     let out = run(Command::new(workspace_binary("clip-snapshotter")?)
         .args(["pull", "--json", "--plain-http", "-n", "t", "--containerd-address"])
@@ -127,17 +116,16 @@ fn private_registries_work_with_label_credentials_only_and_wrong_ones_fail_clear
         refs.push(reference);
     }
     // The snapshotter knows the build registry but holds no credentials for either registry.
-    let config = td.path().join("snapshotter.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[registry]\nhosts_dir = \"{}\"\n[lazy]\nbackground_fetch = false\n[build_registry]\nregistry = \"{}\"\nrepository = \"userimages\"\n",
-            hosts_dir.display(),
-            build.host()
-        ),
-    )?;
-    let config = config.display().to_string();
-    let mut snap = ClipSnapshotter::start(&td, "clip", &["--config", &config])?;
+    let mut config = lazy_config(true);
+    config.registry.hosts_dir = Some(hosts_dir.clone());
+    config.build_registry = Some(BuildRegistry {
+        registry: build.host().to_string(),
+        repository: "userimages".into(),
+        insecure: false,
+        ca_file: None,
+        credentials: None,
+    });
+    let mut snap = ClipSnapshotter::start_configured(&td, "clip", &config, &[])?;
     let ctrd = Containerd::start(
         &td,
         &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() },
@@ -231,16 +219,7 @@ fn a_layer_without_an_index_falls_back_to_an_ordinary_snapshot() -> Result<()> {
     let reg = Registry::start_plain(&td, "plain")?;
     let layout = TestImage::Busybox.layout()?;
     let reference = reg.push_layout(&layout, "busybox", "testbed/busybox", "latest")?;
-    let hosts_dir = td.sub("certs.d")?;
-    reg.write_hosts_toml(&hosts_dir)?;
-    let config = td.path().join("snapshotter.toml");
-    std::fs::write(&config, format!("[registry]\nhosts_dir = \"{}\"\n", hosts_dir.display()))?;
-    let config = config.display().to_string();
-    let snap = ClipSnapshotter::start(&td, "clip", &["--config", &config])?;
-    let ctrd = Containerd::start(
-        &td,
-        &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() },
-    )?;
+    let (snap, ctrd) = hosts_stack(&td, &reg, SnapshotterConfig::default())?;
     let out = pull(&ctrd, &["--plain-http"], &reference)?;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
@@ -265,24 +244,12 @@ fn a_layer_without_an_index_falls_back_to_an_ordinary_snapshot() -> Result<()> {
 fn containerd_1_6_smoke_pull_of_an_indexed_image_is_lazy() -> Result<()> {
     require_root();
     let td = TestDir::new("lazy-1.6")?;
-    let reg = Registry::start_plain(&td, "plain")?;
-    let layout = TestImage::Python.layout()?;
-    let reference = reg.push_layout(&layout, "pyapp", "testbed/python", "latest")?;
-    run(Command::new(workspace_binary("clip-builder")?).args(["index", "--plain-http", &reference]))?;
+    let image = IndexedImage::plain(&td, TestImage::Python, "testbed/python")?;
+    let reference = image.reference.clone();
     // containerd 1.6's own `ctr images pull` downloads every layer before unpacking, so lazy
     // starts on 1.6 go through `clip-snapshotter pull` (or CRI).
-    let config = td.path().join("snapshotter.toml");
-    std::fs::write(&config, "[lazy]\nbackground_fetch = false\n")?;
-    let config = config.display().to_string();
-    let snap = ClipSnapshotter::start(&td, "clip", &["--config", &config])?;
-    let ctrd = Containerd::start(
-        &td,
-        &ContainerdOptions {
-            flavor: clip_integration::containerd::Flavor::V1_6,
-            clip_socket: Some(snap.socket().to_path_buf()),
-            ..Default::default()
-        },
-    )?;
+    let snap = ClipSnapshotter::start_configured(&td, "clip", &lazy_config(true), &[])?;
+    let ctrd = containerd_for(&td, &snap, Flavor::V1_6)?;
     let version = clip_integration::run_stdout(ctrd.ctr("t").arg("version"))?;
     assert!(version.contains("1.6."), "{version}");
     let out = pull(&ctrd, &["--plain-http"], &reference)?;
@@ -310,16 +277,12 @@ fn background_fetch_completes_layers_so_the_registry_can_go_away() -> Result<()>
     let hosts_dir = td.sub("certs.d")?;
     reg.write_hosts_toml(&hosts_dir)?;
     let port = clip_integration::free_port()?;
-    let config = td.path().join("snapshotter.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "metrics_address = \"127.0.0.1:{port}\"\n[registry]\nhosts_dir = \"{}\"\n[lazy]\nbackground_fetch = true\nbackground_start_delay_ms = 200\npassthrough = true\n",
-            hosts_dir.display()
-        ),
-    )?;
-    let config = config.display().to_string();
-    let snap = ClipSnapshotter::start(&td, "clip", &["--config", &config])?;
+    let mut config = SnapshotterConfig::default();
+    config.metrics_address = format!("127.0.0.1:{port}");
+    config.registry.hosts_dir = Some(hosts_dir.clone());
+    config.lazy.background_start_delay_ms = 200;
+    config.lazy.passthrough = true;
+    let snap = ClipSnapshotter::start_configured(&td, "clip", &config, &[])?;
     let ctrd = Containerd::start(
         &td,
         &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() },
@@ -410,13 +373,9 @@ fn corrupted_spans_fail_reads_a_vanished_registry_recovers_and_a_restart_remount
     let d = hosts_dir.join(proxy.host());
     std::fs::create_dir_all(&d)?;
     std::fs::write(d.join("hosts.toml"), format!("server = \"http://{}\"\n", proxy.host()))?;
-    let config = td.path().join("snapshotter.toml");
-    std::fs::write(
-        &config,
-        format!("[registry]\nhosts_dir = \"{}\"\n[lazy]\nbackground_fetch = false\n", hosts_dir.display()),
-    )?;
-    let config = config.display().to_string();
-    let mut snap = ClipSnapshotter::start(&td, "clip", &["--config", &config])?;
+    let mut config = lazy_config(true);
+    config.registry.hosts_dir = Some(hosts_dir.clone());
+    let mut snap = ClipSnapshotter::start_configured(&td, "clip", &config, &[])?;
     let ctrd = Containerd::start(
         &td,
         &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() },
@@ -487,10 +446,7 @@ fn pull_plain_http_reaches_the_daemons_requests_for_a_registry_that_is_not_loopb
     let layout = TestImage::Busybox.layout()?;
     let reference = reg.push_layout(&layout, "busybox", "testbed/busybox", "latest")?;
     run(Command::new(workspace_binary("clip-builder")?).args(["index", "--plain-http", &reference]))?;
-    let config = td.path().join("snapshotter.toml");
-    std::fs::write(&config, "[lazy]\nbackground_fetch = false\n")?;
-    let config = config.display().to_string();
-    let snap = ClipSnapshotter::start(&td, "clip", &["--config", &config])?;
+    let snap = ClipSnapshotter::start_configured(&td, "clip", &lazy_config(true), &[])?;
     let ctrd = Containerd::start(
         &td,
         &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() },

@@ -3,10 +3,10 @@
 //! right output; the daemon's peak memory, threads and open files are sampled and reported.
 
 use anyhow::{Context, Result};
-use clip_integration::containerd::{Containerd, ContainerdOptions};
+use clip_integration::bed::hosts_stack;
 use clip_integration::images::{TestImage, derive_layout};
 use clip_integration::registry::Registry;
-use clip_integration::snapshotter::{ClipSnapshotter, workspace_binary};
+use clip_integration::snapshotter::workspace_binary;
 use clip_integration::{TestDir, require_root, run};
 use std::process::Command;
 use std::sync::Arc;
@@ -56,16 +56,7 @@ fn twenty_containers_from_four_images_start_at_once() -> Result<()> {
         run(Command::new(workspace_binary("clip-builder")?).args(["index", "--plain-http", &r]))?;
         refs.push(r);
     }
-    let hosts_dir = td.sub("certs.d")?;
-    reg.write_hosts_toml(&hosts_dir)?;
-    let config = td.path().join("snapshotter.toml");
-    std::fs::write(&config, format!("[registry]\nhosts_dir = \"{}\"\n", hosts_dir.display()))?;
-    let config = config.display().to_string();
-    let snap = ClipSnapshotter::start(&td, "clip", &["--config", &config])?;
-    let ctrd = Containerd::start(
-        &td,
-        &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() },
-    )?;
+    let (snap, ctrd) = hosts_stack(&td, &reg, clip_config::SnapshotterConfig::default())?;
     let pid = snap.pid();
     let rss_before = proc_status_kb(pid, "VmRSS:");
 

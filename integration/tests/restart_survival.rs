@@ -5,6 +5,7 @@
 //! anew for new containers.
 
 use anyhow::{Context, Result};
+use clip_integration::bed::lazy_config;
 use clip_integration::containerd::{Containerd, ContainerdOptions};
 use clip_integration::fault_proxy::{Fault, FaultProxy};
 use clip_integration::images::{TestImage, file_digests_under};
@@ -38,17 +39,11 @@ fn a_reading_container_survives_sigkill_and_restart_of_the_snapshotter() -> Resu
     let d = hosts_dir.join(proxy.host());
     std::fs::create_dir_all(&d)?;
     std::fs::write(d.join("hosts.toml"), format!("server = \"http://{}\"\n", proxy.host()))?;
-    let config = td.path().join("snapshotter.toml");
     // No background fetch: every file the container reads after the kill is fetched then.
-    std::fs::write(
-        &config,
-        format!(
-            "[registry]\nhosts_dir = \"{}\"\n[lazy]\nbackground_fetch = false\npassthrough = true\n",
-            hosts_dir.display()
-        ),
-    )?;
-    let config = config.display().to_string();
-    let mut snap = ClipSnapshotter::start(&td, "clip", &["--config", &config])?;
+    let mut config = lazy_config(true);
+    config.registry.hosts_dir = Some(hosts_dir.clone());
+    config.lazy.passthrough = true;
+    let mut snap = ClipSnapshotter::start_configured(&td, "clip", &config, &[])?;
     let ctrd = Containerd::start(
         &td,
         &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() },

@@ -6,6 +6,7 @@
 //! name the credential source at build and at run time, never a secret.
 
 use anyhow::Result;
+use clip_integration::bed::lazy_config;
 use clip_integration::containerd::{Containerd, ContainerdOptions};
 use clip_integration::ecr_stub::FakeEcr;
 use clip_integration::images::TestImage;
@@ -76,17 +77,22 @@ fn a_built_image_runs_lazily_and_keeps_reading_after_its_build_token_expired() -
     let d = hosts_dir.join(build.host());
     std::fs::create_dir_all(&d)?;
     std::fs::write(d.join("hosts.toml"), format!("server = \"http://{}\"\n", build.host()))?;
-    let snap_config = td.path().join("snapshotter.toml");
-    std::fs::write(
-        &snap_config,
-        format!(
-            "[registry]\nhosts_dir = \"{}\"\n[lazy]\nbackground_fetch = false\n[build_registry]\nregistry = \"{}\"\nrepository = \"userimages\"\ninsecure = true\n{credentials}",
-            hosts_dir.display(),
-            build.host()
-        ),
-    )?;
-    let snap_config = snap_config.display().to_string();
-    let snap = ClipSnapshotter::start(&td, "clip", &["--config", &snap_config])?;
+    let mut snap_config = lazy_config(true);
+    snap_config.registry.hosts_dir = Some(hosts_dir.clone());
+    snap_config.build_registry = Some(clip_config::BuildRegistry {
+        registry: build.host().to_string(),
+        repository: "userimages".into(),
+        insecure: true,
+        ca_file: None,
+        credentials: Some(clip_config::LongTermCredentials::Ecr {
+            region: "eu-west-1".into(),
+            access_key_id: Some("AKIATESTKEY".into()),
+            secret_access_key: Some(AWS_SECRET.into()),
+            use_default_chain: false,
+            endpoint_url: Some(ecr.url()),
+        }),
+    });
+    let snap = ClipSnapshotter::start_configured(&td, "clip", &snap_config, &[])?;
     let ctrd = Containerd::start(
         &td,
         &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() },

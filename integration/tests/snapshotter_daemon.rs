@@ -286,10 +286,10 @@ fn socket_contract_signals_and_metrics() -> Result<()> {
     let stale = std::os::unix::net::UnixListener::bind(td.path().join("clip.sock"))?;
     drop(stale);
     let port = clip_integration::free_port()?;
-    let config = td.path().join("snapshotter.toml");
-    std::fs::write(&config, format!("metrics_address = \"127.0.0.1:{port}\"\nlog_format = \"json\"\n"))?;
-    let config_arg = config.display().to_string();
-    let mut daemon = ClipSnapshotter::start(&td, "clip", &["--config", &config_arg])?;
+    let mut config = clip_config::SnapshotterConfig::default();
+    config.metrics_address = format!("127.0.0.1:{port}");
+    config.log_format = clip_config::LogFormat::Json;
+    let mut daemon = ClipSnapshotter::start_configured(&td, "clip", &config, &[])?;
     let mode = std::fs::metadata(daemon.socket())?.permissions().mode() & 0o777;
     assert_eq!(mode, 0o660);
 
@@ -331,11 +331,12 @@ fn socket_contract_signals_and_metrics() -> Result<()> {
     daemon.stop()?;
     assert!(!daemon.socket().exists(), "socket removed on exit");
 
-    // Bad config: a clear error naming the key, and a non-zero exit.
-    std::fs::write(&config, "metrics_address = \"nonsense\"\n")?;
+    // Bad config (as a user writes it): a clear error naming the key, and a non-zero exit.
+    let bad = td.path().join("bad.toml");
+    std::fs::write(&bad, "metrics_address = \"nonsense\"\n")?;
     let out = Command::new(workspace_binary("clip-snapshotter")?)
         .arg("--config")
-        .arg(&config)
+        .arg(&bad)
         .arg("--root")
         .arg(td.path().join("r2"))
         .arg("--address")
