@@ -62,15 +62,18 @@ build_nerdctl() {
   rm -rf "$NERDCTL_DIR/src"
 }
 build_go_tool "$NERDCTL_DIR" "$NERDCTL_VERSION" build_nerdctl
-# containerd 2.x's snapshotter conformance suite (core/snapshots/testsuite) as a test binary,
-# from integration/conformance2 (go.mod pins the containerd version) plus the daemon starter it
-# shares with the 1.6 suite; rebuilt when those files change.
+# containerd 2.x's snapshotter conformance suite (core/snapshots/testsuite) as a test binary:
+# the 1.6 harness of integration/conformance with its imports moved to containerd 2.x's
+# packages, in the module of integration/conformance2 (go.mod pins the containerd version);
+# rebuilt when those files change.
 CONFORMANCE_SRC=(integration/conformance2/go.mod integration/conformance2/go.sum
-                 integration/conformance2/conformance_test.go integration/conformance/daemon_test.go)
+                 integration/conformance/conformance_test.go integration/conformance/daemon_test.go)
 conformance_hash=$(cat "${CONFORMANCE_SRC[@]}" | sha256sum | cut -c1-16)
 build_conformance2() {
   local src="$CONFORMANCE2_DIR/src"
   rm -rf "$src"; mkdir -p "$src"; cp "${CONFORMANCE_SRC[@]}" "$src/"
+  sed -i 's#"github.com/containerd/containerd/snapshots#"github.com/containerd/containerd/v2/core/snapshots#' \
+    "$src/conformance_test.go"
   (cd "$src" && "$GO" test -c -o "$CONFORMANCE2_DIR/bin/conformance.test" .)
   rm -rf "$src"
 }

@@ -1,10 +1,13 @@
-// Package conformance runs containerd 1.6's own snapshotter test suite
-// (snapshots/testsuite.SnapshotterSuite) against clip-snapshotter, through containerd's
-// snapshots proxy client dialing the daemon's unix socket, exactly as containerd does with a
-// [proxy_plugins] entry. Every sub-test starts its own daemon with its own root and socket.
+// Package conformance runs containerd's own snapshotter test suite
+// (testsuite.SnapshotterSuite) against clip-snapshotter, through containerd's snapshots proxy
+// client dialing the daemon's unix socket, exactly as containerd does with a [proxy_plugins]
+// entry. Every sub-test starts its own daemon with its own root and socket.
 //
-// Built offline in GOPATH mode from Debian's golang-github-containerd-containerd-dev by
-// integration/tests/conformance.rs; CLIP_SNAPSHOTTER_BIN names the daemon binary.
+// One source for both suites: as it stands, containerd 1.6's (built offline in GOPATH mode
+// from Debian's golang-github-containerd-containerd-dev by integration/tests/conformance.rs);
+// integration/install-deps.sh builds containerd 2.x's from it with the import paths moved to
+// github.com/containerd/containerd/v2/core/snapshots (module: integration/conformance2/go.mod).
+// CLIP_SNAPSHOTTER_BIN names the daemon binary.
 package conformance
 
 import (
