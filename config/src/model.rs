@@ -53,8 +53,9 @@ pub struct CriProxyConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LazyConfig {
-    /// Complete mounted layers in the background, one span at a time, paused while
-    /// containers wait for reads.
+    /// Complete mounted layers in the background: their missing remainder streams in as large
+    /// sequential range requests (`stream_request_bytes`, `stream_layers`), giving way to
+    /// container reads.
     pub background_fetch: bool,
     /// Delay after a layer is mounted before background fetching starts (ms), so that a
     /// starting container gets the link first.
@@ -88,6 +89,10 @@ pub struct LazyConfig {
     /// Bound on one span fetch with all its retries, seconds: a container's read fails with
     /// an I/O error after it instead of waiting for a registry that does not answer.
     pub fetch_timeout_s: u64,
+    /// Background completion: compressed bytes per range request (independent of the span
+    /// size), and how many layers are completed at once.
+    pub stream_request_bytes: u64,
+    pub stream_layers: usize,
     /// Serve lazily also the Prepares that carry no layer labels (nerdctl, `ctr images pull`
     /// on the client-side path): their layer is looked up in containerd's content store.
     pub serve_unlabelled_pulls: bool,
@@ -108,6 +113,8 @@ impl Default for LazyConfig {
             orphan_timeout_s: 600,
             cache_max_bytes: 20 << 30,
             fetch_timeout_s: 30,
+            stream_request_bytes: 8 << 20,
+            stream_layers: 2,
             serve_unlabelled_pulls: true,
         }
     }

@@ -4,7 +4,7 @@
 use crate::IndexError;
 use crate::build::sha256;
 use crate::format::{CheckpointKind, Compression, Entry, EntryKind, Index, SpanInfo};
-use crate::inflate::{GZIP, Inflater, RAW};
+use crate::inflate::{GZIP, Inflater, RAW, WINDOW_SIZE};
 
 /// Reads byte ranges of the layer blob (a local file, an HTTP Range request, a cache...): the
 /// one blob-fetching trait of clip; the snapshotter's read path fetches spans through it too.
@@ -69,19 +69,63 @@ impl Index {
         window: Option<&[u8]>,
     ) -> Result<Vec<u8>, IndexError> {
         self.verify_span(s, compressed)?;
+        let history = match (self.compression(), window, self.window_location(s)) {
+            (Compression::Gzip, Some(z), Some(_)) => self.external_window(s, z)?,
+            (Compression::Gzip, None, _) => self.window(s)?,
+            _ => Vec::new(),
+        };
+        self.decode_verified(s, compressed, upto, &history)
+    }
+
+    /// How many bytes of the uncompressed data just before span `s` stand for its history
+    /// window (0: `s` starts where no history is needed — a gzip member, a zstd frame, plain tar).
+    pub fn history_len(&self, s: &SpanInfo) -> usize {
+        if self.compression() == Compression::Gzip && s.kind == CheckpointKind::Block {
+            usize::try_from(s.uncomp_start).unwrap_or(usize::MAX).min(WINDOW_SIZE)
+        } else {
+            0
+        }
+    }
+
+    /// [`Index::decode_span`] with the span's history window taken from `preceding`: the
+    /// uncompressed bytes that end where `s` starts (what the previous spans inflated to; at
+    /// least [`Index::history_len`] of them). A reader that has the span before `s` needs no
+    /// window from the index or the windows blob. The compressed bytes are verified as always,
+    /// but the history is trusted as given: pass only bytes of spans that were verified (a wrong
+    /// history inflates to wrong bytes).
+    pub fn decode_span_after(
+        &self,
+        s: &SpanInfo,
+        compressed: &[u8],
+        upto: Option<u64>,
+        preceding: &[u8],
+    ) -> Result<Vec<u8>, IndexError> {
+        self.verify_span(s, compressed)?;
+        let need = self.history_len(s);
+        if preceding.len() < need {
+            return Err(IndexError::Invalid(format!(
+                "span {}: {} bytes of history given, {need} needed",
+                s.index,
+                preceding.len()
+            )));
+        }
+        self.decode_verified(s, compressed, upto, &preceding[preceding.len() - need..])
+    }
+
+    /// Decodes verified span bytes with `history` as the gzip window.
+    fn decode_verified(
+        &self,
+        s: &SpanInfo,
+        compressed: &[u8],
+        upto: Option<u64>,
+        history: &[u8],
+    ) -> Result<Vec<u8>, IndexError> {
         let end = upto.map_or(s.uncomp_end, |u| u.clamp(s.uncomp_start, s.uncomp_end));
         let want = usize::try_from(end - s.uncomp_start).map_err(|_| IndexError::Invalid("span too large".into()))?;
         let out = match self.compression() {
             Compression::None => compressed[..want.min(compressed.len())].to_vec(),
             Compression::Zstd => decode_zstd(compressed, want)?,
-            Compression::Gzip => {
-                let window = match (window, self.window_location(s)) {
-                    (Some(z), Some(_)) => self.external_window(s, z)?,
-                    (None, _) => self.window(s)?,
-                    (Some(_), None) => Vec::new(),
-                };
-                Self::decode_gzip(s, compressed, want, &window)?
-            }
+            Compression::Gzip => Self::decode_gzip(s, compressed, want, history)?,
         };
         if out.len() != want {
             return Err(IndexError::Compressed(format!(

@@ -308,3 +308,129 @@ fn split_windows_index_decodes_every_span_like_the_full_one_and_checks_windows()
     }
     Ok(())
 }
+
+#[test]
+fn every_span_decodes_with_the_history_of_the_spans_before_it_and_a_short_history_is_refused() -> anyhow::Result<()> {
+    let layout = clip_integration::images::TestImage::Python.layout()?;
+    let (digest, _, _) = clip_integration::images::layout_layers(&layout, "pyapp")?
+        .into_iter()
+        .max_by_key(|(_, _, s)| *s)
+        .ok_or_else(|| anyhow::anyhow!("no layers"))?;
+    let blob = std::fs::read(clip_integration::images::blob_path(&layout, &digest)?)?;
+    let opts =
+        clip_index::BuildOptions { span_size: 256 << 10, expected_digest: Some(digest.clone()), ..Default::default() };
+    let full = clip_index::build_index(&blob[..], &opts)?;
+    let (meta, _windows) = full.split_windows()?.ok_or_else(|| anyhow::anyhow!("nothing to split"))?;
+    let split = clip_index::Index::open(meta)?;
+    // Walking the layer span by span, each span's history is the end of what came before: no
+    // window is needed from anywhere.
+    let mut history: Vec<u8> = Vec::new();
+    let mut with_history = 0;
+    for i in 0..split.span_count() {
+        let s = split.span(i)?;
+        let compressed = &blob[s.comp_start as usize..s.comp_end as usize];
+        let got = split.decode_span_after(&s, compressed, None, &history)?;
+        let want = full.decode_span(&full.span(i)?, compressed, None)?;
+        assert!(got == want, "span {i} differs");
+        let need = split.history_len(&s);
+        if need > 0 {
+            with_history += 1;
+            let short = &history[history.len() - need + 1..];
+            assert!(split.decode_span_after(&s, compressed, None, short).is_err(), "span {i}: short history taken");
+        }
+        history.extend_from_slice(&got);
+        let keep = history.len().saturating_sub(64 << 10);
+        history.drain(..keep);
+    }
+    assert!(with_history > 10, "{with_history} spans needed a history");
+    eprintln!("{} spans decoded, {with_history} of them from the history of the spans before", split.span_count());
+    Ok(())
+}
+
+/// A blob in memory that counts its range requests.
+struct Counted {
+    bytes: Vec<u8>,
+    requests: std::sync::atomic::AtomicU64,
+}
+
+impl clip_index::RangeFetcher for Counted {
+    fn fetch(&self, offset: u64, len: u64) -> Result<Vec<u8>, IndexError> {
+        self.requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.bytes.get(offset as usize..(offset + len) as usize).map(<[u8]>::to_vec).ok_or_else(|| IndexError::Fetch {
+            offset,
+            len,
+            message: "out of range".into(),
+        })
+    }
+}
+
+#[test]
+fn background_completion_streams_a_layer_in_large_requests_without_windows() -> anyhow::Result<()> {
+    use clip_readpath::{Completer, CompletionPolicy, SpanCache, SpanCacheOptions};
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+    let layout = clip_integration::images::TestImage::Python.layout()?;
+    let (digest, _, _) = clip_integration::images::layout_layers(&layout, "pyapp")?
+        .into_iter()
+        .max_by_key(|(_, _, s)| *s)
+        .ok_or_else(|| anyhow::anyhow!("no layers"))?;
+    let blob = std::fs::read(clip_integration::images::blob_path(&layout, &digest)?)?;
+    let opts =
+        clip_index::BuildOptions { span_size: 256 << 10, expected_digest: Some(digest.clone()), ..Default::default() };
+    let full = clip_index::build_index(&blob[..], &opts)?;
+    let (meta, windows) = full.split_windows()?.ok_or_else(|| anyhow::anyhow!("nothing to split"))?;
+    let split = Arc::new(clip_index::Index::open(meta)?);
+    let td = tempfile::tempdir()?;
+    let source = Arc::new(Counted { bytes: blob.clone(), requests: 0.into() });
+    let windows = Arc::new(Counted { bytes: windows, requests: 0.into() });
+    let options = SpanCacheOptions { windows: Some(windows.clone()), ..Default::default() };
+    let cache = Arc::new(SpanCache::with_options(split.clone(), td.path().join("spans"), source.clone(), options)?);
+
+    // A container read in the middle of the layer: its span needs its window (the span before
+    // is not local); the read of the span after it needs none (history from the local span).
+    let mid = split.span_count() / 2;
+    let s = split.span(mid)?;
+    cache.read(s.uncomp_start, s.uncomp_start + 1)?;
+    assert_eq!(windows.requests.load(Ordering::SeqCst), 1, "a cold span takes its window");
+    let next = split.span(mid + 1)?;
+    cache.read(next.uncomp_start, next.uncomp_start + 1)?;
+    assert_eq!(windows.requests.load(Ordering::SeqCst), 1, "a span after a local one takes no window");
+
+    // Completion streams the rest in requests of 4 MiB, moving on past the latest miss first.
+    let before = source.requests.load(Ordering::SeqCst);
+    let completer = Completer::start(CompletionPolicy {
+        streams: 1,
+        request_bytes: 4 << 20,
+        start_delay: std::time::Duration::ZERO,
+    })
+    .ok_or_else(|| anyhow::anyhow!("no completer"))?;
+    completer.add(&cache);
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while completer.pending() > 0 && std::time::Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(completer.pending(), 0, "the layer was not completed");
+    let requests = source.requests.load(Ordering::SeqCst) - before;
+    let stats = cache.stats();
+    let streamed = stats.stream_bytes.load(Ordering::SeqCst);
+    let rest = blob.len() as u64 - (s.comp_end - s.comp_start) - (next.comp_end - next.comp_start);
+    eprintln!(
+        "{} spans: completed with {requests} requests, {streamed} bytes (the rest is {rest}), {} windows in all",
+        split.span_count(),
+        windows.requests.load(Ordering::SeqCst)
+    );
+    // From mid + 2 to the end, then from 0 to mid: at most one window (span 0 needs none; the
+    // stream that starts after the local spans takes their history).
+    assert!(windows.requests.load(Ordering::SeqCst) <= 2, "completion fetched windows");
+    assert!(requests <= blob.len() as u64 / (4 << 20) + 3, "{requests} requests for {} bytes", blob.len());
+    assert!(streamed <= rest + (512 << 10), "streamed {streamed} bytes for {rest}");
+    // Every span is the bytes the full index decodes.
+    for i in 0..split.span_count() {
+        let si = split.span(i)?;
+        let want = full.decode_span(&full.span(i)?, &blob[si.comp_start as usize..si.comp_end as usize], None)?;
+        let got = cache.read(si.uncomp_start, si.uncomp_end)?;
+        assert!(got == want, "span {i} differs");
+    }
+    assert_eq!(source.requests.load(Ordering::SeqCst) - before, requests, "reads after completion fetched");
+    Ok(())
+}

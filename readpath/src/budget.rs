@@ -63,6 +63,12 @@ impl CacheBudget {
         self.lock().used
     }
 
+    /// Whether `bytes` more fit below the level evictions bring usage down to (90 % of the
+    /// limit) — completion stops short of making the cache evict what it just fetched.
+    pub fn fits(&self, bytes: u64) -> bool {
+        self.max_bytes == 0 || self.used().saturating_add(bytes) <= self.max_bytes / 10 * 9
+    }
+
     /// Counts what is on disk at start: span files under `spans_root/<layer>/` (oldest
     /// modification first in the LRU order) and materialized files under `files_root`.
     pub fn scan(&self, spans_root: &Path, files_root: &Path) {

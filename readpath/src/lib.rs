@@ -2,11 +2,12 @@
 //! uncompressed tar bytes becomes spans taken from the on-disk span cache or fetched from the
 //! blob (Range requests through a [`clip_index::RangeFetcher`]), verified against the index's
 //! span digests and inflated from their checkpoints ([`spans`]), within the daemon's disk
-//! budget ([`budget`]), with what a miss suggests fetched ahead ([`prefetch`]) and counted
-//! ([`metrics`]). No FUSE, no async runtime: plain threads, unit-testable on local files.
+//! budget ([`budget`]), with what a miss suggests fetched ahead ([`prefetch`]), the rest of each
+//! layer streamed in behind ([`complete`]) and counted ([`metrics`]). No FUSE, no async runtime: plain threads, unit-testable on local files.
 //! See `docs/architecture.md` for how it sits under `clip-layerfs`.
 
 pub mod budget;
+pub mod complete;
 pub mod metrics;
 pub mod prefetch;
 pub mod spans;
@@ -14,6 +15,7 @@ pub mod spans;
 pub use budget::CacheBudget;
 pub use clip_index::RangeFetcher;
 pub use clip_index::reader::FileFetcher;
+pub use complete::{Completer, CompletionPolicy};
 pub use metrics::LayerMetrics;
 pub use prefetch::{PrefetchPolicy, Prefetcher};
-pub use spans::{MissObserver, SpanCache, SpanCacheOptions, SpanError, SpanStats};
+pub use spans::{Cause, MissObserver, SpanCache, SpanCacheOptions, SpanError, SpanStats};

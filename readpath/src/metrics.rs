@@ -17,4 +17,10 @@ pub struct LayerMetrics {
     pub read_seconds: Option<Histogram>,
     pub passthrough_opens: Counter,
     pub prefetched_spans: Counter,
+    /// Compressed bytes fetched, by cause: container reads, prefetch guesses, completion.
+    pub foreground_bytes: Counter,
+    pub prefetch_bytes: Counter,
+    pub stream_bytes: Counter,
+    /// Spans made local by background completion.
+    pub streamed_spans: Counter,
 }

@@ -81,6 +81,38 @@ pub struct SpanStats {
     pub fetches: AtomicU64,
     pub cache_hits: AtomicU64,
     pub cache_misses: AtomicU64,
+    /// Of `fetched_bytes`: for container reads, for the prefetcher's guesses, for completion.
+    pub foreground_bytes: AtomicU64,
+    pub prefetch_bytes: AtomicU64,
+    pub stream_bytes: AtomicU64,
+    /// Windows fetched from a separate windows blob (one per request at most).
+    pub window_fetches: AtomicU64,
+    /// The span of the latest read that had to fetch (completion moves there).
+    pub last_miss: AtomicU32,
+}
+
+/// Why bytes are fetched (metrics, and the completion's place in line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// A container's read is waiting.
+    Foreground,
+    /// The prefetcher's guess of what is read next.
+    Prefetch,
+    /// Background completion of the layer.
+    Stream,
+}
+
+/// The last [`WINDOW`] bytes of `history` followed by `data`: the history of the next span.
+fn carry_history(history: Option<Vec<u8>>, data: &[u8]) -> Vec<u8> {
+    const WINDOW: usize = 32 << 10;
+    if data.len() >= WINDOW {
+        return data[data.len() - WINDOW..].to_vec();
+    }
+    let mut h = history.unwrap_or_default();
+    h.extend_from_slice(data);
+    let excess = h.len().saturating_sub(WINDOW);
+    h.drain(..excess);
+    h
 }
 
 /// The span cache and fetcher of one layer.
@@ -218,12 +250,6 @@ impl SpanCache {
         self.span_path(i).exists()
     }
 
-    /// Fetches span `i` into the cache unless it is there (background completion).
-    pub fn prefetch(&self, i: u32) -> Result<(), SpanError> {
-        let s = self.index.span(i).map_err(|e| SpanError::Span { span: i, source: e })?;
-        self.ensure(&s)
-    }
-
     /// Fetches the missing spans of `first..=last` that nobody fetches yet, in requests of at
     /// most `max_group` spans (the prefetcher). Returns how many spans it fetched.
     pub fn fetch_missing(&self, first: u32, last: u32, max_group: u32) -> Result<u32, SpanError> {
@@ -233,7 +259,7 @@ impl SpanCache {
         while i <= last && i < self.index.span_count() {
             let claim = {
                 let mut inflight = self.inflight.lock();
-                let spans = self.claim_run(&mut inflight, i, last, max_group.max(1) as usize);
+                let spans = self.claim_run(&mut inflight, i, last, max_group.max(1) as usize, u64::MAX);
                 Claim { cache: self, spans }
             };
             if claim.spans.is_empty() {
@@ -246,7 +272,7 @@ impl SpanCache {
                 .map(|j| self.index.span(*j).map_err(|e| SpanError::Span { span: *j, source: e }))
                 .collect::<Result<Vec<_>, _>>()?;
             i = claim.spans[claim.spans.len() - 1] + 1;
-            self.fetch_group(&group)?;
+            self.fetch_group(&group, Cause::Prefetch)?;
             fetched += group.len() as u32;
             self.speculative.lock().extend(claim.spans.iter().copied());
             drop(claim);
@@ -254,12 +280,15 @@ impl SpanCache {
         Ok(fetched)
     }
 
-    /// Claims (marks in flight) the run of spans from `first` through `last`, at most `max`,
-    /// that are neither local nor being fetched; stops at the first that is.
-    fn claim_run(&self, inflight: &mut HashSet<u32>, first: u32, last: u32, max: usize) -> Vec<u32> {
+    /// Claims (marks in flight) the run of spans from `first` through `last`, at most `max` of
+    /// them and (after the first) at most `max_bytes` compressed, that are neither local nor
+    /// being fetched; stops at the first that is.
+    fn claim_run(&self, inflight: &mut HashSet<u32>, first: u32, last: u32, max: usize, max_bytes: u64) -> Vec<u32> {
         let mut spans = Vec::new();
+        let mut bytes = 0u64;
         let mut j = first;
         while j < self.index.span_count()
+            && (spans.is_empty() || bytes < max_bytes)
             && j <= last
             && spans.len() < max
             && !inflight.contains(&j)
@@ -267,9 +296,45 @@ impl SpanCache {
         {
             inflight.insert(j);
             spans.push(j);
+            bytes += self.index.span(j).map_or(0, |s| s.comp_end - s.comp_start);
             j += 1;
         }
         spans
+    }
+
+    /// Background completion: makes local the next run of missing spans at or after `from`
+    /// (wrapping around) that nobody fetches yet, in one request of about `request_bytes`
+    /// compressed bytes (the request size is the caller's, not the span size's). Returns where
+    /// to go on from, or `None` once every span is local (or the disk budget has no room for
+    /// the rest).
+    pub fn stream_next(&self, from: u32, request_bytes: u64) -> Result<Option<u32>, SpanError> {
+        let count = self.index.span_count();
+        let Some(first) = (from.min(count)..count).chain(0..from.min(count)).find(|i| !self.is_cached(*i)) else {
+            return Ok(None);
+        };
+        let claim = {
+            let mut inflight = self.inflight.lock();
+            let spans = self.claim_run(&mut inflight, first, u32::MAX, usize::MAX, request_bytes);
+            Claim { cache: self, spans }
+        };
+        let Some(&last) = claim.spans.last() else {
+            // Someone fetches it right now: go on after it.
+            return Ok(Some(first + 1));
+        };
+        let group = claim
+            .spans
+            .iter()
+            .map(|j| self.index.span(*j).map_err(|e| SpanError::Span { span: *j, source: e }))
+            .collect::<Result<Vec<_>, _>>()?;
+        let bytes: u64 = group.iter().map(|s| s.uncomp_end - s.uncomp_start).sum();
+        if self.budget.as_ref().is_some_and(|b| !b.fits(bytes)) {
+            tracing::info!(layer = %self.index.layer_digest(), "the span cache is nearly full: background completion of this layer stops");
+            return Ok(None);
+        }
+        self.fetch_group(&group, Cause::Stream)?;
+        self.metrics.streamed_spans.inc_by(group.len() as u64);
+        drop(claim);
+        Ok(Some(last + 1))
     }
 
     /// Reads uncompressed layer bytes `[start, end)` (offsets in the tar stream).
@@ -362,10 +427,6 @@ impl SpanCache {
         Ok((out, fetched))
     }
 
-    fn ensure(&self, s: &SpanInfo) -> Result<(), SpanError> {
-        self.ensure_through(s, s.index, 0).map(drop)
-    }
-
     /// Makes span `s` local: wait for the fetch of it in flight, or fetch it together with the
     /// missing spans after it that the same read needs (through span `last`) and the
     /// read-ahead, in one request; verify, inflate, write.
@@ -394,10 +455,11 @@ impl SpanCache {
                 return Ok(Local::Hit);
             }
             // Coalesce: the following spans that are missing too, while nobody else fetches them.
-            let spans = self.claim_run(&mut inflight, s.index, last.saturating_add(readahead), usize::MAX);
+            let spans = self.claim_run(&mut inflight, s.index, last.saturating_add(readahead), usize::MAX, u64::MAX);
             Claim { cache: self, spans }
         };
         self.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
+        self.stats.last_miss.store(s.index, Ordering::Relaxed);
         self.metrics.span_misses.inc();
         let mut group = vec![s.clone()];
         for &i in &claim.spans[1..] {
@@ -410,7 +472,7 @@ impl SpanCache {
         // registry that keeps answering wrong bytes fails the read, never serves them.
         let mut attempt = 0;
         let result = loop {
-            match self.fetch_group(&group) {
+            match self.fetch_group(&group, Cause::Foreground) {
                 Err(SpanError::Span { span: i, source: e }) if attempt < VERIFY_RETRIES => {
                     attempt += 1;
                     tracing::warn!(layer = %self.index.layer_digest(), span = i, error = %e, attempt, "span failed verification; fetching it again");
@@ -423,48 +485,51 @@ impl SpanCache {
     }
 
     /// Fetches `group` (contiguous spans) in one request, verifies and writes each; a bad
-    /// read-ahead span is just not cached.
-    fn fetch_group(&self, group: &[SpanInfo]) -> Result<(), SpanError> {
+    /// read-ahead span is just not cached. A gzip span's history window comes from the span
+    /// before it: for the first, its local file, else its window from the windows blob (fetched
+    /// in parallel with the spans); for every later one, what the group inflated to so far. So
+    /// a group costs at most one window, and none when it continues local data.
+    fn fetch_group(&self, group: &[SpanInfo], cause: Cause) -> Result<(), SpanError> {
         let s = &group[0];
         let start = s.comp_start;
         let end = group.last().map_or(s.comp_end, |g| g.comp_end);
         let began = std::time::Instant::now();
-        // The compressed bytes and their windows (a separate blob) in parallel: one round trip.
-        let (compressed, windows) = if self.index.has_external_windows() {
+        let external = self.index.has_external_windows();
+        let mut history = if external { self.local_history(s) } else { None };
+        let need_window = external && history.is_none();
+        let (compressed, window) = if need_window {
             std::thread::scope(|scope| {
-                let windows = scope.spawn(|| self.fetch_windows(group));
+                let window = scope.spawn(|| self.fetch_window(s, cause));
                 let compressed = self.source.fetch(start, end - start);
-                let windows =
-                    windows.join().unwrap_or_else(|_| Err(fetch_failed(start, end, "the windows fetch panicked")));
-                (compressed, windows)
+                let window =
+                    window.join().unwrap_or_else(|_| Err(fetch_failed(start, end, "the window fetch panicked")));
+                (compressed, window)
             })
         } else {
             (self.source.fetch(start, end - start), Ok(None))
         };
         let compressed = compressed.map_err(|source| SpanError::Fetch { start, end, source })?;
-        let windows = windows?;
-        self.stats.fetches.fetch_add(1, Ordering::Relaxed);
-        self.stats.fetched_bytes.fetch_add(compressed.len() as u64, Ordering::Relaxed);
-        self.metrics.fetches.inc();
-        self.metrics.fetched_bytes.inc_by(compressed.len() as u64);
-        tracing::debug!(layer = %self.index.layer_digest(), first = s.index, spans = group.len(), bytes = end - start, ms = began.elapsed().as_millis() as u64, by = std::thread::current().name().unwrap_or("fuse"), "spans fetched");
+        let window = window?;
+        self.count_fetch(compressed.len() as u64, cause);
+        tracing::debug!(layer = %self.index.layer_digest(), first = s.index, spans = group.len(), bytes = end - start, window = need_window, ?cause, ms = began.elapsed().as_millis() as u64, by = std::thread::current().name().unwrap_or("fuse"), "spans fetched");
         for (n, span) in group.iter().enumerate() {
             let from = (span.comp_start - start) as usize;
             let to = (span.comp_end - start) as usize;
             let Some(bytes) = compressed.get(from..to) else {
                 return Err(fetch_failed(start, end, "short answer"));
             };
-            let window = match (&windows, self.index.window_location(span)) {
-                (Some((wstart, w)), Some((off, len))) => {
-                    w.get((off - wstart) as usize..(off - wstart) as usize + len as usize)
-                }
-                _ => None,
+            let decoded = match &history {
+                Some(h) => self.index.decode_span_after(span, bytes, None, h),
+                None => self.index.decode_span_with(span, bytes, None, window.as_deref()),
             };
-            let data = match self.index.decode_span_with(span, bytes, None, window) {
+            let data = match decoded {
                 Ok(d) => d,
                 Err(e) if n == 0 => return Err(SpanError::Span { span: span.index, source: e }),
                 Err(_) => break,
             };
+            if external {
+                history = Some(carry_history(history.take(), &data));
+            }
             if n > 0 && self.is_cached(span.index) {
                 continue;
             }
@@ -473,25 +538,53 @@ impl SpanCache {
         Ok(())
     }
 
-    /// For an index without windows: the windows of `group`, in one range request of the
-    /// windows blob (they are contiguous there), with the offset where that range starts.
-    fn fetch_windows(&self, group: &[SpanInfo]) -> Result<Option<(u64, Vec<u8>)>, SpanError> {
-        if !self.index.has_external_windows() {
-            return Ok(None);
+    /// The history window of span `s` from the local file of the span before it (`Some(empty)`
+    /// when `s` needs none), or `None` when that span is not local.
+    fn local_history(&self, s: &SpanInfo) -> Option<Vec<u8>> {
+        let need = self.index.history_len(s);
+        if need == 0 {
+            return Some(Vec::new());
         }
-        let locations: Vec<(u64, u32)> = group.iter().filter_map(|s| self.index.window_location(s)).collect();
-        let (Some(first), Some(last)) =
-            (locations.iter().map(|l| l.0).min(), locations.iter().map(|l| l.0 + u64::from(l.1)).max())
-        else {
-            return Ok(None);
-        };
+        let prev = self.index.span(s.index.checked_sub(1)?).ok()?;
+        let f = fs::File::open(self.span_path(prev.index)).ok()?;
+        let len = prev.uncomp_end - prev.uncomp_start;
+        if !has_len(&f, len) || len < need as u64 {
+            return None;
+        }
+        let mut buf = vec![0u8; need];
+        f.read_exact_at(&mut buf, len - need as u64).ok()?;
+        Some(buf)
+    }
+
+    /// Span `s`'s window from the separate windows blob (zstd-compressed, checked when used).
+    fn fetch_window(&self, s: &SpanInfo, cause: Cause) -> Result<Option<Vec<u8>>, SpanError> {
+        let Some((off, len)) = self.index.window_location(s) else { return Ok(None) };
+        let end = off + u64::from(len);
         let source =
-            self.windows.as_ref().ok_or_else(|| fetch_failed(first, last, "the index's windows blob is unknown"))?;
-        let bytes =
-            source.fetch(first, last - first).map_err(|source| SpanError::Fetch { start: first, end: last, source })?;
-        self.stats.fetched_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        self.metrics.fetched_bytes.inc_by(bytes.len() as u64);
-        Ok(Some((first, bytes)))
+            self.windows.as_ref().ok_or_else(|| fetch_failed(off, end, "the index's windows blob is unknown"))?;
+        let bytes = source.fetch(off, u64::from(len)).map_err(|source| SpanError::Fetch { start: off, end, source })?;
+        self.stats.window_fetches.fetch_add(1, Ordering::Relaxed);
+        self.count_bytes(bytes.len() as u64, cause);
+        Ok(Some(bytes))
+    }
+
+    /// Counts one range request of `bytes` for `cause`.
+    fn count_fetch(&self, bytes: u64, cause: Cause) {
+        self.stats.fetches.fetch_add(1, Ordering::Relaxed);
+        self.metrics.fetches.inc();
+        self.count_bytes(bytes, cause);
+    }
+
+    fn count_bytes(&self, bytes: u64, cause: Cause) {
+        self.stats.fetched_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.metrics.fetched_bytes.inc_by(bytes);
+        let (stat, metric) = match cause {
+            Cause::Foreground => (&self.stats.foreground_bytes, &self.metrics.foreground_bytes),
+            Cause::Prefetch => (&self.stats.prefetch_bytes, &self.metrics.prefetch_bytes),
+            Cause::Stream => (&self.stats.stream_bytes, &self.metrics.stream_bytes),
+        };
+        stat.fetch_add(bytes, Ordering::Relaxed);
+        metric.inc_by(bytes);
     }
 
     fn write_span(&self, i: u32, data: &[u8]) -> Result<(), SpanError> {

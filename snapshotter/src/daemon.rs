@@ -26,7 +26,6 @@ pub async fn run(cfg: SnapshotterConfig) -> anyhow::Result<()> {
             .await
             .context("setting up lazy layers (registry access, build registry credentials)")?,
     );
-    remote.start_background(&cfg);
     state.remote = Some(remote.clone());
     let state = Arc::new(state);
     let remounted = tokio::task::spawn_blocking({

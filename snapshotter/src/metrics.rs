@@ -29,6 +29,13 @@ struct LayerLabels {
     layer: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CauseLabels {
+    layer: String,
+    /// `foreground` (container reads), `prefetch` (guesses after a miss), `stream` (completion).
+    cause: &'static str,
+}
+
 /// The daemon's metrics registry.
 #[derive(Debug)]
 pub struct Metrics {
@@ -44,6 +51,8 @@ pub struct Metrics {
     read_seconds: Histogram,
     passthrough_opens: Family<LayerLabels, Counter>,
     prefetched_spans: Family<LayerLabels, Counter>,
+    bytes_by_cause: Family<CauseLabels, Counter>,
+    streamed_spans: Family<LayerLabels, Counter>,
     /// Bytes in the span caches and passthrough copies, their limit, and evicted spans.
     pub cache_bytes: prometheus_client::metrics::gauge::Gauge,
     pub cache_limit_bytes: prometheus_client::metrics::gauge::Gauge,
@@ -95,6 +104,14 @@ impl Metrics {
             "spans fetched speculatively after a miss (rest of a file, tar neighbours)",
             prefetched_spans.clone(),
         );
+        let bytes_by_cause = Family::<CauseLabels, Counter>::default();
+        registry.register(
+            "fetched_bytes_by_cause",
+            "compressed bytes fetched, by layer and cause (foreground, prefetch, stream)",
+            bytes_by_cause.clone(),
+        );
+        let streamed_spans = Family::<LayerLabels, Counter>::default();
+        registry.register("streamed_spans", "spans made local by background completion", streamed_spans.clone());
         let cache_bytes = prometheus_client::metrics::gauge::Gauge::default();
         let cache_limit_bytes = prometheus_client::metrics::gauge::Gauge::default();
         let cache_evictions = Counter::default();
@@ -114,6 +131,8 @@ impl Metrics {
             read_seconds,
             passthrough_opens,
             prefetched_spans,
+            bytes_by_cause,
+            streamed_spans,
             cache_bytes,
             cache_limit_bytes,
             cache_evictions,
@@ -133,7 +152,15 @@ impl Metrics {
             read_seconds: Some(self.read_seconds.clone()),
             passthrough_opens: self.passthrough_opens.get_or_create(&l).clone(),
             prefetched_spans: self.prefetched_spans.get_or_create(&l).clone(),
+            foreground_bytes: self.by_cause(layer_digest, "foreground"),
+            prefetch_bytes: self.by_cause(layer_digest, "prefetch"),
+            stream_bytes: self.by_cause(layer_digest, "stream"),
+            streamed_spans: self.streamed_spans.get_or_create(&l).clone(),
         }
+    }
+
+    fn by_cause(&self, layer: &str, cause: &'static str) -> Counter {
+        self.bytes_by_cause.get_or_create(&CauseLabels { layer: layer.to_string(), cause }).clone()
     }
 
     /// Records one finished call.

@@ -4,7 +4,6 @@
 //! The snapshot service commits such a layer at once, so containerd neither downloads nor
 //! unpacks it. Failures are returned as reasons; the caller falls back to an ordinary snapshot.
 
-mod background;
 mod blob;
 mod creds_store;
 mod discover;
@@ -60,7 +59,9 @@ pub struct RemoteLayers {
     /// Speculative fetching after misses (`None`: off).
     prefetcher: Option<Arc<clip_readpath::Prefetcher>>,
     metrics: Arc<crate::metrics::Metrics>,
-    /// Container reads waiting for a fetch, across layers (the background fetcher yields).
+    /// Background completion of mounted layers (`None`: off).
+    pub(super) completer: Option<clip_readpath::Completer>,
+    /// Container reads waiting for a fetch, across layers (background completion yields).
     foreground: Arc<std::sync::atomic::AtomicU32>,
     /// Holds every mount's FUSE connection across restarts (`None`: restarts lose mounts).
     keeper: mount::KeeperHandle,
@@ -89,6 +90,19 @@ pub struct OpenedLayer {
     /// The windows blob of an index without windows.
     windows: Option<RegistryBlob>,
     layer_digest: String,
+}
+
+/// The background completion `[lazy]` asks for.
+fn completer(cfg: &SnapshotterConfig) -> Option<clip_readpath::Completer> {
+    if !cfg.lazy.background_fetch {
+        tracing::info!("background completion is off");
+        return None;
+    }
+    clip_readpath::Completer::start(clip_readpath::CompletionPolicy {
+        streams: cfg.lazy.stream_layers,
+        request_bytes: cfg.lazy.stream_request_bytes.max(1),
+        start_delay: std::time::Duration::from_millis(cfg.lazy.background_start_delay_ms),
+    })
 }
 
 /// Spans in one speculative request (about 1-2 MB compressed for the builder's 256 KiB spans).
@@ -199,25 +213,10 @@ impl RemoteLayers {
             keeper,
             fetch_timeout: std::time::Duration::from_secs(cfg.lazy.fetch_timeout_s.max(1)),
             budget: Arc::new(budget),
+            completer: completer(cfg),
             kept: Mutex::new(kept),
             unservable: Mutex::new(HashMap::new()),
         })
-    }
-
-    /// Starts the background fetcher (when configured) for this manager.
-    pub fn start_background(self: &Arc<Self>, cfg: &SnapshotterConfig) {
-        if !cfg.lazy.background_fetch {
-            tracing::info!("background fetch is off");
-            return;
-        }
-        let weak = Arc::downgrade(self);
-        let delay = std::time::Duration::from_millis(cfg.lazy.background_start_delay_ms);
-        let spawned = std::thread::Builder::new()
-            .name("clip-background-fetch".into())
-            .spawn(move || background::run(&weak, delay));
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, "cannot start the background fetcher");
-        }
     }
 
     fn index_path(&self, layer_digest: &str) -> PathBuf {

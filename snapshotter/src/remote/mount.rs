@@ -20,8 +20,6 @@ pub(super) struct Mounted {
     session: Option<fuser::BackgroundSession>,
     dir: PathBuf,
     pub(super) spans: Arc<SpanCache>,
-    pub(super) since: std::time::Instant,
-    pub(super) complete: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The daemon's link to its fd keeper: connected at start when one runs (to take back what
@@ -162,13 +160,10 @@ impl RemoteLayers {
     }
 
     fn insert(&self, id: u64, dir: &Path, session: fuser::BackgroundSession, spans: Arc<SpanCache>) {
-        let mounted = Mounted {
-            session: Some(session),
-            dir: dir.to_path_buf(),
-            spans,
-            since: std::time::Instant::now(),
-            complete: Arc::new(std::sync::atomic::AtomicBool::new(false)),
-        };
+        let mounted = Mounted { session: Some(session), dir: dir.to_path_buf(), spans };
+        if let Some(c) = &self.completer {
+            c.add(&mounted.spans);
+        }
         let old = self.lock_mounts().insert(id, mounted);
         drop(old);
     }
