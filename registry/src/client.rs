@@ -150,7 +150,7 @@ impl RegistryClient {
         if endpoint.skip_verify {
             b = b.tls_danger_accept_invalid_certs(true);
         } else if !certs.is_empty() {
-            b = b.tls_backend_preconfigured(crate::tls::client_config(certs).map_err(err)?);
+            b = b.tls_backend_preconfigured(crate::tls::client_config(certs).map_err(|e| err(e.to_string()))?);
         }
         let c = b.build().map_err(|e| err(e.to_string()))?;
         clients.insert(key, c.clone());

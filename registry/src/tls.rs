@@ -13,26 +13,34 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, Error, SignatureScheme};
 use std::sync::Arc;
 
+/// A CA file that cannot be used, or a TLS set-up that fails.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("not a PEM certificate bundle: {0}")]
+    Pem(#[from] rustls::pki_types::pem::Error),
+    #[error("no certificate in the PEM file")]
+    NoCertificate,
+    #[error("TLS set-up: {0}")]
+    Setup(#[from] Error),
+}
+
 /// The certificates of a PEM bundle.
-pub fn parse_pem_bundle(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+pub fn parse_pem_bundle(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     use rustls::pki_types::pem::PemObject;
-    let certs: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(pem).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem).collect::<Result<_, _>>()?;
     if certs.is_empty() {
-        return Err("no certificate in the PEM file".into());
+        return Err(TlsError::NoCertificate);
     }
     Ok(certs)
 }
 
 /// A rustls client configuration trusting the platform's roots and `configured`.
-pub fn client_config(configured: Vec<CertificateDer<'static>>) -> Result<rustls::ClientConfig, String> {
+pub fn client_config(configured: Vec<CertificateDer<'static>>) -> Result<rustls::ClientConfig, TlsError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let inner = rustls_platform_verifier::Verifier::new_with_extra_roots(configured.clone(), provider.clone())
-        .map_err(|e| e.to_string())?;
+    let inner = rustls_platform_verifier::Verifier::new_with_extra_roots(configured.clone(), provider.clone())?;
     let verifier = Arc::new(ConfiguredCertVerifier { inner, configured });
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .with_safe_default_protocol_versions()?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();

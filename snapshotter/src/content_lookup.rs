@@ -270,10 +270,17 @@ fn registry_with_port(hostname: &str, repository: &str, images: &[String], known
         .unwrap_or_else(|| hostname.to_string())
 }
 
-fn config_diff_ids(bytes: &[u8]) -> Result<Vec<String>, String> {
-    let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
-    let ids = v["rootfs"]["diff_ids"].as_array().ok_or("no rootfs.diff_ids")?;
-    ids.iter().map(|d| d.as_str().map(str::to_string).ok_or_else(|| "a diff id is not a string".to_string())).collect()
+/// The diff ids of an image config (typed, as oci-spec reads it).
+fn config_diff_ids(bytes: &[u8]) -> Result<Vec<String>, serde_json::Error> {
+    #[derive(serde::Deserialize)]
+    struct Config {
+        rootfs: RootFs,
+    }
+    #[derive(serde::Deserialize)]
+    struct RootFs {
+        diff_ids: Vec<String>,
+    }
+    Ok(serde_json::from_slice::<Config>(bytes)?.rootfs.diff_ids)
 }
 
 fn manifest_layers(bytes: &[u8]) -> Result<Vec<String>, LookupError> {

@@ -71,7 +71,7 @@ pub fn normalize(path: &[u8]) -> Result<Vec<u8>, IndexError> {
                 )));
             }
             c => {
-                validate_name(c).map_err(IndexError::Tar)?;
+                validate_name(c).map_err(|e| IndexError::Tar(e.to_string()))?;
                 parts.push(c);
             }
         }

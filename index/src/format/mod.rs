@@ -18,7 +18,7 @@ mod view;
 mod windows;
 
 pub use records::{CheckpointRecord, EntryRecord, IndexData};
-pub use validate::validate_name;
+pub use validate::{NameError, validate_name};
 pub use view::{Entry, Index, SpanInfo};
 
 use crate::IndexError;

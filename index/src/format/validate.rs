@@ -60,13 +60,22 @@ impl Index {
         Ok(())
     }
 }
+/// A name that is not one path component.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("invalid name {0:?}")]
+    Reserved(String),
+    #[error("name {0:?} contains '/' or NUL")]
+    Separator(String),
+}
+
 /// A name is one path component: not empty, not `.` or `..`, no `/`, no NUL.
-pub fn validate_name(name: &[u8]) -> Result<(), String> {
+pub fn validate_name(name: &[u8]) -> Result<(), NameError> {
     if name.is_empty() || name == b"." || name == b".." {
-        return Err(format!("invalid name {:?}", String::from_utf8_lossy(name)));
+        return Err(NameError::Reserved(String::from_utf8_lossy(name).into_owned()));
     }
     if name.contains(&b'/') || name.contains(&0) {
-        return Err(format!("name {:?} contains '/' or NUL", String::from_utf8_lossy(name)));
+        return Err(NameError::Separator(String::from_utf8_lossy(name).into_owned()));
     }
     Ok(())
 }
