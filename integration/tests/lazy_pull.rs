@@ -313,8 +313,17 @@ fn background_fetch_completes_layers_so_the_registry_can_go_away() -> Result<()>
     eprintln!(
         "background fetch completed 4 layers: {fetched} bytes fetched for {image_bytes} bytes of layers (indexes and windows included)"
     );
-    // Every span once, plus the indexes and the zran windows (about 10% with 256 KiB spans).
-    assert!(fetched >= image_bytes && fetched < image_bytes + image_bytes * 15 / 100, "{fetched} vs {image_bytes}");
+    // Every span once, plus the indexes and a few zran windows: completion streams on from
+    // local data, whose spans need no windows (one span per request, each with its window, cost
+    // about 10% more before).
+    let streamed: u64 = m
+        .lines()
+        .filter(|l| l.starts_with("clip_snapshotter_fetched_bytes_by_cause_total{") && l.contains("cause=\"stream\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    eprintln!("of which {streamed} bytes streamed by background completion");
+    assert!(streamed * 2 > image_bytes, "completion streamed only {streamed} of {image_bytes}");
+    assert!(fetched >= image_bytes && fetched < image_bytes + image_bytes * 4 / 100, "{fetched} vs {image_bytes}");
     assert!(value(&m, "clip_snapshotter_registry_fetched_bytes_total{") >= image_bytes);
     // Everything is local: the registry can go away and every file still reads.
     reg.daemon_mut().stop();
