@@ -102,7 +102,7 @@ impl Default for LazyConfig {
     fn default() -> Self {
         Self {
             background_fetch: true,
-            background_start_delay_ms: 2000,
+            background_start_delay_ms: 5000,
             readahead_spans: 0,
             passthrough: false,
             prefetch_threads: 4,
