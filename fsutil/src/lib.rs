@@ -30,7 +30,16 @@ pub enum Durability {
 pub fn atomic_write(path: &Path, bytes: &[u8], mode: u32, durability: Durability) -> std::io::Result<()> {
     let tmp = temp_name(path);
     let written = (|| {
-        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
+        let create = || std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp);
+        let mut f = match create() {
+            // Left by an earlier process with this pid (a daemon restarted in a container often
+            // gets the same one) that died mid-write: nobody else in this process has the name.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                std::fs::remove_file(&tmp)?;
+                create()?
+            }
+            other => other?,
+        };
         f.write_all(bytes)?;
         if durability == Durability::Durable {
             f.sync_all()?;
@@ -50,10 +59,15 @@ pub fn atomic_write(path: &Path, bytes: &[u8], mode: u32, durability: Durability
     Ok(())
 }
 
-/// `<dir>/.<name>.tmp-<pid>-<n>`: hidden, and never shared by two writers.
+/// Temporary names taken so far by this process.
+static TEMP_NAMES: AtomicU64 = AtomicU64::new(0);
+
+/// `<dir>/.<name>.tmp-<pid>-<n>`: hidden, and never shared by two writers of this process.
 fn temp_name(path: &Path) -> PathBuf {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let n = N.fetch_add(1, Ordering::Relaxed);
+    temp_name_for(path, TEMP_NAMES.fetch_add(1, Ordering::Relaxed))
+}
+
+fn temp_name_for(path: &Path, n: u64) -> PathBuf {
     let name = path.file_name().map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
     path.with_file_name(format!(".{name}.tmp-{}-{n}", std::process::id()))
 }
@@ -74,6 +88,20 @@ mod tests {
         let names: Vec<_> =
             std::fs::read_dir(dir.path()).expect("list").map(|e| e.expect("entry").file_name()).collect();
         assert_eq!(names, vec![std::ffi::OsString::from("record")]);
+    }
+
+    #[test]
+    fn a_temporary_left_by_a_dead_process_with_this_pid_is_replaced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("span");
+        // The next names this process will take, as a crashed predecessor with the same pid
+        // may have left them (a few ahead: the other tests of this binary take names too).
+        let next = TEMP_NAMES.load(Ordering::Relaxed);
+        for n in next..next + 16 {
+            std::fs::write(temp_name_for(&path, n), b"torn").expect("stale");
+        }
+        atomic_write(&path, b"whole", 0o644, Durability::Cache).expect("write over a stale temporary");
+        assert_eq!(std::fs::read(&path).expect("read"), b"whole");
     }
 
     #[test]
