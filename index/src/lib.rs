@@ -24,4 +24,4 @@ pub mod artifact;
 pub use build::{BuildOptions, build_index};
 pub use error::IndexError;
 pub use format::{Compression, Entry, EntryId, EntryKind, Index, SpanInfo};
-pub use reader::RangeFetcher;
+pub use reader::{HISTORY_BYTES, RangeFetcher};

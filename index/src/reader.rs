@@ -6,6 +6,9 @@ use crate::build::sha256;
 use crate::format::{CheckpointKind, Compression, Entry, EntryKind, Index, SpanInfo};
 use crate::inflate::{GZIP, Inflater, RAW, WINDOW_SIZE};
 
+/// The most history a span can need: deflate's window ([`Index::history_len`] is at most this).
+pub const HISTORY_BYTES: usize = WINDOW_SIZE;
+
 /// Reads byte ranges of the layer blob (a local file, an HTTP Range request, a cache...): the
 /// one blob-fetching trait of clip; the snapshotter's read path fetches spans through it too.
 pub trait RangeFetcher: Send + Sync {

@@ -33,6 +33,31 @@ fn snapshotter_config(td: &TestDir) -> SnapshotterConfig {
     c
 }
 
+/// `nerdctl --snapshotter clip run` of `import numpy` in `reference`: it prints its line, and
+/// fetches less than a quarter of the image's `image_bytes` from `reg`.
+fn nerdctl_import_numpy(
+    mut nerdctl: Command,
+    reg: &Registry,
+    snap: &ClipSnapshotter,
+    reference: &str,
+    image_bytes: u64,
+    what: &str,
+) -> Result<()> {
+    let before = reg.blob_bytes_served();
+    let out = run(nerdctl
+        .args(["--snapshotter", "clip", "run", "--rm", "--net", "host", reference, "python3", "-c"])
+        .arg(IMPORT_NUMPY))
+    .with_context(|| snap.log())?;
+    assert!(stdout(&out).trim().ends_with(" 1"), "{}", stdout(&out));
+    let fetched = reg.blob_bytes_served() - before;
+    eprintln!(
+        "{what}, import numpy: {fetched} of {image_bytes} compressed bytes ({:.1}%)",
+        fetched as f64 * 100.0 / image_bytes as f64
+    );
+    assert!(fetched * 4 < image_bytes, "fetched {fetched} of {image_bytes}");
+    Ok(())
+}
+
 fn count(log: &str, needle: &str) -> usize {
     log.lines().filter(|l| l.contains(needle)).count()
 }
@@ -92,33 +117,14 @@ fn ctr_transfer_pull_and_nerdctl_run_start_the_python_image_lazily_on_containerd
     // (containerd drops it), so clip needs the registry configured somewhere: here the
     // hosts.toml a user of an HTTP registry writes into containerd's certs.d.
     reg.write_hosts_toml(ctrd.hosts_dir())?;
-    let before = reg.blob_bytes_served();
     let data_root = td.sub("nerdctl")?;
     let docker_config = td.sub("docker")?;
-    let out = run(ctrd.nerdctl("nerd", &data_root, &docker_config)?.args([
-        "--snapshotter",
-        "clip",
-        "run",
-        "--rm",
-        "--net",
-        "host",
-        &reference,
-        "python3",
-        "-c",
-        IMPORT_NUMPY,
-    ]))
-    .with_context(|| snap.log())?;
-    assert!(stdout(&out).trim().ends_with(" 1"), "{}", stdout(&out));
-    let fetched = reg.blob_bytes_served() - before;
+    let nerdctl = ctrd.nerdctl("nerd", &data_root, &docker_config)?;
+    nerdctl_import_numpy(nerdctl, reg, &snap, &reference, image_bytes, "nerdctl run")?;
     let log = snap.log();
     assert_eq!(count(&log, "unlabelled Prepare found"), 4, "{log}");
     assert_eq!(count(&log, "layer mounted lazily"), 8, "{log}");
     assert_eq!(td.lazy_layers(), 4);
-    eprintln!(
-        "nerdctl run, import numpy: {fetched} of {image_bytes} compressed bytes ({:.1}%)",
-        fetched as f64 * 100.0 / image_bytes as f64
-    );
-    assert!(fetched * 4 < image_bytes, "fetched {fetched} of {image_bytes}");
     run(ctrd.nerdctl("nerd", &data_root, &docker_config)?.args(["rmi", &reference]))?;
     ctrd.purge()?;
     assert!(
@@ -189,30 +195,11 @@ fn nerdctl_login_then_run_of_a_private_image_is_lazy_and_without_login_fails_cle
     let written = std::fs::read_to_string(docker_config.join("config.json"))?;
     assert!(written.contains(reg.host()), "{written}");
 
-    let before = reg.blob_bytes_served();
-    let out = run(nerdctl()?.args([
-        "--snapshotter",
-        "clip",
-        "run",
-        "--rm",
-        "--net",
-        "host",
-        &reference,
-        "python3",
-        "-c",
-        IMPORT_NUMPY,
-    ]))
-    .with_context(|| snap.log())?;
-    assert!(stdout(&out).trim().ends_with(" 1"), "{}", stdout(&out));
-    let fetched = reg.blob_bytes_served() - before;
+    nerdctl_import_numpy(nerdctl()?, &reg, &snap, &reference, image_bytes, "nerdctl login + run of a private image")?;
+    let after_numpy = reg.blob_bytes_served();
     let log = snap.log();
     assert_eq!(count(&log, "layer mounted lazily"), 4, "{log}");
     assert_eq!(td.lazy_layers(), 4);
-    eprintln!(
-        "nerdctl login + run of a private image, import numpy: {fetched} of {image_bytes} compressed bytes ({:.1}%)",
-        fetched as f64 * 100.0 / image_bytes as f64
-    );
-    assert!(fetched * 4 < image_bytes, "fetched {fetched} of {image_bytes}");
 
     // Files never read before are fetched later with the credentials from config.json.
     let out = run(nerdctl()?.args([
@@ -229,7 +216,7 @@ fn nerdctl_login_then_run_of_a_private_image_is_lazy_and_without_login_fails_cle
     ]))
     .with_context(|| snap.log())?;
     let read: u64 = stdout(&out).trim().parse().context("wc -c")?;
-    let later = reg.blob_bytes_served() - before - fetched;
+    let later = reg.blob_bytes_served() - after_numpy;
     eprintln!("later reads: {read} bytes of files, {later} compressed bytes fetched for them");
     assert!(read > 20 << 20 && later > 4 << 20, "read {read}, fetched {later}");
     assert!(!snap.log().contains("EIO"), "{}", snap.log());

@@ -267,17 +267,22 @@ fn python_image_layers_read_back_exactly() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[test]
-fn split_windows_index_decodes_every_span_like_the_full_one_and_checks_windows() -> anyhow::Result<()> {
+/// The largest layer of the python test image (its blob) and its full index with `span_size` spans.
+fn largest_python_layer(span_size: u64) -> anyhow::Result<(Vec<u8>, clip_index::Index)> {
     let layout = clip_integration::images::TestImage::Python.layout()?;
     let (digest, _, _) = clip_integration::images::layout_layers(&layout, "pyapp")?
         .into_iter()
         .max_by_key(|(_, _, s)| *s)
         .ok_or_else(|| anyhow::anyhow!("no layers"))?;
     let blob = std::fs::read(clip_integration::images::blob_path(&layout, &digest)?)?;
-    let opts =
-        clip_index::BuildOptions { span_size: 512 << 10, expected_digest: Some(digest.clone()), ..Default::default() };
+    let opts = clip_index::BuildOptions { span_size, expected_digest: Some(digest), ..Default::default() };
     let full = clip_index::build_index(&blob[..], &opts)?;
+    Ok((blob, full))
+}
+
+#[test]
+fn split_windows_index_decodes_every_span_like_the_full_one_and_checks_windows() -> anyhow::Result<()> {
+    let (blob, full) = largest_python_layer(512 << 10)?;
     let (meta, windows) = full.split_windows()?.ok_or_else(|| anyhow::anyhow!("nothing to split"))?;
     let split = clip_index::Index::open(meta.clone())?;
     split.validate()?;
@@ -311,15 +316,7 @@ fn split_windows_index_decodes_every_span_like_the_full_one_and_checks_windows()
 
 #[test]
 fn every_span_decodes_with_the_history_of_the_spans_before_it_and_a_short_history_is_refused() -> anyhow::Result<()> {
-    let layout = clip_integration::images::TestImage::Python.layout()?;
-    let (digest, _, _) = clip_integration::images::layout_layers(&layout, "pyapp")?
-        .into_iter()
-        .max_by_key(|(_, _, s)| *s)
-        .ok_or_else(|| anyhow::anyhow!("no layers"))?;
-    let blob = std::fs::read(clip_integration::images::blob_path(&layout, &digest)?)?;
-    let opts =
-        clip_index::BuildOptions { span_size: 256 << 10, expected_digest: Some(digest.clone()), ..Default::default() };
-    let full = clip_index::build_index(&blob[..], &opts)?;
+    let (blob, full) = largest_python_layer(256 << 10)?;
     let (meta, _windows) = full.split_windows()?.ok_or_else(|| anyhow::anyhow!("nothing to split"))?;
     let split = clip_index::Index::open(meta)?;
     // Walking the layer span by span, each span's history is the end of what came before: no
@@ -369,15 +366,7 @@ fn background_completion_streams_a_layer_in_large_requests_without_windows() -> 
     use clip_readpath::{Completer, CompletionPolicy, SpanCache, SpanCacheOptions};
     use std::sync::Arc;
     use std::sync::atomic::Ordering;
-    let layout = clip_integration::images::TestImage::Python.layout()?;
-    let (digest, _, _) = clip_integration::images::layout_layers(&layout, "pyapp")?
-        .into_iter()
-        .max_by_key(|(_, _, s)| *s)
-        .ok_or_else(|| anyhow::anyhow!("no layers"))?;
-    let blob = std::fs::read(clip_integration::images::blob_path(&layout, &digest)?)?;
-    let opts =
-        clip_index::BuildOptions { span_size: 256 << 10, expected_digest: Some(digest.clone()), ..Default::default() };
-    let full = clip_index::build_index(&blob[..], &opts)?;
+    let (blob, full) = largest_python_layer(256 << 10)?;
     let (meta, windows) = full.split_windows()?.ok_or_else(|| anyhow::anyhow!("nothing to split"))?;
     let split = Arc::new(clip_index::Index::open(meta)?);
     let td = tempfile::tempdir()?;

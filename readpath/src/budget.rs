@@ -54,13 +54,9 @@ impl CacheBudget {
         self.max_bytes
     }
 
-    fn lock(&self) -> parking_lot::MutexGuard<'_, State> {
-        self.state.lock()
-    }
-
     /// Bytes in the caches now.
     pub fn used(&self) -> u64 {
-        self.lock().used
+        self.state.lock().used
     }
 
     /// Whether `bytes` more fit below the level evictions bring usage down to (90 % of the
@@ -93,7 +89,7 @@ impl CacheBudget {
     }
 
     fn insert(&self, path: PathBuf, size: u64) {
-        let mut s = self.lock();
+        let mut s = self.state.lock();
         s.tick += 1;
         let tick = s.tick;
         if let Some((old_tick, old_size)) = s.spans.insert(path.clone(), (tick, size)) {
@@ -113,7 +109,7 @@ impl CacheBudget {
 
     /// A span file was read: it becomes the most recently used.
     pub fn touch(&self, path: &Path) {
-        let mut s = self.lock();
+        let mut s = self.state.lock();
         s.tick += 1;
         let tick = s.tick;
         if let Some(entry) = s.spans.get_mut(path) {
@@ -127,7 +123,7 @@ impl CacheBudget {
     /// more than half the limit (the file is then served by FUSE reads from the spans).
     pub fn try_pin(&self, dir: &Path, bytes: u64) -> bool {
         if self.max_bytes > 0 {
-            let pinned: u64 = self.lock().pinned.values().sum();
+            let pinned: u64 = self.state.lock().pinned.values().sum();
             if pinned + bytes > self.max_bytes / 2 {
                 return false;
             }
@@ -139,7 +135,7 @@ impl CacheBudget {
 
     /// Pinned bytes (a passthrough copy) of the layer whose files live in `dir`.
     pub fn pin(&self, dir: &Path, bytes: u64) {
-        let mut s = self.lock();
+        let mut s = self.state.lock();
         *s.pinned.entry(dir.to_path_buf()).or_default() += bytes;
         s.used += bytes;
         self.used_gauge.set(i64::try_from(s.used).unwrap_or(i64::MAX));
@@ -147,7 +143,7 @@ impl CacheBudget {
 
     /// A layer's span directory and passthrough directory were deleted.
     pub fn forget_layer(&self, spans_dir: &Path, files_dir: &Path) {
-        let mut s = self.lock();
+        let mut s = self.state.lock();
         let gone: Vec<PathBuf> = s.spans.keys().filter(|p| p.starts_with(spans_dir)).cloned().collect();
         for p in gone {
             if let Some((tick, size)) = s.spans.remove(&p) {
@@ -167,7 +163,7 @@ impl CacheBudget {
             return;
         }
         let target = self.max_bytes / 10 * 9;
-        let mut s = self.lock();
+        let mut s = self.state.lock();
         if s.used <= self.max_bytes {
             return;
         }

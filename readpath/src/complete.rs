@@ -7,7 +7,7 @@
 //! while any is waiting only one stream runs. A stream moves to where reads miss: after a miss
 //! it goes on just past it, ahead of the reader.
 
-use crate::spans::SpanCache;
+use crate::spans::{SpanCache, Streamed};
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
@@ -139,11 +139,13 @@ fn work(shared: &Shared) {
         let Some(layer) = layers.iter_mut().find(|l| l.cache.as_ptr() == Arc::as_ptr(&cache)) else { continue };
         layer.busy = false;
         match result {
-            Ok(Some(next)) => layer.next = next,
-            Ok(None) => {
+            Ok(Streamed::GoOn(next)) => layer.next = next,
+            Ok(over) => {
                 layers.retain(|l| l.cache.as_ptr() != Arc::as_ptr(&cache));
-                if (0..cache.index().span_count()).all(|i| cache.is_cached(i)) {
+                if over == Streamed::Complete {
                     tracing::info!(layer = %digest, "layer complete locally");
+                } else {
+                    tracing::info!(layer = %digest, "the span cache is nearly full: background completion of this layer stops");
                 }
             }
             Err(e) => {

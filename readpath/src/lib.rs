@@ -18,4 +18,4 @@ pub use clip_index::reader::FileFetcher;
 pub use complete::{Completer, CompletionPolicy};
 pub use metrics::LayerMetrics;
 pub use prefetch::{PrefetchPolicy, Prefetcher};
-pub use spans::{Cause, MissObserver, SpanCache, SpanCacheOptions, SpanError, SpanStats};
+pub use spans::{Cause, MissObserver, SpanCache, SpanCacheOptions, SpanError, SpanStats, Streamed};

@@ -4,19 +4,16 @@
 //! inflated from their checkpoint and written to the cache (atomically). One lock per span
 //! makes concurrent readers of a span share one fetch.
 
-use clip_index::{Index, IndexError, SpanInfo};
+use crate::budget::CacheBudget;
+use crate::metrics::LayerMetrics;
+use clip_index::{HISTORY_BYTES, Index, IndexError, RangeFetcher, SpanInfo};
 use parking_lot::{Condvar, Mutex};
 use std::collections::HashSet;
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-
-use crate::budget::CacheBudget;
-use crate::metrics::LayerMetrics;
-use clip_index::RangeFetcher;
-use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 /// Told of every read that had to fetch, or that used a span fetched speculatively first: where
 /// a container is reading ([`crate::prefetch::Prefetcher`] guesses from it).
@@ -85,10 +82,19 @@ pub struct SpanStats {
     pub foreground_bytes: AtomicU64,
     pub prefetch_bytes: AtomicU64,
     pub stream_bytes: AtomicU64,
-    /// Windows fetched from a separate windows blob (one per request at most).
-    pub window_fetches: AtomicU64,
     /// The span of the latest read that had to fetch (completion moves there).
     pub last_miss: AtomicU32,
+}
+
+/// What one step of [`SpanCache::stream_next`] left to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Streamed {
+    /// Go on from this span.
+    GoOn(u32),
+    /// Every span is local.
+    Complete,
+    /// The disk budget has no room for the rest.
+    NoRoom,
 }
 
 /// Why bytes are fetched (metrics, and the completion's place in line).
@@ -102,15 +108,14 @@ pub enum Cause {
     Stream,
 }
 
-/// The last [`WINDOW`] bytes of `history` followed by `data`: the history of the next span.
+/// The last [`HISTORY_BYTES`] of `history` followed by `data`: the history of the next span.
 fn carry_history(history: Option<Vec<u8>>, data: &[u8]) -> Vec<u8> {
-    const WINDOW: usize = 32 << 10;
-    if data.len() >= WINDOW {
-        return data[data.len() - WINDOW..].to_vec();
+    if data.len() >= HISTORY_BYTES {
+        return data[data.len() - HISTORY_BYTES..].to_vec();
     }
     let mut h = history.unwrap_or_default();
     h.extend_from_slice(data);
-    let excess = h.len().saturating_sub(WINDOW);
+    let excess = h.len().saturating_sub(HISTORY_BYTES);
     h.drain(..excess);
     h
 }
@@ -266,11 +271,7 @@ impl SpanCache {
                 i += 1;
                 continue;
             }
-            let group = claim
-                .spans
-                .iter()
-                .map(|j| self.index.span(*j).map_err(|e| SpanError::Span { span: *j, source: e }))
-                .collect::<Result<Vec<_>, _>>()?;
+            let group = self.span_infos(&claim.spans)?;
             i = claim.spans[claim.spans.len() - 1] + 1;
             self.fetch_group(&group, Cause::Prefetch)?;
             fetched += group.len() as u32;
@@ -302,15 +303,19 @@ impl SpanCache {
         spans
     }
 
+    /// The index records of `spans`.
+    fn span_infos(&self, spans: &[u32]) -> Result<Vec<SpanInfo>, SpanError> {
+        spans.iter().map(|&j| self.index.span(j).map_err(|e| SpanError::Span { span: j, source: e })).collect()
+    }
+
     /// Background completion: makes local the next run of missing spans at or after `from`
     /// (wrapping around) that nobody fetches yet, in one request of about `request_bytes`
     /// compressed bytes (the request size is the caller's, not the span size's). Returns where
-    /// to go on from, or `None` once every span is local (or the disk budget has no room for
-    /// the rest).
-    pub fn stream_next(&self, from: u32, request_bytes: u64) -> Result<Option<u32>, SpanError> {
+    /// to go on from, or why completion of this layer is over.
+    pub fn stream_next(&self, from: u32, request_bytes: u64) -> Result<Streamed, SpanError> {
         let count = self.index.span_count();
         let Some(first) = (from.min(count)..count).chain(0..from.min(count)).find(|i| !self.is_cached(*i)) else {
-            return Ok(None);
+            return Ok(Streamed::Complete);
         };
         let claim = {
             let mut inflight = self.inflight.lock();
@@ -319,22 +324,17 @@ impl SpanCache {
         };
         let Some(&last) = claim.spans.last() else {
             // Someone fetches it right now: go on after it.
-            return Ok(Some(first + 1));
+            return Ok(Streamed::GoOn(first + 1));
         };
-        let group = claim
-            .spans
-            .iter()
-            .map(|j| self.index.span(*j).map_err(|e| SpanError::Span { span: *j, source: e }))
-            .collect::<Result<Vec<_>, _>>()?;
+        let group = self.span_infos(&claim.spans)?;
         let bytes: u64 = group.iter().map(|s| s.uncomp_end - s.uncomp_start).sum();
         if self.budget.as_ref().is_some_and(|b| !b.fits(bytes)) {
-            tracing::info!(layer = %self.index.layer_digest(), "the span cache is nearly full: background completion of this layer stops");
-            return Ok(None);
+            return Ok(Streamed::NoRoom);
         }
         self.fetch_group(&group, Cause::Stream)?;
         self.metrics.streamed_spans.inc_by(group.len() as u64);
         drop(claim);
-        Ok(Some(last + 1))
+        Ok(Streamed::GoOn(last + 1))
     }
 
     /// Reads uncompressed layer bytes `[start, end)` (offsets in the tar stream).
@@ -563,7 +563,6 @@ impl SpanCache {
         let source =
             self.windows.as_ref().ok_or_else(|| fetch_failed(off, end, "the index's windows blob is unknown"))?;
         let bytes = source.fetch(off, u64::from(len)).map_err(|source| SpanError::Fetch { start: off, end, source })?;
-        self.stats.window_fetches.fetch_add(1, Ordering::Relaxed);
         self.count_bytes(bytes.len() as u64, cause);
         Ok(Some(bytes))
     }

@@ -30,6 +30,12 @@ pub enum SnapshotError {
     },
 }
 
+impl From<crate::remote::RemoteError> for SnapshotError {
+    fn from(e: crate::remote::RemoteError) -> Self {
+        Self::Remote(Box::new(e))
+    }
+}
+
 impl SnapshotError {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         Self::Io { context: context.into(), source }

@@ -175,12 +175,12 @@ impl State {
         if existing.is_some() {
             return Ok(());
         }
-        let layer = remote.open(req).map_err(|e| RemoteFallback::Reason(SnapshotError::Remote(Box::new(e))))?;
+        let layer = remote.open(req).map_err(|e| RemoteFallback::Reason(e.into()))?;
         let mounted = std::cell::Cell::new(None);
         let info = RemoteLayer { image_ref: req.image_ref.clone(), layer_digest: req.layer_digest.clone() };
         let result = self.store.create_remote(key, parent, labels.stored.clone(), info, |id| {
             self.dirs.create(id)?;
-            remote.mount(id, &self.dirs.fs(id), layer).map_err(|e| SnapshotError::Remote(Box::new(e)))?;
+            remote.mount(id, &self.dirs.fs(id), layer)?;
             mounted.set(Some(id));
             Ok(())
         });
@@ -218,7 +218,7 @@ impl State {
     /// cannot be (a mount must never show an empty layer).
     fn serve_unservable(&self, ids: &[u64]) -> Result<()> {
         let Some(remote) = &self.remote else { return Ok(()) };
-        remote.serve_unservable(ids, |id| self.dirs.fs(id)).map_err(|e| SnapshotError::Remote(Box::new(e)))
+        Ok(remote.serve_unservable(ids, |id| self.dirs.fs(id))?)
     }
 
     fn commit(&self, name: &str, key: &str, labels: HashMap<String, String>) -> Result<()> {

@@ -77,7 +77,8 @@ fn store_index(
         std::fs::create_dir_all(dir).map_err(RemoteError::io(format!("creating {}", dir.display())))?;
     }
     if let Some(d) = &windows_digest {
-        std::fs::write(windows_sidecar(path), d).map_err(RemoteError::io("storing the windows digest"))?;
+        clip_fsutil::atomic_write(&windows_sidecar(path), d.as_bytes(), 0o644, clip_fsutil::Durability::Durable)
+            .map_err(RemoteError::io("storing the windows digest"))?;
     }
     clip_fsutil::atomic_write(path, bytes, 0o644, clip_fsutil::Durability::Durable)
         .map_err(RemoteError::io(format!("storing index {}", path.display())))?;

@@ -67,17 +67,13 @@ impl KeeperHandle {
             Err(e) => tracing::error!(error = %e, "cannot list the fd keeper's connections"),
         }
         tracing::info!(pid = client.pid, kept = kept.len(), "fd keeper connected");
-        *handle.lock() = Some(Arc::new(client));
+        *handle.client.lock() = Some(Arc::new(client));
         (handle, kept)
-    }
-
-    fn lock(&self) -> parking_lot::MutexGuard<'_, Option<Arc<KeeperClient>>> {
-        self.client.lock()
     }
 
     /// The keeper, if one is connected.
     pub(super) fn connected(&self) -> Option<Arc<KeeperClient>> {
-        self.lock().clone()
+        self.client.lock().clone()
     }
 
     /// Hands a new mount's FUSE connection to the keeper, started if needed. Under the
@@ -88,7 +84,7 @@ impl KeeperHandle {
         fd: std::os::fd::BorrowedFd<'_>,
         meta: &serde_json::Value,
     ) -> Result<(), RemoteError> {
-        let mut guard = self.lock();
+        let mut guard = self.client.lock();
         if guard.is_none() && self.enabled && !self.start_failed.load(Ordering::Relaxed) {
             let started = std::env::current_exe()
                 .map_err(RemoteError::io("finding this program"))
@@ -113,7 +109,7 @@ impl KeeperHandle {
     /// Stops the keeper once it holds no connection (the last lazy layer went), so no idle
     /// process stays behind; the next lazy mount starts one again.
     pub(super) fn stop_if_idle(&self) {
-        let mut guard = self.lock();
+        let mut guard = self.client.lock();
         let Some(keeper) = guard.as_ref() else { return };
         match keeper.list() {
             Ok(kept) if kept.is_empty() => {
@@ -164,16 +160,12 @@ impl RemoteLayers {
         if let Some(c) = &self.completer {
             c.add(&mounted.spans);
         }
-        let old = self.lock_mounts().insert(id, mounted);
+        let old = self.mounts.lock().insert(id, mounted);
         drop(old);
     }
 
     fn session_state_dir(&self, id: u64) -> PathBuf {
         self.root.join("sessions").join(id.to_string())
-    }
-
-    pub(super) fn lock_mounts(&self) -> parking_lot::MutexGuard<'_, HashMap<u64, Mounted>> {
-        self.mounts.lock()
     }
 
     /// Mounts an opened layer at `dir` as the snapshot `id`.
@@ -235,7 +227,7 @@ impl RemoteLayers {
 
     /// Unmounts the layer of snapshot `id`, if mounted here.
     pub fn unmount(&self, id: u64) {
-        let removed = self.lock_mounts().remove(&id);
+        let removed = self.mounts.lock().remove(&id);
         if let Some(mut m) = removed {
             if let Err(e) = nix::mount::umount2(&m.dir, nix::mount::MntFlags::MNT_DETACH) {
                 tracing::warn!(dir = %m.dir.display(), error = %e, "cannot unmount a layer");
@@ -278,18 +270,18 @@ impl RemoteLayers {
 
     /// Whether snapshot `id`'s layer is served here.
     pub fn is_mounted(&self, id: u64) -> bool {
-        self.lock_mounts().contains_key(&id)
+        self.mounts.lock().contains_key(&id)
     }
 
     /// Compressed bytes fetched so far for snapshot `id`'s layer.
     pub fn fetched_bytes(&self, id: u64) -> Option<u64> {
-        self.lock_mounts().get(&id).map(|m| m.spans.stats().fetched_bytes.load(Ordering::Relaxed))
+        self.mounts.lock().get(&id).map(|m| m.spans.stats().fetched_bytes.load(Ordering::Relaxed))
     }
 
     /// At shutdown: with a keeper, leave every mount to it (the next daemon serves them
     /// again; until then their reads wait); without one, unmount everything.
     pub fn shut_down(&self) {
-        let all: Vec<Mounted> = self.lock_mounts().drain().map(|(_, m)| m).collect();
+        let all: Vec<Mounted> = self.mounts.lock().drain().map(|(_, m)| m).collect();
         if self.keeper.connected().is_some() {
             tracing::info!(mounts = all.len(), "leaving lazy mounts to the fd keeper for the next daemon");
             for mut m in all {
