@@ -7,7 +7,7 @@
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use clip_index::artifact::{ARTIFACT_TYPE, ArtifactBlob, BlobKind, EMPTY_CONFIG, IndexArtifact};
-use clip_registry::api::{OCI_MANIFEST, sha256_digest};
+use clip_registry::api::sha256_digest;
 use clip_registry::{Platform, Repository};
 use futures::StreamExt;
 use std::sync::Arc;
@@ -178,15 +178,10 @@ pub async fn index_image(
         manifest.digest.parse::<oci_spec::image::Digest>().context("the image manifest's digest")?,
     );
     let bytes = IndexArtifact::new(subject, &config_digest, &artifact_layers)?.to_bytes()?;
-    let artifact_digest = sha256_digest(&bytes);
-    let size = bytes.len();
-    repo.put_manifest(&artifact_digest, OCI_MANIFEST, Bytes::from(bytes))
+    let artifact_digest = repo
+        .push_referrer(&manifest.digest, ARTIFACT_TYPE, Bytes::from(bytes))
         .await
-        .context("pushing the index artifact")?;
-    let descriptor = IndexArtifact::referrer_descriptor(&artifact_digest, size as u64)?;
-    repo.add_referrer_to_fallback_tag(&manifest.digest, descriptor)
-        .await
-        .context("adding the index to the referrers fallback tag")?;
+        .context("pushing the index artifact and adding it to the referrers fallback tag")?;
     let labels = [(clip_config::labels::INDEX_DIGEST.to_string(), artifact_digest.clone())].into();
     Ok(ImageIndexed {
         image: repo.image.with_digest(&manifest.digest).to_string(),

@@ -9,7 +9,7 @@
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use clip_index::artifact::{ARTIFACT_TYPE, IndexArtifact};
-use clip_registry::api::{OCI_MANIFEST, sha256_digest};
+use clip_registry::api::sha256_digest;
 use clip_registry::{Platform, Repository};
 use std::path::Path;
 
@@ -60,8 +60,5 @@ pub async fn push(repo: &Repository, reference: &str, dir: &Path) -> Result<Stri
         }
         repo.push_blob(Bytes::from(data)).await?;
     }
-    let digest = repo.put_manifest(&sha256_digest(&bytes), OCI_MANIFEST, Bytes::from(bytes.clone())).await?;
-    let desc = IndexArtifact::referrer_descriptor(&digest, bytes.len() as u64)?;
-    repo.add_referrer_to_fallback_tag(&subject, desc).await?;
-    Ok(digest)
+    Ok(repo.push_referrer(&subject, ARTIFACT_TYPE, Bytes::from(bytes)).await?)
 }

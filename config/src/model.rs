@@ -96,6 +96,19 @@ pub struct LazyConfig {
     /// Serve lazily also the Prepares that carry no layer labels (nerdctl, `ctr images pull`
     /// on the client-side path): their layer is looked up in containerd's content store.
     pub serve_unlabelled_pulls: bool,
+    /// Access profiles: record which spans each image's first lazy start reads (until reads
+    /// go quiet for `profile_quiet_ms`, at most `profile_limit_s`), keep the profile under the
+    /// root, and on a start of an image with a profile (kept, or published in its registry)
+    /// fetch the profile's spans first, in requests of up to `profile_request_bytes` on
+    /// `profile_threads` threads.
+    pub profiles: bool,
+    /// Publish recorded profiles to the image's registry (an artifact referring to the image
+    /// manifest) with the credentials the image is pulled with, where they may push.
+    pub publish_profiles: bool,
+    pub profile_quiet_ms: u64,
+    pub profile_limit_s: u64,
+    pub profile_threads: usize,
+    pub profile_request_bytes: u64,
 }
 
 impl Default for LazyConfig {
@@ -116,6 +129,12 @@ impl Default for LazyConfig {
             stream_request_bytes: 8 << 20,
             stream_layers: 2,
             serve_unlabelled_pulls: true,
+            profiles: true,
+            publish_profiles: true,
+            profile_quiet_ms: 2000,
+            profile_limit_s: 30,
+            profile_threads: 4,
+            profile_request_bytes: 4 << 20,
         }
     }
 }

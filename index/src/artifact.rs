@@ -167,13 +167,6 @@ impl IndexArtifact {
             .chain(self.manifest.layers().iter().map(|l| l.digest().to_string()))
             .collect()
     }
-
-    /// The descriptor of the artifact stored as `digest` (`size` bytes), as referrers list it.
-    pub fn referrer_descriptor(digest: &str, size: u64) -> Result<Descriptor, ArtifactError> {
-        let mut d = Descriptor::new(MediaType::ImageManifest, size, digest_of(digest)?);
-        d.set_artifact_type(Some(MediaType::Other(ARTIFACT_TYPE.into())));
-        Ok(d)
-    }
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ mod inflate;
 pub mod reader;
 
 pub mod artifact;
+pub mod profile;
 pub use build::{BuildOptions, build_index};
 pub use error::IndexError;
 pub use format::{Compression, Entry, EntryId, EntryKind, Index, SpanInfo};

@@ -27,6 +27,7 @@ pub mod fault_proxy;
 pub mod gotools;
 pub mod http_stub;
 pub mod images;
+pub mod metrics;
 pub mod netns;
 pub mod process;
 pub mod registry;

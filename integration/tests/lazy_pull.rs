@@ -292,16 +292,8 @@ fn background_fetch_completes_layers_so_the_registry_can_go_away() -> Result<()>
         .args(["pull", "--plain-http", "-n", "t", "--containerd-address"])
         .arg(ctrd.socket())
         .arg(&reference))?;
-    let metrics = || {
-        clip_integration::run_stdout(Command::new("curl").args(["-sf", &format!("http://127.0.0.1:{port}/metrics")]))
-            .unwrap_or_default()
-    };
-    let value = |text: &str, name: &str| -> u64 {
-        text.lines()
-            .filter(|l| l.starts_with(name) && l.contains("layer=\""))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum()
-    };
+    let metrics = || clip_integration::metrics::scrape(port);
+    let value = |text: &str, name: &str| clip_integration::metrics::sum(text, name, &["layer=\""]);
     let done = clip_integration::wait_until(std::time::Duration::from_secs(120), || {
         let m = metrics();
         let total = value(&m, "clip_snapshotter_layer_spans{");
@@ -316,11 +308,8 @@ fn background_fetch_completes_layers_so_the_registry_can_go_away() -> Result<()>
     // Every span once, plus the indexes and a few zran windows: completion streams on from
     // local data, whose spans need no windows (one span per request, each with its window, cost
     // about 10% more before).
-    let streamed: u64 = m
-        .lines()
-        .filter(|l| l.starts_with("clip_snapshotter_fetched_bytes_by_cause_total{") && l.contains("cause=\"stream\""))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum();
+    let streamed =
+        clip_integration::metrics::sum(&m, "clip_snapshotter_fetched_bytes_by_cause_total{", &["cause=\"stream\""]);
     eprintln!("of which {streamed} bytes streamed by background completion");
     assert!(streamed * 2 > image_bytes, "completion streamed only {streamed} of {image_bytes}");
     assert!(fetched >= image_bytes && fetched < image_bytes + image_bytes * 4 / 100, "{fetched} vs {image_bytes}");

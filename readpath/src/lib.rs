@@ -2,7 +2,8 @@
 //! uncompressed tar bytes becomes spans taken from the on-disk span cache or fetched from the
 //! blob (Range requests through a [`clip_index::RangeFetcher`]), verified against the index's
 //! span digests and inflated from their checkpoints ([`spans`]), within the daemon's disk
-//! budget ([`budget`]), with what a miss suggests fetched ahead ([`prefetch`]), the rest of each
+//! budget ([`budget`]), with what a miss suggests fetched ahead ([`prefetch`]), access profiles recorded and replayed
+//! ([`profile`]), the rest of each
 //! layer streamed in behind ([`complete`]) and counted ([`metrics`]). No FUSE, no async runtime: plain threads, unit-testable on local files.
 //! See `docs/architecture.md` for how it sits under `clip-layerfs`.
 
@@ -10,7 +11,10 @@ pub mod budget;
 pub mod complete;
 pub mod metrics;
 pub mod prefetch;
+pub mod profile;
 pub mod spans;
+#[cfg(test)]
+mod testutil;
 
 pub use budget::CacheBudget;
 pub use clip_index::RangeFetcher;
@@ -18,4 +22,5 @@ pub use clip_index::reader::FileFetcher;
 pub use complete::{Completer, CompletionPolicy};
 pub use metrics::LayerMetrics;
 pub use prefetch::{PrefetchPolicy, Prefetcher};
-pub use spans::{Cause, MissObserver, SpanCache, SpanCacheOptions, SpanError, SpanStats, Streamed};
+pub use profile::{Recorder, Recording, ReplayPolicy, Replayer};
+pub use spans::{Cause, MissObserver, ReadObserver, SpanCache, SpanCacheOptions, SpanError, SpanStats, Streamed};

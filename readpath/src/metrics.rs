@@ -17,10 +17,16 @@ pub struct LayerMetrics {
     pub read_seconds: Option<Histogram>,
     pub passthrough_opens: Counter,
     pub prefetched_spans: Counter,
-    /// Compressed bytes fetched, by cause: container reads, prefetch guesses, completion.
+    /// Compressed bytes fetched, by cause: container reads, prefetch guesses, access profile
+    /// replay, completion.
     pub foreground_bytes: Counter,
     pub prefetch_bytes: Counter,
+    pub profile_bytes: Counter,
     pub stream_bytes: Counter,
     /// Spans made local by background completion.
     pub streamed_spans: Counter,
+    /// Reads that found a span the profile replay fetched (hits), fetches a read made itself
+    /// while the layer replayed a profile (misses).
+    pub profile_hits: Counter,
+    pub profile_misses: Counter,
 }

@@ -11,7 +11,7 @@
 //! Newest hints first: a container moves on, and an old hint is worth less than a new one; the
 //! queue is bounded and drops the oldest.
 
-use crate::spans::{MissObserver, SpanCache};
+use crate::spans::{Cause, MissObserver, SpanCache};
 use parking_lot::{Condvar, Mutex};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -169,7 +169,7 @@ fn work(shared: &Shared, group: u32) {
         // The background completer yields to this as to a container's read.
         cache.foreground.fetch_add(1, Ordering::Relaxed);
         let group = if job.group > 0 { job.group } else { group };
-        match cache.fetch_missing(job.first, job.last, group) {
+        match cache.fetch_missing(job.first, job.last, group, Cause::Prefetch) {
             Ok(0) => {}
             Ok(n) => {
                 cache.metrics().prefetched_spans.inc_by(u64::from(n));
@@ -186,48 +186,8 @@ fn work(shared: &Shared, group: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clip_index::{IndexError, RangeFetcher};
-    use std::sync::atomic::AtomicU32;
-    use std::time::{Duration, Instant};
-
-    /// An uncompressed layer blob in memory that counts requests and answers slowly.
-    struct SlowBlob {
-        bytes: Vec<u8>,
-        requests: AtomicU32,
-        delay: Duration,
-    }
-
-    impl RangeFetcher for SlowBlob {
-        fn fetch(&self, offset: u64, len: u64) -> Result<Vec<u8>, IndexError> {
-            self.requests.fetch_add(1, Ordering::SeqCst);
-            std::thread::sleep(self.delay);
-            self.bytes
-                .get(offset as usize..(offset + len) as usize)
-                .map(<[u8]>::to_vec)
-                .ok_or_else(|| IndexError::Fetch { offset, len, message: "out of range".into() })
-        }
-    }
-
-    /// A tar of `files` files of 64 KiB each, indexed with 64 KiB spans.
-    fn layer(files: usize, delay: Duration) -> (Arc<clip_index::Index>, Arc<SlowBlob>) {
-        let mut b = tar::Builder::new(Vec::new());
-        for n in 0..files {
-            let data = vec![(n % 251) as u8; 64 << 10];
-            let mut h = tar::Header::new_gnu();
-            h.set_size(data.len() as u64);
-            h.set_mode(0o644);
-            h.set_uid(0);
-            h.set_gid(0);
-            h.set_mtime(0);
-            h.set_entry_type(tar::EntryType::Regular);
-            h.set_cksum();
-            b.append_data(&mut h, format!("f{n:03}"), data.as_slice()).expect("append");
-        }
-        let bytes = b.into_inner().expect("tar");
-        let opts = clip_index::build::BuildOptions { span_size: 64 << 10, ..Default::default() };
-        let index = clip_index::build::build_index(bytes.as_slice(), &opts).expect("index");
-        (Arc::new(index), Arc::new(SlowBlob { bytes, requests: AtomicU32::new(0), delay }))
-    }
+    use crate::testutil::{SlowBlob, layer, span_range, wait_until};
+    use std::time::Duration;
 
     fn cache(
         index: &Arc<clip_index::Index>,
@@ -238,23 +198,6 @@ mod tests {
         let observer = prefetch.and_then(Prefetcher::start).map(|p| p as Arc<dyn MissObserver>);
         let options = crate::SpanCacheOptions { observer, ..Default::default() };
         Arc::new(SpanCache::with_options(index.clone(), dir.to_path_buf(), blob.clone(), options).expect("cache"))
-    }
-
-    fn wait_until(f: impl Fn() -> bool) -> bool {
-        let until = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < until {
-            if f() {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        false
-    }
-
-    /// Uncompressed offsets of span `i`.
-    fn span_range(index: &clip_index::Index, i: u32) -> (u64, u64) {
-        let s = index.span(i).expect("span");
-        (s.uncomp_start, s.uncomp_end)
     }
 
     #[test]

@@ -23,6 +23,12 @@ pub trait MissObserver: Send + Sync {
     fn missed(&self, cache: &Arc<SpanCache>, first: u32, last: u32, file: Option<std::ops::RangeInclusive<u32>>);
 }
 
+/// Told of every container read (hits included): which spans of which layer it used. What
+/// records access profiles ([`crate::profile::Recorder`]) listens here.
+pub trait ReadObserver: Send + Sync {
+    fn read(&self, layer: &Arc<str>, spans: std::ops::RangeInclusive<u32>);
+}
+
 /// Why a read failed; the FUSE layer answers `EIO` for all of them.
 #[derive(Debug, thiserror::Error)]
 pub enum SpanError {
@@ -78,10 +84,16 @@ pub struct SpanStats {
     pub fetches: AtomicU64,
     pub cache_hits: AtomicU64,
     pub cache_misses: AtomicU64,
-    /// Of `fetched_bytes`: for container reads, for the prefetcher's guesses, for completion.
+    /// Of `fetched_bytes`: for container reads, for the prefetcher's guesses, for an access
+    /// profile's replay, for completion.
     pub foreground_bytes: AtomicU64,
     pub prefetch_bytes: AtomicU64,
+    pub profile_bytes: AtomicU64,
     pub stream_bytes: AtomicU64,
+    /// Container reads that used a span the profile replay fetched first (hits), and fetches
+    /// a container read had to make itself while this layer was replaying a profile (misses).
+    pub profile_hits: AtomicU64,
+    pub profile_misses: AtomicU64,
     /// The span of the latest read that had to fetch (completion moves there).
     pub last_miss: AtomicU32,
 }
@@ -104,6 +116,8 @@ pub enum Cause {
     Foreground,
     /// The prefetcher's guess of what is read next.
     Prefetch,
+    /// The replay of the image's access profile.
+    Profile,
     /// Background completion of the layer.
     Stream,
 }
@@ -123,6 +137,8 @@ fn carry_history(history: Option<Vec<u8>>, data: &[u8]) -> Vec<u8> {
 /// The span cache and fetcher of one layer.
 pub struct SpanCache {
     index: Arc<Index>,
+    /// The layer's digest (named in observers' calls without formatting it each time).
+    layer: Arc<str>,
     dir: PathBuf,
     source: Arc<dyn RangeFetcher>,
     /// Spans being fetched right now (by a reader or the prefetcher); readers of one wait for
@@ -132,6 +148,10 @@ pub struct SpanCache {
     /// Spans the prefetcher fetched that no read has used yet: the first read of one tells
     /// the prefetcher its guess was right, and to go on.
     speculative: Mutex<HashSet<u32>>,
+    /// Spans a profile replay fetched that no read has used yet (profile hits).
+    replayed: Mutex<HashSet<u32>>,
+    /// Whether a profile replay was ever asked of this layer (its misses count).
+    replaying: std::sync::atomic::AtomicBool,
     stats: SpanStats,
     metrics: LayerMetrics,
     readahead_spans: u32,
@@ -139,6 +159,7 @@ pub struct SpanCache {
     windows: Option<Arc<dyn RangeFetcher>>,
     budget: Option<Arc<CacheBudget>>,
     observer: Option<Arc<dyn MissObserver>>,
+    reads: Option<Arc<dyn ReadObserver>>,
 }
 
 /// How one layer's span cache is wired into the daemon; the default is a cache on its own.
@@ -156,6 +177,8 @@ pub struct SpanCacheOptions {
     pub budget: Option<Arc<CacheBudget>>,
     /// Told where reads miss, to fetch ahead (`None`: no speculation).
     pub observer: Option<Arc<dyn MissObserver>>,
+    /// Told of every container read (`None`: nobody records).
+    pub reads: Option<Arc<dyn ReadObserver>>,
 }
 
 impl std::fmt::Debug for SpanCacheOptions {
@@ -203,12 +226,15 @@ impl SpanCache {
         fs::create_dir_all(&dir)?;
         options.metrics.spans_total.set(i64::from(index.span_count()));
         Ok(Self {
+            layer: index.layer_digest().into(),
             index,
             dir,
             source,
             inflight: Mutex::new(HashSet::new()),
             landed: Condvar::new(),
             speculative: Mutex::new(HashSet::new()),
+            replayed: Mutex::new(HashSet::new()),
+            replaying: std::sync::atomic::AtomicBool::new(false),
             stats: SpanStats::default(),
             metrics: options.metrics,
             readahead_spans: options.readahead_spans,
@@ -216,6 +242,7 @@ impl SpanCache {
             windows: options.windows,
             budget: options.budget,
             observer: options.observer,
+            reads: options.reads,
         })
         .inspect(|cache| {
             cache.metrics.spans_local.set(i64::from(cache.local_spans()));
@@ -246,6 +273,11 @@ impl SpanCache {
         &self.index
     }
 
+    /// The layer's digest.
+    pub fn layer(&self) -> &Arc<str> {
+        &self.layer
+    }
+
     fn span_path(&self, i: u32) -> PathBuf {
         self.dir.join(format!("{i:08}"))
     }
@@ -256,8 +288,12 @@ impl SpanCache {
     }
 
     /// Fetches the missing spans of `first..=last` that nobody fetches yet, in requests of at
-    /// most `max_group` spans (the prefetcher). Returns how many spans it fetched.
-    pub fn fetch_missing(&self, first: u32, last: u32, max_group: u32) -> Result<u32, SpanError> {
+    /// most `max_group` spans, for the prefetcher or a profile replay (`cause`). Returns how
+    /// many spans it fetched.
+    pub fn fetch_missing(&self, first: u32, last: u32, max_group: u32, cause: Cause) -> Result<u32, SpanError> {
+        if cause == Cause::Profile {
+            self.replaying.store(true, Ordering::Relaxed);
+        }
         let last = last.min(self.index.span_count().saturating_sub(1));
         let mut fetched = 0;
         let mut i = first;
@@ -273,9 +309,12 @@ impl SpanCache {
             }
             let group = self.span_infos(&claim.spans)?;
             i = claim.spans[claim.spans.len() - 1] + 1;
-            self.fetch_group(&group, Cause::Prefetch)?;
+            self.fetch_group(&group, cause)?;
             fetched += group.len() as u32;
-            self.speculative.lock().extend(claim.spans.iter().copied());
+            match cause {
+                Cause::Profile => self.replayed.lock().extend(claim.spans.iter().copied()),
+                _ => self.speculative.lock().extend(claim.spans.iter().copied()),
+            }
             drop(claim);
         }
         Ok(fetched)
@@ -395,6 +434,18 @@ impl SpanCache {
         let spans = self.index.spans_for(start, end - start).map_err(|e| SpanError::Range { start, end, source: e })?;
         let mut out = Vec::with_capacity((end - start) as usize);
         let last = *spans.end();
+        if let Some(reads) = &self.reads {
+            reads.read(&self.layer, spans.clone());
+        }
+        if self.replaying.load(Ordering::Relaxed) {
+            let mut replayed = self.replayed.lock();
+            let hits = spans.clone().filter(|i| replayed.remove(i)).count() as u64;
+            drop(replayed);
+            if hits > 0 {
+                self.stats.profile_hits.fetch_add(hits, Ordering::Relaxed);
+                self.metrics.profile_hits.inc_by(hits);
+            }
+        }
         for i in spans {
             let s = self.index.span(i).map_err(|e| SpanError::Span { span: i, source: e })?;
             let from = start.max(s.uncomp_start);
@@ -461,6 +512,10 @@ impl SpanCache {
         self.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
         self.stats.last_miss.store(s.index, Ordering::Relaxed);
         self.metrics.span_misses.inc();
+        if self.replaying.load(Ordering::Relaxed) {
+            self.stats.profile_misses.fetch_add(1, Ordering::Relaxed);
+            self.metrics.profile_misses.inc();
+        }
         let mut group = vec![s.clone()];
         for &i in &claim.spans[1..] {
             match self.index.span(i) {
@@ -580,6 +635,7 @@ impl SpanCache {
         let (stat, metric) = match cause {
             Cause::Foreground => (&self.stats.foreground_bytes, &self.metrics.foreground_bytes),
             Cause::Prefetch => (&self.stats.prefetch_bytes, &self.metrics.prefetch_bytes),
+            Cause::Profile => (&self.stats.profile_bytes, &self.metrics.profile_bytes),
             Cause::Stream => (&self.stats.stream_bytes, &self.metrics.stream_bytes),
         };
         stat.fetch_add(bytes, Ordering::Relaxed);

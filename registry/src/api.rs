@@ -382,6 +382,21 @@ impl Repository {
         Ok(())
     }
 
+    /// Pushes an artifact manifest of `artifact_type` whose `subject` is `subject` (stored under
+    /// its digest) and lists it in the tag-schema fallback index of `subject`, so that
+    /// registries without the referrers API find it too. Returns its digest.
+    pub async fn push_referrer(&self, subject: &str, artifact_type: &str, manifest: Bytes) -> Result<String> {
+        let digest = sha256_digest(&manifest);
+        let size = manifest.len() as u64;
+        self.put_manifest(&digest, OCI_MANIFEST, manifest).await?;
+        let parsed: oci_spec::image::Digest =
+            digest.parse().map_err(|e| self.bad("artifact digest", format!("{e}")))?;
+        let mut descriptor = Descriptor::new(oci_spec::image::MediaType::ImageManifest, size, parsed);
+        descriptor.set_artifact_type(Some(oci_spec::image::MediaType::Other(artifact_type.into())));
+        self.add_referrer_to_fallback_tag(subject, descriptor).await?;
+        Ok(digest)
+    }
+
     /// Runs `f` again on transient failures that happen after the response started (bodies
     /// cut short, resets mid-body), with the client's backoff.
     async fn retrying<T, F, Fut>(&self, f: F) -> Result<T>

@@ -30,9 +30,15 @@ struct LayerLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    event: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CauseLabels {
     layer: String,
-    /// `foreground` (container reads), `prefetch` (guesses after a miss), `stream` (completion).
+    /// `foreground` (container reads), `prefetch` (guesses after a miss), `profile` (access
+    /// profile replay), `stream` (completion).
     cause: &'static str,
 }
 
@@ -53,6 +59,9 @@ pub struct Metrics {
     prefetched_spans: Family<LayerLabels, Counter>,
     bytes_by_cause: Family<CauseLabels, Counter>,
     streamed_spans: Family<LayerLabels, Counter>,
+    profile_hits: Family<LayerLabels, Counter>,
+    profile_misses: Family<LayerLabels, Counter>,
+    profile_events: Family<EventLabels, Counter>,
     /// Bytes in the span caches and passthrough copies, their limit, and evicted spans.
     pub cache_bytes: prometheus_client::metrics::gauge::Gauge,
     pub cache_limit_bytes: prometheus_client::metrics::gauge::Gauge,
@@ -107,11 +116,29 @@ impl Metrics {
         let bytes_by_cause = Family::<CauseLabels, Counter>::default();
         registry.register(
             "fetched_bytes_by_cause",
-            "compressed bytes fetched, by layer and cause (foreground, prefetch, stream)",
+            "compressed bytes fetched, by layer and cause (foreground, prefetch, profile, stream)",
             bytes_by_cause.clone(),
         );
         let streamed_spans = Family::<LayerLabels, Counter>::default();
         registry.register("streamed_spans", "spans made local by background completion", streamed_spans.clone());
+        let profile_hits = Family::<LayerLabels, Counter>::default();
+        registry.register(
+            "profile_hits",
+            "container reads of spans an access profile replay fetched first",
+            profile_hits.clone(),
+        );
+        let profile_misses = Family::<LayerLabels, Counter>::default();
+        registry.register(
+            "profile_misses",
+            "fetches container reads made themselves in layers replaying an access profile",
+            profile_misses.clone(),
+        );
+        let profile_events = Family::<EventLabels, Counter>::default();
+        registry.register(
+            "profiles",
+            "access profiles found (found_local, found_registry), ignored, recorded, published, publish_failed",
+            profile_events.clone(),
+        );
         let cache_bytes = prometheus_client::metrics::gauge::Gauge::default();
         let cache_limit_bytes = prometheus_client::metrics::gauge::Gauge::default();
         let cache_evictions = Counter::default();
@@ -133,6 +160,9 @@ impl Metrics {
             prefetched_spans,
             bytes_by_cause,
             streamed_spans,
+            profile_hits,
+            profile_misses,
+            profile_events,
             cache_bytes,
             cache_limit_bytes,
             cache_evictions,
@@ -156,11 +186,20 @@ impl Metrics {
             prefetch_bytes: self.by_cause(layer_digest, "prefetch"),
             stream_bytes: self.by_cause(layer_digest, "stream"),
             streamed_spans: self.streamed_spans.get_or_create(&l).clone(),
+            profile_bytes: self.by_cause(layer_digest, "profile"),
+            profile_hits: self.profile_hits.get_or_create(&l).clone(),
+            profile_misses: self.profile_misses.get_or_create(&l).clone(),
         }
     }
 
     fn by_cause(&self, layer: &str, cause: &'static str) -> Counter {
         self.bytes_by_cause.get_or_create(&CauseLabels { layer: layer.to_string(), cause }).clone()
+    }
+
+    /// Counts an access profile event (`found_local`, `found_registry`, `ignored`, `recorded`,
+    /// `published`, `publish_failed`).
+    pub fn profile_event(&self, event: &'static str) {
+        self.profile_events.get_or_create(&EventLabels { event }).inc();
     }
 
     /// Records one finished call.

@@ -9,6 +9,7 @@ mod creds_store;
 mod discover;
 mod error;
 mod mount;
+mod profiles;
 
 pub use blob::RegistryBlob;
 pub use creds_store::CredentialStore;
@@ -74,6 +75,8 @@ pub struct RemoteLayers {
     unservable: Mutex<HashMap<u64, (String, String)>>,
     /// Connections the keeper handed back at start, by snapshot id, until reattached.
     kept: Mutex<HashMap<u64, clip_layerfs::keeper::Kept>>,
+    /// Access profiles: recorded, kept, published, replayed (`None`: off).
+    profiles: Option<Arc<profiles::ProfileBook>>,
 }
 
 impl std::fmt::Debug for RemoteLayers {
@@ -182,6 +185,7 @@ impl RemoteLayers {
         metrics.cache_limit_bytes.set(i64::try_from(cfg.lazy.cache_max_bytes).unwrap_or(i64::MAX));
         budget.scan(&cfg.root.join("spans"), &cfg.root.join("files"));
         tracing::info!(bytes = budget.used(), limit = cfg.lazy.cache_max_bytes, "span caches counted");
+        let profiles = profiles::ProfileBook::start(cfg, runtime.clone(), metrics.clone());
         let client = RegistryClient::new(hosts);
         for registry in std::fs::read_to_string(cfg.root.join(PLAIN_HTTP_FILE)).unwrap_or_default().lines() {
             client.use_plain_http(registry);
@@ -214,6 +218,7 @@ impl RemoteLayers {
             fetch_timeout: std::time::Duration::from_secs(cfg.lazy.fetch_timeout_s.max(1)),
             budget: Arc::new(budget),
             completer: completer(cfg),
+            profiles,
             kept: Mutex::new(kept),
             unservable: Mutex::new(HashMap::new()),
         })
@@ -247,6 +252,9 @@ impl RemoteLayers {
         let _ = std::fs::remove_file(&index);
         let _ = std::fs::remove_file(index.with_extension("windows"));
         self.budget.forget_layer(&spans, &files);
+        if let Some(p) = &self.profiles {
+            p.layer_gone(layer_digest);
+        }
         tracing::info!(layer = %layer_digest, "layer caches deleted");
     }
 
@@ -312,6 +320,9 @@ impl RemoteLayers {
         }
         let repo = self.repository(&req.image_ref)?;
         let (index, windows) = self.find_index(&repo, req)?;
+        if let Some(p) = &self.profiles {
+            p.image_opened(&repo, req);
+        }
         Ok(self.opened(repo, index, windows, &req.layer_digest))
     }
 

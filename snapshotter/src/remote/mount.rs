@@ -8,7 +8,7 @@ use clip_config::SnapshotterConfig;
 use clip_layerfs::keeper::{KeeperClient, Kept};
 use clip_layerfs::session_state::SessionState;
 use clip_layerfs::{self as layerfs, LayerFs};
-use clip_readpath::{MissObserver, RangeFetcher, SpanCache, SpanCacheOptions};
+use clip_readpath::{MissObserver, RangeFetcher, ReadObserver, SpanCache, SpanCacheOptions};
 use std::collections::HashMap;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
@@ -140,6 +140,7 @@ impl RemoteLayers {
             windows: layer.windows.map(|w| Arc::new(w) as Arc<dyn RangeFetcher>),
             budget: Some(self.budget.clone()),
             observer: self.prefetcher.clone().map(|p| p as Arc<dyn MissObserver>),
+            reads: self.profiles.clone().map(|p| p as Arc<dyn ReadObserver>),
         };
         let spans =
             SpanCache::with_options(layer.index, self.span_dir(&layer.layer_digest), Arc::new(layer.source), options)
@@ -159,6 +160,9 @@ impl RemoteLayers {
         let mounted = Mounted { session: Some(session), dir: dir.to_path_buf(), spans };
         if let Some(c) = &self.completer {
             c.add(&mounted.spans);
+        }
+        if let Some(p) = &self.profiles {
+            p.layer_mounted(&mounted.spans);
         }
         let old = self.mounts.lock().insert(id, mounted);
         drop(old);

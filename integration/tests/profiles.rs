@@ -1,0 +1,164 @@
+//! Access profiles end to end: the first lazy start of an image records which spans it read
+//! and publishes the profile to the registry; a cold node finds it there and fetches those
+//! spans first (bytes by cause `profile`); a corrupt or foreign profile is ignored with a log
+//! line and the start goes on without it.
+
+use anyhow::Result;
+use bytes::Bytes;
+use clip_config::SnapshotterConfig;
+use clip_integration::bed::{IndexedImage, hosts_stack, lazy_config};
+use clip_integration::containerd::Containerd;
+use clip_integration::images::TestImage;
+use clip_integration::metrics::{scrape, sum};
+use clip_integration::snapshotter::{ClipSnapshotter, workspace_binary};
+use clip_integration::{TestDir, require_root, run, wait_until};
+use clip_registry::credentials::CredentialChain;
+use clip_registry::{HostsConfig, Platform, Reference, RegistryClient};
+use std::process::Command;
+use std::time::Duration;
+
+const NUMPY: &[&str] = &["python3", "-c", "import numpy; print(numpy.__version__, 'ok')"];
+
+/// On-demand fetching only (so the bytes by cause are the start's and the profile's), with a
+/// metrics endpoint and a short quiet period.
+fn config(port: u16) -> SnapshotterConfig {
+    let mut c = lazy_config(false);
+    c.metrics_address = format!("127.0.0.1:{port}");
+    c.lazy.profile_quiet_ms = 1000;
+    c
+}
+
+/// A node: snapshotter and containerd on `image`'s registry, with its metrics port.
+fn node(td: &TestDir, image: &IndexedImage) -> Result<(ClipSnapshotter, Containerd, u16)> {
+    let port = clip_integration::free_port()?;
+    let (snap, ctrd) = hosts_stack(td, &image.registry, config(port))?;
+    Ok((snap, ctrd, port))
+}
+
+/// `clip-snapshotter pull`, then `cmd` in a container of the image.
+fn start(ctrd: &Containerd, reference: &str, name: &str, cmd: &[&str]) -> Result<String> {
+    run(Command::new(workspace_binary("clip-snapshotter")?)
+        .args(["pull", "-n", "t", "--containerd-address"])
+        .arg(ctrd.socket())
+        .arg(reference))?;
+    let mut args = vec!["run", "--rm", "--snapshotter", "clip", reference, name];
+    args.extend_from_slice(cmd);
+    Ok(String::from_utf8_lossy(&ctrd.ctr_run("t", &args)?.stdout).into_owned())
+}
+
+fn profile_bytes(m: &str) -> u64 {
+    sum(m, "clip_snapshotter_fetched_bytes_by_cause_total{", &["cause=\"profile\""])
+}
+
+fn event(m: &str, name: &str) -> u64 {
+    sum(m, "clip_snapshotter_profiles_total{", &[&format!("event=\"{name}\"")])
+}
+
+#[test]
+fn a_profile_recorded_on_one_node_is_published_found_on_a_cold_node_and_used() -> Result<()> {
+    require_root();
+    let td = TestDir::new("profiles")?;
+    let image = IndexedImage::plain(&td, TestImage::Python, "testbed/python")?;
+
+    // Node A: the first start ever records the profile and publishes it.
+    let (snap_a, ctrd_a, port_a) = node(&td, &image)?;
+    let out = start(&ctrd_a, &image.reference, "p1", NUMPY)?;
+    assert!(out.trim().ends_with("ok"), "{out}");
+    let published = wait_until(Duration::from_secs(30), || event(&scrape(port_a), "published") == 1);
+    let m = scrape(port_a);
+    assert!(published, "no profile published:\n{m}\n{}", snap_a.log());
+    assert_eq!(event(&m, "recorded"), 1, "{m}");
+    assert_eq!(profile_bytes(&m), 0, "node A had no profile to replay: {m}");
+    let kept = std::fs::read_dir(snap_a.root().join("profiles"))?.collect::<std::io::Result<Vec<_>>>()?;
+    assert_eq!(kept.len(), 1, "one profile kept under the root");
+    let profile: serde_json::Value = serde_json::from_slice(&std::fs::read(kept[0].path())?)?;
+    let reads = profile["reads"].as_array().map_or(0, Vec::len);
+    assert!(reads > 10, "the profile holds {reads} reads: {profile}");
+    ctrd_a.purge()?;
+    drop((ctrd_a, snap_a));
+
+    // The registry lists it as a referrer of the image manifest.
+    let referrers = rt().block_on(async {
+        let client = RegistryClient::new(HostsConfig { dir: None, plain_http: true });
+        let repo = client.repository(&Reference::parse(&image.reference)?, CredentialChain::anonymous())?;
+        let (manifest, _) = repo.get_image_manifest("latest", &Platform::default()).await?;
+        anyhow::Ok(repo.referrers(&manifest.digest, Some(clip_index::profile::PROFILE_ARTIFACT_TYPE)).await?)
+    })?;
+    assert_eq!(referrers.len(), 1, "{referrers:?}");
+
+    // Node B, cold: finds the profile in the registry and fetches its spans first.
+    let td_b = TestDir::new("profiles-b")?;
+    let (snap_b, ctrd_b, port_b) = node(&td_b, &image)?;
+    let before = image.registry.blob_bytes_served();
+    let out = start(&ctrd_b, &image.reference, "p2", NUMPY)?;
+    assert!(out.trim().ends_with("ok"), "{out}");
+    let m = scrape(port_b);
+    let fetched = image.registry.blob_bytes_served() - before;
+    let (profiled, hits) = (profile_bytes(&m), sum(&m, "clip_snapshotter_profile_hits_total{", &[]));
+    let foreground = sum(&m, "clip_snapshotter_fetched_bytes_by_cause_total{", &["cause=\"foreground\""]);
+    eprintln!(
+        "cold node with the profile: {fetched} bytes from the registry, {profiled} by the profile, {foreground} by the container's own misses; {hits} reads hit profiled spans"
+    );
+    assert_eq!(event(&m, "found_registry"), 1, "{m}\n{}", snap_b.log());
+    assert!(profiled > 0 && hits > 0, "the profile was not used:\n{m}");
+    assert!(profiled > foreground, "the profile brought less than the misses: {profiled} vs {foreground}\n{m}");
+    assert_eq!(event(&m, "recorded"), 0, "a node that found a profile records none: {m}");
+    ctrd_b.purge()?;
+    Ok(())
+}
+
+/// Publishes `blob` as a profile artifact of `reference`'s manifest, as if for `subject`.
+fn push_profile(reference: &str, blob: Vec<u8>, subject_of: Option<&str>) -> Result<()> {
+    rt().block_on(async {
+        let client = RegistryClient::new(HostsConfig { dir: None, plain_http: true });
+        let repo = client.repository(&Reference::parse(reference)?, CredentialChain::anonymous())?.for_push();
+        let (manifest, _) = repo.get_image_manifest("latest", &Platform::default()).await?;
+        let subject = clip_index::profile::Subject {
+            digest: subject_of.map_or(manifest.digest.clone(), str::to_string),
+            media_type: manifest.media_type.clone(),
+            size: manifest.bytes.len() as u64,
+        };
+        let size = blob.len() as u64;
+        let blob = repo.push_blob(Bytes::from(blob)).await?;
+        let config = repo.push_blob(Bytes::from_static(b"{}")).await?;
+        let bytes = clip_index::profile::profile_manifest(&subject, &config, &blob, size)?;
+        // Listed under the real image whatever subject the artifact names.
+        repo.push_referrer(&manifest.digest, clip_index::profile::PROFILE_ARTIFACT_TYPE, Bytes::from(bytes)).await?;
+        anyhow::Ok(())
+    })
+}
+
+#[test]
+fn a_corrupt_or_foreign_profile_is_ignored_with_a_log_line() -> Result<()> {
+    require_root();
+    let td = TestDir::new("profiles-bad")?;
+    let image = IndexedImage::plain(&td, TestImage::Python, "testbed/python")?;
+    let other = format!("sha256:{}", "ab".repeat(32));
+    // Newest last: garbage, then a well-formed profile of another image, then an artifact
+    // that claims another subject.
+    push_profile(&image.reference, b"{\"schemaVersion\": 1, \"reads\": [[0".to_vec(), None)?;
+    let foreign = clip_index::profile::AccessProfile::from_reads(&other, [(other.as_str(), 0)], 1);
+    push_profile(&image.reference, foreign.to_json(), None)?;
+    push_profile(&image.reference, foreign.to_json(), Some(&other))?;
+
+    let (snap, ctrd, port) = node(&td, &image)?;
+    let out = start(&ctrd, &image.reference, "b1", NUMPY)?;
+    assert!(out.trim().ends_with("ok"), "{out}");
+    let recorded = wait_until(Duration::from_secs(30), || event(&scrape(port), "recorded") == 1);
+    let m = scrape(port);
+    let log = snap.log();
+    assert!(recorded, "without a usable profile the start records its own:\n{m}\n{log}");
+    assert_eq!(event(&m, "ignored"), 3, "{m}\n{log}");
+    assert_eq!(event(&m, "found_registry"), 0, "{m}");
+    assert_eq!(profile_bytes(&m), 0, "{m}");
+    let ignored = log.lines().filter(|l| l.contains("access profile ignored")).count();
+    assert_eq!(ignored, 3, "one log line per ignored profile:\n{log}");
+    assert!(log.contains("the access profile is for image"), "{log}");
+    assert!(log.contains("not an access profile"), "{log}");
+    ctrd.purge()?;
+    Ok(())
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
+}

@@ -1,0 +1,407 @@
+//! Access profiles of images (format: [`clip_index::profile`]; recording and replay:
+//! [`clip_readpath::profile`]). For each image whose layers are served lazily, the book looks
+//! its profile up (the profile store under the root, then the referrers of the image manifest in
+//! its registry) while a recorder notes what the start reads. A profile found is replayed into
+//! every layer of the image that is or gets mounted, and the recording is dropped; without one,
+//! the recording, once reads go quiet, is kept and published to the image's registry (an
+//! artifact referring to the image manifest, with the image's own credentials, where they may
+//! push). A corrupt, foreign or unreachable profile is logged and ignored.
+
+use crate::labels::RemoteRequest;
+use bytes::Bytes;
+use clip_config::SnapshotterConfig;
+use clip_index::artifact::EMPTY_CONFIG;
+use clip_index::profile::{
+    AccessProfile, MAX_PROFILE_BYTES, PROFILE_ARTIFACT_TYPE, ProfileError, Subject, profile_blob, profile_manifest,
+};
+use clip_readpath::{ReadObserver, Recorder, Recording, ReplayPolicy, Replayer, SpanCache};
+use clip_registry::{Platform, RegistryError, Repository};
+use parking_lot::Mutex;
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+/// A recorder that saw no read for this long after its image's first Prepare is dropped.
+const IDLE_LIMIT: Duration = Duration::from_secs(600);
+/// How often recordings are checked for their end.
+const TICK: Duration = Duration::from_millis(200);
+/// Spans between two profiled ones fetched in the same request.
+const GAP_SPANS: u32 = 2;
+
+#[derive(Debug, thiserror::Error)]
+enum PublishError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Profile(#[from] ProfileError),
+}
+
+enum Lookup {
+    Pending,
+    Found(Arc<AccessProfile>),
+    Absent,
+}
+
+struct ImageState {
+    subject: Option<Subject>,
+    /// The image's layers (those prepared so far, then the manifest's).
+    layers: HashSet<String>,
+    recorder: Option<Arc<Recorder>>,
+    lookup: Lookup,
+    /// Layers whose part of the profile is queued already.
+    replayed: HashSet<String>,
+    created: Instant,
+}
+
+struct ImageProfile {
+    image_ref: String,
+    repo: Arc<Repository>,
+    state: Mutex<ImageState>,
+}
+
+/// What the daemon knows of the access profiles of the images it serves.
+pub(crate) struct ProfileBook {
+    dir: PathBuf,
+    publish: bool,
+    quiet: Duration,
+    limit: Duration,
+    replayer: Option<Replayer>,
+    runtime: tokio::runtime::Handle,
+    images: Mutex<HashMap<String, Arc<ImageProfile>>>,
+    /// Recorders running (reads skip the book when none is).
+    recording: AtomicUsize,
+    /// Mounted layers' span caches, by layer digest.
+    caches: Mutex<HashMap<String, Weak<SpanCache>>>,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl std::fmt::Debug for ProfileBook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ProfileBook({})", self.dir.display())
+    }
+}
+
+/// Parses a profile blob and checks it belongs to the image `digest` with `layers`.
+fn parse_for(bytes: &[u8], digest: &str, layers: &HashSet<String>) -> Result<AccessProfile, ProfileError> {
+    let p = AccessProfile::parse(bytes)?;
+    p.check_image(digest)?;
+    if let Some(l) = p.layers.iter().find(|l| !layers.contains(*l)) {
+        return Err(ProfileError::Invalid(format!("it names layer {l}, which the image does not have")));
+    }
+    Ok(p)
+}
+
+impl ProfileBook {
+    /// The book `[lazy]` asks for (`None`: profiles off), with its recording clock running.
+    pub(crate) fn start(
+        cfg: &SnapshotterConfig,
+        runtime: tokio::runtime::Handle,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Option<Arc<Self>> {
+        if !cfg.lazy.profiles {
+            tracing::info!("access profiles are off");
+            return None;
+        }
+        let book = Arc::new(Self {
+            dir: cfg.root.join("profiles"),
+            publish: cfg.lazy.publish_profiles,
+            quiet: Duration::from_millis(cfg.lazy.profile_quiet_ms.max(1)),
+            limit: Duration::from_secs(cfg.lazy.profile_limit_s.max(1)),
+            replayer: Replayer::start(ReplayPolicy {
+                threads: cfg.lazy.profile_threads,
+                gap_spans: GAP_SPANS,
+                request_bytes: cfg.lazy.profile_request_bytes.max(1),
+            }),
+            runtime,
+            images: Mutex::new(HashMap::new()),
+            recording: AtomicUsize::new(0),
+            caches: Mutex::new(HashMap::new()),
+            metrics,
+        });
+        let weak = Arc::downgrade(&book);
+        let clock = std::thread::Builder::new().name("clip-profiles".into()).spawn(move || {
+            while let Some(book) = weak.upgrade() {
+                book.tick();
+                drop(book);
+                std::thread::sleep(TICK);
+            }
+        });
+        if let Err(e) = clock {
+            tracing::error!(error = %e, "cannot start the profile clock; profiles will not be recorded");
+        }
+        Some(book)
+    }
+
+    fn path(&self, manifest_digest: &str) -> PathBuf {
+        self.dir.join(format!("{}.json", manifest_digest.replace(':', "-")))
+    }
+
+    /// A layer of `req`'s image was opened for a lazy Prepare: the first one starts the
+    /// image's recording and its profile lookup.
+    pub(crate) fn image_opened(self: &Arc<Self>, repo: &Arc<Repository>, req: &RemoteRequest) {
+        let mut images = self.images.lock();
+        if let Some(img) = images.get(&req.image_ref) {
+            img.state.lock().layers.insert(req.layer_digest.clone());
+            return;
+        }
+        let img = Arc::new(ImageProfile {
+            image_ref: req.image_ref.clone(),
+            repo: repo.clone(),
+            state: Mutex::new(ImageState {
+                subject: None,
+                layers: HashSet::from([req.layer_digest.clone()]),
+                recorder: Some(Arc::new(Recorder::default())),
+                lookup: Lookup::Pending,
+                replayed: HashSet::new(),
+                created: Instant::now(),
+            }),
+        });
+        self.recording.fetch_add(1, Ordering::Relaxed);
+        images.insert(req.image_ref.clone(), img.clone());
+        drop(images);
+        let reference = req.manifest_digest.clone().unwrap_or_else(|| repo.image.manifest_reference().to_string());
+        let book = self.clone();
+        self.runtime.spawn(async move { book.look_up(img, reference).await });
+    }
+
+    /// Stops `st`'s recording, if one runs.
+    fn stop_recording(&self, st: &mut ImageState) -> Option<Arc<Recorder>> {
+        let r = st.recorder.take();
+        if r.is_some() {
+            self.recording.fetch_sub(1, Ordering::Relaxed);
+        }
+        r
+    }
+
+    async fn look_up(self: Arc<Self>, img: Arc<ImageProfile>, reference: String) {
+        let (fetched, manifest) = match img.repo.get_image_manifest(&reference, &Platform::default()).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(image = %img.image_ref, error = %e, "cannot resolve the image manifest; no access profile is used or recorded");
+                let mut st = img.state.lock();
+                self.stop_recording(&mut st);
+                st.lookup = Lookup::Absent;
+                return;
+            }
+        };
+        let digest = fetched.digest.clone();
+        let layers: HashSet<String> = {
+            let mut st = img.state.lock();
+            st.subject = Some(Subject {
+                digest: digest.clone(),
+                media_type: fetched.media_type.clone(),
+                size: fetched.bytes.len() as u64,
+            });
+            st.layers.extend(manifest.layers().iter().map(|l| l.digest().to_string()));
+            st.layers.clone()
+        };
+        let found = self.find(&img, &digest, &layers).await;
+        let mut st = img.state.lock();
+        match found {
+            Some(profile) => {
+                self.stop_recording(&mut st);
+                let profile = Arc::new(profile);
+                st.lookup = Lookup::Found(profile.clone());
+                let caches: Vec<Arc<SpanCache>> = {
+                    let caches = self.caches.lock();
+                    st.layers.iter().filter_map(|l| caches.get(l)?.upgrade()).collect()
+                };
+                for cache in caches {
+                    self.replay_layer(&img.image_ref, &mut st, &profile, &cache);
+                }
+            }
+            None => st.lookup = Lookup::Absent,
+        }
+    }
+
+    /// The image's profile: the stored one, else the newest usable one its registry lists.
+    async fn find(&self, img: &ImageProfile, digest: &str, layers: &HashSet<String>) -> Option<AccessProfile> {
+        let path = self.path(digest);
+        match tokio::fs::read(&path).await {
+            Ok(bytes) => match parse_for(&bytes, digest, layers) {
+                Ok(p) => {
+                    self.metrics.profile_event("found_local");
+                    tracing::info!(image = %img.image_ref, reads = p.reads.len(), "access profile found in the profile store");
+                    return Some(p);
+                }
+                Err(e) => {
+                    self.metrics.profile_event("ignored");
+                    tracing::warn!(image = %img.image_ref, path = %path.display(), error = %e, "stored access profile ignored and deleted");
+                    let _ = tokio::fs::remove_file(&path).await;
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot read a stored access profile"),
+        }
+        let listed = match img.repo.referrers(digest, Some(PROFILE_ARTIFACT_TYPE)).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::debug!(image = %img.image_ref, error = %e, "cannot list access profiles");
+                return None;
+            }
+        };
+        for d in listed.iter().rev() {
+            let artifact = d.digest().to_string();
+            match self.fetch(&img.repo, &artifact, digest, layers).await {
+                Ok((p, bytes)) => {
+                    self.metrics.profile_event("found_registry");
+                    tracing::info!(image = %img.image_ref, %artifact, reads = p.reads.len(), "access profile found in the registry");
+                    if let Err(e) = self.store(&path, &bytes) {
+                        tracing::warn!(path = %path.display(), error = %e, "cannot keep the access profile");
+                    }
+                    return Some(p);
+                }
+                Err(e) => {
+                    self.metrics.profile_event("ignored");
+                    tracing::warn!(image = %img.image_ref, %artifact, error = %e, "access profile ignored");
+                }
+            }
+        }
+        None
+    }
+
+    async fn fetch(
+        &self,
+        repo: &Repository,
+        artifact: &str,
+        digest: &str,
+        layers: &HashSet<String>,
+    ) -> Result<(AccessProfile, Bytes), PublishError> {
+        let manifest = repo.get_manifest(artifact).await?;
+        let blob = profile_blob(&manifest.bytes, digest)?;
+        let bytes = repo.get_blob(&blob, MAX_PROFILE_BYTES).await?;
+        Ok((parse_for(&bytes, digest, layers)?, bytes))
+    }
+
+    fn store(&self, path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        clip_fsutil::atomic_write(path, bytes, 0o644, clip_fsutil::Durability::Durable)
+    }
+
+    /// Queues the replay of `cache`'s layer's part of `profile`, once.
+    fn replay_layer(&self, image: &str, st: &mut ImageState, profile: &AccessProfile, cache: &Arc<SpanCache>) {
+        let Some(replayer) = &self.replayer else { return };
+        if !st.replayed.insert(cache.layer().to_string()) {
+            return;
+        }
+        let reads = profile.reads_of(cache.layer());
+        if reads.is_empty() {
+            return;
+        }
+        let (requests, foreign) = replayer.replay(cache, &reads);
+        if foreign > 0 {
+            tracing::warn!(%image, layer = %cache.layer(), foreign, "the access profile names spans this layer's index lacks; skipped");
+        }
+        tracing::info!(%image, layer = %cache.layer(), spans = reads.len(), requests, "replaying the access profile");
+    }
+
+    /// A layer was mounted (or served again): its part of any profile found is replayed.
+    pub(crate) fn layer_mounted(&self, cache: &Arc<SpanCache>) {
+        let layer = cache.layer().to_string();
+        self.caches.lock().insert(layer.clone(), Arc::downgrade(cache));
+        let images: Vec<Arc<ImageProfile>> = self.images.lock().values().cloned().collect();
+        for img in images {
+            let mut st = img.state.lock();
+            if let Lookup::Found(p) = &st.lookup
+                && st.layers.contains(&layer)
+            {
+                let p = p.clone();
+                self.replay_layer(&img.image_ref, &mut st, &p, cache);
+            }
+        }
+    }
+
+    /// A layer's caches were deleted: a later mount of it replays again.
+    pub(crate) fn layer_gone(&self, layer: &str) {
+        self.caches.lock().remove(layer);
+        for img in self.images.lock().values() {
+            img.state.lock().replayed.remove(layer);
+        }
+    }
+
+    /// Ends the recordings whose reads went quiet: kept and published when the image had no
+    /// profile.
+    fn tick(self: &Arc<Self>) {
+        if self.recording.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let images: Vec<Arc<ImageProfile>> = self.images.lock().values().cloned().collect();
+        for img in images {
+            let mut st = img.state.lock();
+            let Some(recorder) = st.recorder.clone() else { continue };
+            match recorder.status(now, self.quiet, self.limit) {
+                Recording::Waiting if now.duration_since(st.created) > IDLE_LIMIT => {
+                    self.stop_recording(&mut st);
+                }
+                Recording::Done if matches!(st.lookup, Lookup::Absent) => {
+                    self.stop_recording(&mut st);
+                    let Some(subject) = st.subject.clone() else { continue };
+                    let (reads, took) = recorder.reads();
+                    let reads = reads.iter().filter(|(l, _)| st.layers.contains(&**l)).map(|(l, s)| (&**l, *s));
+                    let profile = AccessProfile::from_reads(&subject.digest, reads, took.as_millis() as u64);
+                    if profile.reads.is_empty() {
+                        continue;
+                    }
+                    st.lookup = Lookup::Found(Arc::new(profile.clone()));
+                    drop(st);
+                    self.recorded(&img, subject, &profile);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn recorded(self: &Arc<Self>, img: &Arc<ImageProfile>, subject: Subject, profile: &AccessProfile) {
+        self.metrics.profile_event("recorded");
+        tracing::info!(image = %img.image_ref, reads = profile.reads.len(), layers = profile.layers.len(), ms = profile.recorded_ms, "access profile recorded");
+        let bytes = profile.to_json();
+        let path = self.path(&subject.digest);
+        if let Err(e) = self.store(&path, &bytes) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot keep the access profile");
+        }
+        if !self.publish {
+            return;
+        }
+        let (book, img) = (self.clone(), img.clone());
+        self.runtime.spawn(async move {
+            match publish(&img.repo, &subject, bytes).await {
+                Ok(artifact) => {
+                    book.metrics.profile_event("published");
+                    tracing::info!(image = %img.image_ref, %artifact, "access profile published");
+                }
+                Err(e) => {
+                    book.metrics.profile_event("publish_failed");
+                    tracing::info!(image = %img.image_ref, error = %e, "access profile not published (it is kept on this node)");
+                }
+            }
+        });
+    }
+}
+
+/// Pushes a profile blob and its artifact manifest referring to `subject`.
+async fn publish(repo: &Repository, subject: &Subject, blob: Vec<u8>) -> Result<String, PublishError> {
+    let size = blob.len() as u64;
+    let blob_digest = repo.push_blob(Bytes::from(blob)).await?;
+    let config = repo.push_blob(Bytes::from_static(EMPTY_CONFIG)).await?;
+    let manifest = profile_manifest(subject, &config, &blob_digest, size)?;
+    Ok(repo.push_referrer(&subject.digest, PROFILE_ARTIFACT_TYPE, Bytes::from(manifest)).await?)
+}
+
+impl ReadObserver for ProfileBook {
+    fn read(&self, layer: &Arc<str>, spans: std::ops::RangeInclusive<u32>) {
+        if self.recording.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        for img in self.images.lock().values() {
+            let st = img.state.lock();
+            if let Some(r) = &st.recorder
+                && st.layers.contains(&**layer)
+            {
+                r.note(layer, spans.clone());
+            }
+        }
+    }
+}
