@@ -1,13 +1,16 @@
 //! Cold-start benchmark: time from "pull" to the workload's exit, and the bytes and requests the
 //! registry served by then, for containerd's overlayfs (full pull), clip (`clip-snapshotter
-//! pull` + `ctr run`), clip through CRI (PullImage + pod + container), and the stargz snapshotter
+//! pull` + `ctr run`; first start ever, no access profile in the registry), clip with the access
+//! profile a first node recorded and published (`clip-profile`: the first node's run is not
+//! timed, every timed run is a cold node that finds the profile in the registry), clip through
+//! CRI (PullImage + pod + container, no profile), and the stargz snapshotter
 //! on eStargz images when `containerd-stargz-grpc` is installed; on loopback and on a 100 Mbit/s,
 //! 20 ms link (a network namespace with `tc tbf` plus a delaying proxy). Every run starts cold:
 //! all namespaces purged, the snapshotter's state wiped, page cache dropped, daemons restarted.
 //! Also: warm read throughput, a metadata walk, and the snapshotter's memory.
 //!
 //! Run (release build, root): `cargo bench -p clip-integration --bench cold_start -- [--reps N]
-//! [--links loopback,slow] [--images busybox,python] [--modes overlayfs,clip,clip-cri]
+//! [--links loopback,slow] [--images busybox,python] [--modes overlayfs,clip,clip-profile,clip-cri]
 //! [--out docs/benchmarks]`. Writes `cold-start.csv`, `cold-start.md` and, with
 //! python3-matplotlib, `cold-start.png` into the output directory.
 
@@ -44,7 +47,7 @@ fn parse_opts() -> Result<Opts> {
         reps: 3,
         links: vec!["loopback".into(), "slow".into()],
         images: vec!["busybox".into(), "python".into()],
-        modes: vec!["overlayfs".into(), "clip".into(), "clip-cri".into()],
+        modes: vec!["overlayfs".into(), "clip".into(), "clip-profile".into(), "clip-cri".into()],
         workloads: vec!["print".into(), "numpy".into(), "fullread".into()],
         skip: Vec::new(),
         out: Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks"),
@@ -78,7 +81,12 @@ struct Sample {
     seconds: f64,
     bytes: u64,
     requests: usize,
+    /// clip modes: compressed bytes the snapshotter fetched by cause (foreground, prefetch,
+    /// profile, stream), from its metrics.
+    causes: [u64; 4],
 }
+
+const CAUSES: [&str; 4] = ["foreground", "prefetch", "profile", "stream"];
 
 /// A registry as the benchmark reaches it (directly, or through the slow link's proxy).
 struct Site {
@@ -100,6 +108,43 @@ impl Site {
     fn served(&self) -> (u64, usize) {
         let log = self.registry.access_log();
         (log.iter().filter(|e| e.path.contains("/blobs/")).map(|e| e.bytes).sum(), log.len())
+    }
+
+    /// A registry session for `image` (plain HTTP, anonymous), with push access.
+    fn repository(&self, image: &str) -> Result<clip_registry::Repository> {
+        use clip_registry::{HostsConfig, Reference, RegistryClient, credentials::CredentialChain};
+        let client = RegistryClient::new(HostsConfig { dir: None, plain_http: true });
+        Ok(client.repository(&Reference::parse(&self.reference(image))?, CredentialChain::anonymous())?.for_push())
+    }
+
+    /// The access profiles published for `image`'s manifest.
+    async fn profiles(&self, image: &str) -> Result<(clip_registry::Repository, String, usize)> {
+        let repo = self.repository(image)?;
+        let (manifest, _) = repo.get_image_manifest("latest", &clip_registry::Platform::default()).await?;
+        let listed = repo.referrers(&manifest.digest, Some(clip_index::profile::PROFILE_ARTIFACT_TYPE)).await?;
+        Ok((repo, manifest.digest, listed.len()))
+    }
+
+    /// Takes `image`'s access profiles off the registry's referrers: the next start is a
+    /// first start ever.
+    fn unlist_profiles(&self, rt: &tokio::runtime::Runtime, image: &str) -> Result<()> {
+        rt.block_on(async {
+            let (repo, digest, _) = self.profiles(image).await?;
+            repo.unlist_referrers(&digest, clip_index::profile::PROFILE_ARTIFACT_TYPE).await?;
+            anyhow::Ok(())
+        })
+    }
+
+    /// Waits until a profile of `image` is published.
+    fn wait_for_profile(&self, rt: &tokio::runtime::Runtime, image: &str) -> Result<()> {
+        let until = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < until {
+            if rt.block_on(self.profiles(image))?.2 > 0 {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        bail!("no access profile of {image} was published within 60 s")
     }
 }
 
@@ -182,6 +227,8 @@ struct Bench {
     hosts: PathBuf,
     rt: tokio::runtime::Runtime,
     pause: String,
+    /// The snapshotter's metrics endpoint.
+    metrics_port: u16,
 }
 
 fn drop_caches() {
@@ -231,7 +278,7 @@ impl Bench {
                     .arg(&self.hosts)
                     .args(["--snapshotter", "overlayfs", reference]))?;
             }
-            "clip" => {
+            "clip" | "clip-profile" => {
                 run(Command::new(workspace_binary("clip-snapshotter")?)
                     .args(["pull", "--plain-http", "-n", NS, "--containerd-address"])
                     .arg(self.ctrd.socket())
@@ -277,6 +324,18 @@ impl Bench {
         })
     }
 
+    /// The snapshotter's fetched bytes by cause since it started (it restarts for every run).
+    fn causes(&self) -> [u64; 4] {
+        let m = clip_integration::metrics::scrape(self.metrics_port);
+        CAUSES.map(|c| {
+            clip_integration::metrics::sum(
+                &m,
+                "clip_snapshotter_fetched_bytes_by_cause_total{",
+                &[&format!("cause=\"{c}\"")],
+            )
+        })
+    }
+
     fn measure(&mut self, site: &Site, mode: &str, image: &str, cmd: &[&str]) -> Result<(f64, u64, usize)> {
         self.cold()?;
         if mode == "clip-cri" {
@@ -294,7 +353,7 @@ impl Bench {
             m => {
                 self.pull(m, &reference)?;
                 let snapshotter = match m {
-                    "clip" => "clip",
+                    "clip" | "clip-profile" => "clip",
                     "estargz" | "estargz-opt" => "stargz",
                     _ => "overlayfs",
                 };
@@ -406,7 +465,14 @@ fn main() -> Result<()> {
     let config = td.path().join("snapshotter.toml");
     // CLIP_BENCH_LAZY: extra `[lazy]` settings, e.g. "prefetch_threads = 0" (tuning runs).
     let lazy = std::env::var("CLIP_BENCH_LAZY").unwrap_or_default().replace(';', "\n");
-    std::fs::write(&config, format!("[registry]\nhosts_dir = \"{}\"\n[lazy]\n{lazy}\n", hosts.display()))?;
+    let metrics_port = clip_integration::free_port()?;
+    std::fs::write(
+        &config,
+        format!(
+            "metrics_address = \"127.0.0.1:{metrics_port}\"\n[registry]\nhosts_dir = \"{}\"\n[lazy]\n{lazy}\n",
+            hosts.display()
+        ),
+    )?;
     let config = config.display().to_string();
     let level = std::env::var("CLIP_BENCH_LOG_LEVEL").unwrap_or_else(|_| "info".into());
     let snap = ClipSnapshotter::start(&td, "clip", &["--config", &config, "--log-level", &level])?;
@@ -471,7 +537,8 @@ fn main() -> Result<()> {
         }
     }
     let opts = Opts { modes, ..opts };
-    let mut bench = Bench { stargz, stargz_hosts, td, snap, ctrd, hosts, rt: tokio::runtime::Runtime::new()?, pause };
+    let rt = tokio::runtime::Runtime::new()?;
+    let mut bench = Bench { stargz, stargz_hosts, td, snap, ctrd, hosts, rt, pause, metrics_port };
 
     let mut samples = Vec::new();
     for (link, site) in &sites {
@@ -482,13 +549,32 @@ fn main() -> Result<()> {
                 }
                 let Some(cmd) = workload(image, name) else { continue };
                 for mode in &opts.modes {
+                    if mode == "clip-profile" {
+                        // The first node: a start without a profile records one and publishes it.
+                        site.unlist_profiles(&bench.rt, image)?;
+                        let (s, b, r) = bench.measure(site, "clip", image, &cmd)?;
+                        site.wait_for_profile(&bench.rt, image)?;
+                        eprintln!(
+                            "{link:8} {image:7} {name:8} first node records the profile: {s:6.2} s {:7.1} MB {r:4} requests",
+                            b as f64 / 1e6
+                        );
+                    }
                     for rep in 0..opts.reps {
+                        if mode == "clip" || mode == "clip-cri" {
+                            site.unlist_profiles(&bench.rt, image)?;
+                        }
                         let (seconds, bytes, requests) = bench
                             .measure(site, mode, image, &cmd)
                             .with_context(|| format!("{link} {image} {name} {mode} #{rep}"))?;
+                        let causes = if mode.starts_with("clip") { bench.causes() } else { [0; 4] };
+                        let mb = |b: u64| b as f64 / 1e6;
                         eprintln!(
-                            "{link:8} {image:7} {name:8} {mode:10} #{rep}: {seconds:6.2} s {:7.1} MB {requests:4} requests",
-                            bytes as f64 / 1e6
+                            "{link:8} {image:7} {name:8} {mode:12} #{rep}: {seconds:6.2} s {:7.1} MB {requests:4} requests (by cause MB: fg {:.1} pf {:.1} profile {:.1} stream {:.1})",
+                            mb(bytes),
+                            mb(causes[0]),
+                            mb(causes[1]),
+                            mb(causes[2]),
+                            mb(causes[3])
                         );
                         samples.push(Sample {
                             link: link.clone(),
@@ -499,6 +585,7 @@ fn main() -> Result<()> {
                             seconds,
                             bytes,
                             requests,
+                            causes,
                         });
                     }
                 }
@@ -554,11 +641,14 @@ fn write_results(
     memory: &str,
     sizes: &BTreeMap<&str, u64>,
 ) -> Result<()> {
-    let mut csv = String::from("link,image,workload,mode,rep,seconds,bytes,requests\n");
+    let mut csv = String::from(
+        "link,image,workload,mode,rep,seconds,bytes,requests,foreground_bytes,prefetch_bytes,profile_bytes,stream_bytes\n",
+    );
     for s in samples {
+        let [fg, pf, pr, st] = s.causes;
         let _ = writeln!(
             csv,
-            "{},{},{},{},{},{:.3},{},{}",
+            "{},{},{},{},{},{:.3},{},{},{fg},{pf},{pr},{st}",
             s.link, s.image, s.workload, s.mode, s.rep, s.seconds, s.bytes, s.requests
         );
     }
@@ -569,7 +659,7 @@ fn write_results(
         groups.entry((s.link.clone(), s.image.clone(), s.workload.clone(), s.mode.clone())).or_default().push(s);
     }
     let mut md = String::new();
-    let _ = writeln!(md, "# Cold start: clip vs overlayfs\n");
+    let _ = writeln!(md, "# Cold start: clip vs overlayfs and eStargz\n");
     let command: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
     let sizes_text: Vec<String> = sizes.iter().map(|(k, v)| format!("{k} {:.1} MB", *v as f64 / 1e6)).collect();
     let _ = writeln!(
@@ -583,9 +673,9 @@ fn write_results(
     );
     let _ = writeln!(
         md,
-        "| link | image | workload | mode | median s | spread s (max-min) | MB served | requests | vs overlayfs |"
+        "| link | image | workload | mode | median s | spread s (max-min) | MB served | requests | vs overlayfs | clip MB by cause: container / prefetch / profile / stream |"
     );
-    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|");
     let mut medians: BTreeMap<(String, String, String, String), f64> = BTreeMap::new();
     for (k, v) in &groups {
         let mut t: Vec<f64> = v.iter().map(|s| s.seconds).collect();
@@ -599,9 +689,20 @@ fn write_results(
         let mut r: Vec<f64> = v.iter().map(|s| s.requests as f64).collect();
         let base = medians.get(&(k.0.clone(), k.1.clone(), k.2.clone(), "overlayfs".into())).copied();
         let ratio = base.map_or_else(|| "-".into(), |b| format!("{:.2}x", m / b));
+        let causes = if k.3.starts_with("clip") {
+            (0..4)
+                .map(|cause| {
+                    let mut by_cause: Vec<f64> = v.iter().map(|s| s.causes[cause] as f64 / 1e6).collect();
+                    format!("{:.1}", median(&mut by_cause))
+                })
+                .collect::<Vec<_>>()
+                .join(" / ")
+        } else {
+            "-".into()
+        };
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {m:.2} | {spread:.2} | {:.1} | {:.0} | {ratio} |",
+            "| {} | {} | {} | {} | {m:.2} | {spread:.2} | {:.1} | {:.0} | {ratio} | {causes} |",
             k.0,
             k.1,
             k.2,
@@ -627,7 +728,10 @@ fn write_results(
         "\nNotes: `clip-cri` times PullImage + RunPodSandbox + CreateContainer + StartContainer until exit, with the sandbox \
          image pulled before the clock starts; the test bed's pause image is busybox plus a layer, so busybox through CRI \
          finds its layer already served (0 MB). eStargz modes run when `containerd-stargz-grpc` is installed \
-         (`../shared/testbed/00-install.sh`); `estargz-opt` is optimized for `import numpy`.\n"
+         (`../shared/testbed/00-install.sh`); `estargz-opt` is optimized for `import numpy`. `clip` is a first start ever \
+         (no access profile in the registry); `clip-profile` a cold node of an image whose profile a first node recorded \
+         for the same workload and published (the first node's run is not timed). The by-cause bytes are the \
+         snapshotter's (`clip_snapshotter_fetched_bytes_by_cause_total`), when the workload exited.\n"
     );
     let _ = writeln!(md, "\n## Snapshotter memory\n\n{memory}\n");
     std::fs::write(opts.out.join("cold-start.md"), &md)?;

@@ -16,7 +16,8 @@ groups = defaultdict(list)
 for r in rows:
     groups[(r["link"], r["image"], r["workload"], r["mode"])].append(float(r["seconds"]))
 panels = sorted({(k[0], k[1]) for k in groups})
-modes = sorted({k[3] for k in groups}, key=lambda m: ["overlayfs", "clip", "clip-cri", "estargz", "estargz-opt"].index(m) if m in ["overlayfs", "clip", "clip-cri", "estargz", "estargz-opt"] else 9)
+ORDER = ["overlayfs", "clip", "clip-profile", "clip-cri", "estargz", "estargz-opt"]
+modes = sorted({k[3] for k in groups}, key=lambda m: ORDER.index(m) if m in ORDER else 9)
 fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
 for ax, (link, image) in zip(axes[0], panels):
     workloads = sorted({k[2] for k in groups if k[0] == link and k[1] == image}, key=["print", "numpy", "fullread"].index)

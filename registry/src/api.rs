@@ -382,6 +382,30 @@ impl Repository {
         Ok(())
     }
 
+    /// Takes the referrers of `artifact_type` off the tag-schema fallback index of `subject`
+    /// (the artifacts stay; registries without the referrers API no longer list them). Returns
+    /// how many were taken off.
+    pub async fn unlist_referrers(&self, subject: &str, artifact_type: &str) -> Result<usize> {
+        let tag = fallback_tag(subject);
+        let manifests = match self.get_manifest(&tag).await {
+            Ok(m) => serde_json::from_slice::<ImageIndex>(&m.bytes)
+                .map_err(|e| self.bad("referrers tag", e.to_string()))?
+                .manifests()
+                .clone(),
+            Err(RegistryError::NotFound { .. }) => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        let is_type = |d: &Descriptor| d.artifact_type().as_ref().is_some_and(|a| a.to_string() == artifact_type);
+        let kept: Vec<&Descriptor> = manifests.iter().filter(|d| !is_type(d)).collect();
+        let removed = manifests.len() - kept.len();
+        if removed > 0 {
+            let index = serde_json::json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": kept });
+            let bytes = serde_json::to_vec(&index).map_err(|e| self.bad("referrers tag", e.to_string()))?;
+            self.put_manifest(&tag, OCI_INDEX, Bytes::from(bytes)).await?;
+        }
+        Ok(removed)
+    }
+
     /// Pushes an artifact manifest of `artifact_type` whose `subject` is `subject` (stored under
     /// its digest) and lists it in the tag-schema fallback index of `subject`, so that
     /// registries without the referrers API find it too. Returns its digest.
