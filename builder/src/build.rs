@@ -17,6 +17,9 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
 
+/// How long `--profile-cmd` may run.
+const PROFILE_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// What to build.
 #[derive(Debug, Clone)]
 pub struct BuildRequest {
@@ -30,6 +33,8 @@ pub struct BuildRequest {
     /// Credentials of the `FROM` images' registries (other than the build registry).
     pub source_image_creds: Option<Credential>,
     pub span_size: u64,
+    /// Record and publish the access profile of this command's run in the built image.
+    pub profile_cmd: Option<String>,
 }
 
 /// What `clip-builder build` prints.
@@ -43,6 +48,8 @@ pub struct BuildReport {
     pub index_seconds: f64,
     pub index: ImageIndexed,
     pub labels: std::collections::BTreeMap<String, String>,
+    /// The access profile recorded with `--profile-cmd`.
+    pub profile: Option<crate::profile::ProfileReport>,
 }
 
 /// Registries named by the `FROM` lines of a Containerfile (for source image credentials).
@@ -273,8 +280,16 @@ pub async fn build(cfg: &BuilderConfig, req: &BuildRequest) -> Result<BuildRepor
         cache_dir: cfg.state_dir.as_ref().map(|d| d.join("indexes")),
         ..Default::default()
     };
-    let indexed = publish::index_image(repo, &digest, &platform, &opts).await?;
+    let indexed = publish::index_image(repo.clone(), &digest, &platform, &opts).await?;
     let index_seconds = started.elapsed().as_secs_f64();
+    let profile = match &req.profile_cmd {
+        Some(cmd) => Some(
+            crate::profile::record_and_publish(repo, &digest, &platform, cmd, PROFILE_LIMIT)
+                .await
+                .context("recording the access profile")?,
+        ),
+        None => None,
+    };
     drop(work); // the authfile goes with it
 
     if let Some(state) = &cfg.state_dir {
@@ -289,6 +304,7 @@ pub async fn build(cfg: &BuilderConfig, req: &BuildRequest) -> Result<BuildRepor
         index_seconds,
         labels: indexed.labels.clone(),
         index: indexed,
+        profile,
     })
 }
 

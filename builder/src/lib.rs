@@ -6,6 +6,7 @@
 
 pub mod build;
 pub mod local;
+pub mod profile;
 pub mod progress;
 pub mod publish;
 pub mod remote;

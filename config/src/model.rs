@@ -119,7 +119,7 @@ impl Default for LazyConfig {
             readahead_spans: 0,
             passthrough: false,
             prefetch_threads: 4,
-            prefetch_neighbour_spans: 1,
+            prefetch_neighbour_spans: 0,
             prefetch_file_spans: 32,
             credential_ttl_s: 12 * 3600,
             survive_restarts: true,

@@ -13,10 +13,10 @@
 //!   "layers": ["sha256:…", "sha256:…"], "reads": [[1, 40], [1, 41], [0, 3]], "recordedMs": 2140 }
 //! ```
 //! The artifact: an OCI image manifest with `artifactType` [`PROFILE_ARTIFACT_TYPE`], the empty
-//! config, one layer of [`PROFILE_MEDIA_TYPE`] (the blob above) and the image manifest as `subject`.
+//! config, one layer of [`PROFILE_MEDIA_TYPE`] (the blob above) and the image manifest as `subject`
+//! (pushed with `clip_registry::Repository::push_artifact`).
 
-use crate::artifact::{EMPTY_CONFIG, EMPTY_CONFIG_MEDIA_TYPE};
-use oci_spec::image::{Descriptor, ImageManifest, ImageManifestBuilder, MediaType};
+use oci_spec::image::ImageManifest;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
@@ -135,45 +135,6 @@ impl AccessProfile {
     }
 }
 
-fn digest_of(d: &str) -> Result<oci_spec::image::Digest, ProfileError> {
-    d.parse().map_err(|e| ProfileError::Invalid(format!("digest {d:?}: {e}")))
-}
-
-/// The image manifest a profile artifact refers to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Subject {
-    pub digest: String,
-    pub media_type: String,
-    pub size: u64,
-}
-
-/// The artifact manifest of a profile blob (`blob_digest`, `blob_size` bytes) for the image
-/// manifest `subject`, with the empty config stored as `config_digest`.
-pub fn profile_manifest(
-    subject: &Subject,
-    config_digest: &str,
-    blob_digest: &str,
-    blob_size: u64,
-) -> Result<Vec<u8>, ProfileError> {
-    let subject = Descriptor::new(subject.media_type.as_str().into(), subject.size, digest_of(&subject.digest)?);
-    let config = Descriptor::new(
-        MediaType::Other(EMPTY_CONFIG_MEDIA_TYPE.into()),
-        EMPTY_CONFIG.len() as u64,
-        digest_of(config_digest)?,
-    );
-    let layer = Descriptor::new(MediaType::Other(PROFILE_MEDIA_TYPE.into()), blob_size, digest_of(blob_digest)?);
-    let manifest = ImageManifestBuilder::default()
-        .schema_version(2u32)
-        .media_type(MediaType::ImageManifest)
-        .artifact_type(MediaType::Other(PROFILE_ARTIFACT_TYPE.into()))
-        .config(config)
-        .layers(vec![layer])
-        .subject(subject)
-        .build()
-        .map_err(|e| ProfileError::Invalid(e.to_string()))?;
-    Ok(serde_json::to_vec(&manifest)?)
-}
-
 /// The profile blob's digest in a fetched artifact manifest (anything but a profile artifact
 /// for `subject` is an error).
 pub fn profile_blob(manifest: &[u8], subject: &str) -> Result<String, ProfileError> {
@@ -233,11 +194,14 @@ mod tests {
 
     #[test]
     fn artifact_names_its_blob_and_subject() {
-        let subject = Subject { digest: d(9), media_type: MediaType::ImageManifest.to_string(), size: 321 };
-        let bytes = profile_manifest(&subject, &d(4), &d(5), 77).expect("manifest");
-        let v: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
-        assert_eq!(v["artifactType"], PROFILE_ARTIFACT_TYPE);
-        assert_eq!(v["layers"][0]["mediaType"], PROFILE_MEDIA_TYPE);
+        let manifest = serde_json::json!({
+            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "artifactType": PROFILE_ARTIFACT_TYPE,
+            "config": { "mediaType": "application/vnd.oci.empty.v1+json", "digest": d(4), "size": 2 },
+            "layers": [{ "mediaType": PROFILE_MEDIA_TYPE, "digest": d(5), "size": 77 }],
+            "subject": { "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": d(9), "size": 321 },
+        });
+        let bytes = serde_json::to_vec(&manifest).expect("json");
         assert_eq!(profile_blob(&bytes, &d(9)).expect("blob"), d(5));
         assert!(matches!(profile_blob(&bytes, &d(8)), Err(ProfileError::Foreign { .. })));
         let index_artifact = bytes.clone();

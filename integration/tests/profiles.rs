@@ -12,6 +12,7 @@ use clip_integration::images::TestImage;
 use clip_integration::metrics::{scrape, sum};
 use clip_integration::snapshotter::{ClipSnapshotter, workspace_binary};
 use clip_integration::{TestDir, require_root, run, wait_until};
+use clip_registry::api::Subject;
 use clip_registry::credentials::CredentialChain;
 use clip_registry::{HostsConfig, Platform, Reference, RegistryClient};
 use std::process::Command;
@@ -107,23 +108,46 @@ fn a_profile_recorded_on_one_node_is_published_found_on_a_cold_node_and_used() -
     Ok(())
 }
 
-/// Publishes `blob` as a profile artifact of `reference`'s manifest, as if for `subject`.
-fn push_profile(reference: &str, blob: Vec<u8>, subject_of: Option<&str>) -> Result<()> {
+/// `clip-builder profile` records the profile at build time: even the first node to start the
+/// image finds one.
+#[test]
+fn clip_builder_profile_records_at_build_time_and_the_first_node_uses_it() -> Result<()> {
+    require_root();
+    let td = TestDir::new("profiles-builder")?;
+    let image = IndexedImage::plain(&td, TestImage::Python, "testbed/python")?;
+    let out = run(Command::new(workspace_binary("clip-builder")?)
+        .args(["profile", "--plain-http", "--json", "--cmd", "python3 -c 'import numpy; print(1)'"])
+        .arg(&image.reference))?;
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    eprintln!("clip-builder profile: {report}");
+    assert_eq!(report["exit_code"], 0, "{report}");
+    assert!(report["reads"].as_u64().unwrap_or(0) > 10, "{report}");
+    let left: Vec<_> = clip_fsutil::mountinfo::mounts()
+        .into_iter()
+        .filter(|m| m.mount_point.to_string_lossy().contains("/clip-profile-"))
+        .collect();
+    assert!(left.is_empty(), "clip-builder profile left mounts behind: {left:?}");
+
+    let (snap, ctrd, port) = node(&td, &image)?;
+    let out = start(&ctrd, &image.reference, "pb1", NUMPY)?;
+    assert!(out.trim().ends_with("ok"), "{out}");
+    let m = scrape(port);
+    assert_eq!(event(&m, "found_registry"), 1, "{m}\n{}", snap.log());
+    assert!(profile_bytes(&m) > 0, "{m}");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(event(&scrape(port), "recorded"), 0, "the first node found a profile and records none");
+    ctrd.purge()?;
+    Ok(())
+}
+
+/// Publishes `blob` as an access profile artifact of `reference`'s manifest.
+fn push_profile(reference: &str, blob: Vec<u8>) -> Result<()> {
     rt().block_on(async {
         let client = RegistryClient::new(HostsConfig { dir: None, plain_http: true });
         let repo = client.repository(&Reference::parse(reference)?, CredentialChain::anonymous())?.for_push();
         let (manifest, _) = repo.get_image_manifest("latest", &Platform::default()).await?;
-        let subject = clip_index::profile::Subject {
-            digest: subject_of.map_or(manifest.digest.clone(), str::to_string),
-            media_type: manifest.media_type.clone(),
-            size: manifest.bytes.len() as u64,
-        };
-        let size = blob.len() as u64;
-        let blob = repo.push_blob(Bytes::from(blob)).await?;
-        let config = repo.push_blob(Bytes::from_static(b"{}")).await?;
-        let bytes = clip_index::profile::profile_manifest(&subject, &config, &blob, size)?;
-        // Listed under the real image whatever subject the artifact names.
-        repo.push_referrer(&manifest.digest, clip_index::profile::PROFILE_ARTIFACT_TYPE, Bytes::from(bytes)).await?;
+        let (kind, media_type) = (clip_index::profile::PROFILE_ARTIFACT_TYPE, clip_index::profile::PROFILE_MEDIA_TYPE);
+        repo.push_artifact(&Subject::from(&manifest), kind, media_type, Bytes::from(blob)).await?;
         anyhow::Ok(())
     })
 }
@@ -134,12 +158,10 @@ fn a_corrupt_or_foreign_profile_is_ignored_with_a_log_line() -> Result<()> {
     let td = TestDir::new("profiles-bad")?;
     let image = IndexedImage::plain(&td, TestImage::Python, "testbed/python")?;
     let other = format!("sha256:{}", "ab".repeat(32));
-    // Newest last: garbage, then a well-formed profile of another image, then an artifact
-    // that claims another subject.
-    push_profile(&image.reference, b"{\"schemaVersion\": 1, \"reads\": [[0".to_vec(), None)?;
+    // Garbage, then a well-formed profile of another image (tried newest first).
+    push_profile(&image.reference, b"{\"schemaVersion\": 1, \"reads\": [[0".to_vec())?;
     let foreign = clip_index::profile::AccessProfile::from_reads(&other, [(other.as_str(), 0)], 1);
-    push_profile(&image.reference, foreign.to_json(), None)?;
-    push_profile(&image.reference, foreign.to_json(), Some(&other))?;
+    push_profile(&image.reference, foreign.to_json())?;
 
     let (snap, ctrd, port) = node(&td, &image)?;
     let out = start(&ctrd, &image.reference, "b1", NUMPY)?;
@@ -148,11 +170,11 @@ fn a_corrupt_or_foreign_profile_is_ignored_with_a_log_line() -> Result<()> {
     let m = scrape(port);
     let log = snap.log();
     assert!(recorded, "without a usable profile the start records its own:\n{m}\n{log}");
-    assert_eq!(event(&m, "ignored"), 3, "{m}\n{log}");
+    assert_eq!(event(&m, "ignored"), 2, "{m}\n{log}");
     assert_eq!(event(&m, "found_registry"), 0, "{m}");
     assert_eq!(profile_bytes(&m), 0, "{m}");
     let ignored = log.lines().filter(|l| l.contains("access profile ignored")).count();
-    assert_eq!(ignored, 3, "one log line per ignored profile:\n{log}");
+    assert_eq!(ignored, 2, "one log line per ignored profile:\n{log}");
     assert!(log.contains("the access profile is for image"), "{log}");
     assert!(log.contains("not an access profile"), "{log}");
     ctrd.purge()?;

@@ -35,6 +35,9 @@ pub struct PrefetchPolicy {
 /// a few round trips cost more than its bytes.
 const SMALL_LAYER_BYTES: u64 = 2 << 20;
 
+/// A file of fewer spans than this is small: its neighbours are fetched after a miss in it.
+const SMALL_FILE_SPANS: u32 = 2;
+
 /// Hints kept at most (older ones are dropped).
 const QUEUE_LIMIT: usize = 64;
 
@@ -101,6 +104,7 @@ impl MissObserver for Prefetcher {
         }
         let mut jobs = Vec::with_capacity(3);
         // The rest of the file first: the reader is inside it.
+        let small_file = file.as_ref().is_none_or(|f| f.end() - f.start() < SMALL_FILE_SPANS);
         if let Some(file) = file {
             let (fs, fe) = (*file.start(), *file.end());
             if fe > last || fs < first {
@@ -114,8 +118,10 @@ impl MissObserver for Prefetcher {
                 }
             }
         }
-        // Then its neighbours in the tar.
-        if p.neighbour_spans > 0 {
+        // Then its neighbours in the tar, after a read of a small file (a module of a package
+        // is read with its siblings); a large file is read in place (an mmap of a library
+        // touches its own pages, not the next file's).
+        if p.neighbour_spans > 0 && small_file {
             jobs.push((last + 1, last.saturating_add(p.neighbour_spans)));
             if first > 0 {
                 jobs.push((first.saturating_sub((p.neighbour_spans / 2).max(1)), first - 1));

@@ -88,6 +88,13 @@ impl Recorder {
     }
 }
 
+/// A recorder listens to the reads of the layers it is given to (`clip-builder profile`).
+impl crate::spans::ReadObserver for Recorder {
+    fn read(&self, layer: &Arc<str>, spans: RangeInclusive<u32>) {
+        self.note(layer, spans);
+    }
+}
+
 /// A run of spans fetched in one request; `rank` is the earliest place in the profile of a
 /// span it holds (runs are fetched lowest rank first).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -406,6 +406,31 @@ impl Repository {
         Ok(removed)
     }
 
+    /// Publishes `blob` (of `blob_media_type`) as an artifact of `artifact_type` referring to
+    /// `subject`: the blob, the empty config, the artifact manifest, listed as a referrer of
+    /// `subject` ([`Self::push_referrer`]). Returns the artifact's digest.
+    pub async fn push_artifact(
+        &self,
+        subject: &Subject,
+        artifact_type: &str,
+        blob_media_type: &str,
+        blob: Bytes,
+    ) -> Result<String> {
+        let size = blob.len();
+        let blob_digest = self.push_blob(blob).await?;
+        let config = self.push_blob(Bytes::from_static(EMPTY_JSON)).await?;
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "artifactType": artifact_type,
+            "config": { "mediaType": EMPTY_JSON_MEDIA_TYPE, "digest": config, "size": EMPTY_JSON.len() },
+            "layers": [{ "mediaType": blob_media_type, "digest": blob_digest, "size": size }],
+            "subject": { "mediaType": subject.media_type, "digest": subject.digest, "size": subject.size },
+        });
+        let bytes = serde_json::to_vec(&manifest).map_err(|e| self.bad("artifact manifest", e.to_string()))?;
+        self.push_referrer(&subject.digest, artifact_type, Bytes::from(bytes)).await
+    }
+
     /// Pushes an artifact manifest of `artifact_type` whose `subject` is `subject` (stored under
     /// its digest) and lists it in the tag-schema fallback index of `subject`, so that
     /// registries without the referrers API find it too. Returns its digest.
@@ -440,6 +465,24 @@ impl Repository {
                 other => return other,
             }
         }
+    }
+}
+
+/// The OCI empty descriptor's media type and content (an artifact's config).
+const EMPTY_JSON_MEDIA_TYPE: &str = "application/vnd.oci.empty.v1+json";
+const EMPTY_JSON: &[u8] = b"{}";
+
+/// The manifest an artifact refers to (its `subject`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subject {
+    pub digest: String,
+    pub media_type: String,
+    pub size: u64,
+}
+
+impl From<&FetchedManifest> for Subject {
+    fn from(m: &FetchedManifest) -> Self {
+        Self { digest: m.digest.clone(), media_type: m.media_type.clone(), size: m.bytes.len() as u64 }
     }
 }
 

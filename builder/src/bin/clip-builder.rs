@@ -88,7 +88,28 @@ enum Command {
         span_size: u64,
         #[arg(long)]
         json: bool,
+        /// After indexing, record the image's access profile by running this command in it
+        /// (`/bin/sh -c`, see `profile`) and publish it.
+        #[arg(long, value_name = "CMD")]
+        profile_cmd: Option<String>,
         context: PathBuf,
+    },
+    /// Record an image's access profile by running a command in it, served lazily over its
+    /// published CLIP index as a node serves it (layers downloaded once into a temporary
+    /// directory), and publish the profile as an artifact referring to the image manifest.
+    Profile {
+        #[command(flatten)]
+        registry: RegistryArgs,
+        /// The command (`/bin/sh -c`), run as root in the image's environment and working
+        /// directory, in its own PID and mount namespaces.
+        #[arg(long, value_name = "CMD")]
+        cmd: String,
+        /// Seconds after which the command is killed (the profile holds what it read by then).
+        #[arg(long, default_value_t = 30)]
+        limit_s: u64,
+        #[arg(long)]
+        json: bool,
+        reference: String,
     },
     /// Download an image's index artifact and its blobs into a directory (to copy it to another
     /// registry or an air-gapped site).
@@ -280,6 +301,7 @@ fn run(args: Args) -> Result<()> {
             source_image_creds_file,
             span_size,
             json,
+            profile_cmd,
             context,
         } => {
             use clip_registry::credentials::{Credential, Source};
@@ -303,6 +325,7 @@ fn run(args: Args) -> Result<()> {
                 build_registry_creds,
                 source_image_creds,
                 span_size,
+                profile_cmd,
             };
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             let report = rt.block_on(clip_builder::build::build(&cfg, &request))?;
@@ -317,6 +340,28 @@ fn run(args: Args) -> Result<()> {
                 for (k, v) in &report.labels {
                     writeln!(out, "label {k}={v}")?;
                 }
+                if let Some(p) = &report.profile {
+                    writeln!(out, "profile {} ({} reads)", p.profile_digest, p.reads)?;
+                }
+            }
+        }
+        Command::Profile { registry, cmd, limit_s, json, reference } => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let report = rt.block_on(async {
+                let repo = std::sync::Arc::new(registry.repository(&reference).await?);
+                let r = repo.image.manifest_reference().to_string();
+                let limit = std::time::Duration::from_secs(limit_s);
+                clip_builder::profile::record_and_publish(repo, &r, &clip_registry::Platform::default(), &cmd, limit)
+                    .await
+            })?;
+            if json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+            } else {
+                writeln!(
+                    out,
+                    "profile {} of {}: {} reads in {} layers, command exit {:?}, {:.1} s",
+                    report.profile_digest, report.image, report.reads, report.layers, report.exit_code, report.seconds
+                )?;
             }
         }
         Command::FetchIndex { registry, output, reference } => {

@@ -10,11 +10,11 @@
 use crate::labels::RemoteRequest;
 use bytes::Bytes;
 use clip_config::SnapshotterConfig;
-use clip_index::artifact::EMPTY_CONFIG;
 use clip_index::profile::{
-    AccessProfile, MAX_PROFILE_BYTES, PROFILE_ARTIFACT_TYPE, ProfileError, Subject, profile_blob, profile_manifest,
+    AccessProfile, MAX_PROFILE_BYTES, PROFILE_ARTIFACT_TYPE, PROFILE_MEDIA_TYPE, ProfileError, profile_blob,
 };
 use clip_readpath::{ReadObserver, Recorder, Recording, ReplayPolicy, Replayer, SpanCache};
+use clip_registry::api::Subject;
 use clip_registry::{Platform, RegistryError, Repository};
 use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet};
@@ -28,10 +28,10 @@ const IDLE_LIMIT: Duration = Duration::from_secs(600);
 /// How often recordings are checked for their end.
 const TICK: Duration = Duration::from_millis(200);
 /// Spans between two profiled ones fetched in the same request.
-const GAP_SPANS: u32 = 2;
+const GAP_SPANS: u32 = 0;
 
 #[derive(Debug, thiserror::Error)]
-enum PublishError {
+enum ProfileFetchError {
     #[error(transparent)]
     Registry(#[from] RegistryError),
     #[error(transparent)]
@@ -268,7 +268,7 @@ impl ProfileBook {
         artifact: &str,
         digest: &str,
         layers: &HashSet<String>,
-    ) -> Result<(AccessProfile, Bytes), PublishError> {
+    ) -> Result<(AccessProfile, Bytes), ProfileFetchError> {
         let manifest = repo.get_manifest(artifact).await?;
         let blob = profile_blob(&manifest.bytes, digest)?;
         let bytes = repo.get_blob(&blob, MAX_PROFILE_BYTES).await?;
@@ -367,7 +367,9 @@ impl ProfileBook {
         }
         let (book, img) = (self.clone(), img.clone());
         self.runtime.spawn(async move {
-            match publish(&img.repo, &subject, bytes).await {
+            let published =
+                img.repo.push_artifact(&subject, PROFILE_ARTIFACT_TYPE, PROFILE_MEDIA_TYPE, Bytes::from(bytes)).await;
+            match published {
                 Ok(artifact) => {
                     book.metrics.profile_event("published");
                     tracing::info!(image = %img.image_ref, %artifact, "access profile published");
@@ -379,15 +381,6 @@ impl ProfileBook {
             }
         });
     }
-}
-
-/// Pushes a profile blob and its artifact manifest referring to `subject`.
-async fn publish(repo: &Repository, subject: &Subject, blob: Vec<u8>) -> Result<String, PublishError> {
-    let size = blob.len() as u64;
-    let blob_digest = repo.push_blob(Bytes::from(blob)).await?;
-    let config = repo.push_blob(Bytes::from_static(EMPTY_CONFIG)).await?;
-    let manifest = profile_manifest(subject, &config, &blob_digest, size)?;
-    Ok(repo.push_referrer(&subject.digest, PROFILE_ARTIFACT_TYPE, Bytes::from(manifest)).await?)
 }
 
 impl ReadObserver for ProfileBook {
