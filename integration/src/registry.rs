@@ -159,6 +159,28 @@ impl Registry {
         Self::start_configured(td, name, None, "127.0.0.1", &[], &extra)
     }
 
+    /// A pull-through cache of `upstream` (the Distribution registry's `proxy.remoteurl`),
+    /// plain HTTP on loopback.
+    pub fn start_pull_through(td: &TestDir, name: &str, upstream: &Registry) -> Result<Self> {
+        let proxy = format!("proxy:\n  remoteurl: {}\n", upstream.base_url());
+        Self::start_configured(td, name, None, "127.0.0.1", &[], &proxy)
+    }
+
+    /// A `hosts.toml` under `hosts_dir` for this registry with `mirror` tried first.
+    pub fn write_hosts_toml_with_mirror(&self, hosts_dir: &Path, mirror: &Registry) -> Result<()> {
+        let d = hosts_dir.join(&self.host);
+        std::fs::create_dir_all(&d)?;
+        std::fs::write(
+            d.join("hosts.toml"),
+            format!(
+                "server = \"{}\"\n[host.\"{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+                self.base_url(),
+                mirror.base_url()
+            ),
+        )?;
+        Ok(())
+    }
+
     /// Starts the registry through a command prefix (e.g. `ip netns exec NS`).
     pub fn start_wrapped(td: &TestDir, name: &str, tls: Option<Tls>, listen_ip: &str, wrap: &[&str]) -> Result<Self> {
         Self::start_configured(td, name, tls, listen_ip, wrap, "")

@@ -2,13 +2,14 @@
 //! blobs and Range reads, uploads, manifest PUT, and the referrers API with the OCI 1.1
 //! tag-schema fallback.
 
-use crate::client::{Op, Repository, error_text};
+use crate::client::{FromMirror, Op, Repository, error_text};
 use crate::error::{RegistryError, Result};
 use bytes::Bytes;
 use oci_spec::image::{Descriptor, ImageIndex, ImageManifest};
 use reqwest::header::{ACCEPT, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, LOCATION, RANGE};
 use reqwest::{Method, StatusCode};
 use sha2::{Digest, Sha256};
+use std::time::{Duration, Instant};
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -221,7 +222,17 @@ impl Repository {
         let mut op =
             Op::new(Method::GET, format!("blobs/{digest}")).header(RANGE, format!("bytes={start}-{}", end - 1));
         op.redirect_key = Some(digest.to_string());
-        let resp = self.send(&op).await?;
+        op.skip_mirrors = self.mirror_warming(digest);
+        let mut resp = self.send(&op).await?;
+        if resp.status() == StatusCode::OK && resp.extensions().get::<FromMirror>().is_some() {
+            // A pull-through mirror without the blob streams all of it from upstream, from the
+            // start, while it stores it: hanging up leaves it storing, and the range comes
+            // from the registry itself until the mirror has the blob.
+            drop(resp);
+            self.mirror_started(digest);
+            op.skip_mirrors = true;
+            resp = self.send(&op).await?;
+        }
         let want = (end - start) as usize;
         let short = |got: usize| RegistryError::Transport {
             registry: self.image.registry.clone(),
@@ -265,6 +276,20 @@ impl Repository {
             }
             other => Err(self.bad("blob range", format!("unexpected status {other}"))),
         }
+    }
+
+    /// Whether a mirror is known to be still pulling `digest` through (ask the registry).
+    fn mirror_warming(&self, digest: &str) -> bool {
+        self.warming.lock().get(digest).is_some_and(|(until, _)| Instant::now() < *until)
+    }
+
+    /// A mirror answered a range of `digest` with all of it: leave it alone for a while
+    /// (doubling each time it still does not have it).
+    fn mirror_started(&self, digest: &str) {
+        let mut warming = self.warming.lock();
+        let wait = warming.get(digest).map_or(MIRROR_FIRST_WAIT, |(_, w)| (*w * 2).min(MIRROR_MAX_WAIT));
+        warming.insert(digest.to_string(), (Instant::now() + wait, wait));
+        tracing::debug!(%digest, wait_ms = wait.as_millis() as u64, "a mirror is pulling this blob through; its ranges go to the registry meanwhile");
     }
 
     /// Whether a blob exists.
@@ -467,6 +492,10 @@ impl Repository {
         }
     }
 }
+
+/// How long ranges of a blob a mirror is pulling through go to the registry first, and at most.
+const MIRROR_FIRST_WAIT: Duration = Duration::from_secs(2);
+const MIRROR_MAX_WAIT: Duration = Duration::from_secs(60);
 
 /// The OCI empty descriptor's media type and content (an artifact's config).
 const EMPTY_JSON_MEDIA_TYPE: &str = "application/vnd.oci.empty.v1+json";

@@ -85,6 +85,7 @@ impl RegistryClient {
             push: false,
             auth: tokio::sync::Mutex::new(AuthState::default()),
             redirects: parking_lot::Mutex::new(HashMap::new()),
+            warming: parking_lot::Mutex::new(HashMap::new()),
         })
     }
 
@@ -190,7 +191,13 @@ pub struct Op {
     pub redirect_key: Option<String>,
     /// An absolute URL to use instead of the path (upload locations).
     pub absolute_url: Option<String>,
+    /// Go to the registry itself, not its mirrors.
+    pub skip_mirrors: bool,
 }
+
+/// Marks a response a mirror gave (in its extensions).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FromMirror;
 
 impl Op {
     pub fn new(method: Method, path: impl Into<String>) -> Self {
@@ -203,6 +210,7 @@ impl Op {
             push: false,
             redirect_key: None,
             absolute_url: None,
+            skip_mirrors: false,
         }
     }
 
@@ -221,6 +229,10 @@ pub struct Repository {
     push: bool,
     auth: tokio::sync::Mutex<AuthState>,
     redirects: parking_lot::Mutex<HashMap<String, (String, Instant)>>,
+    /// Blobs a pull-through mirror is still fetching from upstream (it answered a range with
+    /// the whole blob): their ranges go to the registry itself until the instant, then the
+    /// mirror is asked again, and the wait doubles (up to a minute).
+    pub(crate) warming: parking_lot::Mutex<HashMap<String, (Instant, Duration)>>,
 }
 
 impl std::fmt::Debug for Repository {
@@ -268,9 +280,13 @@ impl Repository {
             });
         };
         let mut mirror_error = None;
+        let mirrors = if op.skip_mirrors { &[] } else { mirrors };
         for mirror in mirrors {
             match Box::pin(self.send_with_retries(mirror, op)).await {
-                Ok(r) if r.status() != StatusCode::NOT_FOUND => return Ok(r),
+                Ok(mut r) if r.status() != StatusCode::NOT_FOUND => {
+                    r.extensions_mut().insert(FromMirror);
+                    return Ok(r);
+                }
                 Ok(_) => tracing::debug!(mirror = %mirror.host, path = %op.path, "mirror has no such content"),
                 Err(e) => {
                     tracing::warn!(mirror = %mirror.host, error = %e, "mirror failed; trying the next endpoint");
