@@ -352,6 +352,12 @@ impl Bench {
             "clip-cri" => self.cri_run(&reference, cmd)?,
             m => {
                 self.pull(m, &reference)?;
+                let (b, _) = site.served();
+                eprintln!(
+                    "    pulled after {:.2} s, {:.1} MB served by then",
+                    t.elapsed().as_secs_f64(),
+                    (b - b0) as f64 / 1e6
+                );
                 let snapshotter = match m {
                     "clip" | "clip-profile" => "clip",
                     "estargz" | "estargz-opt" => "stargz",
