@@ -14,6 +14,18 @@ pub const HISTORY_BYTES: usize = WINDOW_SIZE;
 pub trait RangeFetcher: Send + Sync {
     /// Returns exactly `len` bytes at `offset` of the blob, or an error.
     fn fetch(&self, offset: u64, len: u64) -> Result<Vec<u8>, IndexError>;
+
+    /// Hands the `len` bytes at `offset` to `sink` in order, in pieces as they arrive (a
+    /// streaming body), so that the caller can work on the first while the rest travel; an
+    /// error from `sink` stops the transfer and is returned. By default one [`Self::fetch`].
+    fn fetch_streaming(
+        &self,
+        offset: u64,
+        len: u64,
+        sink: &mut dyn FnMut(&[u8]) -> Result<(), IndexError>,
+    ) -> Result<(), IndexError> {
+        sink(&self.fetch(offset, len)?)
+    }
 }
 
 /// A local blob file as a fetcher.

@@ -370,8 +370,8 @@ impl SpanCache {
         if self.budget.as_ref().is_some_and(|b| !b.fits(bytes)) {
             return Ok(Streamed::NoRoom);
         }
-        self.fetch_group(&group, Cause::Stream)?;
-        self.metrics.streamed_spans.inc_by(group.len() as u64);
+        let stored = self.stream_group(&group)?;
+        self.metrics.streamed_spans.inc_by(u64::from(stored));
         drop(claim);
         Ok(Streamed::GoOn(last + 1))
     }
@@ -573,24 +573,91 @@ impl SpanCache {
             let Some(bytes) = compressed.get(from..to) else {
                 return Err(fetch_failed(start, end, "short answer"));
             };
-            let decoded = match &history {
-                Some(h) => self.index.decode_span_after(span, bytes, None, h),
-                None => self.index.decode_span_with(span, bytes, None, window.as_deref()),
-            };
-            let data = match decoded {
-                Ok(d) => d,
-                Err(e) if n == 0 => return Err(SpanError::Span { span: span.index, source: e }),
-                Err(_) => break,
-            };
-            if external {
-                history = Some(carry_history(history.take(), &data));
+            if !self.store_span(span, bytes, n, &mut history, window.as_deref())? {
+                break;
             }
-            if n > 0 && self.is_cached(span.index) {
-                continue;
-            }
-            self.write_span(span.index, &data)?;
         }
         Ok(())
+    }
+
+    /// Decodes `span`, the `n`th of its request, from its compressed `bytes` (after `history`,
+    /// carried on to the next span, or from `window`), verifies and writes it. `Ok(false)`: a
+    /// span after the first failed (read-ahead is best effort; the rest is fetched later).
+    fn store_span(
+        &self,
+        span: &SpanInfo,
+        bytes: &[u8],
+        n: usize,
+        history: &mut Option<Vec<u8>>,
+        window: Option<&[u8]>,
+    ) -> Result<bool, SpanError> {
+        let decoded = match history.as_deref() {
+            Some(h) => self.index.decode_span_after(span, bytes, None, h),
+            None => self.index.decode_span_with(span, bytes, None, window),
+        };
+        let data = match decoded {
+            Ok(d) => d,
+            Err(e) if n == 0 => return Err(SpanError::Span { span: span.index, source: e }),
+            Err(_) => return Ok(false),
+        };
+        if self.index.has_external_windows() {
+            *history = Some(carry_history(history.take(), &data));
+        }
+        if !(n > 0 && self.is_cached(span.index)) {
+            self.write_span(span.index, &data)?;
+        }
+        Ok(true)
+    }
+
+    /// Background completion's fetch of `group` (contiguous spans, claimed): one request whose
+    /// spans are inflated and written as their bytes arrive, so inflating overlaps the
+    /// transfer. Returns how many spans it made local.
+    fn stream_group(&self, group: &[SpanInfo]) -> Result<u32, SpanError> {
+        let s = &group[0];
+        let (start, end) = (s.comp_start, group.last().map_or(s.comp_end, |g| g.comp_end));
+        let began = std::time::Instant::now();
+        let external = self.index.has_external_windows();
+        let mut history = if external { self.local_history(s) } else { None };
+        let window = if external && history.is_none() { self.fetch_window(s, Cause::Stream)? } else { None };
+        // `pending` holds the bytes from `held` (a blob offset) on: spans of a gzip layer may
+        // share the byte their boundary falls in.
+        let (mut pending, mut held, mut next, mut received) = (Vec::new(), start, 0usize, 0u64);
+        let mut stop: Option<Result<(), SpanError>> = None;
+        let streamed = {
+            let mut sink = |piece: &[u8]| -> Result<(), IndexError> {
+                received += piece.len() as u64;
+                pending.extend_from_slice(piece);
+                while let Some(span) = group.get(next) {
+                    if held + (pending.len() as u64) < span.comp_end {
+                        break;
+                    }
+                    let bytes = &pending[(span.comp_start - held) as usize..(span.comp_end - held) as usize];
+                    let stored = self.store_span(span, bytes, next, &mut history, window.as_deref());
+                    // Keep what the next span needs.
+                    let keep_from = group.get(next + 1).map_or(span.comp_end, |n| n.comp_start.min(span.comp_end));
+                    pending.drain(..(keep_from - held) as usize);
+                    held = keep_from;
+                    match stored {
+                        Ok(true) => next += 1,
+                        Ok(false) => stop = Some(Ok(())),
+                        Err(e) => stop = Some(Err(e)),
+                    }
+                    if stop.is_some() {
+                        return Err(IndexError::Invalid("stopped by the reader".into()));
+                    }
+                }
+                Ok(())
+            };
+            self.source.fetch_streaming(start, end - start, &mut sink)
+        };
+        self.count_fetch(received, Cause::Stream);
+        tracing::debug!(layer = %self.layer, first = s.index, spans = next, bytes = received, cause = ?Cause::Stream, ms = began.elapsed().as_millis() as u64, "spans streamed");
+        match stop {
+            Some(Err(e)) => return Err(e),
+            Some(Ok(())) => {}
+            None => streamed.map_err(|source| SpanError::Fetch { start, end, source })?,
+        }
+        Ok(next as u32)
     }
 
     /// The history window of span `s` from the local file of the span before it (`Some(empty)`
@@ -669,4 +736,54 @@ fn fetch_failed(start: u64, end: u64, message: &str) -> SpanError {
 
 fn cache_err(path: &std::path::Path, source: std::io::Error) -> SpanError {
     SpanError::Cache { path: path.display().to_string(), source }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{SlowBlob, layer};
+    use std::time::Duration;
+
+    /// A blob that streams its answers in small pieces.
+    struct Chunked(Arc<SlowBlob>);
+
+    impl RangeFetcher for Chunked {
+        fn fetch(&self, offset: u64, len: u64) -> Result<Vec<u8>, IndexError> {
+            self.0.fetch(offset, len)
+        }
+
+        fn fetch_streaming(
+            &self,
+            offset: u64,
+            len: u64,
+            sink: &mut dyn FnMut(&[u8]) -> Result<(), IndexError>,
+        ) -> Result<(), IndexError> {
+            let bytes = self.0.fetch(offset, len)?;
+            bytes.chunks(1000).try_for_each(sink)
+        }
+    }
+
+    #[test]
+    fn completion_inflates_spans_as_their_bytes_arrive() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (index, blob) = layer(20, Duration::ZERO);
+        let source = Arc::new(Chunked(blob.clone()));
+        let cache = SpanCache::new(index.clone(), dir.path().to_path_buf(), source).expect("cache");
+        // Requests of about 5 spans, each streamed in 1000-byte pieces.
+        let mut from = 0;
+        loop {
+            match cache.stream_next(from, 5 * (64 << 10)).expect("stream") {
+                Streamed::GoOn(next) => from = next,
+                Streamed::Complete => break,
+                Streamed::NoRoom => panic!("no budget here"),
+            }
+        }
+        assert!((0..index.span_count()).all(|i| cache.is_cached(i)));
+        for i in 0..index.span_count() {
+            let s = index.span(i).expect("span");
+            let read = cache.read(s.uncomp_start, s.uncomp_end).expect("read");
+            assert_eq!(read, blob.bytes[s.uncomp_start as usize..s.uncomp_end as usize], "span {i}");
+        }
+        assert_eq!(cache.stats().stream_bytes.load(Ordering::Relaxed), blob.bytes.len() as u64);
+    }
 }

@@ -219,6 +219,36 @@ impl Repository {
     }
 
     async fn get_blob_range_once(&self, digest: &str, start: u64, end: u64) -> Result<Bytes> {
+        let (resp, whole) = self.blob_range_response(digest, start, end).await?;
+        let want = (end - start) as usize;
+        if whole {
+            // Whole body: only acceptable for modest blobs; cut out the range.
+            let bytes = self.body(resp, "blob (Range ignored)", 512 << 20).await?;
+            if (bytes.len() as u64) < end {
+                return Err(RegistryError::RangeNotSatisfiable {
+                    registry: self.image.registry.clone(),
+                    digest: digest.to_string(),
+                    start,
+                    end,
+                });
+            }
+            return Ok(bytes.slice(start as usize..end as usize));
+        }
+        let bytes = self.body(resp, "blob range", want).await?;
+        if bytes.len() != want {
+            return Err(RegistryError::Transport {
+                registry: self.image.registry.clone(),
+                context: format!("range {start}-{end} of {digest}"),
+                message: format!("got {} bytes, wanted {want}", bytes.len()),
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// The response to a Range GET of bytes `start..end` of a blob, for streaming: checked (a
+    /// 206 must name the range; 404 and 416 are errors), with whether it is the whole blob (a
+    /// 200 from a registry ignoring Range: the caller skips to `start`). Not retried.
+    pub async fn blob_range_response(&self, digest: &str, start: u64, end: u64) -> Result<(reqwest::Response, bool)> {
         let mut op =
             Op::new(Method::GET, format!("blobs/{digest}")).header(RANGE, format!("bytes={start}-{}", end - 1));
         op.redirect_key = Some(digest.to_string());
@@ -233,12 +263,6 @@ impl Repository {
             op.skip_mirrors = true;
             resp = self.send(&op).await?;
         }
-        let want = (end - start) as usize;
-        let short = |got: usize| RegistryError::Transport {
-            registry: self.image.registry.clone(),
-            context: format!("range {start}-{end} of {digest}"),
-            message: format!("got {got} bytes, wanted {want}"),
-        };
         match resp.status() {
             StatusCode::NOT_FOUND => Err(self.not_found(format!("blob {digest}"))),
             StatusCode::RANGE_NOT_SATISFIABLE => Err(RegistryError::RangeNotSatisfiable {
@@ -255,25 +279,9 @@ impl Repository {
                 {
                     return Err(self.bad("Content-Range", format!("asked {start}-{}, got {s}-{e}", end - 1)));
                 }
-                let bytes = self.body(resp, "blob range", want).await?;
-                if bytes.len() != want {
-                    return Err(short(bytes.len()));
-                }
-                Ok(bytes)
+                Ok((resp, false))
             }
-            StatusCode::OK => {
-                // Whole body: only acceptable for modest blobs; cut out the range.
-                let bytes = self.body(resp, "blob (Range ignored)", 512 << 20).await?;
-                if (bytes.len() as u64) < end {
-                    return Err(RegistryError::RangeNotSatisfiable {
-                        registry: self.image.registry.clone(),
-                        digest: digest.to_string(),
-                        start,
-                        end,
-                    });
-                }
-                Ok(bytes.slice(start as usize..end as usize))
-            }
+            StatusCode::OK => Ok((resp, true)),
             other => Err(self.bad("blob range", format!("unexpected status {other}"))),
         }
     }

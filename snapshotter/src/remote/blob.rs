@@ -24,4 +24,43 @@ impl RangeFetcher for RegistryBlob {
             Err(_) => Err(failed(format!("no answer within {:?} (with retries)", self.timeout))),
         }
     }
+
+    /// One Range GET whose body goes to `sink` as it arrives; `timeout` bounds the wait for
+    /// the answer and for each piece of the body (a stalled stream fails, a slow one goes on).
+    fn fetch_streaming(
+        &self,
+        offset: u64,
+        len: u64,
+        sink: &mut dyn FnMut(&[u8]) -> Result<(), IndexError>,
+    ) -> Result<(), IndexError> {
+        let failed = |message: String| IndexError::Fetch { offset, len, message };
+        let stalled = || failed(format!("no data within {:?}", self.timeout));
+        self.runtime.block_on(async {
+            let answer = self.repo.blob_range_response(&self.digest, offset, offset + len);
+            let (mut resp, whole) = tokio::time::timeout(self.timeout, answer)
+                .await
+                .map_err(|_| stalled())?
+                .map_err(|e| failed(e.to_string()))?;
+            // A registry that ignored Range sends the blob from its start.
+            let mut skip = if whole { offset } else { 0 };
+            let mut left = len;
+            while left > 0 {
+                let chunk = tokio::time::timeout(self.timeout, resp.chunk())
+                    .await
+                    .map_err(|_| stalled())?
+                    .map_err(|e| failed(clip_registry::client::error_text(&e)))?
+                    .ok_or_else(|| failed(format!("the answer ended {left} bytes short")))?;
+                let mut piece = &chunk[..];
+                let skipped = skip.min(piece.len() as u64);
+                piece = &piece[skipped as usize..];
+                skip -= skipped;
+                let take = left.min(piece.len() as u64) as usize;
+                if take > 0 {
+                    sink(&piece[..take])?;
+                    left -= take as u64;
+                }
+            }
+            Ok(())
+        })
+    }
 }
