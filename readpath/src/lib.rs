@@ -15,6 +15,7 @@ pub mod profile;
 pub mod spans;
 #[cfg(test)]
 mod testutil;
+mod workers;
 
 pub use budget::CacheBudget;
 pub use clip_index::RangeFetcher;

@@ -12,9 +12,8 @@
 //! queue is bounded and drops the oldest.
 
 use crate::spans::{Cause, MissObserver, SpanCache};
-use parking_lot::{Condvar, Mutex};
+use crate::workers::{Workers, yielding};
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 
 /// How the prefetcher guesses.
@@ -49,16 +48,10 @@ struct Job {
     group: u32,
 }
 
-struct Shared {
-    queue: Mutex<VecDeque<Job>>,
-    ready: Condvar,
-    stop: AtomicBool,
-}
-
 /// The daemon's prefetcher: a queue of hints and the threads that fetch them.
 pub struct Prefetcher {
     policy: PrefetchPolicy,
-    shared: Arc<Shared>,
+    workers: Arc<Workers<VecDeque<Job>>>,
 }
 
 impl std::fmt::Debug for Prefetcher {
@@ -73,21 +66,9 @@ impl Prefetcher {
         if policy.threads == 0 {
             return None;
         }
-        let shared = Arc::new(Shared {
-            queue: Mutex::new(VecDeque::new()),
-            ready: Condvar::new(),
-            stop: AtomicBool::new(false),
-        });
-        for n in 0..policy.threads {
-            let shared = shared.clone();
-            let group = policy.group_spans.max(1);
-            let spawned =
-                std::thread::Builder::new().name(format!("clip-prefetch-{n}")).spawn(move || work(&shared, group));
-            if let Err(e) = spawned {
-                tracing::error!(error = %e, "cannot start a prefetch thread");
-            }
-        }
-        Some(Arc::new(Self { policy, shared }))
+        let group = policy.group_spans.max(1);
+        let workers = Workers::start("clip-prefetch", policy.threads, VecDeque::new(), move |job| work(&job, group));
+        Some(Arc::new(Self { policy, workers }))
     }
 }
 
@@ -140,52 +121,33 @@ impl Prefetcher {
     /// beyond the limit, and wakes the workers.
     fn enqueue(&self, jobs: impl IntoIterator<Item = Job>) {
         let jobs: Vec<Job> = jobs.into_iter().collect();
-        let mut queue = self.shared.queue.lock();
-        for job in jobs.into_iter().rev() {
-            queue.push_front(job);
-        }
-        queue.truncate(QUEUE_LIMIT);
-        drop(queue);
-        self.shared.ready.notify_all();
+        self.workers.push(|queue| {
+            for job in jobs.into_iter().rev() {
+                queue.push_front(job);
+            }
+            queue.truncate(QUEUE_LIMIT);
+        });
     }
 }
 
 impl Drop for Prefetcher {
     fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::Relaxed);
-        self.shared.ready.notify_all();
+        self.workers.stop();
     }
 }
 
-fn work(shared: &Shared, group: u32) {
-    loop {
-        let job = {
-            let mut queue = shared.queue.lock();
-            loop {
-                if shared.stop.load(Ordering::Relaxed) {
-                    return;
-                }
-                if let Some(job) = queue.pop_front() {
-                    break job;
-                }
-                shared.ready.wait(&mut queue);
-            }
-        };
-        let Some(cache) = job.cache.upgrade() else { continue };
-        // The background completer yields to this as to a container's read.
-        cache.foreground.fetch_add(1, Ordering::Relaxed);
-        let group = if job.group > 0 { job.group } else { group };
-        match cache.fetch_missing(job.first, job.last, group, Cause::Prefetch) {
-            Ok(0) => {}
-            Ok(n) => {
-                cache.metrics().prefetched_spans.inc_by(u64::from(n));
-                tracing::trace!(layer = %cache.index().layer_digest(), first = job.first, last = job.last, spans = n, "prefetched");
-            }
-            Err(e) => {
-                tracing::debug!(layer = %cache.index().layer_digest(), error = %e, "prefetch failed (a read will fetch again)");
-            }
+fn work(job: &Job, group: u32) {
+    let Some(cache) = job.cache.upgrade() else { return };
+    let group = if job.group > 0 { job.group } else { group };
+    match yielding(&cache, || cache.fetch_missing(job.first, job.last, group, Cause::Prefetch)) {
+        Ok(0) => {}
+        Ok(n) => {
+            cache.metrics().prefetched_spans.inc_by(u64::from(n));
+            tracing::trace!(layer = %cache.layer(), first = job.first, last = job.last, spans = n, "prefetched");
         }
-        cache.foreground.fetch_sub(1, Ordering::Relaxed);
+        Err(e) => {
+            tracing::debug!(layer = %cache.layer(), error = %e, "prefetch failed (a read will fetch again)");
+        }
     }
 }
 
@@ -193,6 +155,7 @@ fn work(shared: &Shared, group: u32) {
 mod tests {
     use super::*;
     use crate::testutil::{SlowBlob, layer, span_range, wait_until};
+    use std::sync::atomic::Ordering;
     use std::time::Duration;
 
     fn cache(

@@ -8,10 +8,11 @@
 //! verified like any other.
 
 use crate::spans::{Cause, SpanCache};
-use parking_lot::{Condvar, Mutex};
+use crate::workers::{Workers, yielding};
+use parking_lot::Mutex;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::ops::RangeInclusive;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -175,18 +176,13 @@ impl Ord for Job {
     }
 }
 
-struct Shared {
-    queue: Mutex<BinaryHeap<Job>>,
-    ready: Condvar,
-    stop: AtomicBool,
-    seq: AtomicU64,
-}
-
 /// The daemon's profile replayer: a queue of runs, lowest rank first, and the threads that
 /// fetch them.
 pub struct Replayer {
     policy: ReplayPolicy,
-    shared: Arc<Shared>,
+    workers: Arc<Workers<BinaryHeap<Job>>>,
+    /// Order of queuing, among runs of the same rank.
+    seq: AtomicU64,
 }
 
 impl std::fmt::Debug for Replayer {
@@ -201,20 +197,8 @@ impl Replayer {
         if policy.threads == 0 {
             return None;
         }
-        let shared = Arc::new(Shared {
-            queue: Mutex::new(BinaryHeap::new()),
-            ready: Condvar::new(),
-            stop: AtomicBool::new(false),
-            seq: AtomicU64::new(0),
-        });
-        for n in 0..policy.threads {
-            let shared = shared.clone();
-            let spawned = std::thread::Builder::new().name(format!("clip-profile-{n}")).spawn(move || work(&shared));
-            if let Err(e) = spawned {
-                tracing::error!(error = %e, "cannot start a profile replay thread");
-            }
-        }
-        Some(Self { policy, shared })
+        let workers = Workers::start("clip-profile", policy.threads, BinaryHeap::new(), |job| work(&job));
+        Some(Self { policy, workers, seq: AtomicU64::new(0) })
     }
 
     /// Queues the replay of `reads` (`(rank, span)`, from [`clip_index::profile::AccessProfile::reads_of`])
@@ -227,55 +211,36 @@ impl Replayer {
         let runs = plan_runs(reads, self.policy.gap_spans, self.policy.request_bytes, span_bytes);
         let planned = runs.len();
         let weak = Arc::downgrade(cache);
-        let mut queue = self.shared.queue.lock();
-        for run in runs {
-            let seq = self.shared.seq.fetch_add(1, Ordering::Relaxed);
-            queue.push(Job { rank: run.rank, seq, cache: weak.clone(), run });
-        }
-        drop(queue);
-        self.shared.ready.notify_all();
+        self.workers.push(|queue| {
+            for run in runs {
+                let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+                queue.push(Job { rank: run.rank, seq, cache: weak.clone(), run });
+            }
+        });
         (planned, foreign)
     }
 
     /// Runs queued and not yet started.
     pub fn pending(&self) -> usize {
-        self.shared.queue.lock().len()
+        self.workers.with(BinaryHeap::len)
     }
 }
 
 impl Drop for Replayer {
     fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::Relaxed);
-        self.shared.ready.notify_all();
+        self.workers.stop();
     }
 }
 
-fn work(shared: &Shared) {
-    loop {
-        let job = {
-            let mut queue = shared.queue.lock();
-            loop {
-                if shared.stop.load(Ordering::Relaxed) {
-                    return;
-                }
-                if let Some(job) = queue.pop() {
-                    break job;
-                }
-                shared.ready.wait(&mut queue);
-            }
-        };
-        let Some(cache) = job.cache.upgrade() else { continue };
-        // Background completion yields to a replay as to a container's read.
-        cache.foreground.fetch_add(1, Ordering::Relaxed);
-        match cache.fetch_missing(job.run.first, job.run.last, u32::MAX, Cause::Profile) {
-            Ok(n) => {
-                tracing::trace!(layer = %cache.layer(), first = job.run.first, last = job.run.last, spans = n, "profile spans fetched");
-            }
-            Err(e) => {
-                tracing::debug!(layer = %cache.layer(), error = %e, "profile replay fetch failed (a read will fetch again)");
-            }
+fn work(job: &Job) {
+    let Some(cache) = job.cache.upgrade() else { return };
+    match yielding(&cache, || cache.fetch_missing(job.run.first, job.run.last, u32::MAX, Cause::Profile)) {
+        Ok(n) => {
+            tracing::trace!(layer = %cache.layer(), first = job.run.first, last = job.run.last, spans = n, "profile spans fetched");
         }
-        cache.foreground.fetch_sub(1, Ordering::Relaxed);
+        Err(e) => {
+            tracing::debug!(layer = %cache.layer(), error = %e, "profile replay fetch failed (a read will fetch again)");
+        }
     }
 }
 
