@@ -10,17 +10,15 @@
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use clip_index::Index;
-use clip_index::artifact::{ARTIFACT_TYPE, BlobKind, IndexArtifact};
+use clip_index::artifact::{BlobKind, IndexArtifact};
 use clip_index::profile::{AccessProfile, PROFILE_ARTIFACT_TYPE, PROFILE_MEDIA_TYPE};
 use clip_readpath::{FileFetcher, ReadObserver, Recorder, SpanCache, SpanCacheOptions};
 use clip_registry::api::Subject;
 use clip_registry::{Platform, Repository};
-use futures::StreamExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::AsyncWriteExt;
 
 /// Largest index or config blob read.
 const MAX_METADATA_BLOB: usize = 256 << 20;
@@ -56,11 +54,9 @@ pub async fn record_and_publish(
         serde_json::from_slice(&bytes).context("the image config")?
     };
     let artifact = {
-        let listed = repo.referrers(&manifest.digest, Some(ARTIFACT_TYPE)).await?;
-        let digest = listed
-            .last()
-            .map(|d| d.digest().to_string())
-            .with_context(|| format!("{} has no CLIP index (run `clip-builder index` first)", repo.image))?;
+        let digest = crate::publish::published_index(&repo, &manifest.digest, &image).await.with_context(|| {
+            format!("{} has no CLIP index of every layer (run `clip-builder index` first)", repo.image)
+        })?;
         IndexArtifact::parse(&repo.get_manifest(&digest).await?.bytes)?
     };
     let tmp = tempfile::Builder::new().prefix("clip-profile-").tempdir().context("temporary directory")?;
@@ -74,6 +70,9 @@ pub async fn record_and_publish(
             .with_context(|| format!("the CLIP index of {} has no entry for layer {digest}", repo.image))?;
         let index = Index::open_any(repo.get_blob(&index_blob, MAX_METADATA_BLOB).await?.to_vec())?;
         index.validate()?;
+        if index.layer_digest() != digest {
+            bail!("index {index_blob} is for layer {}, not {digest}", index.layer_digest());
+        }
         let windows = match artifact.blob_for(&digest, BlobKind::Windows) {
             Some(w) => {
                 let path = dir.join("windows");
@@ -126,18 +125,11 @@ struct LocalLayer {
     dir: PathBuf,
 }
 
+/// Downloads layer `digest` to `path` and checks its digest.
 async fn download(repo: &Repository, digest: &str, path: &Path) -> Result<()> {
     use sha2::Digest;
-    let resp = repo.blob_response(digest).await.with_context(|| format!("fetching layer {digest}"))?;
-    let mut file = tokio::fs::File::create(path).await?;
-    let mut stream = resp.bytes_stream();
     let mut hash = sha2::Sha256::new();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.with_context(|| format!("reading layer {digest}"))?;
-        hash.update(&chunk);
-        file.write_all(&chunk).await?;
-    }
-    file.flush().await?;
+    crate::publish::download(repo, digest, path, |chunk| hash.update(chunk)).await?;
     let got = format!("sha256:{}", hex::encode(hash.finalize()));
     if got != digest {
         bail!("layer {digest} downloaded as {got}");

@@ -196,7 +196,7 @@ pub async fn index_image(
 
 /// The digest of an index artifact already published for `manifest_digest` that covers every
 /// layer of `image`, if any (indexes are content addressed: no need to redo them).
-async fn published_index(
+pub(crate) async fn published_index(
     repo: &Repository,
     manifest_digest: &str,
     image: &oci_spec::image::ImageManifest,
@@ -242,6 +242,28 @@ fn store_layer(dir: &std::path::Path, digest: &str, packed: &[u8], windows: Opti
     atomic_write(&index_path, packed, 0o644, Durability::Durable)
 }
 
+/// Streams layer `digest` into the file `path`, showing each chunk to `seen` first; returns its
+/// size.
+pub(crate) async fn download(
+    repo: &Repository,
+    digest: &str,
+    path: &std::path::Path,
+    mut seen: impl FnMut(&[u8]),
+) -> Result<u64> {
+    let resp = repo.blob_response(digest).await.with_context(|| format!("fetching layer {digest}"))?;
+    let mut file = tokio::fs::File::create(path).await?;
+    let mut stream = resp.bytes_stream();
+    let mut size = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.with_context(|| format!("reading layer {digest}"))?;
+        size += chunk.len() as u64;
+        seen(&chunk);
+        file.write_all(&chunk).await?;
+    }
+    file.flush().await?;
+    Ok(size)
+}
+
 /// Downloads one layer to `path` (streamed), indexes it, and returns the packed index (without
 /// windows) and the windows blob, if any.
 async fn index_layer(
@@ -253,18 +275,7 @@ async fn index_layer(
     task: &crate::progress::Task,
 ) -> Result<(LayerIndexed, Vec<u8>, Option<Vec<u8>>)> {
     let started = Instant::now();
-    let resp = repo.blob_response(digest).await.with_context(|| format!("fetching layer {digest}"))?;
-    let mut file = tokio::fs::File::create(path).await?;
-    let mut stream = resp.bytes_stream();
-    let mut size = 0u64;
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.with_context(|| format!("reading layer {digest}"))?;
-        size += chunk.len() as u64;
-        task.advance(chunk.len() as u64);
-        file.write_all(&chunk).await?;
-    }
-    file.flush().await?;
-    drop(file);
+    let size = download(repo, digest, path, |chunk| task.advance(chunk.len() as u64)).await?;
     let (path, digest_owned, media_type) = (path.to_path_buf(), digest.to_string(), media_type.to_string());
     let index = tokio::task::spawn_blocking(move || -> Result<_> {
         let opts = clip_index::BuildOptions { span_size, expected_digest: Some(digest_owned.clone()), media_type };

@@ -219,11 +219,6 @@ impl Replayer {
         });
         (planned, foreign)
     }
-
-    /// Runs queued and not yet started.
-    pub fn pending(&self) -> usize {
-        self.workers.with(BinaryHeap::len)
-    }
 }
 
 impl Drop for Replayer {

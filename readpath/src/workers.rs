@@ -80,11 +80,6 @@ impl<Q: JobQueue> Workers<Q> {
         self.ready.notify_all();
     }
 
-    /// Reads the queue.
-    pub(crate) fn with<T>(&self, f: impl FnOnce(&Q) -> T) -> T {
-        f(&self.queue.lock())
-    }
-
     /// Ends the threads (after their current job).
     pub(crate) fn stop(&self) {
         self.stop.store(true, Ordering::Relaxed);

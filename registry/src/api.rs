@@ -392,51 +392,46 @@ impl Repository {
     /// Adds `descriptor` to the tag-schema fallback index of `subject` (for registries without
     /// the referrers API): read, append unless present, PUT.
     pub async fn add_referrer_to_fallback_tag(&self, subject: &str, descriptor: Descriptor) -> Result<()> {
-        let tag = fallback_tag(subject);
-        let mut manifests = match self.get_manifest(&tag).await {
-            Ok(m) => serde_json::from_slice::<ImageIndex>(&m.bytes)
-                .map_err(|e| self.bad("referrers tag", e.to_string()))?
-                .manifests()
-                .clone(),
-            Err(RegistryError::NotFound { .. }) => Vec::new(),
-            Err(e) => return Err(e),
-        };
+        let mut manifests = self.fallback_referrers(subject).await?;
         if manifests.iter().any(|d| d.digest() == descriptor.digest()) {
             return Ok(());
         }
         manifests.push(descriptor);
-        let index = serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": OCI_INDEX,
-            "manifests": manifests,
-        });
-        let bytes = serde_json::to_vec(&index).map_err(|e| self.bad("referrers tag", e.to_string()))?;
-        self.put_manifest(&tag, OCI_INDEX, Bytes::from(bytes)).await?;
-        Ok(())
+        self.put_fallback_referrers(subject, &manifests).await
     }
 
     /// Takes the referrers of `artifact_type` off the tag-schema fallback index of `subject`
     /// (the artifacts stay; registries without the referrers API no longer list them). Returns
     /// how many were taken off.
     pub async fn unlist_referrers(&self, subject: &str, artifact_type: &str) -> Result<usize> {
-        let tag = fallback_tag(subject);
-        let manifests = match self.get_manifest(&tag).await {
-            Ok(m) => serde_json::from_slice::<ImageIndex>(&m.bytes)
-                .map_err(|e| self.bad("referrers tag", e.to_string()))?
-                .manifests()
-                .clone(),
-            Err(RegistryError::NotFound { .. }) => return Ok(0),
-            Err(e) => return Err(e),
-        };
-        let is_type = |d: &Descriptor| d.artifact_type().as_ref().is_some_and(|a| a.to_string() == artifact_type);
-        let kept: Vec<&Descriptor> = manifests.iter().filter(|d| !is_type(d)).collect();
-        let removed = manifests.len() - kept.len();
+        let mut manifests = self.fallback_referrers(subject).await?;
+        let before = manifests.len();
+        manifests.retain(|d| d.artifact_type().as_ref().is_none_or(|a| a.to_string() != artifact_type));
+        let removed = before - manifests.len();
         if removed > 0 {
-            let index = serde_json::json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": kept });
-            let bytes = serde_json::to_vec(&index).map_err(|e| self.bad("referrers tag", e.to_string()))?;
-            self.put_manifest(&tag, OCI_INDEX, Bytes::from(bytes)).await?;
+            self.put_fallback_referrers(subject, &manifests).await?;
         }
         Ok(removed)
+    }
+
+    /// The entries of the tag-schema fallback index of `subject` (none when it is absent).
+    async fn fallback_referrers(&self, subject: &str) -> Result<Vec<Descriptor>> {
+        match self.get_manifest(&fallback_tag(subject)).await {
+            Ok(m) => Ok(serde_json::from_slice::<ImageIndex>(&m.bytes)
+                .map_err(|e| self.bad("referrers tag", e.to_string()))?
+                .manifests()
+                .clone()),
+            Err(RegistryError::NotFound { .. }) => Ok(Vec::new()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Writes the tag-schema fallback index of `subject` with `manifests`.
+    async fn put_fallback_referrers(&self, subject: &str, manifests: &[Descriptor]) -> Result<()> {
+        let index = serde_json::json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests });
+        let bytes = serde_json::to_vec(&index).map_err(|e| self.bad("referrers tag", e.to_string()))?;
+        self.put_manifest(&fallback_tag(subject), OCI_INDEX, Bytes::from(bytes)).await?;
+        Ok(())
     }
 
     /// Publishes `blob` (of `blob_media_type`) as an artifact of `artifact_type` referring to

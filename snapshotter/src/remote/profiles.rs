@@ -167,12 +167,10 @@ impl ProfileBook {
     }
 
     /// Stops `st`'s recording, if one runs.
-    fn stop_recording(&self, st: &mut ImageState) -> Option<Arc<Recorder>> {
-        let r = st.recorder.take();
-        if r.is_some() {
+    fn stop_recording(&self, st: &mut ImageState) {
+        if st.recorder.take().is_some() {
             self.recording.fetch_sub(1, Ordering::Relaxed);
         }
-        r
     }
 
     async fn look_up(self: Arc<Self>, img: Arc<ImageProfile>, reference: String) {
@@ -189,11 +187,7 @@ impl ProfileBook {
         let digest = fetched.digest.clone();
         let layers: HashSet<String> = {
             let mut st = img.state.lock();
-            st.subject = Some(Subject {
-                digest: digest.clone(),
-                media_type: fetched.media_type.clone(),
-                size: fetched.bytes.len() as u64,
-            });
+            st.subject = Some(Subject::from(&fetched));
             st.layers.extend(manifest.layers().iter().map(|l| l.digest().to_string()));
             st.layers.clone()
         };
@@ -248,9 +242,9 @@ impl ProfileBook {
                 Ok((p, bytes)) => {
                     self.metrics.profile_event("found_registry");
                     tracing::info!(image = %img.image_ref, %artifact, reads = p.reads.len(), "access profile found in the registry");
-                    if let Err(e) = self.store(&path, &bytes) {
-                        tracing::warn!(path = %path.display(), error = %e, "cannot keep the access profile");
-                    }
+                    // Written (and synced) off the runtime's threads.
+                    let dir = self.dir.clone();
+                    let _ = tokio::task::spawn_blocking(move || keep(&dir, &path, &bytes)).await;
                     return Some(p);
                 }
                 Err(e) => {
@@ -273,11 +267,6 @@ impl ProfileBook {
         let blob = profile_blob(&manifest.bytes, digest)?;
         let bytes = repo.get_blob(&blob, MAX_PROFILE_BYTES).await?;
         Ok((parse_for(&bytes, digest, layers)?, bytes))
-    }
-
-    fn store(&self, path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-        std::fs::create_dir_all(&self.dir)?;
-        clip_fsutil::atomic_write(path, bytes, 0o644, clip_fsutil::Durability::Durable)
     }
 
     /// Queues the replay of `cache`'s layer's part of `profile`, once.
@@ -359,9 +348,7 @@ impl ProfileBook {
         tracing::info!(image = %img.image_ref, reads = profile.reads.len(), layers = profile.layers.len(), ms = profile.recorded_ms, "access profile recorded");
         let bytes = profile.to_json();
         let path = self.path(&subject.digest);
-        if let Err(e) = self.store(&path, &bytes) {
-            tracing::warn!(path = %path.display(), error = %e, "cannot keep the access profile");
-        }
+        keep(&self.dir, &path, &bytes);
         if !self.publish {
             return;
         }
@@ -380,6 +367,16 @@ impl ProfileBook {
                 }
             }
         });
+    }
+}
+
+/// Keeps a profile in the profile store `dir` as `path` (a failure is logged: the profile is
+/// then fetched again next time).
+fn keep(dir: &std::path::Path, path: &std::path::Path, bytes: &[u8]) {
+    let kept = std::fs::create_dir_all(dir)
+        .and_then(|()| clip_fsutil::atomic_write(path, bytes, 0o644, clip_fsutil::Durability::Durable));
+    if let Err(e) = kept {
+        tracing::warn!(path = %path.display(), error = %e, "cannot keep the access profile");
     }
 }
 
