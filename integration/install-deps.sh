@@ -78,3 +78,12 @@ build_conformance2() {
   rm -rf "$src"
 }
 build_go_tool "$CONFORMANCE2_DIR" "$conformance_hash" build_conformance2
+# SOCI snapshotter (benchmark peer): the module of integration/soci (SOCI's library at the version
+# its go.mod pins, with SOCI's replace directives, and thin mains for `serve` and `convert`, since
+# SOCI's own command module is not served by the Go module proxy); rebuilt when those files change.
+SOCI_SRC=(integration/soci/go.mod integration/soci/go.sum integration/soci/main.go)
+soci_hash=$(cat "${SOCI_SRC[@]}" | sha256sum | cut -c1-16)
+build_soci() {
+  (cd integration/soci && "$GO" build -o "$SOCI_DIR/bin/clip-bench-soci" .)
+}
+build_go_tool "$SOCI_DIR" "$soci_hash" build_soci

@@ -3,19 +3,21 @@
 //! pull` + `ctr run`; first start ever, no access profile in the registry), clip with the access
 //! profile a first node recorded and published (`clip-profile`: the first node's run is not
 //! timed, every timed run is a cold node that finds the profile in the registry), clip through
-//! CRI (PullImage + pod + container, no profile), and the stargz snapshotter
-//! on eStargz images when `containerd-stargz-grpc` is installed; on loopback and on a 100 Mbit/s,
+//! CRI (PullImage + pod + container, no profile), the SOCI snapshotter on SOCI-converted images
+//! (defaults and tuned; built by `integration/install-deps.sh`) and the stargz snapshotter on
+//! eStargz images when `containerd-stargz-grpc` is installed; on loopback and on a 100 Mbit/s,
 //! 20 ms link (a network namespace with `tc tbf` plus a delaying proxy). Every run starts cold:
 //! all namespaces purged, the snapshotter's state wiped, page cache dropped, daemons restarted.
 //! Also: warm read throughput, a metadata walk, and the snapshotter's memory.
 //!
 //! Run (release build, root): `cargo bench -p clip-integration --bench cold_start -- [--reps N]
 //! [--links loopback,slow] [--images busybox,python] [--modes overlayfs,clip,clip-profile,clip-cri]
-//! [--out docs/benchmarks]`. Writes `cold-start.csv`, `cold-start.md` and, with
+//! [--containerd 2|1.6] [--skip warm,memory,stargz,soci] [--out docs/benchmarks]`. containerd 2.x
+//! by default (SOCI runs only there). Writes `cold-start.csv`, `cold-start.md` and, with
 //! python3-matplotlib, `cold-start.png` into the output directory.
 
 use anyhow::{Context, Result, bail};
-use clip_integration::containerd::{Containerd, ContainerdOptions};
+use clip_integration::containerd::{Containerd, ContainerdOptions, Flavor};
 use clip_integration::cri::CriClient;
 use clip_integration::images::{TestImage, layout_layers};
 use clip_integration::netns::SlowLink;
@@ -28,7 +30,17 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+#[path = "cold_start/peers.rs"]
+mod peers;
+use peers::{Peer, Usage};
+
 const NS: &str = "bench";
+
+/// SOCI's modes and their `convert` settings: its defaults (4 MiB spans, no zTOC for layers under
+/// 10 MiB), and tuned for these small images (every layer indexed, 1 MiB spans: its docs' two
+/// knobs, smaller spans trading index size for less data per random read).
+const SOCI_MODES: [(&str, &[&str]); 2] =
+    [("soci", &[]), ("soci-tuned", &["-min-layer-size", "0", "-span-size", "1048576"])];
 
 #[derive(Debug, Clone)]
 struct Opts {
@@ -37,9 +49,11 @@ struct Opts {
     images: Vec<String>,
     modes: Vec<String>,
     workloads: Vec<String>,
-    /// Parts left out: `warm`, `memory`, `stargz` (quick runs while tuning).
+    /// Parts left out: `warm`, `memory`, `stargz`, `soci` (quick runs while tuning).
     skip: Vec<String>,
     out: PathBuf,
+    /// containerd 2.x (default) or Debian's 1.6 (`--containerd 1.6`).
+    flavor: Flavor,
 }
 
 fn parse_opts() -> Result<Opts> {
@@ -51,6 +65,7 @@ fn parse_opts() -> Result<Opts> {
         workloads: vec!["print".into(), "numpy".into(), "fullread".into()],
         skip: Vec::new(),
         out: Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks"),
+        flavor: Flavor::V2,
     };
     let list = |v: String| v.split(',').map(str::to_string).collect::<Vec<_>>();
     let mut args = std::env::args().skip(1);
@@ -61,7 +76,14 @@ fn parse_opts() -> Result<Opts> {
             "--images" => o.images = list(args.next().context("--images")?),
             "--modes" => o.modes = list(args.next().context("--modes")?),
             "--workloads" => o.workloads = list(args.next().context("--workloads")?),
-            "--skip" => o.skip = list(args.next().context("--skip warm,memory,stargz")?),
+            "--skip" => o.skip = list(args.next().context("--skip warm,memory,stargz,soci")?),
+            "--containerd" => {
+                o.flavor = match args.next().context("--containerd 2|1.6")?.as_str() {
+                    "2" | "2.x" => Flavor::V2,
+                    "1.6" => Flavor::V1_6,
+                    other => bail!("--containerd {other}: 2 or 1.6"),
+                }
+            }
             "--out" => o.out = PathBuf::from(args.next().context("--out DIR")?),
             "--bench" => {}
             other => bail!("unknown argument {other}"),
@@ -84,6 +106,8 @@ struct Sample {
     /// clip modes: compressed bytes the snapshotter fetched by cause (foreground, prefetch,
     /// profile, stream), from its metrics.
     causes: [u64; 4],
+    /// The snapshotter daemon's peak RSS and CPU during the run (overlayfs: containerd's).
+    usage: Usage,
 }
 
 const CAUSES: [&str; 4] = ["foreground", "prefetch", "profile", "stream"];
@@ -159,68 +183,11 @@ fn workload(image: &str, name: &str) -> Option<Vec<&'static str>> {
     }
 }
 
-/// The stargz snapshotter (the peer), when `containerd-stargz-grpc` is installed.
-struct Stargz {
-    bin: PathBuf,
-    dir: PathBuf,
-    daemon: Option<clip_integration::process::Daemon>,
-}
-
-impl Stargz {
-    fn find() -> Option<PathBuf> {
-        std::env::var_os("CLIP_BENCH_STARGZ")
-            .map(PathBuf::from)
-            .into_iter()
-            .chain([
-                PathBuf::from("/tmp/testbed/bin/containerd-stargz-grpc"),
-                PathBuf::from("/usr/local/bin/containerd-stargz-grpc"),
-            ])
-            .find(|p| p.exists())
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.join("stargz.sock")
-    }
-
-    /// Starts on a fresh root, trusting `hosts` over plain HTTP.
-    fn start(&mut self, hosts: &[String]) -> Result<()> {
-        let root = self.dir.join("root");
-        clip_integration::unmount_below(&root);
-        let _ = std::fs::remove_dir_all(&root);
-        std::fs::create_dir_all(&root)?;
-        let mut cfg = String::new();
-        for h in hosts {
-            let _ = writeln!(cfg, "[[resolver.host.\"{h}\".mirrors]]\n  host = \"{h}\"\n  insecure = true");
-        }
-        std::fs::write(self.dir.join("config.toml"), cfg)?;
-        let _ = std::fs::remove_file(self.socket());
-        let mut cmd = Command::new(&self.bin);
-        cmd.arg("-address").arg(self.socket()).arg("-root").arg(&root).arg("-config").arg(self.dir.join("config.toml"));
-        cmd.args(["-log-level", "info"]).env("DOCKER_CONFIG", self.dir.join("docker"));
-        self.daemon = Some(clip_integration::process::Daemon::spawn(
-            "containerd-stargz-grpc",
-            cmd,
-            &self.dir.join("stargz.log"),
-        )?);
-        let sock = self.socket();
-        if !clip_integration::wait_until(Duration::from_secs(20), || sock.exists()) {
-            bail!("containerd-stargz-grpc did not start");
-        }
-        Ok(())
-    }
-
-    /// SIGINT: it unmounts its FUSE layers.
-    fn stop(&mut self) {
-        if let Some(mut d) = self.daemon.take() {
-            d.stop_with(nix::sys::signal::Signal::SIGINT, Duration::from_secs(10));
-        }
-        clip_integration::unmount_below(&self.dir.join("root"));
-    }
-}
-
 struct Bench {
-    stargz: Option<Stargz>,
-    stargz_hosts: Vec<String>,
+    /// The peers that are installed and not skipped (stargz, soci).
+    peers: Vec<Peer>,
+    /// Registry hosts the peers trust over plain HTTP.
+    peer_hosts: Vec<String>,
     td: TestDir,
     snap: ClipSnapshotter,
     ctrd: Containerd,
@@ -240,9 +207,9 @@ impl Bench {
     fn cold(&mut self) -> Result<()> {
         self.ctrd.purge()?;
         self.snap.wipe_and_restart()?;
-        if let Some(s) = &mut self.stargz {
-            s.stop();
-            s.start(&self.stargz_hosts)?;
+        for p in &mut self.peers {
+            p.stop();
+            p.start(&self.peer_hosts)?;
         }
         self.ctrd.restart()?;
         drop_caches();
@@ -283,6 +250,16 @@ impl Bench {
                     .args(["pull", "--plain-http", "-n", NS, "--containerd-address"])
                     .arg(self.ctrd.socket())
                     .arg(reference))?;
+            }
+            "soci" | "soci-tuned" => {
+                let nerdctl = self.td.path().join("nerdctl");
+                run(self.ctrd.nerdctl(NS, &nerdctl, &nerdctl.join("docker"))?.args([
+                    "--snapshotter",
+                    "soci",
+                    "pull",
+                    "--insecure-registry",
+                    reference,
+                ]))?;
             }
             "estargz" | "estargz-opt" => {
                 run(Command::new("ctr-remote").arg("-a").arg(self.ctrd.socket()).args([
@@ -336,6 +313,19 @@ impl Bench {
         })
     }
 
+    /// The pids of the snapshotter daemon `mode` runs on (overlayfs: containerd itself).
+    fn daemon_pids(&self, mode: &str) -> Vec<u32> {
+        let peer = |name: &str| self.peers.iter().find(|p| p.name == name).map_or(0, Peer::pid);
+        match mode {
+            m if m.starts_with("clip") => {
+                vec![self.snap.pid(), self.snap.keeper_pid().map_or(0, |p| p as u32)]
+            }
+            m if m.starts_with("soci") => vec![peer("soci")],
+            m if m.starts_with("estargz") => vec![peer("stargz")],
+            _ => vec![self.ctrd.pid()],
+        }
+    }
+
     fn measure(&mut self, site: &Site, mode: &str, image: &str, cmd: &[&str]) -> Result<(f64, u64, usize)> {
         self.cold()?;
         if mode == "clip-cri" {
@@ -344,6 +334,7 @@ impl Bench {
         let reference = match mode {
             "estargz" => site.reference(image).replace(":latest", ":esgz"),
             "estargz-opt" => site.reference(image).replace(":latest", ":esgz-opt"),
+            "soci" | "soci-tuned" => site.reference(image).replace(":latest", &format!(":{mode}")),
             _ => site.reference(image),
         };
         let (b0, r0) = site.served();
@@ -361,6 +352,7 @@ impl Bench {
                 let snapshotter = match m {
                     "clip" | "clip-profile" => "clip",
                     "estargz" | "estargz-opt" => "stargz",
+                    "soci" | "soci-tuned" => "soci",
                     _ => "overlayfs",
                 };
                 self.ctr_run(snapshotter, &reference, cmd)?;
@@ -455,19 +447,32 @@ fn main() -> Result<()> {
     let first = sites.values().next().context("no link")?;
     let pause = format!("{}/bench/pause:latest", first.host);
 
-    let mut stargz = Stargz::find().filter(|_| !opts.skip.iter().any(|s| s == "stargz")).map(|bin| Stargz {
-        bin,
-        dir: td.path().join("stargz"),
-        daemon: None,
-    });
-    let stargz_hosts: Vec<String> = sites.values().map(|s| s.host.clone()).collect();
-    if let Some(s) = &mut stargz {
-        std::fs::create_dir_all(&s.dir)?;
-        s.start(&stargz_hosts)?;
-        eprintln!("stargz snapshotter: {}", s.bin.display());
-    } else {
-        eprintln!("containerd-stargz-grpc not found (../shared/testbed/00-install.sh builds it): no eStargz modes");
+    let skipped = |name: &str| opts.skip.iter().any(|s| s == name);
+    let peer_hosts: Vec<String> = sites.values().map(|s| s.host.clone()).collect();
+    let mut peers = Vec::new();
+    match Peer::stargz(td.path().join("stargz")).filter(|_| !skipped("stargz")) {
+        Some(p) => peers.push(p),
+        None => {
+            eprintln!("containerd-stargz-grpc not found (../shared/testbed/00-install.sh builds it): no eStargz modes");
+        }
     }
+    match Peer::soci(td.path().join("soci")).filter(|_| !skipped("soci")) {
+        Some(p) => peers.push(p),
+        None => eprintln!("the SOCI snapshotter is not built (integration/install-deps.sh builds it): no SOCI modes"),
+    }
+    if opts.flavor == Flavor::V1_6 {
+        // SOCI needs containerd 2.x's client libraries and is documented for 2.x.
+        peers.retain(|p| p.name != "soci");
+    }
+    // Where `Containerd::start` puts its socket (the peers start first: its config names theirs).
+    let containerd_socket = td.path().join("containerd").join("containerd.sock");
+    for p in &mut peers {
+        p.containerd.clone_from(&containerd_socket);
+        std::fs::create_dir_all(&p.dir)?;
+        p.start(&peer_hosts)?;
+        eprintln!("{} snapshotter: {}", p.name, p.bin().display());
+    }
+    let has_peer = |peers: &[Peer], name: &str| peers.iter().any(|p| p.name == name);
     let config = td.path().join("snapshotter.toml");
     // CLIP_BENCH_LAZY: extra `[lazy]` settings, e.g. "prefetch_threads = 0" (tuning runs).
     let lazy = std::env::var("CLIP_BENCH_LAZY").unwrap_or_default().replace(';', "\n");
@@ -487,12 +492,13 @@ fn main() -> Result<()> {
         &ContainerdOptions {
             clip_socket: Some(snap.socket().to_path_buf()),
             sandbox_image: Some(pause.clone()),
-            stargz_socket: stargz.as_ref().map(Stargz::socket),
-            // The published figures are containerd 1.6's (moving the bench to 2.x is issue 20).
-            flavor: clip_integration::containerd::Flavor::V1_6,
+            stargz_socket: peers.iter().find(|p| p.name == "stargz").map(Peer::socket),
+            soci_socket: peers.iter().find(|p| p.name == "soci").map(Peer::socket),
+            flavor: opts.flavor,
             ..Default::default()
         },
     )?;
+    anyhow::ensure!(ctrd.socket() == containerd_socket, "containerd's socket moved: {}", ctrd.socket().display());
     for site in sites.values() {
         let d = ctrd.hosts_dir().join(&site.host);
         std::fs::create_dir_all(&d)?;
@@ -500,7 +506,7 @@ fn main() -> Result<()> {
     }
     // eStargz images, converted and optimized (for `import numpy`) with ctr-remote, per site.
     let mut modes = opts.modes.clone();
-    if stargz.is_some() {
+    if has_peer(&peers, "stargz") {
         for site in sites.values() {
             for image in &opts.images {
                 let src = site.reference(image);
@@ -542,9 +548,53 @@ fn main() -> Result<()> {
             }
         }
     }
+    // SOCI: each image converted the way SOCI's docs recommend for this release (`soci convert`:
+    // zTOCs plus a SOCI index manifest v2 in a new image index), with SOCI's defaults (`soci`) and
+    // tuned for these images (`soci-tuned`), per site.
+    if let Some(soci) = peers.iter().find(|p| p.name == "soci") {
+        for site in sites.values() {
+            for image in &opts.images {
+                let src = site.reference(image);
+                let ctr = || {
+                    let mut c = ctrd.ctr("convert");
+                    c.env("PATH", ctrd.path_env());
+                    c
+                };
+                run(ctr().args(["images", "pull", "--plain-http", "--hosts-dir"]).arg(ctrd.hosts_dir()).arg(&src))?;
+                for (mode, args) in SOCI_MODES {
+                    let dst = src.replace(":latest", &format!(":{mode}"));
+                    let converted = Command::new(soci.bin())
+                        .arg("convert")
+                        .arg("-address")
+                        .arg(ctrd.socket())
+                        .args(["-namespace", "convert"])
+                        .args(args.iter())
+                        .args([&src, &dst])
+                        .output()?;
+                    if !converted.status.success() {
+                        // SOCI indexes no layer under its minimum size, and refuses an image
+                        // with none: such an image is pulled whole, as SOCI users get it.
+                        let err = String::from_utf8_lossy(&converted.stderr);
+                        eprintln!("soci convert {src} ({mode}) refused: {}; pushing it unconverted", err.trim());
+                        run(ctr().args(["images", "tag", "--force", &src, &dst]))?;
+                    }
+                    run(ctr()
+                        .args(["images", "push", "--plain-http", "--hosts-dir"])
+                        .arg(ctrd.hosts_dir())
+                        .args([&dst, &dst]))?;
+                }
+            }
+        }
+        ctrd.purge()?;
+        for (m, _) in SOCI_MODES {
+            if !modes.iter().any(|x| x == m) {
+                modes.push(m.to_string());
+            }
+        }
+    }
     let opts = Opts { modes, ..opts };
     let rt = tokio::runtime::Runtime::new()?;
-    let mut bench = Bench { stargz, stargz_hosts, td, snap, ctrd, hosts, rt, pause, metrics_port };
+    let mut bench = Bench { peers, peer_hosts, td, snap, ctrd, hosts, rt, pause, metrics_port };
 
     let mut samples = Vec::new();
     for (link, site) in &sites {
@@ -573,14 +623,17 @@ fn main() -> Result<()> {
                             .measure(site, mode, image, &cmd)
                             .with_context(|| format!("{link} {image} {name} {mode} #{rep}"))?;
                         let causes = if mode.starts_with("clip") { bench.causes() } else { [0; 4] };
+                        let usage = Usage::of(&bench.daemon_pids(mode));
                         let mb = |b: u64| b as f64 / 1e6;
                         eprintln!(
-                            "{link:8} {image:7} {name:8} {mode:12} #{rep}: {seconds:6.2} s {:7.1} MB {requests:4} requests (by cause MB: fg {:.1} pf {:.1} profile {:.1} stream {:.1})",
+                            "{link:8} {image:7} {name:8} {mode:12} #{rep}: {seconds:6.2} s {:7.1} MB {requests:4} requests (by cause MB: fg {:.1} pf {:.1} profile {:.1} stream {:.1}); daemon peak RSS {:.0} MB, CPU {:.2} s",
                             mb(bytes),
                             mb(causes[0]),
                             mb(causes[1]),
                             mb(causes[2]),
-                            mb(causes[3])
+                            mb(causes[3]),
+                            mb(usage.peak_rss_bytes),
+                            usage.cpu_seconds
                         );
                         samples.push(Sample {
                             link: link.clone(),
@@ -592,6 +645,7 @@ fn main() -> Result<()> {
                             bytes,
                             requests,
                             causes,
+                            usage,
                         });
                     }
                 }
@@ -648,14 +702,23 @@ fn write_results(
     sizes: &BTreeMap<&str, u64>,
 ) -> Result<()> {
     let mut csv = String::from(
-        "link,image,workload,mode,rep,seconds,bytes,requests,foreground_bytes,prefetch_bytes,profile_bytes,stream_bytes\n",
+        "link,image,workload,mode,rep,seconds,bytes,requests,foreground_bytes,prefetch_bytes,profile_bytes,stream_bytes,daemon_peak_rss_bytes,daemon_cpu_seconds\n",
     );
     for s in samples {
         let [fg, pf, pr, st] = s.causes;
         let _ = writeln!(
             csv,
-            "{},{},{},{},{},{:.3},{},{},{fg},{pf},{pr},{st}",
-            s.link, s.image, s.workload, s.mode, s.rep, s.seconds, s.bytes, s.requests
+            "{},{},{},{},{},{:.3},{},{},{fg},{pf},{pr},{st},{},{:.3}",
+            s.link,
+            s.image,
+            s.workload,
+            s.mode,
+            s.rep,
+            s.seconds,
+            s.bytes,
+            s.requests,
+            s.usage.peak_rss_bytes,
+            s.usage.cpu_seconds
         );
     }
     std::fs::write(opts.out.join("cold-start.csv"), &csv)?;
@@ -665,23 +728,28 @@ fn write_results(
         groups.entry((s.link.clone(), s.image.clone(), s.workload.clone(), s.mode.clone())).or_default().push(s);
     }
     let mut md = String::new();
-    let _ = writeln!(md, "# Cold start: clip vs overlayfs and eStargz\n");
+    let _ = writeln!(md, "# Cold start: clip vs overlayfs, SOCI and eStargz\n");
     let command: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
     let sizes_text: Vec<String> = sizes.iter().map(|(k, v)| format!("{k} {:.1} MB", *v as f64 / 1e6)).collect();
     let _ = writeln!(
         md,
-        "Produced by `cargo bench -p clip-integration --bench cold_start -- {}` on a 2-core VM (Debian 12, kernel 6.18). \
+        "Produced by `cargo bench -p clip-integration --bench cold_start -- {}` on a 2-core VM (Debian 12, kernel 6.18), \
+         containerd {}. \
          Every run is cold (namespaces purged, snapshotter state wiped, page cache dropped, daemons restarted); time is from \
          the pull to the workload's exit; bytes and requests are what the registry served by then. `slow` is 100 Mbit/s with \
          a 20 ms round trip. Image sizes (compressed): {}.\n",
         command.join(" "),
+        match opts.flavor {
+            Flavor::V2 => clip_integration::gotools::containerd2_version(),
+            Flavor::V1_6 => "1.6 (Debian 12)".to_string(),
+        },
         sizes_text.join(", ")
     );
     let _ = writeln!(
         md,
-        "| link | image | workload | mode | median s | spread s (max-min) | MB served | requests | vs overlayfs | clip MB by cause: container / prefetch / profile / stream |"
+        "| link | image | workload | mode | median s | spread s (max-min) | MB served | requests | vs overlayfs | daemon peak RSS MB | daemon CPU s | clip MB by cause: container / prefetch / profile / stream |"
     );
-    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut medians: BTreeMap<(String, String, String, String), f64> = BTreeMap::new();
     for (k, v) in &groups {
         let mut t: Vec<f64> = v.iter().map(|s| s.seconds).collect();
@@ -706,15 +774,19 @@ fn write_results(
         } else {
             "-".into()
         };
+        let mut rss: Vec<f64> = v.iter().map(|s| s.usage.peak_rss_bytes as f64 / 1e6).collect();
+        let mut cpu: Vec<f64> = v.iter().map(|s| s.usage.cpu_seconds).collect();
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {m:.2} | {spread:.2} | {:.1} | {:.0} | {ratio} | {causes} |",
+            "| {} | {} | {} | {} | {m:.2} | {spread:.2} | {:.1} | {:.0} | {ratio} | {:.0} | {:.2} | {causes} |",
             k.0,
             k.1,
             k.2,
             k.3,
             median(&mut b),
-            median(&mut r)
+            median(&mut r),
+            median(&mut rss),
+            median(&mut cpu)
         );
     }
     if !warm.is_empty() {
@@ -737,7 +809,12 @@ fn write_results(
          (`../shared/testbed/00-install.sh`); `estargz-opt` is optimized for `import numpy`. `clip` is a first start ever \
          (no access profile in the registry); `clip-profile` a cold node of an image whose profile a first node recorded \
          for the same workload and published (the first node's run is not timed). The by-cause bytes are the \
-         snapshotter's (`clip_snapshotter_fetched_bytes_by_cause_total`), when the workload exited.\n"
+         snapshotter's (`clip_snapshotter_fetched_bytes_by_cause_total`), when the workload exited. SOCI modes \
+         (`integration/soci`: SOCI v0.16.1's library) pull with `nerdctl --snapshotter soci pull` and run with `ctr run`; \
+         `soci` is `soci convert` with SOCI's defaults (4 MiB spans, layers under 10 MiB not indexed: such layers, and \
+         images with no layer that large, are pulled whole), `soci-tuned` indexes every layer with 1 MiB spans. Daemon \
+         peak RSS and CPU are those of the snapshotter's processes during the run (clip: daemon plus fd keeper; \
+         overlayfs: containerd itself, which unpacks), each restarted for every run.\n"
     );
     let _ = writeln!(md, "\n## Snapshotter memory\n\n{memory}\n");
     std::fs::write(opts.out.join("cold-start.md"), &md)?;

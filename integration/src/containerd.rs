@@ -34,6 +34,8 @@ pub struct ContainerdOptions {
     pub sandbox_image: Option<String>,
     /// The stargz snapshotter's socket for `[proxy_plugins.stargz]` (benchmarks), if any.
     pub stargz_socket: Option<PathBuf>,
+    /// The SOCI snapshotter's socket for `[proxy_plugins.soci]` (benchmarks), if any.
+    pub soci_socket: Option<PathBuf>,
 }
 
 /// A running containerd. On drop: every task killed, every container and image removed in every
@@ -87,6 +89,11 @@ impl Containerd {
             }
             None => path,
         }
+    }
+
+    /// The daemon's pid (0 while stopped).
+    pub fn pid(&self) -> u32 {
+        self.daemon.as_ref().map_or(0, Daemon::pid)
     }
 
     pub fn flavor(&self) -> Flavor {
@@ -284,11 +291,15 @@ fn common_sections(dir: &Path, socket: &Path) -> String {
     )
 }
 
-fn stargz_section(opts: &ContainerdOptions) -> String {
-    opts.stargz_socket
-        .as_ref()
-        .map(|s| format!("[proxy_plugins.stargz]\n  type = \"snapshot\"\n  address = \"{}\"\n", s.display()))
-        .unwrap_or_default()
+/// `[proxy_plugins.stargz]` and `[proxy_plugins.soci]`, for the peers the benchmarks run.
+fn peers_section(opts: &ContainerdOptions) -> String {
+    [("stargz", &opts.stargz_socket), ("soci", &opts.soci_socket)]
+        .into_iter()
+        .filter_map(|(name, socket)| {
+            let s = socket.as_ref()?;
+            Some(format!("[proxy_plugins.{name}]\n  type = \"snapshot\"\n  address = \"{}\"\n", s.display()))
+        })
+        .collect()
 }
 
 /// containerd 1.6's config (version 2): the test's own paths and this machine's CRI needs,
@@ -303,7 +314,7 @@ fn render_config(
     let shipped = shipped_snippet(SHIPPED_CONFIG_V2, clip_socket)?;
     let d = dir.display();
     let sandbox = opts.sandbox_image.as_deref().unwrap_or("127.0.0.1:5000/testbed/pause:latest");
-    let stargz = stargz_section(opts);
+    let peers = peers_section(opts);
     let common = common_sections(dir, socket);
     Ok(format!(
         r#"version = 2
@@ -332,7 +343,7 @@ oom_score = 0
     conf_dir = "{d}/cni"
   [plugins."io.containerd.grpc.v1.cri".registry]
     config_path = "{hosts}"
-{stargz}"#,
+{peers}"#,
         hosts = hosts_dir.display(),
     ))
 }
@@ -360,7 +371,7 @@ fn render_config_v3(
     }
     let d = dir.display();
     let sandbox = opts.sandbox_image.as_deref().unwrap_or("127.0.0.1:5000/testbed/pause:latest");
-    let stargz = stargz_section(opts);
+    let peers = peers_section(opts);
     let common = common_sections(dir, socket);
     Ok(format!(
         r#"root = "{d}/root"
@@ -396,7 +407,7 @@ oom_score = 0
 # NRI's socket is machine-wide by default: one of its own, so containerds can run side by side.
 [plugins."io.containerd.nri.v1.nri"]
   socket_path = "{d}/nri.sock"
-{stargz}"#,
+{peers}"#,
         hosts = hosts_dir.display(),
     ))
 }

@@ -1,5 +1,5 @@
 //! The Go tools `integration/install-deps.sh` builds from the Go module proxy (containerd 2.x,
-//! nerdctl, crictl): where they are, read from the same `integration/go-tools.env` the script
+//! nerdctl, crictl, the SOCI peer): where they are, read from the same `integration/go-tools.env` the script
 //! sources, so versions are named once.
 
 use anyhow::{Result, bail};
@@ -60,6 +60,11 @@ pub fn crictl() -> Result<PathBuf> {
     tool("CRICTL_DIR", "crictl")
 }
 
+/// The SOCI snapshotter's `serve` and `convert` (benchmark peer), built from `integration/soci`.
+pub fn soci() -> Result<PathBuf> {
+    tool("SOCI_DIR", "clip-bench-soci")
+}
+
 /// containerd 2.x's snapshotter conformance suite, built from `integration/conformance2`.
 pub fn conformance2_suite() -> Result<PathBuf> {
     tool("CONFORMANCE2_DIR", "conformance.test")
@@ -70,7 +75,8 @@ mod tests {
     #[test]
     fn the_env_file_names_every_tool() {
         let vars = super::variables();
-        for v in ["CONTAINERD2_DIR", "NERDCTL_DIR", "CRICTL_DIR", "CONTAINERD2_VERSION", "CONFORMANCE2_DIR"] {
+        for v in ["CONTAINERD2_DIR", "NERDCTL_DIR", "CRICTL_DIR", "CONTAINERD2_VERSION", "CONFORMANCE2_DIR", "SOCI_DIR"]
+        {
             assert!(vars.get(v).is_some_and(|d| !d.is_empty() && !d.contains('$')), "{v}: {vars:?}");
         }
     }
