@@ -10,5 +10,6 @@ pub mod profile;
 pub mod progress;
 pub mod publish;
 pub mod remote;
+mod stream;
 pub mod token;
 pub mod transfer;

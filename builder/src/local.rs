@@ -10,7 +10,7 @@ use std::io::Write;
 use std::path::Path;
 
 /// Indexes the layer blob at `blob` and writes the index to `output` (packed or plain); returns
-/// the index and the size of its packed form (computed once: packing is zstd level 19).
+/// the index and the size of its packed form (computed once: packing is zstd, `clip_index::format::ZSTD_LEVEL`).
 pub fn index_file(blob: &Path, output: &Path, opts: &BuildOptions, packed: bool) -> Result<(Index, usize)> {
     let f = std::fs::File::open(blob).with_context(|| format!("open layer blob {}", blob.display()))?;
     let reader = std::io::BufReader::with_capacity(1 << 20, f);

@@ -129,7 +129,7 @@ struct LocalLayer {
 async fn download(repo: &Repository, digest: &str, path: &Path) -> Result<()> {
     use sha2::Digest;
     let mut hash = sha2::Sha256::new();
-    crate::publish::download(repo, digest, path, |chunk| hash.update(chunk)).await?;
+    crate::stream::download(repo, digest, path, |chunk| hash.update(chunk)).await?;
     let got = format!("sha256:{}", hex::encode(hash.finalize()));
     if got != digest {
         bail!("layer {digest} downloaded as {got}");

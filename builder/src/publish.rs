@@ -9,10 +9,8 @@ use bytes::Bytes;
 use clip_index::artifact::{ARTIFACT_TYPE, ArtifactBlob, BlobKind, EMPTY_CONFIG, IndexArtifact};
 use clip_registry::api::sha256_digest;
 use clip_registry::{Platform, Repository};
-use futures::StreamExt;
 use std::sync::Arc;
 use std::time::Instant;
-use tokio::io::AsyncWriteExt;
 
 /// Span size of published indexes: small spans make lazy reads fetch little, and cost little
 /// since their zran windows travel in a separate blob that readers fetch per span.
@@ -112,14 +110,12 @@ pub async fn index_image(
             labels,
         });
     }
-    let tmp = tempfile::tempdir().context("temp dir for layer downloads")?;
     let limit = Arc::new(tokio::sync::Semaphore::new(2));
     let mut tasks = Vec::new();
     for layer in image.layers() {
         let (repo, limit) = (repo.clone(), limit.clone());
         let digest = layer.digest().to_string();
         let media_type = layer.media_type().to_string();
-        let path = tmp.path().join(digest.replace(':', "-"));
         let (cache, progress) = (opts.cache_dir.clone(), opts.progress.clone());
         let size = layer.size();
         tasks.push(tokio::spawn(async move {
@@ -128,7 +124,7 @@ pub async fn index_image(
             }
             let _permit = limit.acquire_owned().await?;
             let task = progress.task(&format!("layer {}", &digest[7..19.min(digest.len())]), size);
-            let result = index_layer(&repo, &digest, &media_type, &path, span_size, &task).await;
+            let result = index_layer(&repo, &digest, &media_type, span_size, &task).await;
             if let (Ok(r), Some(c)) = (&result, cache.as_deref())
                 && let Err(e) = store_layer(c, &digest, &r.1, r.2.as_deref())
             {
@@ -242,44 +238,37 @@ fn store_layer(dir: &std::path::Path, digest: &str, packed: &[u8], windows: Opti
     atomic_write(&index_path, packed, 0o644, Durability::Durable)
 }
 
-/// Streams layer `digest` into the file `path`, showing each chunk to `seen` first; returns its
-/// size.
-pub(crate) async fn download(
-    repo: &Repository,
-    digest: &str,
-    path: &std::path::Path,
-    mut seen: impl FnMut(&[u8]),
-) -> Result<u64> {
-    let resp = repo.blob_response(digest).await.with_context(|| format!("fetching layer {digest}"))?;
-    let mut file = tokio::fs::File::create(path).await?;
-    let mut stream = resp.bytes_stream();
-    let mut size = 0u64;
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.with_context(|| format!("reading layer {digest}"))?;
-        size += chunk.len() as u64;
-        seen(&chunk);
-        file.write_all(&chunk).await?;
+/// Chunks in flight between the download and the indexer (HTTP chunks are ~16 KiB each).
+const STREAM_CHUNKS: usize = 256;
+
+/// The indexer stopped reading a layer before its end (it failed; its error tells why).
+#[derive(Debug)]
+struct IndexerStopped;
+
+impl std::fmt::Display for IndexerStopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the indexer stopped reading the layer")
     }
-    file.flush().await?;
-    Ok(size)
 }
 
-/// Downloads one layer to `path` (streamed), indexes it, and returns the packed index (without
+impl std::error::Error for IndexerStopped {}
+
+/// Indexes one layer as it downloads (the blob streams into the indexer on a blocking thread:
+/// fetching, inflating and walking the tar overlap), and returns the packed index (without
 /// windows) and the windows blob, if any.
 async fn index_layer(
     repo: &Repository,
     digest: &str,
     media_type: &str,
-    path: &std::path::Path,
     span_size: u64,
     task: &crate::progress::Task,
 ) -> Result<(LayerIndexed, Vec<u8>, Option<Vec<u8>>)> {
     let started = Instant::now();
-    let size = download(repo, digest, path, |chunk| task.advance(chunk.len() as u64)).await?;
-    let (path, digest_owned, media_type) = (path.to_path_buf(), digest.to_string(), media_type.to_string());
-    let index = tokio::task::spawn_blocking(move || -> Result<_> {
+    let (tx, reader) = crate::stream::ChunkReader::channel(STREAM_CHUNKS);
+    let (digest_owned, media_type) = (digest.to_string(), media_type.to_string());
+    let build = tokio::task::spawn_blocking(move || -> Result<_> {
         let opts = clip_index::BuildOptions { span_size, expected_digest: Some(digest_owned.clone()), media_type };
-        let f = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(&path)?);
+        let f = std::io::BufReader::with_capacity(1 << 20, reader);
         let full = clip_index::build_index(f, &opts).with_context(|| format!("indexing layer {digest_owned}"))?;
         match full.split_windows()? {
             Some((meta, windows)) => {
@@ -292,8 +281,24 @@ async fn index_layer(
                 Ok((full, packed, None))
             }
         }
+    });
+    let fetched = crate::stream::stream_layer(repo, digest, |chunk| {
+        task.advance(chunk.len() as u64);
+        let tx = tx.clone();
+        // A send fails only when the indexer stopped early: its own error says why.
+        async move { tx.send(chunk).await.map_err(|_| anyhow::Error::new(IndexerStopped)) }
     })
-    .await??;
+    .await;
+    drop(tx);
+    let built = build.await.context("indexing task")?;
+    let (size, index) = match (fetched, built) {
+        (Ok(size), Ok(index)) => (size, index),
+        // The indexer refused the data (bad gzip, wrong digest, bad tar): its error.
+        (Ok(_), Err(e)) => return Err(e),
+        (Err(e), Err(b)) if e.is::<IndexerStopped>() => return Err(b),
+        // A failed download fails the index too (truncated data): the download's error.
+        (Err(e), _) => return Err(e),
+    };
     let (index, packed, windows) = (index.0, index.1, index.2);
     if index.layer_digest() != digest {
         bail!("index of {digest} names layer {}", index.layer_digest());

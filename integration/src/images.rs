@@ -236,13 +236,28 @@ pub fn derive_layout_with_layer(base: &Path, tag: &str, dest: &Path, tar: &[u8])
     let out = std::process::Command::new("gzip").arg("-c").arg(&tar_path).output()?;
     let _ = std::fs::remove_file(&tar_path);
     anyhow::ensure!(out.status.success(), "gzip");
-    let (gz, diff_id) = (out.stdout, format!("sha256:{}", hex::encode(sha2::Sha256::digest(tar))));
+    let diff_id = format!("sha256:{}", hex::encode(sha2::Sha256::digest(tar)));
+    add_gzip_layer(dest, tag, &out.stdout, &diff_id)
+}
+
+/// A new OCI layout at `dest` (tag `tag`): the image `tag` of `base` plus the gzip layer `gz`
+/// whose uncompressed digest is `diff_id`.
+pub fn derive_layout_with_gzip_layer(base: &Path, tag: &str, dest: &Path, gz: &[u8], diff_id: &str) -> Result<PathBuf> {
+    let _ = std::fs::remove_dir_all(dest);
+    let status = std::process::Command::new("cp").arg("-a").arg(base).arg(dest).status()?;
+    anyhow::ensure!(status.success(), "copying {}", base.display());
+    add_gzip_layer(dest, tag, gz, diff_id)
+}
+
+/// Adds the gzip layer `gz` (uncompressed digest `diff_id`) on top of the image `tag` of the
+/// layout `dest`, in place.
+fn add_gzip_layer(dest: &Path, tag: &str, gz: &[u8], diff_id: &str) -> Result<PathBuf> {
     let put = |bytes: &[u8]| -> Result<(String, u64)> {
         let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)));
         std::fs::write(blob_path(dest, &digest)?, bytes)?;
         Ok((digest, bytes.len() as u64))
     };
-    let (layer_digest, layer_size) = put(&gz)?;
+    let (layer_digest, layer_size) = put(gz)?;
     let mut manifest = layout_manifest(dest, tag)?;
     let config_digest = manifest["config"]["digest"].as_str().context("config digest")?.to_string();
     let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(blob_path(dest, &config_digest)?)?)?;

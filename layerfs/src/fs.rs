@@ -6,7 +6,7 @@
 //! immutable, so the kernel may cache attributes, entries and pages for long.
 
 use clip_index::{Entry, EntryId, EntryKind, Index};
-use clip_readpath::SpanCache;
+use clip_readpath::{FuseOp, SpanCache};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner, OpenFlags,
     ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
@@ -151,6 +151,11 @@ impl LayerFs {
 
     fn index(&self) -> &Index {
         self.spans.index()
+    }
+
+    /// Counts a FUSE request in the layer's metrics.
+    fn count(&self, op: FuseOp) {
+        self.spans.metrics().fuse_request(op);
     }
 
     fn entry(&self, ino: INodeNo) -> Result<Entry<'_>, Errno> {
@@ -340,6 +345,7 @@ impl Filesystem for LayerFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.count(FuseOp::Lookup);
         let result = self.entry(parent).and_then(|dir| {
             if dir.kind != EntryKind::Dir {
                 return Err(Errno::ENOTDIR);
@@ -372,6 +378,7 @@ impl Filesystem for LayerFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.count(FuseOp::Getattr);
         match self.entry(ino).and_then(|e| {
             let wh = Self::is_whiteout_entry(&e);
             self.attr(&e, wh)
@@ -382,6 +389,7 @@ impl Filesystem for LayerFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.count(FuseOp::Readlink);
         match self.entry(ino) {
             Ok(e) if e.kind == EntryKind::Symlink => reply.data(e.link),
             Ok(_) => reply.error(Errno::EINVAL),
@@ -390,6 +398,7 @@ impl Filesystem for LayerFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.count(FuseOp::Open);
         if self.no_open {
             // Granted at init: from now on the kernel opens files itself (read-only mount).
             return reply.error(Errno::ENOSYS);
@@ -503,6 +512,7 @@ impl Filesystem for LayerFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        self.count(FuseOp::Read);
         let entry = match self.entry(ino) {
             Ok(e) => e,
             Err(e) => return reply.error(e),
@@ -541,6 +551,7 @@ impl Filesystem for LayerFs {
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        self.count(FuseOp::Readdir);
         let items = match self.listing(ino) {
             Ok(items) => items,
             Err(e) => return reply.error(e),
@@ -561,6 +572,7 @@ impl Filesystem for LayerFs {
         offset: u64,
         mut reply: fuser::ReplyDirectoryPlus,
     ) {
+        self.count(FuseOp::Readdirplus);
         let items = match self.listing(ino) {
             Ok(items) => items,
             Err(e) => return reply.error(e),
@@ -580,6 +592,7 @@ impl Filesystem for LayerFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        self.count(FuseOp::Getxattr);
         if !self.has_xattrs() {
             return reply.error(Errno::ENOSYS);
         }

@@ -21,7 +21,7 @@ pub use budget::CacheBudget;
 pub use clip_index::RangeFetcher;
 pub use clip_index::reader::FileFetcher;
 pub use complete::{Completer, CompletionPolicy};
-pub use metrics::LayerMetrics;
+pub use metrics::{FuseOp, LayerMetrics};
 pub use prefetch::{PrefetchPolicy, Prefetcher};
 pub use profile::{Recorder, Recording, ReplayPolicy, Replayer};
 pub use spans::{Cause, MissObserver, ReadObserver, SpanCache, SpanCacheOptions, SpanError, SpanStats, Streamed};

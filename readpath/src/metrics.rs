@@ -29,4 +29,33 @@ pub struct LayerMetrics {
     /// while the layer replayed a profile (misses).
     pub profile_hits: Counter,
     pub profile_misses: Counter,
+    /// FUSE requests the layer's mount answered, by operation (the order of [`FuseOp::NAMES`]).
+    pub fuse_requests: [Counter; FuseOp::COUNT],
+}
+
+/// The FUSE operations counted per layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FuseOp {
+    Lookup,
+    Getattr,
+    Readdir,
+    Readdirplus,
+    Open,
+    Read,
+    Getxattr,
+    Readlink,
+}
+
+impl FuseOp {
+    pub const COUNT: usize = 8;
+    /// Label values, indexed by `op as usize`.
+    pub const NAMES: [&'static str; Self::COUNT] =
+        ["lookup", "getattr", "readdir", "readdirplus", "open", "read", "getxattr", "readlink"];
+}
+
+impl LayerMetrics {
+    /// Counts one FUSE request of `op`.
+    pub fn fuse_request(&self, op: FuseOp) {
+        self.fuse_requests[op as usize].inc();
+    }
 }

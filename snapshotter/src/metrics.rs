@@ -30,6 +30,12 @@ struct LayerLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LayerOpLabels {
+    layer: String,
+    op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EventLabels {
     event: &'static str,
 }
@@ -62,6 +68,7 @@ pub struct Metrics {
     profile_hits: Family<LayerLabels, Counter>,
     profile_misses: Family<LayerLabels, Counter>,
     profile_events: Family<EventLabels, Counter>,
+    fuse_requests: Family<LayerOpLabels, Counter>,
     /// Bytes in the span caches and passthrough copies, their limit, and evicted spans.
     pub cache_bytes: prometheus_client::metrics::gauge::Gauge,
     pub cache_limit_bytes: prometheus_client::metrics::gauge::Gauge,
@@ -139,6 +146,12 @@ impl Metrics {
             "access profiles found (found_local, found_registry), ignored, recorded, published, publish_failed",
             profile_events.clone(),
         );
+        let fuse_requests = Family::<LayerOpLabels, Counter>::default();
+        registry.register(
+            "fuse_requests",
+            "FUSE requests answered by a lazy layer's mount, by layer and operation",
+            fuse_requests.clone(),
+        );
         let cache_bytes = prometheus_client::metrics::gauge::Gauge::default();
         let cache_limit_bytes = prometheus_client::metrics::gauge::Gauge::default();
         let cache_evictions = Counter::default();
@@ -163,6 +176,7 @@ impl Metrics {
             profile_hits,
             profile_misses,
             profile_events,
+            fuse_requests,
             cache_bytes,
             cache_limit_bytes,
             cache_evictions,
@@ -189,6 +203,9 @@ impl Metrics {
             profile_bytes: self.by_cause(layer_digest, "profile"),
             profile_hits: self.profile_hits.get_or_create(&l).clone(),
             profile_misses: self.profile_misses.get_or_create(&l).clone(),
+            fuse_requests: clip_readpath::FuseOp::NAMES.map(|op| {
+                self.fuse_requests.get_or_create(&LayerOpLabels { layer: layer_digest.to_string(), op }).clone()
+            }),
         }
     }
 

@@ -74,7 +74,7 @@ impl IndexData {
             let (woff, wlen) = if c.window.is_empty() {
                 (0u64, 0u32)
             } else {
-                let z = zstd::bulk::compress(&c.window, 19)?;
+                let z = zstd::bulk::compress(&c.window, super::ZSTD_LEVEL)?;
                 let off = windows.len() as u64;
                 windows.extend_from_slice(&z);
                 (off, len_u32(z.len(), "window bytes")?)

@@ -38,6 +38,10 @@ pub const CHECKPOINT_LEN: usize = 64;
 pub const TRAILER_LEN: usize = 32;
 /// Largest index accepted (guards allocation on hostile input).
 pub const MAX_INDEX_LEN: usize = 1 << 31;
+/// zstd level of packed indexes and of checkpoint windows (any level decodes). Measured on the
+/// python image and a 100,000-file layer: level 9 packs within 2% of level 19's size (smaller,
+/// on the many-files index) at 1/20 to 1/75 of its time, which at 19 was most of indexing.
+pub const ZSTD_LEVEL: i32 = 9;
 
 /// Compression of the layer blob.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -93,7 +93,7 @@ impl Index {
     /// The packed form of an index: one zstd frame of its bytes, as published to registries
     /// (about half the size; see `FORMAT.md`).
     pub fn pack(&self) -> Result<Vec<u8>, IndexError> {
-        Ok(zstd::bulk::compress(&self.bytes, 19)?)
+        Ok(zstd::bulk::compress(&self.bytes, super::ZSTD_LEVEL)?)
     }
 
     /// Opens an index in either form: packed (a zstd frame, decompressed up to

@@ -1,0 +1,592 @@
+//! Scale benchmark: a generated layer of many small files (1,000,000 and 100,000 by default, in
+//! directories of 1,000) on top of busybox, served by clip and by containerd's overlayfs on
+//! containerd 2.x:
+//! - indexing as users run it: `clip-builder index REF` end to end (process start, download,
+//!   inflate, tar walk, span digests, packing, pushing the artifact) next to `pigz -dc` of the same
+//!   blob, for the generated layer and for the python image's layers; the index's size; the
+//!   builder's peak RSS;
+//! - Prepare-to-mounted: `clip-snapshotter pull` (manifest, index fetch, Prepare and FUSE mount of
+//!   every layer), and the snapshotter's RSS after it;
+//! - a cold walk (`find /scale -size +10000k`: an lstat of every entry) in a container through
+//!   clip and through overlayfs, page cache, dentries and inodes dropped before each, plus a warm
+//!   one; the FUSE requests per entry the cold walk cost clip (its metrics); the snapshotter's
+//!   peak RSS after the walks.
+//!
+//! Run (release build, root): `cargo bench -p clip-integration --bench scale -- [--files
+//! 100000,1000000] [--reps 3] [--out docs/benchmarks]`. Writes `scale.md` and `scale.csv`.
+
+use anyhow::{Context, Result, bail};
+use clip_integration::containerd::{Containerd, ContainerdOptions};
+use clip_integration::images::{TestImage, blob_path, cache_dir, derive_layout_with_gzip_layer, layout_layers};
+use clip_integration::registry::Registry;
+use clip_integration::snapshotter::{ClipSnapshotter, workspace_binary};
+use clip_integration::{TestDir, run};
+use sha2::Digest as _;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const NS: &str = "scale";
+const FILES_PER_DIR: usize = 1000;
+/// Bump when the generated tree changes (the cached layouts are keyed by it).
+const GENERATOR: u32 = 1;
+
+struct Opts {
+    files: Vec<usize>,
+    reps: usize,
+    out: PathBuf,
+}
+
+fn parse_opts() -> Result<Opts> {
+    let mut o = Opts {
+        files: vec![100_000, 1_000_000],
+        reps: 3,
+        out: Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks"),
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--files" => {
+                o.files = args.next().context("--files N,M")?.split(',').map(str::parse).collect::<Result<_, _>>()?;
+            }
+            "--reps" => o.reps = args.next().context("--reps N")?.parse()?,
+            "--out" => o.out = PathBuf::from(args.next().context("--out DIR")?),
+            "--bench" => {}
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    Ok(o)
+}
+
+/// A writer that hashes what passes through it (the layer's diff id).
+struct Hashing<W: std::io::Write> {
+    inner: W,
+    hash: sha2::Sha256,
+}
+
+impl<W: std::io::Write> std::io::Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// The OCI layout (tag `scale`) of busybox plus a layer of `files` small files under `/scale`,
+/// generated once into the test bed cache.
+fn scale_layout(files: usize) -> Result<PathBuf> {
+    let dest = cache_dir().join(format!("scale-{files}-g{GENERATOR}"));
+    if dest.join("index.json").exists() {
+        return Ok(dest);
+    }
+    let t = Instant::now();
+    let gz_path = cache_dir().join(format!("scale-{files}.tar.gz"));
+    let mut pigz = Command::new("pigz")
+        .args(["-6", "-c"])
+        .stdin(Stdio::piped())
+        .stdout(std::fs::File::create(&gz_path)?)
+        .spawn()
+        .context("pigz")?;
+    let stdin = pigz.stdin.take().context("pigz stdin")?;
+    let mut tar = tar::Builder::new(Hashing {
+        inner: std::io::BufWriter::with_capacity(1 << 20, stdin),
+        hash: sha2::Sha256::new(),
+    });
+    let header = |kind: tar::EntryType, mode: u32, size: u64| {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_size(size);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        h
+    };
+    let mut h = header(tar::EntryType::Directory, 0o755, 0);
+    tar.append_data(&mut h, "scale/", std::io::empty())?;
+    for i in 0..files {
+        if i % FILES_PER_DIR == 0 {
+            let mut h = header(tar::EntryType::Directory, 0o755, 0);
+            tar.append_data(&mut h, format!("scale/d{:04}/", i / FILES_PER_DIR), std::io::empty())?;
+        }
+        let body = format!("file {i:07} of the clip scale benchmark\n");
+        let mut h = header(tar::EntryType::Regular, 0o644, body.len() as u64);
+        tar.append_data(&mut h, format!("scale/d{:04}/f{:04}", i / FILES_PER_DIR, i % FILES_PER_DIR), body.as_bytes())?;
+    }
+    let mut w = tar.into_inner()?;
+    w.flush()?;
+    let diff_id = format!("sha256:{}", hex::encode(w.hash.finalize()));
+    drop(w.inner);
+    anyhow::ensure!(pigz.wait()?.success(), "pigz failed");
+    let gz = std::fs::read(&gz_path)?;
+    let _ = std::fs::remove_file(&gz_path);
+    let base = TestImage::Busybox.layout()?;
+    let work = dest.with_extension("work");
+    derive_layout_with_gzip_layer(&base, "busybox", &work, &gz, &diff_id)?;
+    // The layout's tag is still busybox's: retag it `scale` in index.json.
+    let mut index: serde_json::Value = serde_json::from_slice(&std::fs::read(work.join("index.json"))?)?;
+    index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"] = "scale".into();
+    std::fs::write(work.join("index.json"), serde_json::to_vec(&index)?)?;
+    std::fs::rename(&work, &dest)?;
+    eprintln!("generated {files} files: {:.1} MB gzip in {:.1} s", gz.len() as f64 / 1e6, t.elapsed().as_secs_f64());
+    Ok(dest)
+}
+
+fn drop_caches() {
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
+fn spread(v: &[f64]) -> f64 {
+    let max = v.iter().copied().fold(f64::MIN, f64::max);
+    let min = v.iter().copied().fold(f64::MAX, f64::min);
+    if v.is_empty() { 0.0 } else { max - min }
+}
+
+fn timed(cmd: &mut Command) -> Result<f64> {
+    let t = Instant::now();
+    run(cmd)?;
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// `VmRSS` and `VmHWM` of `pid`, in bytes.
+fn rss(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map_or(0, |v| v.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or_default() * 1024)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Largest RSS of any child this process has waited for, in bytes.
+fn children_max_rss() -> u64 {
+    nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)
+        .map_or(0, |u| u.max_rss() as u64 * 1024)
+}
+
+/// One layer indexed by `clip-builder index`, next to `pigz -dc` of its blob.
+struct Indexed {
+    image: String,
+    layer: String,
+    layer_bytes: u64,
+    entries: u64,
+    index_bytes: u64,
+    windows_bytes: u64,
+    /// The builder's own time for this layer (download, index, pack), median over reps.
+    layer_seconds: Vec<f64>,
+    pigz_seconds: Vec<f64>,
+}
+
+/// `clip-builder index` of `reference` `reps` times (the published index taken off the
+/// referrers and a fresh state dir each time, so nothing is reused), and `pigz -dc` of each layer.
+fn index_image(
+    td: &TestDir,
+    image: &str,
+    reference: &str,
+    layout: &Path,
+    tag: &str,
+    reps: usize,
+) -> Result<(Vec<Indexed>, Vec<f64>, u64)> {
+    let rt = tokio::runtime::Runtime::new()?;
+    let repo = {
+        use clip_registry::{HostsConfig, Reference, RegistryClient, credentials::CredentialChain};
+        let client = RegistryClient::new(HostsConfig { dir: None, plain_http: true });
+        client.repository(&Reference::parse(reference)?, CredentialChain::anonymous())?.for_push()
+    };
+    let manifest = rt.block_on(repo.get_image_manifest("latest", &clip_registry::Platform::default()))?.0.digest;
+    let mut layers: Vec<Indexed> = Vec::new();
+    let mut wall = Vec::new();
+    let mut peak = 0;
+    for rep in 0..reps {
+        rt.block_on(repo.unlist_referrers(&manifest, clip_index::artifact::ARTIFACT_TYPE))?;
+        let cfg = td.path().join(format!("builder-{image}-{rep}.toml"));
+        std::fs::write(&cfg, format!("state_dir = \"{}/builder-{image}-{rep}\"\n", td.path().display()))?;
+        let before = children_max_rss();
+        let t = Instant::now();
+        let out = run(Command::new(workspace_binary("clip-builder")?)
+            .args(["index", "--json", "--plain-http", "--config"])
+            .arg(&cfg)
+            .arg(reference))?;
+        wall.push(t.elapsed().as_secs_f64());
+        let after = children_max_rss();
+        if after > before {
+            peak = peak.max(after);
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        for l in v["layers"].as_array().context("layers")? {
+            let digest = l["layer_digest"].as_str().context("layer_digest")?.to_string();
+            let entry = match layers.iter_mut().find(|x| x.layer == digest) {
+                Some(e) => e,
+                None => {
+                    layers.push(Indexed {
+                        image: image.to_string(),
+                        layer: digest.clone(),
+                        layer_bytes: l["layer_size"].as_u64().unwrap_or_default(),
+                        entries: l["entries"].as_u64().unwrap_or_default(),
+                        index_bytes: l["index_size"].as_u64().unwrap_or_default(),
+                        windows_bytes: l["windows_size"].as_u64().unwrap_or_default(),
+                        layer_seconds: Vec::new(),
+                        pigz_seconds: Vec::new(),
+                    });
+                    layers.last_mut().context("pushed")?
+                }
+            };
+            entry.layer_seconds.push(l["seconds"].as_f64().unwrap_or_default());
+        }
+    }
+    anyhow::ensure!(!layers.is_empty(), "clip-builder indexed no layer of {reference}");
+    let known: Vec<String> = layout_layers(layout, tag)?.into_iter().map(|l| l.0).collect();
+    for l in &mut layers {
+        anyhow::ensure!(known.contains(&l.layer), "{} is not a layer of {tag}", l.layer);
+        let blob = blob_path(layout, &l.layer)?;
+        for _ in 0..reps {
+            let t = Instant::now();
+            let st = Command::new("pigz").arg("-dc").arg(&blob).stdout(Stdio::null()).status()?;
+            anyhow::ensure!(st.success(), "pigz -dc {}", blob.display());
+            l.pigz_seconds.push(t.elapsed().as_secs_f64());
+        }
+    }
+    Ok((layers, wall, peak))
+}
+
+/// One tree size served by clip and overlayfs.
+struct Served {
+    files: usize,
+    pull_seconds: Vec<f64>,
+    rss_after_mount: u64,
+    cold_walk: Vec<f64>,
+    warm_walk: Vec<f64>,
+    overlay_pull_seconds: f64,
+    overlay_cold_walk: Vec<f64>,
+    overlay_warm_walk: Vec<f64>,
+    container_start: Vec<f64>,
+    /// FUSE requests of one cold walk through clip, by operation.
+    requests: Vec<(&'static str, u64)>,
+    rss_after_walks: (u64, u64),
+}
+
+struct Rig {
+    snap: ClipSnapshotter,
+    ctrd: Containerd,
+    metrics_port: u16,
+}
+
+impl Rig {
+    fn cold(&mut self) -> Result<()> {
+        self.ctrd.purge()?;
+        self.snap.wipe_and_restart()?;
+        self.ctrd.restart()?;
+        drop_caches();
+        let ok = clip_integration::wait_until(Duration::from_secs(30), || {
+            self.ctrd
+                .ctr(NS)
+                .args(["snapshots", "--snapshotter", "clip", "ls"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        });
+        if !ok {
+            bail!("containerd does not reach clip after a restart");
+        }
+        Ok(())
+    }
+
+    fn walk(&self, snapshotter: &str, reference: &str, cmd: &str) -> Result<f64> {
+        timed(self.ctrd.ctr(NS).args([
+            "run",
+            "--rm",
+            "--snapshotter",
+            snapshotter,
+            reference,
+            "scale-walk",
+            "sh",
+            "-c",
+            cmd,
+        ]))
+    }
+
+    fn fuse_requests(&self) -> Vec<(&'static str, u64)> {
+        let m = clip_integration::metrics::scrape(self.metrics_port);
+        clip_readpath::FuseOp::NAMES
+            .iter()
+            .map(|op| {
+                (
+                    *op,
+                    clip_integration::metrics::sum(
+                        &m,
+                        "clip_snapshotter_fuse_requests_total{",
+                        &[&format!("op=\"{op}\"")],
+                    ),
+                )
+            })
+            .collect()
+    }
+
+    fn serve(&mut self, reg_host: &str, files: usize, reps: usize) -> Result<Served> {
+        let reference = format!("{reg_host}/bench/scale{files}:latest");
+        let walk = "find /scale -size +10000k";
+        let mut s = Served {
+            files,
+            pull_seconds: Vec::new(),
+            rss_after_mount: 0,
+            cold_walk: Vec::new(),
+            warm_walk: Vec::new(),
+            overlay_pull_seconds: 0.0,
+            overlay_cold_walk: Vec::new(),
+            overlay_warm_walk: Vec::new(),
+            container_start: Vec::new(),
+            requests: Vec::new(),
+            rss_after_walks: (0, 0),
+        };
+        let pull = |rig: &Rig| -> Result<f64> {
+            timed(
+                Command::new(workspace_binary("clip-snapshotter")?)
+                    .args(["pull", "--plain-http", "-n", NS, "--containerd-address"])
+                    .arg(rig.ctrd.socket())
+                    .arg(&reference),
+            )
+        };
+        for _ in 0..reps {
+            self.cold()?;
+            s.pull_seconds.push(pull(self)?);
+        }
+        s.rss_after_mount = rss(self.snap.pid()).0;
+        for _ in 0..reps {
+            s.container_start.push(self.walk("clip", &reference, "true")?);
+        }
+        for rep in 0..reps {
+            drop_caches();
+            let before = self.fuse_requests();
+            s.cold_walk.push(self.walk("clip", &reference, walk)?);
+            if rep == 0 {
+                let after = self.fuse_requests();
+                s.requests = after.iter().zip(&before).map(|((op, a), (_, b))| (*op, a - b)).collect();
+            }
+            s.warm_walk.push(self.walk("clip", &reference, walk)?);
+        }
+        s.rss_after_walks = rss(self.snap.pid());
+        self.cold()?;
+        s.overlay_pull_seconds = timed(
+            self.ctrd
+                .ctr(NS)
+                .args(["images", "pull", "--plain-http", "--hosts-dir"])
+                .arg(self.ctrd.hosts_dir())
+                .args(["--snapshotter", "overlayfs", &reference]),
+        )?;
+        for _ in 0..reps {
+            drop_caches();
+            s.overlay_cold_walk.push(self.walk("overlayfs", &reference, walk)?);
+            s.overlay_warm_walk.push(self.walk("overlayfs", &reference, walk)?);
+        }
+        self.ctrd.purge()?;
+        Ok(s)
+    }
+}
+
+fn main() -> Result<()> {
+    let opts = parse_opts()?;
+    anyhow::ensure!(nix::unistd::geteuid().is_root(), "run as root");
+    std::fs::create_dir_all(&opts.out)?;
+    let td = TestDir::new("scale")?;
+    let reg = Registry::start_plain(&td, "scale")?;
+    let python = TestImage::Python.layout()?;
+    let python_ref = reg.push_layout(&python, "pyapp", "bench/python", "latest")?;
+    let mut layouts = Vec::new();
+    for &n in &opts.files {
+        let layout = scale_layout(n)?;
+        reg.push_layout(&layout, "scale", &format!("bench/scale{n}"), "latest")?;
+        layouts.push((n, layout));
+    }
+
+    // Indexing, end to end.
+    let mut indexed = Vec::new();
+    let mut walls = Vec::new();
+    let (layers, wall, peak) = index_image(&td, "python", &python_ref, &python, "pyapp", opts.reps)?;
+    eprintln!("python: clip-builder index {:.2} s (median)", median(&wall));
+    walls.push(("python".to_string(), wall, peak));
+    indexed.extend(layers);
+    for (n, layout) in &layouts {
+        let name = format!("scale{n}");
+        let reference = format!("{}/bench/{name}:latest", reg.host());
+        let (layers, wall, peak) = index_image(&td, &name, &reference, layout, "scale", opts.reps)?;
+        eprintln!("{name}: clip-builder index {:.2} s (median)", median(&wall));
+        walls.push((name, wall, peak));
+        indexed.extend(layers);
+    }
+
+    // Serving.
+    let hosts = td.sub("certs.d")?;
+    let d = hosts.join(reg.host());
+    std::fs::create_dir_all(&d)?;
+    std::fs::write(d.join("hosts.toml"), format!("server = \"http://{}\"\n", reg.host()))?;
+    let metrics_port = clip_integration::free_port()?;
+    let config = td.path().join("snapshotter.toml");
+    std::fs::write(
+        &config,
+        format!("metrics_address = \"127.0.0.1:{metrics_port}\"\n[registry]\nhosts_dir = \"{}\"\n", hosts.display()),
+    )?;
+    let config = config.display().to_string();
+    let snap = ClipSnapshotter::start(&td, "clip", &["--config", &config])?;
+    let ctrd = Containerd::start(
+        &td,
+        &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() },
+    )?;
+    let d = ctrd.hosts_dir().join(reg.host());
+    std::fs::create_dir_all(&d)?;
+    std::fs::write(d.join("hosts.toml"), format!("server = \"http://{}\"\n", reg.host()))?;
+    let mut rig = Rig { snap, ctrd, metrics_port };
+    let mut served = Vec::new();
+    for (n, _) in &layouts {
+        let s = rig.serve(reg.host(), *n, opts.reps)?;
+        eprintln!(
+            "{n} files: pull {:.2} s, cold walk clip {:.2} s vs overlayfs {:.2} s",
+            median(&s.pull_seconds),
+            median(&s.cold_walk),
+            median(&s.overlay_cold_walk)
+        );
+        served.push(s);
+    }
+    write_results(&opts, &indexed, &walls, &served)
+}
+
+fn write_results(opts: &Opts, indexed: &[Indexed], walls: &[(String, Vec<f64>, u64)], served: &[Served]) -> Result<()> {
+    let mb = |b: u64| b as f64 / 1e6;
+    let mut md = String::from("# Scale: many small files, and indexing end to end\n\n");
+    let command: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let _ = writeln!(
+        md,
+        "Produced by `cargo bench -p clip-integration --bench scale -- {}` on a 2-core VM (Debian 12, kernel 6.18), \
+         containerd {}, registry on loopback; medians of {} runs, spread (max-min) in brackets. The generated layers hold \
+         N files of ~40 bytes in directories of {FILES_PER_DIR} under `/scale`, on busybox.\n",
+        command.join(" "),
+        clip_integration::gotools::containerd2_version(),
+        opts.reps
+    );
+    let _ = writeln!(md, "## Indexing as users run it\n");
+    let _ = writeln!(
+        md,
+        "`clip-builder index REF` end to end (process start, manifest, download streamed into the indexer, inflate, tar \
+         walk, span digests, packing, pushing blobs and the artifact), the published index taken off the referrers and a \
+         fresh state dir before each run; `pigz -dc BLOB > /dev/null` of each layer's local blob. The builder indexes up \
+         to two layers at once.\n"
+    );
+    let _ = writeln!(md, "| image | clip-builder index s | Σ pigz -dc s | ratio | builder peak RSS MB |");
+    let _ = writeln!(md, "|---|---|---|---|---|");
+    let mut csv = String::from("kind,image,layer,measure,rep,value\n");
+    for (image, wall, peak) in walls {
+        let pigz: f64 = indexed.iter().filter(|l| &l.image == image).map(|l| median(&l.pigz_seconds)).sum();
+        let _ = writeln!(
+            md,
+            "| {image} | {:.2} ({:.2}) | {pigz:.2} | {:.2}x | {:.0} |",
+            median(wall),
+            spread(wall),
+            median(wall) / pigz.max(1e-9),
+            mb(*peak)
+        );
+        for (i, w) in wall.iter().enumerate() {
+            let _ = writeln!(csv, "index,{image},,wall_seconds,{i},{w:.3}");
+        }
+    }
+    let _ = writeln!(
+        md,
+        "\n| image | layer | MB | entries | builder's time for the layer s | pigz -dc s | ratio | index MB (packed) | windows MB | index / layer |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|");
+    for l in indexed {
+        let (b, p) = (median(&l.layer_seconds), median(&l.pigz_seconds));
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.1} | {} | {b:.2} | {p:.2} | {:.2}x | {:.2} | {:.2} | {:.2}% |",
+            l.image,
+            &l.layer[7..19.min(l.layer.len())],
+            mb(l.layer_bytes),
+            l.entries,
+            b / p.max(1e-9),
+            mb(l.index_bytes),
+            mb(l.windows_bytes),
+            (l.index_bytes + l.windows_bytes) as f64 * 100.0 / l.layer_bytes.max(1) as f64
+        );
+        for (i, v) in l.layer_seconds.iter().enumerate() {
+            let _ = writeln!(csv, "index,{},{},layer_seconds,{i},{v:.3}", l.image, l.layer);
+        }
+        for (i, v) in l.pigz_seconds.iter().enumerate() {
+            let _ = writeln!(csv, "index,{},{},pigz_seconds,{i},{v:.3}", l.image, l.layer);
+        }
+    }
+    let _ = writeln!(md, "\n## Serving\n");
+    let _ = writeln!(
+        md,
+        "Prepare-to-mounted is `clip-snapshotter pull` (manifest, the index artifact and each layer's index fetched, \
+         Prepare and FUSE mount of both layers), each on a cold snapshotter and containerd. The walk is `ctr run` of \
+         `find /scale -size +10000k` (an lstat of every entry; the container's start is in the time, and given alone); \
+         cold: `drop_caches=3` (page cache, dentries, inodes) before it; overlayfs's image was pulled and unpacked first \
+         (its pull time is given).\n"
+    );
+    let _ = writeln!(
+        md,
+        "| files | clip pull (mounted) s | clip RSS after mount MB | container start s | cold walk clip s | cold walk overlayfs s | cold ratio | warm walk clip s | warm walk overlayfs s | warm ratio | overlayfs pull + unpack s | clip RSS after walks MB (peak) |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for s in served {
+        let (cc, oc, cw, ow) =
+            (median(&s.cold_walk), median(&s.overlay_cold_walk), median(&s.warm_walk), median(&s.overlay_warm_walk));
+        let _ = writeln!(
+            md,
+            "| {} | {:.2} ({:.2}) | {:.0} | {:.2} | {cc:.2} ({:.2}) | {oc:.2} ({:.2}) | {:.2}x | {cw:.2} | {ow:.2} | {:.2}x | {:.1} | {:.0} ({:.0}) |",
+            s.files,
+            median(&s.pull_seconds),
+            spread(&s.pull_seconds),
+            mb(s.rss_after_mount),
+            median(&s.container_start),
+            spread(&s.cold_walk),
+            spread(&s.overlay_cold_walk),
+            cc / oc.max(1e-9),
+            cw / ow.max(1e-9),
+            s.overlay_pull_seconds,
+            mb(s.rss_after_walks.0),
+            mb(s.rss_after_walks.1)
+        );
+        let series: [(&str, &Vec<f64>); 6] = [
+            ("clip_pull_seconds", &s.pull_seconds),
+            ("container_start_seconds", &s.container_start),
+            ("clip_cold_walk_seconds", &s.cold_walk),
+            ("clip_warm_walk_seconds", &s.warm_walk),
+            ("overlayfs_cold_walk_seconds", &s.overlay_cold_walk),
+            ("overlayfs_warm_walk_seconds", &s.overlay_warm_walk),
+        ];
+        for (name, v) in series {
+            for (i, x) in v.iter().enumerate() {
+                let _ = writeln!(csv, "serve,scale{},,{name},{i},{x:.3}", s.files);
+            }
+        }
+    }
+    let _ =
+        writeln!(md, "\nFUSE requests of one cold walk through clip, per entry of the tree (files + directories):\n");
+    let _ = writeln!(md, "| files | {} | total per entry |", clip_readpath::FuseOp::NAMES.join(" | "));
+    let _ = writeln!(md, "|---|{}---|", "---|".repeat(clip_readpath::FuseOp::COUNT));
+    for s in served {
+        let entries = (s.files + s.files.div_ceil(FILES_PER_DIR) + 1) as f64;
+        let cells: Vec<String> = s.requests.iter().map(|(_, n)| format!("{:.3}", *n as f64 / entries)).collect();
+        let total: u64 = s.requests.iter().map(|(_, n)| n).sum();
+        let _ = writeln!(md, "| {} | {} | {:.3} |", s.files, cells.join(" | "), total as f64 / entries);
+        for (op, n) in &s.requests {
+            let _ = writeln!(csv, "serve,scale{},,fuse_{op},0,{n}", s.files);
+        }
+    }
+    std::fs::write(opts.out.join("scale.md"), &md)?;
+    std::fs::write(opts.out.join("scale.csv"), &csv)?;
+    eprintln!("{md}");
+    Ok(())
+}
