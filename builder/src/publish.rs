@@ -293,11 +293,11 @@ async fn index_layer(
     let built = build.await.context("indexing task")?;
     let (size, index) = match (fetched, built) {
         (Ok(size), Ok(index)) => (size, index),
-        // The indexer refused the data (bad gzip, wrong digest, bad tar): its error.
-        (Ok(_), Err(e)) => return Err(e),
-        (Err(e), Err(b)) if e.is::<IndexerStopped>() => return Err(b),
-        // A failed download fails the index too (truncated data): the download's error.
-        (Err(e), _) => return Err(e),
+        // A failed download fails the index too (truncated data): the download's error, unless
+        // the download stopped because the indexer refused the data (bad gzip, wrong digest,
+        // bad tar): then, as when only the indexer failed, the indexer's error.
+        (Err(e), _) if !e.is::<IndexerStopped>() => return Err(e),
+        (_, Err(e)) | (Err(e), Ok(_)) => return Err(e),
     };
     let (index, packed, windows) = (index.0, index.1, index.2);
     if index.layer_digest() != digest {

@@ -15,8 +15,10 @@ rows = list(csv.DictReader(open(sys.argv[1])))
 groups = defaultdict(list)
 for r in rows:
     groups[(r["link"], r["image"], r["workload"], r["mode"])].append(float(r["seconds"]))
+if not groups:
+    sys.exit("no samples")
 panels = sorted({(k[0], k[1]) for k in groups})
-ORDER = ["overlayfs", "clip", "clip-profile", "clip-cri", "estargz", "estargz-opt"]
+ORDER = ["overlayfs", "clip", "clip-profile", "clip-cri", "soci", "soci-tuned", "estargz", "estargz-opt"]
 modes = sorted({k[3] for k in groups}, key=lambda m: ORDER.index(m) if m in ORDER else 9)
 fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
 for ax, (link, image) in zip(axes[0], panels):
