@@ -340,6 +340,18 @@ fn background_fetch_completes_layers_so_the_registry_can_go_away() -> Result<()>
     let passthrough = value(&m, "clip_snapshotter_fuse_passthrough_opens_total{");
     eprintln!("{passthrough} opens served by FUSE passthrough ({large} files of 1 MiB or more)");
     assert!(large > 10 && passthrough >= large, "{m}");
+    // The FUSE requests are counted per layer and operation: the walks and reads above looked
+    // names up and read small files through FUSE.
+    let requests = |op: &str| {
+        clip_integration::metrics::sum(&m, "clip_snapshotter_fuse_requests_total{", &[&format!("op=\"{op}\"")])
+    };
+    eprintln!(
+        "FUSE requests: {} lookup, {} read, {} readdirplus",
+        requests("lookup"),
+        requests("read"),
+        requests("readdirplus")
+    );
+    assert!(requests("lookup") > 0 && requests("read") > 0, "{m}");
     ctrd.purge()?;
     Ok(())
 }
