@@ -9,6 +9,7 @@ use bytes::Bytes;
 use clip_index::artifact::{ARTIFACT_TYPE, ArtifactBlob, BlobKind, EMPTY_CONFIG, IndexArtifact};
 use clip_registry::api::sha256_digest;
 use clip_registry::{Platform, Repository};
+use futures::StreamExt;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -282,14 +283,21 @@ async fn index_layer(
             }
         }
     });
-    let fetched = crate::stream::stream_layer(repo, digest, |chunk| {
-        task.advance(chunk.len() as u64);
-        let tx = tx.clone();
-        // A send fails only when the indexer stopped early: its own error says why.
-        async move { tx.send(chunk).await.map_err(|_| anyhow::Error::new(IndexerStopped)) }
-    })
+    // The download: each chunk to the indexer as it arrives; the sender goes with the block, so
+    // the indexer sees the end of the data however the download ends.
+    let fetched = async move {
+        let mut chunks = std::pin::pin!(crate::stream::layer_chunks(repo, digest).await?);
+        let mut size = 0u64;
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk?;
+            size += chunk.len() as u64;
+            task.advance(chunk.len() as u64);
+            // A send fails only when the indexer stopped early: its own error says why.
+            tx.send(chunk).await.map_err(|_| anyhow::Error::new(IndexerStopped))?;
+        }
+        anyhow::Ok(size)
+    }
     .await;
-    drop(tx);
     let built = build.await.context("indexing task")?;
     let (size, index) = match (fetched, built) {
         (Ok(size), Ok(index)) => (size, index),

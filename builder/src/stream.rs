@@ -8,21 +8,14 @@ use clip_registry::Repository;
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
 
-/// Streams layer `digest` chunk by chunk into `each`, in order; returns its size.
-pub(crate) async fn stream_layer<F, Fut>(repo: &Repository, digest: &str, mut each: F) -> Result<u64>
-where
-    F: FnMut(Bytes) -> Fut,
-    Fut: std::future::Future<Output = Result<()>>,
-{
+/// The bytes of layer `digest` as they arrive from the registry, each error naming the layer.
+pub(crate) async fn layer_chunks(
+    repo: &Repository,
+    digest: &str,
+) -> Result<impl futures::Stream<Item = Result<Bytes>> + use<>> {
     let resp = repo.blob_response(digest).await.with_context(|| format!("fetching layer {digest}"))?;
-    let mut stream = resp.bytes_stream();
-    let mut size = 0u64;
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.with_context(|| format!("reading layer {digest}"))?;
-        size += chunk.len() as u64;
-        each(chunk).await?;
-    }
-    Ok(size)
+    let digest = digest.to_string();
+    Ok(resp.bytes_stream().map(move |chunk| chunk.with_context(|| format!("reading layer {digest}"))))
 }
 
 /// Streams layer `digest` into the file `path`, showing each chunk to `seen` first; returns its
@@ -33,14 +26,16 @@ pub(crate) async fn download(
     path: &std::path::Path,
     mut seen: impl FnMut(&[u8]),
 ) -> Result<u64> {
-    let file = tokio::sync::Mutex::new(tokio::fs::File::create(path).await?);
-    let size = stream_layer(repo, digest, |chunk| {
+    let mut chunks = std::pin::pin!(layer_chunks(repo, digest).await?);
+    let mut file = tokio::fs::File::create(path).await?;
+    let mut size = 0u64;
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk?;
+        size += chunk.len() as u64;
         seen(&chunk);
-        let file = &file;
-        async move { Ok(file.lock().await.write_all(&chunk).await?) }
-    })
-    .await?;
-    file.lock().await.flush().await?;
+        file.write_all(&chunk).await?;
+    }
+    file.flush().await?;
     Ok(size)
 }
 

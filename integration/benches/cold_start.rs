@@ -198,10 +198,6 @@ struct Bench {
     metrics_port: u16,
 }
 
-fn drop_caches() {
-    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
-}
-
 impl Bench {
     /// Every namespace purged, the snapshotter wiped, containerd restarted, page cache dropped.
     fn cold(&mut self) -> Result<()> {
@@ -212,16 +208,9 @@ impl Bench {
             p.start(&self.peer_hosts)?;
         }
         self.ctrd.restart()?;
-        drop_caches();
+        clip_integration::drop_caches();
         // containerd's proxy client reconnects lazily: wait until clip answers through it.
-        let ok = clip_integration::wait_until(Duration::from_secs(30), || {
-            self.ctrd
-                .ctr(NS)
-                .args(["snapshots", "--snapshotter", "clip", "ls"])
-                .output()
-                .is_ok_and(|o| o.status.success())
-        });
-        if !ok {
+        if !self.ctrd.reaches(NS, "clip", Duration::from_secs(30)) {
             bail!("containerd does not reach clip after a restart");
         }
         Ok(())
@@ -464,8 +453,8 @@ fn main() -> Result<()> {
         // SOCI needs containerd 2.x's client libraries and is documented for 2.x.
         peers.retain(|p| p.name != "soci");
     }
-    // Where `Containerd::start` puts its socket (the peers start first: its config names theirs).
-    let containerd_socket = td.path().join("containerd").join("containerd.sock");
+    // The peers start first (containerd's config names their sockets); SOCI talks back to it.
+    let containerd_socket = Containerd::socket_in(&td);
     for p in &mut peers {
         p.containerd.clone_from(&containerd_socket);
         std::fs::create_dir_all(&p.dir)?;
@@ -498,7 +487,6 @@ fn main() -> Result<()> {
             ..Default::default()
         },
     )?;
-    anyhow::ensure!(ctrd.socket() == containerd_socket, "containerd's socket moved: {}", ctrd.socket().display());
     for site in sites.values() {
         let d = ctrd.hosts_dir().join(&site.host);
         std::fs::create_dir_all(&d)?;

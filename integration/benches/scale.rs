@@ -20,7 +20,7 @@ use clip_integration::containerd::{Containerd, ContainerdOptions};
 use clip_integration::images::{TestImage, blob_path, cache_dir, derive_layout_with_gzip_layer, layout_layers};
 use clip_integration::registry::Registry;
 use clip_integration::snapshotter::{ClipSnapshotter, workspace_binary};
-use clip_integration::{TestDir, run};
+use clip_integration::{TestDir, drop_caches, run};
 use sha2::Digest as _;
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -137,10 +137,6 @@ fn scale_layout(files: usize) -> Result<PathBuf> {
     Ok(dest)
 }
 
-fn drop_caches() {
-    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
-}
-
 fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
@@ -161,14 +157,8 @@ fn timed(cmd: &mut Command) -> Result<f64> {
 
 /// `VmRSS` and `VmHWM` of `pid`, in bytes.
 fn rss(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| -> u64 {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .map_or(0, |v| v.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or_default() * 1024)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
+    use clip_integration::process::status_bytes;
+    (status_bytes(pid, "VmRSS"), status_bytes(pid, "VmHWM"))
 }
 
 /// Largest RSS of any child this process has waited for, in bytes.
@@ -290,14 +280,7 @@ impl Rig {
         self.snap.wipe_and_restart()?;
         self.ctrd.restart()?;
         drop_caches();
-        let ok = clip_integration::wait_until(Duration::from_secs(30), || {
-            self.ctrd
-                .ctr(NS)
-                .args(["snapshots", "--snapshotter", "clip", "ls"])
-                .output()
-                .is_ok_and(|o| o.status.success())
-        });
-        if !ok {
+        if !self.ctrd.reaches(NS, "clip", Duration::from_secs(30)) {
             bail!("containerd does not reach clip after a restart");
         }
         Ok(())

@@ -53,12 +53,18 @@ pub struct Containerd {
 }
 
 impl Containerd {
+    /// Where [`Containerd::start`] puts the socket of a containerd of `td` (known before it
+    /// starts, for daemons its config names that talk back to it).
+    pub fn socket_in(td: &TestDir) -> PathBuf {
+        td.path().join("containerd").join("containerd.sock")
+    }
+
     pub fn start(td: &TestDir, opts: &ContainerdOptions) -> Result<Self> {
         let dir = td.sub("containerd")?;
         for d in ["root", "state", "opt", "certs.d", "cni"] {
             std::fs::create_dir_all(dir.join(d))?;
         }
-        let socket = dir.join("containerd.sock");
+        let socket = Self::socket_in(td);
         let hosts_dir = dir.join("certs.d");
         let clip_socket = opts.clip_socket.clone().unwrap_or_else(|| dir.join("clip-unused.sock"));
         let config = dir.join("config.toml");
@@ -89,6 +95,17 @@ impl Containerd {
             }
             None => path,
         }
+    }
+
+    /// Waits up to `timeout` until a snapshots call through the proxy plugin `snapshotter`
+    /// succeeds (containerd's proxy client reconnects with backoff after either side restarts).
+    pub fn reaches(&self, ns: &str, snapshotter: &str, timeout: Duration) -> bool {
+        wait_until(timeout, || {
+            self.ctr(ns)
+                .args(["snapshots", "--snapshotter", snapshotter, "ls"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
     }
 
     /// The daemon's pid (0 while stopped).

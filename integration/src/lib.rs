@@ -85,6 +85,11 @@ pub fn wait_until(timeout: std::time::Duration, mut check: impl FnMut() -> bool)
     check()
 }
 
+/// Drops the page cache, dentries and inodes (benchmarks' cold runs).
+pub fn drop_caches() {
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+}
+
 /// Unmounts, deepest first, every mount point at or below `dir` (lazy unmount as a last resort).
 pub fn unmount_below(dir: &Path) {
     for p in clip_fsutil::mountinfo::mount_points_below(dir) {

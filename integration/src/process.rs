@@ -76,6 +76,16 @@ impl Daemon {
     }
 }
 
+/// A `kB` field of `/proc/PID/status` (`VmRSS`, `VmHWM`, ...) in bytes; 0 if absent.
+pub fn status_bytes(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let prefix = format!("{field}:");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .map_or(0, |v| v.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or_default() * 1024)
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.stop();

@@ -198,9 +198,7 @@ fn private_registries_work_with_label_credentials_only_and_wrong_ones_fail_clear
     }
     snap.kill();
     snap.restart()?;
-    let reconnected = clip_integration::wait_until(std::time::Duration::from_secs(30), || {
-        ctrd.ctr("t").args(["snapshots", "--snapshotter", "clip", "ls"]).output().is_ok_and(|o| o.status.success())
-    });
+    let reconnected = ctrd.reaches("t", "clip", std::time::Duration::from_secs(30));
     assert!(reconnected);
     let out = ctrd.ctr_run(
         "t",
@@ -434,9 +432,7 @@ fn corrupted_spans_fail_reads_a_vanished_registry_recovers_and_a_restart_remount
     snap.restart()?;
     assert!(snap.log().contains("remounted=4"), "{}", snap.log());
     // containerd's proxy client reconnects with backoff; wait until it talks to the new daemon.
-    let reconnected = clip_integration::wait_until(std::time::Duration::from_secs(30), || {
-        ctrd.ctr("t").args(["snapshots", "--snapshotter", "clip", "ls"]).output().is_ok_and(|o| o.status.success())
-    });
+    let reconnected = ctrd.reaches("t", "clip", std::time::Duration::from_secs(30));
     assert!(reconnected, "containerd did not reconnect to the restarted snapshotter");
     let out = py("c5")?;
     assert!(out.status.success(), "{out:?}\n{}", snap.log());

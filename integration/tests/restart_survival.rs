@@ -139,9 +139,7 @@ fn a_reading_container_survives_sigkill_and_restart_of_the_snapshotter() -> Resu
     snap.restart()?;
     let log = snap.log();
     assert!(log.matches("how=\"mounted\"").count() + log.matches("how=mounted").count() >= 4, "{log}");
-    let reconnected = wait_until(Duration::from_secs(30), || {
-        ctrd.ctr("t").args(["snapshots", "--snapshotter", "clip", "ls"]).output().is_ok_and(|o| o.status.success())
-    });
+    let reconnected = ctrd.reaches("t", "clip", Duration::from_secs(30));
     assert!(reconnected);
     let out = ctrd.ctr_run(
         "t",
@@ -185,9 +183,7 @@ fn a_reading_container_survives_sigkill_and_restart_of_the_snapshotter() -> Resu
         assert!(!fs.exists(), "{} is an empty layer", fs.display());
     }
     proxy.set_mode(Fault::None);
-    let reconnected = wait_until(Duration::from_secs(30), || {
-        ctrd.ctr("t").args(["snapshots", "--snapshotter", "clip", "ls"]).output().is_ok_and(|o| o.status.success())
-    });
+    let reconnected = ctrd.reaches("t", "clip", Duration::from_secs(30));
     assert!(reconnected);
     run(Command::new(workspace_binary("clip-snapshotter")?)
         .args(["pull", "--plain-http", "-n", "t", "--containerd-address"])

@@ -123,10 +123,7 @@ impl Usage {
         let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
         let mut u = Self::default();
         for pid in pids.iter().filter(|p| **p > 0) {
-            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-            let hwm = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).unwrap_or_default();
-            let kb: u64 = hwm.trim().trim_end_matches("kB").trim().parse().unwrap_or_default();
-            u.peak_rss_bytes += kb * 1024;
+            u.peak_rss_bytes += clip_integration::process::status_bytes(*pid, "VmHWM");
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
             // Fields after the command's closing parenthesis: state is field 3, utime 14 .. cstime 17.
             let rest: Vec<&str> =
