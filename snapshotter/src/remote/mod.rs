@@ -415,3 +415,62 @@ impl clip_cri_proxy::PullSecrets for RemoteLayers {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    /// A Prepare carrying credential labels and another looking up the same image's session,
+    /// at once and again and again: both must go on (a lock-order inversion would hang them).
+    #[test]
+    fn credentials_arriving_while_sessions_are_looked_up_never_deadlock() {
+        let root = tempfile::tempdir().expect("tmp");
+        let mut cfg = SnapshotterConfig::default();
+        cfg.root = root.path().to_path_buf();
+        cfg.lazy.profiles = false;
+        cfg.lazy.background_fetch = false;
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let layers = Arc::new(rt.block_on(RemoteLayers::new(&cfg, rt.handle().clone(), metrics)).expect("layers"));
+        let image = "registry.test/team/app:1";
+        let (done, finished) = mpsc::channel();
+        let with_labels = {
+            let (layers, done) = (layers.clone(), done.clone());
+            std::thread::spawn(move || {
+                for i in 0..300 {
+                    let req = RemoteRequest {
+                        target: "t".into(),
+                        image_ref: image.into(),
+                        layer_digest: format!("sha256:{}", "a".repeat(64)),
+                        manifest_digest: None,
+                        index_digest: None,
+                        plain_http: false,
+                        secrets: std::collections::BTreeMap::from([(
+                            l::IMAGE_CREDS.to_string(),
+                            format!("user:pass-{i}"),
+                        )]),
+                    };
+                    layers.remember_creds(&req).expect("remember");
+                }
+                let _ = done.send("labels");
+            })
+        };
+        let lookups = {
+            let layers = layers.clone();
+            std::thread::spawn(move || {
+                for _ in 0..3000 {
+                    layers.repository(image).expect("session");
+                }
+                let _ = done.send("lookups");
+            })
+        };
+        for _ in 0..2 {
+            let who = finished.recv_timeout(Duration::from_secs(60));
+            assert!(who.is_ok(), "credential labels and session lookups hung each other (deadlock)");
+        }
+        with_labels.join().expect("labels thread");
+        lookups.join().expect("lookups thread");
+    }
+}

@@ -1,0 +1,123 @@
+//! One lazy layer's life under concurrent snapshot calls. A Remove of the last snapshot that uses
+//! a layer deletes the layer's caches; a Prepare of another snapshot of the same layer arriving
+//! meanwhile must either come first (the layer stays in use, nothing is deleted) or after (it
+//! starts from fresh caches) — never in between, where it would be served from a cache directory
+//! that is then deleted under it and its reads would fail with EIO from then on.
+
+use anyhow::{Context, Result, bail};
+use clip_integration::bed::{IndexedImage, lazy_config};
+use clip_integration::images::{TestImage, file_digests_under, layout_layers};
+use clip_integration::snapshotter::ClipSnapshotter;
+use clip_integration::{TestDir, require_root, sha256_file};
+use containerd_snapshots::api::snapshots::v1 as api;
+use containerd_snapshots::api::snapshots::v1::snapshots_client::SnapshotsClient;
+use containerd_snapshots::tonic::{Code, transport::Channel};
+use std::path::{Path, PathBuf};
+
+/// Rounds of the race; each starts from a layer without caches.
+const ROUNDS: usize = 40;
+
+async fn connect(socket: &Path) -> Result<SnapshotsClient<Channel>> {
+    let path = socket.to_path_buf();
+    let channel = containerd_snapshots::tonic::transport::Endpoint::try_from("http://[::]:50051")?
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move { tokio::net::UnixStream::connect(path).await }
+        }))
+        .await?;
+    Ok(SnapshotsClient::new(channel))
+}
+
+/// Prepares `key` as the lazy layer `layer` of `image` committed as `target`: the snapshotter
+/// answers AlreadyExists once the target is committed.
+async fn prepare_lazy(
+    client: &mut SnapshotsClient<Channel>,
+    key: &str,
+    target: &str,
+    image: &str,
+    layer: &str,
+) -> Result<()> {
+    let labels = clip_config::labels::cri_layer_labels(target, image, "", &[layer.to_string()], 0)
+        .into_iter()
+        .filter(|(k, _)| k != clip_config::labels::CRI_MANIFEST_DIGEST)
+        .collect();
+    let answer = client
+        .prepare(api::PrepareSnapshotRequest { snapshotter: "clip".into(), key: key.into(), parent: String::new(), labels })
+        .await;
+    match answer {
+        Err(s) if s.code() == Code::AlreadyExists => Ok(()),
+        Err(s) => bail!("prepare {key}: {s}"),
+        Ok(_) => bail!("prepare {key} was not served lazily (an ordinary snapshot was made)"),
+    }
+}
+
+async fn remove(client: &mut SnapshotsClient<Channel>, key: &str) -> Result<()> {
+    client
+        .remove(api::RemoveSnapshotRequest { snapshotter: "clip".into(), key: key.into() })
+        .await
+        .with_context(|| format!("remove {key}"))?;
+    Ok(())
+}
+
+/// The directory a view of `parent` shows (one layer: a read-only bind mount of it).
+async fn view_dir(client: &mut SnapshotsClient<Channel>, key: &str, parent: &str) -> Result<PathBuf> {
+    let mounts = client
+        .view(api::ViewSnapshotRequest {
+            snapshotter: "clip".into(),
+            key: key.into(),
+            parent: parent.into(),
+            labels: std::collections::HashMap::new(),
+        })
+        .await
+        .with_context(|| format!("view {key}"))?
+        .into_inner()
+        .mounts;
+    let m = mounts.first().context("a view without mounts")?;
+    Ok(PathBuf::from(&m.source))
+}
+
+#[test]
+fn a_remove_racing_a_prepare_of_the_same_layer_never_strands_the_new_snapshot() -> Result<()> {
+    require_root();
+    let td = TestDir::new("layer-lifecycle")?;
+    let image = IndexedImage::plain(&td, TestImage::Busybox, "testbed/busybox")?;
+    let layer = layout_layers(&image.layout, TestImage::Busybox.tag())?[0].0.clone();
+    let expected = file_digests_under(&image.layout, TestImage::Busybox.tag(), "bin", &td.sub("expected")?)?;
+    let (file, digest) = expected.iter().max_by_key(|(p, _)| p.len()).context("no file under bin")?;
+    let hosts_dir = td.sub("certs.d")?;
+    image.registry.write_hosts_toml(&hosts_dir)?;
+    let mut config = lazy_config(false);
+    config.registry.hosts_dir = Some(hosts_dir);
+    // Every read goes through the span cache of the mount.
+    config.lazy.passthrough = false;
+    let snap = ClipSnapshotter::start_configured(&td, "clip", &config, &[])?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let mut first = connect(snap.socket()).await?;
+        let mut second = connect(snap.socket()).await?;
+        for round in 0..ROUNDS {
+            let (a, b) = (format!("layer-a-{round}"), format!("layer-b-{round}"));
+            prepare_lazy(&mut first, &format!("extract-a-{round}"), &a, &image.reference, &layer).await?;
+            // The only snapshot of the layer goes while another snapshot of it is prepared.
+            let (removed, prepared) = tokio::join!(
+                remove(&mut first, &a),
+                prepare_lazy(&mut second, &format!("extract-b-{round}"), &b, &image.reference, &layer)
+            );
+            removed?;
+            prepared?;
+            let view = format!("view-{round}");
+            let dir = view_dir(&mut first, &view, &b).await?;
+            let path = dir.join(file.trim_start_matches('/'));
+            let read = tokio::task::spawn_blocking(move || sha256_file(&path)).await?;
+            match read {
+                Ok(d) if &d == digest => {}
+                Ok(d) => bail!("round {round}: {file} read as {d}, not {digest}"),
+                Err(e) => bail!("round {round}: the new snapshot of the layer cannot be read: {e:#}"),
+            }
+            remove(&mut first, &view).await?;
+            remove(&mut first, &b).await?;
+        }
+        anyhow::Ok(())
+    })?;
+    Ok(())
+}
