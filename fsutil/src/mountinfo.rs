@@ -64,6 +64,16 @@ fn unescape(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Detaches every mount at or below `dir`, deepest first (stale FUSE layers of a previous daemon,
+/// before a directory is reused or deleted); a mount that cannot be detached is logged.
+pub fn unmount_below(dir: &Path) {
+    for p in mount_points_below(dir) {
+        if let Err(e) = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH) {
+            tracing::warn!(path = %p.display(), error = %e, "cannot unmount");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -90,15 +90,7 @@ pub fn drop_caches() {
     let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
 }
 
-/// Unmounts, deepest first, every mount point at or below `dir` (lazy unmount as a last resort).
-pub fn unmount_below(dir: &Path) {
-    for p in clip_fsutil::mountinfo::mount_points_below(dir) {
-        let ok = Command::new("umount").arg(&p).output().is_ok_and(|o| o.status.success());
-        if !ok {
-            let _ = Command::new("umount").arg("-l").arg(&p).output();
-        }
-    }
-}
+pub use clip_fsutil::mountinfo::unmount_below;
 
 /// sha256 of a file, as lowercase hex.
 pub fn sha256_file(path: &Path) -> Result<String> {

@@ -400,8 +400,7 @@ fn background_completion_streams_a_layer_in_large_requests_without_windows() -> 
     }
     assert_eq!(completer.pending(), 0, "the layer was not completed");
     let requests = source.requests.load(Ordering::SeqCst) - before;
-    let stats = cache.stats();
-    let streamed = stats.stream_bytes.load(Ordering::SeqCst);
+    let streamed = cache.metrics().stream_bytes.get();
     let rest = blob.len() as u64 - (s.comp_end - s.comp_start) - (next.comp_end - next.comp_start);
     eprintln!(
         "{} spans: completed with {requests} requests, {streamed} bytes (the rest is {rest}), {} windows in all",

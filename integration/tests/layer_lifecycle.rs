@@ -13,9 +13,11 @@ use containerd_snapshots::api::snapshots::v1 as api;
 use containerd_snapshots::api::snapshots::v1::snapshots_client::SnapshotsClient;
 use containerd_snapshots::tonic::{Code, transport::Channel};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-/// Rounds of the race; each starts from a layer without caches.
-const ROUNDS: usize = 40;
+/// Rounds of the race; each starts from a layer without caches. On the code before the layer
+/// gates, about one round in a hundred deleted the caches under the new snapshot.
+const ROUNDS: usize = 300;
 
 async fn connect(socket: &Path) -> Result<SnapshotsClient<Channel>> {
     let path = socket.to_path_buf();
@@ -28,8 +30,8 @@ async fn connect(socket: &Path) -> Result<SnapshotsClient<Channel>> {
     Ok(SnapshotsClient::new(channel))
 }
 
-/// Prepares `key` as the lazy layer `layer` of `image` committed as `target`: the snapshotter
-/// answers AlreadyExists once the target is committed.
+/// Prepares `key` as the lazy layer `layer` of `image` for the chain `target`: the snapshotter
+/// commits it under `key` and answers AlreadyExists.
 async fn prepare_lazy(
     client: &mut SnapshotsClient<Channel>,
     key: &str,
@@ -42,7 +44,12 @@ async fn prepare_lazy(
         .filter(|(k, _)| k != clip_config::labels::CRI_MANIFEST_DIGEST)
         .collect();
     let answer = client
-        .prepare(api::PrepareSnapshotRequest { snapshotter: "clip".into(), key: key.into(), parent: String::new(), labels })
+        .prepare(api::PrepareSnapshotRequest {
+            snapshotter: "clip".into(),
+            key: key.into(),
+            parent: String::new(),
+            labels,
+        })
         .await;
     match answer {
         Err(s) if s.code() == Code::AlreadyExists => Ok(()),
@@ -88,23 +95,33 @@ fn a_remove_racing_a_prepare_of_the_same_layer_never_strands_the_new_snapshot() 
     image.registry.write_hosts_toml(&hosts_dir)?;
     let mut config = lazy_config(false);
     config.registry.hosts_dir = Some(hosts_dir);
-    // Every read goes through the span cache of the mount.
+    // Every read goes through the span cache of the mount; no fd keeper to start and stop.
     config.lazy.passthrough = false;
+    config.lazy.survive_restarts = false;
     let snap = ClipSnapshotter::start_configured(&td, "clip", &config, &[])?;
+    let spans = snap.root().join("spans").join(layer.replace(':', "-"));
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let mut first = connect(snap.socket()).await?;
         let mut second = connect(snap.socket()).await?;
         for round in 0..ROUNDS {
+            // The snapshot is committed under the Prepare's key; the target only names it.
             let (a, b) = (format!("layer-a-{round}"), format!("layer-b-{round}"));
-            prepare_lazy(&mut first, &format!("extract-a-{round}"), &a, &image.reference, &layer).await?;
-            // The only snapshot of the layer goes while another snapshot of it is prepared.
-            let (removed, prepared) = tokio::join!(
-                remove(&mut first, &a),
-                prepare_lazy(&mut second, &format!("extract-b-{round}"), &b, &image.reference, &layer)
-            );
+            prepare_lazy(&mut first, &a, &format!("chain-a-{round}"), &image.reference, &layer).await?;
+            // The only snapshot of the layer goes while another snapshot of it is prepared, the
+            // Prepare sent a little later each round (0 to 5 ms, three times over) to sweep the
+            // Remove's steps.
+            let target_b = format!("chain-b-{round}");
+            let lag = Duration::from_micros((round % 100) as u64 * 50);
+            let (removed, prepared) = tokio::join!(remove(&mut first, &a), async {
+                tokio::time::sleep(lag).await;
+                prepare_lazy(&mut second, &b, &target_b, &image.reference, &layer).await
+            });
             removed?;
             prepared?;
+            if !spans.exists() {
+                bail!("round {round}: the layer's span cache was deleted under its new snapshot");
+            }
             let view = format!("view-{round}");
             let dir = view_dir(&mut first, &view, &b).await?;
             let path = dir.join(file.trim_start_matches('/'));

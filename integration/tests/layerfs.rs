@@ -12,12 +12,11 @@ use clip_integration::{TestDir, require_root, run};
 use clip_layerfs::{self as layerfs, LayerFs};
 use clip_readpath::SpanCache;
 use clip_registry::{CredentialChain, HostsConfig, Reference, RegistryClient};
-use clip_snapshotter::remote::RegistryBlob;
+use clip_snapshotter::remote::{RegistryBlob, Session};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 /// Unpacks a layer the way containerd's overlayfs applier does: `.wh.<name>` becomes a 0:0
 /// character device `<name>`, `.wh..wh..opq` becomes `trusted.overlay.opaque=y` on its dir.
@@ -74,7 +73,7 @@ fn mount_layer(
     let client = RegistryClient::new(HostsConfig { dir: None, plain_http: true });
     let image = Reference::parse(&format!("{registry_host}/{repo}:latest"))?;
     let source = RegistryBlob {
-        repo: Arc::new(client.repository(&image, CredentialChain::anonymous())?),
+        session: Session::Fixed(Arc::new(client.repository(&image, CredentialChain::anonymous())?)),
         digest: digest.to_string(),
         runtime: rt.handle().clone(),
         timeout: std::time::Duration::from_secs(30),
@@ -109,7 +108,7 @@ fn fuse_layers_of_the_python_image_match_containerd_unpacking_and_fetch_lazily()
         got.remove(Path::new(""));
         let diffs = diff_trees(&want, &got, 20);
         assert!(diffs.is_empty(), "layer {n} ({digest}) differs:\n{}", diffs.join("\n"));
-        let fetched = m.spans.stats().fetched_bytes.load(Ordering::SeqCst);
+        let fetched = m.spans.metrics().fetched_bytes.get();
         eprintln!("layer {n}: {} entries identical; whole-tree read fetched {fetched} of {size} bytes", got.len());
         total += got.len();
     }
@@ -147,7 +146,7 @@ fn small_reads_fetch_little_corrupted_spans_fail_and_a_vanished_registry_recover
     let (small, _) = files.last().context("a file")?.clone();
     let got = std::fs::read(m.mountpoint.join(&small))?;
     assert_eq!(got, std::fs::read(reference.join(&small))?);
-    let fetched = m.spans.stats().fetched_bytes.load(Ordering::SeqCst);
+    let fetched = m.spans.metrics().fetched_bytes.get();
     eprintln!("reading {} fetched {fetched} of {size} compressed bytes", small.display());
     assert!(fetched * 4 < size, "a small read fetched {fetched} of {size}");
 

@@ -5,6 +5,8 @@
 //! Inode numbers are entry ids + 1 (the root is entry 0, FUSE's inode 1). Everything is
 //! immutable, so the kernel may cache attributes, entries and pages for long.
 
+pub use crate::passthrough::PASSTHROUGH_MIN_BYTES;
+use crate::passthrough::Passthrough;
 use clip_index::{Entry, EntryId, EntryKind, Index};
 use clip_readpath::{FuseOp, SpanCache};
 use fuser::{
@@ -24,17 +26,8 @@ const OPAQUE_XATTR: &[u8] = b"trusted.overlay.opaque";
 /// One layer served over FUSE.
 pub struct LayerFs {
     spans: Arc<SpanCache>,
-    /// Where fully local files are materialized for FUSE passthrough (`None`: never).
-    files_dir: Option<std::path::PathBuf>,
-    /// Whether the kernel granted passthrough at `init`.
-    passthrough: Arc<std::sync::atomic::AtomicBool>,
-    /// Backing files registered with the kernel, by inode; kept while mounted.
-    backing: parking_lot::Mutex<std::collections::HashMap<u64, fuser::BackingId>>,
-    /// Connection state kept for a restarted daemon (backing ids, open modes).
-    session_state: Option<crate::session_state::SessionState>,
-    /// Open file handles by inode: (cached mode, passthrough mode). The kernel refuses to mix
-    /// the two modes on one inode, so a new open follows the mode of the open handles.
-    open_modes: parking_lot::Mutex<std::collections::HashMap<u64, (u32, u32)>>,
+    /// Open modes of files, and passthrough for fully local ones.
+    passthrough: Passthrough,
     /// Where the last read of each inode ended, to spot sequential readers.
     last_read_end: parking_lot::Mutex<std::collections::HashMap<u64, u64>>,
     /// The kernel opens files and directories without asking (no passthrough wanted): no
@@ -50,14 +43,6 @@ pub struct LayerFs {
 /// Spans fetched ahead for a sequential reader.
 const SEQUENTIAL_READAHEAD_SPANS: u32 = 2;
 
-/// Smallest file opened with passthrough. A small file costs one FUSE read and then lives in
-/// the page cache; a copy for passthrough would double its disk use and cost a write at open.
-const PASSTHROUGH_MIN_BYTES: u64 = 1 << 20;
-
-/// File handle values: which mode an open file is in.
-const FH_CACHED: u64 = 0;
-const FH_PASSTHROUGH: u64 = 1;
-
 impl std::fmt::Debug for LayerFs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "LayerFs({:?})", self.spans)
@@ -68,11 +53,7 @@ impl LayerFs {
     pub fn new(spans: Arc<SpanCache>) -> Self {
         Self {
             spans,
-            files_dir: None,
-            passthrough: Arc::new(std::sync::atomic::AtomicBool::new(false)),
-            backing: parking_lot::Mutex::new(std::collections::HashMap::new()),
-            session_state: None,
-            open_modes: parking_lot::Mutex::new(std::collections::HashMap::new()),
+            passthrough: Passthrough::new(),
             last_read_end: parking_lot::Mutex::new(std::collections::HashMap::new()),
             no_open: false,
             no_opendir: false,
@@ -81,72 +62,22 @@ impl LayerFs {
     }
 
     /// Opens files whose data is all local with FUSE passthrough (kernel 6.9+): a file of at
-    /// least [`PASSTHROUGH_MIN_BYTES`] is materialized once under `dir` and the kernel reads it
+    /// least [`PASSTHROUGH_MIN_BYTES`] is copied once under `dir` and the kernel reads it
     /// directly.
     pub fn with_passthrough(mut self, dir: std::path::PathBuf) -> Self {
-        self.files_dir = Some(dir);
+        self.passthrough.with_dir(dir);
         self
     }
 
     /// Keeps backing ids and open modes in `state` (and starts from what it adopted).
     pub fn with_session_state(mut self, state: crate::session_state::SessionState) -> Self {
-        *self.open_modes.get_mut() = state.take_inherited_modes();
-        self.session_state = Some(state);
+        self.passthrough.with_state(state);
         self
-    }
-
-    /// Updates the open handles of `key`, in memory and in the session state.
-    fn set_modes(&self, modes: &mut std::collections::HashMap<u64, (u32, u32)>, key: u64, value: (u32, u32)) {
-        if value == (0, 0) {
-            modes.remove(&key);
-        } else {
-            modes.insert(key, value);
-        }
-        if let Some(state) = &self.session_state {
-            state.store_modes(key, value);
-        }
     }
 
     /// Set by the kernel's `init` when it grants passthrough (read it after mounting).
     pub fn passthrough_granted(&self) -> Arc<std::sync::atomic::AtomicBool> {
-        self.passthrough.clone()
-    }
-
-    /// The materialized copy of a fully local file, created on first use; `None` when some of
-    /// its data is not local yet (or passthrough is off).
-    fn local_file(&self, e: &Entry<'_>) -> Option<std::fs::File> {
-        let dir = self.files_dir.as_ref()?;
-        if !self.passthrough.load(std::sync::atomic::Ordering::Relaxed) || e.kind != EntryKind::File {
-            return None;
-        }
-        let path = dir.join(format!("{}", e.id));
-        if e.size < PASSTHROUGH_MIN_BYTES && !path.exists() {
-            return None;
-        }
-        let start = e.data_offset;
-        if e.size > 0 {
-            let spans = self.index().spans_for(start, e.size).ok()?;
-            if !spans.into_iter().all(|i| self.spans.is_cached(i)) {
-                return None;
-            }
-        }
-        if !path.exists() {
-            if let Some(budget) = self.spans.budget()
-                && !budget.try_pin(dir, e.size)
-            {
-                return None;
-            }
-            let data = self.spans.read(start, start + e.size).ok()?;
-            std::fs::create_dir_all(dir).ok()?;
-            clip_fsutil::atomic_write(&path, &data, 0o644, clip_fsutil::Durability::Cache).ok()?;
-        }
-        // A copy a crash left short is made again.
-        let file = std::fs::File::open(&path).ok()?;
-        if file.metadata().ok()?.len() != e.size {
-            let _ = std::fs::remove_file(&path);
-            return None;
-        }
-        Some(file)
+        self.passthrough.granted().clone()
     }
 
     fn index(&self) -> &Index {
@@ -330,17 +261,14 @@ impl Filesystem for LayerFs {
         // opens lower files again and again). Without passthrough there is nothing to decide at
         // open: the kernel may open on its own, keeping the page cache (FOPEN_KEEP_CACHE).
         self.no_opendir = config.add_capabilities(cap::NO_OPENDIR).is_ok();
-        self.no_open = self.files_dir.is_none() && config.add_capabilities(cap::NO_OPEN).is_ok();
-        if self.files_dir.is_some() && config.add_capabilities(cap::PASSTHROUGH).is_ok() {
-            // Depth 1: backing files on a plain fs, and overlayfs may stack on this mount.
-            if config.set_max_stack_depth(1).is_ok() {
-                self.passthrough.store(true, std::sync::atomic::Ordering::Relaxed);
-            }
+        let wanted = self.passthrough.wanted();
+        self.no_open = !wanted && config.add_capabilities(cap::NO_OPEN).is_ok();
+        // Depth 1: backing files on a plain fs, and overlayfs may stack on this mount.
+        if wanted && config.add_capabilities(cap::PASSTHROUGH).is_ok() && config.set_max_stack_depth(1).is_ok() {
+            self.passthrough.granted().store(true, std::sync::atomic::Ordering::Relaxed);
         }
-        tracing::debug!(
-            passthrough = self.passthrough.load(std::sync::atomic::Ordering::Relaxed),
-            "FUSE session initialised"
-        );
+        let granted = self.passthrough.granted().load(std::sync::atomic::Ordering::Relaxed);
+        tracing::debug!(passthrough = granted, "FUSE session initialised");
         Ok(())
     }
 
@@ -411,63 +339,7 @@ impl Filesystem for LayerFs {
             Err(e) => return reply.error(e),
         };
         let key = u64::from(entry.id) + 1;
-        let mut modes = self.open_modes.lock();
-        let (cached, passthrough) = modes.get(&key).copied().unwrap_or((0, 0));
-        if cached == 0 {
-            let mut backing = self.backing.lock();
-            let adopted = if backing.contains_key(&key) {
-                None
-            } else {
-                self.session_state.as_ref().and_then(|l| l.take_adopted(key))
-            };
-            if let Some(raw) = adopted {
-                // SAFETY: an earlier daemon registered `raw` on this very connection (logged
-                // before it answered) and nothing closed it; it is wrapped once and kept.
-                #[allow(unsafe_code)]
-                let id = unsafe { reply.wrap_backing(raw) };
-                tracing::debug!(
-                    ino = key,
-                    backing_id = raw,
-                    "passthrough: reusing a backing id of the previous daemon"
-                );
-                backing.insert(key, id);
-            }
-            let id = match backing.get(&key) {
-                Some(id) => Some(id),
-                None if passthrough == 0 => match self.local_file(&entry).map(|f| reply.open_backing(&f)) {
-                    Some(Ok(id)) => {
-                        let id = match &self.session_state {
-                            Some(state) => {
-                                let raw = id.into_raw();
-                                tracing::debug!(ino = key, backing_id = raw, "passthrough: new backing id");
-                                state.record_backing(key, raw);
-                                // SAFETY: `raw` was just registered on this connection.
-                                #[allow(unsafe_code)]
-                                let id = unsafe { reply.wrap_backing(raw) };
-                                id
-                            }
-                            None => id,
-                        };
-                        backing.insert(key, id);
-                        backing.get(&key)
-                    }
-                    Some(Err(e)) => {
-                        tracing::debug!(error = %e, "passthrough unavailable; serving reads");
-                        None
-                    }
-                    None => None,
-                },
-                None => None,
-            };
-            if let Some(id) = id {
-                self.spans.metrics().passthrough_opens.inc();
-                self.set_modes(&mut modes, key, (cached, passthrough + 1));
-                return reply.opened_passthrough(FileHandle(FH_PASSTHROUGH), FopenFlags::empty(), id);
-            }
-        }
-        self.set_modes(&mut modes, key, (cached + 1, passthrough));
-        drop(modes);
-        reply.opened(FileHandle(FH_CACHED), FopenFlags::FOPEN_KEEP_CACHE);
+        self.passthrough.open(&self.spans, &entry, key, reply);
     }
 
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: fuser::ReplyEmpty) {
@@ -489,15 +361,7 @@ impl Filesystem for LayerFs {
             .entry(ino)
             .and_then(|e| self.index().resolve_hardlink(e).map_err(|_| Errno::EIO))
             .map_or(ino.0, |e| u64::from(e.id) + 1);
-        let mut modes = self.open_modes.lock();
-        if let Some(&(cached, passthrough)) = modes.get(&key) {
-            let value = if fh.0 == FH_PASSTHROUGH {
-                (cached, passthrough.saturating_sub(1))
-            } else {
-                (cached.saturating_sub(1), passthrough)
-            };
-            self.set_modes(&mut modes, key, value);
-        }
+        self.passthrough.release(key, fh);
         reply.ok();
     }
 

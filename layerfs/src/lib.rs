@@ -9,6 +9,7 @@
 pub mod capabilities;
 pub mod fs;
 pub mod keeper;
+mod passthrough;
 pub mod reattach;
 pub mod session_state;
 

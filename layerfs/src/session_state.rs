@@ -3,7 +3,8 @@
 //! - the passthrough backing id of each inode: the kernel refuses a second, different backing
 //!   file for an inode still open through the first, and a running container keeps its
 //!   binaries and libraries open; so an inode's old id is wrapped again, never a new one made.
-//!   An id is logged (`backing`, `<inode> <id>` lines) before the open using it is answered;
+//!   An id is logged (`backing`, `<inode> <id>` lines) before the open using it is answered,
+//!   and its closing at the inode's last passthrough close too (`<inode> -`);
 //! - the open handles of each inode by mode (cached, passthrough): the kernel refuses to mix
 //!   the modes on one inode (the open fails with EIO), so a new open follows the open handles.
 //!   Kept in `modes`, a table of two u32 per inode written in place on every change.
@@ -56,9 +57,17 @@ impl SessionState {
             .lines()
             .filter_map(|l| {
                 let (ino, id) = l.split_once(' ')?;
-                Some((ino.parse().ok()?, id.parse().ok()?))
+                let id = if id == "-" { None } else { Some(id.parse::<u32>().ok()?) };
+                Some((ino.parse::<u64>().ok()?, id))
             })
-            .collect();
+            // A later line of an inode wins; `<inode> -` says its id was closed.
+            .fold(HashMap::new(), |mut ids, (ino, id)| {
+                match id {
+                    Some(id) => ids.insert(ino, id),
+                    None => ids.remove(&ino),
+                };
+                ids
+            });
         let table = std::fs::read(dir.join("modes")).unwrap_or_default();
         let inherited: HashMap<u64, OpenModes> = table
             .chunks_exact(8)
@@ -99,6 +108,14 @@ impl SessionState {
         }
     }
 
+    /// Logs that the backing id of `ino` was closed (its last passthrough handle went).
+    pub fn record_backing_closed(&self, ino: u64) {
+        let mut f = self.backing.lock();
+        if let Err(e) = writeln!(f, "{ino} -") {
+            tracing::warn!(dir = %self.dir.display(), error = %e, "cannot log a closed backing id");
+        }
+    }
+
     /// Records the open handles of `ino`.
     pub fn store_modes(&self, ino: u64, modes: OpenModes) {
         let mut bytes = [0u8; 8];
@@ -121,6 +138,8 @@ mod tests {
         let s = SessionState::create(&path).expect("create");
         s.record_backing(5, 1);
         s.record_backing(9, 2);
+        s.record_backing(7, 3);
+        s.record_backing_closed(7);
         s.store_modes(3, (2, 0));
         s.store_modes(9, (0, 1));
         s.store_modes(4, (1, 0));
@@ -132,6 +151,7 @@ mod tests {
         assert_eq!(s.take_adopted(9), Some(2));
         assert_eq!(s.take_adopted(9), None);
         assert_eq!(s.take_adopted(5), Some(1));
+        assert_eq!(s.take_adopted(7), None, "a closed id is not adopted");
         let modes = s.take_inherited_modes();
         assert_eq!(modes.len(), 2, "{modes:?}");
         assert_eq!(modes[&3], (2, 0));

@@ -141,6 +141,17 @@ impl CacheBudget {
         self.used_gauge.set(i64::try_from(s.used).unwrap_or(i64::MAX));
     }
 
+    /// Gives back `bytes` pinned for a passthrough copy in `dir` that was not made.
+    pub fn unpin(&self, dir: &Path, bytes: u64) {
+        let mut s = self.state.lock();
+        if let Some(p) = s.pinned.get_mut(dir) {
+            let given = bytes.min(*p);
+            *p -= given;
+            s.used = s.used.saturating_sub(given);
+        }
+        self.used_gauge.set(i64::try_from(s.used).unwrap_or(i64::MAX));
+    }
+
     /// A layer's span directory and passthrough directory were deleted.
     pub fn forget_layer(&self, spans_dir: &Path, files_dir: &Path) {
         let mut s = self.state.lock();

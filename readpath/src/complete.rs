@@ -106,11 +106,11 @@ fn take(shared: &Shared) -> Option<(Arc<SpanCache>, u32)> {
     let delay = shared.policy.start_delay;
     let layer = layers.iter_mut().filter(|l| !l.busy && l.since.elapsed() >= delay).min_by_key(|l| l.since)?;
     let cache = layer.cache.upgrade()?;
-    let misses = cache.stats().cache_misses.load(Ordering::Relaxed);
+    let misses = cache.metrics().span_misses.get();
     if misses != layer.misses {
         // A read missed since: go on just past it.
         layer.misses = misses;
-        layer.next = cache.stats().last_miss.load(Ordering::Relaxed).saturating_add(1);
+        layer.next = cache.last_miss().saturating_add(1);
     }
     layer.busy = true;
     Some((cache, layer.next))

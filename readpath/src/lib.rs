@@ -24,4 +24,4 @@ pub use complete::{Completer, CompletionPolicy};
 pub use metrics::{FuseOp, LayerMetrics};
 pub use prefetch::{PrefetchPolicy, Prefetcher};
 pub use profile::{Recorder, Recording, ReplayPolicy, Replayer};
-pub use spans::{Cause, MissObserver, ReadObserver, SpanCache, SpanCacheOptions, SpanError, SpanStats, Streamed};
+pub use spans::{Cause, MissObserver, ReadObserver, SpanCache, SpanCacheOptions, SpanError, Streamed};

@@ -206,7 +206,7 @@ mod tests {
         assert!(!c.is_cached(14));
         // Nothing was fetched twice: 10 by the reader, then 9, 11, 12 (and 10's rest) ahead.
         let cached = (0..index.span_count()).filter(|i| c.is_cached(*i)).count() as u64;
-        assert!(c.stats().fetches.load(Ordering::SeqCst) <= cached);
+        assert!(c.metrics().fetches.get() <= cached);
     }
 
     #[test]

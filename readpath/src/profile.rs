@@ -261,13 +261,13 @@ mod tests {
         assert!(wait_until(|| profiled.iter().all(|i| cache.is_cached(*i))), "the profile was not replayed");
         assert_eq!(blob.requests.load(Ordering::SeqCst), 2);
         assert!(!cache.is_cached(9) && !cache.is_cached(2));
-        assert!(cache.stats().profile_bytes.load(Ordering::Relaxed) > 0);
+        assert!(cache.metrics().profile_bytes.get() > 0);
         let (a, b) = span_range(&index, 4);
         cache.read(a, b).expect("read");
         let (a, b) = span_range(&index, 30);
         cache.read(a, b).expect("read");
-        assert_eq!(cache.stats().profile_hits.load(Ordering::Relaxed), 1);
-        assert_eq!(cache.stats().profile_misses.load(Ordering::Relaxed), 1);
+        assert_eq!(cache.metrics().profile_hits.get(), 1);
+        assert_eq!(cache.metrics().profile_misses.get(), 1);
     }
 
     #[test]

@@ -6,11 +6,15 @@
 
 use crate::challenge::{self, Challenge};
 use crate::credentials::{Candidate, CredentialChain, Source};
+pub use crate::error::error_text;
 use crate::error::{RegistryError, Result, SourceList};
 use crate::hosts::{Endpoint, HostsConfig};
+pub(crate) use crate::op::FromMirror;
+pub use crate::op::Op;
 use crate::reference::Reference;
 use crate::secret::Secret;
-use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderName, HeaderValue, LOCATION, WWW_AUTHENTICATE};
+use crate::token;
+use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue, LOCATION, WWW_AUTHENTICATE};
 use reqwest::{Method, StatusCode};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -174,50 +178,6 @@ struct CachedAuth {
     value: Secret,
     expires: Option<Instant>,
     challenge: Challenge,
-}
-
-/// What one request needs.
-#[derive(Debug, Clone)]
-pub struct Op {
-    pub method: Method,
-    /// Path below `/v2/<repository>/`, e.g. `blobs/sha256:...`.
-    pub path: String,
-    pub headers: Vec<(HeaderName, String)>,
-    pub body: Option<bytes::Bytes>,
-    pub query: Vec<(String, String)>,
-    /// Needs push access (scope `pull,push`, endpoints with `push`).
-    pub push: bool,
-    /// Cache redirect targets under this key (a blob digest).
-    pub redirect_key: Option<String>,
-    /// An absolute URL to use instead of the path (upload locations).
-    pub absolute_url: Option<String>,
-    /// Go to the registry itself, not its mirrors.
-    pub skip_mirrors: bool,
-}
-
-/// Marks a response a mirror gave (in its extensions).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct FromMirror;
-
-impl Op {
-    pub fn new(method: Method, path: impl Into<String>) -> Self {
-        Self {
-            method,
-            path: path.into(),
-            headers: Vec::new(),
-            body: None,
-            query: Vec::new(),
-            push: false,
-            redirect_key: None,
-            absolute_url: None,
-            skip_mirrors: false,
-        }
-    }
-
-    pub fn header(mut self, name: HeaderName, value: impl Into<String>) -> Self {
-        self.headers.push((name, value.into()));
-        self
-    }
 }
 
 /// One repository of one registry, with its credential chain and auth state.
@@ -422,8 +382,7 @@ impl Repository {
         Ok(())
     }
 
-    /// GET the token from a Bearer realm (Docker token protocol), with basic credentials
-    /// when there are any.
+    /// GET the token from a Bearer realm for this repository (pull, or pull and push).
     async fn fetch_token(
         &self,
         endpoint: &Endpoint,
@@ -434,58 +393,9 @@ impl Repository {
     ) -> Result<(Secret, Option<Instant>)> {
         let actions = if self.push { "pull,push" } else { "pull" };
         let scope = format!("repository:{}:{actions}", self.image.repository);
-        let mut query: Vec<(&str, &str)> = vec![("scope", &scope)];
-        if let Some(s) = challenge_scope.filter(|s| *s != scope) {
-            query.push(("scope", s));
-        }
-        if let Some(s) = service {
-            query.push(("service", s));
-        }
         let http = self.client.http(endpoint)?;
-        let mut req = http.get(realm).query(&query);
-        if let Some(c) = credential {
-            req = req.header(AUTHORIZATION, c.basic_header());
-        }
-        let transport = |e: reqwest::Error| RegistryError::Transport {
-            registry: self.registry().to_string(),
-            context: "token request".into(),
-            message: error_text(&e),
-        };
-        let resp = req.send().await.map_err(transport)?;
-        let status = resp.status();
-        if !status.is_success() {
-            if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-                // Treated as "this credential is refused": an empty header makes the next
-                // attempt move along the chain.
-                return Ok((Secret::new(""), None));
-            }
-            return Err(RegistryError::Status {
-                registry: self.registry().to_string(),
-                method: "GET".into(),
-                path: "token realm".into(),
-                status: status.as_u16(),
-                body: String::new(),
-            });
-        }
-        #[derive(serde::Deserialize)]
-        struct TokenResponse {
-            token: Option<String>,
-            access_token: Option<String>,
-            expires_in: Option<u64>,
-        }
-        let body: TokenResponse = resp.json().await.map_err(|e| RegistryError::BadResponse {
-            registry: self.registry().to_string(),
-            what: "token response".into(),
-            message: e.to_string(),
-        })?;
-        let token = body.token.or(body.access_token).ok_or_else(|| RegistryError::BadResponse {
-            registry: self.registry().to_string(),
-            what: "token response".into(),
-            message: "no token".into(),
-        })?;
-        // The spec's default lifetime is 60 s; renew at 90 % of it.
-        let lifetime = Duration::from_secs(body.expires_in.unwrap_or(60).max(1));
-        Ok((Secret::new(token), Some(Instant::now() + lifetime.mul_f64(0.9))))
+        let request = token::TokenRequest { realm, service, scope: &scope, challenge_scope, credential };
+        token::fetch(&http, self.registry(), &request).await
     }
 
     fn url(&self, endpoint: &Endpoint, op: &Op) -> String {
@@ -606,19 +516,6 @@ pub(crate) fn backoff(base: Duration, attempt: u32) -> Duration {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos(),
     ) % 250;
     capped + capped.mul_f64(noise as f64 / 1000.0)
-}
-
-/// reqwest's error with its causes (connection refused, reset, timeout...), no URL secrets
-/// (URLs carry none).
-pub fn error_text(e: &reqwest::Error) -> String {
-    use std::error::Error;
-    let mut parts = vec![e.to_string()];
-    let mut src = e.source();
-    while let Some(s) = src {
-        parts.push(s.to_string());
-        src = s.source();
-    }
-    parts.join(": ")
 }
 
 /// Whether a connection failed before any TLS was spoken (refused, unreachable, timed out).

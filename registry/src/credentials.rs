@@ -7,92 +7,12 @@
 //!
 //! The chain is built per image; the client walks it on 401/403.
 
+pub use crate::credential::Credential;
 use crate::error::{RegistryError, Result};
 use crate::mint::TokenMinter;
 use crate::reference::{Reference, normalize_registry};
-use crate::secret::Secret;
+pub use crate::source::Source;
 use std::sync::Arc;
-
-/// `username:password` for a registry.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Credential {
-    pub username: String,
-    pub password: Secret,
-}
-
-impl std::fmt::Debug for Credential {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Credential {{ username: {:?}, password: <redacted> }}", self.username)
-    }
-}
-
-impl Credential {
-    pub fn new(username: impl Into<String>, password: impl Into<String>) -> Self {
-        Self { username: username.into(), password: Secret::new(password) }
-    }
-
-    /// Parses `username:password` (split at the first `:`; the password may contain more).
-    /// The error never repeats the input.
-    pub fn parse(s: &str, source: Source) -> Result<Self> {
-        match s.split_once(':') {
-            Some((u, p)) if !u.is_empty() && !p.is_empty() => Ok(Self::new(u, p)),
-            _ => Err(RegistryError::Credentials {
-                source_name: source.name(),
-                message: "expected username:password".into(),
-            }),
-        }
-    }
-
-    /// `Basic base64(user:pass)`.
-    pub fn basic_header(&self) -> String {
-        use base64::Engine;
-        let raw = format!("{}:{}", self.username, self.password.expose());
-        format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(raw))
-    }
-}
-
-/// Where a credential came from; logged by name, never with the value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Source {
-    ImageCreds,
-    CriPullSecret,
-    SourceImageCreds,
-    BuildRegistryCreds,
-    MintedBuildRegistryToken,
-    DockerConfig,
-    Anonymous,
-}
-
-impl Source {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::ImageCreds => "image credentials (clip.image-creds)",
-            Self::CriPullSecret => "kubelet pull secret (CRI image service proxy)",
-            Self::SourceImageCreds => "source image credentials (clip.source-image-creds)",
-            Self::BuildRegistryCreds => "build registry credentials (clip.build-registry-creds)",
-            Self::MintedBuildRegistryToken => "build registry token minted from the config",
-            Self::DockerConfig => "docker config.json",
-            Self::Anonymous => "anonymous",
-        }
-    }
-
-    /// The name a chosen source is logged as.
-    pub fn decision(self) -> &'static str {
-        match self {
-            Self::ImageCreds => "credentials provided for runtime CLIP layer mounting",
-            Self::CriPullSecret => "using the pull secret kubelet passed to PullImage",
-            Self::SourceImageCreds => "using source image credentials for the image's registry",
-            Self::BuildRegistryCreds => {
-                "using build registry credentials for image access (image was built and pushed by us)"
-            }
-            Self::MintedBuildRegistryToken => {
-                "using a build registry token minted from the configured long-term credentials"
-            }
-            Self::DockerConfig => "using credentials from docker config.json",
-            Self::Anonymous => "no credentials apply; accessing the registry anonymously",
-        }
-    }
-}
 
 /// The configured build registry: which images build registry credentials apply to.
 #[derive(Debug, Clone)]

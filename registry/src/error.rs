@@ -1,7 +1,7 @@
 //! The registry client's typed errors. None of them ever carries a credential: messages name
 //! the registry and the credential *source*, never a value.
 
-use crate::credentials::Source;
+use crate::source::Source;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -55,3 +55,16 @@ impl std::fmt::Display for SourceList {
 }
 
 pub type Result<T, E = RegistryError> = std::result::Result<T, E>;
+
+/// reqwest's error with its causes (connection refused, reset, timeout...), no URL secrets
+/// (URLs carry none).
+pub fn error_text(e: &reqwest::Error) -> String {
+    use std::error::Error;
+    let mut parts = vec![e.to_string()];
+    let mut src = e.source();
+    while let Some(s) = src {
+        parts.push(s.to_string());
+        src = s.source();
+    }
+    parts.join(": ")
+}

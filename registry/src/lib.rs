@@ -6,21 +6,26 @@
 //! - [`client`]: HTTP clients, the per-repository request loop (endpoints, retries, auth
 //!   challenges along the credential chain, redirects without `Authorization`);
 //! - [`api`]: manifests, blobs, **Range** reads, uploads, referrers;
-//! - [`credentials`]: credentials, their sources and the priority chain (docs/architecture.md, "Credentials");
+//! - [`credentials`]: the priority chain of credentials (docs/architecture.md, "Credentials"),
+//!   over a [`Credential`] and its [`Source`] (leaf modules every other one may name);
 //! - [`mint`]: short-lived tokens minted from long-term credentials (ECR, GCP, basic);
 //! - [`challenge`]: `WWW-Authenticate` parsing; [`Secret`]: a string that never prints.
 
 pub mod api;
 pub mod challenge;
 pub mod client;
+mod credential;
 pub mod credentials;
 pub mod error;
 pub mod hosts;
 pub mod image;
 pub mod mint;
+mod op;
 pub mod reference;
 mod secret;
+mod source;
 pub mod tls;
+mod token;
 
 pub use api::{FetchedManifest, Platform};
 pub use client::{RegistryClient, Repository, RetryPolicy, Timeouts};

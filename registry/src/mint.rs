@@ -5,7 +5,7 @@
 //! for days never presents an expired token. No default cloud chain is consulted unless the
 //! config opts in (`use_default_chain`).
 
-use crate::credentials::Credential;
+use crate::credential::Credential;
 use crate::error::{RegistryError, Result};
 use clip_config::LongTermCredentials;
 use std::sync::Arc;
@@ -181,7 +181,7 @@ async fn mint_ecr(client: &aws_sdk_ecr::Client, minted_at: SystemTime) -> Result
         .decode(token)
         .map_err(|_| err("authorizationToken is not base64".into()))?;
     let decoded = String::from_utf8(decoded).map_err(|_| err("authorizationToken is not UTF-8".into()))?;
-    let credential = Credential::parse(&decoded, crate::credentials::Source::MintedBuildRegistryToken)
+    let credential = Credential::parse(&decoded, crate::source::Source::MintedBuildRegistryToken)
         .map_err(|_| err("authorizationToken is not user:password".into()))?;
     let expires_at = data
         .expires_at()

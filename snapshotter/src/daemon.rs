@@ -67,7 +67,7 @@ pub async fn run(cfg: SnapshotterConfig) -> anyhow::Result<()> {
     let cri_proxy = match &cfg.cri.image_service_address {
         Some(address) => {
             let containerd = cfg.cri.containerd_address.clone().unwrap_or_else(|| cfg.containerd_address.clone());
-            let proxy = clip_cri_proxy::CriImageProxy::new(&containerd, remote.clone());
+            let proxy = clip_cri_proxy::CriImageProxy::new(&containerd, remote.sessions().clone());
             let (address, stop) = (address.clone(), stopped(stop_rx.clone()));
             Some(tokio::spawn(async move {
                 if let Err(e) = clip_cri_proxy::serve(&address, proxy, stop).await {

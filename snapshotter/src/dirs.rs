@@ -127,19 +127,9 @@ fn disk_usage(root: &Path) -> Result<DiskUsage> {
     Ok(usage)
 }
 
-/// Detaches every mount at or below `path` (deepest first): stale FUSE layers of a previous
-/// daemon, before a directory is reused or deleted.
-pub fn unmount_below(path: &Path) {
-    for p in clip_fsutil::mountinfo::mount_points_below(path) {
-        if let Err(e) = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH) {
-            tracing::warn!(path = %p.display(), error = %e, "cannot unmount");
-        }
-    }
-}
-
 /// `rm -rf` that tolerates a missing path, after detaching mounts below it.
 fn remove_tree(path: &Path) -> Result<()> {
-    unmount_below(path);
+    clip_fsutil::mountinfo::unmount_below(path);
     match fs::symlink_metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(SnapshotError::io(format!("stat {}", path.display()), e)),

@@ -7,11 +7,11 @@ use crate::dirs::SnapshotDirs;
 use crate::error::{Result, SnapshotError};
 use crate::filter::{Adaptor, Filters};
 use crate::labels;
-use crate::labels::RemoteRequest;
 use crate::metadata::{DiskUsage, Kind, LabelUpdate, MetaStore, Record, RemoteLayer};
 use crate::metrics::Metrics;
 use crate::mounts::mounts_for;
 use crate::remote::RemoteLayers;
+use clip_config::labels::RemoteRequest;
 use containerd_snapshots::api::types::Mount;
 use containerd_snapshots::tonic::Status;
 use containerd_snapshots::{Info, Usage};
@@ -69,7 +69,7 @@ impl State {
                 }
                 Err(reason) => {
                     tracing::error!(snapshot = %name, layer = %info.layer_digest, %reason, "cannot serve a remote layer again");
-                    crate::dirs::unmount_below(&dir);
+                    clip_fsutil::mountinfo::unmount_below(&dir);
                     unservable_info.insert(record.id, (info.image_ref.clone(), info.layer_digest.clone()));
                     failed.push((name, record.id));
                 }
@@ -167,6 +167,9 @@ impl State {
         labels: &labels::SnapshotLabels,
         req: &RemoteRequest,
     ) -> std::result::Result<(), RemoteFallback> {
+        // From opening the layer until its snapshot is recorded, a Remove of the layer's last
+        // snapshot cannot delete its caches.
+        let _gate = remote.gate(&req.layer_digest);
         let existing = self.store.list().map_err(RemoteFallback::Error)?.into_iter().find(|(_, r)| {
             r.kind == Kind::Committed
                 && r.parent == parent
@@ -236,23 +239,36 @@ impl State {
     }
 
     fn remove(&self, key: &str) -> Result<()> {
+        let lazy = self.store.resolve(key)?.record.remote;
+        let (Some(remote), Some(layer)) = (&self.remote, lazy) else {
+            let record = self.store.remove(key)?;
+            self.remove_dir(record.id);
+            return Ok(());
+        };
+        // The record goes, and with the layer's last one its caches, while no Prepare of the
+        // same layer is between opening it and recording its snapshot.
+        let gate = remote.gate(&layer.layer_digest);
         let record = self.store.remove(key)?;
-        if let (Some(remote), Some(layer)) = (&self.remote, &record.remote) {
-            remote.unmount(record.id);
-            let still_used = self
-                .store
-                .list()?
-                .iter()
-                .any(|(_, r)| r.remote.as_ref().is_some_and(|o| o.layer_digest == layer.layer_digest));
-            if !still_used {
-                remote.delete_layer_caches(&layer.layer_digest);
-            }
+        remote.unmount(record.id);
+        let still_used = self
+            .store
+            .list()?
+            .iter()
+            .any(|(_, r)| r.remote.as_ref().is_some_and(|o| o.layer_digest == layer.layer_digest));
+        if !still_used {
+            remote.delete_layer_caches(&gate, &layer.layer_digest);
         }
-        if let Err(e) = self.dirs.remove(record.id) {
-            // The record is gone; Cleanup deletes the directory later.
-            tracing::warn!(id = record.id, error = %e, "snapshot directory left for cleanup");
-        }
+        drop(gate);
+        self.remove_dir(record.id);
         Ok(())
+    }
+
+    /// Deletes a removed snapshot's directory, or leaves it to Cleanup.
+    fn remove_dir(&self, id: u64) {
+        if let Err(e) = self.dirs.remove(id) {
+            // The record is gone; Cleanup deletes the directory later.
+            tracing::warn!(id, error = %e, "snapshot directory left for cleanup");
+        }
     }
 
     fn usage(&self, key: &str) -> Result<DiskUsage> {

@@ -7,7 +7,9 @@
 mod stream;
 mod tree;
 
-use crate::format::{Compression, IndexData};
+pub use stream::sniff;
+
+use crate::format::IndexData;
 use crate::{Index, IndexError};
 use sha2::Digest;
 use std::io::Read;
@@ -31,15 +33,6 @@ pub struct BuildOptions {
 impl Default for BuildOptions {
     fn default() -> Self {
         Self { span_size: DEFAULT_SPAN_SIZE, expected_digest: None, media_type: String::new() }
-    }
-}
-
-/// Sniffs the compression of a blob from its first bytes.
-pub fn sniff(head: &[u8]) -> Compression {
-    match head {
-        [0x1f, 0x8b, ..] => Compression::Gzip,
-        [0x28, 0xb5, 0x2f, 0xfd, ..] => Compression::Zstd,
-        _ => Compression::None,
     }
 }
 

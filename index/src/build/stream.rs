@@ -10,6 +10,15 @@ use std::io::{self, Read};
 const IN_BUF: usize = 256 * 1024;
 const OUT_BUF: usize = 256 * 1024;
 
+/// Sniffs the compression of a blob from its first bytes.
+pub fn sniff(head: &[u8]) -> Compression {
+    match head {
+        [0x1f, 0x8b, ..] => Compression::Gzip,
+        [0x28, 0xb5, 0x2f, 0xfd, ..] => Compression::Zstd,
+        _ => Compression::None,
+    }
+}
+
 /// A decoding failure carried through `io::Error` (the tar crate only passes those on).
 #[derive(Debug)]
 pub struct StreamError(pub String);
@@ -50,27 +59,57 @@ pub struct LayerStream<R> {
     decoder: Decoder,
     compression: Compression,
     span_size: u64,
-    inbuf: Vec<u8>,
-    in_pos: usize,
-    in_len: usize,
-    src_eof: bool,
-    out: Vec<u8>,
-    out_pos: usize,
-    out_len: usize,
-    /// Compressed bytes consumed by the decoder so far.
-    comp_pos: u64,
-    /// Uncompressed bytes produced so far.
-    uncomp_pos: u64,
-    blob_hash: Sha256,
-    blob_len: u64,
-    span_hash: Sha256,
-    last_byte: u8,
+    /// Compressed bytes read from `src`, not all consumed yet.
+    input: InBuf,
+    /// Uncompressed bytes produced, not all handed out yet.
+    output: OutBuf,
+    /// Compressed bytes consumed by the decoder so far, and uncompressed bytes produced.
+    pos: Offsets,
+    digests: Digests,
     checkpoints: Vec<CheckpointRecord>,
-    /// A gzip member or zstd frame ended; the next one (if any) starts at `comp_pos`.
-    at_unit_start: bool,
+    /// Where the decoder is in the blob's gzip members or zstd frames.
+    unit: UnitState,
+    done: bool,
+}
+
+/// The input buffer: `buf[pos..len]` is read and not consumed.
+struct InBuf {
+    buf: Vec<u8>,
+    pos: usize,
+    len: usize,
+    /// The source has ended.
+    eof: bool,
+}
+
+/// The output buffer: `buf[pos..len]` is produced and not handed out.
+struct OutBuf {
+    buf: Vec<u8>,
+    pos: usize,
+    len: usize,
+}
+
+#[derive(Default)]
+struct Offsets {
+    comp: u64,
+    uncomp: u64,
+}
+
+/// The digests kept while streaming: of the whole blob, and of the current span's compressed
+/// bytes.
+struct Digests {
+    blob: Sha256,
+    blob_len: u64,
+    span: Sha256,
+    /// The last compressed byte consumed (a gzip span boundary may fall inside a byte).
+    last_byte: u8,
+}
+
+#[derive(Default)]
+struct UnitState {
+    /// A gzip member or zstd frame ended; the next one (if any) starts at `pos.comp`.
+    at_start: bool,
     /// zstd: inside a frame (input ending now is truncation).
     zstd_mid_frame: bool,
-    done: bool,
 }
 
 impl<R: Read> LayerStream<R> {
@@ -86,7 +125,7 @@ impl<R: Read> LayerStream<R> {
             }
             in_len += n;
         }
-        let compression = super::sniff(&inbuf[..in_len]);
+        let compression = sniff(&inbuf[..in_len]);
         let decoder = match compression {
             Compression::Gzip => Decoder::Gzip(Inflater::new(GZIP)?),
             Compression::Zstd => Decoder::Zstd(zstd::stream::raw::Decoder::new()?),
@@ -107,22 +146,12 @@ impl<R: Read> LayerStream<R> {
             decoder,
             compression,
             span_size,
-            inbuf,
-            in_pos: 0,
-            in_len,
-            src_eof,
-            out: vec![0u8; OUT_BUF],
-            out_pos: 0,
-            out_len: 0,
-            comp_pos: 0,
-            uncomp_pos: 0,
-            blob_hash,
-            blob_len: in_len as u64,
-            span_hash: Sha256::new(),
-            last_byte: 0,
+            input: InBuf { buf: inbuf, pos: 0, len: in_len, eof: src_eof },
+            output: OutBuf { buf: vec![0u8; OUT_BUF], pos: 0, len: 0 },
+            pos: Offsets::default(),
+            digests: Digests { blob: blob_hash, blob_len: in_len as u64, span: Sha256::new(), last_byte: 0 },
             checkpoints: vec![first],
-            at_unit_start: false,
-            zstd_mid_frame: false,
+            unit: UnitState::default(),
             done: false,
         })
     }
@@ -133,24 +162,24 @@ impl<R: Read> LayerStream<R> {
 
     /// Makes sure unconsumed input is buffered; false at the end of the blob.
     fn ensure_input(&mut self) -> io::Result<bool> {
-        if self.in_pos < self.in_len {
+        if self.input.pos < self.input.len {
             return Ok(true);
         }
-        if self.src_eof {
+        if self.input.eof {
             return Ok(false);
         }
-        self.in_pos = 0;
-        self.in_len = 0;
+        self.input.pos = 0;
+        self.input.len = 0;
         loop {
-            match self.src.read(&mut self.inbuf) {
+            match self.src.read(&mut self.input.buf) {
                 Ok(0) => {
-                    self.src_eof = true;
+                    self.input.eof = true;
                     return Ok(false);
                 }
                 Ok(n) => {
-                    self.in_len = n;
-                    self.blob_hash.update(&self.inbuf[..n]);
-                    self.blob_len += n as u64;
+                    self.input.len = n;
+                    self.digests.blob.update(&self.input.buf[..n]);
+                    self.digests.blob_len += n as u64;
                     return Ok(true);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -162,33 +191,33 @@ impl<R: Read> LayerStream<R> {
     /// Marks `n` buffered input bytes as consumed by the decoder.
     fn consume(&mut self, n: usize) {
         if n > 0 {
-            let bytes = &self.inbuf[self.in_pos..self.in_pos + n];
-            self.span_hash.update(bytes);
-            self.last_byte = bytes[n - 1];
-            self.in_pos += n;
-            self.comp_pos += n as u64;
+            let bytes = &self.input.buf[self.input.pos..self.input.pos + n];
+            self.digests.span.update(bytes);
+            self.digests.last_byte = bytes[n - 1];
+            self.input.pos += n;
+            self.pos.comp += n as u64;
         }
     }
 
     fn due(&self) -> bool {
         let last = self.checkpoints.last().map_or(0, |c| c.uncompressed);
-        self.uncomp_pos - last >= self.span_size
+        self.pos.uncomp - last >= self.span_size
     }
 
     /// Closes the current span and opens one at the current position.
     fn checkpoint(&mut self, kind: CheckpointKind, bits: u8, window: Vec<u8>) {
-        let digest: [u8; 32] = std::mem::take(&mut self.span_hash).finalize().into();
+        let digest: [u8; 32] = std::mem::take(&mut self.digests.span).finalize().into();
         if let Some(prev) = self.checkpoints.last_mut() {
             prev.digest = digest;
         }
         if bits > 0 {
             // The partly consumed byte starts the new span too (spans overlap by that byte).
-            self.span_hash.update([self.last_byte]);
+            self.digests.span.update([self.digests.last_byte]);
         }
         self.checkpoints.push(CheckpointRecord {
             kind,
-            uncompressed: self.uncomp_pos,
-            comp_start: self.comp_pos - u64::from(bits > 0),
+            uncompressed: self.pos.uncomp,
+            comp_start: self.pos.comp - u64::from(bits > 0),
             bits,
             window,
             digest: [0; 32],
@@ -202,8 +231,8 @@ impl<R: Read> LayerStream<R> {
                 return Ok(0);
             }
             let has_input = self.ensure_input()?;
-            if self.at_unit_start && has_input {
-                self.at_unit_start = false;
+            if self.unit.at_start && has_input {
+                self.unit.at_start = false;
                 self.start_next_unit()?;
                 if self.done {
                     return Ok(0);
@@ -216,11 +245,11 @@ impl<R: Read> LayerStream<R> {
                         return Ok(0);
                     }
                     let last = self.checkpoints.last().map_or(0, |c| c.uncompressed);
-                    let to_boundary = (last + self.span_size - self.uncomp_pos) as usize;
-                    let n = (self.in_len - self.in_pos).min(self.out.len()).min(to_boundary);
-                    self.out[..n].copy_from_slice(&self.inbuf[self.in_pos..self.in_pos + n]);
+                    let to_boundary = (last + self.span_size - self.pos.uncomp) as usize;
+                    let n = (self.input.len - self.input.pos).min(self.output.buf.len()).min(to_boundary);
+                    self.output.buf[..n].copy_from_slice(&self.input.buf[self.input.pos..self.input.pos + n]);
                     self.consume(n);
-                    self.uncomp_pos += n as u64;
+                    self.pos.uncomp += n as u64;
                     if self.due() && self.ensure_input()? {
                         self.checkpoint(CheckpointKind::Plain, 0, Vec::new());
                     }
@@ -228,19 +257,22 @@ impl<R: Read> LayerStream<R> {
                 }
                 Decoder::Gzip(inf) => {
                     if !has_input {
-                        if self.at_unit_start {
+                        if self.unit.at_start {
                             self.done = true;
                             return Ok(0);
                         }
                         return Err(stream_err("gzip stream is truncated"));
                     }
-                    let step =
-                        inf.inflate(&self.inbuf[self.in_pos..self.in_len], &mut self.out, libz_rs_sys::Z_BLOCK)?;
+                    let step = inf.inflate(
+                        &self.input.buf[self.input.pos..self.input.len],
+                        &mut self.output.buf,
+                        libz_rs_sys::Z_BLOCK,
+                    )?;
                     let dt = inf.data_type();
                     self.consume(step.consumed);
-                    self.uncomp_pos += step.produced as u64;
+                    self.pos.uncomp += step.produced as u64;
                     if step.stream_end {
-                        self.at_unit_start = true;
+                        self.unit.at_start = true;
                     } else if dt & 128 != 0 && dt & 64 == 0 && self.due() {
                         let window = match &self.decoder {
                             Decoder::Gzip(inf) => inf.dictionary()?,
@@ -256,34 +288,34 @@ impl<R: Read> LayerStream<R> {
                 Decoder::Zstd(dec) => {
                     use zstd::stream::raw::Operation;
                     if !has_input {
-                        if self.zstd_mid_frame {
+                        if self.unit.zstd_mid_frame {
                             return Err(stream_err("zstd stream is truncated"));
                         }
                         self.done = true;
                         return Ok(0);
                     }
                     let st = dec
-                        .run_on_buffers(&self.inbuf[self.in_pos..self.in_len], &mut self.out)
+                        .run_on_buffers(&self.input.buf[self.input.pos..self.input.len], &mut self.output.buf)
                         .map_err(|e| stream_err(format!("corrupt zstd data: {e}")))?;
                     self.consume(st.bytes_read);
-                    self.uncomp_pos += st.bytes_written as u64;
+                    self.pos.uncomp += st.bytes_written as u64;
                     if st.remaining == 0 {
-                        self.at_unit_start = true;
-                        self.zstd_mid_frame = false;
+                        self.unit.at_start = true;
+                        self.unit.zstd_mid_frame = false;
                     } else if st.bytes_read == 0 && st.bytes_written == 0 {
                         return Err(stream_err("zstd stream makes no progress (corrupt data)"));
                     } else {
-                        self.zstd_mid_frame = true;
+                        self.unit.zstd_mid_frame = true;
                     }
                     st.bytes_written
                 }
             };
             if produced > 0 {
-                self.out_pos = 0;
-                self.out_len = produced;
+                self.output.pos = 0;
+                self.output.len = produced;
                 return Ok(produced);
             }
-            if !self.ensure_input()? && self.at_unit_start {
+            if !self.ensure_input()? && self.unit.at_start {
                 self.done = true;
                 return Ok(0);
             }
@@ -294,7 +326,7 @@ impl<R: Read> LayerStream<R> {
     fn start_next_unit(&mut self) -> io::Result<()> {
         match &mut self.decoder {
             Decoder::Gzip(inf) => {
-                let rest = &self.inbuf[self.in_pos..self.in_len];
+                let rest = &self.input.buf[self.input.pos..self.input.len];
                 if rest.first() != Some(&0x1f) {
                     // Trailing bytes after the last member (e.g. zero padding): part of the blob,
                     // not of the stream.
@@ -307,7 +339,7 @@ impl<R: Read> LayerStream<R> {
                 }
             }
             Decoder::Zstd(_) => {
-                self.zstd_mid_frame = false;
+                self.unit.zstd_mid_frame = false;
                 if self.due() {
                     self.checkpoint(CheckpointKind::Frame, 0, Vec::new());
                 }
@@ -319,7 +351,7 @@ impl<R: Read> LayerStream<R> {
 
     fn drain_trailing(&mut self) -> io::Result<()> {
         while self.ensure_input()? {
-            let n = self.in_len - self.in_pos;
+            let n = self.input.len - self.input.pos;
             self.consume(n);
         }
         self.done = true;
@@ -332,26 +364,26 @@ impl<R: Read> LayerStream<R> {
             let mut sink = [0u8; 8192];
             while Read::read(&mut self, &mut sink)? > 0 {}
         }
-        if self.compression == Compression::Gzip && !self.at_unit_start && self.comp_pos > 0 {
+        if self.compression == Compression::Gzip && !self.unit.at_start && self.pos.comp > 0 {
             return Err(IndexError::Compressed("gzip stream is truncated".into()));
         }
-        if self.compression == Compression::Zstd && self.zstd_mid_frame {
+        if self.compression == Compression::Zstd && self.unit.zstd_mid_frame {
             return Err(IndexError::Compressed("zstd stream is truncated".into()));
         }
-        if self.comp_pos != self.blob_len {
+        if self.pos.comp != self.digests.blob_len {
             return Err(IndexError::Compressed(format!(
                 "decoder consumed {} of {} blob bytes",
-                self.comp_pos, self.blob_len
+                self.pos.comp, self.digests.blob_len
             )));
         }
-        let digest: [u8; 32] = std::mem::take(&mut self.span_hash).finalize().into();
+        let digest: [u8; 32] = std::mem::take(&mut self.digests.span).finalize().into();
         if let Some(last) = self.checkpoints.last_mut() {
             last.digest = digest;
         }
         Ok(Finished {
-            blob_digest: self.blob_hash.finalize().into(),
-            compressed_size: self.blob_len,
-            uncompressed_size: self.uncomp_pos,
+            blob_digest: self.digests.blob.finalize().into(),
+            compressed_size: self.digests.blob_len,
+            uncompressed_size: self.pos.uncomp,
             checkpoints: self.checkpoints,
         })
     }
@@ -359,12 +391,12 @@ impl<R: Read> LayerStream<R> {
 
 impl<R: Read> Read for LayerStream<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.out_pos == self.out_len && self.fill()? == 0 {
+        if self.output.pos == self.output.len && self.fill()? == 0 {
             return Ok(0);
         }
-        let n = buf.len().min(self.out_len - self.out_pos);
-        buf[..n].copy_from_slice(&self.out[self.out_pos..self.out_pos + n]);
-        self.out_pos += n;
+        let n = buf.len().min(self.output.len - self.output.pos);
+        buf[..n].copy_from_slice(&self.output.buf[self.output.pos..self.output.pos + n]);
+        self.output.pos += n;
         Ok(n)
     }
 }

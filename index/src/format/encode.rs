@@ -1,7 +1,8 @@
 //! Encoding an [`IndexData`] into an index's bytes (`FORMAT.md`).
 
+use super::codes::{CHECKPOINT_LEN, ENTRY_LEN, EntryKind, HEADER_LEN, TRAILER_LEN, VERSION};
 use super::header::{Header, Sections};
-use super::{CHECKPOINT_LEN, ENTRY_LEN, EntryKind, HEADER_LEN, IndexData, TRAILER_LEN, VERSION};
+use super::records::IndexData;
 use crate::IndexError;
 use sha2::{Digest, Sha256};
 
@@ -74,7 +75,7 @@ impl IndexData {
             let (woff, wlen) = if c.window.is_empty() {
                 (0u64, 0u32)
             } else {
-                let z = zstd::bulk::compress(&c.window, super::ZSTD_LEVEL)?;
+                let z = zstd::bulk::compress(&c.window, super::codes::ZSTD_LEVEL)?;
                 let off = windows.len() as u64;
                 windows.extend_from_slice(&z);
                 (off, len_u32(z.len(), "window bytes")?)

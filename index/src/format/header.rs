@@ -2,7 +2,7 @@
 //! where its layout is written down. Encoding, opening and splitting off the windows all go
 //! through [`Header`].
 
-use super::{HEADER_LEN, MAGIC, rd_u32, rd_u64};
+use super::codes::{HEADER_LEN, MAGIC, rd_u32, rd_u64};
 use crate::IndexError;
 use crate::error::format_err;
 

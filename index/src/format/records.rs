@@ -1,6 +1,6 @@
 //! The owned form of an index, produced by the indexer and encoded once.
 
-use super::{CheckpointKind, Compression, EntryId, EntryKind};
+use super::codes::{CheckpointKind, Compression, EntryId, EntryKind};
 
 /// An entry before encoding.
 #[derive(Debug, Clone, PartialEq, Eq)]

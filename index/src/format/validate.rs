@@ -1,6 +1,7 @@
 //! [`Index::validate`]: every record checked once, when an index first arrives.
 
-use super::{EntryKind, Index, SpanInfo};
+use super::codes::EntryKind;
+use super::view::{Index, SpanInfo};
 use crate::IndexError;
 use crate::error::format_err;
 

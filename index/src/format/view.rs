@@ -1,11 +1,11 @@
 //! [`Index`]: the read-only view over an encoded index — opening (header, bounds, checksum),
 //! entries, lookups, xattrs and spans.
 
-use super::header::{Header, Sections};
-use super::{
+use super::codes::{
     CHECKPOINT_LEN, CheckpointKind, Compression, ENTRY_LEN, EntryId, EntryKind, FLAG_EXTERNAL_WINDOWS, HEADER_LEN,
     MAX_INDEX_LEN, TRAILER_LEN, VERSION, VERSION_EXTERNAL_WINDOWS, XATTR_LEN, rd_u32, rd_u64,
 };
+use super::header::{Header, Sections};
 use crate::IndexError;
 use crate::error::format_err;
 use sha2::{Digest, Sha256};
@@ -93,7 +93,7 @@ impl Index {
     /// The packed form of an index: one zstd frame of its bytes, as published to registries
     /// (about half the size; see `FORMAT.md`).
     pub fn pack(&self) -> Result<Vec<u8>, IndexError> {
-        Ok(zstd::bulk::compress(&self.bytes, super::ZSTD_LEVEL)?)
+        Ok(zstd::bulk::compress(&self.bytes, super::codes::ZSTD_LEVEL)?)
     }
 
     /// Opens an index in either form: packed (a zstd frame, decompressed up to

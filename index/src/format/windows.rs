@@ -1,8 +1,9 @@
 //! The zran windows of gzip checkpoints: inline in the index (version 1) or split off into a
 //! separate blob with a digest per window (version 2), and reading one back.
 
+use super::codes::{FLAG_EXTERNAL_WINDOWS, HEADER_LEN, VERSION_EXTERNAL_WINDOWS, sha256};
 use super::header::Header;
-use super::{FLAG_EXTERNAL_WINDOWS, HEADER_LEN, Index, SpanInfo, VERSION_EXTERNAL_WINDOWS, sha256};
+use super::view::{Index, SpanInfo};
 use crate::IndexError;
 use crate::error::format_err;
 

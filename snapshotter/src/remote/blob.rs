@@ -1,13 +1,14 @@
 //! A layer blob (or an index's windows blob) in a registry as the read path's
-//! [`RangeFetcher`]: Range GETs through the image's credential chain, bounded in time.
+//! [`RangeFetcher`]: Range GETs through the image's current session (its credentials as they
+//! are now, see [`super::sessions`]), bounded in time.
 
+use super::sessions::Session;
 use clip_index::{IndexError, RangeFetcher};
-use std::sync::Arc;
 
-/// A blob of `repo`, read with Range GETs on `runtime` from the read path's threads.
+/// A blob of an image, read with Range GETs on `runtime` from the read path's threads.
 #[derive(Debug)]
 pub struct RegistryBlob {
-    pub repo: Arc<clip_registry::Repository>,
+    pub session: Session,
     pub digest: String,
     pub runtime: tokio::runtime::Handle,
     /// Bound on one fetch with all its retries: a FUSE read never waits longer.
@@ -16,8 +17,9 @@ pub struct RegistryBlob {
 
 impl RangeFetcher for RegistryBlob {
     fn fetch(&self, offset: u64, len: u64) -> Result<Vec<u8>, IndexError> {
-        let fetch = self.repo.get_blob_range(&self.digest, offset, offset + len);
         let failed = |message: String| IndexError::Fetch { offset, len, message };
+        let repo = self.session.repository().map_err(|e| failed(e.to_string()))?;
+        let fetch = repo.get_blob_range(&self.digest, offset, offset + len);
         // The timer must be made inside the runtime.
         match self.runtime.block_on(async { tokio::time::timeout(self.timeout, fetch).await }) {
             Ok(result) => result.map(|b| b.to_vec()).map_err(|e| failed(e.to_string())),
@@ -35,8 +37,9 @@ impl RangeFetcher for RegistryBlob {
     ) -> Result<(), IndexError> {
         let failed = |message: String| IndexError::Fetch { offset, len, message };
         let stalled = || failed(format!("no data within {:?}", self.timeout));
+        let repo = self.session.repository().map_err(|e| failed(e.to_string()))?;
         self.runtime.block_on(async {
-            let answer = self.repo.blob_range_response(&self.digest, offset, offset + len);
+            let answer = repo.blob_range_response(&self.digest, offset, offset + len);
             let (mut resp, whole) = tokio::time::timeout(self.timeout, answer)
                 .await
                 .map_err(|_| stalled())?

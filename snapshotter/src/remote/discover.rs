@@ -1,10 +1,15 @@
-//! Finding a layer's index: the local index store, else the registry.
+//! Index discovery: finding a layer's CLIP index — the local index store, else the registry
+//! (the `clip.index-digest` label, else the referrers of the image manifest). Once an image's
+//! index artifact is read, the other layers' indexes are fetched ahead, in parallel, since
+//! containerd prepares layers one by one.
 
-use super::{RemoteError, RemoteLayers};
-use crate::labels::RemoteRequest;
+use super::error::RemoteError;
+use super::layout::CacheLayout;
+use clip_config::labels::RemoteRequest;
 use clip_index::Index;
 use clip_index::artifact::{ARTIFACT_TYPE, BlobKind, IndexArtifact};
 use clip_registry::{Platform, Repository};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -14,13 +19,9 @@ const MAX_INDEX_BLOB: usize = 256 << 20;
 /// A layer's index and, for an index without windows, the digest of its windows blob.
 pub(super) type Found = (Arc<Index>, Option<String>);
 
-fn windows_sidecar(path: &Path) -> std::path::PathBuf {
-    path.with_extension("windows")
-}
-
 /// Opens a stored index (and its windows blob's digest) if present; a corrupt one is deleted
 /// and reported as absent.
-pub(super) fn open_local(path: &Path, layer_digest: &str) -> Result<Option<Found>, RemoteError> {
+fn open_local(path: &Path, layer_digest: &str) -> Result<Option<Found>, RemoteError> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -31,7 +32,7 @@ pub(super) fn open_local(path: &Path, layer_digest: &str) -> Result<Option<Found
             if !i.has_external_windows() {
                 return Ok(Some((Arc::new(i), None)));
             }
-            match std::fs::read_to_string(windows_sidecar(path)) {
+            match std::fs::read_to_string(CacheLayout::windows_path(path)) {
                 Ok(d) if clip_config::digest::is_digest(d.trim()) => {
                     Ok(Some((Arc::new(i), Some(d.trim().to_string()))))
                 }
@@ -77,8 +78,13 @@ fn store_index(
         std::fs::create_dir_all(dir).map_err(RemoteError::io(format!("creating {}", dir.display())))?;
     }
     if let Some(d) = &windows_digest {
-        clip_fsutil::atomic_write(&windows_sidecar(path), d.as_bytes(), 0o644, clip_fsutil::Durability::Durable)
-            .map_err(RemoteError::io("storing the windows digest"))?;
+        clip_fsutil::atomic_write(
+            &CacheLayout::windows_path(path),
+            d.as_bytes(),
+            0o644,
+            clip_fsutil::Durability::Durable,
+        )
+        .map_err(RemoteError::io("storing the windows digest"))?;
     }
     clip_fsutil::atomic_write(path, bytes, 0o644, clip_fsutil::Durability::Durable)
         .map_err(RemoteError::io(format!("storing index {}", path.display())))?;
@@ -87,7 +93,7 @@ fn store_index(
 
 /// An index fetch under way ahead of its layer's Prepare.
 #[derive(Debug, Default)]
-pub(super) struct IndexFetch {
+struct IndexFetch {
     done: parking_lot::Mutex<bool>,
     cv: parking_lot::Condvar,
 }
@@ -104,9 +110,39 @@ impl IndexFetch {
     }
 }
 
-impl RemoteLayers {
-    pub(super) fn find_index(&self, repo: &Arc<Repository>, req: &RemoteRequest) -> Result<Found, RemoteError> {
-        let path = self.index_path(&req.layer_digest);
+/// Where layers' indexes are found, with the fetches under way and the artifacts read.
+#[derive(Debug)]
+pub struct IndexDiscovery {
+    layout: CacheLayout,
+    runtime: tokio::runtime::Handle,
+    /// Bound on waiting for an index fetched ahead.
+    wait_limit: std::time::Duration,
+    /// Index fetches started ahead of their layers' Prepare, by layer digest.
+    fetches: parking_lot::Mutex<HashMap<String, Arc<IndexFetch>>>,
+    /// Artifact manifests already read, by digest.
+    artifacts: parking_lot::Mutex<HashMap<String, IndexArtifact>>,
+}
+
+impl IndexDiscovery {
+    pub fn new(layout: CacheLayout, runtime: tokio::runtime::Handle, wait_limit: std::time::Duration) -> Self {
+        Self {
+            layout,
+            runtime,
+            wait_limit,
+            fetches: parking_lot::Mutex::new(HashMap::new()),
+            artifacts: parking_lot::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The stored index of a layer, if any (a corrupt one is deleted and reported absent).
+    pub fn local(&self, layer_digest: &str) -> Result<Option<Found>, RemoteError> {
+        open_local(&self.layout.index_path(layer_digest), layer_digest)
+    }
+
+    /// The index of the requested layer: stored, fetched ahead, or fetched now (and stored).
+    /// Blocking.
+    pub fn find(&self, repo: &Arc<Repository>, req: &RemoteRequest) -> Result<Found, RemoteError> {
+        let path = self.layout.index_path(&req.layer_digest);
         if let Some(i) = open_local(&path, &req.layer_digest)? {
             return Ok(i);
         }
@@ -160,12 +196,12 @@ impl RemoteLayers {
             .filter(|d| d != current && clip_config::digest::is_digest(d))
             .collect();
         for layer in digests {
-            let path = self.index_path(&layer);
+            let path = self.layout.index_path(&layer);
             if path.exists() {
                 continue;
             }
             let done = {
-                let mut inflight = self.index_fetches.lock();
+                let mut inflight = self.fetches.lock();
                 if inflight.contains_key(&layer) {
                     continue;
                 }
@@ -202,11 +238,11 @@ impl RemoteLayers {
     }
 
     /// Waits (bounded) for an index fetched ahead of its layer's Prepare.
-    pub(super) fn wait_for_index(&self, layer_digest: &str) {
-        let fetch = self.index_fetches.lock().get(layer_digest).cloned();
+    fn wait_for_index(&self, layer_digest: &str) {
+        let fetch = self.fetches.lock().get(layer_digest).cloned();
         if let Some(fetch) = fetch {
-            fetch.wait(self.fetch_timeout);
-            self.index_fetches.lock().remove(layer_digest);
+            fetch.wait(self.wait_limit);
+            self.fetches.lock().remove(layer_digest);
         }
     }
 

@@ -7,9 +7,9 @@
 //! artifact referring to the image manifest, with the image's own credentials, where they may
 //! push). A corrupt, foreign or unreachable profile is logged and ignored.
 
-use crate::labels::RemoteRequest;
 use bytes::Bytes;
 use clip_config::SnapshotterConfig;
+use clip_config::labels::RemoteRequest;
 use clip_index::profile::{
     AccessProfile, MAX_PROFILE_BYTES, PROFILE_ARTIFACT_TYPE, PROFILE_MEDIA_TYPE, ProfileError, profile_blob,
 };

@@ -1,0 +1,262 @@
+//! Fetching spans: one Range request for a run of spans (or one streamed request for
+//! background completion), each span verified against the index's digest, inflated from its
+//! checkpoint (its zran history from the span before it, else its window) and written to the
+//! cache atomically.
+
+use super::{Cause, SpanCache, SpanError, cache_err, has_len};
+use clip_index::{HISTORY_BYTES, IndexError, SpanInfo};
+use std::fs;
+use std::os::unix::fs::FileExt;
+
+/// The last [`HISTORY_BYTES`] of `history` followed by `data`: the history of the next span.
+fn carry_history(history: Option<Vec<u8>>, data: &[u8]) -> Vec<u8> {
+    if data.len() >= HISTORY_BYTES {
+        return data[data.len() - HISTORY_BYTES..].to_vec();
+    }
+    let mut h = history.unwrap_or_default();
+    h.extend_from_slice(data);
+    let excess = h.len().saturating_sub(HISTORY_BYTES);
+    h.drain(..excess);
+    h
+}
+
+impl SpanCache {
+    /// Fetches `group` (contiguous spans) in one request, verifies and writes each; a bad
+    /// read-ahead span is just not cached. A gzip span's history window comes from the span
+    /// before it: for the first, its local file, else its window from the windows blob (fetched
+    /// in parallel with the spans); for every later one, what the group inflated to so far. So
+    /// a group costs at most one window, and none when it continues local data.
+    pub(super) fn fetch_group(&self, group: &[SpanInfo], cause: Cause) -> Result<(), SpanError> {
+        let s = &group[0];
+        let start = s.comp_start;
+        let end = group.last().map_or(s.comp_end, |g| g.comp_end);
+        let began = std::time::Instant::now();
+        let external = self.index.has_external_windows();
+        let mut history = if external { self.local_history(s) } else { None };
+        let need_window = external && history.is_none();
+        let (compressed, window) = if need_window {
+            std::thread::scope(|scope| {
+                let window = scope.spawn(|| self.fetch_window(s, cause));
+                let compressed = self.source.fetch(start, end - start);
+                let window =
+                    window.join().unwrap_or_else(|_| Err(fetch_failed(start, end, "the window fetch panicked")));
+                (compressed, window)
+            })
+        } else {
+            (self.source.fetch(start, end - start), Ok(None))
+        };
+        let compressed = compressed.map_err(|source| SpanError::Fetch { start, end, source })?;
+        let window = window?;
+        self.count_fetch(compressed.len() as u64, cause);
+        tracing::debug!(layer = %self.index.layer_digest(), first = s.index, spans = group.len(), bytes = end - start, window = need_window, ?cause, ms = began.elapsed().as_millis() as u64, by = std::thread::current().name().unwrap_or("fuse"), "spans fetched");
+        for (n, span) in group.iter().enumerate() {
+            let from = (span.comp_start - start) as usize;
+            let to = (span.comp_end - start) as usize;
+            let Some(bytes) = compressed.get(from..to) else {
+                return Err(fetch_failed(start, end, "short answer"));
+            };
+            if !self.store_span(span, bytes, n, &mut history, window.as_deref())? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Decodes `span`, the `n`th of its request, from its compressed `bytes` (after `history`,
+    /// carried on to the next span, or from `window`), verifies and writes it. `Ok(false)`: a
+    /// span after the first failed (read-ahead is best effort; the rest is fetched later).
+    fn store_span(
+        &self,
+        span: &SpanInfo,
+        bytes: &[u8],
+        n: usize,
+        history: &mut Option<Vec<u8>>,
+        window: Option<&[u8]>,
+    ) -> Result<bool, SpanError> {
+        let decoded = match history.as_deref() {
+            Some(h) => self.index.decode_span_after(span, bytes, None, h),
+            None => self.index.decode_span_with(span, bytes, None, window),
+        };
+        let data = match decoded {
+            Ok(d) => d,
+            Err(e) if n == 0 => return Err(SpanError::Span { span: span.index, source: e }),
+            Err(_) => return Ok(false),
+        };
+        if self.index.has_external_windows() {
+            *history = Some(carry_history(history.take(), &data));
+        }
+        if !(n > 0 && self.is_cached(span.index)) {
+            self.write_span(span.index, &data)?;
+        }
+        Ok(true)
+    }
+
+    /// Background completion's fetch of `group` (contiguous spans, claimed): one request whose
+    /// spans are inflated and written as their bytes arrive, so inflating overlaps the
+    /// transfer. Returns how many spans it made local.
+    pub(super) fn stream_group(&self, group: &[SpanInfo]) -> Result<u32, SpanError> {
+        let s = &group[0];
+        let (start, end) = (s.comp_start, group.last().map_or(s.comp_end, |g| g.comp_end));
+        let began = std::time::Instant::now();
+        let external = self.index.has_external_windows();
+        let mut history = if external { self.local_history(s) } else { None };
+        let window = if external && history.is_none() { self.fetch_window(s, Cause::Stream)? } else { None };
+        // `pending` holds the bytes from `held` (a blob offset) on: spans of a gzip layer may
+        // share the byte their boundary falls in.
+        let (mut pending, mut held, mut next, mut received) = (Vec::new(), start, 0usize, 0u64);
+        let mut stop: Option<Result<(), SpanError>> = None;
+        let streamed = {
+            let mut sink = |piece: &[u8]| -> Result<(), IndexError> {
+                received += piece.len() as u64;
+                pending.extend_from_slice(piece);
+                while let Some(span) = group.get(next) {
+                    if held + (pending.len() as u64) < span.comp_end {
+                        break;
+                    }
+                    let bytes = &pending[(span.comp_start - held) as usize..(span.comp_end - held) as usize];
+                    let stored = self.store_span(span, bytes, next, &mut history, window.as_deref());
+                    // Keep what the next span needs.
+                    let keep_from = group.get(next + 1).map_or(span.comp_end, |n| n.comp_start.min(span.comp_end));
+                    pending.drain(..(keep_from - held) as usize);
+                    held = keep_from;
+                    match stored {
+                        Ok(true) => next += 1,
+                        Ok(false) => stop = Some(Ok(())),
+                        Err(e) => stop = Some(Err(e)),
+                    }
+                    if stop.is_some() {
+                        return Err(IndexError::Invalid("stopped by the reader".into()));
+                    }
+                }
+                Ok(())
+            };
+            self.source.fetch_streaming(start, end - start, &mut sink)
+        };
+        self.count_fetch(received, Cause::Stream);
+        tracing::debug!(layer = %self.layer, first = s.index, spans = next, bytes = received, cause = ?Cause::Stream, ms = began.elapsed().as_millis() as u64, "spans streamed");
+        match stop {
+            Some(Err(e)) => return Err(e),
+            Some(Ok(())) => {}
+            None => streamed.map_err(|source| SpanError::Fetch { start, end, source })?,
+        }
+        Ok(next as u32)
+    }
+
+    /// The history window of span `s` from the local file of the span before it (`Some(empty)`
+    /// when `s` needs none), or `None` when that span is not local.
+    fn local_history(&self, s: &SpanInfo) -> Option<Vec<u8>> {
+        let need = self.index.history_len(s);
+        if need == 0 {
+            return Some(Vec::new());
+        }
+        let prev = self.index.span(s.index.checked_sub(1)?).ok()?;
+        let f = fs::File::open(self.span_path(prev.index)).ok()?;
+        let len = prev.uncomp_end - prev.uncomp_start;
+        if !has_len(&f, len) || len < need as u64 {
+            return None;
+        }
+        let mut buf = vec![0u8; need];
+        f.read_exact_at(&mut buf, len - need as u64).ok()?;
+        Some(buf)
+    }
+
+    /// Span `s`'s window from the separate windows blob (zstd-compressed, checked when used).
+    fn fetch_window(&self, s: &SpanInfo, cause: Cause) -> Result<Option<Vec<u8>>, SpanError> {
+        let Some((off, len)) = self.index.window_location(s) else { return Ok(None) };
+        let end = off + u64::from(len);
+        let source =
+            self.opts.windows.as_ref().ok_or_else(|| fetch_failed(off, end, "the index's windows blob is unknown"))?;
+        let bytes = source.fetch(off, u64::from(len)).map_err(|source| SpanError::Fetch { start: off, end, source })?;
+        self.count_bytes(bytes.len() as u64, cause);
+        Ok(Some(bytes))
+    }
+
+    /// Counts one range request of `bytes` for `cause`.
+    fn count_fetch(&self, bytes: u64, cause: Cause) {
+        self.opts.metrics.fetches.inc();
+        self.count_bytes(bytes, cause);
+    }
+
+    fn count_bytes(&self, bytes: u64, cause: Cause) {
+        let m = &self.opts.metrics;
+        m.fetched_bytes.inc_by(bytes);
+        match cause {
+            Cause::Foreground => m.foreground_bytes.inc_by(bytes),
+            Cause::Prefetch => m.prefetch_bytes.inc_by(bytes),
+            Cause::Profile => m.profile_bytes.inc_by(bytes),
+            Cause::Stream => m.stream_bytes.inc_by(bytes),
+        };
+    }
+
+    fn write_span(&self, i: u32, data: &[u8]) -> Result<(), SpanError> {
+        let path = self.span_path(i);
+        clip_fsutil::atomic_write(&path, data, 0o644, clip_fsutil::Durability::Cache)
+            .map_err(|e| cache_err(&path, e))?;
+        if self.local.set(i) {
+            self.opts.metrics.spans_local.inc();
+        }
+        if let Some(budget) = &self.opts.budget {
+            budget.added(&path, data.len() as u64);
+        }
+        Ok(())
+    }
+}
+
+pub(super) fn fetch_failed(start: u64, end: u64, message: &str) -> SpanError {
+    SpanError::Fetch {
+        start,
+        end,
+        source: IndexError::Fetch { offset: start, len: end - start, message: message.to_string() },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::*;
+    use super::*;
+    use crate::testutil::{SlowBlob, layer};
+    use std::time::Duration;
+
+    /// A blob that streams its answers in small pieces.
+    struct Chunked(Arc<SlowBlob>);
+
+    impl RangeFetcher for Chunked {
+        fn fetch(&self, offset: u64, len: u64) -> Result<Vec<u8>, IndexError> {
+            self.0.fetch(offset, len)
+        }
+
+        fn fetch_streaming(
+            &self,
+            offset: u64,
+            len: u64,
+            sink: &mut dyn FnMut(&[u8]) -> Result<(), IndexError>,
+        ) -> Result<(), IndexError> {
+            let bytes = self.0.fetch(offset, len)?;
+            bytes.chunks(1000).try_for_each(sink)
+        }
+    }
+
+    #[test]
+    fn completion_inflates_spans_as_their_bytes_arrive() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (index, blob) = layer(20, Duration::ZERO);
+        let source = Arc::new(Chunked(blob.clone()));
+        let cache = SpanCache::new(index.clone(), dir.path().to_path_buf(), source).expect("cache");
+        // Requests of about 5 spans, each streamed in 1000-byte pieces.
+        let mut from = 0;
+        loop {
+            match cache.stream_next(from, 5 * (64 << 10)).expect("stream") {
+                Streamed::GoOn(next) => from = next,
+                Streamed::Complete => break,
+                Streamed::NoRoom => panic!("no budget here"),
+            }
+        }
+        assert!((0..index.span_count()).all(|i| cache.is_cached(i)));
+        for i in 0..index.span_count() {
+            let s = index.span(i).expect("span");
+            let read = cache.read(s.uncomp_start, s.uncomp_end).expect("read");
+            assert_eq!(read, blob.bytes[s.uncomp_start as usize..s.uncomp_end as usize], "span {i}");
+        }
+        assert_eq!(cache.metrics().stream_bytes.get(), blob.bytes.len() as u64);
+    }
+}

@@ -1,0 +1,504 @@
+//! Where a span is fetched: the read path under the FUSE layer. For the uncompressed range a
+//! read needs, the spans holding it are taken from the on-disk span cache, or fetched (the
+//! missing neighbours in one Range request), verified against the index's span digests,
+//! inflated from their checkpoint and written to the cache (atomically).
+//!
+//! By concern: [`states`] knows in memory which spans are local (a bitmap, rebuilt from the span
+//! directory at open) and which are in flight, with a wait per span, so concurrent readers of a
+//! span share one fetch; [`fetch`] fetches, verifies, inflates and writes; this file reads.
+//! The counters are the layer's [`LayerMetrics`] (one set per layer).
+
+mod fetch;
+mod states;
+
+use crate::budget::CacheBudget;
+use crate::metrics::LayerMetrics;
+use clip_index::{Index, IndexError, RangeFetcher, SpanInfo};
+use parking_lot::Mutex;
+use states::{Claimed, InFlight, SpanBits};
+use std::collections::HashSet;
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+/// Told of every read that had to fetch, or that used a span fetched speculatively first: where
+/// a container is reading ([`crate::prefetch::Prefetcher`] guesses from it).
+pub trait MissObserver: Send + Sync {
+    /// A read of spans `first..=last` of `cache` had to fetch (or used a guessed span first);
+    /// `file` are the spans of the file it read.
+    fn missed(&self, cache: &Arc<SpanCache>, first: u32, last: u32, file: Option<std::ops::RangeInclusive<u32>>);
+}
+
+/// Told of every container read (hits included): which spans of which layer it used. What
+/// records access profiles ([`crate::profile::Recorder`]) listens here.
+pub trait ReadObserver: Send + Sync {
+    fn read(&self, layer: &Arc<str>, spans: std::ops::RangeInclusive<u32>);
+}
+
+/// Why a read failed; the FUSE layer answers `EIO` for all of them.
+#[derive(Debug, thiserror::Error)]
+pub enum SpanError {
+    #[error("fetching compressed bytes {start}-{end}: {source}")]
+    Fetch {
+        start: u64,
+        end: u64,
+        #[source]
+        source: IndexError,
+    },
+    #[error("span {span}: {source}")]
+    Span {
+        span: u32,
+        #[source]
+        source: IndexError,
+    },
+    #[error("reading {start}-{end}: {source}")]
+    Range {
+        start: u64,
+        end: u64,
+        #[source]
+        source: IndexError,
+    },
+    #[error("span cache {path}: {source}")]
+    Cache {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How [`SpanCache::ensure_through`] made a span local.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Local {
+    /// It was local, or another reader's fetch brought it.
+    Hit,
+    /// This call fetched it.
+    Fetched,
+}
+
+/// Whether `f` holds exactly `len` bytes (a span or passthrough file a crash left empty does not).
+pub(crate) fn has_len(f: &fs::File, len: u64) -> bool {
+    f.metadata().is_ok_and(|m| m.len() == len)
+}
+
+/// Fetches again of a span that failed verification before the read fails.
+const VERIFY_RETRIES: u32 = 2;
+
+/// Opens of a span file that vanished (evicted) or was short (a crash) before the read fails.
+const OPEN_RETRIES: u32 = 3;
+
+/// What one step of [`SpanCache::stream_next`] left to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Streamed {
+    /// Go on from this span.
+    GoOn(u32),
+    /// Every span is local.
+    Complete,
+    /// The disk budget has no room for the rest.
+    NoRoom,
+}
+
+/// Why bytes are fetched (metrics, and the completion's place in line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// A container's read is waiting.
+    Foreground,
+    /// The prefetcher's guess of what is read next.
+    Prefetch,
+    /// The replay of the image's access profile.
+    Profile,
+    /// Background completion of the layer.
+    Stream,
+}
+
+/// Spans fetched ahead of any read, until a read uses them: the prefetcher's guesses (the first
+/// read of one tells the prefetcher it guessed right) and a profile replay's (profile hits).
+#[derive(Debug, Default)]
+struct Guesses {
+    speculative: Mutex<HashSet<u32>>,
+    replayed: Mutex<HashSet<u32>>,
+    /// Whether a profile replay was ever asked of this layer (its misses count).
+    replaying: AtomicBool,
+}
+
+/// The span cache and fetcher of one layer.
+pub struct SpanCache {
+    index: Arc<Index>,
+    /// The layer's digest (named in observers' calls without formatting it each time).
+    layer: Arc<str>,
+    dir: PathBuf,
+    source: Arc<dyn RangeFetcher>,
+    /// Spans in the cache.
+    local: SpanBits,
+    inflight: InFlight,
+    guesses: Guesses,
+    /// The span of the latest read that had to fetch (completion moves there).
+    last_miss: AtomicU32,
+    /// Container reads in flight, shared across layers (background fetching yields to them).
+    pub(crate) foreground: Arc<AtomicU32>,
+    opts: SpanCacheOptions,
+}
+
+/// How one layer's span cache is wired into the daemon; the default is a cache on its own.
+#[derive(Default)]
+pub struct SpanCacheOptions {
+    /// The layer's counters (Prometheus handles; no-ops when not registered, readable always).
+    pub metrics: LayerMetrics,
+    /// How many missing spans after the requested ones one fetch may add (read-ahead).
+    pub readahead_spans: u32,
+    /// Foreground reads in flight, shared across layers (background fetching yields to them).
+    pub foreground: Option<Arc<AtomicU32>>,
+    /// The windows blob, for an index whose windows are separate.
+    pub windows: Option<Arc<dyn RangeFetcher>>,
+    /// The daemon's disk budget (`None`: unbounded, untracked).
+    pub budget: Option<Arc<CacheBudget>>,
+    /// Told where reads miss, to fetch ahead (`None`: no speculation).
+    pub observer: Option<Arc<dyn MissObserver>>,
+    /// Told of every container read (`None`: nobody records).
+    pub reads: Option<Arc<dyn ReadObserver>>,
+}
+
+impl std::fmt::Debug for SpanCacheOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SpanCacheOptions").field("readahead_spans", &self.readahead_spans).finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for SpanCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SpanCache({})", self.dir.display())
+    }
+}
+
+/// The spans listed in a span directory (names `{i:08}`; temporary files are not spans).
+fn listed_spans(dir: &std::path::Path, count: u32) -> SpanBits {
+    let bits = SpanBits::new(count);
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        if let Some(i) = name.to_str().filter(|n| n.len() == 8).and_then(|n| n.parse::<u32>().ok())
+            && i < count
+        {
+            bits.set(i);
+        }
+    }
+    bits
+}
+
+impl SpanCache {
+    /// `dir` holds this layer's decompressed spans, one file per span.
+    pub fn new(index: Arc<Index>, dir: PathBuf, source: Arc<dyn RangeFetcher>) -> std::io::Result<Self> {
+        Self::with_options(index, dir, source, SpanCacheOptions::default())
+    }
+
+    /// [`Self::new`] wired into the daemon's metrics, budget, read-ahead and prefetcher.
+    pub fn with_options(
+        index: Arc<Index>,
+        dir: PathBuf,
+        source: Arc<dyn RangeFetcher>,
+        mut opts: SpanCacheOptions,
+    ) -> std::io::Result<Self> {
+        fs::create_dir_all(&dir)?;
+        let local = listed_spans(&dir, index.span_count());
+        opts.metrics.spans_total.set(i64::from(index.span_count()));
+        opts.metrics.spans_local.set(i64::from(local.count()));
+        Ok(Self {
+            layer: index.layer_digest().into(),
+            index,
+            dir,
+            source,
+            local,
+            inflight: InFlight::default(),
+            guesses: Guesses::default(),
+            last_miss: AtomicU32::new(0),
+            foreground: opts.foreground.take().unwrap_or_default(),
+            opts,
+        })
+    }
+
+    /// This layer's counters.
+    pub fn metrics(&self) -> &LayerMetrics {
+        &self.opts.metrics
+    }
+
+    /// The span of the latest read that had to fetch.
+    pub fn last_miss(&self) -> u32 {
+        self.last_miss.load(Ordering::Relaxed)
+    }
+
+    /// Spans one fetch adds after those a read needs.
+    pub fn readahead_spans(&self) -> u32 {
+        self.opts.readahead_spans
+    }
+
+    /// The daemon's disk budget, if any (files made for passthrough are counted in it too).
+    pub fn budget(&self) -> Option<&Arc<CacheBudget>> {
+        self.opts.budget.as_ref()
+    }
+
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+
+    /// The layer's digest.
+    pub fn layer(&self) -> &Arc<str> {
+        &self.layer
+    }
+
+    fn span_path(&self, i: u32) -> PathBuf {
+        self.dir.join(format!("{i:08}"))
+    }
+
+    /// Whether span `i` is in the cache: the bitmap, else (a span another mount of the same
+    /// layer wrote) its file, which is then taken into the bitmap.
+    pub fn is_cached(&self, i: u32) -> bool {
+        if self.local.get(i) {
+            return true;
+        }
+        let on_disk = i < self.index.span_count() && self.span_path(i).exists();
+        if on_disk && self.local.set(i) {
+            self.opts.metrics.spans_local.inc();
+        }
+        on_disk
+    }
+
+    /// Span `i`'s file is gone (evicted) or broken: no longer local.
+    fn forget_local(&self, i: u32) {
+        if self.local.clear(i) {
+            self.opts.metrics.spans_local.dec();
+        }
+    }
+
+    /// The compressed size of span `j`, `None` past the last span.
+    fn comp_len(&self, j: u32) -> Option<u64> {
+        self.index.span(j).ok().map(|s| s.comp_end - s.comp_start)
+    }
+
+    /// The last span, or `last` if it is before it.
+    fn clamp(&self, last: u32) -> u32 {
+        last.min(self.index.span_count().saturating_sub(1))
+    }
+
+    /// Fetches the missing spans of `first..=last` that nobody fetches yet, in requests of at
+    /// most `max_group` spans, for the prefetcher or a profile replay (`cause`). Returns how
+    /// many spans it fetched.
+    pub fn fetch_missing(&self, first: u32, last: u32, max_group: u32, cause: Cause) -> Result<u32, SpanError> {
+        if cause == Cause::Profile {
+            self.guesses.replaying.store(true, Ordering::Relaxed);
+        }
+        let last = self.clamp(last);
+        let mut fetched = 0;
+        let mut i = first;
+        while i <= last && i < self.index.span_count() {
+            let claim = self
+                .inflight
+                .claim_run(i, last, max_group.max(1) as usize, u64::MAX, &self.local, |j| self.comp_len(j));
+            let Some(&end) = claim.spans.last() else {
+                i += 1;
+                continue;
+            };
+            let group = self.span_infos(&claim.spans)?;
+            i = end + 1;
+            self.fetch_group(&group, cause)?;
+            fetched += group.len() as u32;
+            match cause {
+                Cause::Profile => self.guesses.replayed.lock().extend(claim.spans.iter().copied()),
+                _ => self.guesses.speculative.lock().extend(claim.spans.iter().copied()),
+            }
+            drop(claim);
+        }
+        Ok(fetched)
+    }
+
+    /// The index records of `spans`.
+    fn span_infos(&self, spans: &[u32]) -> Result<Vec<SpanInfo>, SpanError> {
+        spans.iter().map(|&j| self.index.span(j).map_err(|e| SpanError::Span { span: j, source: e })).collect()
+    }
+
+    /// Background completion: makes local the next run of missing spans at or after `from`
+    /// (wrapping around) that nobody fetches yet, in one request of about `request_bytes`
+    /// compressed bytes (the request size is the caller's, not the span size's). Returns where
+    /// to go on from, or why completion of this layer is over.
+    pub fn stream_next(&self, from: u32, request_bytes: u64) -> Result<Streamed, SpanError> {
+        let count = self.index.span_count();
+        let Some(first) = (from.min(count)..count).chain(0..from.min(count)).find(|i| !self.is_cached(*i)) else {
+            return Ok(Streamed::Complete);
+        };
+        let claim = self
+            .inflight
+            .claim_run(first, self.clamp(u32::MAX), usize::MAX, request_bytes, &self.local, |j| self.comp_len(j));
+        let Some(&last) = claim.spans.last() else {
+            // Someone fetches it right now: go on after it.
+            return Ok(Streamed::GoOn(first + 1));
+        };
+        let group = self.span_infos(&claim.spans)?;
+        let bytes: u64 = group.iter().map(|s| s.uncomp_end - s.uncomp_start).sum();
+        if self.opts.budget.as_ref().is_some_and(|b| !b.fits(bytes)) {
+            return Ok(Streamed::NoRoom);
+        }
+        let stored = self.stream_group(&group)?;
+        self.opts.metrics.streamed_spans.inc_by(u64::from(stored));
+        drop(claim);
+        Ok(Streamed::GoOn(last + 1))
+    }
+
+    /// Reads uncompressed layer bytes `[start, end)` (offsets in the tar stream).
+    pub fn read(&self, start: u64, end: u64) -> Result<Vec<u8>, SpanError> {
+        self.read_ahead(start, end, self.opts.readahead_spans)
+    }
+
+    /// [`Self::read`], fetching up to `readahead` missing spans after the last one needed in the
+    /// same request (sequential readers).
+    pub fn read_ahead(&self, start: u64, end: u64, readahead: u32) -> Result<Vec<u8>, SpanError> {
+        self.foreground.fetch_add(1, Ordering::Relaxed);
+        let result = self.read_inner(start, end, readahead);
+        self.foreground.fetch_sub(1, Ordering::Relaxed);
+        result.map(|(bytes, _)| bytes)
+    }
+
+    /// [`Self::read_ahead`] for a read of a file whose data lies at `file` (uncompressed
+    /// offsets): when the read had to fetch, the prefetcher is asked for the rest of the file
+    /// and the spans around.
+    pub fn read_hinted(
+        self: &Arc<Self>,
+        start: u64,
+        end: u64,
+        readahead: u32,
+        file: Option<std::ops::Range<u64>>,
+    ) -> Result<Vec<u8>, SpanError> {
+        self.foreground.fetch_add(1, Ordering::Relaxed);
+        let result = self.read_inner(start, end, readahead);
+        self.foreground.fetch_sub(1, Ordering::Relaxed);
+        let (result, fetched) = match result {
+            Ok((bytes, fetched)) => (Ok(bytes), fetched),
+            Err(e) => (Err(e), false),
+        };
+        let Some(observer) = &self.opts.observer else { return result };
+        let Ok(spans) = self.index.spans_for(start, end.saturating_sub(start).max(1)) else { return result };
+        // A miss, or the first use of a guessed span: guess on from here.
+        let guessed_right = {
+            let mut speculative = self.guesses.speculative.lock();
+            // Every guessed span this read uses is taken off the list (no short cut as with `any`).
+            #[allow(clippy::unnecessary_fold)]
+            let hit = !speculative.is_empty() && spans.clone().fold(false, |hit, i| speculative.remove(&i) || hit);
+            hit
+        };
+        if guessed_right || fetched {
+            let file_spans =
+                file.and_then(|f| self.index.spans_for(f.start, f.end.saturating_sub(f.start).max(1)).ok());
+            observer.missed(self, *spans.start(), *spans.end(), file_spans);
+        }
+        result
+    }
+
+    /// The bytes, and whether this read had to fetch any of them itself.
+    fn read_inner(&self, start: u64, end: u64, readahead: u32) -> Result<(Vec<u8>, bool), SpanError> {
+        if end <= start {
+            return Ok((Vec::new(), false));
+        }
+        let mut fetched = false;
+        let spans = self.index.spans_for(start, end - start).map_err(|e| SpanError::Range { start, end, source: e })?;
+        let mut out = Vec::with_capacity((end - start) as usize);
+        let last = *spans.end();
+        if let Some(reads) = &self.opts.reads {
+            reads.read(&self.layer, spans.clone());
+        }
+        if self.guesses.replaying.load(Ordering::Relaxed) {
+            let mut replayed = self.guesses.replayed.lock();
+            let hits = spans.clone().filter(|i| replayed.remove(i)).count() as u64;
+            drop(replayed);
+            if hits > 0 {
+                self.opts.metrics.profile_hits.inc_by(hits);
+            }
+        }
+        for i in spans {
+            let s = self.index.span(i).map_err(|e| SpanError::Span { span: i, source: e })?;
+            let from = start.max(s.uncomp_start);
+            let to = end.min(s.uncomp_end);
+            let path = self.span_path(i);
+            // The budget may evict a span between making it local and opening it, and a crash
+            // may have left a span file short: fetch again.
+            let mut attempts = 0;
+            let f = loop {
+                fetched |= self.ensure_through(&s, last, readahead)? == Local::Fetched;
+                match fs::File::open(&path) {
+                    Ok(f) if has_len(&f, s.uncomp_end - s.uncomp_start) => break f,
+                    Ok(_) if attempts < OPEN_RETRIES => {
+                        tracing::warn!(layer = %self.layer, span = i, "span file has the wrong length; fetching it again");
+                        let _ = fs::remove_file(&path);
+                        self.forget_local(i);
+                        attempts += 1;
+                    }
+                    Ok(_) => return Err(cache_err(&path, std::io::Error::other("span file has the wrong length"))),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempts < OPEN_RETRIES => {
+                        self.forget_local(i);
+                        attempts += 1;
+                    }
+                    Err(e) => return Err(cache_err(&path, e)),
+                }
+            };
+            if let Some(budget) = &self.opts.budget {
+                budget.touch(&path);
+            }
+            let mut buf = vec![0u8; (to - from) as usize];
+            f.read_exact_at(&mut buf, from - s.uncomp_start).map_err(|e| cache_err(&path, e))?;
+            out.extend_from_slice(&buf);
+        }
+        Ok((out, fetched))
+    }
+
+    /// Makes span `s` local: wait for the fetch of it in flight, or fetch it together with the
+    /// missing spans after it that the same read needs (through span `last`) and the
+    /// read-ahead, in one request; verify, inflate, write.
+    fn ensure_through(&self, s: &SpanInfo, last: u32, readahead: u32) -> Result<Local, SpanError> {
+        let through = self.clamp(last.saturating_add(readahead));
+        let claim = loop {
+            if self.is_cached(s.index) {
+                // Local, or another reader or the prefetcher fetched it.
+                self.opts.metrics.span_hits.inc();
+                return Ok(Local::Hit);
+            }
+            match self.inflight.claim_or_wait(s.index, through, &self.local, |j| self.comp_len(j)) {
+                Claimed::Mine(claim) => break claim,
+                Claimed::Waited => {
+                    tracing::trace!(layer = %self.layer, span = s.index, "waited for a fetch in flight");
+                }
+            }
+        };
+        self.last_miss.store(s.index, Ordering::Relaxed);
+        self.opts.metrics.span_misses.inc();
+        if self.guesses.replaying.load(Ordering::Relaxed) {
+            self.opts.metrics.profile_misses.inc();
+        }
+        let mut group = vec![s.clone()];
+        for &i in &claim.spans[1..] {
+            match self.index.span(i) {
+                Ok(n) => group.push(n),
+                Err(_) => break,
+            }
+        }
+        // A span that fails verification (a byte flipped on the way) is fetched again; a
+        // registry that keeps answering wrong bytes fails the read, never serves them.
+        let mut attempt = 0;
+        let result = loop {
+            match self.fetch_group(&group, Cause::Foreground) {
+                Err(SpanError::Span { span: i, source: e }) if attempt < VERIFY_RETRIES => {
+                    attempt += 1;
+                    tracing::warn!(layer = %self.layer, span = i, error = %e, attempt, "span failed verification; fetching it again");
+                }
+                other => break other,
+            }
+        };
+        drop(claim);
+        result.map(|()| Local::Fetched)
+    }
+
+    /// How many spans are local.
+    pub fn local_spans(&self) -> u32 {
+        self.local.count()
+    }
+}
+
+fn cache_err(path: &std::path::Path, source: std::io::Error) -> SpanError {
+    SpanError::Cache { path: path.display().to_string(), source }
+}

@@ -1,0 +1,103 @@
+//! Bearer tokens (the Docker token protocol): the GET of a token from the realm a registry's
+//! challenge names, with basic credentials when there are any, and the token's lifetime.
+
+use crate::credential::Credential;
+use crate::error::{RegistryError, Result, error_text};
+use crate::secret::Secret;
+use reqwest::StatusCode;
+use reqwest::header::AUTHORIZATION;
+use std::time::{Duration, Instant};
+
+/// The longest token lifetime believed (a hostile `expires_in` must not overflow a clock).
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+/// One token request.
+#[derive(Debug)]
+pub(crate) struct TokenRequest<'a> {
+    pub(crate) realm: &'a str,
+    pub(crate) service: Option<&'a str>,
+    /// The scope this client needs (`repository:<name>:pull[,push]`).
+    pub(crate) scope: &'a str,
+    /// The scope the challenge named, asked for too when it differs.
+    pub(crate) challenge_scope: Option<&'a str>,
+    pub(crate) credential: Option<&'a Credential>,
+}
+
+/// When a token that lives `expires_in` seconds (the spec's default: 60) is renewed: at 90 % of
+/// its life, at most [`MAX_TOKEN_LIFETIME`] from `now`.
+pub(crate) fn renew_at(now: Instant, expires_in: Option<u64>) -> Instant {
+    let lifetime = Duration::from_secs(expires_in.unwrap_or(60).max(1)).min(MAX_TOKEN_LIFETIME);
+    now + lifetime.mul_f64(0.9)
+}
+
+/// GETs a token from `req.realm` with `http`; `registry` names the registry in errors. A 401 or
+/// 403 gives an empty token: "this credential is refused", and the chain moves on.
+pub(crate) async fn fetch(
+    http: &reqwest::Client,
+    registry: &str,
+    req: &TokenRequest<'_>,
+) -> Result<(Secret, Option<Instant>)> {
+    let TokenRequest { realm, service, scope, challenge_scope, credential } = *req;
+    let mut query: Vec<(&str, &str)> = vec![("scope", scope)];
+    if let Some(s) = challenge_scope.filter(|s| *s != scope) {
+        query.push(("scope", s));
+    }
+    if let Some(s) = service {
+        query.push(("service", s));
+    }
+    let mut req = http.get(realm).query(&query);
+    if let Some(c) = credential {
+        req = req.header(AUTHORIZATION, c.basic_header());
+    }
+    let transport = |e: reqwest::Error| RegistryError::Transport {
+        registry: registry.to_string(),
+        context: "token request".into(),
+        message: error_text(&e),
+    };
+    let resp = req.send().await.map_err(transport)?;
+    let status = resp.status();
+    if !status.is_success() {
+        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+            // Treated as "this credential is refused": an empty header makes the next
+            // attempt move along the chain.
+            return Ok((Secret::new(""), None));
+        }
+        return Err(RegistryError::Status {
+            registry: registry.to_string(),
+            method: "GET".into(),
+            path: "token realm".into(),
+            status: status.as_u16(),
+            body: String::new(),
+        });
+    }
+    #[derive(serde::Deserialize)]
+    struct TokenResponse {
+        token: Option<String>,
+        access_token: Option<String>,
+        expires_in: Option<u64>,
+    }
+    let body: TokenResponse = resp.json().await.map_err(|e| RegistryError::BadResponse {
+        registry: registry.to_string(),
+        what: "token response".into(),
+        message: e.to_string(),
+    })?;
+    let token = body.token.or(body.access_token).ok_or_else(|| RegistryError::BadResponse {
+        registry: registry.to_string(),
+        what: "token response".into(),
+        message: "no token".into(),
+    })?;
+    Ok((Secret::new(token), Some(renew_at(Instant::now(), body.expires_in))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hostile_lifetime_is_capped_instead_of_overflowing_the_clock() {
+        let now = Instant::now();
+        assert_eq!(renew_at(now, Some(u64::MAX)), now + MAX_TOKEN_LIFETIME.mul_f64(0.9));
+        assert_eq!(renew_at(now, None), now + Duration::from_secs(54));
+        assert_eq!(renew_at(now, Some(0)), now + Duration::from_millis(900));
+    }
+}
