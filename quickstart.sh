@@ -91,9 +91,9 @@ address = "$Q/clip/clip.sock"
 containerd_address = "$C/containerd.sock"
 [registry]
 hosts_dir = "$Q/certs.d"
-[lazy]
+[lazy.completion]
 # Off here so that the bytes printed below are the ones the container needed.
-background_fetch = false
+enabled = false
 EOF
 "$BIN/clip-snapshotter" --config "$Q/clip/snapshotter.toml" >>"$Q/clip/clip.log" 2>&1 &
 echo $! >"$Q/snapshotter.pid"

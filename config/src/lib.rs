@@ -15,8 +15,8 @@ pub mod labels;
 mod model;
 
 pub use model::{
-    BuildRegistry, BuilderConfig, CriProxyConfig, LazyConfig, LogFormat, LongTermCredentials, RegistryHosts,
-    SnapshotterConfig,
+    BuildRegistry, BuilderConfig, CompletionConfig, CriProxyConfig, LazyConfig, LogFormat, LongTermCredentials,
+    PrefetchConfig, ProfilesConfig, RegistryHosts, SnapshotterConfig,
 };
 
 use std::path::{Path, PathBuf};
@@ -48,67 +48,60 @@ pub enum ConfigError {
     Invalid { path: PathBuf, key: &'static str, message: String },
 }
 
-fn load_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
-    let text =
-        std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
-    parse_toml(&text, path)
+/// A config file of one of clip's programs: read, parsed (unknown keys are errors naming the
+/// key) and validated once, at load; the values are used as they are from then on.
+pub trait ConfigFile: serde::de::DeserializeOwned + Default {
+    /// Where the program looks when no file is named.
+    const DEFAULT_PATH: &'static str;
+
+    /// Checks the values (`origin` names the file in errors).
+    fn validate(&self, origin: &Path) -> Result<(), ConfigError>;
+
+    /// Loads and validates a config file.
+    fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates config text (`origin` names it in errors).
+    fn parse(text: &str, origin: &Path) -> Result<Self, ConfigError> {
+        let cfg: Self = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: origin.to_path_buf(), message: e.to_string() })?;
+        cfg.validate(origin)?;
+        Ok(cfg)
+    }
+
+    /// Loads `path` if given, else the default file if it exists, else the defaults.
+    fn load_or_default(path: Option<&Path>) -> Result<Self, ConfigError> {
+        match path {
+            Some(p) => Self::load(p),
+            None if Path::new(Self::DEFAULT_PATH).exists() => Self::load(Path::new(Self::DEFAULT_PATH)),
+            None => Ok(Self::default()),
+        }
+    }
 }
 
-fn parse_toml<T: serde::de::DeserializeOwned>(text: &str, path: &Path) -> Result<T, ConfigError> {
-    toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })
+impl ConfigFile for SnapshotterConfig {
+    const DEFAULT_PATH: &'static str = DEFAULT_SNAPSHOTTER_CONFIG;
+
+    fn validate(&self, origin: &Path) -> Result<(), ConfigError> {
+        self.check(origin)
+    }
+}
+
+impl ConfigFile for BuilderConfig {
+    const DEFAULT_PATH: &'static str = DEFAULT_BUILDER_CONFIG;
+
+    fn validate(&self, origin: &Path) -> Result<(), ConfigError> {
+        self.check(origin)
+    }
 }
 
 impl SnapshotterConfig {
-    /// Loads and validates a snapshotter config file.
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let cfg: Self = load_toml(path)?;
-        cfg.validate(path)?;
-        Ok(cfg)
-    }
-
-    /// Parses and validates config text (`origin` names it in errors).
-    pub fn parse(text: &str, origin: &Path) -> Result<Self, ConfigError> {
-        let cfg: Self = parse_toml(text, origin)?;
-        cfg.validate(origin)?;
-        Ok(cfg)
-    }
-
-    /// Loads `path` if given, else the default file if it exists, else the defaults.
-    pub fn load_or_default(path: Option<&Path>) -> Result<Self, ConfigError> {
-        match path {
-            Some(p) => Self::load(p),
-            None if Path::new(DEFAULT_SNAPSHOTTER_CONFIG).exists() => Self::load(Path::new(DEFAULT_SNAPSHOTTER_CONFIG)),
-            None => Ok(Self::default()),
-        }
-    }
-    /// The config as the TOML text [`Self::parse`] reads back (programs and tests that write
-    /// a config for a daemon).
+    /// The config as the TOML text [`ConfigFile::parse`] reads back (programs and tests that
+    /// write a config for a daemon).
     pub fn to_toml(&self) -> Result<String, ConfigError> {
         toml::to_string(self).map_err(|e| ConfigError::Parse { path: "<serialized>".into(), message: e.to_string() })
-    }
-}
-
-impl BuilderConfig {
-    /// Loads and validates a builder config file.
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let cfg: Self = load_toml(path)?;
-        cfg.validate(path)?;
-        Ok(cfg)
-    }
-
-    /// Parses and validates config text (`origin` names it in errors).
-    pub fn parse(text: &str, origin: &Path) -> Result<Self, ConfigError> {
-        let cfg: Self = parse_toml(text, origin)?;
-        cfg.validate(origin)?;
-        Ok(cfg)
-    }
-
-    /// Loads `path` if given, else the default file if it exists, else the defaults.
-    pub fn load_or_default(path: Option<&Path>) -> Result<Self, ConfigError> {
-        match path {
-            Some(p) => Self::load(p),
-            None if Path::new(DEFAULT_BUILDER_CONFIG).exists() => Self::load(Path::new(DEFAULT_BUILDER_CONFIG)),
-            None => Ok(Self::default()),
-        }
     }
 }

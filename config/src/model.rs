@@ -49,30 +49,18 @@ pub struct CriProxyConfig {
     pub containerd_address: Option<PathBuf>,
 }
 
-/// `[lazy]`: the read path of lazily served layers.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+/// `[lazy]`: the read path of lazily served layers. The nested sections feed the read path's
+/// policies: `[lazy.prefetch]` its prefetcher, `[lazy.completion]` background completion,
+/// `[lazy.profiles]` access profiles.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LazyConfig {
-    /// Complete mounted layers in the background: their missing remainder streams in as large
-    /// sequential range requests (`stream_request_bytes`, `stream_layers`), giving way to
-    /// container reads.
-    pub background_fetch: bool,
-    /// Delay after a layer is mounted before background fetching starts (ms), so that a
-    /// starting container gets the link first.
-    pub background_start_delay_ms: u64,
     /// Missing spans fetched together with a requested one (sequential read-ahead).
     pub readahead_spans: u32,
     /// Serve large fully local files with FUSE passthrough (kernel 6.9+): the kernel reads a
     /// local copy directly. Costs a copy on disk and a FUSE round trip per open; off, the
     /// kernel opens files without asking the daemon and keeps their page cache.
     pub passthrough: bool,
-    /// Threads fetching speculatively what a miss suggests is read next (the rest of the
-    /// file, its neighbours in the layer); 0 turns this off.
-    pub prefetch_threads: usize,
-    /// Spans around a miss fetched speculatively (after it; half as many before it).
-    pub prefetch_neighbour_spans: u32,
-    /// A file read is fetched whole speculatively when it has at most this many spans.
-    pub prefetch_file_spans: u32,
     /// How long credentials received in `clip.*` labels are kept in the root-only store for
     /// restarts (seconds).
     pub credential_ttl_s: u64,
@@ -86,56 +74,96 @@ pub struct LazyConfig {
     /// unlimited). Least recently used spans are evicted beyond it; they are fetched again
     /// when read.
     pub cache_max_bytes: u64,
-    /// Bound on one span fetch with all its retries, seconds: a container's read fails with
-    /// an I/O error after it instead of waiting for a registry that does not answer.
+    /// Bound on one span fetch with all its retries, seconds (at least 1): a container's read
+    /// fails with an I/O error after it instead of waiting for a registry that does not answer.
     pub fetch_timeout_s: u64,
-    /// Background completion: compressed bytes per range request (independent of the span
-    /// size), and how many layers are completed at once.
-    pub stream_request_bytes: u64,
-    pub stream_layers: usize,
     /// Serve lazily also the Prepares that carry no layer labels (nerdctl, `ctr images pull`
     /// on the client-side path): their layer is looked up in containerd's content store.
     pub serve_unlabelled_pulls: bool,
-    /// Access profiles: record which spans each image's first lazy start reads (until reads
-    /// go quiet for `profile_quiet_ms`, at most `profile_limit_s`), keep the profile under the
-    /// root, and on a start of an image with a profile (kept, or published in its registry)
-    /// fetch the profile's spans first, in requests of up to `profile_request_bytes` on
-    /// `profile_threads` threads.
-    pub profiles: bool,
+    pub prefetch: PrefetchConfig,
+    pub completion: CompletionConfig,
+    pub profiles: ProfilesConfig,
+}
+
+/// `[lazy.prefetch]`: speculative fetching of what a miss suggests is read next.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrefetchConfig {
+    /// Threads fetching speculatively (the rest of the file, its neighbours in the layer); 0
+    /// turns this off.
+    pub threads: usize,
+    /// Spans around a miss in a small file fetched speculatively (after it; half as many
+    /// before it).
+    pub neighbour_spans: u32,
+    /// A file read is fetched whole speculatively when it has at most this many spans.
+    pub file_spans: u32,
+}
+
+/// `[lazy.completion]`: background completion of mounted layers — their missing remainder
+/// streams in as large sequential range requests, giving way to container reads.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CompletionConfig {
+    pub enabled: bool,
+    /// Delay after a layer is mounted before completion starts (ms), so that a starting
+    /// container gets the link first.
+    pub start_delay_ms: u64,
+    /// Compressed bytes per range request (at least 1; independent of the span size).
+    pub request_bytes: u64,
+    /// Layers completed at once.
+    pub layers: usize,
+}
+
+/// `[lazy.profiles]`: access profiles. Record which spans each image's first lazy start reads
+/// (until reads go quiet for `quiet_ms`, at most `limit_s`), keep the profile under the root,
+/// and on a start of an image with a profile (kept, or published in its registry) fetch the
+/// profile's spans first, in requests of up to `request_bytes` on `threads` threads.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProfilesConfig {
+    pub enabled: bool,
     /// Publish recorded profiles to the image's registry (an artifact referring to the image
     /// manifest) with the credentials the image is pulled with, where they may push.
-    pub publish_profiles: bool,
-    pub profile_quiet_ms: u64,
-    pub profile_limit_s: u64,
-    pub profile_threads: usize,
-    pub profile_request_bytes: u64,
+    pub publish: bool,
+    pub quiet_ms: u64,
+    pub limit_s: u64,
+    pub threads: usize,
+    pub request_bytes: u64,
 }
 
 impl Default for LazyConfig {
     fn default() -> Self {
         Self {
-            background_fetch: true,
-            background_start_delay_ms: 5000,
             readahead_spans: 0,
             passthrough: false,
-            prefetch_threads: 4,
-            prefetch_neighbour_spans: 0,
-            prefetch_file_spans: 32,
             credential_ttl_s: 12 * 3600,
             survive_restarts: true,
             orphan_timeout_s: 600,
             cache_max_bytes: 20 << 30,
             fetch_timeout_s: 30,
-            stream_request_bytes: 8 << 20,
-            stream_layers: 2,
             serve_unlabelled_pulls: true,
-            profiles: true,
-            publish_profiles: true,
-            profile_quiet_ms: 2000,
-            profile_limit_s: 30,
-            profile_threads: 4,
-            profile_request_bytes: 4 << 20,
+            prefetch: PrefetchConfig::default(),
+            completion: CompletionConfig::default(),
+            profiles: ProfilesConfig::default(),
         }
+    }
+}
+
+impl Default for PrefetchConfig {
+    fn default() -> Self {
+        Self { threads: 4, neighbour_spans: 0, file_spans: 32 }
+    }
+}
+
+impl Default for CompletionConfig {
+    fn default() -> Self {
+        Self { enabled: true, start_delay_ms: 5000, request_bytes: 8 << 20, layers: 2 }
+    }
+}
+
+impl Default for ProfilesConfig {
+    fn default() -> Self {
+        Self { enabled: true, publish: true, quiet_ms: 2000, limit_s: 30, threads: 4, request_bytes: 4 << 20 }
     }
 }
 
@@ -157,7 +185,7 @@ impl Default for SnapshotterConfig {
 }
 
 impl SnapshotterConfig {
-    pub(crate) fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+    pub(crate) fn check(&self, path: &Path) -> Result<(), ConfigError> {
         let invalid =
             |key, message: &str| ConfigError::Invalid { path: path.to_path_buf(), key, message: message.to_string() };
         if !self.root.is_absolute() {
@@ -174,6 +202,18 @@ impl SnapshotterConfig {
         }
         if self.cri.image_service_address.as_ref().is_some_and(|a| !a.is_absolute()) {
             return Err(invalid("cri.image_service_address", "must be an absolute path"));
+        }
+        let lazy = &self.lazy;
+        for (key, value) in [
+            ("lazy.fetch_timeout_s", lazy.fetch_timeout_s),
+            ("lazy.completion.request_bytes", lazy.completion.request_bytes),
+            ("lazy.profiles.quiet_ms", lazy.profiles.quiet_ms),
+            ("lazy.profiles.limit_s", lazy.profiles.limit_s),
+            ("lazy.profiles.request_bytes", lazy.profiles.request_bytes),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
         }
         if let Some(b) = &self.build_registry {
             b.validate(path)?;
@@ -199,7 +239,7 @@ pub struct BuilderConfig {
 }
 
 impl BuilderConfig {
-    pub(crate) fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+    pub(crate) fn check(&self, path: &Path) -> Result<(), ConfigError> {
         if let Some(b) = &self.build_registry {
             b.validate(path)?;
         }
@@ -337,9 +377,24 @@ impl LongTermCredentials {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ConfigFile as _;
 
     fn parse(text: &str) -> Result<SnapshotterConfig, ConfigError> {
         SnapshotterConfig::parse(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn zero_bounds_and_request_sizes_are_refused_at_load() {
+        for (section, key) in [
+            ("lazy", "fetch_timeout_s"),
+            ("lazy.completion", "request_bytes"),
+            ("lazy.profiles", "quiet_ms"),
+            ("lazy.profiles", "limit_s"),
+            ("lazy.profiles", "request_bytes"),
+        ] {
+            let err = parse(&format!("[{section}]\n{key} = 0\n")).expect_err(key);
+            assert!(err.to_string().contains(&format!("{section}.{key}")), "{err}");
+        }
     }
 
     #[test]
@@ -347,8 +402,8 @@ mod tests {
         let mut c = SnapshotterConfig::default();
         c.containerd_address = PathBuf::from("/run/x/containerd.sock");
         c.registry.hosts_dir = Some(PathBuf::from("/etc/x/certs.d"));
-        c.lazy.background_fetch = false;
-        c.lazy.prefetch_threads = 0;
+        c.lazy.completion.enabled = false;
+        c.lazy.prefetch.threads = 0;
         c.cri.image_service_address = Some(PathBuf::from("/run/x/cri.sock"));
         c.build_registry = Some(BuildRegistry {
             registry: "127.0.0.1:5000".into(),
@@ -365,8 +420,8 @@ mod tests {
         let back = parse(&text).unwrap_or_else(|e| panic!("{e}:\n{text}"));
         assert_eq!(back.containerd_address, c.containerd_address);
         assert_eq!(back.registry.hosts_dir, c.registry.hosts_dir);
-        assert!(!back.lazy.background_fetch);
-        assert_eq!(back.lazy.prefetch_threads, 0);
+        assert!(!back.lazy.completion.enabled);
+        assert_eq!(back.lazy.prefetch.threads, 0);
         assert_eq!(back.lazy.cache_max_bytes, c.lazy.cache_max_bytes);
         assert_eq!(back.cri.image_service_address, c.cri.image_service_address);
         let br = back.build_registry.expect("build registry");

@@ -3,6 +3,7 @@
 //! Errors are fine; panics, and secrets in errors, are not.
 #![no_main]
 
+use clip_config::ConfigFile as _;
 use clip_config::labels::{self, RemoteRequest};
 use libfuzzer_sys::fuzz_target;
 use std::collections::HashMap;

@@ -42,9 +42,9 @@ impl IndexedImage {
 /// are the ones its workload read) and, unless `prefetch`, no speculative fetching either.
 pub fn lazy_config(prefetch: bool) -> SnapshotterConfig {
     let mut c = SnapshotterConfig::default();
-    c.lazy.background_fetch = false;
+    c.lazy.completion.enabled = false;
     if !prefetch {
-        c.lazy.prefetch_threads = 0;
+        c.lazy.prefetch.threads = 0;
     }
     c
 }

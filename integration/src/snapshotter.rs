@@ -8,16 +8,37 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-/// Path of a binary of this workspace, built by `cargo build --workspace` next to the test
-/// binary (`target/<profile>/deps/<test>` -> `target/<profile>/<name>`).
+/// Path of a binary of this workspace, built by `cargo build --workspace` next to the running
+/// test (`target/<profile>/deps/<test>`) or benchmark (`target/<profile>/<bench>`):
+/// `target/<profile>/<name>`.
 pub fn workspace_binary(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    let profile_dir = exe.parent().and_then(Path::parent).context("test binary has no target dir")?;
+    let dir = exe.parent().context("the running program has no directory")?;
+    let profile_dir = if dir.ends_with("deps") { dir.parent().context("no target dir")? } else { dir };
     let bin = profile_dir.join(name);
     if !bin.exists() {
         bail!("{} not found: run `cargo build --workspace` (integration/test-all.sh does) first", bin.display());
     }
     Ok(bin)
+}
+
+/// A client of the snapshots API a snapshotter serves on `socket` (what containerd's proxy
+/// plugin speaks), for tests that call it directly.
+pub async fn snapshots_client(
+    socket: &Path,
+) -> Result<
+    containerd_snapshots::api::snapshots::v1::snapshots_client::SnapshotsClient<
+        containerd_snapshots::tonic::transport::Channel,
+    >,
+> {
+    let path = socket.to_path_buf();
+    let channel = containerd_snapshots::tonic::transport::Endpoint::try_from("http://[::]:50051")?
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move { tokio::net::UnixStream::connect(path).await }
+        }))
+        .await?;
+    Ok(containerd_snapshots::api::snapshots::v1::snapshots_client::SnapshotsClient::new(channel))
 }
 
 /// A running `clip-snapshotter`.

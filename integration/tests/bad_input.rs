@@ -7,24 +7,12 @@ use anyhow::Result;
 use clip_integration::bed::lazy_config;
 use clip_integration::images::{TestImage, layout_layers};
 use clip_integration::registry::Registry;
-use clip_integration::snapshotter::{ClipSnapshotter, workspace_binary};
+use clip_integration::snapshotter::{ClipSnapshotter, snapshots_client, workspace_binary};
 use clip_integration::{TestDir, require_root, run};
 use containerd_snapshots::api::snapshots::v1 as api;
-use containerd_snapshots::api::snapshots::v1::snapshots_client::SnapshotsClient;
-use containerd_snapshots::tonic::{Code, transport::Channel};
+use containerd_snapshots::tonic::Code;
 use std::path::Path;
 use std::process::Command;
-
-async fn connect(socket: &Path) -> Result<SnapshotsClient<Channel>> {
-    let path = socket.to_path_buf();
-    let channel = containerd_snapshots::tonic::transport::Endpoint::try_from("http://[::]:50051")?
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move { tokio::net::UnixStream::connect(path).await }
-        }))
-        .await?;
-    Ok(SnapshotsClient::new(channel))
-}
 
 fn prepare(key: &str, labels: &[(&str, &str)]) -> api::PrepareSnapshotRequest {
     api::PrepareSnapshotRequest {
@@ -60,7 +48,7 @@ fn bad_labels_and_bad_registry_answers_fail_clearly_or_fall_back_and_the_daemon_
 
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
-        let mut c = connect(snap.socket()).await?;
+        let mut c = snapshots_client(snap.socket()).await?;
         // Oversized: refused, the value not echoed.
         let secret = "Sentinel-Value-0xC1".repeat(300);
         let err = c.prepare(prepare("big", &[(l::BUILD_REGISTRY_CREDS, &secret)])).await.expect_err("oversized label");
@@ -170,7 +158,7 @@ fn bad_labels_and_bad_registry_answers_fail_clearly_or_fall_back_and_the_daemon_
     assert!(!log.contains("Sentinel-Value"));
     // Still serving.
     rt.block_on(async {
-        let mut c = connect(snap.socket()).await?;
+        let mut c = snapshots_client(snap.socket()).await?;
         c.stat(api::StatSnapshotRequest { snapshotter: "clip".into(), key: "lazy".into() }).await?;
         anyhow::Ok(())
     })?;

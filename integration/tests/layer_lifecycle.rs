@@ -7,28 +7,17 @@
 use anyhow::{Context, Result, bail};
 use clip_integration::bed::{IndexedImage, lazy_config};
 use clip_integration::images::{TestImage, file_digests_under, layout_layers};
-use clip_integration::snapshotter::ClipSnapshotter;
+use clip_integration::snapshotter::{ClipSnapshotter, snapshots_client};
 use clip_integration::{TestDir, require_root, sha256_file};
 use containerd_snapshots::api::snapshots::v1 as api;
 use containerd_snapshots::api::snapshots::v1::snapshots_client::SnapshotsClient;
 use containerd_snapshots::tonic::{Code, transport::Channel};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Rounds of the race; each starts from a layer without caches. On the code before the layer
 /// gates, about one round in a hundred deleted the caches under the new snapshot.
 const ROUNDS: usize = 300;
-
-async fn connect(socket: &Path) -> Result<SnapshotsClient<Channel>> {
-    let path = socket.to_path_buf();
-    let channel = containerd_snapshots::tonic::transport::Endpoint::try_from("http://[::]:50051")?
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move { tokio::net::UnixStream::connect(path).await }
-        }))
-        .await?;
-    Ok(SnapshotsClient::new(channel))
-}
 
 /// Prepares `key` as the lazy layer `layer` of `image` for the chain `target`: the snapshotter
 /// commits it under `key` and answers AlreadyExists.
@@ -102,8 +91,8 @@ fn a_remove_racing_a_prepare_of_the_same_layer_never_strands_the_new_snapshot() 
     let spans = snap.root().join("spans").join(layer.replace(':', "-"));
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
-        let mut first = connect(snap.socket()).await?;
-        let mut second = connect(snap.socket()).await?;
+        let mut first = snapshots_client(snap.socket()).await?;
+        let mut second = snapshots_client(snap.socket()).await?;
         for round in 0..ROUNDS {
             // The snapshot is committed under the Prepare's key; the target only names it.
             let (a, b) = (format!("layer-a-{round}"), format!("layer-b-{round}"));

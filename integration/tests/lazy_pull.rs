@@ -278,7 +278,7 @@ fn background_fetch_completes_layers_so_the_registry_can_go_away() -> Result<()>
     let mut config = SnapshotterConfig::default();
     config.metrics_address = format!("127.0.0.1:{port}");
     config.registry.hosts_dir = Some(hosts_dir.clone());
-    config.lazy.background_start_delay_ms = 200;
+    config.lazy.completion.start_delay_ms = 200;
     config.lazy.passthrough = true;
     let snap = ClipSnapshotter::start_configured(&td, "clip", &config, &[])?;
     let ctrd = Containerd::start(

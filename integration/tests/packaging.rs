@@ -4,6 +4,7 @@
 //! them; `systemd-analyze verify` accepts the installed unit; purge removes them.
 
 use anyhow::{Context, Result};
+use clip_config::ConfigFile as _;
 use clip_integration::{TestDir, require_root, run, run_stdout};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -45,6 +46,47 @@ fn default_configs_parse_as_shipped_and_with_every_key_enabled() -> Result<()> {
     assert!(cfg.lazy.survive_restarts && cfg.lazy.cache_max_bytes > 0, "{all}");
     let all = uncommented(&builder);
     clip_config::BuilderConfig::parse(&all, Path::new("builder.toml (all keys)")).with_context(|| all.clone())?;
+    Ok(())
+}
+
+/// `docs/configuration.md` shows real keys, and the `[lazy]` values it shows are the defaults.
+#[test]
+fn the_configuration_page_shows_real_keys_and_the_lazy_defaults() -> Result<()> {
+    let page = std::fs::read_to_string(repo_root().join("docs/configuration.md"))?;
+    let block: String = page
+        .lines()
+        .skip_while(|l| !l.starts_with("    root = "))
+        .take_while(|l| l.starts_with("    "))
+        .flat_map(|l| [&l[4..], "\n"])
+        .collect();
+    let cfg = clip_config::SnapshotterConfig::parse(&block, Path::new("docs/configuration.md"))
+        .with_context(|| block.clone())?;
+    assert_eq!(
+        cfg.lazy,
+        clip_config::LazyConfig::default(),
+        "docs/configuration.md shows other [lazy] values than the defaults"
+    );
+    let keys = serde_json::to_value(&cfg.lazy)?;
+    for (key, value) in keys.as_object().context("lazy keys")? {
+        match value.as_object() {
+            Some(section) => {
+                let at = block.find(&format!("\n[lazy.{key}]")).with_context(|| format!("no [lazy.{key}] shown"))?;
+                let shown: String = block[at + 1..]
+                    .lines()
+                    .skip(1)
+                    .take_while(|l| !l.starts_with('['))
+                    .flat_map(|l| ["\n", l])
+                    .collect();
+                for nested in section.keys() {
+                    assert!(
+                        shown.contains(&format!("\n{nested} = ")),
+                        "docs/configuration.md does not show [lazy.{key}] {nested}"
+                    );
+                }
+            }
+            None => assert!(block.contains(&format!("\n{key} = ")), "docs/configuration.md does not show [lazy] {key}"),
+        }
+    }
     Ok(())
 }
 

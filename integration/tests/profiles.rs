@@ -25,7 +25,7 @@ const NUMPY: &[&str] = &["python3", "-c", "import numpy; print(numpy.__version__
 fn config(port: u16) -> SnapshotterConfig {
     let mut c = lazy_config(false);
     c.metrics_address = format!("127.0.0.1:{port}");
-    c.lazy.profile_quiet_ms = 1000;
+    c.lazy.profiles.quiet_ms = 1000;
     c
 }
 

@@ -5,7 +5,7 @@ use anyhow::{Context, Result, bail};
 use clip_integration::containerd::{Containerd, ContainerdOptions};
 use clip_integration::images::TestImage;
 use clip_integration::registry::Registry;
-use clip_integration::snapshotter::{ClipSnapshotter, workspace_binary};
+use clip_integration::snapshotter::{ClipSnapshotter, snapshots_client, workspace_binary};
 use clip_integration::tree::diff_trees;
 use clip_integration::{TestDir, require_root, run, run_stdout};
 use containerd_snapshots::api::snapshots::v1 as api;
@@ -17,17 +17,6 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-async fn connect(socket: &Path) -> Result<SnapshotsClient<Channel>> {
-    let path = socket.to_path_buf();
-    let channel = containerd_snapshots::tonic::transport::Endpoint::try_from("http://[::]:50051")?
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move { tokio::net::UnixStream::connect(path).await }
-        }))
-        .await?;
-    Ok(SnapshotsClient::new(channel))
-}
 
 /// Small deterministic PRNG (xorshift64*), so a failing storm can be replayed from its seed.
 struct Rng(u64);
@@ -68,7 +57,7 @@ async fn storm_worker(
     ledger: Arc<Mutex<Ledger>>,
     committed: Arc<Mutex<Vec<String>>>,
 ) {
-    let Ok(mut client) = connect(&socket).await else { return };
+    let Ok(mut client) = snapshots_client(&socket).await else { return };
     let mut rng = Rng(seed | 1);
     for n in 0.. {
         let key = format!("r{round}-w{worker}-a{n}");
@@ -221,7 +210,7 @@ fn sigkill_during_a_storm_of_calls_leaves_consistent_metadata_and_no_orphans() -
 
         daemon.restart()?;
         rt.block_on(async {
-            let mut client = connect(daemon.socket()).await?;
+            let mut client = snapshots_client(daemon.socket()).await?;
             let infos = walk_all(&mut client).await?;
             let names: HashSet<&str> = infos.iter().map(|i| i.name.as_str()).collect();
             let (must_exist, must_not_exist) = {
@@ -248,7 +237,7 @@ fn sigkill_during_a_storm_of_calls_leaves_consistent_metadata_and_no_orphans() -
         })?;
         // Committed snapshots the storm still knows about.
         let names: HashSet<String> = rt
-            .block_on(async { walk_all(&mut connect(daemon.socket()).await?).await })?
+            .block_on(async { walk_all(&mut snapshots_client(daemon.socket()).await?).await })?
             .into_iter()
             .map(|i| i.name)
             .collect();
@@ -305,7 +294,7 @@ fn socket_contract_signals_and_metrics() -> Result<()> {
 
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
-        let mut c = connect(daemon.socket()).await?;
+        let mut c = snapshots_client(daemon.socket()).await?;
         c.prepare(api::PrepareSnapshotRequest {
             snapshotter: "clip".into(),
             key: "k".into(),

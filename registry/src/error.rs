@@ -56,10 +56,9 @@ impl std::fmt::Display for SourceList {
 
 pub type Result<T, E = RegistryError> = std::result::Result<T, E>;
 
-/// reqwest's error with its causes (connection refused, reset, timeout...), no URL secrets
-/// (URLs carry none).
-pub fn error_text(e: &reqwest::Error) -> String {
-    use std::error::Error;
+/// An error with its causes (reqwest's: connection refused, reset, timeout...; the AWS SDK's,
+/// whose own text is a terse "service error"), joined by `: `.
+pub fn error_text<E: std::error::Error>(e: &E) -> String {
     let mut parts = vec![e.to_string()];
     let mut src = e.source();
     while let Some(s) = src {

@@ -170,7 +170,7 @@ async fn mint_ecr(client: &aws_sdk_ecr::Client, minted_at: SystemTime) -> Result
         .get_authorization_token()
         .send()
         .await
-        .map_err(|e| err(format!("GetAuthorizationToken: {}", aws_error_text(&e))))?;
+        .map_err(|e| err(format!("GetAuthorizationToken: {}", crate::error::error_text(&e))))?;
     let data = out
         .authorization_data()
         .first()
@@ -188,17 +188,6 @@ async fn mint_ecr(client: &aws_sdk_ecr::Client, minted_at: SystemTime) -> Result
         .and_then(|t| SystemTime::try_from(*t).ok())
         .or_else(|| Some(minted_at + Duration::from_secs(12 * 3600)));
     Ok(MintedToken { credential, minted_at, expires_at })
-}
-
-fn aws_error_text<E: std::error::Error>(e: &E) -> String {
-    // The SDK's Display is terse ("service error"); walk the sources for the real cause.
-    let mut parts = vec![e.to_string()];
-    let mut src = e.source();
-    while let Some(s) = src {
-        parts.push(s.to_string());
-        src = s.source();
-    }
-    parts.join(": ")
 }
 
 async fn mint_gcp(key_file: &std::path::Path, minted_at: SystemTime) -> Result<MintedToken> {

@@ -10,8 +10,10 @@
 //! - [`dirs`]: the snapshot directories `snapshots/<id>/{fs,work}` and their disk usage;
 //! - [`mounts`]: the bind and overlay mounts handed to containerd;
 //! - [`labels`]: where snapshot labels are validated and secret labels split off;
-//! - [`remote`]: remote Prepare — finding a layer's index and mounting it lazily (where a
-//!   mount is made: [`remote::mount`]);
+//! - [`remote`]: the lazy-layer engine, in parts — where credentials are chosen
+//!   ([`remote::sessions`]), index discovery, the cache layout, the layer table (mounts, and a
+//!   gate per layer that orders its Prepares and Removes), the read settings, and where a
+//!   mount is made (`remote/mount.rs`);
 //! - [`content_lookup`]: which image layer a Prepare without layer labels is, from
 //!   containerd's content store; [`request_namespace`]: the namespace of the call;
 //! - [`filter`]: containerd's filter syntax for Walk;

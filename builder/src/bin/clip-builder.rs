@@ -4,6 +4,7 @@ use anyhow::Context;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use clip_builder::local;
+use clip_config::ConfigFile as _;
 use std::io::Write;
 use std::path::PathBuf;
 

@@ -2,6 +2,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use clip_config::ConfigFile as _;
 use clip_registry::credentials::{Credential, Source};
 use std::path::PathBuf;
 

@@ -100,19 +100,19 @@ impl ProfileBook {
         runtime: tokio::runtime::Handle,
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Option<Arc<Self>> {
-        if !cfg.lazy.profiles {
+        if !cfg.lazy.profiles.enabled {
             tracing::info!("access profiles are off");
             return None;
         }
         let book = Arc::new(Self {
             dir: cfg.root.join("profiles"),
-            publish: cfg.lazy.publish_profiles,
-            quiet: Duration::from_millis(cfg.lazy.profile_quiet_ms.max(1)),
-            limit: Duration::from_secs(cfg.lazy.profile_limit_s.max(1)),
+            publish: cfg.lazy.profiles.publish,
+            quiet: Duration::from_millis(cfg.lazy.profiles.quiet_ms),
+            limit: Duration::from_secs(cfg.lazy.profiles.limit_s),
             replayer: Replayer::start(ReplayPolicy {
-                threads: cfg.lazy.profile_threads,
+                threads: cfg.lazy.profiles.threads,
                 gap_spans: GAP_SPANS,
-                request_bytes: cfg.lazy.profile_request_bytes.max(1),
+                request_bytes: cfg.lazy.profiles.request_bytes,
             }),
             runtime,
             images: Mutex::new(HashMap::new()),

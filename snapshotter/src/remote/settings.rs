@@ -52,11 +52,11 @@ impl ReadSettings {
         metrics.cache_limit_bytes.set(i64::try_from(cfg.lazy.cache_max_bytes).unwrap_or(i64::MAX));
         budget.scan(&layout.spans_root(), &layout.files_root());
         tracing::info!(bytes = budget.used(), limit = cfg.lazy.cache_max_bytes, "span caches counted");
-        let completer = if cfg.lazy.background_fetch {
+        let completer = if cfg.lazy.completion.enabled {
             Completer::start(CompletionPolicy {
-                streams: cfg.lazy.stream_layers,
-                request_bytes: cfg.lazy.stream_request_bytes.max(1),
-                start_delay: Duration::from_millis(cfg.lazy.background_start_delay_ms),
+                streams: cfg.lazy.completion.layers,
+                request_bytes: cfg.lazy.completion.request_bytes,
+                start_delay: Duration::from_millis(cfg.lazy.completion.start_delay_ms),
             })
         } else {
             tracing::info!("background completion is off");
@@ -65,11 +65,11 @@ impl ReadSettings {
         Self {
             readahead_spans: cfg.lazy.readahead_spans,
             passthrough: cfg.lazy.passthrough,
-            fetch_timeout: Duration::from_secs(cfg.lazy.fetch_timeout_s.max(1)),
+            fetch_timeout: Duration::from_secs(cfg.lazy.fetch_timeout_s),
             prefetcher: Prefetcher::start(PrefetchPolicy {
-                threads: cfg.lazy.prefetch_threads,
-                neighbour_spans: cfg.lazy.prefetch_neighbour_spans,
-                file_spans: cfg.lazy.prefetch_file_spans,
+                threads: cfg.lazy.prefetch.threads,
+                neighbour_spans: cfg.lazy.prefetch.neighbour_spans,
+                file_spans: cfg.lazy.prefetch.file_spans,
                 group_spans: PREFETCH_GROUP_SPANS,
             }),
             completer,

@@ -10,13 +10,14 @@
 //! all namespaces purged, the snapshotter's state wiped, page cache dropped, daemons restarted.
 //! Also: warm read throughput, a metadata walk, and the snapshotter's memory.
 //!
-//! Run (release build, root): `cargo bench -p clip-integration --bench cold_start -- [--reps N]
+//! Run (release build, root): `cargo run --release -p clip-bench --bin cold-start -- [--reps N]
 //! [--links loopback,slow] [--images busybox,python] [--modes overlayfs,clip,clip-profile,clip-cri]
 //! [--containerd 2|1.6] [--skip warm,memory,stargz,soci] [--out docs/benchmarks]`. containerd 2.x
 //! by default (SOCI runs only there). Writes `cold-start.csv`, `cold-start.md` and, with
 //! python3-matplotlib, `cold-start.png` into the output directory.
 
 use anyhow::{Context, Result, bail};
+use clip_bench::median;
 use clip_integration::containerd::{Containerd, ContainerdOptions, Flavor};
 use clip_integration::cri::CriClient;
 use clip_integration::images::{TestImage, layout_layers};
@@ -30,7 +31,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-#[path = "cold_start/peers.rs"]
 mod peers;
 use peers::{Peer, Usage};
 
@@ -85,7 +85,6 @@ fn parse_opts() -> Result<Opts> {
                 }
             }
             "--out" => o.out = PathBuf::from(args.next().context("--out DIR")?),
-            "--bench" => {}
             other => bail!("unknown argument {other}"),
         }
     }
@@ -367,11 +366,6 @@ impl Bench {
     }
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn main() -> Result<()> {
     let opts = parse_opts()?;
     anyhow::ensure!(nix::unistd::geteuid().is_root(), "run as root");
@@ -463,7 +457,7 @@ fn main() -> Result<()> {
     }
     let has_peer = |peers: &[Peer], name: &str| peers.iter().any(|p| p.name == name);
     let config = td.path().join("snapshotter.toml");
-    // CLIP_BENCH_LAZY: extra `[lazy]` settings, e.g. "prefetch_threads = 0" (tuning runs).
+    // CLIP_BENCH_LAZY: extra `[lazy]` settings, e.g. "prefetch = { threads = 0 }" (tuning runs).
     let lazy = std::env::var("CLIP_BENCH_LAZY").unwrap_or_default().replace(';', "\n");
     let metrics_port = clip_integration::free_port()?;
     std::fs::write(
@@ -717,11 +711,11 @@ fn write_results(
     }
     let mut md = String::new();
     let _ = writeln!(md, "# Cold start: clip vs overlayfs, SOCI and eStargz\n");
-    let command: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let command: Vec<String> = std::env::args().skip(1).collect();
     let sizes_text: Vec<String> = sizes.iter().map(|(k, v)| format!("{k} {:.1} MB", *v as f64 / 1e6)).collect();
     let _ = writeln!(
         md,
-        "Produced by `cargo bench -p clip-integration --bench cold_start -- {}` on a 2-core VM (Debian 12, kernel 6.18), \
+        "Produced by `cargo run --release -p clip-bench --bin cold-start -- {}` on a 2-core VM (Debian 12, kernel 6.18), \
          containerd {}. \
          Every run is cold (namespaces purged, snapshotter state wiped, page cache dropped, daemons restarted); time is from \
          the pull to the workload's exit; bytes and requests are what the registry served by then. `slow` is 100 Mbit/s with \
@@ -740,30 +734,30 @@ fn write_results(
     let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut medians: BTreeMap<(String, String, String, String), f64> = BTreeMap::new();
     for (k, v) in &groups {
-        let mut t: Vec<f64> = v.iter().map(|s| s.seconds).collect();
-        medians.insert(k.clone(), median(&mut t));
+        let t: Vec<f64> = v.iter().map(|s| s.seconds).collect();
+        medians.insert(k.clone(), median(&t));
     }
     for (k, v) in &groups {
-        let mut t: Vec<f64> = v.iter().map(|s| s.seconds).collect();
-        let m = median(&mut t);
+        let t: Vec<f64> = v.iter().map(|s| s.seconds).collect();
+        let m = median(&t);
         let spread = t.last().copied().unwrap_or_default() - t.first().copied().unwrap_or_default();
-        let mut b: Vec<f64> = v.iter().map(|s| s.bytes as f64 / 1e6).collect();
-        let mut r: Vec<f64> = v.iter().map(|s| s.requests as f64).collect();
+        let b: Vec<f64> = v.iter().map(|s| s.bytes as f64 / 1e6).collect();
+        let r: Vec<f64> = v.iter().map(|s| s.requests as f64).collect();
         let base = medians.get(&(k.0.clone(), k.1.clone(), k.2.clone(), "overlayfs".into())).copied();
         let ratio = base.map_or_else(|| "-".into(), |b| format!("{:.2}x", m / b));
         let causes = if k.3.starts_with("clip") {
             (0..4)
                 .map(|cause| {
-                    let mut by_cause: Vec<f64> = v.iter().map(|s| s.causes[cause] as f64 / 1e6).collect();
-                    format!("{:.1}", median(&mut by_cause))
+                    let by_cause: Vec<f64> = v.iter().map(|s| s.causes[cause] as f64 / 1e6).collect();
+                    format!("{:.1}", median(&by_cause))
                 })
                 .collect::<Vec<_>>()
                 .join(" / ")
         } else {
             "-".into()
         };
-        let mut rss: Vec<f64> = v.iter().map(|s| s.usage.peak_rss_bytes as f64 / 1e6).collect();
-        let mut cpu: Vec<f64> = v.iter().map(|s| s.usage.cpu_seconds).collect();
+        let rss: Vec<f64> = v.iter().map(|s| s.usage.peak_rss_bytes as f64 / 1e6).collect();
+        let cpu: Vec<f64> = v.iter().map(|s| s.usage.cpu_seconds).collect();
         let _ = writeln!(
             md,
             "| {} | {} | {} | {} | {m:.2} | {spread:.2} | {:.1} | {:.0} | {ratio} | {:.0} | {:.2} | {causes} |",
@@ -771,10 +765,10 @@ fn write_results(
             k.1,
             k.2,
             k.3,
-            median(&mut b),
-            median(&mut r),
-            median(&mut rss),
-            median(&mut cpu)
+            median(&b),
+            median(&r),
+            median(&rss),
+            median(&cpu)
         );
     }
     if !warm.is_empty() {
@@ -782,8 +776,8 @@ fn write_results(
         let _ = writeln!(md, "| workload | overlayfs median s | clip median s | clip / overlayfs |");
         let _ = writeln!(md, "|---|---|---|---|");
         for name in ["fullread", "walk"] {
-            let o = warm.get(&(name.to_string(), "overlayfs".to_string())).cloned().map(|mut v| median(&mut v));
-            let c = warm.get(&(name.to_string(), "clip".to_string())).cloned().map(|mut v| median(&mut v));
+            let o = warm.get(&(name.to_string(), "overlayfs".to_string())).cloned().map(|v| median(&v));
+            let c = warm.get(&(name.to_string(), "clip".to_string())).cloned().map(|v| median(&v));
             if let (Some(o), Some(c)) = (o, c) {
                 let _ = writeln!(md, "| {name} | {o:.2} | {c:.2} | {:.2}x |", c / o);
             }
@@ -809,7 +803,7 @@ fn write_results(
     eprintln!("{md}");
 
     // The chart, when matplotlib is there.
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/plot_cold_start.py");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("plot_cold_start.py");
     // Debian's python3 (python3-matplotlib), not whatever python3 comes first in PATH.
     let python = if Path::new("/usr/bin/python3").exists() { "/usr/bin/python3" } else { "python3" };
     let plotted = Command::new(python)

@@ -12,10 +12,11 @@
 //!   one; the FUSE requests per entry the cold walk cost clip (its metrics); the snapshotter's
 //!   peak RSS after the walks.
 //!
-//! Run (release build, root): `cargo bench -p clip-integration --bench scale -- [--files
+//! Run (release build, root): `cargo run --release -p clip-bench --bin scale -- [--files
 //! 100000,1000000] [--reps 3] [--out docs/benchmarks]`. Writes `scale.md` and `scale.csv`.
 
 use anyhow::{Context, Result, bail};
+use clip_bench::{median, spread};
 use clip_integration::containerd::{Containerd, ContainerdOptions};
 use clip_integration::images::{TestImage, blob_path, cache_dir, derive_layout_with_gzip_layer, layout_layers};
 use clip_integration::registry::Registry;
@@ -53,7 +54,6 @@ fn parse_opts() -> Result<Opts> {
             }
             "--reps" => o.reps = args.next().context("--reps N")?.parse()?,
             "--out" => o.out = PathBuf::from(args.next().context("--out DIR")?),
-            "--bench" => {}
             other => bail!("unknown argument {other}"),
         }
     }
@@ -135,18 +135,6 @@ fn scale_layout(files: usize) -> Result<PathBuf> {
     std::fs::rename(&work, &dest)?;
     eprintln!("generated {files} files: {:.1} MB gzip in {:.1} s", gz.len() as f64 / 1e6, t.elapsed().as_secs_f64());
     Ok(dest)
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or_default()
-}
-
-fn spread(v: &[f64]) -> f64 {
-    let max = v.iter().copied().fold(f64::MIN, f64::max);
-    let min = v.iter().copied().fold(f64::MAX, f64::min);
-    if v.is_empty() { 0.0 } else { max - min }
 }
 
 fn timed(cmd: &mut Command) -> Result<f64> {
@@ -447,10 +435,10 @@ fn main() -> Result<()> {
 fn write_results(opts: &Opts, indexed: &[Indexed], walls: &[(String, Vec<f64>, u64)], served: &[Served]) -> Result<()> {
     let mb = |b: u64| b as f64 / 1e6;
     let mut md = String::from("# Scale: many small files, and indexing end to end\n\n");
-    let command: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let command: Vec<String> = std::env::args().skip(1).collect();
     let _ = writeln!(
         md,
-        "Produced by `cargo bench -p clip-integration --bench scale -- {}` on a 2-core VM (Debian 12, kernel 6.18), \
+        "Produced by `cargo run --release -p clip-bench --bin scale -- {}` on a 2-core VM (Debian 12, kernel 6.18), \
          containerd {}, registry on loopback; medians of {} runs, spread (max-min) in brackets. The generated layers hold \
          N files of ~40 bytes in directories of {FILES_PER_DIR} under `/scale`, on busybox.\n",
         command.join(" "),

@@ -3,19 +3,15 @@
 //! - packed index size as a fraction of the compressed layer;
 //! - latency of random 4 KiB reads from the local blob through the index.
 //!
-//! Run: `cargo bench -p clip-integration --bench index` (release build; builds the image once).
+//! Run: `cargo run --release -p clip-bench --bin index-bench` (as root; builds the image once).
 
+use clip_bench::median;
 use clip_index::format::EntryKind;
 use clip_index::reader::FileFetcher;
 use clip_index::{BuildOptions, Index};
 use clip_integration::images::{TestImage, blob_path, layout_layers};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-
-fn median(v: &mut [Duration]) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
+use std::time::Instant;
 
 fn main() -> anyhow::Result<()> {
     let layout = TestImage::Python.layout()?;
@@ -43,7 +39,7 @@ fn main() -> anyhow::Result<()> {
         indexing.push(t.elapsed());
     }
     let index = index.ok_or_else(|| anyhow::anyhow!("no index"))?;
-    let (p, i) = (median(&mut pigz), median(&mut indexing));
+    let (p, i) = (median(&pigz), median(&indexing));
     let packed = index.pack()?.len();
 
     // Random 4 KiB reads: deterministic pseudo-random files and offsets.
