@@ -17,6 +17,14 @@ pub enum IndexError {
     SpanDigest { span: u32, expected: String, actual: String },
     #[error("fetching bytes {offset}+{len} of the blob failed: {message}")]
     Fetch { offset: u64, len: u64, message: String },
+    /// A fetch that failed with an error of its own (the registry's, the file's).
+    #[error("fetching bytes {offset}+{len} of the blob failed: {source}")]
+    FetchFailed {
+        offset: u64,
+        len: u64,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("{0}")]
     Invalid(String),
 }

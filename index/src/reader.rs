@@ -37,10 +37,10 @@ impl RangeFetcher for FileFetcher {
         use std::os::unix::fs::FileExt;
         let len_usize = usize::try_from(len).map_err(|_| IndexError::Invalid("range too large".into()))?;
         let mut buf = vec![0u8; len_usize];
-        self.0.read_exact_at(&mut buf, offset).map_err(|e| IndexError::Fetch {
+        self.0.read_exact_at(&mut buf, offset).map_err(|e| IndexError::FetchFailed {
             offset,
             len,
-            message: e.to_string(),
+            source: Box::new(e),
         })?;
         Ok(buf)
     }

@@ -21,7 +21,7 @@ pub enum SnapshotError {
     #[error(transparent)]
     Remote(Box<crate::remote::RemoteError>),
     #[error("metadata database: {0}")]
-    Database(String),
+    Database(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -69,7 +69,7 @@ macro_rules! db_error {
     ($($t:ty),* $(,)?) => {$(
         impl From<$t> for SnapshotError {
             fn from(err: $t) -> Self {
-                Self::Database(err.to_string())
+                Self::Database(Box::new(err))
             }
         }
     )*};

@@ -432,7 +432,7 @@ impl ClipSnapshotter {
         let result = tokio::task::spawn_blocking(move || inner_span.in_scope(|| f(&state)))
             .instrument(span.clone())
             .await
-            .unwrap_or_else(|e| Err(SnapshotError::Database(format!("worker thread failed: {e}"))));
+            .unwrap_or_else(|e| Err(SnapshotError::Database(Box::new(e))));
         let elapsed = start.elapsed();
         let _guard = span.enter();
         match &result {

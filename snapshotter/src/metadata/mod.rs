@@ -319,7 +319,7 @@ impl MetaStore {
 
 fn decode(key: &str, bytes: &[u8]) -> Result<Record> {
     serde_json::from_slice(bytes)
-        .map_err(|e| SnapshotError::Database(format!("record of snapshot {key:?} is corrupt: {e}")))
+        .map_err(|e| SnapshotError::Database(format!("record of snapshot {key:?} is corrupt: {e}").into()))
 }
 
 fn get(table: &impl ReadableTable<&'static str, &'static [u8]>, key: &str) -> Result<Option<Record>> {
@@ -335,8 +335,8 @@ fn parent_ids(table: &impl ReadableTable<&'static str, &'static [u8]>, parent: &
     let mut lazy = false;
     let mut next = parent.to_string();
     while !next.is_empty() {
-        let r =
-            get(table, &next)?.ok_or_else(|| SnapshotError::Database(format!("parent snapshot {next:?} missing")))?;
+        let r = get(table, &next)?
+            .ok_or_else(|| SnapshotError::Database(format!("parent snapshot {next:?} missing").into()))?;
         ids.push(r.id);
         lazy |= r.remote.is_some();
         if ids.len() > 10_000 {

@@ -18,11 +18,13 @@ pub struct RegistryBlob {
 impl RangeFetcher for RegistryBlob {
     fn fetch(&self, offset: u64, len: u64) -> Result<Vec<u8>, IndexError> {
         let failed = |message: String| IndexError::Fetch { offset, len, message };
-        let repo = self.session.repository().map_err(|e| failed(e.to_string()))?;
+        let failed_with =
+            |source: Box<dyn std::error::Error + Send + Sync>| IndexError::FetchFailed { offset, len, source };
+        let repo = self.session.repository().map_err(|e| failed_with(e.into()))?;
         let fetch = repo.get_blob_range(&self.digest, offset, offset + len);
         // The timer must be made inside the runtime.
         match self.runtime.block_on(async { tokio::time::timeout(self.timeout, fetch).await }) {
-            Ok(result) => result.map(|b| b.to_vec()).map_err(|e| failed(e.to_string())),
+            Ok(result) => result.map(|b| b.to_vec()).map_err(|e| failed_with(e.into())),
             Err(_) => Err(failed(format!("no answer within {:?} (with retries)", self.timeout))),
         }
     }
@@ -37,13 +39,15 @@ impl RangeFetcher for RegistryBlob {
     ) -> Result<(), IndexError> {
         let failed = |message: String| IndexError::Fetch { offset, len, message };
         let stalled = || failed(format!("no data within {:?}", self.timeout));
-        let repo = self.session.repository().map_err(|e| failed(e.to_string()))?;
+        let failed_with =
+            |source: Box<dyn std::error::Error + Send + Sync>| IndexError::FetchFailed { offset, len, source };
+        let repo = self.session.repository().map_err(|e| failed_with(e.into()))?;
         self.runtime.block_on(async {
             let answer = repo.blob_range_response(&self.digest, offset, offset + len);
             let (mut resp, whole) = tokio::time::timeout(self.timeout, answer)
                 .await
                 .map_err(|_| stalled())?
-                .map_err(|e| failed(e.to_string()))?;
+                .map_err(|e| failed_with(e.into()))?;
             // A registry that ignored Range sends the blob from its start.
             let mut skip = if whole { offset } else { 0 };
             let mut left = len;
@@ -51,7 +55,7 @@ impl RangeFetcher for RegistryBlob {
                 let chunk = tokio::time::timeout(self.timeout, resp.chunk())
                     .await
                     .map_err(|_| stalled())?
-                    .map_err(|e| failed(clip_registry::client::error_text(&e)))?
+                    .map_err(|e| failed_with(e.into()))?
                     .ok_or_else(|| failed(format!("the answer ended {left} bytes short")))?;
                 let mut piece = &chunk[..];
                 let skipped = skip.min(piece.len() as u64);
