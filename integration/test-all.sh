@@ -1,6 +1,7 @@
 #!/bin/bash
 # Runs every test of clip: `cargo fmt --check` and clippy (warnings are errors; the lint set
-# is in the workspace Cargo.toml), unit tests, the integration suite against real containerd, runc,
+# is in the workspace Cargo.toml), the shape rules of the library code
+# (tools/check-structure.py), unit tests, the integration suite against real containerd, runc,
 # registries, buildah and FUSE, and short fuzz runs of the parsers. Needs root and the packages of
 # integration/install-deps.sh. Test images are cached in $CLIP_TESTBED_CACHE
 # (default /var/tmp/clip-testbed-cache) after the first run.
@@ -15,6 +16,7 @@ FUZZ_SECONDS=${CLIP_FUZZ_SECONDS:-30}
 echo "== format and lints"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+python3 tools/check-structure.py
 
 echo "== build"
 cargo build --workspace --all-targets --locked

@@ -213,6 +213,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_pin_given_back_frees_its_room() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let files = dir.path().join("files/l1");
+        let budget = CacheBudget::new(1000);
+        assert!(budget.try_pin(&files, 400));
+        assert!(!budget.try_pin(&files, 200), "pinned copies are capped at half the limit");
+        budget.unpin(&files, 400);
+        assert_eq!(budget.used(), 0);
+        assert!(budget.try_pin(&files, 500), "the room of a failed copy is free again");
+        budget.unpin(&files, 10_000);
+        assert_eq!(budget.used(), 0, "never gives back more than was pinned");
+    }
+
+    #[test]
     fn evicts_least_recently_used_spans_below_the_limit() {
         let dir = tempfile::tempdir().expect("tmp");
         let layer = dir.path().join("spans/l1");

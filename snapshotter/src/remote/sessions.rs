@@ -194,12 +194,12 @@ impl Sessions {
 
     /// The registry session of an image, with its credential chain.
     pub fn repository(&self, image_ref: &str) -> Result<Arc<Repository>, RemoteError> {
+        if let Some(r) = self.table.lock().sessions.get(image_ref) {
+            return Ok(r.clone());
+        }
         let image = Reference::parse(image_ref)?;
         let (mut inputs, generation) = {
             let table = self.table.lock();
-            if let Some(r) = table.sessions.get(image_ref) {
-                return Ok(r.clone());
-            }
             let mut inputs = table.labels.get(image_ref).map(|c| c.inputs.clone()).unwrap_or_default();
             inputs.cri_pull_secret = table.pull_secrets.get(&pull_secret_key(&image)).cloned();
             (inputs, table.generation)

@@ -17,7 +17,7 @@
 //! python3-matplotlib, `cold-start.png` into the output directory.
 
 use anyhow::{Context, Result, bail};
-use clip_bench::median;
+use clip_bench::{median, spread};
 use clip_integration::containerd::{Containerd, ContainerdOptions, Flavor};
 use clip_integration::cri::CriClient;
 use clip_integration::images::{TestImage, layout_layers};
@@ -740,7 +740,7 @@ fn write_results(
     for (k, v) in &groups {
         let t: Vec<f64> = v.iter().map(|s| s.seconds).collect();
         let m = median(&t);
-        let spread = t.last().copied().unwrap_or_default() - t.first().copied().unwrap_or_default();
+        let spread = spread(&t);
         let b: Vec<f64> = v.iter().map(|s| s.bytes as f64 / 1e6).collect();
         let r: Vec<f64> = v.iter().map(|s| s.requests as f64).collect();
         let base = medians.get(&(k.0.clone(), k.1.clone(), k.2.clone(), "overlayfs".into())).copied();
