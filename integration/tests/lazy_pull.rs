@@ -12,6 +12,7 @@ use clip_integration::snapshotter::{ClipSnapshotter, workspace_binary};
 use clip_integration::tree::diff_trees;
 use clip_integration::{TestDir, require_root, run};
 use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::process::Command;
 
 #[test]
@@ -338,6 +339,14 @@ fn background_fetch_completes_layers_so_the_registry_can_go_away() -> Result<()>
     let passthrough = value(&m, "clip_snapshotter_fuse_passthrough_opens_total{");
     eprintln!("{passthrough} opens served by FUSE passthrough ({large} files of 1 MiB or more)");
     assert!(large > 10 && passthrough >= large, "{m}");
+    // docs/metrics.md names every metric family the daemon serves.
+    let page = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/metrics.md"))?;
+    let families: Vec<&str> =
+        m.lines().filter_map(|l| l.strip_prefix("# HELP clip_snapshotter_")?.split(' ').next()).collect();
+    assert!(families.len() > 15, "{m}");
+    for family in families {
+        assert!(page.contains(&format!("`{family}")), "docs/metrics.md does not describe clip_snapshotter_{family}");
+    }
     // The FUSE requests are counted per layer and operation: the walks and reads above looked
     // names up and read small files through FUSE.
     let requests = |op: &str| {
