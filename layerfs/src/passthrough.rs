@@ -95,8 +95,13 @@ impl Passthrough {
     /// Answers an open of the file `entry` (its inode `key`): with passthrough when its copy is
     /// local (made now, outside the lock, if the file's spans are all local), else cached.
     pub(crate) fn open(&self, spans: &SpanCache, entry: &Entry<'_>, key: u64, reply: ReplyOpen) {
-        let first_open = self.opens.lock().modes.get(&key).is_none_or(|m| m.0 == 0);
-        let copy = if first_open && self.on() { self.local_copy(spans, entry, key) } else { None };
+        // A copy is wanted only where a new backing id could be made: no handle open yet, and
+        // none registered (an open of an inode with a backing id reuses it).
+        let wants_copy = {
+            let opens = self.opens.lock();
+            opens.modes.get(&key).is_none_or(|m| *m == (0, 0)) && !opens.backing.contains_key(&key)
+        };
+        let copy = if wants_copy && self.on() { self.local_copy(spans, entry, key) } else { None };
         let mut opens = self.opens.lock();
         let (cached, passthrough) = opens.modes.get(&key).copied().unwrap_or((0, 0));
         if cached == 0 {

@@ -62,7 +62,8 @@ impl Landing {
 }
 
 /// The spans of a layer being fetched right now (by a reader, the prefetcher, a profile replay
-/// or completion): readers of one wait for that fetch instead of starting their own.
+/// or completion): readers of one wait for that fetch instead of starting their own. All the
+/// spans of one fetch share its landing.
 #[derive(Debug, Default)]
 pub(crate) struct InFlight {
     spans: Mutex<HashMap<u32, Arc<Landing>>>,
@@ -72,17 +73,18 @@ pub(crate) struct InFlight {
 #[derive(Debug)]
 pub(crate) struct Claim<'a> {
     inflight: &'a InFlight,
+    landing: Arc<Landing>,
     pub(crate) spans: Vec<u32>,
 }
 
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
         let mut map = self.inflight.spans.lock();
-        let landed: Vec<Arc<Landing>> = self.spans.iter().filter_map(|i| map.remove(i)).collect();
-        drop(map);
-        for l in landed {
-            l.land();
+        for i in &self.spans {
+            map.remove(i);
         }
+        drop(map);
+        self.landing.land();
     }
 }
 
@@ -108,6 +110,22 @@ impl InFlight {
         bytes: impl Fn(u32) -> Option<u64>,
     ) -> Claim<'_> {
         let mut map = self.spans.lock();
+        self.claim_locked(&mut map, first, last, max, max_bytes, local, bytes)
+    }
+
+    /// [`Self::claim_run`] under the lock the caller holds.
+    #[allow(clippy::too_many_arguments)]
+    fn claim_locked(
+        &self,
+        map: &mut HashMap<u32, Arc<Landing>>,
+        first: u32,
+        last: u32,
+        max: usize,
+        max_bytes: u64,
+        local: &SpanBits,
+        bytes: impl Fn(u32) -> Option<u64>,
+    ) -> Claim<'_> {
+        let landing = Arc::new(Landing::default());
         let mut spans = Vec::new();
         let mut total = 0u64;
         let mut j = first;
@@ -118,12 +136,12 @@ impl InFlight {
             && !local.get(j)
         {
             let Some(b) = bytes(j) else { break };
-            map.insert(j, Arc::new(Landing::default()));
+            map.insert(j, landing.clone());
             spans.push(j);
             total += b;
             j += 1;
         }
-        Claim { inflight: self, spans }
+        Claim { inflight: self, landing, spans }
     }
 
     /// Claims span `first` and the missing run after it through `last` (as [`Self::claim_run`]),
@@ -135,13 +153,15 @@ impl InFlight {
         local: &SpanBits,
         bytes: impl Fn(u32) -> Option<u64>,
     ) -> Claimed<'_> {
-        let landing = self.spans.lock().get(&first).cloned();
-        if let Some(l) = landing {
-            l.wait();
+        let mut map = self.spans.lock();
+        if let Some(landing) = map.get(&first).cloned() {
+            drop(map);
+            landing.wait();
             return Claimed::Waited;
         }
-        let claim = self.claim_run(first, last, usize::MAX, u64::MAX, local, bytes);
-        if claim.spans.first() == Some(&first) { Claimed::Mine(claim) } else { Claimed::Waited }
+        let claim = self.claim_locked(&mut map, first, last, usize::MAX, u64::MAX, local, bytes);
+        // Empty only when `first` became local meanwhile: look again.
+        if claim.spans.is_empty() { Claimed::Waited } else { Claimed::Mine(claim) }
     }
 }
 
@@ -171,6 +191,7 @@ mod tests {
         assert!(again.spans.is_empty(), "span 3 is claimed already");
         drop(again);
         let landing = inflight.spans.lock().get(&3).cloned().expect("span 3 in flight");
+        let holders = Arc::strong_count(&landing);
         let waiter = {
             let inflight = inflight.clone();
             std::thread::spawn(move || {
@@ -179,7 +200,7 @@ mod tests {
             })
         };
         // The waiter holds span 3's landing once it sleeps on it.
-        while Arc::strong_count(&landing) < 3 {
+        while Arc::strong_count(&landing) <= holders {
             std::thread::yield_now();
         }
         drop(claim);

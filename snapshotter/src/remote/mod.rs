@@ -86,7 +86,8 @@ impl RemoteLayers {
         let sessions = Arc::new(Sessions::new(cfg, &layout).await?);
         let (keeper, kept) = keeper::KeeperHandle::new(cfg);
         let read = ReadSettings::new(cfg, &layout, &metrics);
-        let profiles = profiles::ProfileBook::start(cfg, runtime.clone(), metrics.clone());
+        let profiles =
+            profiles::ProfileBook::start(&cfg.lazy.profiles, layout.profiles_dir(), runtime.clone(), metrics.clone());
         Ok(Self {
             discovery: IndexDiscovery::new(layout.clone(), runtime.clone(), read.fetch_timeout),
             layout,

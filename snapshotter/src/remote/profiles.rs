@@ -8,7 +8,7 @@
 //! push). A corrupt, foreign or unreachable profile is logged and ignored.
 
 use bytes::Bytes;
-use clip_config::SnapshotterConfig;
+use clip_config::ProfilesConfig;
 use clip_config::labels::RemoteRequest;
 use clip_index::profile::{
     AccessProfile, MAX_PROFILE_BYTES, PROFILE_ARTIFACT_TYPE, PROFILE_MEDIA_TYPE, ProfileError, profile_blob,
@@ -94,25 +94,27 @@ fn parse_for(bytes: &[u8], digest: &str, layers: &HashSet<String>) -> Result<Acc
 }
 
 impl ProfileBook {
-    /// The book `[lazy]` asks for (`None`: profiles off), with its recording clock running.
+    /// The book `[lazy.profiles]` asks for (`None`: profiles off), keeping profiles in `dir`,
+    /// with its recording clock running.
     pub(crate) fn start(
-        cfg: &SnapshotterConfig,
+        cfg: &ProfilesConfig,
+        dir: PathBuf,
         runtime: tokio::runtime::Handle,
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Option<Arc<Self>> {
-        if !cfg.lazy.profiles.enabled {
+        if !cfg.enabled {
             tracing::info!("access profiles are off");
             return None;
         }
         let book = Arc::new(Self {
-            dir: cfg.root.join("profiles"),
-            publish: cfg.lazy.profiles.publish,
-            quiet: Duration::from_millis(cfg.lazy.profiles.quiet_ms),
-            limit: Duration::from_secs(cfg.lazy.profiles.limit_s),
+            dir,
+            publish: cfg.publish,
+            quiet: Duration::from_millis(cfg.quiet_ms),
+            limit: Duration::from_secs(cfg.limit_s),
             replayer: Replayer::start(ReplayPolicy {
-                threads: cfg.lazy.profiles.threads,
+                threads: cfg.threads,
                 gap_spans: GAP_SPANS,
-                request_bytes: cfg.lazy.profiles.request_bytes,
+                request_bytes: cfg.request_bytes,
             }),
             runtime,
             images: Mutex::new(HashMap::new()),
