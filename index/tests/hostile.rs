@@ -259,3 +259,55 @@ fn small_span_sizes_are_refused() {
     let err = build_index(&[][..], &BuildOptions { span_size: 10, ..BuildOptions::default() }).expect_err("span");
     assert!(err.to_string().contains("span size"), "{err}");
 }
+
+/// The header's uncompressed size (offset 32) set to `size`, resealed.
+fn claiming_uncompressed(idx: &Index, size: u64) -> Vec<u8> {
+    let mut b = idx.bytes().to_vec();
+    b[32..40].copy_from_slice(&size.to_le_bytes());
+    reseal(b)
+}
+
+#[test]
+fn a_span_claiming_a_terabyte_is_refused_not_allocated() {
+    // Seen aborting the daemon before: the last span ran to a claimed 1 TiB tar stream, every
+    // record still in range, and decoding allocated it.
+    let idx = good_index();
+    let hostile = Index::open(claiming_uncompressed(&idx, 1 << 40)).expect("opens: header and bounds are fine");
+    let e = hostile.validate().expect_err("validated");
+    assert!(e.to_string().contains("more than the"), "{e}");
+    let last = hostile.span_count() - 1;
+    assert!(hostile.span(last).is_err());
+    // A read of a file through it fails cleanly.
+    let t = tar_of(&[("a/b.txt", b"hello"), ("c.txt", &[7u8; 100_000])]);
+    let blob = gzip(&t);
+    struct Mem(Vec<u8>);
+    impl clip_index::RangeFetcher for Mem {
+        fn fetch(&self, offset: u64, len: u64) -> Result<Vec<u8>, IndexError> {
+            Ok(self.0[offset as usize..(offset + len) as usize].to_vec())
+        }
+    }
+    let id = hostile.lookup("c.txt").expect("lookup").expect("entry");
+    let e = hostile.entry(id).expect("entry");
+    assert!(hostile.read(&Mem(blob), &e, 99_000, 1000).is_err());
+}
+
+#[test]
+fn a_zstd_bomb_posing_as_a_packed_index_is_refused_after_its_allowance() {
+    // 1 GiB of zeros packs to about 32 KiB; the allowance is 64x the packed size, at least
+    // 64 MiB (was: up to 2 GiB unpacked, then copied).
+    let mut enc = zstd::stream::write::Encoder::new(Vec::new(), 19).expect("encoder");
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..1024 {
+        std::io::Write::write_all(&mut enc, &zeros).expect("write");
+    }
+    let bomb = enc.finish().expect("finish");
+    assert!(bomb.len() < 1 << 20, "{}", bomb.len());
+    let started = std::time::Instant::now();
+    let e = Index::open_any(bomb).expect_err("bomb");
+    assert!(e.to_string().contains("unpacks to more than"), "{e}");
+    eprintln!("bomb refused in {:?}", started.elapsed());
+    // A real packed index still opens.
+    let idx = good_index();
+    let packed = idx.pack().expect("pack");
+    assert_eq!(Index::open_any(packed).expect("packed").bytes(), idx.bytes());
+}

@@ -5,6 +5,9 @@
 //! - [`Fault::FlipByte`]: responses of blob GETs pass with one body byte inverted;
 //! - [`Fault::Down`]: every connection is closed at once (a registry that disappeared);
 //! - [`Fault::Random`]: a given share of connections get one of those faults or a delay;
+//! - [`Fault::IgnoreRange`]: requests lose their `Range` header (a registry that ignores it);
+//! - [`Fault::EndlessBody`]: every request is answered with the given status and an endless
+//!   chunked body (a hostile registry), [`FaultProxy::hostile_bytes`] counting what was sent;
 //! - [`Fault::None`]: pass through.
 
 use anyhow::Result;
@@ -24,6 +27,8 @@ pub enum Fault {
     /// connection number): `503`, reset, answer cut off, one body byte of a blob flipped, or
     /// an answer delayed 2 s.
     Random(u8),
+    IgnoreRange,
+    EndlessBody(u16),
 }
 
 #[derive(Debug)]
@@ -33,6 +38,7 @@ pub struct FaultProxy {
     stop: Arc<AtomicBool>,
     connections: Arc<AtomicU64>,
     faults: Arc<AtomicU64>,
+    hostile_bytes: Arc<AtomicU64>,
 }
 
 impl FaultProxy {
@@ -45,24 +51,35 @@ impl FaultProxy {
         let stop = Arc::new(AtomicBool::new(false));
         let connections = Arc::new(AtomicU64::new(0));
         let faults = Arc::new(AtomicU64::new(0));
-        let (mode2, stop2, conns, faults2, up) =
-            (mode.clone(), stop.clone(), connections.clone(), faults.clone(), upstream.to_string());
+        let hostile_bytes = Arc::new(AtomicU64::new(0));
+        let (mode2, stop2, conns, faults2, up, sent) = (
+            mode.clone(),
+            stop.clone(),
+            connections.clone(),
+            faults.clone(),
+            upstream.to_string(),
+            hostile_bytes.clone(),
+        );
         std::thread::spawn(move || {
             while !stop2.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((conn, _)) => {
                         let n = conns.fetch_add(1, Ordering::SeqCst);
                         let mode = *mode2.lock();
-                        let (up, f) = (up.clone(), faults2.clone());
+                        let (up, f, sent) = (up.clone(), faults2.clone(), sent.clone());
                         std::thread::spawn(move || {
-                            let _ = handle(conn, &up, mode, n, &f);
+                            if let Fault::EndlessBody(status) = mode {
+                                let _ = endless(conn, status, &sent);
+                            } else {
+                                let _ = handle(conn, &up, mode, n, &f);
+                            }
                         });
                     }
                     Err(_) => std::thread::sleep(std::time::Duration::from_millis(2)),
                 }
             }
         });
-        Ok(Self { port, mode, stop, connections, faults })
+        Ok(Self { port, mode, stop, connections, faults, hostile_bytes })
     }
 
     /// `127.0.0.1:<port>`.
@@ -81,6 +98,33 @@ impl FaultProxy {
     pub fn connections(&self) -> u64 {
         self.connections.load(Ordering::SeqCst)
     }
+
+    /// Body bytes sent in [`Fault::EndlessBody`] mode, over all connections.
+    pub fn hostile_bytes(&self) -> u64 {
+        self.hostile_bytes.load(Ordering::SeqCst)
+    }
+}
+
+/// Answers with `status` and an endless chunked body of zeros until the client hangs up (or
+/// 8 GiB, a bound for the test itself).
+fn endless(mut client: TcpStream, status: u16, sent: &AtomicU64) -> std::io::Result<()> {
+    client.set_nonblocking(false)?;
+    client.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+    client.set_write_timeout(Some(std::time::Duration::from_secs(30)))?;
+    let _ = read_head(&mut client)?;
+    let head = format!(
+        "HTTP/1.1 {status} Hostile\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    );
+    client.write_all(head.as_bytes())?;
+    let piece = [b' '; 64 << 10];
+    let mut chunk = format!("{:x}\r\n", piece.len()).into_bytes();
+    chunk.extend_from_slice(&piece);
+    chunk.extend_from_slice(b"\r\n");
+    for _ in 0..(8u64 << 30) / piece.len() as u64 {
+        client.write_all(&chunk)?;
+        sent.fetch_add(piece.len() as u64, Ordering::SeqCst);
+    }
+    client.shutdown(Shutdown::Both)
 }
 
 impl Drop for FaultProxy {
@@ -131,6 +175,13 @@ fn force_close(head: &[u8]) -> Vec<u8> {
     out.into_bytes()
 }
 
+/// The head without the header named `lower_name` (lower case, with its colon).
+fn drop_header(head: &[u8], lower_name: &str) -> Vec<u8> {
+    let text = String::from_utf8_lossy(head);
+    let kept: Vec<&str> = text.split("\r\n").filter(|l| !l.to_ascii_lowercase().starts_with(lower_name)).collect();
+    kept.join("\r\n").into_bytes()
+}
+
 fn handle(mut client: TcpStream, upstream: &str, mode: Fault, n: u64, faults: &AtomicU64) -> std::io::Result<()> {
     client.set_nonblocking(false)?;
     client.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
@@ -161,6 +212,7 @@ fn handle(mut client: TcpStream, upstream: &str, mode: Fault, n: u64, faults: &A
         }
         _ => {}
     }
+    let head = if mode == Fault::IgnoreRange { drop_header(&head, "range:") } else { head };
     let mut up = TcpStream::connect(upstream)?;
     up.write_all(&force_close(&head))?;
     up.write_all(&body_start)?;

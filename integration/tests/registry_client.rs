@@ -291,6 +291,65 @@ fn injected_5xx_resets_and_truncated_bodies_are_survived() -> Result<()> {
     })
 }
 
+#[test]
+fn hostile_answers_cost_a_bounded_read_endless_bodies_and_ignored_ranges() -> Result<()> {
+    require_root();
+    let td = TestDir::new("reghostile")?;
+    let reg = Registry::start_plain(&td, "plain")?;
+    let layout = TestImage::Busybox.layout()?;
+    reg.push_layout(&layout, "busybox", "testbed/busybox", "latest")?;
+    let (digest, _, size) = layout_layers(&layout, "busybox")?.remove(0);
+    let blob = std::fs::read(blob_path(&layout, &digest)?)?;
+    let proxy = FaultProxy::start(reg.host(), Fault::IgnoreRange)?;
+    let repo_of = |client: &Arc<RegistryClient>| -> Result<clip_registry::Repository> {
+        let image = Reference::parse(&format!("{}/testbed/busybox:latest", proxy.host()))?;
+        Ok(client.repository(&image, CredentialChain::anonymous())?)
+    };
+    rt().block_on(async {
+        let client = RegistryClient::new(HostsConfig { dir: None, plain_http: true });
+        let repo = repo_of(&client)?;
+        // A registry that ignores Range: a near range is cut from the start of the blob...
+        check_ranges(&repo, &digest, &blob, 10, 3).await?;
+        // ...a far one is refused at once with a clear error (was: up to 512 MiB read per span).
+        let far = clip_registry::api::MAX_RANGE_IGNORED_READ + 10;
+        let e = repo.get_blob_range(&digest, far, far + 100).await.expect_err("far range");
+        assert!(e.to_string().contains("ignores Range"), "{e}");
+        anyhow::Ok(())
+    })?;
+    assert!(size < clip_registry::api::MAX_RANGE_IGNORED_READ);
+    // Endless chunked bodies (no Content-Length to refuse up front): a manifest, a blob, and an
+    // error answer each cost about their limit, never the stream.
+    proxy.set_mode(Fault::EndlessBody(200));
+    let started = Instant::now();
+    rt().block_on(async {
+        let client = RegistryClient::new(HostsConfig { dir: None, plain_http: true });
+        let repo = repo_of(&client)?;
+        let e = repo.get_manifest("latest").await.expect_err("endless manifest");
+        assert!(e.to_string().contains("larger than"), "{e}");
+        let e = repo.get_blob(&digest, 1 << 20).await.expect_err("endless blob");
+        assert!(e.to_string().contains("larger than"), "{e}");
+        anyhow::Ok(())
+    })?;
+    let sent = proxy.hostile_bytes();
+    eprintln!("endless 200 bodies: {sent} bytes sent before clip hung up, in {:?}", started.elapsed());
+    assert!(sent < 64 << 20, "{sent} bytes read of endless bodies");
+    proxy.set_mode(Fault::EndlessBody(500));
+    let connections = proxy.connections();
+    rt().block_on(async {
+        let client = RegistryClient::new(HostsConfig { dir: None, plain_http: true });
+        let repo = repo_of(&client)?;
+        let e = repo.get_manifest("latest").await.expect_err("endless error");
+        assert!(matches!(e, RegistryError::Status { status: 500, .. }), "{e}");
+        assert!(e.to_string().len() < 1000, "{e}");
+        anyhow::Ok(())
+    })?;
+    // What the server counts includes what the sockets' buffers took (a few MiB on loopback).
+    let (sent_500, answers) = (proxy.hostile_bytes() - sent, proxy.connections() - connections);
+    eprintln!("endless 500 bodies: {sent_500} bytes sent over {answers} answers (retries)");
+    assert!(sent_500 / answers.max(1) < 16 << 20, "{sent_500} bytes read of {answers} endless error bodies");
+    Ok(())
+}
+
 /// A stand-in for ECR's JSON 1.1 API: checks the SigV4 credential scope and the target, and
 /// answers `GetAuthorizationToken` with a token that expires after `ttl_s`.
 fn fake_ecr(ttl_s: u64, calls: Arc<AtomicU64>, seen: Arc<Mutex<Vec<String>>>) -> Result<HttpStub> {

@@ -2,6 +2,7 @@
 //! blobs and Range reads, uploads, manifest PUT, and the referrers API with the OCI 1.1
 //! tag-schema fallback.
 
+use crate::body::{BodyError, read_capped, read_slice};
 use crate::client::{FromMirror, Op, Repository, error_text};
 use crate::error::{RegistryError, Result};
 use bytes::Bytes;
@@ -17,6 +18,11 @@ pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.
 pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 /// Every manifest type we read.
 pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// How far into a blob a range is still read when the registry ignores `Range` and sends the
+/// whole blob (the bytes before the range are read and dropped): beyond it the read fails with
+/// a clear error instead of downloading gigabytes for one span.
+pub const MAX_RANGE_IGNORED_READ: u64 = 64 << 20;
 
 /// Largest manifest we accept (the spec suggests registries cap at 4 MiB).
 const MAX_MANIFEST: usize = 4 << 20;
@@ -70,15 +76,21 @@ pub fn sha256_digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
 
+/// Checks `bytes` against `digest`: sha256 and sha512 are computed and compared; a digest of any
+/// other algorithm is refused (never taken as given).
 fn verify(digest: &str, bytes: &[u8]) -> Result<()> {
-    if let Some(hex) = digest.strip_prefix("sha256:") {
-        let actual = hex::encode(Sha256::digest(bytes));
-        if actual != hex {
+    let actual = match digest.split_once(':') {
+        Some(("sha256", _)) => format!("sha256:{}", hex::encode(Sha256::digest(bytes))),
+        Some(("sha512", _)) => format!("sha512:{}", hex::encode(sha2::Sha512::digest(bytes))),
+        _ => {
             return Err(RegistryError::DigestMismatch {
                 digest: digest.to_string(),
-                actual: format!("sha256:{actual}"),
+                actual: "(unsupported digest algorithm: only sha256 and sha512 are verified)".into(),
             });
         }
+    };
+    if actual != digest {
+        return Err(RegistryError::DigestMismatch { digest: digest.to_string(), actual });
     }
     Ok(())
 }
@@ -92,23 +104,28 @@ impl Repository {
         }
     }
 
+    fn range_ignored(&self, digest: &str, end: u64) -> RegistryError {
+        self.bad(
+            &format!("blob {digest}"),
+            format!(
+                "the registry ignores Range requests; bytes up to {end} would mean reading past the first {MAX_RANGE_IGNORED_READ} bytes of the blob"
+            ),
+        )
+    }
+
     fn not_found(&self, what: String) -> RegistryError {
         RegistryError::NotFound { registry: self.image.registry.clone(), what }
     }
 
     async fn body(&self, resp: reqwest::Response, what: &str, limit: usize) -> Result<Bytes> {
-        if resp.content_length().is_some_and(|l| l as usize > limit) {
-            return Err(self.bad(what, format!("larger than {limit} bytes")));
-        }
-        let bytes = resp.bytes().await.map_err(|e| RegistryError::Transport {
-            registry: self.image.registry.clone(),
-            context: format!("reading {what}"),
-            message: error_text(&e),
-        })?;
-        if bytes.len() > limit {
-            return Err(self.bad(what, format!("larger than {limit} bytes")));
-        }
-        Ok(bytes)
+        read_capped(resp, limit).await.map_err(|e| match e {
+            BodyError::TooLarge { limit } => self.bad(what, format!("larger than {limit} bytes")),
+            BodyError::Transport(e) => RegistryError::Transport {
+                registry: self.image.registry.clone(),
+                context: format!("reading {what}"),
+                message: error_text(&e),
+            },
+        })
     }
 
     /// GET a manifest or index by tag or digest; verified when asked for by digest.
@@ -222,17 +239,25 @@ impl Repository {
         let (resp, whole) = self.blob_range_response(digest, start, end).await?;
         let want = (end - start) as usize;
         if whole {
-            // Whole body: only acceptable for modest blobs; cut out the range.
-            let bytes = self.body(resp, "blob (Range ignored)", 512 << 20).await?;
-            if (bytes.len() as u64) < end {
-                return Err(RegistryError::RangeNotSatisfiable {
-                    registry: self.image.registry.clone(),
-                    digest: digest.to_string(),
-                    start,
-                    end,
-                });
+            // The whole blob came: read up to the range and no further, if the range is near
+            // enough to its start.
+            if end > MAX_RANGE_IGNORED_READ {
+                return Err(self.range_ignored(digest, end));
             }
-            return Ok(bytes.slice(start as usize..end as usize));
+            let slice = read_slice(resp, start, end).await.map_err(|e| match e {
+                BodyError::TooLarge { .. } => self.range_ignored(digest, end),
+                BodyError::Transport(e) => RegistryError::Transport {
+                    registry: self.image.registry.clone(),
+                    context: format!("reading {digest} (Range ignored)"),
+                    message: error_text(&e),
+                },
+            })?;
+            return slice.ok_or_else(|| RegistryError::RangeNotSatisfiable {
+                registry: self.image.registry.clone(),
+                digest: digest.to_string(),
+                start,
+                end,
+            });
         }
         let bytes = self.body(resp, "blob range", want).await?;
         if bytes.len() != want {
@@ -567,5 +592,19 @@ mod tests {
         let p = Platform { os: "linux".into(), architecture: "amd64".into(), variant: None };
         let d = select_platform(index.manifests(), &p).expect("amd64");
         assert!(d.digest().to_string().starts_with("sha256:2222"));
+    }
+
+    #[test]
+    fn sha256_and_sha512_are_verified_and_other_algorithms_refused() {
+        let data = b"layer bytes";
+        let good256 = sha256_digest(data);
+        let good512 = format!("sha512:{}", hex::encode(sha2::Sha512::digest(data)));
+        assert!(verify(&good256, data).is_ok());
+        assert!(verify(&good512, data).is_ok());
+        // Seen failing before: a sha512 digest was accepted for any content.
+        let wrong512 = format!("sha512:{}", "0".repeat(128));
+        assert!(matches!(verify(&wrong512, data), Err(RegistryError::DigestMismatch { .. })));
+        assert!(matches!(verify(&good256, b"other bytes"), Err(RegistryError::DigestMismatch { .. })));
+        assert!(matches!(verify("md5:00", data), Err(RegistryError::DigestMismatch { .. })));
     }
 }

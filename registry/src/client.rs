@@ -497,7 +497,7 @@ async fn check_status(resp: reqwest::Response, registry: &str, op: &Op) -> Resul
     if status.is_success() || status == StatusCode::NOT_FOUND || status == StatusCode::RANGE_NOT_SATISFIABLE {
         return Ok(resp);
     }
-    let body = resp.text().await.unwrap_or_default();
+    let body = crate::body::read_prefix(resp, crate::body::MAX_ERROR_BODY).await;
     let body: String = body.chars().take(300).collect();
     Err(RegistryError::Status {
         registry: registry.to_string(),

@@ -12,6 +12,7 @@
 //! - [`challenge`]: `WWW-Authenticate` parsing; [`Secret`]: a string that never prints.
 
 pub mod api;
+mod body;
 pub mod challenge;
 pub mod client;
 mod credential;

@@ -76,10 +76,18 @@ pub(crate) async fn fetch(
         access_token: Option<String>,
         expires_in: Option<u64>,
     }
-    let body: TokenResponse = resp.json().await.map_err(|e| RegistryError::BadResponse {
+    let bad = |message: String| RegistryError::BadResponse {
         registry: registry.to_string(),
         what: "token response".into(),
-        message: e.to_string(),
+        message,
+    };
+    let bytes = crate::body::read_capped(resp, crate::body::MAX_TOKEN_BODY).await.map_err(|e| match e {
+        crate::body::BodyError::TooLarge { limit } => bad(format!("larger than {limit} bytes")),
+        crate::body::BodyError::Transport(e) => transport(e),
+    })?;
+    // Only the position is told: serde's message may quote a value, and this one holds a token.
+    let body: TokenResponse = serde_json::from_slice(&bytes).map_err(|e| {
+        bad(format!("not a token answer ({:?} error at line {} column {})", e.classify(), e.line(), e.column()))
     })?;
     let token = body.token.or(body.access_token).ok_or_else(|| RegistryError::BadResponse {
         registry: registry.to_string(),
@@ -99,5 +107,61 @@ mod tests {
         assert_eq!(renew_at(now, Some(u64::MAX)), now + MAX_TOKEN_LIFETIME.mul_f64(0.9));
         assert_eq!(renew_at(now, None), now + Duration::from_secs(54));
         assert_eq!(renew_at(now, Some(0)), now + Duration::from_millis(900));
+    }
+
+    /// A token realm on loopback that answers every request with `head` and then `chunks`
+    /// chunks of 64 KiB of spaces (a hostile realm); returns its URL.
+    async fn hostile_realm(head: &'static str, tail: &'static [u8], chunks: usize) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}/token", listener.local_addr().expect("addr"));
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = conn.read(&mut buf).await;
+                    conn.write_all(head.as_bytes()).await?;
+                    let mut chunk = format!("{:x}\r\n", 64 << 10).into_bytes();
+                    chunk.extend_from_slice(&[b' '; 64 << 10]);
+                    chunk.extend_from_slice(b"\r\n");
+                    for _ in 0..chunks {
+                        conn.write_all(&chunk).await?;
+                    }
+                    conn.write_all(format!("{:x}\r\n", tail.len()).as_bytes()).await?;
+                    conn.write_all(tail).await?;
+                    conn.write_all(b"\r\n0\r\n\r\n").await?;
+                    std::io::Result::Ok(())
+                });
+            }
+        });
+        url
+    }
+
+    const CHUNKED: &str =
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
+
+    #[tokio::test]
+    async fn a_token_answer_is_read_with_a_bound_and_its_content_never_quoted() {
+        let http = reqwest::Client::new();
+        let req = |realm| TokenRequest {
+            realm,
+            service: None,
+            scope: "repository:a:pull",
+            challenge_scope: None,
+            credential: None,
+        };
+        // 1 GiB of chunked JSON whitespace: refused after 64 KiB.
+        let realm = hostile_realm(CHUNKED, b"{\"token\":\"t\"}", 16 << 10).await;
+        let e = fetch(&http, "reg", &req(&realm)).await.expect_err("endless token answer");
+        assert!(e.to_string().contains("larger than"), "{e}");
+        // A small answer with a hostile lifetime: accepted, its renewal within a day.
+        let realm = hostile_realm(CHUNKED, b"{\"token\":\"t\",\"expires_in\":18446744073709551615}", 0).await;
+        let (token, renew) = fetch(&http, "reg", &req(&realm)).await.expect("token");
+        assert_eq!(token.expose(), "t");
+        assert!(renew.expect("renewal") <= Instant::now() + MAX_TOKEN_LIFETIME);
+        // A malformed answer: the error gives the position, not the value.
+        let realm = hostile_realm(CHUNKED, b"{\"token\":\"t\",\"expires_in\":\"s3cr3t-value\"}", 0).await;
+        let e = fetch(&http, "reg", &req(&realm)).await.expect_err("malformed");
+        assert!(!e.to_string().contains("s3cr3t"), "{e}");
     }
 }

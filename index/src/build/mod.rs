@@ -39,7 +39,13 @@ impl Default for BuildOptions {
 /// Reads `blob` once and builds its index.
 pub fn build_index(blob: impl Read, opts: &BuildOptions) -> Result<Index, IndexError> {
     let data = build_index_data(blob, opts)?;
-    Index::open(data.encode()?)
+    let index = Index::open(data.encode()?)?;
+    // Seek points further apart than a reader may decode at once (a zstd blob of one large
+    // frame): say so here, not at every node that would try to serve it.
+    for i in 0..index.span_count() {
+        index.span(i).map_err(|e| IndexError::Invalid(format!("this layer cannot be served lazily: {e}")))?;
+    }
+    Ok(index)
 }
 
 /// Reads `blob` once and returns the index before encoding.

@@ -19,6 +19,18 @@ pub const CHECKPOINT_LEN: usize = 64;
 pub const TRAILER_LEN: usize = 32;
 /// Largest index accepted (guards allocation on hostile input).
 pub const MAX_INDEX_LEN: usize = 1 << 31;
+/// Largest span accepted, uncompressed: a reader decodes a span whole, so this bounds the memory
+/// one read can take. A layer whose seek points lie further apart (a zstd blob of one large
+/// frame) is not served lazily.
+pub const MAX_SPAN_LEN: u64 = 64 << 20;
+/// Largest span accepted, compressed (deflate and zstd add a little to incompressible data).
+pub const MAX_SPAN_COMPRESSED_LEN: u64 = MAX_SPAN_LEN + (1 << 20);
+/// A packed index may unpack to at most this many times its size (or to
+/// [`MIN_UNPACKED_ALLOWANCE`]): an index's records pack 3-10x, a zstd bomb far more.
+pub const MAX_UNPACK_RATIO: usize = 64;
+/// What any packed index may unpack to, whatever its size.
+pub const MIN_UNPACKED_ALLOWANCE: usize = 64 << 20;
+
 /// zstd level of packed indexes and of checkpoint windows (any level decodes). Measured on the
 /// python image and a 100,000-file layer: level 9 packs within 2% of level 19's size (smaller,
 /// on the many-files index) at 1/20 to 1/75 of its time, which at 19 was most of indexing.

@@ -3,7 +3,8 @@
 
 use super::codes::{
     CHECKPOINT_LEN, CheckpointKind, Compression, ENTRY_LEN, EntryId, EntryKind, FLAG_EXTERNAL_WINDOWS, HEADER_LEN,
-    MAX_INDEX_LEN, TRAILER_LEN, VERSION, VERSION_EXTERNAL_WINDOWS, XATTR_LEN, rd_u32, rd_u64,
+    MAX_INDEX_LEN, MAX_SPAN_COMPRESSED_LEN, MAX_SPAN_LEN, MAX_UNPACK_RATIO, MIN_UNPACKED_ALLOWANCE, TRAILER_LEN,
+    VERSION, VERSION_EXTERNAL_WINDOWS, XATTR_LEN, rd_u32, rd_u64,
 };
 use super::header::{Header, Sections};
 use crate::IndexError;
@@ -13,7 +14,7 @@ use sha2::{Digest, Sha256};
 /// An index opened over its encoded bytes.
 #[derive(Clone)]
 pub struct Index {
-    pub(crate) bytes: std::sync::Arc<[u8]>,
+    pub(crate) bytes: std::sync::Arc<Vec<u8>>,
     compression: Compression,
     span_size: u64,
     compressed_size: u64,
@@ -97,24 +98,31 @@ impl Index {
     }
 
     /// Opens an index in either form: packed (a zstd frame, decompressed up to
+    /// [`MAX_UNPACK_RATIO`] times its size, at least [`MIN_UNPACKED_ALLOWANCE`], at most
     /// [`MAX_INDEX_LEN`]) or plain.
     pub fn open_any(bytes: Vec<u8>) -> Result<Self, IndexError> {
         if bytes.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+            let allowance = bytes.len().saturating_mul(MAX_UNPACK_RATIO).clamp(MIN_UNPACKED_ALLOWANCE, MAX_INDEX_LEN);
             let mut out = Vec::new();
             let dec = zstd::stream::read::Decoder::new(&bytes[..])?;
-            std::io::Read::read_to_end(&mut std::io::Read::take(dec, MAX_INDEX_LEN as u64 + 1), &mut out)
+            std::io::Read::read_to_end(&mut std::io::Read::take(dec, allowance as u64 + 1), &mut out)
                 .map_err(|e| format_err(format!("bad packed index: {e}")))?;
-            if out.len() > MAX_INDEX_LEN {
-                return Err(format_err("packed index unpacks to more than 2 GiB"));
+            if out.len() > allowance {
+                return Err(format_err(format!(
+                    "a packed index of {} bytes unpacks to more than {allowance} bytes",
+                    bytes.len()
+                )));
             }
+            drop(bytes);
             return Self::open(out);
         }
         Self::open(bytes)
     }
 
-    /// Opens an index over `bytes`: checks magic, version, checksum and section bounds.
-    pub fn open(bytes: impl Into<std::sync::Arc<[u8]>>) -> Result<Self, IndexError> {
-        let bytes: std::sync::Arc<[u8]> = bytes.into();
+    /// Opens an index over `bytes` (kept, never copied): checks magic, version, checksum and
+    /// section bounds.
+    pub fn open(bytes: Vec<u8>) -> Result<Self, IndexError> {
+        let bytes = std::sync::Arc::new(bytes);
         let b = &bytes[..];
         if b.len() < HEADER_LEN + TRAILER_LEN {
             return Err(format_err(format!("{} bytes is too short for an index", b.len())));
@@ -209,7 +217,7 @@ impl Index {
 
     /// sha256 of the encoded index, `sha256:<hex>` (its content address).
     pub fn digest(&self) -> String {
-        format!("sha256:{}", hex::encode(Sha256::digest(&self.bytes)))
+        format!("sha256:{}", hex::encode(Sha256::digest(&self.bytes[..])))
     }
 
     pub fn compression(&self) -> Compression {
@@ -391,7 +399,7 @@ impl Index {
         digest.copy_from_slice(&r[32..64]);
         let (comp_end, uncomp_end) = if i + 1 < self.checkpoint_count {
             let n = &self.bytes[at + CHECKPOINT_LEN..at + 2 * CHECKPOINT_LEN];
-            (rd_u64(n, 8) + u64::from(n[16] > 0), rd_u64(n, 0))
+            (rd_u64(n, 8).saturating_add(u64::from(n[16] > 0)), rd_u64(n, 0))
         } else {
             (self.compressed_size, self.uncompressed_size)
         };
@@ -409,6 +417,14 @@ impl Index {
         if s.comp_end < s.comp_start || s.uncomp_end < s.uncomp_start || s.bits > 7 || s.comp_end > self.compressed_size
         {
             return Err(format_err(format!("span {i} has inconsistent bounds")));
+        }
+        // A reader decodes a span whole: a hostile index must not make it allocate a terabyte.
+        if s.uncomp_end - s.uncomp_start > MAX_SPAN_LEN || s.comp_end - s.comp_start > MAX_SPAN_COMPRESSED_LEN {
+            return Err(format_err(format!(
+                "span {i} is {} bytes ({} compressed), more than the {MAX_SPAN_LEN} bytes a span may hold",
+                s.uncomp_end - s.uncomp_start,
+                s.comp_end - s.comp_start
+            )));
         }
         Ok(s)
     }

@@ -48,7 +48,14 @@ impl RangeFetcher for RegistryBlob {
                 .await
                 .map_err(|_| stalled())?
                 .map_err(|e| failed_with(e.into()))?;
-            // A registry that ignored Range sends the blob from its start.
+            // A registry that ignored Range sends the blob from its start: read past what comes
+            // before the range only that far.
+            if whole && offset + len > clip_registry::api::MAX_RANGE_IGNORED_READ {
+                return Err(failed(format!(
+                    "the registry ignores Range requests; this span lies beyond the first {} bytes of the blob",
+                    clip_registry::api::MAX_RANGE_IGNORED_READ
+                )));
+            }
             let mut skip = if whole { offset } else { 0 };
             let mut left = len;
             while left > 0 {
