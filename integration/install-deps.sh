@@ -48,6 +48,9 @@ build_go_tool "$CONTAINERD2_DIR" "$CONTAINERD2_VERSION" env GOBIN="$CONTAINERD2_
 build_go_tool "$CRICTL_DIR" "$CRICTL_VERSION" env GOBIN="$CRICTL_DIR/bin" "$GO" install \
   -ldflags "-X sigs.k8s.io/cri-tools/pkg/version.Version=$CRICTL_VERSION" \
   "sigs.k8s.io/cri-tools/cmd/crictl@$CRICTL_VERSION"
+# cosign, for the signed-index tests (pure Go).
+build_go_tool "$COSIGN_DIR" "$COSIGN_VERSION" env GOBIN="$COSIGN_DIR/bin" CGO_ENABLED=0 "$GO" install \
+  "github.com/sigstore/cosign/v2/cmd/cosign@$COSIGN_VERSION"
 # nerdctl: its go.mod replaces the nested module mod/tigron (test tooling) by a directory that its
 # module zip does not contain, so `go install mod@version` refuses it and the proxy does not serve
 # tigron. Build a copy of the module without the one non-test file that imports it

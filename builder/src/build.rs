@@ -35,6 +35,8 @@ pub struct BuildRequest {
     pub span_size: u64,
     /// Record and publish the access profile of this command's run in the built image.
     pub profile_cmd: Option<String>,
+    /// Sign the index artifact with this key.
+    pub sign_key: Option<std::sync::Arc<clip_trust::SignKey>>,
 }
 
 /// What `clip-builder build` prints.
@@ -81,6 +83,8 @@ fn redact(text: &str, secrets: &[&str]) -> String {
 
 fn buildah(cfg: &BuilderConfig) -> Command {
     let mut c = Command::new("buildah");
+    // Secrets the builder reads from its own environment stay there.
+    c.env_remove("COSIGN_PASSWORD");
     if let Some(root) = &cfg.storage_root {
         c.arg("--root").arg(root);
     }
@@ -278,6 +282,7 @@ pub async fn build(cfg: &BuilderConfig, req: &BuildRequest) -> Result<BuildRepor
     let opts = publish::IndexOptions {
         span_size: req.span_size,
         cache_dir: cfg.state_dir.as_ref().map(|d| d.join("indexes")),
+        sign_key: req.sign_key.clone(),
         ..Default::default()
     };
     let indexed = publish::index_image(repo.clone(), &digest, &platform, &opts).await?;

@@ -69,6 +69,9 @@ pub struct ImageIndexed {
     pub reused: bool,
     /// Labels for `clip-snapshotter pull` / containerd that skip index discovery.
     pub labels: std::collections::BTreeMap<String, String>,
+    /// The digest of the signature manifest (`sha256-<hex>.sig`), when signed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
 }
 
 /// Indexes and publishes the image `reference` (a tag or digest) of `repo`.
@@ -79,12 +82,28 @@ pub struct IndexOptions {
     pub span_size: u64,
     pub cache_dir: Option<std::path::PathBuf>,
     pub progress: Arc<crate::progress::Progress>,
+    /// Sign the index artifact with this key (cosign's format; `[trust]` nodes need it).
+    pub sign_key: Option<Arc<clip_trust::SignKey>>,
 }
 
 impl Default for IndexOptions {
     fn default() -> Self {
-        Self { span_size: PUBLISH_SPAN_SIZE, cache_dir: None, progress: Arc::new(crate::progress::Progress::new()) }
+        Self {
+            span_size: PUBLISH_SPAN_SIZE,
+            cache_dir: None,
+            progress: Arc::new(crate::progress::Progress::new()),
+            sign_key: None,
+        }
     }
+}
+
+/// Signs the artifact `digest` with the options' key, if any; the signature manifest's digest.
+async fn sign_artifact(repo: &Repository, digest: &str, opts: &IndexOptions) -> Result<Option<String>> {
+    let Some(key) = &opts.sign_key else { return Ok(None) };
+    let signature = clip_trust::cosign::sign(repo, digest, key)
+        .await
+        .with_context(|| format!("signing the index artifact {digest}"))?;
+    Ok(Some(signature))
 }
 
 pub async fn index_image(
@@ -99,9 +118,14 @@ pub async fn index_image(
         .get_image_manifest(reference, platform)
         .await
         .with_context(|| format!("reading the manifest of {}", repo.image))?;
-    if let Some(existing) = published_index(&repo, &manifest.digest, &image).await {
+    // An artifact already published is reused, but never signed unseen: a signing builder
+    // vouches only for indexes it made.
+    let reusable = if opts.sign_key.is_none() { published_index(&repo, &manifest.digest, &image).await } else { None };
+    if let Some(existing) = reusable {
         let labels = [(clip_config::labels::INDEX_DIGEST.to_string(), existing.clone())].into();
+        let signature = sign_artifact(&repo, &existing, opts).await?;
         return Ok(ImageIndexed {
+            signature,
             image: repo.image.with_digest(&manifest.digest).to_string(),
             manifest_digest: manifest.digest,
             index_digest: existing,
@@ -111,23 +135,24 @@ pub async fn index_image(
             labels,
         });
     }
+    let diff_ids = image_diff_ids(&repo, &image).await?;
     let limit = Arc::new(tokio::sync::Semaphore::new(2));
     let mut tasks = Vec::new();
-    for layer in image.layers() {
+    for (layer, diff_id) in image.layers().iter().zip(diff_ids) {
         let (repo, limit) = (repo.clone(), limit.clone());
         let digest = layer.digest().to_string();
         let media_type = layer.media_type().to_string();
         let (cache, progress) = (opts.cache_dir.clone(), opts.progress.clone());
         let size = layer.size();
         tasks.push(tokio::spawn(async move {
-            if let Some(hit) = cache.as_deref().and_then(|c| cached_layer(c, &digest)) {
+            if let Some(hit) = cache.as_deref().and_then(|c| cached_layer(c, &digest, &diff_id)) {
                 return Ok(hit);
             }
             let _permit = limit.acquire_owned().await?;
             let task = progress.task(&format!("layer {}", &digest[7..19.min(digest.len())]), size);
-            let result = index_layer(&repo, &digest, &media_type, span_size, &task).await;
+            let result = index_layer(&repo, &digest, &diff_id, &media_type, span_size, &task).await;
             if let (Ok(r), Some(c)) = (&result, cache.as_deref())
-                && let Err(e) = store_layer(c, &digest, &r.1, r.2.as_deref())
+                && let Err(e) = store_layer(c, &digest, &diff_id, &r.1, r.2.as_deref())
             {
                 tracing::warn!(error = %e, "cannot cache the index of {digest}");
             }
@@ -180,7 +205,9 @@ pub async fn index_image(
         .await
         .context("pushing the index artifact and adding it to the referrers fallback tag")?;
     let labels = [(clip_config::labels::INDEX_DIGEST.to_string(), artifact_digest.clone())].into();
+    let signature = sign_artifact(&repo, &artifact_digest, opts).await?;
     Ok(ImageIndexed {
+        signature,
         image: repo.image.with_digest(&manifest.digest).to_string(),
         manifest_digest: manifest.digest,
         index_digest: artifact_digest,
@@ -211,13 +238,48 @@ pub(crate) async fn published_index(
     None
 }
 
+/// The image's diff IDs (the uncompressed digests its config names), one per layer: each layer
+/// is checked against its own while it is indexed, so a signed index never vouches for a layer
+/// that claims another layer's chain.
+async fn image_diff_ids(repo: &Repository, image: &oci_spec::image::ImageManifest) -> Result<Vec<String>> {
+    const MAX_CONFIG: usize = 8 << 20;
+    let config = image.config().digest().to_string();
+    let bytes =
+        repo.get_blob(&config, MAX_CONFIG).await.with_context(|| format!("reading the image config {config}"))?;
+    let value: serde_json::Value = serde_json::from_slice(&bytes).context("the image config is not JSON")?;
+    let diff_ids: Vec<String> = value["rootfs"]["diff_ids"]
+        .as_array()
+        .context("the image config has no rootfs.diff_ids")?
+        .iter()
+        .map(|d| d.as_str().filter(|d| clip_config::digest::is_digest(d)).map(ToString::to_string))
+        .collect::<Option<_>>()
+        .context("the image config has a malformed diff ID")?;
+    if diff_ids.len() != image.layers().len() {
+        bail!("the image config names {} diff IDs for {} layers", diff_ids.len(), image.layers().len());
+    }
+    Ok(diff_ids)
+}
+
 fn cache_paths(dir: &std::path::Path, digest: &str) -> (std::path::PathBuf, std::path::PathBuf) {
     let name = digest.replace(':', "-");
     (dir.join(format!("{name}.clip")), dir.join(format!("{name}.windows")))
 }
 
-/// A layer indexed before, from the local cache (checked: it must open and name the layer).
-fn cached_layer(dir: &std::path::Path, digest: &str) -> Option<(LayerIndexed, Vec<u8>, Option<Vec<u8>>)> {
+/// The diff ID a cached layer was checked against.
+fn diff_id_path(dir: &std::path::Path, digest: &str) -> std::path::PathBuf {
+    dir.join(format!("{}.diffid", digest.replace(':', "-")))
+}
+
+/// A layer indexed before, from the local cache (checked: it must open, name the layer, and
+/// have been checked against the same diff ID).
+fn cached_layer(
+    dir: &std::path::Path,
+    digest: &str,
+    diff_id: &str,
+) -> Option<(LayerIndexed, Vec<u8>, Option<Vec<u8>>)> {
+    if std::fs::read_to_string(diff_id_path(dir, digest)).ok()?.trim() != diff_id {
+        return None;
+    }
     let (index_path, windows_path) = cache_paths(dir, digest);
     let packed = std::fs::read(&index_path).ok()?;
     let index = clip_index::Index::open_any(packed.clone()).ok()?;
@@ -229,14 +291,21 @@ fn cached_layer(dir: &std::path::Path, digest: &str) -> Option<(LayerIndexed, Ve
     Some((layer, packed, windows))
 }
 
-fn store_layer(dir: &std::path::Path, digest: &str, packed: &[u8], windows: Option<&[u8]>) -> std::io::Result<()> {
+fn store_layer(
+    dir: &std::path::Path,
+    digest: &str,
+    diff_id: &str,
+    packed: &[u8],
+    windows: Option<&[u8]>,
+) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let (index_path, windows_path) = cache_paths(dir, digest);
     use clip_fsutil::{Durability, atomic_write};
     if let Some(w) = windows {
         atomic_write(&windows_path, w, 0o644, Durability::Durable)?;
     }
-    atomic_write(&index_path, packed, 0o644, Durability::Durable)
+    atomic_write(&index_path, packed, 0o644, Durability::Durable)?;
+    atomic_write(&diff_id_path(dir, digest), diff_id.as_bytes(), 0o644, Durability::Durable)
 }
 
 /// Chunks in flight between the download and the indexer (HTTP chunks are ~16 KiB each).
@@ -260,15 +329,21 @@ impl std::error::Error for IndexerStopped {}
 async fn index_layer(
     repo: &Repository,
     digest: &str,
+    diff_id: &str,
     media_type: &str,
     span_size: u64,
     task: &crate::progress::Task,
 ) -> Result<(LayerIndexed, Vec<u8>, Option<Vec<u8>>)> {
     let started = Instant::now();
     let (tx, reader) = crate::stream::ChunkReader::channel(STREAM_CHUNKS);
-    let (digest_owned, media_type) = (digest.to_string(), media_type.to_string());
+    let (digest_owned, media_type, diff_id) = (digest.to_string(), media_type.to_string(), diff_id.to_string());
     let build = tokio::task::spawn_blocking(move || -> Result<_> {
-        let opts = clip_index::BuildOptions { span_size, expected_digest: Some(digest_owned.clone()), media_type };
+        let opts = clip_index::BuildOptions {
+            span_size,
+            expected_digest: Some(digest_owned.clone()),
+            media_type,
+            expected_diff_id: Some(diff_id),
+        };
         let f = std::io::BufReader::with_capacity(1 << 20, reader);
         let full = clip_index::build_index(f, &opts).with_context(|| format!("indexing layer {digest_owned}"))?;
         match full.split_windows()? {

@@ -16,7 +16,7 @@ mod model;
 
 pub use model::{
     BuildRegistry, BuilderConfig, CompletionConfig, CriProxyConfig, LazyConfig, LogFormat, LongTermCredentials,
-    PrefetchConfig, ProfilesConfig, RegistryHosts, SnapshotterConfig,
+    PrefetchConfig, ProfilesConfig, RegistryHosts, SnapshotterConfig, TrustConfig,
 };
 
 use std::path::{Path, PathBuf};

@@ -32,6 +32,8 @@ pub struct SnapshotterConfig {
     pub lazy: LazyConfig,
     /// The CRI image service proxy (kubelet's `--image-service-endpoint`).
     pub cri: CriProxyConfig,
+    /// Which indexes are served lazily: any an image's own publisher made, or only signed ones.
+    pub trust: TrustConfig,
     /// containerd's API socket: where a Prepare without layer labels looks its layer up, and
     /// what the CRI proxy forwards to unless `[cri] containerd_address` says otherwise.
     pub containerd_address: PathBuf,
@@ -47,6 +49,17 @@ pub struct CriProxyConfig {
     pub image_service_address: Option<PathBuf>,
     /// containerd's CRI socket (default: the top-level `containerd_address`).
     pub containerd_address: Option<PathBuf>,
+}
+
+/// `[trust]`: the trust mode (docs/trust.md). With no keys (the default), an image is served
+/// lazily with the index its own publisher attached to it. With keys, only an index artifact
+/// signed (in cosign's format) by one of them is served lazily; every other image is unpacked
+/// the ordinary way, with the reason in the `clip.not-lazy` label.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrustConfig {
+    /// PEM public keys (ECDSA P-256, as `cosign generate-key-pair` writes `cosign.pub`).
+    pub keys: Vec<PathBuf>,
 }
 
 /// `[lazy]`: the read path of lazily served layers. The nested sections feed the read path's
@@ -179,6 +192,7 @@ impl Default for SnapshotterConfig {
             build_registry: None,
             lazy: LazyConfig::default(),
             cri: CriProxyConfig::default(),
+            trust: TrustConfig::default(),
             containerd_address: PathBuf::from(crate::DEFAULT_CONTAINERD_ADDRESS),
         }
     }
@@ -199,6 +213,9 @@ impl SnapshotterConfig {
         }
         if !self.containerd_address.is_absolute() {
             return Err(invalid("containerd_address", "must be an absolute path"));
+        }
+        if self.trust.keys.iter().any(|k| !k.is_absolute()) {
+            return Err(invalid("trust.keys", "must be absolute paths"));
         }
         if self.cri.image_service_address.as_ref().is_some_and(|a| !a.is_absolute()) {
             return Err(invalid("cri.image_service_address", "must be an absolute path"));

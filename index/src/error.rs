@@ -11,6 +11,8 @@ pub enum IndexError {
     Tar(String),
     #[error("layer digest mismatch: expected {expected}, blob hashes to {actual}")]
     LayerDigest { expected: String, actual: String },
+    #[error("the layer's uncompressed digest is {actual}, but the image config names {expected} (its diff ID)")]
+    DiffId { expected: String, actual: String },
     #[error("invalid index: {0}")]
     Format(String),
     #[error("span {span} failed verification: sha256 of the fetched bytes is {actual}, the index says {expected}")]

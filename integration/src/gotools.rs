@@ -56,6 +56,11 @@ pub fn nerdctl() -> Result<PathBuf> {
     tool("NERDCTL_DIR", "nerdctl")
 }
 
+/// cosign, the signing peer.
+pub fn cosign() -> Result<PathBuf> {
+    tool("COSIGN_DIR", "cosign")
+}
+
 pub fn crictl() -> Result<PathBuf> {
     tool("CRICTL_DIR", "crictl")
 }

@@ -3,7 +3,7 @@
 //! to ordinary snapshots; a corrupt local index is replaced; unknown labels are kept; the daemon
 //! never panics and keeps serving.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clip_integration::bed::lazy_config;
 use clip_integration::images::{TestImage, layout_layers};
 use clip_integration::registry::Registry;
@@ -136,8 +136,24 @@ fn bad_labels_and_bad_registry_answers_fail_clearly_or_fall_back_and_the_daemon_
         assert_eq!(info.info.map(|i| i.labels.get("example.com/whatever").cloned()), Some(Some("x".to_string())));
 
         // A corrupt index in the local store is replaced from the registry; the layer is lazy.
-        let index_path = snap.root().join("indexes").join(format!("{}.clip", layer.replace(':', "-")));
-        std::fs::create_dir_all(index_path.parent().unwrap_or(Path::new("/")))?;
+        let err = c
+            .prepare(prepare(
+                "lazy-first",
+                &[(l::TARGET_SNAPSHOT_REF, "t3a"), (l::CRI_IMAGE_REF, &reference), (l::CRI_LAYER_DIGEST, &layer)],
+            ))
+            .await
+            .expect_err("served lazily: the target exists");
+        assert_eq!(err.code(), Code::AlreadyExists, "{}", err.message());
+        // Stored by layer and index blob.
+        let prefix = format!("{}.sha256-", layer.replace(':', "-"));
+        let index_path = std::fs::read_dir(snap.root().join("indexes"))?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.extension().is_some_and(|e| e == "clip")
+                    && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&prefix))
+            })
+            .context("the stored index")?;
         std::fs::write(&index_path, b"not an index at all")?;
         let err = c
             .prepare(prepare(

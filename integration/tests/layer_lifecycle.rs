@@ -88,7 +88,12 @@ fn a_remove_racing_a_prepare_of_the_same_layer_never_strands_the_new_snapshot() 
     config.lazy.passthrough = false;
     config.lazy.survive_restarts = false;
     let snap = ClipSnapshotter::start_configured(&td, "clip", &config, &[])?;
-    let spans = snap.root().join("spans").join(layer.replace(':', "-"));
+    // The layer's span cache: `spans/<layer>.<index blob>` (caches are keyed by layer and index).
+    let (spans_root, prefix) = (snap.root().join("spans"), format!("{}.", layer.replace(':', "-")));
+    let span_cache_exists = || {
+        std::fs::read_dir(&spans_root)
+            .is_ok_and(|mut d| d.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with(&prefix))))
+    };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let mut first = snapshots_client(snap.socket()).await?;
@@ -108,7 +113,7 @@ fn a_remove_racing_a_prepare_of_the_same_layer_never_strands_the_new_snapshot() 
             });
             removed?;
             prepared?;
-            if !spans.exists() {
+            if !span_cache_exists() {
                 bail!("round {round}: the layer's span cache was deleted under its new snapshot");
             }
             let view = format!("view-{round}");

@@ -15,6 +15,7 @@ pub mod api;
 mod body;
 pub mod challenge;
 pub mod client;
+mod content;
 mod credential;
 pub mod credentials;
 pub mod error;

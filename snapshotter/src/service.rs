@@ -7,7 +7,7 @@ use crate::dirs::SnapshotDirs;
 use crate::error::{Result, SnapshotError};
 use crate::filter::{Adaptor, Filters};
 use crate::labels;
-use crate::metadata::{DiskUsage, Kind, LabelUpdate, MetaStore, Record, RemoteLayer};
+use crate::metadata::{DiskUsage, Kind, LabelUpdate, MetaStore, Record};
 use crate::metrics::Metrics;
 use crate::mounts::mounts_for;
 use crate::remote::RemoteLayers;
@@ -58,7 +58,7 @@ impl State {
             let Some(info) = &record.remote else { continue };
             let dir = self.dirs.fs(record.id);
             let fetch = !unreachable.contains(&info.image_ref);
-            let opened = remote.reopen(&info.image_ref, &info.layer_digest, fetch);
+            let opened = remote.reopen(info, fetch);
             if opened.is_err() {
                 unreachable.insert(info.image_ref.clone());
             }
@@ -70,7 +70,7 @@ impl State {
                 Err(reason) => {
                     tracing::error!(snapshot = %name, layer = %info.layer_digest, %reason, "cannot serve a remote layer again");
                     clip_fsutil::mountinfo::unmount_below(&dir);
-                    unservable_info.insert(record.id, (info.image_ref.clone(), info.layer_digest.clone()));
+                    unservable_info.insert(record.id, info.clone());
                     failed.push((name, record.id));
                 }
             }
@@ -83,7 +83,7 @@ impl State {
             let dir = self.dirs.fs(*id);
             let _ = std::fs::remove_dir_all(&dir);
             if let Some(info) = unservable_info.get(id) {
-                remote.mark_unservable(*id, &info.0, &info.1);
+                remote.mark_unservable(*id, info);
             }
             tracing::error!(snapshot = %name, "an unservable remote snapshot is left in place without its directory until it is next used");
         }
@@ -175,12 +175,31 @@ impl State {
                 && r.parent == parent
                 && r.labels.get(clip_config::labels::TARGET_SNAPSHOT_REF) == Some(&req.target)
         });
-        if existing.is_some() {
+        // Unpacked by containerd, which checked the layer against its diff ID.
+        if existing.as_ref().is_some_and(|(_, r)| r.remote.is_none()) {
             return Ok(());
         }
-        let layer = remote.open(req).map_err(|e| RemoteFallback::Reason(e.into()))?;
+        // Which index this image names for the layer decides whether an existing lazy snapshot
+        // of the same chain can serve it.
+        let (repo, binding) = remote.bind(req).map_err(|e| RemoteFallback::Reason(e.into()))?;
+        if let Some((name, Some(r))) = existing.map(|(n, r)| (n, r.remote)) {
+            if r.key() == binding.key {
+                return Ok(());
+            }
+            // Another image's layer or index under this chain ID: this image gets a snapshot of
+            // its own, and the other one stops answering for the chain ID here (its users keep
+            // it by its name).
+            let theirs = r.key();
+            tracing::warn!(
+                snapshot = %name, target = %req.target, image = %req.image_ref, %theirs, ours = %binding.key,
+                "a lazy snapshot of this chain was made from another image's layer or index; not sharing it"
+            );
+            let update = LabelUpdate::Keys(vec![(clip_config::labels::TARGET_SNAPSHOT_REF.to_string(), None)]);
+            self.store.update_labels(&name, update).map_err(RemoteFallback::Error)?;
+        }
+        let layer = remote.open(&repo, req, binding).map_err(|e| RemoteFallback::Reason(e.into()))?;
         let mounted = std::cell::Cell::new(None);
-        let info = RemoteLayer { image_ref: req.image_ref.clone(), layer_digest: req.layer_digest.clone() };
+        let info = layer.record(&req.image_ref);
         let result = self.store.create_remote(key, parent, labels.stored.clone(), info, |id| {
             self.dirs.create(id)?;
             remote.mount(id, &self.dirs.fs(id), layer)?;
@@ -250,13 +269,10 @@ impl State {
         let gate = remote.gate(&layer.layer_digest);
         let record = self.store.remove(key)?;
         remote.unmount(record.id);
-        let still_used = self
-            .store
-            .list()?
-            .iter()
-            .any(|(_, r)| r.remote.as_ref().is_some_and(|o| o.layer_digest == layer.layer_digest));
+        let key = layer.key();
+        let still_used = self.store.list()?.iter().any(|(_, r)| r.remote.as_ref().is_some_and(|o| o.key() == key));
         if !still_used {
-            remote.delete_layer_caches(&gate, &layer.layer_digest);
+            remote.delete_layer_caches(&gate, &key);
         }
         drop(gate);
         self.remove_dir(record.id);

@@ -61,6 +61,13 @@ enum Command {
         /// Platform to pick from a multi-platform image (os/arch[/variant]).
         #[arg(long, value_name = "PLATFORM")]
         platform: Option<String>,
+        /// Sign the index artifact with this key (PEM, or cosign's encrypted `cosign.key`,
+        /// whose password comes from --sign-key-password-file or COSIGN_PASSWORD).
+        #[arg(long, value_name = "FILE")]
+        sign_key: Option<PathBuf>,
+        /// A file holding the password of an encrypted --sign-key.
+        #[arg(long, value_name = "FILE")]
+        sign_key_password_file: Option<PathBuf>,
     },
     /// Build an image with buildah, push it to the build registry with the build registry
     /// token (through a temporary authfile), index it and publish the index.
@@ -93,6 +100,13 @@ enum Command {
         /// (`/bin/sh -c`, see `profile`) and publish it.
         #[arg(long, value_name = "CMD")]
         profile_cmd: Option<String>,
+        /// Sign the index artifact with this key (PEM, or cosign's encrypted `cosign.key`,
+        /// whose password comes from --sign-key-password-file or COSIGN_PASSWORD).
+        #[arg(long, value_name = "FILE")]
+        sign_key: Option<PathBuf>,
+        /// A file holding the password of an encrypted --sign-key.
+        #[arg(long, value_name = "FILE")]
+        sign_key_password_file: Option<PathBuf>,
         context: PathBuf,
     },
     /// Record an image's access profile by running a command in it, served lazily over its
@@ -220,7 +234,8 @@ fn run(args: Args) -> Result<()> {
             ..
         } => {
             let span_size = span_size.unwrap_or(clip_index::build::DEFAULT_SPAN_SIZE);
-            let opts = clip_index::BuildOptions { span_size, expected_digest: digest, media_type };
+            let opts =
+                clip_index::BuildOptions { span_size, expected_digest: digest, media_type, expected_diff_id: None };
             let (index, packed_size) = local::index_file(&layer, &output, &opts, packed)?;
             if json {
                 writeln!(out, "{}", local::describe(&index, packed_size, false)?)?;
@@ -248,8 +263,11 @@ fn run(args: Args) -> Result<()> {
             plain_http,
             hosts_dir,
             platform,
+            sign_key,
+            sign_key_password_file,
             ..
         } => {
+            let sign_key = clip_builder::signing::load(sign_key.as_deref(), sign_key_password_file.as_deref())?;
             let cfg = clip_config::BuilderConfig::load_or_default(config.as_deref())?;
             let platform = match platform {
                 Some(p) => clip_registry::Platform::parse(&p).with_context(|| format!("bad --platform {p:?}"))?,
@@ -265,6 +283,7 @@ fn run(args: Args) -> Result<()> {
                 let opts = clip_builder::publish::IndexOptions {
                     span_size,
                     cache_dir: cfg.state_dir.as_ref().map(|d| d.join("indexes")),
+                    sign_key,
                     ..Default::default()
                 };
                 clip_builder::publish::index_image(
@@ -286,6 +305,9 @@ fn run(args: Args) -> Result<()> {
                     )?;
                 }
                 writeln!(out, "image {}\nindex {} ({:.2} s)", result.image, result.index_digest, result.seconds)?;
+                if let Some(s) = &result.signature {
+                    writeln!(out, "signature {s}")?;
+                }
                 for (k, v) in &result.labels {
                     writeln!(out, "label {k}={v}")?;
                 }
@@ -303,9 +325,12 @@ fn run(args: Args) -> Result<()> {
             span_size,
             json,
             profile_cmd,
+            sign_key,
+            sign_key_password_file,
             context,
         } => {
             use clip_registry::credentials::{Credential, Source};
+            let sign_key = clip_builder::signing::load(sign_key.as_deref(), sign_key_password_file.as_deref())?;
             let cfg = clip_config::BuilderConfig::load_or_default(config.as_deref())?;
             let read = |f: &std::path::Path, s: Source| -> Result<Credential> {
                 let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
@@ -327,6 +352,7 @@ fn run(args: Args) -> Result<()> {
                 source_image_creds,
                 span_size,
                 profile_cmd,
+                sign_key,
             };
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             let report = rt.block_on(clip_builder::build::build(&cfg, &request))?;

@@ -11,7 +11,7 @@ pub use stream::sniff;
 
 use crate::format::IndexData;
 use crate::{Index, IndexError};
-use sha2::Digest;
+use sha2::{Digest, Sha256};
 use std::io::Read;
 
 /// Default span size: uncompressed bytes between seek points.
@@ -28,11 +28,14 @@ pub struct BuildOptions {
     pub expected_digest: Option<String>,
     /// The layer's media type, recorded in the index.
     pub media_type: String,
+    /// The layer's diff ID (`sha256:<hex>` of the uncompressed tar) as the image config states
+    /// it; verified against the stream.
+    pub expected_diff_id: Option<String>,
 }
 
 impl Default for BuildOptions {
     fn default() -> Self {
-        Self { span_size: DEFAULT_SPAN_SIZE, expected_digest: None, media_type: String::new() }
+        Self { span_size: DEFAULT_SPAN_SIZE, expected_digest: None, media_type: String::new(), expected_diff_id: None }
     }
 }
 
@@ -56,8 +59,11 @@ pub fn build_index_data(blob: impl Read, opts: &BuildOptions) -> Result<IndexDat
     let mut stream = stream::LayerStream::new(blob, opts.span_size)?;
     let compression = stream.compression();
     let mut tree = tree::TreeBuilder::default();
+    // The uncompressed stream is hashed only when there is a diff ID to check it against.
+    let mut tar_stream =
+        DiffIdReader { inner: &mut stream, hash: opts.expected_diff_id.as_ref().map(|_| Sha256::new()) };
     {
-        let mut archive = tar::Archive::new(&mut stream);
+        let mut archive = tar::Archive::new(&mut tar_stream);
         let entries = archive.entries().map_err(|e| tar_err(&e))?;
         for entry in entries {
             let entry = entry.map_err(|e| tar_err(&e))?;
@@ -65,7 +71,13 @@ pub fn build_index_data(blob: impl Read, opts: &BuildOptions) -> Result<IndexDat
         }
     }
     // Whatever follows the end-of-archive marker is still part of the blob: hash and inflate it.
-    std::io::copy(&mut stream, &mut std::io::sink()).map_err(|e| tar_err(&e))?;
+    std::io::copy(&mut tar_stream, &mut std::io::sink()).map_err(|e| tar_err(&e))?;
+    if let (Some(expected), Some(hash)) = (&opts.expected_diff_id, tar_stream.hash.take()) {
+        let actual = format!("sha256:{}", hex::encode(hash.finalize()));
+        if !expected.eq_ignore_ascii_case(&actual) {
+            return Err(IndexError::DiffId { expected: expected.clone(), actual });
+        }
+    }
     let done = stream.finish()?;
     let layer_digest: [u8; 32] = done.blob_digest;
     let actual = format!("sha256:{}", hex::encode(layer_digest));
@@ -85,6 +97,22 @@ pub fn build_index_data(blob: impl Read, opts: &BuildOptions) -> Result<IndexDat
         entries,
         checkpoints: done.checkpoints,
     })
+}
+
+/// The uncompressed tar stream, hashed as it is read (for the diff ID).
+struct DiffIdReader<R> {
+    inner: R,
+    hash: Option<Sha256>,
+}
+
+impl<R: Read> Read for DiffIdReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Some(h) = &mut self.hash {
+            h.update(&buf[..n]);
+        }
+        Ok(n)
+    }
 }
 
 /// An I/O error from inside the stream keeps its message; tar's own errors are tar errors.

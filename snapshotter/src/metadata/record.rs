@@ -75,9 +75,4 @@ pub struct Record {
     pub remote: Option<RemoteLayer>,
 }
 
-/// What it takes to serve a remote layer again (after a restart).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RemoteLayer {
-    pub image_ref: String,
-    pub layer_digest: String,
-}
+pub use crate::remote::RemoteLayer;

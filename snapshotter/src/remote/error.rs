@@ -34,6 +34,16 @@ pub enum RemoteError {
         #[source]
         source: ArtifactError,
     },
+    /// `[trust]` keys are set and no trusted key signed the index artifact.
+    #[error("index artifact {artifact} is not trusted: {source}")]
+    Untrusted {
+        artifact: String,
+        #[source]
+        source: clip_trust::TrustError,
+    },
+    /// The artifact named by the `clip.index-digest` label is for another image.
+    #[error("index artifact {artifact} is for manifest {subject}, not for this image's {manifest}")]
+    ForeignIndex { artifact: String, subject: String, manifest: String },
     #[error("index artifact {artifact} has no index for layer {layer}")]
     NotInArtifact { artifact: String, layer: String },
     #[error("index artifact {artifact} lacks the windows of layer {layer}")]

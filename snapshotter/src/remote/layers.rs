@@ -24,12 +24,9 @@ pub(crate) struct Mounted {
     pub(crate) spans: Arc<SpanCache>,
 }
 
-/// A layer a restart could not serve: its image and digest, to serve it when next needed.
+/// A layer a restart could not serve: its record, to serve it when next needed.
 #[derive(Debug, Clone)]
-pub(crate) struct Unservable {
-    pub(crate) image_ref: String,
-    pub(crate) layer_digest: String,
-}
+pub(crate) struct Unservable(pub(crate) super::layout::RemoteLayer);
 
 /// The lazy layers of the daemon.
 #[derive(Default)]

@@ -32,9 +32,10 @@ pub mod settings;
 
 pub use blob::RegistryBlob;
 pub use creds_store::CredentialStore;
+pub use discover::Binding;
 pub use error::RemoteError;
 pub use layers::{LayerGate, LayerTable};
-pub use layout::CacheLayout;
+pub use layout::{CacheLayout, LayerKey, RemoteLayer};
 pub use sessions::{Session, Sessions};
 pub use settings::ReadSettings;
 
@@ -72,7 +73,19 @@ pub struct OpenedLayer {
     source: RegistryBlob,
     /// The windows blob of an index without windows.
     windows: Option<RegistryBlob>,
-    layer_digest: String,
+    key: LayerKey,
+}
+
+impl OpenedLayer {
+    /// What the snapshot's record keeps to serve the layer again after a restart.
+    pub fn record(&self, image_ref: &str) -> RemoteLayer {
+        RemoteLayer {
+            image_ref: image_ref.to_string(),
+            layer_digest: self.key.layer_digest.clone(),
+            index_blob: self.key.index_blob.clone(),
+            windows_blob: self.windows.as_ref().map(|w| w.digest.clone()),
+        }
+    }
 }
 
 impl RemoteLayers {
@@ -88,8 +101,15 @@ impl RemoteLayers {
         let read = ReadSettings::new(cfg, &layout, &metrics);
         let profiles =
             profiles::ProfileBook::start(&cfg.lazy.profiles, layout.profiles_dir(), runtime.clone(), metrics.clone());
+        let trust = if cfg.trust.keys.is_empty() {
+            None
+        } else {
+            let keys = clip_trust::TrustedKeys::load(&cfg.trust.keys)?;
+            tracing::info!(keys = cfg.trust.keys.len(), "trust: only signed indexes are served lazily");
+            Some(keys)
+        };
         Ok(Self {
-            discovery: IndexDiscovery::new(layout.clone(), runtime.clone(), read.fetch_timeout),
+            discovery: IndexDiscovery::new(layout.clone(), runtime.clone(), read.fetch_timeout, trust),
             layout,
             sessions,
             table: LayerTable::with_kept(kept),
@@ -119,69 +139,80 @@ impl RemoteLayers {
 
     /// Deletes everything kept for a layer no snapshot uses any more: its span cache,
     /// passthrough copies and index. Call under the layer's [`Self::gate`].
-    pub fn delete_layer_caches(&self, _gate: &LayerGate<'_>, layer_digest: &str) {
-        let deleted = self.layout.delete_layer(layer_digest);
+    pub fn delete_layer_caches(&self, _gate: &LayerGate<'_>, key: &LayerKey) {
+        let deleted = self.layout.delete_layer(key);
         self.read.budget.forget_layer(&deleted.spans, &deleted.files);
         if let Some(p) = &self.profiles {
-            p.layer_gone(layer_digest);
+            p.layer_gone(&key.layer_digest);
         }
-        tracing::info!(layer = %layer_digest, "layer caches deleted");
+        tracing::info!(layer = %key, "layer caches deleted");
     }
 
-    /// Finds and opens the index of the requested layer. Blocking (call from a blocking
-    /// thread, never from async code).
-    pub fn open(&self, req: &RemoteRequest) -> Result<OpenedLayer, RemoteError> {
+    /// Which index the requested image names for the requested layer ([`discover`]), with the
+    /// image's registry session. Blocking (call from a blocking thread, never from async code).
+    pub fn bind(&self, req: &RemoteRequest) -> Result<(Arc<Repository>, Binding), RemoteError> {
         self.sessions.remember_labels(&req.image_ref, &req.secrets)?;
         if req.plain_http {
             self.sessions.remember_plain_http(&req.image_ref)?;
         }
         let repo = self.sessions.repository(&req.image_ref)?;
-        let (index, windows) = self.discovery.find(&repo, req)?;
-        if let Some(p) = &self.profiles {
-            p.image_opened(&repo, req);
-        }
-        Ok(self.opened(&req.image_ref, index, windows, &req.layer_digest))
+        let binding = self.discovery.bind(&repo, req)?;
+        Ok((repo, binding))
     }
 
-    fn opened(&self, image_ref: &str, index: Arc<Index>, windows: Option<String>, layer_digest: &str) -> OpenedLayer {
+    /// Opens the index a layer is bound to. Blocking.
+    pub fn open(
+        &self,
+        repo: &Arc<Repository>,
+        req: &RemoteRequest,
+        binding: Binding,
+    ) -> Result<OpenedLayer, RemoteError> {
+        let (index, windows) = self.discovery.load(repo, &binding)?;
+        if let Some(p) = &self.profiles {
+            p.image_opened(repo, req);
+        }
+        Ok(self.opened(&req.image_ref, index, windows, binding.key))
+    }
+
+    fn opened(&self, image_ref: &str, index: Arc<Index>, windows: Option<String>, key: LayerKey) -> OpenedLayer {
         let blob = |digest: String| RegistryBlob {
             session: Session::Image { sessions: self.sessions.clone(), image_ref: image_ref.to_string() },
             digest,
             runtime: self.runtime.clone(),
             timeout: self.read.fetch_timeout,
         };
-        OpenedLayer {
-            index,
-            windows: windows.map(blob),
-            source: blob(layer_digest.to_string()),
-            layer_digest: layer_digest.to_string(),
-        }
+        OpenedLayer { index, windows: windows.map(blob), source: blob(key.layer_digest.clone()), key }
     }
 
-    /// Opens a layer again (restarts): from the local index store, else (when `fetch`) from
-    /// the registry (the index was lost), resolving the image reference again.
-    pub fn reopen(&self, image_ref: &str, layer_digest: &str, fetch: bool) -> Result<OpenedLayer, RemoteError> {
-        let (index, windows) = match self.discovery.local(layer_digest)? {
-            Some(found) => found,
-            None if !fetch => {
-                let path = self.layout.index_path(layer_digest);
-                return Err(RemoteError::IndexGone { path: path.display().to_string() });
-            }
-            None => {
-                tracing::warn!(layer = %layer_digest, image = %image_ref, "the stored index is gone; fetching it again");
-                let req = RemoteRequest {
-                    target: String::new(),
-                    image_ref: image_ref.to_string(),
-                    layer_digest: layer_digest.to_string(),
-                    manifest_digest: None,
-                    index_digest: None,
-                    plain_http: false,
-                    secrets: std::collections::BTreeMap::new(),
-                };
-                let repo: Arc<Repository> = self.sessions.repository(image_ref)?;
-                self.discovery.find(&repo, &req)?
-            }
+    /// Opens a recorded layer again (restarts): from the local index store, else (when `fetch`)
+    /// the recorded index blob from the image's repository (the index was lost). A record of
+    /// an earlier version names no index blob: its image's index is looked up again.
+    pub fn reopen(&self, record: &RemoteLayer, fetch: bool) -> Result<OpenedLayer, RemoteError> {
+        let key = record.key();
+        if let Some((index, windows)) = self.discovery.local(&key)? {
+            return Ok(self.opened(&record.image_ref, index, windows, key));
+        }
+        if !fetch {
+            let path = self.layout.index_path(&key);
+            return Err(RemoteError::IndexGone { path: path.display().to_string() });
+        }
+        tracing::warn!(layer = %key, image = %record.image_ref, "the stored index is gone; fetching it again");
+        let repo: Arc<Repository> = self.sessions.repository(&record.image_ref)?;
+        let binding = if key.index_blob.is_some() {
+            Binding { key, windows_blob: record.windows_blob.clone() }
+        } else {
+            let req = RemoteRequest {
+                target: String::new(),
+                image_ref: record.image_ref.clone(),
+                layer_digest: record.layer_digest.clone(),
+                manifest_digest: None,
+                index_digest: None,
+                plain_http: false,
+                secrets: std::collections::BTreeMap::new(),
+            };
+            self.discovery.bind(&repo, &req)?
         };
-        Ok(self.opened(image_ref, index, windows, layer_digest))
+        let (index, windows) = self.discovery.load(&repo, &binding)?;
+        Ok(self.opened(&record.image_ref, index, windows, binding.key))
     }
 }

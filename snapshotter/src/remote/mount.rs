@@ -22,22 +22,22 @@ impl RemoteLayers {
         adopt: bool,
     ) -> Result<(LayerFs, Arc<SpanCache>, String), RemoteError> {
         let options = self.read.span_cache_options(
-            self.metrics.layer(&layer.layer_digest),
+            self.metrics.layer(&layer.key.layer_digest),
             layer.windows.map(|w| Arc::new(w) as Arc<dyn RangeFetcher>),
             self.profiles.clone().map(|p| p as Arc<dyn ReadObserver>),
         );
-        let span_dir = self.layout.span_dir(&layer.layer_digest);
+        let span_dir = self.layout.span_dir(&layer.key);
         let spans = SpanCache::with_options(layer.index, span_dir, Arc::new(layer.source), options)
             .map_err(RemoteError::io("span cache"))?;
         let spans = Arc::new(spans);
-        let files = self.layout.files_dir(&layer.layer_digest);
+        let files = self.layout.files_dir(&layer.key);
         let state_dir = self.layout.session_state_dir(id);
         let state = if adopt { SessionState::adopt(&state_dir) } else { SessionState::create(&state_dir) }
             .map_err(RemoteError::io(format!("session state {}", state_dir.display())))?;
         let fs = LayerFs::new(spans.clone());
         let fs = if self.read.passthrough { fs.with_passthrough(files) } else { fs };
         let fs = fs.with_session_state(state);
-        Ok((fs, spans, layer.layer_digest))
+        Ok((fs, spans, layer.key.layer_digest))
     }
 
     fn insert(&self, id: u64, dir: &Path, session: fuser::BackgroundSession, spans: Arc<SpanCache>) {
@@ -129,20 +129,20 @@ impl RemoteLayers {
     }
 
     /// Remembers a layer a restart could not serve, to serve it when it is next needed.
-    pub fn mark_unservable(&self, id: u64, image_ref: &str, layer_digest: &str) {
-        let layer = Unservable { image_ref: image_ref.to_string(), layer_digest: layer_digest.to_string() };
-        self.table.mark_unservable(id, layer);
+    pub fn mark_unservable(&self, id: u64, record: &super::RemoteLayer) {
+        self.table.mark_unservable(id, Unservable(record.clone()));
     }
 
     /// Serves the unservable layers among `ids` at `dir_of(id)`, fetching lost indexes.
     pub fn serve_unservable(&self, ids: &[u64], dir_of: impl Fn(u64) -> PathBuf) -> Result<(), RemoteError> {
         for id in ids {
-            let Some(Unservable { image_ref, layer_digest: digest }) = self.table.unservable(*id) else { continue };
+            let Some(Unservable(record)) = self.table.unservable(*id) else { continue };
             let dir = dir_of(*id);
             std::fs::create_dir_all(&dir).map_err(RemoteError::io(format!("creating {}", dir.display())))?;
-            let layer = self.reopen(&image_ref, &digest, true).map_err(|e| RemoteError::Unservable {
+            let digest = record.layer_digest.clone();
+            let layer = self.reopen(&record, true).map_err(|e| RemoteError::Unservable {
                 layer: digest.clone(),
-                image: image_ref.clone(),
+                image: record.image_ref.clone(),
                 source: Box::new(e),
             })?;
             self.mount(*id, &dir, layer)?;
