@@ -387,11 +387,10 @@ fn background_completion_streams_a_layer_in_large_requests_without_windows() -> 
 
     // Completion streams the rest in requests of 4 MiB, moving on past the latest miss first.
     let before = source.requests.load(Ordering::SeqCst);
-    let completer = Completer::start(CompletionPolicy {
-        streams: 1,
-        request_bytes: 4 << 20,
-        start_delay: std::time::Duration::ZERO,
-    })
+    let completer = Completer::start(
+        CompletionPolicy { streams: 1, request_bytes: 4 << 20, start_delay: std::time::Duration::ZERO },
+        None,
+    )
     .ok_or_else(|| anyhow::anyhow!("no completer"))?;
     completer.add(&cache);
     let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
@@ -420,5 +419,32 @@ fn background_completion_streams_a_layer_in_large_requests_without_windows() -> 
         assert!(got == want, "span {i} differs");
     }
     assert_eq!(source.requests.load(Ordering::SeqCst) - before, requests, "reads after completion fetched");
+    // Verification when complete: the local stream hashes to the layer's diff ID and has the
+    // index's tree; a wrong diff ID, or an index with another tree, is told.
+    use clip_readpath::verify::{Verdict, verify_local};
+    let diff_id = {
+        use sha2::Digest as _;
+        let mut tar = Vec::new();
+        std::io::Read::read_to_end(&mut flate2_free_gunzip(&blob)?, &mut tar)?;
+        format!("sha256:{}", hex::encode(sha2::Sha256::digest(&tar)))
+    };
+    assert_eq!(verify_local(&cache, Some(&diff_id)), Verdict::Same);
+    let wrong = format!("sha256:{}", "0".repeat(64));
+    assert!(matches!(verify_local(&cache, Some(&wrong)), Verdict::Differs(d) if d.contains("diff ID")));
     Ok(())
+}
+
+/// The uncompressed stream of a gzip blob, through `gzip -dc`.
+fn flate2_free_gunzip(blob: &[u8]) -> anyhow::Result<std::io::Cursor<Vec<u8>>> {
+    let mut child = std::process::Command::new("gzip")
+        .arg("-dc")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut stdin = child.stdin.take().ok_or_else(|| anyhow::anyhow!("stdin"))?;
+    let input = blob.to_vec();
+    let writer = std::thread::spawn(move || std::io::Write::write_all(&mut stdin, &input));
+    let out = child.wait_with_output()?;
+    writer.join().map_err(|_| anyhow::anyhow!("writer"))??;
+    Ok(std::io::Cursor::new(out.stdout))
 }

@@ -341,3 +341,64 @@ fn with_trust_keys_only_signed_indexes_are_served_lazily_and_cosign_agrees_on_th
     ctrd.purge()?;
     Ok(())
 }
+
+#[test]
+fn a_layer_whose_index_lies_is_poisoned_once_complete_and_never_served_again() -> Result<()> {
+    require_root();
+    let td = TestDir::new("trust-poison")?;
+    let reg = Registry::start_plain(&td, "plain")?;
+    let base = TestImage::Busybox.layout()?;
+    let tag = TestImage::Busybox.tag();
+    let victim = reg.push_layout(&base, tag, "alice/busybox", "latest")?;
+    index_with_builder(&victim)?;
+    let derived = derive_layout(&base, tag, &td.path().join("eve-layout"), "eve")?;
+    let attacker = reg.push_layout(&derived, tag, "eve/app", "latest")?;
+    let layer = layout_manifest(&base, tag)?["layers"][0]["digest"].as_str().context("layer")?.to_string();
+    rt().block_on(publish_crafted_index(&victim, &attacker, &layer))?;
+
+    let port = clip_integration::free_port()?;
+    let mut config = lazy_config(false);
+    config.metrics_address = format!("127.0.0.1:{port}");
+    config.lazy.completion.enabled = true;
+    config.lazy.completion.start_delay_ms = 100;
+    let snap = ClipSnapshotter::start_configured(&td, "clip", &config, &[])?;
+    let ctrd = containerd_for(&td, &snap, Flavor::V2)?;
+    assert!(pull(&ctrd, "eve", &attacker)? >= 1, "{}", snap.log());
+    // Background completion makes the layer local; its own bytes then disagree with the index
+    // (every owner 4242 where the tar says 0).
+    let poisoned = clip_integration::wait_until(std::time::Duration::from_secs(60), || {
+        snap.log().contains("a complete layer is not what its index says")
+    });
+    assert!(poisoned, "not poisoned:\n{}", snap.log());
+    let log = snap.log();
+    let line = log.lines().find(|l| l.contains("a complete layer is not what its index says")).unwrap_or_default();
+    assert!(line.contains("eve/app") && line.contains(&layer) && line.contains("index="), "{line}");
+    assert!(line.contains("reason=/: uid \"4242\" in the index, \"0\" in the layer"), "{line}");
+    let text = clip_integration::metrics::scrape(port);
+    let family = "clip_snapshotter_layers_poisoned{";
+    assert_eq!(clip_integration::metrics::sum(&text, family, &["eve/app", &layer]), 1, "{text}");
+    assert_eq!(clip_integration::metrics::sum(&text, "clip_snapshotter_layers_verified_total{", &["differs"]), 1);
+    // Its caches are gone, and its mount answers EIO: a container of it no longer starts.
+    let spans: Vec<_> = std::fs::read_dir(snap.root().join("spans"))?.flatten().map(|e| e.file_name()).collect();
+    assert!(!spans.iter().any(|n| n.to_string_lossy().starts_with(&layer.replace(':', "-"))), "{spans:?}");
+    let args = ["run", "--rm", "--snapshotter", "clip", attacker.as_str(), "eve2", "cat", "/etc/group"];
+    let out = ctrd.ctr("eve").args(args).output()?;
+    assert!(!out.status.success(), "a container of the poisoned layer ran: {}", String::from_utf8_lossy(&out.stdout));
+    // In another namespace the same image and index are not served lazily again; the victim's
+    // own index of the layer is, and verifies.
+    let report = pull_report(&ctrd, "eve-again", &attacker)?;
+    assert!(report["not_lazy"].to_string().contains("not served lazily again"), "{report}");
+    assert!(pull(&ctrd, "alice", &victim)? >= 1, "{}", snap.log());
+    let out = ctrd
+        .ctr("alice")
+        .args(["run", "--rm", "--snapshotter", "clip", &victim, "alice1", "stat", "-c", "%u", "/etc/passwd"])
+        .output()?;
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0", "{}", String::from_utf8_lossy(&out.stderr));
+    let verified = clip_integration::wait_until(std::time::Duration::from_secs(60), || {
+        let text = clip_integration::metrics::scrape(port);
+        clip_integration::metrics::sum(&text, "clip_snapshotter_layers_verified_total{", &["same"]) >= 1
+    });
+    assert!(verified, "the victim's layer was not verified:\n{}", snap.log());
+    ctrd.purge()?;
+    Ok(())
+}

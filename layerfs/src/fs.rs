@@ -90,6 +90,10 @@ impl LayerFs {
     }
 
     fn entry(&self, ino: INodeNo) -> Result<Entry<'_>, Errno> {
+        // A poisoned layer (its bytes or tree differ from its index) answers nothing more.
+        if self.spans.is_poisoned() {
+            return Err(Errno::EIO);
+        }
         let id = ino.0.checked_sub(1).ok_or(Errno::ENOENT)?;
         let id = EntryId::try_from(id).map_err(|_| Errno::ENOENT)?;
         self.index().entry(id).map_err(|_| Errno::ENOENT)

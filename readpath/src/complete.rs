@@ -8,6 +8,12 @@
 //! it goes on just past it, ahead of the reader.
 
 use crate::spans::{SpanCache, Streamed};
+
+/// Told when a layer has become wholly local (the daemon verifies it: [`crate::verify`]).
+pub trait CompletionObserver: Send + Sync {
+    /// Called on the completion thread that finished `cache`, with no lock held.
+    fn completed(&self, cache: &Arc<SpanCache>);
+}
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
@@ -37,6 +43,7 @@ struct Layer {
 
 struct Shared {
     policy: CompletionPolicy,
+    observer: Option<Arc<dyn CompletionObserver>>,
     layers: Mutex<Vec<Layer>>,
     /// Streams making a request now (while container reads wait, at most one).
     active: Mutex<usize>,
@@ -55,13 +62,15 @@ impl std::fmt::Debug for Completer {
 }
 
 impl Completer {
-    /// Starts the stream threads; `None` when the policy turns completion off.
-    pub fn start(policy: CompletionPolicy) -> Option<Self> {
+    /// Starts the stream threads; `None` when the policy turns completion off. `observer` is
+    /// told of each layer that becomes complete.
+    pub fn start(policy: CompletionPolicy, observer: Option<Arc<dyn CompletionObserver>>) -> Option<Self> {
         if policy.streams == 0 {
             return None;
         }
         let shared = Arc::new(Shared {
             policy,
+            observer,
             layers: Mutex::new(Vec::new()),
             active: Mutex::new(0),
             stop: AtomicBool::new(false),
@@ -142,8 +151,12 @@ fn work(shared: &Shared) {
             Ok(Streamed::GoOn(next)) => layer.next = next,
             Ok(over) => {
                 layers.retain(|l| l.cache.as_ptr() != Arc::as_ptr(&cache));
+                drop(layers);
                 if over == Streamed::Complete {
                     tracing::info!(layer = %digest, "layer complete locally");
+                    if let Some(o) = &shared.observer {
+                        o.completed(&cache);
+                    }
                 } else {
                     tracing::info!(layer = %digest, "the span cache is nearly full: background completion of this layer stops");
                 }

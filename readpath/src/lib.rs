@@ -15,12 +15,13 @@ pub mod profile;
 pub mod spans;
 #[cfg(test)]
 mod testutil;
+pub mod verify;
 mod workers;
 
 pub use budget::CacheBudget;
 pub use clip_index::RangeFetcher;
 pub use clip_index::reader::FileFetcher;
-pub use complete::{Completer, CompletionPolicy};
+pub use complete::{Completer, CompletionObserver, CompletionPolicy};
 pub use metrics::{FuseOp, LayerMetrics};
 pub use prefetch::{PrefetchPolicy, Prefetcher};
 pub use profile::{Recorder, Recording, ReplayPolicy, Replayer};

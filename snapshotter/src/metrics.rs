@@ -48,6 +48,19 @@ struct CauseLabels {
     cause: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VerdictLabels {
+    /// `same`, `differs`, `unverifiable`.
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PoisonedLabels {
+    image: String,
+    layer: String,
+    index: String,
+}
+
 /// The daemon's metrics registry.
 #[derive(Debug)]
 pub struct Metrics {
@@ -73,6 +86,8 @@ pub struct Metrics {
     pub cache_bytes: prometheus_client::metrics::gauge::Gauge,
     pub cache_limit_bytes: prometheus_client::metrics::gauge::Gauge,
     pub cache_evictions: Counter,
+    verdicts: Family<VerdictLabels, Counter>,
+    poisoned: Family<PoisonedLabels, prometheus_client::metrics::gauge::Gauge>,
 }
 
 impl Default for Metrics {
@@ -158,6 +173,18 @@ impl Metrics {
         registry.register("cache_bytes", "bytes in the span caches and passthrough copies", cache_bytes.clone());
         registry.register("cache_limit_bytes", "the span cache limit (0: unlimited)", cache_limit_bytes.clone());
         registry.register("cache_evictions", "span files evicted to stay within the limit", cache_evictions.clone());
+        let verdicts = Family::<VerdictLabels, Counter>::default();
+        registry.register(
+            "layers_verified",
+            "complete layers checked against their diff ID and index tree, by result (same, differs, unverifiable)",
+            verdicts.clone(),
+        );
+        let poisoned = Family::<PoisonedLabels, prometheus_client::metrics::gauge::Gauge>::default();
+        registry.register(
+            "layers_poisoned",
+            "layers found not to be what their index says (1 per image, layer and index): no longer served",
+            poisoned.clone(),
+        );
         Self {
             registry,
             calls,
@@ -180,7 +207,20 @@ impl Metrics {
             cache_bytes,
             cache_limit_bytes,
             cache_evictions,
+            verdicts,
+            poisoned,
         }
+    }
+
+    /// Counts the result of verifying a complete layer.
+    pub fn verified(&self, result: &'static str) {
+        self.verdicts.get_or_create(&VerdictLabels { result }).inc();
+    }
+
+    /// Records a poisoned layer.
+    pub fn poisoned(&self, image: &str, layer: &str, index: &str) {
+        let l = PoisonedLabels { image: image.to_string(), layer: layer.to_string(), index: index.to_string() };
+        self.poisoned.get_or_create(&l).set(1);
     }
 
     /// The counters of one layer.

@@ -183,7 +183,7 @@ impl State {
         // of the same chain can serve it.
         let (repo, binding) = remote.bind(req).map_err(|e| RemoteFallback::Reason(e.into()))?;
         if let Some((name, Some(r))) = existing.map(|(n, r)| (n, r.remote)) {
-            if r.key() == binding.key {
+            if r.key() == binding.key && !remote.is_poisoned(&binding.key) {
                 return Ok(());
             }
             // Another image's layer or index under this chain ID: this image gets a snapshot of

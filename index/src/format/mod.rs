@@ -12,6 +12,7 @@
 //! reading entries and spans), [`windows`] (zran windows, inline or split off) and [`validate`].
 
 mod codes;
+mod compare;
 mod encode;
 pub(crate) mod header;
 mod records;

@@ -60,6 +60,8 @@ pub enum SpanError {
         #[source]
         source: IndexError,
     },
+    #[error("layer {layer} is not what its index says; it is no longer served")]
+    Poisoned { layer: String },
     #[error("span cache {path}: {source}")]
     Cache {
         path: String,
@@ -138,6 +140,8 @@ pub struct SpanCache {
     /// Container reads in flight, shared across layers (background fetching yields to them).
     pub(crate) foreground: Arc<AtomicU32>,
     opts: SpanCacheOptions,
+    /// The layer was found not to be what its index says: no read is served any more.
+    poisoned: std::sync::atomic::AtomicBool,
 }
 
 /// How one layer's span cache is wired into the daemon; the default is a cache on its own.
@@ -213,7 +217,23 @@ impl SpanCache {
             last_miss: AtomicU32::new(0),
             foreground: opts.foreground.take().unwrap_or_default(),
             opts,
+            poisoned: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Stops serving the layer: every read from now on fails (its bytes or its tree were found
+    /// to differ from what the index says, see [`crate::verify`]).
+    pub fn poison(&self) {
+        self.poisoned.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::SeqCst)
+    }
+
+    /// The directory of the layer's span files.
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
     }
 
     /// This layer's counters.
@@ -245,7 +265,7 @@ impl SpanCache {
         &self.layer
     }
 
-    fn span_path(&self, i: u32) -> PathBuf {
+    pub(crate) fn span_path(&self, i: u32) -> PathBuf {
         self.dir.join(format!("{i:08}"))
     }
 
@@ -393,6 +413,9 @@ impl SpanCache {
 
     /// The bytes, and whether this read had to fetch any of them itself.
     fn read_inner(&self, start: u64, end: u64, readahead: u32) -> Result<(Vec<u8>, bool), SpanError> {
+        if self.is_poisoned() {
+            return Err(SpanError::Poisoned { layer: self.layer.to_string() });
+        }
         if end <= start {
             return Ok((Vec::new(), false));
         }

@@ -41,6 +41,8 @@ pub struct Binding {
     pub key: LayerKey,
     /// The windows blob of an index without windows.
     pub windows_blob: Option<String>,
+    /// The image manifest the artifact is for, when known.
+    pub manifest_digest: Option<String>,
 }
 
 /// Opens a stored index (and its windows blob's digest) if present; a corrupt one is deleted
@@ -177,7 +179,7 @@ impl IndexDiscovery {
     /// Which index the requested image names for the requested layer: its own index artifact's
     /// blob for that layer. Starts fetching the artifact's other indexes. Blocking.
     pub fn bind(&self, repo: &Arc<Repository>, req: &RemoteRequest) -> Result<Binding, RemoteError> {
-        let (artifact_digest, artifact) = match &req.index_digest {
+        let (artifact_digest, artifact, manifest_digest) = match &req.index_digest {
             Some(d) => {
                 let artifact = self.artifact(repo, d)?;
                 // The orchestrator named it; it must still be for this image when both are known.
@@ -187,9 +189,14 @@ impl IndexDiscovery {
                     return Err(RemoteError::ForeignIndex { artifact: d.clone(), subject, manifest: manifest.clone() });
                 }
                 self.check_signed(repo, d)?;
-                (d.clone(), artifact)
+                let manifest = req.manifest_digest.clone().or_else(|| artifact.subject_digest());
+                (d.clone(), artifact, manifest)
             }
-            None => self.referred_artifact(repo, req)?,
+            None => {
+                let (digest, artifact) = self.referred_artifact(repo, req)?;
+                let manifest = artifact.subject_digest();
+                (digest, artifact, manifest)
+            }
         };
         let index_blob = artifact.blob_for(&req.layer_digest, BlobKind::Index).ok_or_else(|| {
             RemoteError::NotInArtifact { artifact: artifact_digest.clone(), layer: req.layer_digest.clone() }
@@ -198,6 +205,7 @@ impl IndexDiscovery {
         Ok(Binding {
             key: LayerKey::bound(&req.layer_digest, &index_blob),
             windows_blob: artifact.blob_for(&req.layer_digest, BlobKind::Windows),
+            manifest_digest,
         })
     }
 
@@ -269,6 +277,13 @@ impl IndexDiscovery {
     /// The index of a bound layer: stored, fetched ahead, or fetched now from the image's
     /// repository (and stored). Blocking.
     pub fn load(&self, repo: &Arc<Repository>, binding: &Binding) -> Result<Found, RemoteError> {
+        let poisoned = self.layout.poisoned_path(&binding.key);
+        if poisoned.exists() {
+            return Err(RemoteError::Poisoned {
+                layer: binding.key.to_string(),
+                marker: poisoned.display().to_string(),
+            });
+        }
         let path = self.layout.index_path(&binding.key);
         let layer = &binding.key.layer_digest;
         if let Some(i) = open_local(&path, layer)? {
@@ -303,6 +318,7 @@ impl IndexDiscovery {
             let binding = Binding {
                 key: LayerKey::bound(&layer, &blob),
                 windows_blob: artifact.blob_for(&layer, BlobKind::Windows),
+                manifest_digest: None,
             };
             let path = self.layout.index_path(&binding.key);
             if path.exists() {

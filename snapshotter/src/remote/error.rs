@@ -41,6 +41,9 @@ pub enum RemoteError {
         #[source]
         source: clip_trust::TrustError,
     },
+    /// The layer, with this index, was found not to be what the index says.
+    #[error("layer {layer} was found not to match its index on this node ({marker}); it is not served lazily again")]
+    Poisoned { layer: String, marker: String },
     /// The artifact named by the `clip.index-digest` label is for another image.
     #[error("index artifact {artifact} is for manifest {subject}, not for this image's {manifest}")]
     ForeignIndex { artifact: String, subject: String, manifest: String },

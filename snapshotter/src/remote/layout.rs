@@ -124,6 +124,11 @@ impl CacheLayout {
         self.root.join("sessions").join(id.to_string())
     }
 
+    /// The marker of a layer found not to be what its index says (never served again).
+    pub fn poisoned_path(&self, key: &LayerKey) -> PathBuf {
+        self.root.join("poisoned").join(key.file_name())
+    }
+
     pub fn profiles_dir(&self) -> PathBuf {
         self.root.join("profiles")
     }

@@ -14,7 +14,8 @@
 //! - [`settings`]: the read-path settings every layer's span cache is wired with;
 //! - [`mount`]: where a mount is made, served again after a restart, and taken down, with the
 //!   fd [`keeper`] holding every mount's FUSE connection across restarts;
-//! - [`blob`]: a layer blob as the read path's range fetcher; [`profiles`]: access profiles.
+//! - [`blob`]: a layer blob as the read path's range fetcher; [`profiles`]: access profiles;
+//! - [`verify`]: verification of layers that became complete, and poisoning.
 //!
 //! Labels are parsed in [`clip_config::labels`]; spans are fetched in [`clip_readpath::spans`].
 
@@ -29,6 +30,7 @@ mod mount;
 mod profiles;
 pub mod sessions;
 pub mod settings;
+pub mod verify;
 
 pub use blob::RegistryBlob;
 pub use creds_store::CredentialStore;
@@ -56,6 +58,8 @@ pub struct RemoteLayers {
     keeper: keeper::KeeperHandle,
     /// Access profiles: recorded, kept, published, replayed (`None`: off).
     profiles: Option<Arc<profiles::ProfileBook>>,
+    /// Checks layers as they become complete.
+    verifier: Arc<verify::Verifier>,
     metrics: Arc<crate::metrics::Metrics>,
     runtime: tokio::runtime::Handle,
 }
@@ -74,6 +78,9 @@ pub struct OpenedLayer {
     /// The windows blob of an index without windows.
     windows: Option<RegistryBlob>,
     key: LayerKey,
+    /// The image the layer was opened for, and its manifest when known (to find its diff ID).
+    image_ref: String,
+    manifest_digest: Option<String>,
 }
 
 impl OpenedLayer {
@@ -98,7 +105,10 @@ impl RemoteLayers {
         let layout = CacheLayout::new(&cfg.root);
         let sessions = Arc::new(Sessions::new(cfg, &layout).await?);
         let (keeper, kept) = keeper::KeeperHandle::new(cfg);
-        let read = ReadSettings::new(cfg, &layout, &metrics);
+        let verifier =
+            Arc::new(verify::Verifier::new(layout.clone(), sessions.clone(), runtime.clone(), metrics.clone()));
+        let read = ReadSettings::new(cfg, &layout, &metrics, verifier.clone());
+        let _ = verifier.budget.set(read.budget.clone());
         let profiles =
             profiles::ProfileBook::start(&cfg.lazy.profiles, layout.profiles_dir(), runtime.clone(), metrics.clone());
         let trust = if cfg.trust.keys.is_empty() {
@@ -116,6 +126,7 @@ impl RemoteLayers {
             read,
             keeper,
             profiles,
+            verifier,
             metrics,
             runtime,
         })
@@ -141,6 +152,7 @@ impl RemoteLayers {
     /// passthrough copies and index. Call under the layer's [`Self::gate`].
     pub fn delete_layer_caches(&self, _gate: &LayerGate<'_>, key: &LayerKey) {
         let deleted = self.layout.delete_layer(key);
+        self.verifier.forget(&deleted.spans);
         self.read.budget.forget_layer(&deleted.spans, &deleted.files);
         if let Some(p) = &self.profiles {
             p.layer_gone(&key.layer_digest);
@@ -160,6 +172,11 @@ impl RemoteLayers {
         Ok((repo, binding))
     }
 
+    /// Whether the layer, with this index, was found not to be what the index says.
+    pub fn is_poisoned(&self, key: &LayerKey) -> bool {
+        self.layout.poisoned_path(key).exists()
+    }
+
     /// Opens the index a layer is bound to. Blocking.
     pub fn open(
         &self,
@@ -171,7 +188,9 @@ impl RemoteLayers {
         if let Some(p) = &self.profiles {
             p.image_opened(repo, req);
         }
-        Ok(self.opened(&req.image_ref, index, windows, binding.key))
+        let mut opened = self.opened(&req.image_ref, index, windows, binding.key);
+        opened.manifest_digest = binding.manifest_digest;
+        Ok(opened)
     }
 
     fn opened(&self, image_ref: &str, index: Arc<Index>, windows: Option<String>, key: LayerKey) -> OpenedLayer {
@@ -181,7 +200,14 @@ impl RemoteLayers {
             runtime: self.runtime.clone(),
             timeout: self.read.fetch_timeout,
         };
-        OpenedLayer { index, windows: windows.map(blob), source: blob(key.layer_digest.clone()), key }
+        OpenedLayer {
+            index,
+            windows: windows.map(blob),
+            source: blob(key.layer_digest.clone()),
+            key,
+            image_ref: image_ref.to_string(),
+            manifest_digest: None,
+        }
     }
 
     /// Opens a recorded layer again (restarts): from the local index store, else (when `fetch`)
@@ -199,7 +225,7 @@ impl RemoteLayers {
         tracing::warn!(layer = %key, image = %record.image_ref, "the stored index is gone; fetching it again");
         let repo: Arc<Repository> = self.sessions.repository(&record.image_ref)?;
         let binding = if key.index_blob.is_some() {
-            Binding { key, windows_blob: record.windows_blob.clone() }
+            Binding { key, windows_blob: record.windows_blob.clone(), manifest_digest: None }
         } else {
             let req = RemoteRequest {
                 target: String::new(),

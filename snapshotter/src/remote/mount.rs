@@ -27,6 +27,14 @@ impl RemoteLayers {
             self.profiles.clone().map(|p| p as Arc<dyn ReadObserver>),
         );
         let span_dir = self.layout.span_dir(&layer.key);
+        self.verifier.serving(
+            span_dir.clone(),
+            super::verify::Served {
+                key: layer.key.clone(),
+                image_ref: layer.image_ref.clone(),
+                manifest_digest: layer.manifest_digest.clone(),
+            },
+        );
         let spans = SpanCache::with_options(layer.index, span_dir, Arc::new(layer.source), options)
             .map_err(RemoteError::io("span cache"))?;
         let spans = Arc::new(spans);

@@ -46,18 +46,26 @@ impl std::fmt::Debug for ReadSettings {
 
 impl ReadSettings {
     /// The settings `[lazy]` asks for, with the disk budget counted from what is on disk.
-    pub fn new(cfg: &SnapshotterConfig, layout: &super::layout::CacheLayout, metrics: &Metrics) -> Self {
+    pub fn new(
+        cfg: &SnapshotterConfig,
+        layout: &super::layout::CacheLayout,
+        metrics: &Metrics,
+        completed: Arc<dyn clip_readpath::CompletionObserver>,
+    ) -> Self {
         let budget = CacheBudget::new(cfg.lazy.cache_max_bytes)
             .with_metrics(metrics.cache_bytes.clone(), metrics.cache_evictions.clone());
         metrics.cache_limit_bytes.set(i64::try_from(cfg.lazy.cache_max_bytes).unwrap_or(i64::MAX));
         budget.scan(&layout.spans_root(), &layout.files_root());
         tracing::info!(bytes = budget.used(), limit = cfg.lazy.cache_max_bytes, "span caches counted");
         let completer = if cfg.lazy.completion.enabled {
-            Completer::start(CompletionPolicy {
-                streams: cfg.lazy.completion.layers,
-                request_bytes: cfg.lazy.completion.request_bytes,
-                start_delay: Duration::from_millis(cfg.lazy.completion.start_delay_ms),
-            })
+            Completer::start(
+                CompletionPolicy {
+                    streams: cfg.lazy.completion.layers,
+                    request_bytes: cfg.lazy.completion.request_bytes,
+                    start_delay: Duration::from_millis(cfg.lazy.completion.start_delay_ms),
+                },
+                Some(completed),
+            )
         } else {
             tracing::info!("background completion is off");
             None
