@@ -26,7 +26,7 @@ if [ "$FUZZ_SECONDS" != 0 ]; then
   command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --version 0.13.2
   # cargo-fuzz needs unstable sanitizer flags; this machine has only a stable toolchain.
   export RUSTC_BOOTSTRAP=1
-  for t in index_open index_build labels_config; do
+  for t in index_open index_build labels_config artifact_parse profile_parse; do
     (cd fuzz && CARGO_TARGET_DIR=../target/fuzz cargo fuzz run -O "$t" -- \
         -max_total_time="$FUZZ_SECONDS" -max_len=65536 2>&1 | tee "../target/fuzz-$t.log" | grep -E '^Done|SUMMARY|panicked' )
   done

@@ -35,6 +35,10 @@ pub const EMPTY_CONFIG: &[u8] = b"{}";
 use oci_spec::image::{Descriptor, ImageManifest, ImageManifestBuilder, MediaType};
 use std::collections::HashMap;
 
+/// Most blobs an index artifact may list: an index and a windows blob for each of 1,024
+/// layers (images have at most a few hundred).
+pub const MAX_ARTIFACT_BLOBS: usize = 2048;
+
 /// OCI image manifest media type (the artifact is one).
 pub const OCI_MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
 
@@ -117,12 +121,19 @@ impl IndexArtifact {
         Ok(Self { manifest })
     }
 
-    /// Parses a fetched manifest; anything but a CLIP index artifact is an error.
+    /// Parses a fetched manifest; anything but a CLIP index artifact is an error, and so is
+    /// one with more than [`MAX_ARTIFACT_BLOBS`] layers (lookups walk them).
     pub fn parse(bytes: &[u8]) -> Result<Self, ArtifactError> {
         let manifest: ImageManifest = serde_json::from_slice(bytes)?;
         let artifact_type = manifest.artifact_type().as_ref().map(ToString::to_string);
         if artifact_type.as_deref() != Some(ARTIFACT_TYPE) {
             return Err(ArtifactError::NotAnIndex(artifact_type));
+        }
+        if manifest.layers().len() > MAX_ARTIFACT_BLOBS {
+            return Err(ArtifactError::Invalid(format!(
+                "{} layers, more than the {MAX_ARTIFACT_BLOBS} an index artifact may have",
+                manifest.layers().len()
+            )));
         }
         Ok(Self { manifest })
     }

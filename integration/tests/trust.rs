@@ -90,10 +90,15 @@ async fn publish_crafted_index(victim_ref: &str, attacker_ref: &str, layer: &str
 /// Publishes an index artifact for `reference`'s manifest holding, for each layer, the given
 /// index (and windows blob), as anyone with push access to the repository can.
 async fn publish_artifact(reference: &str, layers: Vec<(String, Index, Option<Bytes>)>) -> Result<()> {
+    let packed = layers.into_iter().map(|(l, i, w)| Ok((l, i.pack()?, w))).collect::<Result<Vec<_>>>()?;
+    publish_packed(reference, packed).await
+}
+
+/// [`publish_artifact`] with the index blobs as given (packed, or anything at all).
+async fn publish_packed(reference: &str, layers: Vec<(String, Vec<u8>, Option<Bytes>)>) -> Result<()> {
     let attacker = repository(reference)?;
     let mut blobs = Vec::new();
-    for (layer, index, windows) in layers {
-        let packed = index.pack()?;
+    for (layer, packed, windows) in layers {
         blobs.push(ArtifactBlob {
             kind: BlobKind::Index,
             size: packed.len() as u64,
@@ -399,6 +404,117 @@ fn a_layer_whose_index_lies_is_poisoned_once_complete_and_never_served_again() -
         clip_integration::metrics::sum(&text, "clip_snapshotter_layers_verified_total{", &["same"]) >= 1
     });
     assert!(verified, "the victim's layer was not verified:\n{}", snap.log());
+    ctrd.purge()?;
+    Ok(())
+}
+
+/// The resident memory of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn hostile_indexes_fall_back_with_a_clear_reason_and_the_daemon_stays_up_within_bounds() -> Result<()> {
+    require_root();
+    let td = TestDir::new("trust-hostile")?;
+    let reg = Registry::start_plain(&td, "plain")?;
+    let base = TestImage::Busybox.layout()?;
+    let tag = TestImage::Busybox.tag();
+    let victim = reg.push_layout(&base, tag, "alice/busybox", "latest")?;
+    index_with_builder(&victim)?;
+    let layer = layout_manifest(&base, tag)?["layers"][0]["digest"].as_str().context("layer")?.to_string();
+    let huge =
+        reg.push_layout(&derive_layout(&base, tag, &td.path().join("huge"), "huge")?, tag, "eve/huge", "latest")?;
+    let bomb =
+        reg.push_layout(&derive_layout(&base, tag, &td.path().join("bomb"), "bomb")?, tag, "eve/bomb", "latest")?;
+    rt().block_on(async {
+        // The base layer's honest index, its header claiming a 1 TiB tar stream (every record
+        // still in range): its last span would be a terabyte.
+        let (index, windows) = published_index_of(&victim, &layer).await?;
+        let mut bytes = index.bytes().to_vec();
+        bytes[32..40].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        let body = bytes.len() - 32;
+        let sum = <sha2::Sha256 as sha2::Digest>::digest(&bytes[..body]);
+        bytes[body..].copy_from_slice(&sum);
+        publish_artifact(&huge, vec![(layer.clone(), Index::open(bytes)?, windows)]).await?;
+        // A zstd bomb as the packed index: 4 GiB of zeros in a few hundred KiB.
+        let mut enc = zstd::stream::write::Encoder::new(Vec::new(), 19)?;
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..4096 {
+            std::io::Write::write_all(&mut enc, &zeros)?;
+        }
+        publish_packed(&bomb, vec![(layer.clone(), enc.finish()?, None)]).await
+    })?;
+
+    let snap = ClipSnapshotter::start_configured(&td, "clip", &lazy_config(false), &[])?;
+    let ctrd = containerd_for(&td, &snap, Flavor::V2)?;
+    let pid = snap.pid();
+    let mut peak = 0;
+    for (image, ns, why) in
+        [(&huge, "eve1", "more than the 67108864 bytes a span may hold"), (&bomb, "eve2", "unpacks to more than")]
+    {
+        let report = pull_report(&ctrd, ns, image)?;
+        assert_eq!(report["lazy_layers"], 0, "{report}");
+        assert!(report["not_lazy"].to_string().contains(why), "{report}");
+        // Unpacked the ordinary way, the image runs.
+        let seen = run_in(&ctrd, ns, image, "c", &["cat", "/variant.txt"])?;
+        assert!(seen == "huge" || seen == "bomb", "{seen}");
+        // Every file reads (a terabyte span, had it been served, would be decoded here).
+        let all = ["sh", "-c", "find / -xdev -type f -exec cat {} + > /dev/null && echo read"];
+        assert_eq!(run_in(&ctrd, ns, image, "all", &all)?, "read", "{}", snap.log());
+        peak = peak.max(rss_kib(pid));
+    }
+    assert!(std::path::Path::new(&format!("/proc/{pid}")).exists(), "the daemon died:\n{}", snap.log());
+    eprintln!("snapshotter RSS after the hostile indexes: {peak} KiB");
+    assert!(peak < 200 << 10, "RSS {peak} KiB");
+    // The victim is served lazily with its own index.
+    assert!(pull(&ctrd, "alice", &victim)? >= 1, "{}", snap.log());
+    assert_eq!(run_in(&ctrd, "alice", &victim, "a", &["stat", "-c", "%u", "/etc/passwd"])?, "0");
+    assert!(!snap.log().contains("panicked"));
+    ctrd.purge()?;
+    Ok(())
+}
+
+#[test]
+fn a_fallback_unpack_whose_content_is_not_its_diff_id_is_refused() -> Result<()> {
+    require_root();
+    let td = TestDir::new("trust-diffid")?;
+    let reg = Registry::start_plain(&td, "plain")?;
+    let base = TestImage::Busybox.layout()?;
+    let tag = TestImage::Busybox.tag();
+    // A top layer whose config claims a diff ID that is not its content's (no index: the pull
+    // falls back to unpacking it).
+    let work = td.sub("work")?;
+    std::fs::write(work.join("variant.txt"), "not what the config says")?;
+    let tar = Command::new("tar")
+        .args(["--owner=0", "--group=0", "-cf", "-", "-C"])
+        .arg(&work)
+        .arg("variant.txt")
+        .output()?;
+    let gz = Command::new("sh")
+        .arg("-c")
+        .arg(format!("tar --owner=0 --group=0 -cf - -C {} variant.txt | gzip -c", work.display()))
+        .output()?;
+    assert!(tar.status.success() && gz.status.success());
+    let claimed = format!("sha256:{}", "ab".repeat(32));
+    let layout = derive_layout_with_gzip_layer(&base, tag, &td.path().join("liar"), &gz.stdout, &claimed)?;
+    let liar = reg.push_layout(&layout, tag, "eve/liar", "latest")?;
+    let snap = ClipSnapshotter::start_configured(&td, "clip", &lazy_config(false), &[])?;
+    let ctrd = containerd_for(&td, &snap, Flavor::V2)?;
+    let out = Command::new(workspace_binary("clip-snapshotter")?)
+        .args(["pull", "--plain-http", "-n", "eve", "--containerd-address"])
+        .arg(ctrd.socket())
+        .arg(&liar)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Seen failing before: the pull succeeded, committing the layer under the claimed chain.
+    assert!(!out.status.success(), "the pull accepted a layer that is not its diff ID");
+    assert!(stderr.contains("diff ID") && stderr.contains(&claimed), "{stderr}");
     ctrd.purge()?;
     Ok(())
 }

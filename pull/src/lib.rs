@@ -205,7 +205,7 @@ pub async fn pull(opts: &PullOptions, reference: &str) -> Result<PullReport> {
                         reason: said
                             .unwrap_or_else(|| "the snapshotter did not say (not clip, or lazy serving is off)".into()),
                     });
-                    let unpacked = unpack_layer(&repo, &channel, &ctx, &mut content, layer, mounts).await;
+                    let unpacked = unpack_layer(&repo, &channel, &ctx, &mut content, layer, &diff_ids[i], mounts).await;
                     if let Err(e) = unpacked {
                         let _ = snapshots
                             .remove(ctx.req(RemoveSnapshotRequest {
@@ -404,32 +404,43 @@ async fn set_content_labels(
     Ok(())
 }
 
-/// The fallback: layer blob into the content store, then containerd's differ applies it.
+/// The fallback: layer blob into the content store, then containerd's differ applies it; what
+/// it applied must be the layer's `diff_id` (else the snapshot would be committed under a chain
+/// ID that is not its content's, for every later image of that chain to reuse).
 async fn unpack_layer(
     repo: &Repository,
     channel: &Channel,
     ctx: &Ctx,
     content: &mut ContentClient<Channel>,
     layer: &oci_spec::image::Descriptor,
+    diff_id: &str,
     mounts: Vec<containerd_client::types::Mount>,
 ) -> Result<()> {
     let digest = layer.digest().to_string();
     let blob = repo.get_blob(&digest, 4 << 30).await.with_context(|| format!("downloading {digest}"))?;
     write_content(content, ctx, &digest, blob.to_vec(), HashMap::new()).await?;
     let mut diff = DiffClient::new(channel.clone());
-    diff.apply(ctx.req(ApplyRequest {
-        diff: Some(containerd_client::types::Descriptor {
-            media_type: layer.media_type().to_string(),
-            digest,
-            size: layer.size() as i64,
-            annotations: HashMap::new(),
-        }),
-        mounts,
-        payloads: HashMap::new(),
-        sync_fs: false,
-    })?)
-    .await
-    .context("containerd's differ")?;
+    let applied = diff
+        .apply(ctx.req(ApplyRequest {
+            diff: Some(containerd_client::types::Descriptor {
+                media_type: layer.media_type().to_string(),
+                digest: digest.clone(),
+                size: layer.size() as i64,
+                annotations: HashMap::new(),
+            }),
+            mounts,
+            payloads: HashMap::new(),
+            sync_fs: false,
+        })?)
+        .await
+        .context("containerd's differ")?
+        .into_inner()
+        .applied
+        .map(|d| d.digest)
+        .unwrap_or_default();
+    if applied != diff_id {
+        bail!("layer {digest} unpacks to {applied}, but the image config names {diff_id} as its diff ID");
+    }
     Ok(())
 }
 
