@@ -518,3 +518,45 @@ fn a_fallback_unpack_whose_content_is_not_its_diff_id_is_refused() -> Result<()>
     ctrd.purge()?;
     Ok(())
 }
+
+#[test]
+fn in_signed_mode_a_crafted_index_in_the_same_namespace_never_reaches_the_victim() -> Result<()> {
+    require_root();
+    let td = TestDir::new("trust-samens")?;
+    let reg = Registry::start_plain(&td, "plain")?;
+    let base = TestImage::Busybox.layout()?;
+    let tag = TestImage::Busybox.tag();
+    let keys = td.sub("keys")?;
+    let (key, public) = (keys.join("platform.pem"), keys.join("platform.pub"));
+    run(Command::new("openssl")
+        .args(["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out"])
+        .arg(&key))?;
+    run(Command::new("openssl").arg("pkey").arg("-in").arg(&key).arg("-pubout").arg("-out").arg(&public))?;
+    let victim = reg.push_layout(&base, tag, "alice/busybox", "latest")?;
+    run(Command::new(workspace_binary("clip-builder")?)
+        .args(["index", "--plain-http", "--sign-key"])
+        .arg(&key)
+        .arg(&victim))?;
+    let derived = derive_layout(&base, tag, &td.path().join("eve-layout"), "eve")?;
+    let attacker = reg.push_layout(&derived, tag, "eve/app", "latest")?;
+    let layer = layout_manifest(&base, tag)?["layers"][0]["digest"].as_str().context("layer")?.to_string();
+    rt().block_on(publish_crafted_index(&victim, &attacker, &layer))?;
+
+    let mut config = lazy_config(false);
+    config.trust.keys = vec![public];
+    let snap = ClipSnapshotter::start_configured(&td, "clip", &config, &[])?;
+    let ctrd = containerd_for(&td, &snap, Flavor::V2)?;
+    // Kubernetes' one namespace: the attacker's image comes first. Its crafted index is not
+    // signed, so containerd unpacks the shared layer from its true bytes...
+    let report = pull_report(&ctrd, "k8s.io", &attacker)?;
+    assert_eq!(report["lazy_layers"], 0, "{report}");
+    assert_eq!(run_in(&ctrd, "k8s.io", &attacker, "eve1", &["stat", "-c", "%u", "/etc/passwd"])?, "0");
+    // ...and the victim, whose chain containerd then shares without asking clip, sees them.
+    pull_report(&ctrd, "k8s.io", &victim)?;
+    assert_eq!(run_in(&ctrd, "k8s.io", &victim, "alice1", &["stat", "-c", "%u", "/etc/passwd"])?, "0");
+    // The victim's own signed index serves it lazily where its chain is new.
+    assert!(pull(&ctrd, "other", &victim)? >= 1, "{}", snap.log());
+    assert_eq!(run_in(&ctrd, "other", &victim, "alice2", &["stat", "-c", "%u", "/etc/passwd"])?, "0");
+    ctrd.purge()?;
+    Ok(())
+}
