@@ -451,11 +451,11 @@ fn corrupted_spans_fail_reads_a_vanished_registry_recovers_and_a_restart_remount
 }
 
 #[test]
-fn pull_plain_http_reaches_the_daemons_requests_for_a_registry_that_is_not_loopback() -> Result<()> {
+fn a_plain_http_label_is_refused_for_a_registry_that_is_not_loopback_and_a_hosts_toml_serves_it() -> Result<()> {
     require_root();
     let td = TestDir::new("lazy-plain-ns")?;
     // A registry at the address of a network namespace of this test's own (not loopback, so no
-    // default reaches it over plain HTTP), with no hosts.toml anywhere.
+    // default reaches it over plain HTTP).
     let link = clip_integration::netns::SlowLink::new(1000, 2)?;
     let reg = Registry::start_wrapped(&td, "ns", None, link.ns_ip(), &link.wrap())?;
     let layout = TestImage::Busybox.layout()?;
@@ -466,12 +466,33 @@ fn pull_plain_http_reaches_the_daemons_requests_for_a_registry_that_is_not_loopb
         &td,
         &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() },
     )?;
+    // `pull --plain-http` labels its Prepares `clip.plain-http`: one client's label must not
+    // downgrade a remote registry for the node (seen before: honoured and recorded for good).
     let out = pull(&ctrd, &["--plain-http"], &reference)?;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(report["lazy_layers"], 0, "{report}");
+    assert!(report["not_lazy"].to_string().contains("only for loopback registries"), "{report}");
+    assert!(!snap.root().join("plain-http-registries").exists(), "recorded for good");
+    ctrd.purge()?;
+    drop(ctrd);
+    drop(snap);
+    // The node's own configuration does it: a hosts.toml naming the plain-HTTP server.
+    let hosts = td.sub("certs.d")?;
+    std::fs::create_dir_all(hosts.join(reg.host()))?;
+    std::fs::write(hosts.join(reg.host()).join("hosts.toml"), format!("server = \"http://{}\"\n", reg.host()))?;
+    let mut config = lazy_config(true);
+    config.registry.hosts_dir = Some(hosts.clone());
+    let node = TestDir::new("lazy-plain-ns-node")?;
+    let snap = ClipSnapshotter::start_configured(&node, "clip", &config, &[])?;
+    let ctrd = Containerd::start(
+        &node,
+        &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() },
+    )?;
+    let out = pull(&ctrd, &["--hosts-dir", &hosts.display().to_string()], &reference)?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(report["lazy_layers"], 1, "{report}\n{}", snap.log());
-    let recorded = std::fs::read_to_string(snap.root().join("plain-http-registries"))?;
-    assert_eq!(recorded.trim(), reg.host(), "kept for restarts");
     let out =
         ctrd.ctr_run("t", &["run", "--rm", "--snapshotter", "clip", &reference, "ns1", "sh", "-c", "ls /bin | wc -l"])?;
     assert!(String::from_utf8_lossy(&out.stdout).trim().parse::<u32>().unwrap_or(0) > 100);

@@ -4,6 +4,8 @@
 //! chain, and redirects to object stores followed *without* `Authorization`, their final URL
 //! cached per blob.
 
+pub(crate) use crate::answer::backoff;
+use crate::answer::{check_status, host_port, is_unreachable};
 use crate::challenge::{self, Challenge};
 use crate::credentials::{Candidate, CredentialChain, Source};
 pub use crate::error::error_text;
@@ -90,6 +92,7 @@ impl RegistryClient {
             auth: tokio::sync::Mutex::new(AuthState::default()),
             redirects: parking_lot::Mutex::new(HashMap::new()),
             warming: parking_lot::Mutex::new(HashMap::new()),
+            set_aside: parking_lot::Mutex::new(HashMap::new()),
         })
     }
 
@@ -193,6 +196,10 @@ pub struct Repository {
     /// the whole blob): their ranges go to the registry itself until the instant, then the
     /// mirror is asked again, and the wait doubles (up to a minute).
     pub(crate) warming: parking_lot::Mutex<HashMap<String, (Instant, Duration)>>,
+    /// Mirrors that refused or failed (401/403 with no credentials of their own, 5xx,
+    /// unreachable), by host: skipped until the instant; the wait doubles while they keep
+    /// failing.
+    set_aside: parking_lot::Mutex<HashMap<String, (Instant, Duration)>>,
 }
 
 impl std::fmt::Debug for Repository {
@@ -200,6 +207,10 @@ impl std::fmt::Debug for Repository {
         write!(f, "Repository({})", self.image)
     }
 }
+
+/// How long a mirror that failed is first left alone, and the longest (the wait doubles).
+const MIRROR_SET_ASIDE: Duration = Duration::from_secs(30);
+const MIRROR_SET_ASIDE_MAX: Duration = Duration::from_secs(600);
 
 /// How long a cached redirect URL (often a pre-signed object store URL) is reused.
 const REDIRECT_TTL: Duration = Duration::from_secs(300);
@@ -242,14 +253,19 @@ impl Repository {
         let mut mirror_error = None;
         let mirrors = if op.skip_mirrors { &[] } else { mirrors };
         for mirror in mirrors {
+            if self.is_set_aside(&mirror.host) {
+                continue;
+            }
             match Box::pin(self.send_with_retries(mirror, op)).await {
                 Ok(mut r) if r.status() != StatusCode::NOT_FOUND => {
+                    self.set_aside.lock().remove(&mirror.host);
                     r.extensions_mut().insert(FromMirror);
                     return Ok(r);
                 }
                 Ok(_) => tracing::debug!(mirror = %mirror.host, path = %op.path, "mirror has no such content"),
                 Err(e) => {
-                    tracing::warn!(mirror = %mirror.host, error = %e, "mirror failed; trying the next endpoint");
+                    let wait = self.set_mirror_aside(&mirror.host);
+                    tracing::warn!(mirror = %mirror.host, error = %e, wait_s = wait.as_secs(), "mirror failed; left alone for a while, trying the next endpoint");
                     if !e.is_transient() && mirror_error.is_none() {
                         mirror_error = Some(e);
                     }
@@ -262,6 +278,18 @@ impl Repository {
             Err(e) if e.is_transient() => Err(mirror_error.unwrap_or(e)),
             other => other,
         }
+    }
+
+    fn is_set_aside(&self, host: &str) -> bool {
+        self.set_aside.lock().get(host).is_some_and(|(until, _)| Instant::now() < *until)
+    }
+
+    /// Leaves a failing mirror alone for a while (doubling each time it fails again).
+    fn set_mirror_aside(&self, host: &str) -> Duration {
+        let mut aside = self.set_aside.lock();
+        let wait = aside.get(host).map_or(MIRROR_SET_ASIDE, |(_, w)| (*w * 2).min(MIRROR_SET_ASIDE_MAX));
+        aside.insert(host.to_string(), (Instant::now() + wait, wait));
+        wait
     }
 
     async fn send_with_retries(&self, endpoint: &Endpoint, op: &Op) -> Result<reqwest::Response> {
@@ -360,7 +388,11 @@ impl Repository {
         refresh: bool,
     ) -> Result<()> {
         let source = candidate.source();
-        let credential = candidate.resolve(self.registry(), refresh).await?;
+        let credential = if endpoint.mirror {
+            candidate.resolve_for_mirror(&endpoint.host).await?
+        } else {
+            candidate.resolve(self.registry(), refresh).await?
+        };
         if state.logged != Some(source) {
             tracing::info!(image = %self.image, source = source.name(), "{}", source.decision());
             state.logged = Some(source);
@@ -374,7 +406,10 @@ impl Repository {
                 let (token, expires) = self
                     .fetch_token(endpoint, realm, service.as_deref(), scope.as_deref(), credential.as_ref())
                     .await?;
-                (Secret::new(format!("Bearer {}", token.expose())), expires)
+                // A refused token request gives no token: send nothing rather than `Bearer `.
+                let value =
+                    if token.expose().is_empty() { String::new() } else { format!("Bearer {}", token.expose()) };
+                (Secret::new(value), expires)
             }
         };
         state.headers.insert(endpoint.host.clone(), CachedAuth { value, expires, challenge });
@@ -394,14 +429,34 @@ impl Repository {
         let actions = if self.push { "pull,push" } else { "pull" };
         let scope = format!("repository:{}:{actions}", self.image.repository);
         let http = self.client.http(endpoint)?;
+        // A realm on another host (another name or address; a port of the same one is the
+        // same host) gets the credential only over verified TLS.
+        let realm_url = url::Url::parse(realm).ok();
+        let realm_host = realm_url.as_ref().and_then(host_port);
+        let (endpoint_name, _) = crate::hosts::split_host_port(&endpoint.host);
+        let same_host =
+            realm_url.as_ref().and_then(url::Url::host_str).map(|h| h.trim_start_matches('[').trim_end_matches(']'))
+                == Some(endpoint_name);
+        let trusted = same_host || (realm_url.as_ref().is_some_and(|u| u.scheme() == "https") && !endpoint.skip_verify);
+        let credential = if trusted {
+            credential
+        } else {
+            if credential.is_some() {
+                tracing::warn!(registry = %self.registry(), realm = %realm_host.unwrap_or_default(), "the token realm is on another host without verified TLS: asking it anonymously");
+            }
+            None
+        };
         let request = token::TokenRequest { realm, service, scope: &scope, challenge_scope, credential };
         token::fetch(&http, self.registry(), &request).await
     }
 
     fn url(&self, endpoint: &Endpoint, op: &Op) -> String {
-        op.absolute_url
-            .clone()
-            .unwrap_or_else(|| format!("{}/{}/{}", self.client.api_base(endpoint), self.image.repository, op.path))
+        if let Some(u) = &op.absolute_url {
+            return u.clone();
+        }
+        let url = format!("{}/{}/{}", self.client.api_base(endpoint), self.image.repository, op.path);
+        // As containerd: a mirror is told which registry the request is for.
+        if endpoint.mirror { format!("{url}?ns={}", self.registry()) } else { url }
     }
 
     /// One HTTP exchange, following redirects without credentials.
@@ -430,7 +485,10 @@ impl Repository {
         for (k, v) in &endpoint.headers {
             req = req.header(k.as_str(), v.as_str());
         }
-        if let Some(a) = auth {
+        // An absolute URL (an upload `Location`) on another host gets no credentials.
+        let same_host =
+            url::Url::parse(&url).ok().as_ref().and_then(host_port).as_deref() == Some(endpoint.host.as_str());
+        if let Some(a) = auth.filter(|_| same_host || op.absolute_url.is_none()) {
             req = req.header(AUTHORIZATION, a.expose());
         }
         if let Some(body) = &op.body {
@@ -489,53 +547,6 @@ impl Repository {
         }
         req.headers(headers)
     }
-}
-
-/// Maps a final status to the response or an error; 404 and 416 pass through for callers.
-async fn check_status(resp: reqwest::Response, registry: &str, op: &Op) -> Result<reqwest::Response> {
-    let status = resp.status();
-    if status.is_success() || status == StatusCode::NOT_FOUND || status == StatusCode::RANGE_NOT_SATISFIABLE {
-        return Ok(resp);
-    }
-    let body = crate::body::read_prefix(resp, crate::body::MAX_ERROR_BODY).await;
-    let body: String = body.chars().take(300).collect();
-    Err(RegistryError::Status {
-        registry: registry.to_string(),
-        method: op.method.to_string(),
-        path: op.path.clone(),
-        status: status.as_u16(),
-        body,
-    })
-}
-
-pub(crate) fn backoff(base: Duration, attempt: u32) -> Duration {
-    let exp = base.saturating_mul(1 << attempt.min(10));
-    let capped = exp.min(Duration::from_secs(5));
-    // Jitter of up to 25 % from the clock's sub-second noise (no RNG needed).
-    let noise = u64::from(
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos(),
-    ) % 250;
-    capped + capped.mul_f64(noise as f64 / 1000.0)
-}
-
-/// Whether a connection failed before any TLS was spoken (refused, unreachable, timed out).
-fn is_unreachable(e: &reqwest::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    while let Some(err) = source {
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            use std::io::ErrorKind::{
-                AddrNotAvailable, ConnectionRefused, HostUnreachable, NetworkUnreachable, TimedOut,
-            };
-            if matches!(
-                io.kind(),
-                ConnectionRefused | HostUnreachable | NetworkUnreachable | TimedOut | AddrNotAvailable
-            ) {
-                return true;
-            }
-        }
-        source = err.source();
-    }
-    false
 }
 
 #[cfg(test)]

@@ -63,6 +63,16 @@ impl Candidate {
         }
     }
 
+    /// The credential to send to a mirror `host` of the image's registry: only one configured
+    /// for that host itself (docker `config.json`); the image registry's own credentials — labels,
+    /// pull secrets, build registry tokens — are never a mirror's.
+    pub async fn resolve_for_mirror(&self, host: &str) -> Result<Option<Credential>> {
+        match self {
+            Self::DockerConfig(path) => docker_config_credential(host, path.clone()).await,
+            Self::Static(..) | Self::Minted(_) | Self::Anonymous => Ok(None),
+        }
+    }
+
     /// The credential to send, if any. `refresh` forces a minted token to be re-minted.
     pub async fn resolve(&self, registry: &str, refresh: bool) -> Result<Option<Credential>> {
         match self {

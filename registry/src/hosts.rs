@@ -46,6 +46,9 @@ pub struct Endpoint {
     /// The registry's own endpoint by default (no `hosts.toml` configures it): the one a
     /// client's `--plain-http` for this registry changes to plain HTTP.
     pub unconfigured: bool,
+    /// A `[host]` of `hosts.toml`, tried before the registry: as containerd does, it is sent
+    /// only credentials configured for its own host, and requests name the registry (`ns=`).
+    pub mirror: bool,
 }
 
 impl Endpoint {
@@ -75,13 +78,18 @@ enum LoopbackDefault {
     HttpsThenHttp,
 }
 
+/// Whether `registry` (`host[:port]`) is on this machine: `localhost`, 127.0.0.0/8 or `::1`.
+pub fn is_loopback(registry: &str) -> bool {
+    let (host, _) = split_host_port(registry);
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 impl LoopbackDefault {
     fn of(registry: &str) -> Option<Self> {
-        let (host, port) = split_host_port(registry);
-        let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
-        if !loopback {
+        if !is_loopback(registry) {
             return None;
         }
+        let (_, port) = split_host_port(registry);
         Some(match port {
             None | Some("443") => Self::Https,
             Some("80") => Self::Http,
@@ -178,6 +186,7 @@ impl HostsConfig {
             headers: BTreeMap::new(),
             http_fallback: loopback == Some(LoopbackDefault::HttpsThenHttp) && !self.plain_http,
             unconfigured: true,
+            mirror: false,
         };
         let Some(file) = self.find_file(registry) else {
             return Ok(vec![default]);
@@ -245,6 +254,7 @@ fn parse_hosts(text: &str, file: &Path, default: Endpoint) -> Result<Vec<Endpoin
         let api = if override_path || base.ends_with("/v2") { base.to_string() } else { format!("{base}/v2") };
         Ok((api, host))
     };
+    let registry_host = default.host.clone();
     let mut out = Vec::new();
     for (url, h) in parsed.host {
         let h: HostEntry = h.try_into().map_err(|e: toml::de::Error| err(format!("[host.\"{url}\"]: {e}")))?;
@@ -258,6 +268,7 @@ fn parse_hosts(text: &str, file: &Path, default: Endpoint) -> Result<Vec<Endpoin
             headers: headers(h.header),
             http_fallback: false,
             unconfigured: false,
+            mirror: true,
         });
     }
     let server = match parsed.server {
@@ -276,6 +287,11 @@ fn parse_hosts(text: &str, file: &Path, default: Endpoint) -> Result<Vec<Endpoin
         unconfigured: false,
         ..server
     };
+    // A `[host]` on the registry's or the server's own host is no mirror: credentials go by
+    // host, as containerd's resolver chooses them.
+    for e in &mut out {
+        e.mirror = e.host != registry_host && e.host != server.host;
+    }
     // A `[host]` entry for the server's own URL configures the server; do not try it twice.
     if !out.iter().any(|e| e.api_base == server.api_base) {
         out.push(server);
@@ -313,6 +329,8 @@ ca = "ca.pem"
         assert_eq!(eps[0].headers.get("x-mirror").map(String::as_str), Some("yes"));
         assert_eq!(eps[1].api_base, "https://reg.example:5000/v2");
         assert_eq!(eps[1].ca_files, vec![d.join("ca.pem")]);
+        // The mirror is one (credentials by host); the server is not.
+        assert!(eps[0].mirror && !eps[1].mirror);
         // No file: https by default, http with plain_http.
         let eps = cfg.endpoints("other.example").expect("default");
         assert_eq!(eps[0].api_base, "https://other.example/v2");

@@ -11,6 +11,7 @@
 //! - [`mint`]: short-lived tokens minted from long-term credentials (ECR, GCP, basic);
 //! - [`challenge`]: `WWW-Authenticate` parsing; [`Secret`]: a string that never prints.
 
+mod answer;
 pub mod api;
 mod body;
 pub mod challenge;

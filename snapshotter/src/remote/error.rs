@@ -41,6 +41,11 @@ pub enum RemoteError {
         #[source]
         source: clip_trust::TrustError,
     },
+    /// A `clip.plain-http` label for a registry that is not on this machine.
+    #[error(
+        "the clip.plain-http label is honoured only for loopback registries; {registry} needs a hosts.toml (server = \"http://{registry}\") to be reached over plain HTTP"
+    )]
+    PlainHttpRefused { registry: String },
     /// The layer, with this index, was found not to be what the index says.
     #[error("layer {layer} was found not to match its index on this node ({marker}); it is not served lazily again")]
     Poisoned { layer: String, marker: String },

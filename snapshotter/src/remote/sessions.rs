@@ -145,7 +145,12 @@ impl Sessions {
         }
         let client = RegistryClient::new(HostsConfig { dir: cfg.registry.hosts_dir.clone(), plain_http: false });
         let plain_http_file = layout.plain_http_file();
+        // Earlier versions recorded any registry a label named; only loopback ones count now.
         for registry in std::fs::read_to_string(&plain_http_file).unwrap_or_default().lines() {
+            if !clip_registry::hosts::is_loopback(registry) {
+                tracing::warn!(%registry, "a recorded plain-HTTP registry that is not loopback is ignored (configure a hosts.toml)");
+                continue;
+            }
             client.use_plain_http(registry);
         }
         Ok(Self {
@@ -179,6 +184,11 @@ impl Sessions {
     /// configures it), and after restarts: `<root>/plain-http-registries`, a host a line.
     pub fn remember_plain_http(&self, image_ref: &str) -> Result<(), RemoteError> {
         let registry = Reference::parse(image_ref)?.registry;
+        // A label is any client's word, and what it changes holds for every image of the node:
+        // only a registry on this machine may be downgraded so (others need a hosts.toml).
+        if !clip_registry::hosts::is_loopback(&registry) {
+            return Err(RemoteError::PlainHttpRefused { registry });
+        }
         self.client.use_plain_http(&registry);
         let path = &self.plain_http_file;
         let mut hosts: std::collections::BTreeSet<String> =
