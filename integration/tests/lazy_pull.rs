@@ -132,15 +132,25 @@ fn private_registries_work_with_label_credentials_only_and_wrong_ones_fail_clear
         &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() },
     )?;
     let hosts = hosts_dir.display().to_string();
+    // The pull client knows the build registry from the snapshotter's config, as the daemon does.
+    let config_path = td.path().join("clip.toml").display().to_string();
 
     // Wrong credentials: a clear failure naming the registry, nothing pulled.
-    let out = pull(&ctrd, &["--hosts-dir", &hosts, "--build-registry-creds", "builder:wrong"], &refs[0])?;
+    let out = pull(
+        &ctrd,
+        &["--config", &config_path, "--hosts-dir", &hosts, "--build-registry-creds", "builder:wrong"],
+        &refs[0],
+    )?;
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(build.host()) && stderr.contains("access denied"), "{stderr}");
 
     // The build registry token as the only credential (the clip.build-registry-creds label).
-    let out = pull(&ctrd, &["--hosts-dir", &hosts, "--build-registry-creds", "builder:Build-Token-5e1f"], &refs[0])?;
+    let out = pull(
+        &ctrd,
+        &["--config", &config_path, "--hosts-dir", &hosts, "--build-registry-creds", "builder:Build-Token-5e1f"],
+        &refs[0],
+    )?;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(report["lazy_layers"], 1, "{report}");

@@ -98,7 +98,9 @@ fn a_built_image_runs_lazily_and_keeps_reading_after_its_build_token_expired() -
         &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() },
     )?;
     let out = run(Command::new(workspace_binary("clip-snapshotter")?)
-        .args(["pull", "--json", "--plain-http", "-n", "t", "--hosts-dir"])
+        .args(["pull", "--json", "--plain-http", "-n", "t", "--config"])
+        .arg(td.path().join("clip.toml"))
+        .arg("--hosts-dir")
         .arg(&hosts_dir)
         .arg("--containerd-address")
         .arg(ctrd.socket())

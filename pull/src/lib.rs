@@ -8,7 +8,8 @@
 
 use anyhow::{Context, Result, bail};
 use clip_config::labels as l;
-use clip_registry::credentials::{Candidate, Credential, CredentialChain, Source};
+pub use clip_registry::credentials::BuildRegistryScope;
+use clip_registry::credentials::{ChainInputs, Credential, CredentialChain};
 use clip_registry::image::chain_ids;
 use clip_registry::{HostsConfig, Platform, Reference, RegistryClient, Repository};
 use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
@@ -34,8 +35,11 @@ pub struct PullOptions {
     pub hosts_dir: Option<PathBuf>,
     pub plain_http: bool,
     pub creds: Option<Credential>,
+    /// The BuildRegistryCreds: offered only to images of `build_registry`.
     pub build_registry_creds: Option<Credential>,
     pub source_image_creds: Option<Credential>,
+    /// The configured build registry (the snapshotter config's `[build_registry]`).
+    pub build_registry: Option<BuildRegistryScope>,
     pub platform: Platform,
 }
 
@@ -79,29 +83,35 @@ impl Ctx {
     }
 }
 
-/// The registry chain of the pull client itself: every credential the user gave, in the
-/// design's order, then docker `config.json`, then anonymous.
-fn chain(opts: &PullOptions) -> CredentialChain {
-    let mut candidates = Vec::new();
-    for (c, s) in [
-        (&opts.creds, Source::ImageCreds),
-        (&opts.source_image_creds, Source::SourceImageCreds),
-        (&opts.build_registry_creds, Source::BuildRegistryCreds),
-    ] {
-        if let Some(c) = c {
-            candidates.push(Candidate::Static(s, c.clone()));
-        }
-    }
-    candidates.push(Candidate::DockerConfig(None));
-    candidates.push(Candidate::Anonymous);
-    CredentialChain { candidates }
+/// The registry chain of the pull client itself: the credentials the user gave, in the
+/// design's order — the build registry's only for an image of the configured build registry, as
+/// the daemon has it ([`CredentialChain::for_image`]) — then docker `config.json`, then anonymous.
+fn chain(opts: &PullOptions, image: &Reference) -> CredentialChain {
+    let inputs = ChainInputs {
+        image_creds: opts.creds.clone(),
+        source_image_creds: opts.source_image_creds.clone(),
+        build_registry_creds: opts.build_registry_creds.clone(),
+        build_registry: opts.build_registry.clone(),
+        docker_config: true,
+        ..ChainInputs::default()
+    };
+    CredentialChain::for_image(image, &inputs)
+}
+
+/// Whether the build registry credentials may go with `image` (its registry and repository
+/// are the configured build registry's).
+fn offers_build_creds(opts: &PullOptions, image: &Reference) -> bool {
+    opts.build_registry.as_ref().is_some_and(|b| b.covers(image))
 }
 
 pub async fn pull(opts: &PullOptions, reference: &str) -> Result<PullReport> {
     let started = Instant::now();
     let image = Reference::parse(reference)?;
     let client = RegistryClient::new(HostsConfig { dir: opts.hosts_dir.clone(), plain_http: opts.plain_http });
-    let repo = client.repository(&image, chain(opts))?;
+    if opts.build_registry_creds.is_some() && !offers_build_creds(opts, &image) {
+        tracing::warn!(image = %image, "the build registry credentials are offered only to the configured [build_registry]; not to this image");
+    }
+    let repo = client.repository(&image, chain(opts, &image))?;
     let (manifest, parsed) = repo
         .get_image_manifest(image.manifest_reference(), &opts.platform)
         .await
@@ -294,10 +304,11 @@ fn layer_labels(
     if opts.plain_http {
         labels.insert(l::PLAIN_HTTP.to_string(), "true".to_string());
     }
+    let build = if offers_build_creds(opts, image) { &opts.build_registry_creds } else { &None };
     for (label, cred) in [
         (l::IMAGE_CREDS, &opts.creds),
         (l::SOURCE_IMAGE_CREDS, &opts.source_image_creds),
-        (l::BUILD_REGISTRY_CREDS, &opts.build_registry_creds),
+        (l::BUILD_REGISTRY_CREDS, build),
     ] {
         if let Some(c) = cred {
             labels.insert(label.to_string(), format!("{}:{}", c.username, c.password.expose()));
@@ -470,5 +481,37 @@ mod tests {
     fn rfc3339() {
         assert_eq!(format_rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(format_rfc3339(1_795_845_595), "2026-11-28T05:59:55Z");
+    }
+
+    #[test]
+    fn build_registry_credentials_go_only_to_the_build_registry() {
+        let opts = PullOptions {
+            containerd_address: PathBuf::new(),
+            namespace: "t".into(),
+            snapshotter: "clip".into(),
+            hosts_dir: None,
+            plain_http: false,
+            creds: None,
+            build_registry_creds: Some(Credential::new("builder", "Build-Token-Sentinel")),
+            source_image_creds: None,
+            build_registry: Some(BuildRegistryScope::new("build.example:5000", "userimages")),
+            platform: Platform::default(),
+        };
+        use clip_registry::credentials::Source;
+        let sources = |r: &str| -> Vec<Source> {
+            let image = Reference::parse(r).expect("reference");
+            chain(&opts, &image).candidates.iter().map(clip_registry::credentials::Candidate::source).collect()
+        };
+        assert!(sources("build.example:5000/userimages/app:1").contains(&Source::BuildRegistryCreds));
+        // Seen before: offered to any registry the reference named.
+        assert!(!sources("evil.example/userimages/app:1").contains(&Source::BuildRegistryCreds));
+        assert!(!sources("build.example:5000/other/app:1").contains(&Source::BuildRegistryCreds));
+        let layers = vec![format!("sha256:{}", "0".repeat(64))];
+        let labels = |r: &str| {
+            let image = Reference::parse(r).expect("reference");
+            layer_labels(&opts, &image, "sha256:00", &layers, 0, "sha256:11")
+        };
+        assert!(labels("build.example:5000/userimages/app:1").contains_key(l::BUILD_REGISTRY_CREDS));
+        assert!(!labels("evil.example/userimages/app:1").contains_key(l::BUILD_REGISTRY_CREDS));
     }
 }

@@ -138,6 +138,10 @@ fn main() -> anyhow::Result<()> {
                 creds: parse(creds, Source::ImageCreds)?,
                 build_registry_creds: parse(build_registry_creds, Source::BuildRegistryCreds)?,
                 source_image_creds: parse(source_image_creds, Source::SourceImageCreds)?,
+                build_registry: cfg
+                    .build_registry
+                    .as_ref()
+                    .map(|b| clip_pull::BuildRegistryScope::new(&b.registry, &b.repository)),
                 platform: match platform {
                     Some(p) => clip_registry::Platform::parse(&p).with_context(|| format!("bad --platform {p:?}"))?,
                     None => clip_registry::Platform::default(),
