@@ -30,13 +30,21 @@ pub struct BuildRequest {
     pub context: PathBuf,
     /// The BuildRegistryCreds; minted from the config when absent.
     pub build_registry_creds: Option<Credential>,
-    /// Credentials of the `FROM` images' registries (other than the build registry).
-    pub source_image_creds: Option<Credential>,
+    /// Credentials of a `FROM` image's registry, written for that registry only.
+    pub source_image_creds: Option<SourceImageCreds>,
     pub span_size: u64,
     /// Record and publish the access profile of this command's run in the built image.
     pub profile_cmd: Option<String>,
     /// Sign the index artifact with this key.
     pub sign_key: Option<std::sync::Arc<clip_trust::SignKey>>,
+}
+
+/// Credentials for the registry of a custom base image (the `FROM` image).
+#[derive(Debug, Clone)]
+pub struct SourceImageCreds {
+    /// The registry (`host[:port]`) they were given for; no other registry receives them.
+    pub registry: String,
+    pub credential: Credential,
 }
 
 /// What `clip-builder build` prints.
@@ -81,10 +89,38 @@ fn redact(text: &str, secrets: &[&str]) -> String {
     out
 }
 
+/// What buildah may inherit of the builder's environment. Nothing else passes: the builder's
+/// own secrets (`CLIP_BUILD_REGISTRY_CREDS`, `COSIGN_PASSWORD`, a caller's tokens) stay here.
+const BUILDAH_ENV: &[&str] = &[
+    "PATH",
+    "HOME",
+    "TMPDIR",
+    "LANG",
+    "LC_",
+    "TERM",
+    "XDG_",
+    "CONTAINERS_",
+    "BUILDAH_",
+    "STORAGE_",
+    "TZ",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+];
+
 fn buildah(cfg: &BuilderConfig) -> Command {
     let mut c = Command::new("buildah");
-    // Secrets the builder reads from its own environment stay there.
-    c.env_remove("COSIGN_PASSWORD");
+    c.env_clear();
+    for (k, v) in std::env::vars_os() {
+        let name = k.to_string_lossy();
+        let passes = BUILDAH_ENV.iter().any(|p| if p.ends_with('_') { name.starts_with(p) } else { name == *p });
+        if passes {
+            c.env(&k, v);
+        }
+    }
     if let Some(root) = &cfg.storage_root {
         c.arg("--root").arg(root);
     }
@@ -186,7 +222,7 @@ pub async fn build(cfg: &BuilderConfig, req: &BuildRequest) -> Result<BuildRepor
         }
     };
     let secrets: Vec<&str> =
-        [Some(token.password.expose()), req.source_image_creds.as_ref().map(|c| c.password.expose())]
+        [Some(token.password.expose()), req.source_image_creds.as_ref().map(|c| c.credential.password.expose())]
             .into_iter()
             .flatten()
             .collect();
@@ -201,11 +237,14 @@ pub async fn build(cfg: &BuilderConfig, req: &BuildRequest) -> Result<BuildRepor
         std::fs::read_to_string(&containerfile).with_context(|| format!("reading {}", containerfile.display()))?;
     let mut auth_entries = vec![(image.registry.clone(), &token)];
     if let Some(src) = &req.source_image_creds {
-        for host in from_registries(&text) {
-            if host != image.registry {
-                auth_entries.push((host, src));
-            }
+        let registry = clip_registry::reference::normalize_registry(&src.registry);
+        if registry == image.registry {
+            bail!("the source image credentials are for {registry}, the build registry, which gets the build token");
         }
+        if !from_registries(&text).iter().any(|h| clip_registry::reference::normalize_registry(h) == registry) {
+            tracing::warn!(registry, "no FROM line of the Containerfile names the source image credentials' registry");
+        }
+        auth_entries.push((registry, &src.credential));
     }
     write_authfile(&authfile, &auth_entries)?;
     let cert_dir = match &br.ca_file {

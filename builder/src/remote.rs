@@ -2,7 +2,7 @@
 //! (a creds file for the image's registry, the build registry token minted from the config,
 //! docker `config.json`, anonymous).
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clip_config::BuilderConfig;
 use clip_registry::credentials::{BuildRegistryScope, ChainInputs, Credential, CredentialChain, Source};
 use clip_registry::{HostsConfig, Reference, RegistryClient, Repository, TokenMinter};
@@ -17,13 +17,7 @@ pub async fn repository(
     hosts_dir: Option<PathBuf>,
 ) -> Result<Repository> {
     let image = Reference::parse(reference)?;
-    let image_creds = match creds_file {
-        Some(f) => {
-            let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
-            Some(Credential::parse(text.trim_end_matches(['\n', '\r']), Source::ImageCreds)?)
-        }
-        None => None,
-    };
+    let image_creds = creds_file.map(|f| Credential::read_file(f, Source::ImageCreds)).transpose()?;
     let mut inputs = ChainInputs { image_creds, docker_config: true, ..Default::default() };
     let mut insecure = plain_http;
     if let Some(br) = &cfg.build_registry {

@@ -67,7 +67,7 @@ pub trait ConfigFile: serde::de::DeserializeOwned + Default {
     /// Parses and validates config text (`origin` names it in errors).
     fn parse(text: &str, origin: &Path) -> Result<Self, ConfigError> {
         let cfg: Self = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { path: origin.to_path_buf(), message: e.to_string() })?;
+            .map_err(|e| ConfigError::Parse { path: origin.to_path_buf(), message: parse_error_text(&e, text) })?;
         cfg.validate(origin)?;
         Ok(cfg)
     }
@@ -103,5 +103,55 @@ impl SnapshotterConfig {
     /// write a config for a daemon).
     pub fn to_toml(&self) -> Result<String, ConfigError> {
         toml::to_string(self).map_err(|e| ConfigError::Parse { path: "<serialized>".into(), message: e.to_string() })
+    }
+}
+
+/// A TOML error as "line L, column C: message", without the offending line and with quoted
+/// values elided: the line may be `password = "…"` (toml's own text quotes it in full).
+fn parse_error_text(e: &toml::de::Error, text: &str) -> String {
+    let mut message = String::new();
+    let mut quoted = false;
+    for c in e.message().chars() {
+        match (c, quoted) {
+            ('"', false) => {
+                quoted = true;
+                message.push_str("\"…");
+            }
+            ('"', true) => {
+                quoted = false;
+                message.push('"');
+            }
+            (_, true) => {}
+            (c, false) => message.push(c),
+        }
+    }
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("line {line}, column {column}: {message}")
+        }
+        None => message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_parse_error_never_echoes_a_value() {
+        for text in [
+            "[build_registry]\nregistry = \"r\"\n[build_registry.credentials]\npassword = \"SENTINEL-PW\nx",
+            "root = 5\nlog_level = \"SENTINEL-PW\" \"x\"\n",
+            "[registry]\nhosts_dir = [\"SENTINEL-PW\"]\n",
+            "root = \"SENTINEL-PW\"x\n",
+        ] {
+            let e = SnapshotterConfig::parse(text, Path::new("/etc/clip/snapshotter.toml")).expect_err("invalid");
+            let shown = e.to_string();
+            assert!(!shown.contains("SENTINEL"), "{shown}");
+            assert!(shown.contains("line "), "{shown}");
+        }
     }
 }

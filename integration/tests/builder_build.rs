@@ -10,25 +10,37 @@ use clip_integration::images::{TestImage, layout_layers};
 use clip_integration::registry::Registry;
 use clip_integration::snapshotter::{ClipSnapshotter, workspace_binary};
 use clip_integration::{TestDir, require_root, run};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 const SECRET: &str = "Build-Secret-4242";
 
-/// Scans every process's command line until stopped; returns the offending ones.
-fn watch_cmdlines(stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(usize, Vec<String>)> {
+/// Scans every process's argv, and the environment of every process but this test and the
+/// builder itself (`builder`, whose caller gave it the token that way: its own executable, also
+/// in the instant between a fork and the exec of buildah), for the sentinel.
+fn watch_cmdlines(stop: Arc<AtomicBool>, builder: PathBuf) -> std::thread::JoinHandle<(usize, Vec<String>)> {
     std::thread::spawn(move || {
         let mut scans = 0;
         let mut bad = Vec::new();
+        let own = std::process::id().to_string();
         while !stop.load(Ordering::Relaxed) {
             if let Ok(procs) = std::fs::read_dir("/proc") {
                 for p in procs.flatten() {
-                    if let Ok(cmd) = std::fs::read(p.path().join("cmdline")) {
-                        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-                        if cmd.contains(SECRET) && !cmd.contains("builder_build-") {
-                            bad.push(cmd);
-                        }
+                    let read = |what: &str| {
+                        std::fs::read(p.path().join(what)).map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+                    };
+                    let cmd = read("cmdline").unwrap_or_default();
+                    if cmd.contains(SECRET) && !cmd.contains("builder_build-") {
+                        bad.push(cmd.clone());
+                    }
+                    let pid = p.file_name().to_string_lossy().into_owned();
+                    if pid != own
+                        && std::fs::read_link(p.path().join("exe")).is_ok_and(|exe| exe != builder)
+                        && read("environ").is_ok_and(|env| env.contains(SECRET))
+                    {
+                        bad.push(format!("environment of {pid} ({cmd})"));
                     }
                 }
             }
@@ -65,21 +77,24 @@ fn build_pushes_with_an_env_token_indexes_and_the_image_starts_lazily() -> Resul
     let target = format!("{}/userimages/app:v1", reg.host());
 
     let stop = Arc::new(AtomicBool::new(false));
-    let watcher = watch_cmdlines(stop.clone());
-    let out = Command::new(workspace_binary("clip-builder")?)
+    let watcher = watch_cmdlines(stop.clone(), workspace_binary("clip-builder")?.canonicalize()?);
+    let child = Command::new(workspace_binary("clip-builder")?)
         .args(["build", "--json", "--config"])
         .arg(&config)
         .args(["-t", &target])
         .arg(&context)
         .env("CLIP_BUILD_REGISTRY_CREDS", format!("builder:{SECRET}"))
         .env("TMPDIR", &tmp)
-        .output()?;
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let out = child.wait_with_output()?;
     stop.store(true, Ordering::Relaxed);
     let (scans, bad) = watcher.join().map_err(|_| anyhow::anyhow!("watcher panicked"))?;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "build failed:\n{stderr}");
-    assert!(bad.is_empty(), "the token was on a command line: {bad:?}");
+    assert!(bad.is_empty(), "the token was on a command line or in a child's environment: {bad:?}");
     assert!(scans > 10, "the watcher ran during the build ({scans} scans)");
     assert!(!stdout.contains(SECRET) && !stderr.contains(SECRET));
     let leftovers: Vec<_> = walk(&tmp).into_iter().filter(|p| p.ends_with("auth.json")).collect();
@@ -113,7 +128,9 @@ fn build_pushes_with_an_env_token_indexes_and_the_image_starts_lazily() -> Resul
         &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() },
     )?;
     let out = run(Command::new(workspace_binary("clip-snapshotter")?)
-        .args(["pull", "--json", "-n", "t", "--hosts-dir"])
+        .args(["pull", "--json", "-n", "t", "--config"])
+        .arg(td.path().join("clip.toml"))
+        .arg("--hosts-dir")
         .arg(&hosts_dir)
         .arg("--containerd-address")
         .arg(ctrd.socket())

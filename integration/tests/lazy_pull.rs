@@ -82,13 +82,42 @@ fn python_image_starts_lazily_from_the_plain_registry_with_a_fraction_of_its_byt
 }
 
 /// `clip-snapshotter pull` with the given extra arguments; returns its JSON report or output.
+/// Every regular file below `dir`.
+fn private_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            match e.file_type() {
+                Ok(t) if t.is_dir() => stack.push(e.path()),
+                Ok(t) if t.is_file() => out.push(e.path()),
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
 fn pull(ctrd: &Containerd, args: &[&str], reference: &str) -> Result<std::process::Output> {
-    Ok(Command::new(workspace_binary("clip-snapshotter")?)
+    pull_with_stdin(ctrd, args, reference, "")
+}
+
+/// `clip-snapshotter pull` with `stdin` on its standard input (a credential read from `-`).
+fn pull_with_stdin(ctrd: &Containerd, args: &[&str], reference: &str, stdin: &str) -> Result<std::process::Output> {
+    use std::io::Write as _;
+    let mut child = Command::new(workspace_binary("clip-snapshotter")?)
         .args(["pull", "--json", "-n", "t", "--containerd-address"])
         .arg(ctrd.socket())
         .args(args)
         .arg(reference)
-        .output()?)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    if let Some(mut input) = child.stdin.take() {
+        input.write_all(stdin.as_bytes())?;
+    }
+    Ok(child.wait_with_output()?)
 }
 
 #[test]
@@ -136,19 +165,22 @@ fn private_registries_work_with_label_credentials_only_and_wrong_ones_fail_clear
     let config_path = td.path().join("clip.toml").display().to_string();
 
     // Wrong credentials: a clear failure naming the registry, nothing pulled.
-    let out = pull(
+    // Credentials come from a file or standard input, never from the command line.
+    let out = pull_with_stdin(
         &ctrd,
-        &["--config", &config_path, "--hosts-dir", &hosts, "--build-registry-creds", "builder:wrong"],
+        &["--config", &config_path, "--hosts-dir", &hosts, "--build-registry-creds-file", "-"],
         &refs[0],
+        "builder:wrong\n",
     )?;
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(build.host()) && stderr.contains("access denied"), "{stderr}");
 
     // The build registry token as the only credential (the clip.build-registry-creds label).
+    let builder_creds = td.path().join("creds-builder").display().to_string();
     let out = pull(
         &ctrd,
-        &["--config", &config_path, "--hosts-dir", &hosts, "--build-registry-creds", "builder:Build-Token-5e1f"],
+        &["--config", &config_path, "--hosts-dir", &hosts, "--build-registry-creds-file", &builder_creds],
         &refs[0],
     )?;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -171,13 +203,28 @@ fn private_registries_work_with_label_credentials_only_and_wrong_ones_fail_clear
     assert!(String::from_utf8_lossy(&run_out.stdout).trim().parse::<u32>().unwrap_or(0) > 100);
 
     // Another registry with --creds (the clip.image-creds label).
-    let out = pull(&ctrd, &["--hosts-dir", &hosts, "--creds", "reader:Other-Pass-77aa"], &refs[1])?;
+    let out =
+        pull_with_stdin(&ctrd, &["--hosts-dir", &hosts, "--creds-file", "-"], &refs[1], "reader:Other-Pass-77aa")?;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(report["lazy_layers"], 4, "{report}");
     let run_out =
         ctrd.ctr_run("t", &["run", "--rm", "--snapshotter", "clip", &refs[1], "p2", "python3", "-c", "print(6*7)"])?;
     assert_eq!(String::from_utf8_lossy(&run_out.stdout).trim(), "42");
+
+    // Private image contents are root's alone: the state root 0700, every cached span, index and
+    // kept credential 0600 (a hostPath used to leave them 0755/0644 for the node's users).
+    let root = td.path().join("clip-root");
+    assert_eq!(std::fs::metadata(&root)?.permissions().mode() & 0o777, 0o700);
+    let mut cached = 0;
+    for dir in ["spans", "indexes", "credentials"] {
+        for file in private_files(&root.join(dir)) {
+            let mode = std::fs::metadata(&file)?.permissions().mode() & 0o777;
+            assert_eq!(mode & 0o077, 0, "{} is mode {mode:o}", file.display());
+            cached += 1;
+        }
+    }
+    assert!(cached > 5, "{cached} cache files checked");
 
     let log = snap.log();
     assert!(

@@ -13,6 +13,7 @@ use fuser::{BackingId, FileHandle, FopenFlags, ReplyOpen};
 use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -227,7 +228,7 @@ fn copy_file(spans: &SpanCache, e: &Entry<'_>, dir: &Path, path: &Path) -> std::
     let tmp = dir.join(format!(".{}.{}.copy", e.id, std::process::id()));
     let result = (|| {
         std::fs::create_dir_all(dir)?;
-        let mut out = std::fs::File::create(&tmp)?;
+        let mut out = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
         let mut at = e.data_offset;
         let end = e.data_offset + e.size;
         while at < end {

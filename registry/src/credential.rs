@@ -34,6 +34,28 @@ impl Credential {
         }
     }
 
+    /// Reads `username:password` from a file, or from standard input when `path` is `-` (as
+    /// `docker login --password-stdin` does): never from a command line, where every user of the
+    /// host reads it in `/proc/<pid>/cmdline`. At most 64 KiB; trailing line ends are dropped.
+    pub fn read_file(path: &std::path::Path, source: Source) -> Result<Self> {
+        use std::io::Read;
+        let fail = |message: String| RegistryError::Credentials { source_name: source.name(), message };
+        let mut text = String::new();
+        let reader: Box<dyn Read> = if path.as_os_str() == "-" {
+            Box::new(std::io::stdin())
+        } else {
+            Box::new(std::fs::File::open(path).map_err(|e| fail(format!("reading {}: {e}", path.display())))?)
+        };
+        reader
+            .take(64 * 1024 + 1)
+            .read_to_string(&mut text)
+            .map_err(|e| fail(format!("reading {}: {e}", path.display())))?;
+        if text.len() > 64 * 1024 {
+            return Err(fail(format!("{} holds more than 64 KiB", path.display())));
+        }
+        Self::parse(text.trim_end_matches(['\n', '\r']), source)
+    }
+
     /// `Basic base64(user:pass)`.
     pub fn basic_header(&self) -> String {
         use base64::Engine;

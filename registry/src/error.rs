@@ -65,5 +65,57 @@ pub fn error_text<E: std::error::Error>(e: &E) -> String {
         parts.push(s.to_string());
         src = s.source();
     }
-    parts.join(": ")
+    without_url_queries(&parts.join(": "))
+}
+
+/// `text` with the query of every URL in it replaced by `?<redacted>`: a redirect's target is
+/// often a pre-signed object store URL whose query *is* a credential (`X-Amz-Signature`, a SAS
+/// token), and reqwest's errors quote the URL they failed on.
+pub fn without_url_queries(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let (head, tail) = rest.split_at(at);
+        out.push_str(head);
+        let end = tail.find(|c: char| c.is_whitespace() || matches!(c, ')' | '"' | '\'' | '>')).unwrap_or(tail.len());
+        let url = &tail[..end];
+        match url.find(['?', '#']) {
+            Some(q) => {
+                out.push_str(&url[..q]);
+                out.push_str("?<redacted>");
+            }
+            None => out.push_str(url),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_queries_never_reach_an_error_text() {
+        let text = "error sending request for url (https://bucket.s3.example/blob?X-Amz-Signature=SENTINEL&a=b): \
+                    connection refused; then http://h/p#SENTINEL2 and https://plain/path";
+        let clean = without_url_queries(text);
+        assert!(!clean.contains("SENTINEL"), "{clean}");
+        assert!(clean.contains("https://bucket.s3.example/blob?<redacted>)"), "{clean}");
+        assert!(clean.contains("https://plain/path") && clean.ends_with("path"), "{clean}");
+    }
+
+    #[tokio::test]
+    async fn a_failed_request_to_a_presigned_url_does_not_quote_its_signature() {
+        // A port nobody listens on: reqwest's error names the URL.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        drop(listener);
+        let url = format!("http://127.0.0.1:{port}/blob?X-Amz-Signature=SENTINEL-SIG");
+        let e = reqwest::Client::new().get(&url).send().await.expect_err("nothing listens");
+        assert!(e.to_string().contains("SENTINEL-SIG"), "reqwest quotes the URL: {e}");
+        let text = error_text(&e);
+        assert!(!text.contains("SENTINEL-SIG") && text.contains("/blob?<redacted>"), "{text}");
+    }
 }

@@ -110,8 +110,10 @@ pub async fn run(cfg: SnapshotterConfig) -> anyhow::Result<()> {
 /// Creates the socket's directory, replaces a stale socket (refusing to steal the socket of a
 /// daemon that still answers), binds, and sets mode 0660.
 fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
-    if let Some(dir) = path.parent() {
+    if let Some(dir) = path.parent().filter(|d| !d.exists()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("chmod 0700 {}", dir.display()))?;
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {

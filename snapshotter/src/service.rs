@@ -37,6 +37,10 @@ impl State {
     /// Opens (or creates) the state under `root`: `metadata.redb` and `snapshots/`.
     pub fn open(root: &Path) -> Result<Self> {
         std::fs::create_dir_all(root).map_err(|e| SnapshotError::io(format!("creating {}", root.display()), e))?;
+        // Private image contents (span caches, indexes, credentials) live below: only root
+        // may traverse it, whatever mode a hostPath or an older version created it with.
+        std::fs::set_permissions(root, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .map_err(|e| SnapshotError::io(format!("chmod 0700 {}", root.display()), e))?;
         let dirs = SnapshotDirs::open(root)?;
         let store = MetaStore::open(&root.join("metadata.redb"))?;
         Ok(Self { store, dirs, remote: None, remote_targets: parking_lot::Mutex::new(HashMap::new()) })

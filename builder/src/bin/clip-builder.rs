@@ -89,9 +89,13 @@ enum Command {
         /// CLIP_BUILD_REGISTRY_CREDS environment variable; else minted from the config.
         #[arg(long, value_name = "FILE")]
         build_registry_creds_file: Option<PathBuf>,
-        /// A file holding `user:password` for the registries of the FROM images.
-        #[arg(long, value_name = "FILE")]
+        /// A file holding `user:password` for the registry of a FROM image (`-`: standard
+        /// input), written for `--source-image-registry` only.
+        #[arg(long, value_name = "FILE", requires = "source_image_registry")]
         source_image_creds_file: Option<PathBuf>,
+        /// The registry (`host[:port]`) the source image credentials are for.
+        #[arg(long, value_name = "HOST", requires = "source_image_creds_file")]
+        source_image_registry: Option<String>,
         #[arg(long, value_name = "BYTES", default_value_t = clip_builder::publish::PUBLISH_SPAN_SIZE)]
         span_size: u64,
         #[arg(long)]
@@ -322,6 +326,7 @@ fn run(args: Args) -> Result<()> {
             platform,
             build_registry_creds_file,
             source_image_creds_file,
+            source_image_registry,
             span_size,
             json,
             profile_cmd,
@@ -332,16 +337,18 @@ fn run(args: Args) -> Result<()> {
             use clip_registry::credentials::{Credential, Source};
             let sign_key = clip_builder::signing::load(sign_key.as_deref(), sign_key_password_file.as_deref())?;
             let cfg = clip_config::BuilderConfig::load_or_default(config.as_deref())?;
-            let read = |f: &std::path::Path, s: Source| -> Result<Credential> {
-                let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
-                Ok(Credential::parse(text.trim_end_matches(['\n', '\r']), s)?)
-            };
             let build_registry_creds = match (build_registry_creds_file, std::env::var("CLIP_BUILD_REGISTRY_CREDS")) {
-                (Some(f), _) => Some(read(&f, Source::BuildRegistryCreds)?),
+                (Some(f), _) => Some(Credential::read_file(&f, Source::BuildRegistryCreds)?),
                 (None, Ok(v)) if !v.is_empty() => Some(Credential::parse(v.trim(), Source::BuildRegistryCreds)?),
                 _ => None,
             };
-            let source_image_creds = source_image_creds_file.map(|f| read(&f, Source::SourceImageCreds)).transpose()?;
+            let source_image_creds = match (source_image_creds_file, source_image_registry) {
+                (Some(f), Some(registry)) => Some(clip_builder::build::SourceImageCreds {
+                    registry,
+                    credential: Credential::read_file(&f, Source::SourceImageCreds)?,
+                }),
+                _ => None,
+            };
             let request = clip_builder::build::BuildRequest {
                 reference: tag,
                 containerfile: file,

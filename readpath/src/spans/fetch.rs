@@ -190,7 +190,7 @@ impl SpanCache {
 
     fn write_span(&self, i: u32, data: &[u8]) -> Result<(), SpanError> {
         let path = self.span_path(i);
-        clip_fsutil::atomic_write(&path, data, 0o644, clip_fsutil::Durability::Cache)
+        clip_fsutil::atomic_write(&path, data, 0o600, clip_fsutil::Durability::Cache)
             .map_err(|e| cache_err(&path, e))?;
         if self.local.set(i) {
             self.opts.metrics.spans_local.inc();

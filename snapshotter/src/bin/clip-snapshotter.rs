@@ -53,19 +53,20 @@ enum Command {
         /// Plain HTTP for registries without hosts.toml configuration.
         #[arg(long)]
         plain_http: bool,
-        /// `user:password` for the image's registry (also `CLIP_CREDS`).
-        #[arg(long, value_name = "USER:PASS", env = "CLIP_CREDS", hide_env_values = true)]
-        creds: Option<String>,
-        /// The build registry token (BuildRegistryCreds), `user:password` (also
-        /// `CLIP_BUILD_REGISTRY_CREDS`).
-        #[arg(long, value_name = "USER:PASS", env = "CLIP_BUILD_REGISTRY_CREDS", hide_env_values = true)]
-        build_registry_creds: Option<String>,
-        /// Credentials of a custom base image's registry (also `CLIP_SOURCE_IMAGE_CREDS`).
-        #[arg(long, value_name = "USER:PASS", env = "CLIP_SOURCE_IMAGE_CREDS", hide_env_values = true)]
-        source_image_creds: Option<String>,
-        /// A file holding `user:password` for the image's registry.
-        #[arg(long, value_name = "FILE", conflicts_with = "creds")]
+        /// A file holding `user:password` for the image's registry (`-`: standard input, like
+        /// `docker login --password-stdin`); else the `CLIP_CREDS` environment variable. Never
+        /// on the command line, where every user of the host reads it.
+        #[arg(long, value_name = "FILE")]
         creds_file: Option<PathBuf>,
+        /// A file holding the build registry token (BuildRegistryCreds) as `user:password`
+        /// (`-`: standard input); else `CLIP_BUILD_REGISTRY_CREDS`. Offered only to images of
+        /// the `[build_registry]` of `--config`.
+        #[arg(long, value_name = "FILE")]
+        build_registry_creds_file: Option<PathBuf>,
+        /// A file holding `user:password` of a custom base image's registry (`-`: standard
+        /// input); else `CLIP_SOURCE_IMAGE_CREDS`.
+        #[arg(long, value_name = "FILE")]
+        source_image_creds_file: Option<PathBuf>,
         /// Platform of a multi-platform image (os/arch[/variant]).
         #[arg(long)]
         platform: Option<String>,
@@ -116,18 +117,26 @@ fn main() -> anyhow::Result<()> {
             snapshotter,
             hosts_dir,
             plain_http,
-            creds,
-            build_registry_creds,
-            source_image_creds,
             creds_file,
+            build_registry_creds_file,
+            source_image_creds_file,
             platform,
             json,
             reference,
         }) => {
-            let parse = |v: Option<String>, s: Source| v.map(|v| Credential::parse(v.trim(), s)).transpose();
-            let creds = match creds_file {
-                Some(f) => Some(std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?),
-                None => creds,
+            let stdin_users = [&creds_file, &build_registry_creds_file, &source_image_creds_file]
+                .iter()
+                .filter(|f| f.as_deref().is_some_and(|f| f.as_os_str() == "-"))
+                .count();
+            if stdin_users > 1 {
+                anyhow::bail!("only one credential can be read from standard input");
+            }
+            let read = |file: Option<PathBuf>, env: &str, s: Source| -> anyhow::Result<Option<Credential>> {
+                match (file, std::env::var(env)) {
+                    (Some(f), _) => Ok(Some(Credential::read_file(&f, s)?)),
+                    (None, Ok(v)) if !v.trim().is_empty() => Ok(Some(Credential::parse(v.trim(), s)?)),
+                    _ => Ok(None),
+                }
             };
             let opts = clip_pull::PullOptions {
                 containerd_address,
@@ -135,9 +144,13 @@ fn main() -> anyhow::Result<()> {
                 snapshotter,
                 hosts_dir: hosts_dir.or(cfg.registry.hosts_dir.clone()),
                 plain_http,
-                creds: parse(creds, Source::ImageCreds)?,
-                build_registry_creds: parse(build_registry_creds, Source::BuildRegistryCreds)?,
-                source_image_creds: parse(source_image_creds, Source::SourceImageCreds)?,
+                creds: read(creds_file, "CLIP_CREDS", Source::ImageCreds)?,
+                build_registry_creds: read(
+                    build_registry_creds_file,
+                    "CLIP_BUILD_REGISTRY_CREDS",
+                    Source::BuildRegistryCreds,
+                )?,
+                source_image_creds: read(source_image_creds_file, "CLIP_SOURCE_IMAGE_CREDS", Source::SourceImageCreds)?,
                 build_registry: cfg
                     .build_registry
                     .as_ref()

@@ -101,12 +101,12 @@ fn store_index(path: &Path, binding: &Binding, blob_digest: &str, bytes: Vec<u8>
         clip_fsutil::atomic_write(
             &CacheLayout::windows_path(path),
             d.as_bytes(),
-            0o644,
+            0o600,
             clip_fsutil::Durability::Durable,
         )
         .map_err(RemoteError::io("storing the windows digest"))?;
     }
-    clip_fsutil::atomic_write(path, index.bytes(), 0o644, clip_fsutil::Durability::Durable)
+    clip_fsutil::atomic_write(path, index.bytes(), 0o600, clip_fsutil::Durability::Durable)
         .map_err(RemoteError::io(format!("storing index {}", path.display())))?;
     Ok((Arc::new(index), windows_digest))
 }

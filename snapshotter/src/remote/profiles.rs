@@ -376,7 +376,7 @@ impl ProfileBook {
 /// then fetched again next time).
 fn keep(dir: &std::path::Path, path: &std::path::Path, bytes: &[u8]) {
     let kept = std::fs::create_dir_all(dir)
-        .and_then(|()| clip_fsutil::atomic_write(path, bytes, 0o644, clip_fsutil::Durability::Durable));
+        .and_then(|()| clip_fsutil::atomic_write(path, bytes, 0o600, clip_fsutil::Durability::Durable));
     if let Err(e) = kept {
         tracing::warn!(path = %path.display(), error = %e, "cannot keep the access profile");
     }

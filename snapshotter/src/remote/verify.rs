@@ -106,7 +106,7 @@ impl Verifier {
             let _ = std::fs::create_dir_all(dir);
         }
         let text = format!("image {}\nreason {why}\n", served.image_ref);
-        if let Err(e) = clip_fsutil::atomic_write(&marker, text.as_bytes(), 0o644, clip_fsutil::Durability::Durable) {
+        if let Err(e) = clip_fsutil::atomic_write(&marker, text.as_bytes(), 0o600, clip_fsutil::Durability::Durable) {
             tracing::error!(marker = %marker.display(), error = %e, "cannot record a poisoned layer");
         }
         let deleted = self.layout.delete_layer(key);
