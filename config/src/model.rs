@@ -49,6 +49,11 @@ pub struct CriProxyConfig {
     pub image_service_address: Option<PathBuf>,
     /// containerd's CRI socket (default: the top-level `containerd_address`).
     pub containerd_address: Option<PathBuf>,
+    /// Pass containerd a token minted from `[build_registry.credentials]` when kubelet pulls an
+    /// image of the build registry *without* a pull secret. Off by default: it lets any pod of
+    /// the node pull any image of the build registry. Lazy reads of layers mounted for a pull
+    /// made with a secret never depend on it.
+    pub mint_for_pulls_without_secret: bool,
 }
 
 /// `[trust]`: the trust mode (docs/trust.md). With no keys (the default), an image is served

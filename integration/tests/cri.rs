@@ -62,6 +62,8 @@ fn kubelet_style_pods_start_lazily_with_every_credential_path() -> Result<()> {
     config.registry.hosts_dir = Some(snap_hosts.clone());
     config.cri.image_service_address = Some(cri_socket.clone());
     config.cri.containerd_address = Some(ctrd_dir.join("containerd.sock"));
+    // Pods without a pull secret may pull build registry images (off by default: docs/kubernetes.md).
+    config.cri.mint_for_pulls_without_secret = true;
     config.build_registry = Some(clip_config::BuildRegistry {
         registry: build.host().to_string(),
         repository: "userimages".into(),

@@ -88,8 +88,9 @@ impl Candidate {
 #[derive(Debug, Clone, Default)]
 pub struct ChainInputs {
     pub image_creds: Option<Credential>,
-    /// The `AuthConfig` of kubelet's `PullImage` for this image (CRI image service proxy).
-    pub cri_pull_secret: Option<Credential>,
+    /// Pull secrets kubelet passed for this image's repository (CRI image service proxy): the
+    /// one containerd accepted first, then any offered for pulls still running.
+    pub cri_pull_secrets: Vec<Credential>,
     pub source_image_creds: Option<Credential>,
     pub build_registry_creds: Option<Credential>,
     pub build_registry: Option<BuildRegistryScope>,
@@ -117,7 +118,7 @@ impl CredentialChain {
         if let Some(c) = &inputs.image_creds {
             candidates.push(Candidate::Static(Source::ImageCreds, c.clone()));
         }
-        if let Some(c) = &inputs.cri_pull_secret {
+        for c in &inputs.cri_pull_secrets {
             candidates.push(Candidate::Static(Source::CriPullSecret, c.clone()));
         }
         if let Some(c) = &inputs.source_image_creds {
@@ -194,7 +195,7 @@ mod tests {
     fn chain_order_follows_the_design() {
         let inputs = ChainInputs {
             image_creds: Some(Credential::new("i", "p")),
-            cri_pull_secret: Some(Credential::new("k", "p")),
+            cri_pull_secrets: vec![Credential::new("k", "p")],
             source_image_creds: Some(Credential::new("s", "p")),
             build_registry_creds: Some(Credential::new("b", "p")),
             build_registry: Some(BuildRegistryScope::new("reg.io", "team")),

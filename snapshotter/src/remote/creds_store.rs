@@ -24,7 +24,17 @@ pub struct CredentialStore {
     ttl_s: u64,
 }
 
-fn now() -> u64 {
+/// One unexpired entry of the store.
+#[derive(Debug, PartialEq, Eq)]
+pub struct KeptEntry {
+    pub key: String,
+    pub labels: BTreeMap<String, String>,
+    /// Unix seconds after which it is not used.
+    pub expires_at: u64,
+}
+
+/// Unix seconds now.
+pub fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
 }
 
@@ -40,17 +50,21 @@ impl CredentialStore {
         self.dir.join(format!("{}.json", hex::encode(Sha256::digest(image_ref.as_bytes()))))
     }
 
-    /// Saves the credential labels of an image (replacing earlier ones).
-    pub fn save(&self, image_ref: &str, labels: &BTreeMap<String, String>) -> std::io::Result<()> {
-        let stored =
-            Stored { image_ref: image_ref.to_string(), expires_at: now() + self.ttl_s, labels: labels.clone() };
+    /// When an entry saved now expires (unix seconds).
+    pub fn expiry_from_now(&self) -> u64 {
+        now().saturating_add(self.ttl_s)
+    }
+
+    /// Saves the credential labels of an image (replacing earlier ones) until `expires_at`.
+    pub fn save(&self, image_ref: &str, labels: &BTreeMap<String, String>, expires_at: u64) -> std::io::Result<()> {
+        let stored = Stored { image_ref: image_ref.to_string(), expires_at, labels: labels.clone() };
         let bytes = serde_json::to_vec(&stored).map_err(std::io::Error::other)?;
         let path = self.path(image_ref);
         clip_fsutil::atomic_write(&path, &bytes, 0o600, clip_fsutil::Durability::Durable)
     }
 
     /// Every unexpired entry; expired and unreadable ones are deleted.
-    pub fn load(&self) -> Vec<(String, BTreeMap<String, String>)> {
+    pub fn load(&self) -> Vec<KeptEntry> {
         let mut out = Vec::new();
         let Ok(entries) = fs::read_dir(&self.dir) else {
             return out;
@@ -59,7 +73,9 @@ impl CredentialStore {
             let path = entry.path();
             let parsed = fs::read(&path).ok().and_then(|b| serde_json::from_slice::<Stored>(&b).ok());
             match parsed {
-                Some(s) if s.expires_at > now() => out.push((s.image_ref, s.labels)),
+                Some(s) if s.expires_at > now() => {
+                    out.push(KeptEntry { key: s.image_ref, labels: s.labels, expires_at: s.expires_at });
+                }
                 _ => {
                     let _ = fs::remove_file(&path);
                 }
@@ -78,13 +94,17 @@ mod tests {
         let root = tempfile::tempdir().expect("tmp");
         let store = CredentialStore::open(root.path(), 3600).expect("open");
         let labels = BTreeMap::from([("k".to_string(), "u:p".to_string())]);
-        store.save("reg/app:1", &labels).expect("save");
+        let until = store.expiry_from_now();
+        store.save("reg/app:1", &labels, until).expect("save");
         let md = fs::metadata(store.path("reg/app:1")).expect("stat");
         assert_eq!(md.permissions().mode() & 0o777, 0o600);
         assert_eq!(fs::metadata(&store.dir).expect("dir").permissions().mode() & 0o777, 0o700);
-        assert_eq!(store.load(), vec![("reg/app:1".to_string(), labels.clone())]);
+        assert_eq!(
+            store.load(),
+            vec![KeptEntry { key: "reg/app:1".to_string(), labels: labels.clone(), expires_at: until }]
+        );
         let expired = CredentialStore::open(root.path(), 0).expect("open");
-        expired.save("reg/app:1", &labels).expect("save");
+        expired.save("reg/app:1", &labels, expired.expiry_from_now()).expect("save");
         assert!(expired.load().is_empty());
         assert!(!store.path("reg/app:1").exists(), "expired entries are deleted");
     }

@@ -3,13 +3,18 @@
 //! for its repository (CRI image-service proxy), the build registry's minter, and docker's
 //! `config.json` ([`CredentialChain::for_image`] orders them). Label credentials and pull
 //! secrets are also kept in the root-only [`CredentialStore`] so lazy layers keep reading after
-//! a restart. A changed input replaces the image's session; mounted layers read through a
-//! [`Session::Image`] handle, so their next fetch uses the new one.
+//! a restart, each until `[lazy] credential_ttl_s` has passed — while running too: a session
+//! made with one is replaced when it expires. A changed input replaces the image's session;
+//! mounted layers read through a [`Session::Image`] handle, so their next fetch uses the new one.
+//!
+//! A pull secret is *offered* while containerd pulls with it (the layers it prepares read with
+//! it, after any secret already kept for the repository) and *kept* only once containerd's pull
+//! succeeded: a secret containerd refused never replaces one that works, nor reaches the store.
 //!
 //! One lock guards the inputs and the sessions together and is never held across I/O (the
 //! store's writes, reading `hosts.toml`) nor while another part's lock is taken.
 
-use super::creds_store::CredentialStore;
+use super::creds_store::{CredentialStore, now};
 use super::error::RemoteError;
 use super::layout::CacheLayout;
 use clip_config::SnapshotterConfig;
@@ -53,17 +58,48 @@ pub(crate) fn inputs_from_labels(secrets: &BTreeMap<String, String>) -> Result<C
 struct LabelCreds {
     labels: BTreeMap<String, String>,
     inputs: ChainInputs,
+    /// Unix seconds after which they are not used.
+    expires_at: u64,
+}
+
+/// A pull secret containerd accepted for a repository.
+struct KeptSecret {
+    credential: Credential,
+    expires_at: u64,
+}
+
+/// A pull secret offered while containerd pulls with it.
+struct OfferedSecret {
+    repository: String,
+    credential: Credential,
+}
+
+/// An image's session and when the credentials it was made with expire.
+struct CachedSession {
+    repository: Arc<Repository>,
+    expires_at: Option<u64>,
 }
 
 /// What the one lock guards.
 #[derive(Default)]
 struct Table {
     labels: HashMap<String, LabelCreds>,
-    pull_secrets: HashMap<String, Credential>,
-    sessions: HashMap<String, Arc<Repository>>,
+    pull_secrets: HashMap<String, KeptSecret>,
+    offered: HashMap<u64, OfferedSecret>,
+    next_offer: u64,
+    sessions: HashMap<String, CachedSession>,
     /// Bumped by every change of an input: a session made from older inputs is used once but
     /// not kept.
     generation: u64,
+}
+
+impl Table {
+    /// Drops the sessions of images of `repository` (`registry/repository`): their next
+    /// request is made with the repository's current secrets.
+    fn forget_sessions_of(&mut self, repository: &str) {
+        self.sessions.retain(|r, _| Reference::parse(r).map_or(true, |i| pull_secret_key(&i) != repository));
+        self.generation += 1;
+    }
 }
 
 /// The credential inputs every image shares (from the daemon's config).
@@ -72,6 +108,8 @@ struct NodeInputs {
     docker_config: Option<PathBuf>,
     build_registry: Option<BuildRegistryScope>,
     minter: Option<Arc<TokenMinter>>,
+    /// `[cri] mint_for_pulls_without_secret`.
+    mint_for_pulls_without_secret: bool,
 }
 
 /// The registry sessions of the images served lazily, with their credential inputs.
@@ -124,18 +162,19 @@ impl Sessions {
         };
         let store = CredentialStore::open(&cfg.root, cfg.lazy.credential_ttl_s)?;
         let mut table = Table::default();
-        for (key, labels) in store.load() {
+        for kept in store.load() {
+            let (key, labels, expires_at) = (kept.key, kept.labels, kept.expires_at);
             if let Some(repo) = key.strip_prefix(PULL_SECRET_PREFIX) {
-                if let Some(c) =
+                if let Some(credential) =
                     labels.get(PULL_SECRET_KEY).and_then(|v| Credential::parse(v, Source::CriPullSecret).ok())
                 {
-                    table.pull_secrets.insert(repo.to_string(), c);
+                    table.pull_secrets.insert(repo.to_string(), KeptSecret { credential, expires_at });
                 }
                 continue;
             }
             match inputs_from_labels(&labels) {
                 Ok(inputs) => {
-                    table.labels.insert(key, LabelCreds { labels, inputs });
+                    table.labels.insert(key, LabelCreds { labels, inputs, expires_at });
                 }
                 Err(e) => tracing::warn!(image = %key, error = %e, "ignoring stored credentials"),
             }
@@ -155,7 +194,12 @@ impl Sessions {
         }
         Ok(Self {
             client,
-            node: NodeInputs { docker_config: cfg.registry.docker_config.clone(), build_registry, minter },
+            node: NodeInputs {
+                docker_config: cfg.registry.docker_config.clone(),
+                build_registry,
+                minter,
+                mint_for_pulls_without_secret: cfg.cri.mint_for_pulls_without_secret,
+            },
             store,
             plain_http_file,
             table: Mutex::new(table),
@@ -164,17 +208,22 @@ impl Sessions {
 
     /// Takes the credential labels of a Prepare for its image (never logged): kept in memory
     /// and in the root-only store, the image's session replaced. Labels the image already has
-    /// change nothing (no store write, the session and its tokens stay).
+    /// change nothing (no store write, the session and its tokens stay) until half their
+    /// lifetime has passed; then they are kept for another lifetime.
     pub fn remember_labels(&self, image_ref: &str, secrets: &BTreeMap<String, String>) -> Result<(), RemoteError> {
-        if secrets.is_empty() || self.table.lock().labels.get(image_ref).is_some_and(|c| &c.labels == secrets) {
+        let expires_at = self.store.expiry_from_now();
+        let fresh = |c: &LabelCreds| c.expires_at.saturating_sub(now()) > expires_at.saturating_sub(now()) / 2;
+        if secrets.is_empty()
+            || self.table.lock().labels.get(image_ref).is_some_and(|c| &c.labels == secrets && fresh(c))
+        {
             return Ok(());
         }
         let inputs = inputs_from_labels(secrets)?;
-        if let Err(e) = self.store.save(image_ref, secrets) {
+        if let Err(e) = self.store.save(image_ref, secrets, expires_at) {
             tracing::warn!(image = %image_ref, error = %e, "cannot persist label credentials; they will not survive a restart");
         }
         let mut table = self.table.lock();
-        table.labels.insert(image_ref.to_string(), LabelCreds { labels: secrets.clone(), inputs });
+        table.labels.insert(image_ref.to_string(), LabelCreds { labels: secrets.clone(), inputs, expires_at });
         table.sessions.remove(image_ref);
         table.generation += 1;
         Ok(())
@@ -202,17 +251,36 @@ impl Sessions {
         Ok(())
     }
 
-    /// The registry session of an image, with its credential chain.
+    /// The registry session of an image, with its credential chain. A session made with
+    /// credentials that have since expired is replaced by one made without them.
     pub fn repository(&self, image_ref: &str) -> Result<Arc<Repository>, RemoteError> {
-        if let Some(r) = self.table.lock().sessions.get(image_ref) {
-            return Ok(r.clone());
+        let now = now();
+        {
+            let mut table = self.table.lock();
+            match table.sessions.get(image_ref) {
+                Some(c) if c.expires_at.is_none_or(|at| at > now) => return Ok(c.repository.clone()),
+                Some(_) => {
+                    tracing::info!(image = %image_ref, "credentials of the image's session expired; dropping them");
+                    table.sessions.remove(image_ref);
+                }
+                None => {}
+            }
         }
         let image = Reference::parse(image_ref)?;
-        let (mut inputs, generation) = {
-            let table = self.table.lock();
-            let mut inputs = table.labels.get(image_ref).map(|c| c.inputs.clone()).unwrap_or_default();
-            inputs.cri_pull_secret = table.pull_secrets.get(&pull_secret_key(&image)).cloned();
-            (inputs, table.generation)
+        let key = pull_secret_key(&image);
+        let (mut inputs, expires_at, generation) = {
+            let mut table = self.table.lock();
+            table.labels.retain(|_, c| c.expires_at > now);
+            table.pull_secrets.retain(|_, k| k.expires_at > now);
+            let labels = table.labels.get(image_ref);
+            let mut inputs = labels.map(|c| c.inputs.clone()).unwrap_or_default();
+            let kept = table.pull_secrets.get(&key);
+            let expires_at = [labels.map(|c| c.expires_at), kept.map(|k| k.expires_at)].into_iter().flatten().min();
+            inputs.cri_pull_secrets = kept.map(|k| k.credential.clone()).into_iter().collect();
+            inputs
+                .cri_pull_secrets
+                .extend(table.offered.values().filter(|o| o.repository == key).map(|o| o.credential.clone()));
+            (inputs, expires_at, table.generation)
         };
         inputs.build_registry.clone_from(&self.node.build_registry);
         inputs.minter.clone_from(&self.node.minter);
@@ -226,15 +294,23 @@ impl Sessions {
             // Inputs changed meanwhile: this session serves this call only.
             return Ok(made);
         }
-        Ok(table.sessions.entry(image_ref.to_string()).or_insert(made).clone())
+        Ok(table
+            .sessions
+            .entry(image_ref.to_string())
+            .or_insert(CachedSession { repository: made, expires_at })
+            .repository
+            .clone())
     }
 }
 
 /// What the CRI image-service proxy hands over: pull secrets, and minted build registry tokens.
 impl clip_cri_proxy::PullSecrets for Sessions {
-    /// For an image of the configured build registry: a token minted from the configured
-    /// long-term credentials (the CRI proxy passes it to containerd when kubelet gave none).
+    /// For an image of the configured build registry, when `[cri] mint_for_pulls_without_secret`
+    /// allows it: a token minted from the configured long-term credentials.
     async fn build_registry_credential(&self, image_ref: &str) -> Option<Credential> {
+        if !self.node.mint_for_pulls_without_secret {
+            return None;
+        }
         let image = Reference::parse(image_ref).ok()?;
         if !self.node.build_registry.as_ref().is_some_and(|b| b.covers(&image)) {
             return None;
@@ -248,27 +324,44 @@ impl clip_cri_proxy::PullSecrets for Sessions {
         }
     }
 
-    /// Remembers the pull secret kubelet passed for `image_ref` (CRI image service proxy), for
-    /// that image's repository: in memory and in the root-only store until it expires. Never
-    /// logged.
-    fn remember_pull_secret(&self, image_ref: &str, credential: Credential) -> Result<(), RegistryError> {
-        let image = Reference::parse(image_ref)?;
-        let key = pull_secret_key(&image);
+    /// Offers the pull secret kubelet passed for `image_ref` to the layers of its repository
+    /// while containerd pulls with it (after the secret already kept, if any). Never logged.
+    fn offer_pull_secret(&self, image_ref: &str, credential: Credential) -> Result<u64, RegistryError> {
+        let repository = pull_secret_key(&Reference::parse(image_ref)?);
+        let mut table = self.table.lock();
+        table.next_offer += 1;
+        let offer = table.next_offer;
+        table.offered.insert(offer, OfferedSecret { repository: repository.clone(), credential });
+        table.forget_sessions_of(&repository);
+        Ok(offer)
+    }
+
+    /// Settles an offer once containerd's pull is over: a secret it accepted is kept for the
+    /// repository (in memory and in the root-only store, until it expires), replacing the one
+    /// kept before; a refused one is forgotten and changes nothing.
+    fn settle_pull_secret(&self, offer: u64, accepted: bool) {
+        let Some(offered) = self.table.lock().offered.remove(&offer) else {
+            return;
+        };
+        let repository = offered.repository;
+        if !accepted {
+            self.table.lock().forget_sessions_of(&repository);
+            tracing::info!(%repository, "containerd refused the pull made with this pull secret; it is not kept");
+            return;
+        }
+        let expires_at = self.store.expiry_from_now();
         let stored = BTreeMap::from([(
             PULL_SECRET_KEY.to_string(),
-            format!("{}:{}", credential.username, credential.password.expose()),
+            format!("{}:{}", offered.credential.username, offered.credential.password.expose()),
         )]);
-        if let Err(e) = self.store.save(&format!("{PULL_SECRET_PREFIX}{key}"), &stored) {
-            tracing::warn!(repository = %key, error = %e, "cannot persist a pull secret; it will not survive a restart");
+        if let Err(e) = self.store.save(&format!("{PULL_SECRET_PREFIX}{repository}"), &stored, expires_at) {
+            tracing::warn!(%repository, error = %e, "cannot persist a pull secret; it will not survive a restart");
         }
         let mut table = self.table.lock();
-        table.pull_secrets.insert(key.clone(), credential);
-        // Sessions of that repository pick the secret up.
-        table.sessions.retain(|r, _| Reference::parse(r).map_or(true, |i| pull_secret_key(&i) != key));
-        table.generation += 1;
+        table.pull_secrets.insert(repository.clone(), KeptSecret { credential: offered.credential, expires_at });
+        table.forget_sessions_of(&repository);
         drop(table);
-        tracing::info!(repository = %key, "pull secret received through the CRI image service proxy");
-        Ok(())
+        tracing::info!(%repository, "pull secret kept: containerd's pull with it succeeded");
     }
 }
 
@@ -279,11 +372,96 @@ mod tests {
     use std::time::Duration;
 
     fn sessions(root: &std::path::Path) -> (tokio::runtime::Runtime, Arc<Sessions>) {
+        sessions_with(root, |_| {})
+    }
+
+    fn sessions_with(
+        root: &std::path::Path,
+        change: impl FnOnce(&mut SnapshotterConfig),
+    ) -> (tokio::runtime::Runtime, Arc<Sessions>) {
         let mut cfg = SnapshotterConfig::default();
         cfg.root = root.to_path_buf();
+        change(&mut cfg);
         let rt = tokio::runtime::Runtime::new().expect("runtime");
         let s = rt.block_on(Sessions::new(&cfg, &CacheLayout::new(root))).expect("sessions");
         (rt, Arc::new(s))
+    }
+
+    /// The pull secrets an image's session would send, in order.
+    fn secrets_sent(sessions: &Sessions, image: &str) -> usize {
+        let repo = sessions.repository(image).expect("session");
+        repo.credential_sources().iter().filter(|s| **s == Source::CriPullSecret).count()
+    }
+
+    /// Seen before: a pull secret was kept (and stored) before containerd had tried it, keyed by
+    /// repository, so one pod's wrong secret replaced another's working one, also after a restart.
+    #[test]
+    fn a_refused_pull_secret_never_replaces_the_kept_one_before_or_after_a_restart() {
+        use clip_cri_proxy::PullSecrets;
+        let root = tempfile::tempdir().expect("tmp");
+        let image = "registry.test/team/app:1";
+        let (_rt, sessions) = sessions(root.path());
+        let good = sessions.offer_pull_secret(image, Credential::new("pod-a", "good")).expect("offer");
+        assert_eq!(secrets_sent(&sessions, image), 1, "offered while containerd pulls");
+        sessions.settle_pull_secret(good, true);
+        let wrong = sessions.offer_pull_secret(image, Credential::new("pod-b", "wrong")).expect("offer");
+        assert_eq!(secrets_sent(&sessions, image), 2, "the kept secret first, then the offered one");
+        sessions.settle_pull_secret(wrong, false);
+        assert_eq!(secrets_sent(&sessions, image), 1);
+        let kept =
+            |s: &Sessions| s.table.lock().pull_secrets.get("registry.test/team/app").map(|k| k.credential.clone());
+        assert_eq!(kept(&sessions), Some(Credential::new("pod-a", "good")));
+        // A cancelled pull (the offer dropped unsettled by the proxy) is a refusal too: see
+        // clip_cri_proxy's Offer. A refused secret is not in the store either:
+        drop(sessions);
+        let (_rt2, restarted) = self::sessions(root.path());
+        assert_eq!(kept(&restarted), Some(Credential::new("pod-a", "good")));
+        let store = std::fs::read_dir(root.path().join("credentials")).expect("store").count();
+        assert_eq!(store, 1, "only the accepted secret was written");
+    }
+
+    /// Seen before: the lifetime was applied only when the store was read at start-up.
+    #[test]
+    fn a_kept_pull_secret_expires_while_the_daemon_runs() {
+        use clip_cri_proxy::PullSecrets;
+        let root = tempfile::tempdir().expect("tmp");
+        let image = "registry.test/team/app:1";
+        let (_rt, sessions) = sessions_with(root.path(), |c| c.lazy.credential_ttl_s = 1);
+        let offer = sessions.offer_pull_secret(image, Credential::new("pod-a", "good")).expect("offer");
+        sessions.settle_pull_secret(offer, true);
+        assert_eq!(secrets_sent(&sessions, image), 1);
+        std::thread::sleep(Duration::from_millis(2100));
+        assert_eq!(secrets_sent(&sessions, image), 0, "an expired secret is no longer sent");
+    }
+
+    /// Minting for pulls without a secret lets any pod pull any build registry image: off unless
+    /// configured.
+    #[test]
+    fn secretless_pulls_get_a_minted_token_only_when_configured() {
+        use clip_cri_proxy::PullSecrets;
+        let root = tempfile::tempdir().expect("tmp");
+        let build = |on: bool| {
+            move |c: &mut SnapshotterConfig| {
+                c.build_registry = Some(clip_config::BuildRegistry {
+                    registry: "build.test".into(),
+                    repository: "userimages".into(),
+                    insecure: false,
+                    ca_file: None,
+                    credentials: Some(clip_config::LongTermCredentials::Basic {
+                        username: "builder".into(),
+                        password: Some("long-term".into()),
+                        password_file: None,
+                    }),
+                });
+                c.cri.mint_for_pulls_without_secret = on;
+            }
+        };
+        let image = "build.test/userimages/app:1";
+        let (rt, off) = sessions_with(root.path(), build(false));
+        assert!(rt.block_on(off.build_registry_credential(image)).is_none());
+        let (rt, on) = sessions_with(root.path(), build(true));
+        assert!(rt.block_on(on.build_registry_credential(image)).is_some());
+        assert!(rt.block_on(on.build_registry_credential("other.test/userimages/app:1")).is_none());
     }
 
     fn creds(i: usize) -> BTreeMap<String, String> {
