@@ -10,6 +10,7 @@ pub mod profile;
 pub mod progress;
 pub mod publish;
 pub mod remote;
+pub mod sandbox;
 pub mod signing;
 mod stream;
 pub mod token;

@@ -3,9 +3,10 @@
 //! image fetches what its start reads first (see `clip_index::profile`). The image is served
 //! the way a node serves it: every layer a read-only `clip-layerfs` mount over its published
 //! CLIP index, under an overlay; the layer blobs are downloaded once into a private temporary
-//! directory (reads are then local). `CMD` runs with `/bin/sh -c` in that root (chroot, its own
-//! PID and mount namespaces, the image's environment and working directory, as root) until it
-//! exits or the time limit kills it; every span it read is in the profile, in order.
+//! directory (reads are then local). `CMD` runs with `/bin/sh -c` in that root as an
+//! unprivileged container ([`crate::sandbox`]: runc, a user namespace, no network, a private
+//! `/dev`; the image's environment and working directory) until it exits or the time limit kills
+//! it; every span it read is in the profile, in order.
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
@@ -184,18 +185,23 @@ fn run_in_image(
         let spans = Arc::new(SpanCache::with_options(l.index.clone(), l.dir.join("spans"), source, options)?);
         let mountpoint = l.dir.join("fs");
         std::fs::create_dir_all(&mountpoint)?;
-        let (session, _fd) = clip_layerfs::mount(clip_layerfs::LayerFs::new(spans), &mountpoint, &l.digest)
+        // Owners shifted into the container's user namespace; no setuid files, no devices.
+        let fs = clip_layerfs::LayerFs::new(spans).with_id_shift(crate::sandbox::ID_SHIFT);
+        let (session, _fd) = clip_layerfs::mount_for_untrusted_code(fs, &mountpoint, &l.digest)
             .with_context(|| format!("FUSE mount of layer {}", l.digest))?;
         sessions.push(session);
         lower.push(mountpoint);
     }
+    let bundle = crate::sandbox::Bundle::new()?;
     let mut mounts = Mounts::default();
-    let (rw, rootfs) = (root.join("rw"), root.join("rootfs"));
+    let (rw, rootfs) = (root.join("rw"), bundle.rootfs());
     std::fs::create_dir_all(&rw)?;
-    std::fs::create_dir_all(&rootfs)?;
-    mount(&["-t", "tmpfs", "tmpfs"], &rw, &mut mounts)?;
+    mount(&["-t", "tmpfs", "-o", "nosuid,nodev", "tmpfs"], &rw, &mut mounts)?;
     std::fs::create_dir_all(rw.join("upper"))?;
     std::fs::create_dir_all(rw.join("work"))?;
+    // The root directory of the container's root file system is its root's.
+    let shift = Some(crate::sandbox::ID_SHIFT);
+    std::os::unix::fs::chown(rw.join("upper"), shift, shift)?;
     // overlayfs lists the top layer first.
     let lowerdir: Vec<String> = lower.iter().rev().map(|p| p.display().to_string()).collect();
     let options = format!(
@@ -204,42 +210,13 @@ fn run_in_image(
         rw.join("upper").display(),
         rw.join("work").display()
     );
-    mount(&["-t", "overlay", "overlay", "-o", &options], &rootfs, &mut mounts)?;
-    if !rootfs.join("bin/sh").exists() {
-        bail!("the image has no /bin/sh to run the profile command with");
-    }
-    for dir in ["proc", "dev"] {
-        std::fs::create_dir_all(rootfs.join(dir))?;
-    }
-    mount(&["--rbind", "/dev"], &rootfs.join("dev"), &mut mounts)?;
+    mount(&["-t", "overlay", "overlay", "-o", &format!("nosuid,nodev,{options}")], &rootfs, &mut mounts)?;
+    // Nothing below `rootfs` is looked at from here: an image's symlink (`/bin -> /usr/bin`)
+    // would resolve on the host. runc resolves paths inside the root.
     let script = format!("cd '{}' 2>/dev/null || cd /; {cmd}", workdir.replace('\'', ""));
-    let mut child = Command::new("unshare")
-        .args(["--pid", "--fork", "--kill-child", "--mount"])
-        .arg(format!("--mount-proc={}", rootfs.join("proc").display()))
-        .arg("chroot")
-        .arg(&rootfs)
-        .args(["/bin/sh", "-c", &script])
-        .env_clear()
-        .envs(env.iter().filter_map(|kv| kv.split_once('=')))
-        .stdin(std::process::Stdio::null())
-        // The command's output goes to stderr: stdout is the report's.
-        .stdout(std::process::Stdio::from(std::io::stderr()))
-        .spawn()
-        .context("running the profile command (unshare, chroot)")?;
-    let until = Instant::now() + limit;
-    let exit_code = loop {
-        if let Some(status) = child.try_wait()? {
-            break status.code();
-        }
-        if Instant::now() >= until {
-            tracing::warn!(seconds = limit.as_secs(), "the profile command runs past the time limit; killed");
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let exit_code = crate::sandbox::run(&bundle, env, &script, limit);
     drop(mounts);
+    drop(bundle);
     drop(sessions);
-    Ok((recorder, exit_code))
+    Ok((recorder, exit_code?))
 }

@@ -184,3 +184,60 @@ fn a_corrupt_or_foreign_profile_is_ignored_with_a_log_line() -> Result<()> {
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
 }
+
+/// The profile command is the image's own code: it runs as an unprivileged container (a user
+/// namespace, no host network, a private `/dev`, no mount). Seen before (unshare + chroot as
+/// host root): it listed the host's block devices, mounted, and reached the host's network.
+#[test]
+fn the_profile_command_runs_as_an_unprivileged_container() -> Result<()> {
+    require_root();
+    let td = TestDir::new("profiles-sandbox")?;
+    let image = IndexedImage::plain(&td, TestImage::Python, "testbed/python")?;
+    let listener = std::net::TcpListener::bind("0.0.0.0:0")?;
+    listener.set_nonblocking(true)?;
+    let port = listener.local_addr()?.port();
+    // The host's own addresses: loopback, and every global one.
+    let mut hosts = vec!["127.0.0.1".to_string()];
+    let addrs = clip_integration::run_stdout(Command::new("ip").args(["-4", "-o", "addr", "show", "scope", "global"]))?;
+    hosts.extend(
+        addrs
+            .split_whitespace()
+            .filter(|w| w.contains('/') && w.contains('.'))
+            .filter_map(|w| w.split('/').next().map(str::to_string)),
+    );
+    let script = format!(
+        "echo DEV: $(ls /dev); echo UIDMAP: $(cat /proc/self/uid_map); \
+         mount -t tmpfs t /mnt 2>/dev/null && echo MOUNTED; \
+         for h in {}; do python3 -c \"import socket,sys; socket.create_connection((sys.argv[1], {port}), 3)\" $h \
+         2>/dev/null && echo REACHED $h; done",
+        hosts.join(" ")
+    );
+    let out = Command::new(workspace_binary("clip-builder")?)
+        .args(["profile", "--plain-http", "--json", "--cmd", &script])
+        .arg(&image.reference)
+        .output()?;
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{said}");
+    let mut connections = 0;
+    while listener.accept().is_ok() {
+        connections += 1;
+    }
+    let dev = said.lines().find(|l| l.starts_with("DEV:")).unwrap_or_default();
+    eprintln!("{dev}\n{}", said.lines().find(|l| l.starts_with("UIDMAP:")).unwrap_or_default());
+    assert!(dev.contains("null") && dev.contains("urandom"), "the standard devices: {said}");
+    for host_device in ["vda", "sda", "nvme", "loop", "fuse", "kmsg", "mem"] {
+        assert!(!dev.split_whitespace().any(|d| d.starts_with(host_device)), "host device {host_device}: {dev}");
+    }
+    let uid_map = said.lines().find(|l| l.starts_with("UIDMAP:")).unwrap_or_default();
+    assert_eq!(uid_map.split_whitespace().collect::<Vec<_>>(), ["UIDMAP:", "0", "1073741824", "65536"], "{said}");
+    assert!(!said.contains("MOUNTED"), "the command mounted a file system:\n{said}");
+    assert!(!said.contains("REACHED") && connections == 0, "the command reached the host's network:\n{said}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert!(report["reads"].as_u64().unwrap_or(0) > 0, "{report}");
+    let left: Vec<_> = clip_fsutil::mountinfo::mounts()
+        .into_iter()
+        .filter(|m| m.mount_point.to_string_lossy().contains("clip-builder/profile-"))
+        .collect();
+    assert!(left.is_empty(), "mounts left behind: {left:?}");
+    Ok(())
+}

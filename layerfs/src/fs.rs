@@ -38,6 +38,8 @@ pub struct LayerFs {
     /// first getxattr). A layer without any answers ENOSYS, and the kernel stops asking
     /// (overlayfs asks for its `trusted.overlay.*` names at nearly every lookup and open).
     has_xattrs: std::sync::OnceLock<bool>,
+    /// Added to every owner (uid and gid): the layer as a user namespace starting there sees it.
+    id_shift: u32,
 }
 
 /// Spans fetched ahead for a sequential reader.
@@ -58,7 +60,15 @@ impl LayerFs {
             no_open: false,
             no_opendir: false,
             has_xattrs: std::sync::OnceLock::new(),
+            id_shift: 0,
         }
+    }
+
+    /// Presents every owner `shift` higher (saturating), as a container whose user namespace
+    /// maps its 0 to `shift` sees its own files owned by its own ids.
+    pub fn with_id_shift(mut self, shift: u32) -> Self {
+        self.id_shift = shift;
+        self
     }
 
     /// Opens files whose data is all local with FUSE passthrough (kernel 6.9+): a file of at
@@ -138,8 +148,8 @@ impl LayerFs {
             kind,
             perm,
             nlink: if kind == FileType::Directory { 2 } else { e.nlink.max(1) },
-            uid: e.uid,
-            gid: e.gid,
+            uid: e.uid.saturating_add(self.id_shift),
+            gid: e.gid.saturating_add(self.id_shift),
             rdev,
             blksize: 4096,
             flags: 0,
@@ -503,6 +513,7 @@ pub(crate) fn session_config(name: &str) -> fuser::Config {
         O::Subtype("clip".into()),
         O::RO,
         O::DefaultPermissions,
+        // As containerd's unpacked layers: overlay and runc's own mount decide for the container.
         O::Dev,
         O::Suid,
         O::Exec,
@@ -525,5 +536,26 @@ pub fn mount(
     use std::os::fd::AsFd;
     let session = fuser::Session::new(fs, mountpoint, &session_config(name))?;
     let fd = session.as_fd().try_clone_to_owned()?;
+    Ok((session.spawn()?, fd))
+}
+
+/// [`mount`] for a layer whose code runs outside a runtime's control (the builder's profile
+/// command): `nosuid,nodev`, so no setuid file or device node of the image takes effect.
+pub fn mount_for_untrusted_code(
+    fs: LayerFs,
+    mountpoint: &std::path::Path,
+    name: &str,
+) -> std::io::Result<(fuser::BackgroundSession, std::os::fd::OwnedFd)> {
+    use fuser::MountOption as O;
+    let mut config = session_config(name);
+    for option in &mut config.mount_options {
+        match option {
+            O::Dev => *option = O::NoDev,
+            O::Suid => *option = O::NoSuid,
+            _ => {}
+        }
+    }
+    let session = fuser::Session::new(fs, mountpoint, &config)?;
+    let fd = std::os::fd::AsFd::as_fd(&session).try_clone_to_owned()?;
     Ok((session.spawn()?, fd))
 }

@@ -13,5 +13,5 @@ mod passthrough;
 pub mod reattach;
 pub mod session_state;
 
-pub use fs::{LayerFs, mount};
+pub use fs::{LayerFs, mount, mount_for_untrusted_code};
 pub use reattach::reattach;
