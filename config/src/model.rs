@@ -225,6 +225,13 @@ impl SnapshotterConfig {
         if self.cri.image_service_address.as_ref().is_some_and(|a| !a.is_absolute()) {
             return Err(invalid("cri.image_service_address", "must be an absolute path"));
         }
+        let r = &self.registry;
+        if r.credential_provider_config.is_some() != r.credential_provider_bin_dir.is_some() {
+            return Err(invalid(
+                "registry.credential_provider_config",
+                "needs registry.credential_provider_bin_dir, and the other way round",
+            ));
+        }
         let lazy = &self.lazy;
         for (key, value) in [
             ("lazy.fetch_timeout_s", lazy.fetch_timeout_s),
@@ -278,6 +285,12 @@ pub struct RegistryHosts {
     /// Docker's `config.json` (what `nerdctl login` and `docker login` write) instead of
     /// `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`.
     pub docker_config: Option<PathBuf>,
+    /// kubelet's `CredentialProviderConfig` (its `--image-credential-provider-config`): the
+    /// snapshotter calls the same plugins, so lazy reads renew their credentials as kubelet's
+    /// pulls do.
+    pub credential_provider_config: Option<PathBuf>,
+    /// Where the plugins are (kubelet's `--image-credential-provider-bin-dir`).
+    pub credential_provider_bin_dir: Option<PathBuf>,
 }
 
 /// `[build_registry]`: the registry images are built into.

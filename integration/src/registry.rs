@@ -305,6 +305,28 @@ impl Registry {
         Ok(format!("{}/{repo}:{dest_tag}", self.host))
     }
 
+    /// [`Self::push_layout`] to a plain-HTTP registry that wants `user`/`password` (token auth).
+    pub fn push_layout_as(
+        &self,
+        layout: &Path,
+        tag: &str,
+        repo: &str,
+        dest_tag: &str,
+        user: &str,
+        password: &str,
+    ) -> Result<String> {
+        let dest = format!("docker://{}/{repo}:{dest_tag}", self.host);
+        let auth = self.dir.join("skopeo-push-auth.json");
+        write_authfile(&auth, &self.host, user, password)?;
+        let mut c = Command::new("skopeo");
+        c.arg("copy").arg("--preserve-digests").arg("--dest-tls-verify=false").arg("--dest-authfile").arg(&auth);
+        c.arg(format!("oci:{}:{tag}", layout.display())).arg(&dest);
+        let pushed = run(&mut c).with_context(|| format!("push {tag} to {dest}"));
+        let _ = std::fs::remove_file(&auth);
+        pushed?;
+        Ok(format!("{}/{repo}:{dest_tag}", self.host))
+    }
+
     /// The access log so far (requests to `/v2/...`).
     pub fn access_log(&self) -> Vec<AccessEntry> {
         parse_access_log(&self.daemon.log())

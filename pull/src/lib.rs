@@ -40,6 +40,8 @@ pub struct PullOptions {
     pub source_image_creds: Option<Credential>,
     /// The configured build registry (the snapshotter config's `[build_registry]`).
     pub build_registry: Option<BuildRegistryScope>,
+    /// The node's kubelet credential provider plugins (the snapshotter config's `[registry]`).
+    pub providers: Option<std::sync::Arc<clip_registry::provider::CredentialProviders>>,
     pub platform: Platform,
 }
 
@@ -92,6 +94,7 @@ fn chain(opts: &PullOptions, image: &Reference) -> CredentialChain {
         source_image_creds: opts.source_image_creds.clone(),
         build_registry_creds: opts.build_registry_creds.clone(),
         build_registry: opts.build_registry.clone(),
+        providers: opts.providers.clone(),
         docker_config: true,
         ..ChainInputs::default()
     };
@@ -495,6 +498,7 @@ mod tests {
             build_registry_creds: Some(Credential::new("builder", "Build-Token-Sentinel")),
             source_image_creds: None,
             build_registry: Some(BuildRegistryScope::new("build.example:5000", "userimages")),
+            providers: None,
             platform: Platform::default(),
         };
         use clip_registry::credentials::Source;

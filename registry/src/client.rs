@@ -393,10 +393,13 @@ impl Repository {
         refresh: bool,
     ) -> Result<()> {
         let source = candidate.source();
-        let credential = if endpoint.mirror {
-            candidate.resolve_for_mirror(&endpoint.host).await?
+        let (credential, renew_at) = if endpoint.mirror {
+            (candidate.resolve_for_mirror(&endpoint.host).await?, None)
         } else {
-            candidate.resolve(self.registry(), refresh).await?
+            match candidate.resolve(&self.image, refresh).await? {
+                Some(r) => (Some(r.credential), r.renew_at),
+                None => (None, None),
+            }
         };
         if state.logged != Some(source) {
             tracing::info!(image = %self.image, source = source.name(), "{}", source.decision());
@@ -404,8 +407,9 @@ impl Repository {
         }
         let (value, expires) = match &challenge {
             Challenge::Basic => match &credential {
-                Some(c) => (Secret::new(c.basic_header()), None),
-                None => (Secret::new(""), None),
+                // An identity token is only ever exchanged at a token realm.
+                Some(c) if !c.is_identity_token() => (Secret::new(c.basic_header()), None),
+                _ => (Secret::new(""), None),
             },
             Challenge::Bearer { realm, service, scope } => {
                 let (token, expires) = self
@@ -416,6 +420,11 @@ impl Repository {
                     if token.expose().is_empty() { String::new() } else { format!("Bearer {}", token.expose()) };
                 (Secret::new(value), expires)
             }
+        };
+        // Renewed before the credential it was made with runs out, not after a refusal.
+        let expires = match (expires, renew_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         };
         state.headers.insert(endpoint.host.clone(), CachedAuth { value, expires, challenge });
         state.generation += 1;

@@ -4,6 +4,9 @@ use crate::error::{RegistryError, Result};
 use crate::secret::Secret;
 use crate::source::Source;
 
+/// The user name docker's clients give an identity token (`<token>`).
+pub const IDENTITY_TOKEN_USER: &str = "<token>";
+
 /// `username:password` for a registry.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Credential {
@@ -20,6 +23,18 @@ impl std::fmt::Debug for Credential {
 impl Credential {
     pub fn new(username: impl Into<String>, password: impl Into<String>) -> Self {
         Self { username: username.into(), password: Secret::new(password) }
+    }
+
+    /// An identity token (docker `config.json`'s `identitytoken`, what `docker login` keeps for
+    /// OAuth registries): exchanged at a Bearer realm for access tokens (`grant_type=
+    /// refresh_token`), never sent as a password.
+    pub fn identity_token(token: impl Into<String>) -> Self {
+        Self::new(IDENTITY_TOKEN_USER, token)
+    }
+
+    /// Whether this is an [`Self::identity_token`].
+    pub fn is_identity_token(&self) -> bool {
+        self.username == IDENTITY_TOKEN_USER
     }
 
     /// Parses `username:password` (split at the first `:`; the password may contain more).

@@ -3,13 +3,15 @@
 //! 3. `clip.build-registry-creds` — only when the image's registry *is* the configured build
 //!    registry (normalised `host[:port]` equality) and its repository is under the configured
 //!    prefix, 4. a token minted from the configured long-term credentials (same rule),
-//! 5. docker `config.json` with credential helpers, 6. anonymous.
+//! 5. kubelet credential provider plugins (`provider.rs`),
+//! 6. docker `config.json` with credential helpers, 7. anonymous.
 //!
 //! The chain is built per image; the client walks it on 401/403.
 
 pub use crate::credential::Credential;
 use crate::error::{RegistryError, Result};
 use crate::mint::TokenMinter;
+use crate::provider::CredentialProviders;
 use crate::reference::{Reference, normalize_registry};
 pub use crate::source::Source;
 use std::sync::Arc;
@@ -48,6 +50,8 @@ impl BuildRegistryScope {
 pub enum Candidate {
     Static(Source, Credential),
     Minted(Arc<TokenMinter>),
+    /// kubelet credential provider plugins.
+    Provider(Arc<CredentialProviders>),
     /// Docker's `config.json`: the given file, or `$DOCKER_CONFIG`/`~/.docker`.
     DockerConfig(Option<std::path::PathBuf>),
     Anonymous,
@@ -58,6 +62,7 @@ impl Candidate {
         match self {
             Self::Static(s, _) => *s,
             Self::Minted(_) => Source::MintedBuildRegistryToken,
+            Self::Provider(_) => Source::CredentialProvider,
             Self::DockerConfig(_) => Source::DockerConfig,
             Self::Anonymous => Source::Anonymous,
         }
@@ -69,19 +74,35 @@ impl Candidate {
     pub async fn resolve_for_mirror(&self, host: &str) -> Result<Option<Credential>> {
         match self {
             Self::DockerConfig(path) => docker_config_credential(host, path.clone()).await,
-            Self::Static(..) | Self::Minted(_) | Self::Anonymous => Ok(None),
+            Self::Static(..) | Self::Minted(_) | Self::Provider(_) | Self::Anonymous => Ok(None),
         }
     }
 
-    /// The credential to send, if any. `refresh` forces a minted token to be re-minted.
-    pub async fn resolve(&self, registry: &str, refresh: bool) -> Result<Option<Credential>> {
+    /// The credential to send for `image`, if any, and when to ask again before using it
+    /// further (a minted token at 80 % of its lifetime, a plugin's answer at the end of its
+    /// cache duration). `refresh` forces a minted token to be re-minted.
+    pub async fn resolve(&self, image: &Reference, refresh: bool) -> Result<Option<Resolved>> {
+        let lasting = |c: Option<Credential>| c.map(|credential| Resolved { credential, renew_at: None });
         match self {
-            Self::Static(_, c) => Ok(Some(c.clone())),
-            Self::Minted(m) => m.credential(refresh).await.map(Some),
-            Self::DockerConfig(path) => docker_config_credential(registry, path.clone()).await,
+            Self::Static(_, c) => Ok(lasting(Some(c.clone()))),
+            Self::Minted(m) => {
+                let t = m.current(refresh).await?;
+                Ok(Some(Resolved { renew_at: t.renew_at(), credential: t.credential }))
+            }
+            Self::Provider(p) => {
+                Ok(p.credential(image, refresh).await?.map(|(credential, renew_at)| Resolved { credential, renew_at }))
+            }
+            Self::DockerConfig(path) => Ok(lasting(docker_config_credential(&image.registry, path.clone()).await?)),
             Self::Anonymous => Ok(None),
         }
     }
+}
+
+/// A credential to send, and when to ask for it again.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub credential: Credential,
+    pub renew_at: Option<std::time::Instant>,
 }
 
 /// What a caller knows about an image's credentials.
@@ -95,6 +116,8 @@ pub struct ChainInputs {
     pub build_registry_creds: Option<Credential>,
     pub build_registry: Option<BuildRegistryScope>,
     pub minter: Option<Arc<TokenMinter>>,
+    /// kubelet credential provider plugins the node configured.
+    pub providers: Option<Arc<CredentialProviders>>,
     /// Consult docker `config.json` and its credential helpers.
     pub docker_config: bool,
     /// That `config.json` instead of `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`.
@@ -133,6 +156,9 @@ impl CredentialChain {
                 candidates.push(Candidate::Minted(m.clone()));
             }
         }
+        if let Some(p) = &inputs.providers {
+            candidates.push(Candidate::Provider(p.clone()));
+        }
         if inputs.docker_config {
             candidates.push(Candidate::DockerConfig(inputs.docker_config_path.clone()));
         }
@@ -158,10 +184,7 @@ async fn docker_config_credential(registry: &str, path: Option<std::path::PathBu
     .map_err(|e| RegistryError::Credentials { source_name: Source::DockerConfig.name(), message: e.to_string() })?;
     match result {
         Ok(docker_credential::DockerCredential::UsernamePassword(u, p)) => Ok(Some(Credential::new(u, p))),
-        Ok(docker_credential::DockerCredential::IdentityToken(_)) => {
-            tracing::warn!(registry, "docker config.json holds an identity token, which clip does not use");
-            Ok(None)
-        }
+        Ok(docker_credential::DockerCredential::IdentityToken(token)) => Ok(Some(Credential::identity_token(token))),
         // No config, no entry for this registry: nothing to offer.
         Err(e) => {
             tracing::debug!(registry, error = %e, "no docker config.json credential");
@@ -200,6 +223,7 @@ mod tests {
             build_registry_creds: Some(Credential::new("b", "p")),
             build_registry: Some(BuildRegistryScope::new("reg.io", "team")),
             minter: None,
+            providers: None,
             docker_config: true,
             docker_config_path: None,
         };
@@ -227,6 +251,20 @@ mod tests {
                 Source::Anonymous
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn docker_config_identity_tokens_are_kept_for_the_token_exchange() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("config.json");
+        std::fs::write(&path, r#"{"auths":{"reg.example":{"identitytoken":"IDENTITY-SENTINEL"}}}"#).expect("write");
+        let resolved = Candidate::DockerConfig(Some(path))
+            .resolve(&r("reg.example/team/app:1"), false)
+            .await
+            .expect("resolve")
+            .expect("an identity token");
+        assert!(resolved.credential.is_identity_token());
+        assert_eq!(resolved.credential.password.expose(), "IDENTITY-SENTINEL");
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! - [`credentials`]: the priority chain of credentials (docs/architecture.md, "Credentials"),
 //!   over a [`Credential`] and its [`Source`] (leaf modules every other one may name);
 //! - [`mint`]: short-lived tokens minted from long-term credentials (ECR, GCP, basic);
+//! - [`provider`]: kubelet credential provider plugins (the exec protocol);
 //! - [`challenge`]: `WWW-Authenticate` parsing; [`Secret`]: a string that never prints.
 
 mod answer;
@@ -24,6 +25,7 @@ pub mod hosts;
 pub mod image;
 pub mod mint;
 mod op;
+pub mod provider;
 pub mod reference;
 mod secret;
 mod source;

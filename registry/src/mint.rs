@@ -33,6 +33,15 @@ impl MintedToken {
         let lifetime = exp.duration_since(self.minted_at).unwrap_or_default();
         now < self.minted_at + lifetime.mul_f64(0.8)
     }
+
+    /// When a request should stop using it and ask for a fresh one (80 % of its lifetime);
+    /// `None`: never.
+    pub fn renew_at(&self) -> Option<std::time::Instant> {
+        let exp = self.expires_at?;
+        let lifetime = exp.duration_since(self.minted_at).unwrap_or_default();
+        let left = (self.minted_at + lifetime.mul_f64(0.8)).duration_since(SystemTime::now()).unwrap_or_default();
+        Some(std::time::Instant::now() + left)
+    }
 }
 
 enum Kind {

@@ -9,6 +9,8 @@ pub enum Source {
     SourceImageCreds,
     BuildRegistryCreds,
     MintedBuildRegistryToken,
+    /// A kubelet credential provider plugin (`[registry] credential_provider_config`).
+    CredentialProvider,
     DockerConfig,
     Anonymous,
 }
@@ -21,6 +23,7 @@ impl Source {
             Self::SourceImageCreds => "source image credentials (clip.source-image-creds)",
             Self::BuildRegistryCreds => "build registry credentials (clip.build-registry-creds)",
             Self::MintedBuildRegistryToken => "build registry token minted from the config",
+            Self::CredentialProvider => "kubelet credential provider plugin",
             Self::DockerConfig => "docker config.json",
             Self::Anonymous => "anonymous",
         }
@@ -38,6 +41,7 @@ impl Source {
             Self::MintedBuildRegistryToken => {
                 "using a build registry token minted from the configured long-term credentials"
             }
+            Self::CredentialProvider => "using credentials from a kubelet credential provider plugin",
             Self::DockerConfig => "using credentials from docker config.json",
             Self::Anonymous => "no credentials apply; accessing the registry anonymously",
         }

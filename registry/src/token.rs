@@ -1,5 +1,6 @@
 //! Bearer tokens (the Docker token protocol): the GET of a token from the realm a registry's
-//! challenge names, with basic credentials when there are any, and the token's lifetime.
+//! challenge names, with basic credentials when there are any — or the OAuth2 POST with an
+//! identity token as the refresh token — and the token's lifetime.
 
 use crate::credential::Credential;
 use crate::error::{RegistryError, Result, error_text};
@@ -45,10 +46,22 @@ pub(crate) async fn fetch(
     if let Some(s) = service {
         query.push(("service", s));
     }
-    let mut req = http.get(realm).query(&query);
-    if let Some(c) = credential {
-        req = req.header(AUTHORIZATION, c.basic_header());
-    }
+    let req = match credential {
+        // OAuth2 (the distribution token spec's POST form): the identity token is a refresh token.
+        Some(c) if c.is_identity_token() => {
+            let mut form: Vec<(&str, &str)> = vec![
+                ("grant_type", "refresh_token"),
+                ("refresh_token", c.password.expose()),
+                ("client_id", "clip"),
+                ("service", service.unwrap_or_default()),
+            ];
+            form.extend(query.iter().filter(|(k, _)| *k == "scope").copied());
+            let body = url::form_urlencoded::Serializer::new(String::new()).extend_pairs(&form).finish();
+            http.post(realm).header(reqwest::header::CONTENT_TYPE, "application/x-www-form-urlencoded").body(body)
+        }
+        Some(c) => http.get(realm).query(&query).header(AUTHORIZATION, c.basic_header()),
+        None => http.get(realm).query(&query),
+    };
     let transport = |e: reqwest::Error| RegistryError::Transport {
         registry: registry.to_string(),
         context: "token request".into(),
@@ -64,7 +77,7 @@ pub(crate) async fn fetch(
         }
         return Err(RegistryError::Status {
             registry: registry.to_string(),
-            method: "GET".into(),
+            method: if credential.is_some_and(Credential::is_identity_token) { "POST" } else { "GET" }.into(),
             path: "token realm".into(),
             status: status.as_u16(),
             body: String::new(),
@@ -135,6 +148,59 @@ mod tests {
             }
         });
         url
+    }
+
+    /// A realm that keeps the first request it gets and answers it with a token.
+    async fn recording_realm() -> (String, tokio::sync::oneshot::Receiver<String>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}/token", listener.local_addr().expect("addr"));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let Ok((mut conn, _)) = listener.accept().await else { return };
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 4096];
+            // Headers and a small form body arrive within a moment.
+            while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(300), conn.read(&mut buf)).await {
+                if n == 0 {
+                    break;
+                }
+                seen.extend_from_slice(&buf[..n]);
+            }
+            let body = b"{\"access_token\":\"from-refresh\",\"expires_in\":300}";
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = conn.write_all(head.as_bytes()).await;
+            let _ = conn.write_all(body).await;
+            let _ = tx.send(String::from_utf8_lossy(&seen).into_owned());
+        });
+        (url, rx)
+    }
+
+    /// Seen before: an identity token in docker's `config.json` was dropped ("clip does not use").
+    #[tokio::test]
+    async fn an_identity_token_is_exchanged_as_an_oauth2_refresh_token() {
+        let (realm, seen) = recording_realm().await;
+        let credential = Credential::identity_token("IDENTITY-SENTINEL");
+        let request = TokenRequest {
+            realm: &realm,
+            service: Some("registry.example"),
+            scope: "repository:team/app:pull",
+            challenge_scope: None,
+            credential: Some(&credential),
+        };
+        let (token, _) = fetch(&reqwest::Client::new(), "reg", &request).await.expect("token");
+        assert_eq!(token.expose(), "from-refresh");
+        let seen = seen.await.expect("request");
+        assert!(seen.starts_with("POST /token"), "{seen}");
+        assert!(
+            seen.contains("grant_type=refresh_token") && seen.contains("refresh_token=IDENTITY-SENTINEL"),
+            "{seen}"
+        );
+        assert!(seen.contains("scope=repository%3Ateam%2Fapp%3Apull") && seen.contains("service=registry.example"));
+        assert!(!seen.to_ascii_lowercase().contains("authorization:"), "sent as a password: {seen}");
     }
 
     const CHUNKED: &str =

@@ -155,6 +155,7 @@ fn main() -> anyhow::Result<()> {
                     .build_registry
                     .as_ref()
                     .map(|b| clip_pull::BuildRegistryScope::new(&b.registry, &b.repository)),
+                providers: clip_snapshotter::remote::sessions::credential_providers(&cfg)?,
                 platform: match platform {
                     Some(p) => clip_registry::Platform::parse(&p).with_context(|| format!("bad --platform {p:?}"))?,
                     None => clip_registry::Platform::default(),

@@ -20,6 +20,7 @@ use super::layout::CacheLayout;
 use clip_config::SnapshotterConfig;
 use clip_config::labels as l;
 use clip_registry::credentials::{BuildRegistryScope, ChainInputs, Credential, CredentialChain, Source};
+use clip_registry::provider::CredentialProviders;
 use clip_registry::{HostsConfig, Reference, RegistryClient, RegistryError, Repository, TokenMinter};
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
@@ -110,6 +111,8 @@ struct NodeInputs {
     minter: Option<Arc<TokenMinter>>,
     /// `[cri] mint_for_pulls_without_secret`.
     mint_for_pulls_without_secret: bool,
+    /// kubelet credential provider plugins (`[registry] credential_provider_config`).
+    providers: Option<Arc<CredentialProviders>>,
 }
 
 /// The registry sessions of the images served lazily, with their credential inputs.
@@ -160,6 +163,7 @@ impl Sessions {
             }
             None => (None, None),
         };
+        let providers = credential_providers(cfg)?;
         let store = CredentialStore::open(&cfg.root, cfg.lazy.credential_ttl_s)?;
         let mut table = Table::default();
         for kept in store.load() {
@@ -199,6 +203,7 @@ impl Sessions {
                 build_registry,
                 minter,
                 mint_for_pulls_without_secret: cfg.cri.mint_for_pulls_without_secret,
+                providers,
             },
             store,
             plain_http_file,
@@ -284,6 +289,7 @@ impl Sessions {
         };
         inputs.build_registry.clone_from(&self.node.build_registry);
         inputs.minter.clone_from(&self.node.minter);
+        inputs.providers.clone_from(&self.node.providers);
         inputs.docker_config = true;
         inputs.docker_config_path.clone_from(&self.node.docker_config);
         let chain = CredentialChain::for_image(&image, &inputs);
@@ -300,6 +306,14 @@ impl Sessions {
             .or_insert(CachedSession { repository: made, expires_at })
             .repository
             .clone())
+    }
+}
+
+/// The kubelet credential provider plugins `cfg` names, if any.
+pub fn credential_providers(cfg: &SnapshotterConfig) -> Result<Option<Arc<CredentialProviders>>, RegistryError> {
+    match (&cfg.registry.credential_provider_config, &cfg.registry.credential_provider_bin_dir) {
+        (Some(config), Some(bin_dir)) => Ok(Some(Arc::new(CredentialProviders::load(config, bin_dir)?))),
+        _ => Ok(None),
     }
 }
 
