@@ -155,6 +155,8 @@ fn private_registries_work_with_label_credentials_only_and_wrong_ones_fail_clear
         ca_file: None,
         credentials: None,
     });
+    let metrics_port = clip_integration::free_port()?;
+    config.metrics_address = format!("127.0.0.1:{metrics_port}");
     let mut snap = ClipSnapshotter::start_configured(&td, "clip", &config, &[])?;
     let ctrd = Containerd::start(
         &td,
@@ -232,11 +234,28 @@ fn private_registries_work_with_label_credentials_only_and_wrong_ones_fail_clear
         "{log}"
     );
     assert!(log.contains("credentials provided for runtime CLIP layer mounting"));
-    // Secrets reach neither the daemon's log nor the labels containerd or clip return.
+    // Secrets reach neither the daemon's log nor the labels containerd or clip return, nor its
+    // metrics, nor the argv or environment of any process running now (the daemon, its fd
+    // keeper, containerd and its shims).
     let labels = clip_integration::run_stdout(ctrd.ctr("t").args(["snapshots", "--snapshotter", "clip", "ls"]))?;
+    let metrics = clip_integration::metrics::scrape(metrics_port);
+    assert!(metrics.contains("clip_"), "metrics were scraped: {metrics}");
+    let own = std::process::id().to_string();
+    let mut processes = 0;
+    for p in std::fs::read_dir("/proc")?.flatten().filter(|p| p.file_name() != own.as_str()) {
+        let read = |what: &str| std::fs::read(p.path().join(what)).map(|b| String::from_utf8_lossy(&b).into_owned());
+        if let (Ok(cmd), Ok(env)) = (read("cmdline"), read("environ")) {
+            processes += 1;
+            for secret in ["Build-Token-5e1f", "Other-Pass-77aa"] {
+                assert!(!cmd.contains(secret) && !env.contains(secret), "{secret} in process {:?}", p.file_name());
+            }
+        }
+    }
+    assert!(processes > 5, "{processes} processes scanned");
     for secret in ["Build-Token-5e1f", "Other-Pass-77aa"] {
         assert!(!log.contains(secret), "{secret} in the snapshotter log");
         assert!(!labels.contains(secret));
+        assert!(!metrics.contains(secret), "{secret} in the metrics");
     }
     for line in labels.lines().skip(1) {
         let key = line.split_whitespace().next().unwrap_or_default();
