@@ -246,18 +246,7 @@ async fn image_diff_ids(repo: &Repository, image: &oci_spec::image::ImageManifes
     let config = image.config().digest().to_string();
     let bytes =
         repo.get_blob(&config, MAX_CONFIG).await.with_context(|| format!("reading the image config {config}"))?;
-    let value: serde_json::Value = serde_json::from_slice(&bytes).context("the image config is not JSON")?;
-    let diff_ids: Vec<String> = value["rootfs"]["diff_ids"]
-        .as_array()
-        .context("the image config has no rootfs.diff_ids")?
-        .iter()
-        .map(|d| d.as_str().filter(|d| clip_config::digest::is_digest(d)).map(ToString::to_string))
-        .collect::<Option<_>>()
-        .context("the image config has a malformed diff ID")?;
-    if diff_ids.len() != image.layers().len() {
-        bail!("the image config names {} diff IDs for {} layers", diff_ids.len(), image.layers().len());
-    }
-    Ok(diff_ids)
+    Ok(clip_registry::image::diff_ids(&bytes, image.layers().len())?)
 }
 
 fn cache_paths(dir: &std::path::Path, digest: &str) -> (std::path::PathBuf, std::path::PathBuf) {

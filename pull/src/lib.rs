@@ -122,17 +122,8 @@ pub async fn pull(opts: &PullOptions, reference: &str) -> Result<PullReport> {
     let config_desc = parsed.config();
     let config_digest = config_desc.digest().to_string();
     let config = repo.get_blob(&config_digest, 16 << 20).await.context("fetching the image config")?;
-    let config_json: serde_json::Value = serde_json::from_slice(&config).context("image config")?;
-    let diff_ids: Vec<String> = config_json["rootfs"]["diff_ids"]
-        .as_array()
-        .context("image config has no rootfs.diff_ids")?
-        .iter()
-        .filter_map(|d| d.as_str().map(ToString::to_string))
-        .collect();
     let layers = parsed.layers();
-    if diff_ids.len() != layers.len() {
-        bail!("image config lists {} diff ids for {} layers", diff_ids.len(), layers.len());
-    }
+    let diff_ids = clip_registry::image::diff_ids(&config, layers.len())?;
     let chain_ids = chain_ids(&diff_ids);
     let top = chain_ids.last().cloned().unwrap_or_default();
 

@@ -1,6 +1,38 @@
-//! Image-spec computations on an image's config.
+//! Image-spec computations on an image's config: its diff IDs, and the chain ids containerd
+//! names snapshots by.
 
 use sha2::{Digest, Sha256};
+
+/// Why an image config's diff IDs cannot be used. Never quotes the config.
+#[derive(Debug, thiserror::Error)]
+pub enum DiffIdError {
+    #[error("the image config is not JSON ({0:?} error at line {1} column {2})")]
+    NotJson(serde_json::error::Category, usize, usize),
+    #[error("the image config has no rootfs.diff_ids")]
+    Missing,
+    #[error("the image config has a malformed diff ID")]
+    Malformed,
+    #[error("the image config names {ids} diff IDs for {layers} layers")]
+    Count { ids: usize, layers: usize },
+}
+
+/// The diff IDs (uncompressed layer digests) an image config names, one per each of `layers`
+/// layers, each a well-formed digest.
+pub fn diff_ids(config: &[u8], layers: usize) -> Result<Vec<String>, DiffIdError> {
+    let value: serde_json::Value =
+        serde_json::from_slice(config).map_err(|e| DiffIdError::NotJson(e.classify(), e.line(), e.column()))?;
+    let ids: Vec<String> = value["rootfs"]["diff_ids"]
+        .as_array()
+        .ok_or(DiffIdError::Missing)?
+        .iter()
+        .map(|d| d.as_str().filter(|d| clip_config::digest::is_digest(d)).map(ToString::to_string))
+        .collect::<Option<_>>()
+        .ok_or(DiffIdError::Malformed)?;
+    if ids.len() != layers {
+        return Err(DiffIdError::Count { ids: ids.len(), layers });
+    }
+    Ok(ids)
+}
 
 /// The chain ids of an image's layers (as containerd names their snapshots) from the config's diff ids.
 pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
@@ -17,6 +49,19 @@ pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn diff_ids_are_checked() {
+        let d = format!("sha256:{}", "a".repeat(64));
+        let config = format!(r#"{{"rootfs":{{"type":"layers","diff_ids":["{d}","{d}"]}}}}"#);
+        assert_eq!(super::diff_ids(config.as_bytes(), 2).expect("ok"), vec![d.clone(), d.clone()]);
+        assert!(matches!(super::diff_ids(config.as_bytes(), 3), Err(super::DiffIdError::Count { ids: 2, layers: 3 })));
+        let bad = r#"{"rootfs":{"diff_ids":["sha256:../../etc"]}}"#;
+        assert!(matches!(super::diff_ids(bad.as_bytes(), 1), Err(super::DiffIdError::Malformed)));
+        assert!(matches!(super::diff_ids(b"{}", 0), Err(super::DiffIdError::Missing)));
+        let e = super::diff_ids(b"{\"x\": SECRET", 0).expect_err("not json");
+        assert!(!e.to_string().contains("SECRET"));
+    }
+
     #[test]
     fn chain_ids_follow_containerd() {
         let ids = super::chain_ids(&["sha256:a".into(), "sha256:b".into()]);

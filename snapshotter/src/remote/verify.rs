@@ -83,13 +83,8 @@ impl Verifier {
             .runtime
             .block_on(repo.get_blob(&config, MAX_CONFIG))
             .map_err(|e| format!("reading the image config: {e}"))?;
-        let value: serde_json::Value =
-            serde_json::from_slice(&bytes).map_err(|e| format!("the image config is not JSON: {e}"))?;
-        value["rootfs"]["diff_ids"][position]
-            .as_str()
-            .filter(|d| clip_config::digest::is_digest(d))
-            .map(ToString::to_string)
-            .ok_or_else(|| "the image config names no diff ID for the layer".to_string())
+        let diff_ids = clip_registry::image::diff_ids(&bytes, manifest.layers().len()).map_err(|e| e.to_string())?;
+        diff_ids.get(position).cloned().ok_or_else(|| "the image config names no diff ID for the layer".to_string())
     }
 
     fn poison(&self, cache: &SpanCache, served: &Served, why: &str) {
