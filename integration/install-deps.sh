@@ -90,3 +90,19 @@ build_soci() {
   (cd integration/soci && "$GO" build -o "$SOCI_DIR/bin/clip-bench-soci" .)
 }
 build_go_tool "$SOCI_DIR" "$soci_hash" build_soci
+# The one-node Kubernetes cluster (issue 28): kube-apiserver, kube-controller-manager,
+# kube-scheduler, kubelet and kubectl from k8s.io/kubernetes (the `tool`s of integration/kube,
+# whose go.mod pins the staging modules at the published release), and etcd's server; rebuilt when
+# those files change. Versions stamped as kubernetes' own release build does.
+KUBE_SRC=(integration/kube/go.mod integration/kube/go.sum integration/kube/etcd/main.go)
+kube_hash=$(cat "${KUBE_SRC[@]}" | sha256sum | cut -c1-16)
+build_kube() {
+  local minor=${KUBERNETES_VERSION#v1.}; minor=${minor%%.*}
+  local v=k8s.io/component-base/version
+  (cd integration/kube && "$GO" build -o "$KUBE_DIR/bin/" -ldflags "-s -w -X $v.gitVersion=$KUBERNETES_VERSION \
+      -X $v.gitMajor=1 -X $v.gitMinor=$minor -X $v.gitTreeState=clean" \
+      k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
+      k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kubectl)
+  (cd integration/kube && "$GO" build -o "$KUBE_DIR/bin/etcd" -ldflags "-s -w" ./etcd)
+}
+build_go_tool "$KUBE_DIR" "$kube_hash" build_kube

@@ -70,6 +70,12 @@ pub fn soci() -> Result<PathBuf> {
     tool("SOCI_DIR", "clip-bench-soci")
 }
 
+/// A binary of the one-node Kubernetes cluster (`kube-apiserver`, `kube-controller-manager`,
+/// `kube-scheduler`, `kubelet`, `kubectl`, `etcd`), built from `integration/kube`.
+pub fn kube_tool(name: &str) -> Result<PathBuf> {
+    tool("KUBE_DIR", name)
+}
+
 /// containerd 2.x's snapshotter conformance suite, built from `integration/conformance2`.
 pub fn conformance2_suite() -> Result<PathBuf> {
     tool("CONFORMANCE2_DIR", "conformance.test")

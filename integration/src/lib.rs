@@ -27,6 +27,8 @@ pub mod fault_proxy;
 pub mod gotools;
 pub mod http_stub;
 pub mod images;
+pub mod kube;
+pub mod kubelet;
 pub mod metrics;
 pub mod netns;
 pub mod process;

@@ -239,6 +239,8 @@ fn pods_start_lazily_and_leave_nothing_behind(name: &str, cri_local_pull: bool) 
     crictl.remove(&pod, &id)?;
     // And after a restart, with the secrets the daemon kept.
     b.snap.restart()?;
+    // containerd's connection to the proxy plugin may still be in its reconnect backoff.
+    assert!(b.ctrd.reaches("k8s.io", "clip", Duration::from_secs(30)), "containerd did not reach clip again");
     let (pod, id, read_after) = read_files(&b, "/usr/lib/python3")?;
     let read = read + read_after;
     let fetched = b.private.blob_bytes_served() - before;
