@@ -241,7 +241,8 @@ pub async fn build(cfg: &BuilderConfig, req: &BuildRequest) -> Result<BuildRepor
         if registry == image.registry {
             bail!("the source image credentials are for {registry}, the build registry, which gets the build token");
         }
-        if !from_registries(&text).iter().any(|h| clip_registry::reference::normalize_registry(h) == registry) {
+        // `from_registries` gives normalised hosts (`Reference::parse`).
+        if !from_registries(&text).contains(&registry) {
             tracing::warn!(registry, "no FROM line of the Containerfile names the source image credentials' registry");
         }
         auth_entries.push((registry, &src.credential));

@@ -533,8 +533,18 @@ pub fn mount(
     mountpoint: &std::path::Path,
     name: &str,
 ) -> std::io::Result<(fuser::BackgroundSession, std::os::fd::OwnedFd)> {
+    spawn_session(fs, mountpoint, &session_config(name))
+}
+
+/// Mounts `fs` with `config` and serves it in the background; returns the session and a
+/// duplicate of its `/dev/fuse` descriptor.
+fn spawn_session(
+    fs: LayerFs,
+    mountpoint: &std::path::Path,
+    config: &fuser::Config,
+) -> std::io::Result<(fuser::BackgroundSession, std::os::fd::OwnedFd)> {
     use std::os::fd::AsFd;
-    let session = fuser::Session::new(fs, mountpoint, &session_config(name))?;
+    let session = fuser::Session::new(fs, mountpoint, config)?;
     let fd = session.as_fd().try_clone_to_owned()?;
     Ok((session.spawn()?, fd))
 }
@@ -555,7 +565,5 @@ pub fn mount_for_untrusted_code(
             _ => {}
         }
     }
-    let session = fuser::Session::new(fs, mountpoint, &config)?;
-    let fd = std::os::fd::AsFd::as_fd(&session).try_clone_to_owned()?;
-    Ok((session.spawn()?, fd))
+    spawn_session(fs, mountpoint, &config)
 }

@@ -216,12 +216,12 @@ const MIRROR_SET_ASIDE_MAX: Duration = Duration::from_secs(600);
 const REDIRECT_TTL: Duration = Duration::from_secs(300);
 
 impl Repository {
-    /// Request push access in token scopes (for publishing).
     /// The sources of the credentials this session may send, in the order it tries them.
     pub fn credential_sources(&self) -> Vec<crate::credentials::Source> {
         self.chain.candidates.iter().map(crate::credentials::Candidate::source).collect()
     }
 
+    /// Request push access in token scopes (for publishing).
     pub fn for_push(mut self) -> Self {
         self.push = true;
         self

@@ -25,21 +25,22 @@ pub struct MintedToken {
 }
 
 impl MintedToken {
-    /// Fresh while less than 80 % of the lifetime has passed.
-    pub fn is_fresh(&self, now: SystemTime) -> bool {
-        let Some(exp) = self.expires_at else {
-            return true;
-        };
-        let lifetime = exp.duration_since(self.minted_at).unwrap_or_default();
-        now < self.minted_at + lifetime.mul_f64(0.8)
-    }
-
-    /// When a request should stop using it and ask for a fresh one (80 % of its lifetime);
-    /// `None`: never.
-    pub fn renew_at(&self) -> Option<std::time::Instant> {
+    /// The end of its freshness: 80 % of its lifetime; `None`: it does not expire.
+    fn fresh_until(&self) -> Option<SystemTime> {
         let exp = self.expires_at?;
         let lifetime = exp.duration_since(self.minted_at).unwrap_or_default();
-        let left = (self.minted_at + lifetime.mul_f64(0.8)).duration_since(SystemTime::now()).unwrap_or_default();
+        Some(self.minted_at + lifetime.mul_f64(0.8))
+    }
+
+    /// Fresh while less than 80 % of the lifetime has passed.
+    pub fn is_fresh(&self, now: SystemTime) -> bool {
+        self.fresh_until().is_none_or(|until| now < until)
+    }
+
+    /// When a request should stop using it and ask for a fresh one (the end of its
+    /// freshness); `None`: never.
+    pub fn renew_at(&self) -> Option<std::time::Instant> {
+        let left = self.fresh_until()?.duration_since(SystemTime::now()).unwrap_or_default();
         Some(std::time::Instant::now() + left)
     }
 }

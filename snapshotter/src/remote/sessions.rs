@@ -261,6 +261,7 @@ impl Sessions {
     pub fn repository(&self, image_ref: &str) -> Result<Arc<Repository>, RemoteError> {
         let now = now();
         {
+            // The hot path (every fetch of a mounted layer): one lookup, nothing parsed.
             let mut table = self.table.lock();
             match table.sessions.get(image_ref) {
                 Some(c) if c.expires_at.is_none_or(|at| at > now) => return Ok(c.repository.clone()),
