@@ -8,6 +8,7 @@ PKGS=(
   containerd runc              # the real runtime the tests drive
   docker-registry skopeo buildah fuse3 busybox-static debootstrap
   apache2-utils openssl curl ca-certificates jq iproute2 iptables
+  libseccomp-dev               # runc built from the Go module proxy (user-namespaced pods)
   pigz zstd xz-utils attr      # layer formats and xattrs in index tests
   golang-go golang-github-containerd-containerd-dev   # containerd's snapshotter conformance suite
   help2man systemd             # man pages of the Debian packages; systemd-analyze verify of the unit
@@ -48,6 +49,13 @@ build_go_tool "$CONTAINERD2_DIR" "$CONTAINERD2_VERSION" env GOBIN="$CONTAINERD2_
 build_go_tool "$CRICTL_DIR" "$CRICTL_VERSION" env GOBIN="$CRICTL_DIR/bin" "$GO" install \
   -ldflags "-X sigs.k8s.io/cri-tools/pkg/version.Version=$CRICTL_VERSION" \
   "sigs.k8s.io/cri-tools/cmd/crictl@$CRICTL_VERSION"
+# runc with idmapped mounts (user-namespaced pods), and the CNI plugins their pod network uses.
+build_go_tool "$RUNC_DIR" "$RUNC_VERSION" env GOBIN="$RUNC_DIR/bin" "$GO" install -tags seccomp \
+  -ldflags "-X main.version=${RUNC_VERSION#v}" "github.com/opencontainers/runc@$RUNC_VERSION"
+build_go_tool "$CNI_PLUGINS_DIR" "$CNI_PLUGINS_VERSION" env GOBIN="$CNI_PLUGINS_DIR/bin" CGO_ENABLED=0 "$GO" install \
+  "github.com/containernetworking/plugins/plugins/main/loopback@$CNI_PLUGINS_VERSION" \
+  "github.com/containernetworking/plugins/plugins/main/bridge@$CNI_PLUGINS_VERSION" \
+  "github.com/containernetworking/plugins/plugins/ipam/host-local@$CNI_PLUGINS_VERSION"
 # cosign, for the signed-index tests (pure Go).
 build_go_tool "$COSIGN_DIR" "$COSIGN_VERSION" env GOBIN="$COSIGN_DIR/bin" CGO_ENABLED=0 "$GO" install \
   "github.com/sigstore/cosign/v2/cmd/cosign@$COSIGN_VERSION"

@@ -4,13 +4,15 @@
 //! - the configuration file format of both programs, with defaults and validation
 //!   ([`SnapshotterConfig`], [`BuilderConfig`], [`BuildRegistry`]);
 //! - the names of the snapshot labels clip reads ([`labels`]), and the one check of the
-//!   digests they and every other input carry ([`digest`]);
+//!   digests they and every other input carry ([`digest`]), and the user-namespace mapping
+//!   containerd gives a user-namespaced container's root file system ([`idmap`]);
 //! - the credential settings of the build registry ([`LongTermCredentials`]).
 //!
 //! Loading never panics: a missing file, bad TOML, an unknown key or an invalid value is a
 //! [`ConfigError`] naming the file and the key.
 
 pub mod digest;
+pub mod idmap;
 pub mod labels;
 mod model;
 

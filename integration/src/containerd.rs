@@ -36,6 +36,10 @@ pub struct ContainerdOptions {
     pub stargz_socket: Option<PathBuf>,
     /// The SOCI snapshotter's socket for `[proxy_plugins.soci]` (benchmarks), if any.
     pub soci_socket: Option<PathBuf>,
+    /// 2.x: what user-namespaced pods need — runc from the Go tools (idmapped mounts) and a pod
+    /// network (they cannot use the host's): CNI `bridge`/`host-local` on a bridge of this
+    /// containerd's own, removed on drop.
+    pub pod_network: bool,
 }
 
 /// A running containerd. On drop: every task killed, every container and image removed in every
@@ -50,6 +54,8 @@ pub struct Containerd {
     socket: PathBuf,
     hosts_dir: PathBuf,
     config: PathBuf,
+    /// The CNI bridge of [`ContainerdOptions::pod_network`].
+    bridge: Option<String>,
 }
 
 impl Containerd {
@@ -76,7 +82,8 @@ impl Containerd {
             ),
         };
         std::fs::write(&config, text)?;
-        let mut c = Self { daemon: None, flavor: opts.flavor, bin_dir, dir, socket, hosts_dir, config };
+        let bridge = opts.pod_network.then(|| write_pod_network(&dir.join("cni"))).transpose()?;
+        let mut c = Self { daemon: None, flavor: opts.flavor, bin_dir, dir, socket, hosts_dir, config, bridge };
         c.launch()?;
         Ok(c)
     }
@@ -272,7 +279,26 @@ impl Drop for Containerd {
         }
         self.kill_shims();
         crate::unmount_below(&self.dir);
+        if let Some(bridge) = &self.bridge {
+            let _ = Command::new("ip").args(["link", "delete", bridge]).output();
+        }
     }
+}
+
+/// A CNI network in `conf_dir` for pods that cannot use the host's: a bridge named after this
+/// process (no address on the host side, no masquerading) with addresses from a private range.
+fn write_pod_network(conf_dir: &Path) -> Result<String> {
+    let bridge = format!("clipbr{}", std::process::id() % 100_000);
+    std::fs::write(
+        conf_dir.join("10-clip-test.conflist"),
+        format!(
+            r#"{{"cniVersion": "1.0.0", "name": "clip-test", "plugins": [{{"type": "bridge", "bridge": "{bridge}",
+  "isGateway": false, "ipMasq": false, "ipam": {{"type": "host-local", "dataDir": "{data}",
+  "ranges": [[{{"subnet": "10.217.0.0/24"}}]]}}}}]}}"#,
+            data = conf_dir.join("ipam").display()
+        ),
+    )?;
+    Ok(bridge)
 }
 
 /// The packaged snippet for containerd 1.6/1.7, as users copy it.
@@ -390,6 +416,12 @@ fn render_config_v3(
     let sandbox = opts.sandbox_image.as_deref().unwrap_or("127.0.0.1:5000/testbed/pause:latest");
     let peers = peers_section(opts);
     let common = common_sections(dir, socket);
+    let (runc, cni_bin) = if opts.pod_network {
+        let runc = crate::gotools::runc()?;
+        (format!("\n        BinaryName = \"{}\"", runc.display()), crate::gotools::cni_plugins_dir()?)
+    } else {
+        (String::new(), PathBuf::from("/usr/lib/cni"))
+    };
     Ok(format!(
         r#"root = "{d}/root"
 state = "{d}/state"
@@ -411,9 +443,9 @@ oom_score = 0
     [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
       [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
-        SystemdCgroup = false
+        SystemdCgroup = false{runc}
   [plugins."io.containerd.cri.v1.runtime".cni]
-    bin_dirs = ["/usr/lib/cni"]
+    bin_dirs = ["{cni_bin}"]
     conf_dir = "{d}/cni"
 [plugins."io.containerd.cri.v1.images".pinned_images]
   sandbox = "{sandbox}"
@@ -426,6 +458,7 @@ oom_score = 0
   socket_path = "{d}/nri.sock"
 {peers}"#,
         hosts = hosts_dir.display(),
+        cni_bin = cni_bin.display(),
     ))
 }
 

@@ -56,6 +56,17 @@ pub fn nerdctl() -> Result<PathBuf> {
     tool("NERDCTL_DIR", "nerdctl")
 }
 
+/// runc with idmapped mounts (containerd's CRI needs them for user-namespaced pods).
+pub fn runc() -> Result<PathBuf> {
+    tool("RUNC_DIR", "runc")
+}
+
+/// The directory of the CNI plugins `loopback`, `bridge` and `host-local`.
+pub fn cni_plugins_dir() -> Result<PathBuf> {
+    let bridge = tool("CNI_PLUGINS_DIR", "bridge")?;
+    Ok(bridge.parent().map(PathBuf::from).unwrap_or_default())
+}
+
 /// cosign, the signing peer.
 pub fn cosign() -> Result<PathBuf> {
     tool("COSIGN_DIR", "cosign")

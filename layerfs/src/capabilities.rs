@@ -15,12 +15,16 @@ pub const NO_OPENDIR: F = F::FUSE_NO_OPENDIR_SUPPORT;
 pub const NO_OPEN: F = F::FUSE_NO_OPEN_SUPPORT;
 /// Reads of fully local files go straight to a backing file.
 pub const PASSTHROUGH: F = F::FUSE_PASSTHROUGH;
+/// The mount may be idmapped (kernel 6.12+, with `default_permissions`, which every layer mount
+/// has): containerd shifts the lower layers of a user-namespaced pod this way instead of copying
+/// and chowning its root file system.
+pub const ALLOW_IDMAP: F = F::FUSE_ALLOW_IDMAP;
 /// What `fuser` itself relies on: large requests and the second flags word.
 const TRANSPORT: F = F::FUSE_MAX_PAGES.union(F::FUSE_INIT_EXT);
 
 /// Everything a layer mount may ask for; `passthrough` when the kernel granted it.
 pub fn offered(passthrough: bool) -> F {
-    let all = READDIRPLUS | CACHE_SYMLINKS | NO_OPENDIR | NO_OPEN | TRANSPORT;
+    let all = READDIRPLUS | CACHE_SYMLINKS | NO_OPENDIR | NO_OPEN | ALLOW_IDMAP | TRANSPORT;
     if passthrough { all | PASSTHROUGH } else { all }
 }
 

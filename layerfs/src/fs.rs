@@ -271,6 +271,7 @@ impl Filesystem for LayerFs {
         use crate::capabilities as cap;
         let _ = config.add_capabilities(cap::READDIRPLUS);
         let _ = config.add_capabilities(cap::CACHE_SYMLINKS);
+        let _ = config.add_capabilities(cap::ALLOW_IDMAP);
         // Opens cost a round trip each (a container start opens hundreds of files; overlayfs
         // opens lower files again and again). Without passthrough there is nothing to decide at
         // open: the kernel may open on its own, keeping the page cache (FOPEN_KEEP_CACHE).

@@ -38,6 +38,15 @@ impl SnapshotDirs {
         self.dir(id).join("work")
     }
 
+    /// Gives `<id>/fs` (an active snapshot's upper dir) to a user-namespaced container's root
+    /// (`uid`, `gid` on the host), as containerd's overlayfs snapshotter does: the container may
+    /// then create files at the top of its root file system.
+    pub fn give_upper_to(&self, id: u64, (uid, gid): (u32, u32)) -> Result<()> {
+        let fs = self.fs(id);
+        std::os::unix::fs::lchown(&fs, Some(uid), Some(gid))
+            .map_err(|e| SnapshotError::io(format!("chown {}", fs.display()), e))
+    }
+
     /// Creates `<id>/fs` (0755) and `<id>/work` (0711) atomically: built under a temporary
     /// name and renamed into place. A leftover directory of the same id is an orphan of a
     /// crashed transaction (the id was never recorded) and is replaced.

@@ -9,6 +9,11 @@
 //!   one device and unique inode numbers for every entry, as overlayfs on one file system does
 //!   (without it every non-directory shows its layer's device: `os.path.ismount` is true for
 //!   files). Layer file systems number their inodes from 1, far below the bits xino keeps.
+//!
+//! A user-namespaced container's snapshot (containerd's `uidmapping`/`gidmapping` labels, see
+//! [`clip_config::idmap`]) carries `uidmap=`/`gidmap=` options: containerd's mount code then
+//! mounts the lower layers idmapped (clip's FUSE layers allow it) instead of copying and
+//! chowning the whole root file system.
 
 use crate::dirs::SnapshotDirs;
 use crate::metadata::{Kind, Resolved};
@@ -18,11 +23,17 @@ pub fn mounts_for(dirs: &SnapshotDirs, snapshot: &Resolved) -> Vec<Mount> {
     let id = snapshot.record.id;
     let kind = snapshot.record.kind;
     let parents = &snapshot.parent_ids;
+    // A user-namespaced container's snapshot: containerd idmaps the lower layers (or the bind
+    // mount) with these options. Its labels were checked when it was prepared.
+    let id_map: Vec<String> = clip_config::idmap::IdMap::from_labels(&snapshot.record.labels)
+        .ok()
+        .flatten()
+        .map_or_else(Vec::new, |m| m.mount_options().into());
     let bind = |path: std::path::PathBuf, ro: bool| Mount {
         r#type: "bind".into(),
         source: path.to_string_lossy().into_owned(),
         target: String::new(),
-        options: vec![if ro { "ro" } else { "rw" }.into(), "rbind".into()],
+        options: [id_map.clone(), vec![if ro { "ro" } else { "rw" }.into(), "rbind".into()]].concat(),
     };
     if parents.is_empty() {
         return vec![bind(dirs.fs(id), kind == Kind::View)];
@@ -30,7 +41,7 @@ pub fn mounts_for(dirs: &SnapshotDirs, snapshot: &Resolved) -> Vec<Mount> {
     if kind != Kind::Active && parents.len() == 1 {
         return vec![bind(dirs.fs(parents[0]), true)];
     }
-    let mut options = Vec::new();
+    let mut options = id_map;
     if kind == Kind::Active {
         options.push(format!("workdir={}", dirs.work(id).display()));
         options.push(format!("upperdir={}", dirs.fs(id).display()));
@@ -94,5 +105,20 @@ mod tests {
         let m = mounts_for(&dirs, &resolved(Kind::View, vec![3, 2]));
         assert_eq!(m[0].options.len(), 1);
         assert!(m[0].options[0].starts_with("lowerdir="));
+    }
+
+    #[test]
+    fn user_namespaced_snapshots_ask_containerd_for_idmapped_mounts() {
+        let dirs = SnapshotDirs::open(tempfile::tempdir().expect("tmp").path()).expect("dirs");
+        for parents in [vec![], vec![3, 2]] {
+            let mut r = resolved(Kind::Active, parents);
+            r.record.labels.insert(clip_config::idmap::UID_MAPPING.into(), "0:65536:65536".into());
+            r.record.labels.insert(clip_config::idmap::GID_MAPPING.into(), "0:131072:65536".into());
+            let m = mounts_for(&dirs, &r);
+            assert_eq!(&m[0].options[..2], ["uidmap=0:65536:65536", "gidmap=0:131072:65536"], "{m:?}");
+            // A mapping that is not one (never stored: Prepare refuses it) asks for nothing.
+            r.record.labels.insert(clip_config::idmap::GID_MAPPING.into(), "0:1".into());
+            assert!(!mounts_for(&dirs, &r)[0].options.iter().any(|o| o.contains("map=")));
+        }
     }
 }

@@ -135,7 +135,15 @@ impl State {
             ids.push(p.record.id);
             self.serve_unservable(&ids)?;
         }
-        let resolved = self.store.create(kind, key, parent, labels.stored, |id| self.dirs.create(id))?;
+        let id_map = id_map(&labels.stored)?;
+        let resolved = self.store.create(kind, key, parent, labels.stored, |id| {
+            self.dirs.create(id)?;
+            match (&id_map, kind) {
+                // As containerd's overlayfs snapshotter: the pod's root owns its upper dir.
+                (Some(m), Kind::Active) => self.dirs.give_upper_to(id, m.root()),
+                _ => Ok(()),
+            }
+        })?;
         tracing::debug!(id = resolved.record.id, "snapshot created");
         Ok(mounts_for(&self.dirs, &resolved))
     }
@@ -321,7 +329,15 @@ impl State {
             }
             LabelUpdate::Keys(keys)
         };
+        let before = self.store.resolve(&name)?.record.labels;
         let record = self.store.update_labels(&name, update)?;
+        if id_map(&before)? != id_map(&record.labels).unwrap_or(None) {
+            // The upper dir was given to the mapped root at Prepare: put the labels back.
+            self.store.update_labels(&name, LabelUpdate::ReplaceAll(before))?;
+            return Err(SnapshotError::InvalidArgument(format!(
+                "the user-namespace mapping of snapshot {name} cannot change after it was prepared"
+            )));
+        }
         Ok(to_info(name, record))
     }
 
@@ -552,4 +568,9 @@ impl containerd_snapshots::Snapshotter for ClipSnapshotter {
         let infos = self.call("walk", span, move |s| s.list(&filters)).await?;
         Ok(futures::stream::iter(infos.into_iter().map(Ok).collect::<Vec<_>>()))
     }
+}
+
+/// The user-namespace mapping `labels` carry (containerd's `remap-ids` labels), checked.
+fn id_map(labels: &std::collections::BTreeMap<String, String>) -> Result<Option<clip_config::idmap::IdMap>> {
+    clip_config::idmap::IdMap::from_labels(labels).map_err(|e| SnapshotError::InvalidArgument(e.0))
 }
