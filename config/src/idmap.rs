@@ -39,9 +39,10 @@ impl IdMap {
     pub fn from_labels(labels: &BTreeMap<String, String>) -> Result<Option<Self>, LabelError> {
         match (labels.get(UID_MAPPING), labels.get(GID_MAPPING)) {
             (None, None) => Ok(None),
-            (Some(u), Some(g)) => {
-                Ok(Some(Self { uids: parse(u).map_err(|e| named(UID_MAPPING, e))?, gids: parse(g).map_err(|e| named(GID_MAPPING, e))? }))
-            }
+            (Some(u), Some(g)) => Ok(Some(Self {
+                uids: parse(u).map_err(|e| named(UID_MAPPING, e))?,
+                gids: parse(g).map_err(|e| named(GID_MAPPING, e))?,
+            })),
             _ => Err(LabelError(format!("{UID_MAPPING} and {GID_MAPPING} must be given together"))),
         }
     }
@@ -91,7 +92,8 @@ fn parse(value: &str) -> Result<Vec<IdRange>, &'static str> {
             }
             f.parse::<u32>().map_err(|_| "an id or size beyond 32 bits")
         });
-        let (Some(container), Some(host), Some(size), None) = (fields.next(), fields.next(), fields.next(), fields.next())
+        let (Some(container), Some(host), Some(size), None) =
+            (fields.next(), fields.next(), fields.next(), fields.next())
         else {
             return Err("each range must be container:host:size in decimal");
         };
@@ -131,7 +133,10 @@ mod tests {
             .expect("valid")
             .expect("present");
         assert_eq!(m.root(), (1_048_576, 1_048_576));
-        assert_eq!(m.mount_options(), ["uidmap=0:1048576:65536".to_string(), "gidmap=0:1048576:65536,65536:42:1".into()]);
+        assert_eq!(
+            m.mount_options(),
+            ["uidmap=0:1048576:65536".to_string(), "gidmap=0:1048576:65536,65536:42:1".into()]
+        );
         assert_eq!(IdMap::from_labels(&labels(None, None)).expect("valid"), None);
     }
 

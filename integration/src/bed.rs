@@ -53,7 +53,12 @@ pub fn lazy_config(prefetch: bool) -> SnapshotterConfig {
 pub fn containerd_for(td: &TestDir, snap: &ClipSnapshotter, flavor: Flavor) -> Result<Containerd> {
     Containerd::start(
         td,
-        &ContainerdOptions { flavor, clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() },
+        &ContainerdOptions {
+            flavor,
+            clip_socket: Some(snap.socket().to_path_buf()),
+            clip_root: Some(snap.root().to_path_buf()),
+            ..Default::default()
+        },
     )
 }
 

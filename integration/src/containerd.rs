@@ -30,6 +30,9 @@ pub struct ContainerdOptions {
     /// The clip snapshotter's socket for `[proxy_plugins.clip]` (the entry is always written; with
     /// `None` it points at a socket nobody serves).
     pub clip_socket: Option<PathBuf>,
+    /// 2.x: the clip snapshotter's root, exported in place of the shipped
+    /// `/var/lib/clip-snapshotter` (CRI reports it as the image file system kubelet watches).
+    pub clip_root: Option<PathBuf>,
     /// CRI sandbox image, e.g. `127.0.0.1:PORT/testbed/pause:latest`.
     pub sandbox_image: Option<String>,
     /// The stargz snapshotter's socket for `[proxy_plugins.stargz]` (benchmarks), if any.
@@ -405,6 +408,13 @@ fn render_config_v3(
     opts: &ContainerdOptions,
 ) -> Result<String> {
     let mut shipped = shipped_snippet(SHIPPED_CONFIG_V3, clip_socket)?;
+    if let Some(root) = &opts.clip_root {
+        let exported = "root = \"/var/lib/clip-snapshotter\"";
+        if !shipped.contains(exported) {
+            bail!("{SHIPPED_CONFIG_V3} no longer exports {exported}");
+        }
+        shipped = shipped.replace(exported, &format!("root = \"{}\"", root.display()));
+    }
     if opts.cri_local_pull {
         let header = "[plugins.\"io.containerd.cri.v1.images\"]\n";
         if !shipped.contains(header) {

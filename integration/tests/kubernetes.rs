@@ -5,7 +5,9 @@
 //! (no pod, no FUSE mount left).
 //!
 //! - a Deployment starts its pod lazily: the image's layers are FUSE mounts, a fraction of the
-//!   image is fetched, the pod's log is its output;
+//!   image is fetched, the pod's log is its output; CRI's `ImageFsInfo` (what kubelet's image
+//!   GC reads) counts what the lazy layers hold; removing the image through CRI (what kubelet's
+//!   image GC calls) takes its FUSE mounts and span caches with it;
 //! - a user-namespaced pod (`hostUsers: false`) starts lazily too: containerd idmaps clip's FUSE
 //!   layers (no chowned copy of the root file system), the pod sees its files owned by its own
 //!   root, and what it writes is owned by the pod's host ids on the node.
@@ -65,6 +67,7 @@ impl Node {
             &ContainerdOptions {
                 flavor: Flavor::V2,
                 clip_socket: Some(snap.socket().to_path_buf()),
+                clip_root: Some(snap.root().to_path_buf()),
                 sandbox_image: Some(format!("{}/testbed/pause:latest", images.registry.host())),
                 pod_network,
                 ..Default::default()
@@ -181,63 +184,72 @@ fn a_deployment_created_with_kubectl_starts_lazily_through_clip() -> Result<()> 
     );
     assert_eq!(td.lazy_layers(), 4, "the python image's four layers are served lazily\n{}", node.snap.log());
     assert!(fetched < images.python_bytes / 2, "{fetched} of {}", images.python_bytes);
-    node.teardown(&td, &["deployment/pyapp"])
+
+    // What kubelet's image GC and eviction manager read: the image file system CRI reports
+    // (clip's root) counts the bytes the lazy layers hold.
+    let spans = node.snap.root().join("spans");
+    let held = bytes_below(&spans);
+    assert!(held > fetched, "the span cache holds the inflated spans: {held} bytes");
+    let mut reported = 0;
+    let counted = wait_until(Duration::from_secs(90), || {
+        reported = image_fs_used(&node, node.snap.root()).unwrap_or(0);
+        reported >= held
+    });
+    eprintln!("image fs: span cache {held} bytes; CRI ImageFsInfo {reported} bytes");
+    assert!(counted, "ImageFsInfo counts the {held} cached bytes: {reported}\n{}", node.describe());
+
+    // Removing the unused image through CRI, as kubelet's image GC does, takes its FUSE mounts
+    // and span caches with it.
+    kubectl_stdout(&mut node.plane.kubectl(&["delete", "deployment/pyapp", "--wait=true"]))?;
+    let no_pods = wait_until(Duration::from_secs(120), || {
+        node.plane
+            .kubectl(&["get", "pods", "-o", "name"])
+            .output()
+            .is_ok_and(|o| o.status.success() && o.stdout.is_empty())
+    });
+    assert!(no_pods, "{}", node.describe());
+    let unused = wait_until(Duration::from_secs(60), || {
+        crictl(&node, &["rmi", &images.python]).is_ok_and(|o| o.status.success())
+    });
+    assert!(unused, "the image could not be removed:\n{}", node.describe());
+    let collected = wait_until(Duration::from_secs(120), || td.lazy_layers() == 0 && bytes_below(&spans) == 0);
+    assert!(collected, "after the image went: {} FUSE layers, {} cached bytes", td.lazy_layers(), bytes_below(&spans));
+    node.teardown(&td, &[])
 }
 
-#[test]
-fn a_user_namespaced_pod_starts_lazily_on_idmapped_layers() -> Result<()> {
-    require_root();
-    let td = TestDir::new("kubernetes-userns")?;
-    let images = images(&td)?;
-    let node = Node::start(&td, &images, true)?;
-    let before = images.registry.blob_bytes_served();
-    // The pod prints the owners it sees (the top of its root file system, files of two layers,
-    // a file it made) and its uid map.
-    let script = "import os, numpy, time\n\
-                  own = lambda p: '%d:%d' % (os.lstat(p).st_uid, os.lstat(p).st_gid)\n\
-                  open('/made-in-pod', 'w').write('x')\n\
-                  print('owners', own('/'), own('/etc/passwd'), own('/usr/bin/python3'), own('/app/hello.py'), own('/var/mail'), \
-                  own('/made-in-pod'), \
-                  'uid_map', ' '.join(open('/proc/self/uid_map').read().split()), 'numpy', numpy.__version__, flush=True)\n\
-                  time.sleep(3600)\n";
-    node.apply(
-        &td,
-        "pod",
-        &format!(
-            "apiVersion: v1\nkind: Pod\nmetadata: {{name: userns, namespace: default}}\nspec:\n\
-             \x20 hostUsers: false\n  automountServiceAccountToken: false\n  restartPolicy: Never\n  {tolerations}\n\
-             \x20 containers:\n  - name: app\n    image: {image}\n    command: [python3, -c, {script:?}]\n",
-            tolerations = pod_tolerations(),
-            image = images.python,
-        ),
-    )?;
-    let log = node.log_of("userns", "owners ");
-    let fetched = images.registry.blob_bytes_served() - before;
-    eprintln!(
-        "user-namespaced pod: {log:?}; {fetched} of {} compressed bytes fetched ({:.1}%), {} FUSE layers",
-        images.python_bytes,
-        fetched as f64 * 100.0 / images.python_bytes as f64,
-        td.lazy_layers()
-    );
-    let fields: Vec<&str> = log.split_whitespace().collect();
-    // owners <6 uid:gid>, uid_map <inside> <outside> <count>, numpy <version>; /var/mail is
-    // root:mail (gid 8) in Debian's base.
-    assert_eq!(&fields[1..7], ["0:0", "0:0", "0:0", "0:0", "0:8", "0:0"], "owners as on overlayfs: {log}");
-    assert_eq!((fields[7], fields[8]), ("uid_map", "0"), "{log}");
-    let host_root: u32 = fields[9].parse().context("uid_map")?;
-    assert!(host_root >= 65536, "the pod runs in a user namespace: {log}");
-    assert_eq!(td.lazy_layers(), 4, "the python image's four layers are served lazily\n{}", node.snap.log());
-    assert!(fetched < images.python_bytes / 2, "no chowned copy of the image: {fetched} of {}", images.python_bytes);
-    // containerd made no remapped copy of the image's snapshots (its fallback without remap-ids).
-    let snapshots = node.ctrd.ctr("k8s.io").args(["snapshots", "--snapshotter", "clip", "ls"]).output()?;
-    assert!(!String::from_utf8_lossy(&snapshots.stdout).contains("remap"), "{snapshots:?}");
-    // On the node, what the pod wrote is owned by the pod's host ids.
-    let made = std::fs::read_dir(node.snap.root().join("snapshots"))?
-        .flatten()
-        .map(|d| d.path().join("fs/made-in-pod"))
-        .find(|p| p.exists())
-        .context("the pod's upper dir")?;
-    let meta = std::fs::metadata(&made)?;
-    assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), host_root, "{}", made.display());
-    node.teardown(&td, &["pod/userns"])
+/// Bytes of the files below `dir`.
+fn bytes_below(dir: &std::path::Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => stack.push(e.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
+/// crictl against the node's containerd.
+fn crictl(node: &Node, args: &[&str]) -> Result<std::process::Output> {
+    Ok(Command::new(clip_integration::gotools::crictl()?)
+        .arg("--runtime-endpoint")
+        .arg(format!("unix://{}", node.ctrd.socket().display()))
+        .args(args)
+        .output()?)
+}
+
+/// `usedBytes` of the image file system at `mountpoint` in containerd's CRI `ImageFsInfo`.
+fn image_fs_used(node: &Node, mountpoint: &std::path::Path) -> Result<u64> {
+    let out = crictl(node, &["imagefsinfo", "-o", "json"])?;
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let filesystems = info["status"]["imageFilesystems"].as_array().context("imageFilesystems")?;
+    let fs = filesystems
+        .iter()
+        .find(|f| f["fsId"]["mountpoint"].as_str() == mountpoint.to_str())
+        .with_context(|| format!("no image file system at {}: {info}", mountpoint.display()))?;
+    fs["usedBytes"]["value"].as_str().context("usedBytes")?.parse().context("usedBytes")
 }

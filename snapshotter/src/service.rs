@@ -303,6 +303,10 @@ impl State {
         let resolved = self.store.resolve(key)?;
         match resolved.record.kind {
             Kind::Active => self.dirs.usage(resolved.record.id),
+            // A lazy layer holds what it fetched so far (nothing while it is not served).
+            Kind::Committed if resolved.record.remote.is_some() => {
+                Ok(self.remote.as_ref().and_then(|r| r.cached_usage(resolved.record.id)).unwrap_or_default())
+            }
             Kind::Committed | Kind::View => Ok(resolved.record.usage.unwrap_or_default()),
         }
     }

@@ -242,6 +242,7 @@ mod tests {
         let (index, blob) = layer(20, Duration::ZERO);
         let source = Arc::new(Chunked(blob.clone()));
         let cache = SpanCache::new(index.clone(), dir.path().to_path_buf(), source).expect("cache");
+        assert_eq!((cache.local_bytes(), cache.local_spans()), (0, 0));
         // Requests of about 5 spans, each streamed in 1000-byte pieces.
         let mut from = 0;
         loop {
@@ -258,5 +259,15 @@ mod tests {
             assert_eq!(read, blob.bytes[s.uncomp_start as usize..s.uncomp_end as usize], "span {i}");
         }
         assert_eq!(cache.metrics().stream_bytes.get(), blob.bytes.len() as u64);
+        // What the cache says it holds is what its files hold.
+        let on_disk: u64 = std::fs::read_dir(dir.path())
+            .expect("dir")
+            .flatten()
+            .filter_map(|e| e.metadata().ok())
+            .filter(std::fs::Metadata::is_file)
+            .map(|m| m.len())
+            .sum();
+        assert_eq!(cache.local_bytes(), on_disk);
+        assert_eq!(cache.local_spans(), index.span_count());
     }
 }

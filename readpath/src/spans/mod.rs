@@ -520,6 +520,16 @@ impl SpanCache {
     pub fn local_spans(&self) -> u32 {
         self.local.count()
     }
+
+    /// The bytes the local spans hold on disk (what they inflate to): the layer's share of the
+    /// node's disk that image garbage collection can win back.
+    pub fn local_bytes(&self) -> u64 {
+        (0..self.index.span_count())
+            .filter(|&i| self.local.get(i))
+            .filter_map(|i| self.index.span(i).ok())
+            .map(|s| s.uncomp_end.saturating_sub(s.uncomp_start))
+            .sum()
+    }
 }
 
 fn cache_err(path: &std::path::Path, source: std::io::Error) -> SpanError {

@@ -5,6 +5,7 @@
 
 use super::layers::{Mounted, Unservable};
 use super::{OpenedLayer, RemoteError, RemoteLayers};
+use crate::metadata::DiskUsage;
 use clip_layerfs::keeper::Kept;
 use clip_layerfs::session_state::SessionState;
 use clip_layerfs::{self as layerfs, LayerFs};
@@ -163,6 +164,15 @@ impl RemoteLayers {
     /// Whether snapshot `id`'s layer is served here.
     pub fn is_mounted(&self, id: u64) -> bool {
         self.table.is_mounted(id)
+    }
+
+    /// What snapshot `id`'s lazy layer holds on this node: the bytes and files of its local
+    /// spans (its `Usage`, which containerd sums into the image file system kubelet collects).
+    pub fn cached_usage(&self, id: u64) -> Option<DiskUsage> {
+        self.table.spans(id).map(|s| DiskUsage {
+            size: i64::try_from(s.local_bytes()).unwrap_or(i64::MAX),
+            inodes: i64::from(s.local_spans()),
+        })
     }
 
     /// Compressed bytes fetched so far for snapshot `id`'s layer.
