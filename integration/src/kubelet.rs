@@ -25,15 +25,19 @@ pub fn pod_tolerations() -> &'static str {
 pub struct Kubelet {
     daemon: Daemon,
     root: PathBuf,
-    /// How it was started, to start it again ([`Kubelet::restart_with`]).
-    config: PathBuf,
-    cmd: Vec<std::ffi::OsString>,
 }
 
 impl Kubelet {
     /// Starts kubelet on `containerd` (its CRI socket); `image_service`: another CRI image
-    /// service endpoint (clip's proxy). Waits until the node is registered.
-    pub fn start(td: &TestDir, plane: &ControlPlane, containerd: &Path, image_service: Option<&Path>) -> Result<Self> {
+    /// service endpoint (clip's proxy); `args`: more flags (e.g. a credential provider's).
+    /// Waits until the node is registered.
+    pub fn start(
+        td: &TestDir,
+        plane: &ControlPlane,
+        containerd: &Path,
+        image_service: Option<&Path>,
+        args: &[std::ffi::OsString],
+    ) -> Result<Self> {
         let root = td.sub("kubelet")?;
         let kubeconfig = plane.node_kubeconfig(NODE)?;
         let ip = node_ip()?;
@@ -64,35 +68,19 @@ impl Kubelet {
                 logs = td.sub("kubelet-pod-logs")?.display(),
             ),
         )?;
-        let mut cmd: Vec<std::ffi::OsString> = vec![crate::gotools::kube_tool("kubelet")?.into()];
-        for arg in [
-            "--config".as_ref(),
-            config.as_os_str(),
-            "--kubeconfig".as_ref(),
-            kubeconfig.as_os_str(),
-            "--root-dir".as_ref(),
-            root.join("state").as_os_str(),
-            "--cert-dir".as_ref(),
-            root.join("pki").as_os_str(),
-        ] {
-            cmd.push(arg.to_owned());
-        }
-        cmd.extend(["--hostname-override", NODE, "--node-ip", &ip, "--v", "2"].map(std::ffi::OsString::from));
-        let daemon = launch(&cmd, &root, plane)?;
-        Ok(Self { daemon, root, config, cmd })
-    }
-
-    /// Stops kubelet, replaces `from` by `to` in its configuration and starts it again (pods
-    /// keep running meanwhile, as on a node whose kubelet restarts).
-    pub fn restart_with(&mut self, plane: &ControlPlane, from: &str, to: &str) -> Result<()> {
-        let text = std::fs::read_to_string(&self.config)?;
-        if !text.contains(from) {
-            bail!("kubelet's configuration has no {from:?}");
-        }
-        std::fs::write(&self.config, text.replace(from, to))?;
-        self.daemon.stop();
-        self.daemon = launch(&self.cmd, &self.root, plane)?;
-        Ok(())
+        let mut cmd = Command::new(crate::gotools::kube_tool("kubelet")?);
+        cmd.arg("--config")
+            .arg(&config)
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .arg("--root-dir")
+            .arg(root.join("state"))
+            .arg("--cert-dir")
+            .arg(root.join("pki"))
+            .args(["--hostname-override", NODE, "--node-ip", &ip, "--v", "2"])
+            .args(args);
+        let daemon = launch(cmd, &root, plane)?;
+        Ok(Self { daemon, root })
     }
 
     pub fn log(&self) -> String {
@@ -105,10 +93,8 @@ impl Kubelet {
 }
 
 /// Starts kubelet and waits until the node is registered.
-fn launch(cmd: &[std::ffi::OsString], root: &Path, plane: &ControlPlane) -> Result<Daemon> {
-    let mut command = Command::new(&cmd[0]);
-    command.args(&cmd[1..]);
-    let mut daemon = Daemon::spawn("kubelet", command, &root.join("kubelet.log"))?;
+fn launch(cmd: Command, root: &Path, plane: &ControlPlane) -> Result<Daemon> {
+    let mut daemon = Daemon::spawn("kubelet", cmd, &root.join("kubelet.log"))?;
     let registered = wait_until(Duration::from_secs(90), || {
         daemon.is_running()
             && plane.kubectl(&["get", "node", NODE, "-o", "name"]).output().is_ok_and(|o| o.status.success())

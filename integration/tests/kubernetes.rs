@@ -55,12 +55,37 @@ struct Node {
     _one: MutexGuard<'static, ()>,
 }
 
+/// The node's `hosts.toml` directory (containerd's and clip's).
+fn hosts_dir(td: &TestDir) -> Result<std::path::PathBuf> {
+    let dir = td.path().join("containerd").join("certs.d");
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// What a test's node has besides clip and containerd.
+#[derive(Default)]
+struct NodeOptions {
+    /// A pod network (user-namespaced pods cannot use the host's).
+    pod_network: bool,
+    /// Private registries (their `hosts.toml` written to [`hosts_dir`] first, for containerd and
+    /// clip): kubelet pulls through clip's CRI image-service proxy, so pull credentials reach
+    /// lazy reads.
+    private: bool,
+    /// More kubelet flags.
+    kubelet_args: Vec<std::ffi::OsString>,
+}
+
 impl Node {
-    fn start(td: &TestDir, images: &Images, pod_network: bool) -> Result<Self> {
+    fn start(td: &TestDir, images: &Images, opts: NodeOptions) -> Result<Self> {
         let one = ONE_CLUSTER.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let plane = ControlPlane::start(td)?;
         let mut config = lazy_config(false);
         config.containerd_address = Containerd::socket_in(td);
+        let cri_proxy = td.path().join("cri.sock");
+        if opts.private {
+            config.registry.hosts_dir = Some(hosts_dir(td)?);
+            config.cri.image_service_address = Some(cri_proxy.clone());
+        }
         let snap = ClipSnapshotter::start_configured(td, "clip", &config, &[])?;
         let ctrd = Containerd::start(
             td,
@@ -69,11 +94,12 @@ impl Node {
                 clip_socket: Some(snap.socket().to_path_buf()),
                 clip_root: Some(snap.root().to_path_buf()),
                 sandbox_image: Some(format!("{}/testbed/pause:latest", images.registry.host())),
-                pod_network,
+                pod_network: opts.pod_network,
                 ..Default::default()
             },
         )?;
-        let kubelet = Kubelet::start(td, &plane, ctrd.socket(), None)?;
+        let image_service = opts.private.then_some(cri_proxy.as_path());
+        let kubelet = Kubelet::start(td, &plane, ctrd.socket(), image_service, &opts.kubelet_args)?;
         let nodes = kubectl_stdout(&mut plane.kubectl(&["get", "nodes", "-o", "name"]))?;
         assert_eq!(nodes.trim(), format!("node/{NODE}"));
         // Pods are admitted once the controller manager made the namespace's service account.
@@ -144,7 +170,7 @@ fn a_deployment_created_with_kubectl_starts_lazily_through_clip() -> Result<()> 
     require_root();
     let td = TestDir::new("kubernetes")?;
     let images = images(&td)?;
-    let node = Node::start(&td, &images, false)?;
+    let node = Node::start(&td, &images, NodeOptions::default())?;
     let before = images.registry.blob_bytes_served();
     node.apply(
         &td,
@@ -252,4 +278,138 @@ fn image_fs_used(node: &Node, mountpoint: &std::path::Path) -> Result<u64> {
         .find(|f| f["fsId"]["mountpoint"].as_str() == mountpoint.to_str())
         .with_context(|| format!("no image file system at {}: {info}", mountpoint.display()))?;
     fs["usedBytes"]["value"].as_str().context("usedBytes")?.parse().context("usedBytes")
+}
+
+const SECRET_PASS: &str = "Pull-Secret-7c1e";
+const PROVIDER_PASS: &str = "Provider-Token-93ab";
+
+/// A registry with basic auth (`user`, `password`) holding the python image, indexed with the
+/// same credentials; its `hosts.toml` in the node's hosts dir.
+fn private_python(td: &TestDir, name: &str, user: &str, password: &str) -> Result<(Registry, String)> {
+    let registry = Registry::start_tls_auth_with(td, name, user, password)?;
+    let reference = registry.push_layout(&TestImage::Python.layout()?, "pyapp", "team/python", "v1")?;
+    let hosts = hosts_dir(td)?;
+    registry.write_hosts_toml(&hosts)?;
+    let creds = td.path().join(format!("{name}-creds"));
+    std::fs::write(&creds, format!("{user}:{password}"))?;
+    run(Command::new(workspace_binary("clip-builder")?)
+        .args(["index", "--hosts-dir"])
+        .arg(&hosts)
+        .arg("--creds-file")
+        .arg(&creds)
+        .arg(&reference))?;
+    std::fs::remove_file(&creds)?;
+    Ok((registry, reference))
+}
+
+/// A pod of `image` that imports numpy and sleeps, on the host network.
+fn python_pod(name: &str, image: &str, pull_secret: Option<&str>) -> String {
+    let secrets = pull_secret.map_or(String::new(), |s| format!("  imagePullSecrets: [{{name: {s}}}]\n"));
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default}}\nspec:\n\
+         \x20 hostNetwork: true\n  automountServiceAccountToken: false\n  restartPolicy: Never\n  {tolerations}\n{secrets}\
+         \x20 containers:\n  - name: app\n    image: {image}\n\
+         \x20   command: [python3, -c, \"import numpy, time; print('numpy', numpy.__version__, flush=True); time.sleep(3600)\"]\n",
+        tolerations = pod_tolerations(),
+    )
+}
+
+#[test]
+fn private_images_start_lazily_with_pull_secrets_and_kubelets_credential_provider() -> Result<()> {
+    require_root();
+    let td = TestDir::new("kubernetes-private")?;
+    let images = images(&td)?;
+    let (secret_reg, secret_image) = private_python(&td, "secret", "puller", SECRET_PASS)?;
+    let (provider_reg, provider_image) = private_python(&td, "provided", "plugin", PROVIDER_PASS)?;
+
+    // kubelet's credential provider plugin for the second registry, configured as users do.
+    let bin = td.sub("provider-bin")?;
+    let plugin = bin.join("clip-test-provider");
+    std::fs::write(
+        &plugin,
+        format!(
+            "#!/bin/sh\ncat >/dev/null\nprintf '{{\"apiVersion\":\"credentialprovider.kubelet.k8s.io/v1\",\"kind\":\"CredentialProviderResponse\",\
+             \"cacheKeyType\":\"Registry\",\"cacheDuration\":\"10m\",\"auth\":{{\"{host}\":{{\"username\":\"plugin\",\"password\":\"{PROVIDER_PASS}\"}}}}}}'\n",
+            host = provider_reg.host()
+        ),
+    )?;
+    std::fs::set_permissions(&plugin, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+    let provider_config = td.path().join("credential-providers.yaml");
+    std::fs::write(
+        &provider_config,
+        format!(
+            "apiVersion: kubelet.config.k8s.io/v1\nkind: CredentialProviderConfig\nproviders:\n\
+             - name: clip-test-provider\n  matchImages: [\"{}\"]\n  defaultCacheDuration: 10m\n\
+             \x20 apiVersion: credentialprovider.kubelet.k8s.io/v1\n",
+            provider_reg.host()
+        ),
+    )?;
+    let node = Node::start(
+        &td,
+        &images,
+        NodeOptions {
+            private: true,
+            kubelet_args: vec![
+                "--image-credential-provider-config".into(),
+                provider_config.into(),
+                "--image-credential-provider-bin-dir".into(),
+                bin.into(),
+            ],
+            ..Default::default()
+        },
+    )?;
+
+    // A pull secret, made from a file (never on an argv).
+    let auth = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, format!("puller:{SECRET_PASS}"));
+    let docker_config = td.path().join("dockerconfig.json");
+    std::fs::write(&docker_config, format!("{{\"auths\":{{\"{}\":{{\"auth\":\"{auth}\"}}}}}}", secret_reg.host()))?;
+    kubectl_stdout(
+        node.plane
+            .kubectl(&["create", "secret", "generic", "regcred", "--type=kubernetes.io/dockerconfigjson"])
+            .arg(format!("--from-file=.dockerconfigjson={}", docker_config.display())),
+    )?;
+    std::fs::remove_file(&docker_config)?;
+
+    let mut fetched = Vec::new();
+    for (pod, registry, image, secret) in [
+        ("with-secret", &secret_reg, &secret_image, Some("regcred")),
+        ("with-provider", &provider_reg, &provider_image, None),
+    ] {
+        let before = registry.blob_bytes_served();
+        node.apply(&td, pod, &python_pod(pod, image, secret))?;
+        node.log_of(pod, "numpy ");
+        let bytes = registry.blob_bytes_served() - before;
+        eprintln!(
+            "{pod}: {bytes} of {} compressed bytes fetched ({:.1}%), {} FUSE layers",
+            images.python_bytes,
+            bytes as f64 * 100.0 / images.python_bytes as f64,
+            td.lazy_layers()
+        );
+        assert_eq!(td.lazy_layers(), 4, "{pod}: the image's four layers are served lazily\n{}", node.snap.log());
+        assert!(bytes > 0 && bytes < images.python_bytes / 2, "{pod}: {bytes} of {}", images.python_bytes);
+        fetched.push(bytes);
+        // The next image shares the layers' chain: remove this one, and its lazy layers go.
+        kubectl_stdout(&mut node.plane.kubectl(&["delete", "pod", pod, "--wait=true"]))?;
+        let removed = wait_until(Duration::from_secs(60), || {
+            crictl(&node, &["rmi", image]).is_ok_and(|o| o.status.success()) || !image_listed(&node, image)
+        });
+        assert!(removed && wait_until(Duration::from_secs(60), || td.lazy_layers() == 0), "{pod}: image left");
+    }
+    // No secret in any log: kubelet's, containerd's, clip's, the control plane's.
+    let logs = [
+        node.kubelet.as_ref().map(Kubelet::log).unwrap_or_default(),
+        node.ctrd.log(),
+        node.snap.log(),
+        node.plane.logs(),
+    ]
+    .join("\n");
+    for secret in [SECRET_PASS.to_string(), PROVIDER_PASS.to_string(), auth] {
+        assert!(!logs.contains(&secret), "a secret is in a log");
+    }
+    node.teardown(&td, &[])
+}
+
+/// Whether containerd's CRI lists `image`.
+fn image_listed(node: &Node, image: &str) -> bool {
+    crictl(node, &["images", "-q", image]).is_ok_and(|o| o.status.success() && !o.stdout.is_empty())
 }
