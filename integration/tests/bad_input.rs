@@ -1,5 +1,5 @@
-//! Bad input at the snapshots API and from registries: oversized labels are refused without
-//! echoing values; malformed lazy-serving labels and index digests that lead nowhere fall back
+//! Bad input at the snapshots API and from registries: oversized labels and malformed
+//! user-namespace mappings are refused without echoing values; malformed lazy-serving labels and index digests that lead nowhere fall back
 //! to ordinary snapshots; a corrupt local index is replaced; unknown labels are kept; the daemon
 //! never panics and keeps serving.
 
@@ -56,6 +56,30 @@ fn bad_labels_and_bad_registry_answers_fail_clearly_or_fall_back_and_the_daemon_
         assert!(!err.message().contains("Sentinel-Value"), "{}", err.message());
         let err = c.prepare(prepare("empty-key", &[("", "v")])).await.expect_err("empty key");
         assert_eq!(err.code(), Code::InvalidArgument);
+        // A user-namespace mapping that is not one: refused, nothing recorded, never quoted.
+        use clip_config::idmap::{GID_MAPPING, UID_MAPPING};
+        for (key, uids) in [("idmap-wrap", "0:4294967295:2"), ("idmap-no-root", "1:Sentinel-Map:1")] {
+            let err = c
+                .prepare(prepare(key, &[(UID_MAPPING, uids), (GID_MAPPING, "0:65536:65536")]))
+                .await
+                .expect_err("bad mapping");
+            assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+            assert!(
+                !err.message().contains("Sentinel-Map") && !err.message().contains("4294967295"),
+                "{}",
+                err.message()
+            );
+            assert!(c.stat(api::StatSnapshotRequest { snapshotter: "clip".into(), key: key.into() }).await.is_err());
+        }
+        // A good one: the upper dir belongs to the mapped root, the mounts ask for idmapping.
+        let r = c
+            .prepare(prepare("idmapped", &[(UID_MAPPING, "0:65536:65536"), (GID_MAPPING, "0:131072:65536")]))
+            .await?
+            .into_inner();
+        assert!(r.mounts[0].options.iter().any(|o| o == "uidmap=0:65536:65536"), "{:?}", r.mounts);
+        let upper = std::fs::metadata(&r.mounts[0].source)?;
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!((upper.uid(), upper.gid()), (65_536, 131_072));
 
         // A layer digest that is a path: an ordinary snapshot, nothing written outside the root.
         let r = c

@@ -76,7 +76,7 @@ struct NodeOptions {
 }
 
 impl Node {
-    fn start(td: &TestDir, images: &Images, opts: NodeOptions) -> Result<Self> {
+    fn start(td: &TestDir, images: &Images, opts: &NodeOptions) -> Result<Self> {
         let one = ONE_CLUSTER.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let plane = ControlPlane::start(td)?;
         let mut config = lazy_config(false);
@@ -170,7 +170,7 @@ fn a_deployment_created_with_kubectl_starts_lazily_through_clip() -> Result<()> 
     require_root();
     let td = TestDir::new("kubernetes")?;
     let images = images(&td)?;
-    let node = Node::start(&td, &images, NodeOptions::default())?;
+    let node = Node::start(&td, &images, &NodeOptions::default())?;
     let before = images.registry.blob_bytes_served();
     node.apply(
         &td,
@@ -347,7 +347,7 @@ fn private_images_start_lazily_with_pull_secrets_and_kubelets_credential_provide
     let node = Node::start(
         &td,
         &images,
-        NodeOptions {
+        &NodeOptions {
             private: true,
             kubelet_args: vec![
                 "--image-credential-provider-config".into(),
@@ -412,4 +412,62 @@ fn private_images_start_lazily_with_pull_secrets_and_kubelets_credential_provide
 /// Whether containerd's CRI lists `image`.
 fn image_listed(node: &Node, image: &str) -> bool {
     crictl(node, &["images", "-q", image]).is_ok_and(|o| o.status.success() && !o.stdout.is_empty())
+}
+
+#[test]
+fn a_user_namespaced_pod_starts_lazily_on_idmapped_layers() -> Result<()> {
+    require_root();
+    let td = TestDir::new("kubernetes-userns")?;
+    let images = images(&td)?;
+    let node = Node::start(&td, &images, &NodeOptions { pod_network: true, ..Default::default() })?;
+    let before = images.registry.blob_bytes_served();
+    // The pod prints the owners it sees (the top of its root file system, files of two layers,
+    // a file it made) and its uid map.
+    let script = "import os, numpy, time\n\
+                  own = lambda p: '%d:%d' % (os.lstat(p).st_uid, os.lstat(p).st_gid)\n\
+                  open('/made-in-pod', 'w').write('x')\n\
+                  print('owners', own('/'), own('/etc/passwd'), own('/usr/bin/python3'), own('/app/hello.py'), own('/var/mail'), \
+                  own('/made-in-pod'), \
+                  'uid_map', ' '.join(open('/proc/self/uid_map').read().split()), 'numpy', numpy.__version__, flush=True)\n\
+                  time.sleep(3600)\n";
+    node.apply(
+        &td,
+        "pod",
+        &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: userns, namespace: default}}\nspec:\n\
+             \x20 hostUsers: false\n  automountServiceAccountToken: false\n  restartPolicy: Never\n  {tolerations}\n\
+             \x20 containers:\n  - name: app\n    image: {image}\n    command: [python3, -c, {script:?}]\n",
+            tolerations = pod_tolerations(),
+            image = images.python,
+        ),
+    )?;
+    let log = node.log_of("userns", "owners ");
+    let fetched = images.registry.blob_bytes_served() - before;
+    eprintln!(
+        "user-namespaced pod: {log:?}; {fetched} of {} compressed bytes fetched ({:.1}%), {} FUSE layers",
+        images.python_bytes,
+        fetched as f64 * 100.0 / images.python_bytes as f64,
+        td.lazy_layers()
+    );
+    let fields: Vec<&str> = log.split_whitespace().collect();
+    // owners <6 uid:gid>, uid_map <inside> <outside> <count>, numpy <version>; /var/mail is
+    // root:mail (gid 8) in Debian's base.
+    assert_eq!(&fields[1..7], ["0:0", "0:0", "0:0", "0:0", "0:8", "0:0"], "owners as on overlayfs: {log}");
+    assert_eq!((fields[7], fields[8]), ("uid_map", "0"), "{log}");
+    let host_root: u32 = fields[9].parse().context("uid_map")?;
+    assert!(host_root >= 65536, "the pod runs in a user namespace: {log}");
+    assert_eq!(td.lazy_layers(), 4, "the python image's four layers are served lazily\n{}", node.snap.log());
+    assert!(fetched < images.python_bytes / 2, "no chowned copy of the image: {fetched} of {}", images.python_bytes);
+    // containerd made no remapped copy of the image's snapshots (its fallback without remap-ids).
+    let snapshots = node.ctrd.ctr("k8s.io").args(["snapshots", "--snapshotter", "clip", "ls"]).output()?;
+    assert!(!String::from_utf8_lossy(&snapshots.stdout).contains("remap"), "{snapshots:?}");
+    // On the node, what the pod wrote is owned by the pod's host ids.
+    let made = std::fs::read_dir(node.snap.root().join("snapshots"))?
+        .flatten()
+        .map(|d| d.path().join("fs/made-in-pod"))
+        .find(|p| p.exists())
+        .context("the pod's upper dir")?;
+    let meta = std::fs::metadata(&made)?;
+    assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), host_root, "{}", made.display());
+    node.teardown(&td, &["pod/userns"])
 }
