@@ -11,7 +11,7 @@ import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CRATES = ["fsutil", "config", "index", "registry", "trust", "readpath", "layerfs", "cri-proxy", "pull",
+CRATES = ["fsutil", "config", "index", "registry", "trust", "readpath", "layerfs", "cri-proxy", "kube-keychain", "pull",
           "snapshotter", "builder", "integration", "bench"]
 MAX_FIELDS = 12
 MAX_LINES = 600

@@ -17,8 +17,8 @@ pub mod labels;
 mod model;
 
 pub use model::{
-    BuildRegistry, BuilderConfig, CompletionConfig, CriProxyConfig, LazyConfig, LogFormat, LongTermCredentials,
-    PrefetchConfig, ProfilesConfig, RegistryHosts, SnapshotterConfig, TrustConfig,
+    BuildRegistry, BuilderConfig, CompletionConfig, CriProxyConfig, KubernetesConfig, LazyConfig, LogFormat,
+    LongTermCredentials, PrefetchConfig, ProfilesConfig, RegistryHosts, SnapshotterConfig, TrustConfig,
 };
 
 use std::path::{Path, PathBuf};

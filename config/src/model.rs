@@ -34,9 +34,26 @@ pub struct SnapshotterConfig {
     pub cri: CriProxyConfig,
     /// Which indexes are served lazily: any an image's own publisher made, or only signed ones.
     pub trust: TrustConfig,
+    /// Pull secrets read from the Kubernetes API (a secret keychain).
+    pub kubernetes: KubernetesConfig,
     /// containerd's API socket: where a Prepare without layer labels looks its layer up, and
     /// what the CRI proxy forwards to unless `[cri] containerd_address` says otherwise.
     pub containerd_address: PathBuf,
+}
+
+/// `[kubernetes]`: a secret keychain — the node's pull secrets (Secrets of type
+/// `kubernetes.io/dockerconfigjson`) watched through the Kubernetes API and used for lazy reads
+/// of images of the registries they name. Off by default: on a cluster shared by tenants, one
+/// namespace's secret then serves lazy reads of another namespace's pulls from the same
+/// registry (pulls themselves still need the pod's own secret); `namespaces` narrows it.
+#[derive(Debug, Clone, Deserialize, Serialize, Default, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubernetesConfig {
+    pub secret_keychain: bool,
+    /// A kubeconfig to reach the API server with; unset: the pod's service account (in-cluster).
+    pub kubeconfig: Option<PathBuf>,
+    /// Namespaces whose secrets count; empty: all (cluster-wide list/watch of Secrets).
+    pub namespaces: Vec<String>,
 }
 
 /// `[cri]`: the CRI image service proxy. It serves the CRI `ImageService` on its own socket,
@@ -198,6 +215,7 @@ impl Default for SnapshotterConfig {
             lazy: LazyConfig::default(),
             cri: CriProxyConfig::default(),
             trust: TrustConfig::default(),
+            kubernetes: KubernetesConfig::default(),
             containerd_address: PathBuf::from(crate::DEFAULT_CONTAINERD_ADDRESS),
         }
     }

@@ -21,6 +21,7 @@ use clip_integration::kubelet::{Kubelet, NODE, pod_tolerations};
 use clip_integration::registry::Registry;
 use clip_integration::snapshotter::{ClipSnapshotter, workspace_binary};
 use clip_integration::{TestDir, require_root, run, wait_until};
+use clip_registry::credentials::Source;
 use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
@@ -62,15 +63,37 @@ fn hosts_dir(td: &TestDir) -> Result<std::path::PathBuf> {
     Ok(dir)
 }
 
+/// The shipped RBAC for the secret keychain, applied; a kubeconfig with a token of its service
+/// account (what the DaemonSet's pod has in-cluster).
+fn keychain_kubeconfig(td: &TestDir, plane: &ControlPlane) -> Result<std::path::PathBuf> {
+    let rbac = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/kubernetes/secret-keychain-rbac.yaml");
+    kubectl_stdout(&mut plane.kubectl(&["apply", "-f", rbac]))?;
+    let token = kubectl_stdout(&mut plane.kubectl(&["create", "token", "clip-snapshotter", "-n", "kube-system"]))?;
+    let kubeconfig = td.path().join("keychain.kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster: {{server: \"{}\", certificate-authority: \"{}\"}}\n\
+             users:\n- name: clip\n  user: {{token: \"{}\"}}\ncontexts:\n- name: clip\n  context: {{cluster: test, user: clip}}\n\
+             current-context: clip\n",
+            plane.server(),
+            plane.ca().display(),
+            token.trim()
+        ),
+    )?;
+    Ok(kubeconfig)
+}
+
 /// What a test's node has besides clip and containerd.
 #[derive(Default)]
 struct NodeOptions {
     /// A pod network (user-namespaced pods cannot use the host's).
     pod_network: bool,
-    /// Private registries (their `hosts.toml` written to [`hosts_dir`] first, for containerd and
-    /// clip): kubelet pulls through clip's CRI image-service proxy, so pull credentials reach
-    /// lazy reads.
-    private: bool,
+    /// kubelet pulls through clip's CRI image-service proxy, so pull credentials reach lazy
+    /// reads. (Private registries' `hosts.toml` go to [`hosts_dir`] before the node starts.)
+    cri_proxy: bool,
+    /// clip's secret keychain, as the shipped RBAC lets its service account read secrets.
+    secret_keychain: bool,
     /// More kubelet flags.
     kubelet_args: Vec<std::ffi::OsString>,
 }
@@ -81,10 +104,14 @@ impl Node {
         let plane = ControlPlane::start(td)?;
         let mut config = lazy_config(false);
         config.containerd_address = Containerd::socket_in(td);
+        config.registry.hosts_dir = Some(hosts_dir(td)?);
         let cri_proxy = td.path().join("cri.sock");
-        if opts.private {
-            config.registry.hosts_dir = Some(hosts_dir(td)?);
+        if opts.cri_proxy {
             config.cri.image_service_address = Some(cri_proxy.clone());
+        }
+        if opts.secret_keychain {
+            config.kubernetes.secret_keychain = true;
+            config.kubernetes.kubeconfig = Some(keychain_kubeconfig(td, &plane)?);
         }
         let snap = ClipSnapshotter::start_configured(td, "clip", &config, &[])?;
         let ctrd = Containerd::start(
@@ -98,7 +125,7 @@ impl Node {
                 ..Default::default()
             },
         )?;
-        let image_service = opts.private.then_some(cri_proxy.as_path());
+        let image_service = opts.cri_proxy.then_some(cri_proxy.as_path());
         let kubelet = Kubelet::start(td, &plane, ctrd.socket(), image_service, &opts.kubelet_args)?;
         let nodes = kubectl_stdout(&mut plane.kubectl(&["get", "nodes", "-o", "name"]))?;
         assert_eq!(nodes.trim(), format!("node/{NODE}"));
@@ -302,6 +329,21 @@ fn private_python(td: &TestDir, name: &str, user: &str, password: &str) -> Resul
     Ok((registry, reference))
 }
 
+/// The pull secret `regcred` in `default` for `user`/`password` at `registry`, made from a file
+/// (never on an argv). Returns its `auth` (base64 of `user:password`).
+fn create_pull_secret(td: &TestDir, node: &Node, registry: &Registry, user: &str, password: &str) -> Result<String> {
+    let auth = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, format!("{user}:{password}"));
+    let docker_config = td.path().join("dockerconfig.json");
+    std::fs::write(&docker_config, format!("{{\"auths\":{{\"{}\":{{\"auth\":\"{auth}\"}}}}}}", registry.host()))?;
+    kubectl_stdout(
+        node.plane
+            .kubectl(&["create", "secret", "generic", "regcred", "--type=kubernetes.io/dockerconfigjson"])
+            .arg(format!("--from-file=.dockerconfigjson={}", docker_config.display())),
+    )?;
+    std::fs::remove_file(&docker_config)?;
+    Ok(auth)
+}
+
 /// A pod of `image` that imports numpy and sleeps, on the host network.
 fn python_pod(name: &str, image: &str, pull_secret: Option<&str>) -> String {
     let secrets = pull_secret.map_or(String::new(), |s| format!("  imagePullSecrets: [{{name: {s}}}]\n"));
@@ -348,7 +390,7 @@ fn private_images_start_lazily_with_pull_secrets_and_kubelets_credential_provide
         &td,
         &images,
         &NodeOptions {
-            private: true,
+            cri_proxy: true,
             kubelet_args: vec![
                 "--image-credential-provider-config".into(),
                 provider_config.into(),
@@ -359,16 +401,7 @@ fn private_images_start_lazily_with_pull_secrets_and_kubelets_credential_provide
         },
     )?;
 
-    // A pull secret, made from a file (never on an argv).
-    let auth = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, format!("puller:{SECRET_PASS}"));
-    let docker_config = td.path().join("dockerconfig.json");
-    std::fs::write(&docker_config, format!("{{\"auths\":{{\"{}\":{{\"auth\":\"{auth}\"}}}}}}", secret_reg.host()))?;
-    kubectl_stdout(
-        node.plane
-            .kubectl(&["create", "secret", "generic", "regcred", "--type=kubernetes.io/dockerconfigjson"])
-            .arg(format!("--from-file=.dockerconfigjson={}", docker_config.display())),
-    )?;
-    std::fs::remove_file(&docker_config)?;
+    let auth = create_pull_secret(&td, &node, &secret_reg, "puller", SECRET_PASS)?;
 
     let mut fetched = Vec::new();
     for (pod, registry, image, secret) in [
@@ -470,4 +503,34 @@ fn a_user_namespaced_pod_starts_lazily_on_idmapped_layers() -> Result<()> {
     let meta = std::fs::metadata(&made)?;
     assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), host_root, "{}", made.display());
     node.teardown(&td, &["pod/userns"])
+}
+
+const KEYCHAIN_PASS: &str = "Keychain-Secret-51d0";
+
+#[test]
+fn a_pull_secret_read_from_the_api_serves_lazy_reads_through_the_secret_keychain() -> Result<()> {
+    require_root();
+    let td = TestDir::new("kubernetes-keychain")?;
+    let images = images(&td)?;
+    let (registry, image) = private_python(&td, "keychain", "puller", KEYCHAIN_PASS)?;
+    // kubelet talks to containerd directly: the pull secret reaches clip only from the API.
+    let node = Node::start(&td, &images, &NodeOptions { secret_keychain: true, ..Default::default() })?;
+    let auth = create_pull_secret(&td, &node, &registry, "puller", KEYCHAIN_PASS)?;
+    let before = registry.blob_bytes_served();
+    node.apply(&td, "keychain-pod", &python_pod("keychain", &image, Some("regcred")))?;
+    node.log_of("keychain", "numpy ");
+    let bytes = registry.blob_bytes_served() - before;
+    eprintln!(
+        "secret keychain: {bytes} of {} compressed bytes fetched ({:.1}%), {} FUSE layers",
+        images.python_bytes,
+        bytes as f64 * 100.0 / images.python_bytes as f64,
+        td.lazy_layers()
+    );
+    let slog = node.snap.log();
+    assert_eq!(td.lazy_layers(), 4, "the image's four layers are served lazily\n{slog}");
+    assert!(bytes > 0 && bytes < images.python_bytes / 2, "{bytes} of {}", images.python_bytes);
+    assert!(slog.contains(Source::KubernetesSecret.decision()), "{slog}");
+    let logs = [node.kubelet.as_ref().map(Kubelet::log).unwrap_or_default(), node.ctrd.log(), slog, node.plane.logs()];
+    assert!(!logs.iter().any(|l| l.contains(KEYCHAIN_PASS) || l.contains(&auth)), "a secret is in a log");
+    node.teardown(&td, &["pod/keychain"])
 }

@@ -4,7 +4,8 @@
 //!    registry (normalised `host[:port]` equality) and its repository is under the configured
 //!    prefix, 4. a token minted from the configured long-term credentials (same rule),
 //! 5. kubelet credential provider plugins (`provider.rs`),
-//! 6. docker `config.json` with credential helpers, 7. anonymous.
+//! 6. a secret keychain: the node's pull secrets from the Kubernetes API ([`Keychain`]),
+//! 7. docker `config.json` with credential helpers, 8. anonymous.
 //!
 //! The chain is built per image; the client walks it on 401/403.
 
@@ -45,6 +46,13 @@ impl BuildRegistryScope {
     }
 }
 
+/// Credentials kept elsewhere by registry host, asked at each use (a Kubernetes secret
+/// keychain: `clip-kube-keychain`).
+pub trait Keychain: Send + Sync + std::fmt::Debug {
+    /// The credential for `registry` (normalised `host[:port]`), if one is known now.
+    fn credential(&self, registry: &str) -> Option<Credential>;
+}
+
 /// One entry of a chain.
 #[derive(Debug, Clone)]
 pub enum Candidate {
@@ -52,6 +60,8 @@ pub enum Candidate {
     Minted(Arc<TokenMinter>),
     /// kubelet credential provider plugins.
     Provider(Arc<CredentialProviders>),
+    /// Pull secrets from the Kubernetes API.
+    Keychain(Arc<dyn Keychain>),
     /// Docker's `config.json`: the given file, or `$DOCKER_CONFIG`/`~/.docker`.
     DockerConfig(Option<std::path::PathBuf>),
     Anonymous,
@@ -63,6 +73,7 @@ impl Candidate {
             Self::Static(s, _) => *s,
             Self::Minted(_) => Source::MintedBuildRegistryToken,
             Self::Provider(_) => Source::CredentialProvider,
+            Self::Keychain(_) => Source::KubernetesSecret,
             Self::DockerConfig(_) => Source::DockerConfig,
             Self::Anonymous => Source::Anonymous,
         }
@@ -74,7 +85,7 @@ impl Candidate {
     pub async fn resolve_for_mirror(&self, host: &str) -> Result<Option<Credential>> {
         match self {
             Self::DockerConfig(path) => docker_config_credential(host, path.clone()).await,
-            Self::Static(..) | Self::Minted(_) | Self::Provider(_) | Self::Anonymous => Ok(None),
+            Self::Static(..) | Self::Minted(_) | Self::Provider(_) | Self::Keychain(_) | Self::Anonymous => Ok(None),
         }
     }
 
@@ -92,6 +103,7 @@ impl Candidate {
             Self::Provider(p) => {
                 Ok(p.credential(image, refresh).await?.map(|(credential, renew_at)| Resolved { credential, renew_at }))
             }
+            Self::Keychain(k) => Ok(lasting(k.credential(&image.registry))),
             Self::DockerConfig(path) => Ok(lasting(docker_config_credential(&image.registry, path.clone()).await?)),
             Self::Anonymous => Ok(None),
         }
@@ -118,6 +130,8 @@ pub struct ChainInputs {
     pub minter: Option<Arc<TokenMinter>>,
     /// kubelet credential provider plugins the node configured.
     pub providers: Option<Arc<CredentialProviders>>,
+    /// The node's secret keychain (`[kubernetes] secret_keychain`).
+    pub keychain: Option<Arc<dyn Keychain>>,
     /// Consult docker `config.json` and its credential helpers.
     pub docker_config: bool,
     /// That `config.json` instead of `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`.
@@ -158,6 +172,9 @@ impl CredentialChain {
         }
         if let Some(p) = &inputs.providers {
             candidates.push(Candidate::Provider(p.clone()));
+        }
+        if let Some(k) = &inputs.keychain {
+            candidates.push(Candidate::Keychain(k.clone()));
         }
         if inputs.docker_config {
             candidates.push(Candidate::DockerConfig(inputs.docker_config_path.clone()));
@@ -214,6 +231,16 @@ mod tests {
         assert!(hub.covers(&r("busybox")));
     }
 
+    /// A keychain that knows one registry.
+    #[derive(Debug)]
+    struct OneRegistry;
+
+    impl Keychain for OneRegistry {
+        fn credential(&self, registry: &str) -> Option<Credential> {
+            (registry == "reg.io").then(|| Credential::new("kc", "p"))
+        }
+    }
+
     #[test]
     fn chain_order_follows_the_design() {
         let inputs = ChainInputs {
@@ -224,6 +251,7 @@ mod tests {
             build_registry: Some(BuildRegistryScope::new("reg.io", "team")),
             minter: None,
             providers: None,
+            keychain: Some(Arc::new(OneRegistry)),
             docker_config: true,
             docker_config_path: None,
         };
@@ -237,6 +265,7 @@ mod tests {
                 Source::CriPullSecret,
                 Source::SourceImageCreds,
                 Source::BuildRegistryCreds,
+                Source::KubernetesSecret,
                 Source::DockerConfig,
                 Source::Anonymous
             ]
@@ -247,10 +276,20 @@ mod tests {
                 Source::ImageCreds,
                 Source::CriPullSecret,
                 Source::SourceImageCreds,
+                Source::KubernetesSecret,
                 Source::DockerConfig,
                 Source::Anonymous
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn a_keychain_answers_at_each_use_for_the_images_registry_only() {
+        let k = Candidate::Keychain(Arc::new(OneRegistry));
+        let got = k.resolve(&r("reg.io/team/app"), false).await.expect("resolve").expect("a credential");
+        assert_eq!(got.credential.username, "kc");
+        assert!(k.resolve(&r("other.io/team/app"), false).await.expect("resolve").is_none());
+        assert!(k.resolve_for_mirror("reg.io").await.expect("mirror").is_none());
     }
 
     #[tokio::test]

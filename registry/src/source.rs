@@ -11,6 +11,8 @@ pub enum Source {
     MintedBuildRegistryToken,
     /// A kubelet credential provider plugin (`[registry] credential_provider_config`).
     CredentialProvider,
+    /// A pull secret from the Kubernetes API (`[kubernetes] secret_keychain`).
+    KubernetesSecret,
     DockerConfig,
     Anonymous,
 }
@@ -24,6 +26,7 @@ impl Source {
             Self::BuildRegistryCreds => "build registry credentials (clip.build-registry-creds)",
             Self::MintedBuildRegistryToken => "build registry token minted from the config",
             Self::CredentialProvider => "kubelet credential provider plugin",
+            Self::KubernetesSecret => "Kubernetes pull secret (secret keychain)",
             Self::DockerConfig => "docker config.json",
             Self::Anonymous => "anonymous",
         }
@@ -42,6 +45,7 @@ impl Source {
                 "using a build registry token minted from the configured long-term credentials"
             }
             Self::CredentialProvider => "using credentials from a kubelet credential provider plugin",
+            Self::KubernetesSecret => "using a pull secret from the Kubernetes API (secret keychain)",
             Self::DockerConfig => "using credentials from docker config.json",
             Self::Anonymous => "no credentials apply; accessing the registry anonymously",
         }

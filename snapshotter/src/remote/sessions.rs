@@ -19,7 +19,7 @@ use super::error::RemoteError;
 use super::layout::CacheLayout;
 use clip_config::SnapshotterConfig;
 use clip_config::labels as l;
-use clip_registry::credentials::{BuildRegistryScope, ChainInputs, Credential, CredentialChain, Source};
+use clip_registry::credentials::{BuildRegistryScope, ChainInputs, Credential, CredentialChain, Keychain, Source};
 use clip_registry::provider::CredentialProviders;
 use clip_registry::{HostsConfig, Reference, RegistryClient, RegistryError, Repository, TokenMinter};
 use parking_lot::Mutex;
@@ -113,6 +113,8 @@ struct NodeInputs {
     mint_for_pulls_without_secret: bool,
     /// kubelet credential provider plugins (`[registry] credential_provider_config`).
     providers: Option<Arc<CredentialProviders>>,
+    /// The cluster's pull secrets (`[kubernetes] secret_keychain`).
+    keychain: Option<Arc<dyn Keychain>>,
 }
 
 /// The registry sessions of the images served lazily, with their credential inputs.
@@ -164,6 +166,11 @@ impl Sessions {
             None => (None, None),
         };
         let providers = credential_providers(cfg)?;
+        let keychain: Option<Arc<dyn Keychain>> = if cfg.kubernetes.secret_keychain {
+            Some(clip_kube_keychain::SecretKeychain::start(&cfg.kubernetes).await?)
+        } else {
+            None
+        };
         let store = CredentialStore::open(&cfg.root, cfg.lazy.credential_ttl_s)?;
         let mut table = Table::default();
         for kept in store.load() {
@@ -204,6 +211,7 @@ impl Sessions {
                 minter,
                 mint_for_pulls_without_secret: cfg.cri.mint_for_pulls_without_secret,
                 providers,
+                keychain,
             },
             store,
             plain_http_file,
@@ -291,6 +299,7 @@ impl Sessions {
         inputs.build_registry.clone_from(&self.node.build_registry);
         inputs.minter.clone_from(&self.node.minter);
         inputs.providers.clone_from(&self.node.providers);
+        inputs.keychain.clone_from(&self.node.keychain);
         inputs.docker_config = true;
         inputs.docker_config_path.clone_from(&self.node.docker_config);
         let chain = CredentialChain::for_image(&image, &inputs);
