@@ -105,6 +105,10 @@ pub struct LazyConfig {
     /// How long the keeper holds connections with no daemon attached before it closes them
     /// (their pending reads then fail instead of waiting forever), seconds.
     pub orphan_timeout_s: u64,
+    /// The fd keeper runs on its own (the DaemonSet's `clip-fd-keeper`): connect to it, and
+    /// again at the next mount while it is away; never start one (a keeper started by the
+    /// daemon would live and die with the daemon's container) and never stop it.
+    pub external_fd_keeper: bool,
     /// Disk limit of the span caches and passthrough copies of all layers, bytes (0:
     /// unlimited). Least recently used spans are evicted beyond it; they are fetched again
     /// when read.
@@ -174,6 +178,7 @@ impl Default for LazyConfig {
             credential_ttl_s: 12 * 3600,
             survive_restarts: true,
             orphan_timeout_s: 600,
+            external_fd_keeper: false,
             cache_max_bytes: 20 << 30,
             fetch_timeout_s: 30,
             serve_unlabelled_pulls: true,

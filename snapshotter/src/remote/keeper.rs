@@ -17,6 +17,8 @@ pub(crate) struct KeeperHandle {
     root: PathBuf,
     orphan_timeout: std::time::Duration,
     enabled: bool,
+    /// `[lazy] external_fd_keeper`: connect, never start or stop.
+    external: bool,
     client: parking_lot::Mutex<Option<Arc<KeeperClient>>>,
     start_failed: std::sync::atomic::AtomicBool,
 }
@@ -28,6 +30,7 @@ impl KeeperHandle {
             root: cfg.root.clone(),
             orphan_timeout: std::time::Duration::from_secs(cfg.lazy.orphan_timeout_s),
             enabled: cfg.lazy.survive_restarts,
+            external: cfg.lazy.external_fd_keeper,
             client: parking_lot::Mutex::new(None),
             start_failed: std::sync::atomic::AtomicBool::new(false),
         };
@@ -73,7 +76,18 @@ impl KeeperHandle {
         meta: &serde_json::Value,
     ) -> Result<(), RemoteError> {
         let mut guard = self.client.lock();
-        if guard.is_none() && self.enabled && !self.start_failed.load(Ordering::Relaxed) {
+        if guard.is_none() && self.enabled && self.external {
+            // Its own DaemonSet: it may have come up after this daemon, or been restarted.
+            match KeeperClient::connect_existing(&self.root) {
+                Ok(c) => {
+                    tracing::info!(pid = c.pid, "fd keeper connected");
+                    *guard = Some(Arc::new(c));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "the external fd keeper is not running; this mount will not survive a restart");
+                }
+            }
+        } else if guard.is_none() && self.enabled && !self.start_failed.load(Ordering::Relaxed) {
             let started = std::env::current_exe()
                 .map_err(RemoteError::io("finding this program"))
                 .and_then(|exe| Ok(KeeperClient::connect_or_spawn(&self.root, &exe, self.orphan_timeout)?));
@@ -88,15 +102,21 @@ impl KeeperHandle {
                 }
             }
         }
-        match guard.as_ref() {
-            Some(keeper) => Ok(keeper.put(key, fd, meta)?),
-            None => Ok(()),
+        let Some(keeper) = guard.as_ref() else { return Ok(()) };
+        let put = keeper.put(key, fd, meta);
+        if put.is_err() {
+            // Gone (an external keeper restarted): connect again at the next mount.
+            *guard = None;
         }
+        Ok(put?)
     }
 
     /// Stops the keeper once it holds no connection (the last lazy layer went), so no idle
     /// process stays behind; the next lazy mount starts one again.
     pub(crate) fn stop_if_idle(&self) {
+        if self.external {
+            return;
+        }
         let mut guard = self.client.lock();
         let Some(keeper) = guard.as_ref() else { return };
         match keeper.list() {
