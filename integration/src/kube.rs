@@ -248,6 +248,16 @@ impl ControlPlane {
     }
 
     /// Every component's log.
+    /// Waits up to `timeout` until no pod is left (in any namespace when `all_namespaces`,
+    /// else in `default`).
+    pub fn pods_gone(&self, all_namespaces: bool, timeout: std::time::Duration) -> bool {
+        let args: &[&str] =
+            if all_namespaces { &["get", "pods", "-A", "-o", "name"] } else { &["get", "pods", "-o", "name"] };
+        crate::wait_until(timeout, || {
+            self.kubectl(args).output().is_ok_and(|o| o.status.success() && o.stdout.is_empty())
+        })
+    }
+
     pub fn logs(&self) -> String {
         let parts: Vec<String> =
             self.daemons.iter().map(|d| format!("== {}\n{}", d.log_path().display(), tail(&d.log(), 40))).collect();

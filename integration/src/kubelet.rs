@@ -25,6 +25,9 @@ pub fn pod_tolerations() -> &'static str {
 pub struct Kubelet {
     daemon: Daemon,
     root: PathBuf,
+    /// Its configuration file and command line, to start it again ([`Kubelet::restart_with`]).
+    config: PathBuf,
+    args: Vec<std::ffi::OsString>,
 }
 
 impl Kubelet {
@@ -57,7 +60,7 @@ impl Kubelet {
                  failSwapOn: false\nfailCgroupV1: false\nenforceNodeAllocatable: []\nprotectKernelDefaults: false\n\
                  evictionHard: {{memory.available: \"1Mi\", nodefs.available: \"1%\", imagefs.available: \"1%\"}}\n\
                  imageGCHighThresholdPercent: 100\nimageGCLowThresholdPercent: 99\n\
-                 podLogsDir: {logs}\nresolvConf: /etc/resolv.conf\nlocalStorageCapacityIsolation: false\n\
+                 podLogsDir: {logs}\nresolvConf: /etc/resolv.conf\nlocalStorageCapacityIsolation: true\n\
                  serializeImagePulls: false\nnodeStatusReportFrequency: 10s\n",
                 runtime = containerd.display(),
                 port = free_port()?,
@@ -68,19 +71,33 @@ impl Kubelet {
                 logs = td.sub("kubelet-pod-logs")?.display(),
             ),
         )?;
-        let mut cmd = Command::new(crate::gotools::kube_tool("kubelet")?);
-        cmd.arg("--config")
-            .arg(&config)
-            .arg("--kubeconfig")
-            .arg(&kubeconfig)
-            .arg("--root-dir")
-            .arg(root.join("state"))
-            .arg("--cert-dir")
-            .arg(root.join("pki"))
-            .args(["--hostname-override", NODE, "--node-ip", &ip, "--v", "2"])
-            .args(args);
-        let daemon = launch(cmd, &root, plane)?;
-        Ok(Self { daemon, root })
+        let mut all: Vec<std::ffi::OsString> = vec![
+            "--config".into(),
+            config.clone().into(),
+            "--kubeconfig".into(),
+            kubeconfig.into(),
+            "--root-dir".into(),
+            root.join("state").into(),
+            "--cert-dir".into(),
+            root.join("pki").into(),
+        ];
+        all.extend(["--hostname-override", NODE, "--node-ip", &ip, "--v", "2"].map(std::ffi::OsString::from));
+        all.extend(args.iter().cloned());
+        let daemon = launch(&all, &root, plane)?;
+        Ok(Self { daemon, root, config, args: all })
+    }
+
+    /// Stops kubelet, replaces `from` by `to` in its configuration and starts it again (pods
+    /// keep running meanwhile, as on a node whose kubelet restarts).
+    pub fn restart_with(&mut self, plane: &ControlPlane, from: &str, to: &str) -> Result<()> {
+        let text = std::fs::read_to_string(&self.config)?;
+        if !text.contains(from) {
+            bail!("kubelet's configuration has no {from:?}");
+        }
+        std::fs::write(&self.config, text.replace(from, to))?;
+        self.daemon.stop();
+        self.daemon = launch(&self.args, &self.root, plane)?;
+        Ok(())
     }
 
     pub fn log(&self) -> String {
@@ -93,7 +110,9 @@ impl Kubelet {
 }
 
 /// Starts kubelet and waits until the node is registered.
-fn launch(cmd: Command, root: &Path, plane: &ControlPlane) -> Result<Daemon> {
+fn launch(args: &[std::ffi::OsString], root: &Path, plane: &ControlPlane) -> Result<Daemon> {
+    let mut cmd = Command::new(crate::gotools::kube_tool("kubelet")?);
+    cmd.args(args);
     let mut daemon = Daemon::spawn("kubelet", cmd, &root.join("kubelet.log"))?;
     let registered = wait_until(Duration::from_secs(90), || {
         daemon.is_running()

@@ -5,9 +5,9 @@
 //! (no pod, no FUSE mount left).
 //!
 //! - a Deployment starts its pod lazily: the image's layers are FUSE mounts, a fraction of the
-//!   image is fetched, the pod's log is its output; CRI's `ImageFsInfo` (what kubelet's image
-//!   GC reads) counts what the lazy layers hold; removing the image through CRI (what kubelet's
-//!   image GC calls) takes its FUSE mounts and span caches with it;
+//!   image is fetched, the pod's log is its output; CRI's `ImageFsInfo` and kubelet's stats
+//!   summary count what the lazy layers hold; kubelet's image GC (forced by an image file system
+//!   threshold) removes the image, and its FUSE mounts and span caches go with it;
 //! - a user-namespaced pod (`hostUsers: false`) starts lazily too: containerd idmaps clip's FUSE
 //!   layers (no chowned copy of the root file system), the pod sees its files owned by its own
 //!   root, and what it writes is owned by the pod's host ids on the node.
@@ -177,13 +177,7 @@ impl Node {
         for object in objects {
             kubectl_stdout(&mut self.plane.kubectl(&["delete", object, "--wait=true"]))?;
         }
-        let gone = wait_until(Duration::from_secs(120), || {
-            self.plane
-                .kubectl(&["get", "pods", "-o", "name"])
-                .output()
-                .is_ok_and(|o| o.status.success() && o.stdout.is_empty())
-        });
-        assert!(gone, "pods left:\n{}", self.describe());
+        assert!(self.plane.pods_gone(false, Duration::from_secs(120)), "pods left:\n{}", self.describe());
         drop(self.kubelet.take());
         self.ctrd.purge().context("containerd purge")?;
         let unmounted = wait_until(Duration::from_secs(60), || td.lazy_layers() == 0);
@@ -239,34 +233,48 @@ fn a_deployment_created_with_kubectl_starts_lazily_through_clip() -> Result<()> 
     assert!(fetched < images.python_bytes / 2, "{fetched} of {}", images.python_bytes);
 
     // What kubelet's image GC and eviction manager read: the image file system CRI reports
-    // (clip's root) counts the bytes the lazy layers hold.
+    // (clip's root) counts the bytes the lazy layers hold, and so does kubelet's stats summary.
     let spans = node.snap.root().join("spans");
     let held = bytes_below(&spans);
     assert!(held > fetched, "the span cache holds the inflated spans: {held} bytes");
-    let mut reported = 0;
+    let mut reported = (0, 0);
     let counted = wait_until(Duration::from_secs(90), || {
-        reported = image_fs_used(&node, node.snap.root()).unwrap_or(0);
-        reported >= held
+        reported = (image_fs_used(&node, node.snap.root()).unwrap_or(0), summary_image_fs_used(&node).unwrap_or(0));
+        reported.0 >= held && reported.1 >= held
     });
-    eprintln!("image fs: span cache {held} bytes; CRI ImageFsInfo {reported} bytes");
-    assert!(counted, "ImageFsInfo counts the {held} cached bytes: {reported}\n{}", node.describe());
+    eprintln!(
+        "image fs: span cache {held} bytes; CRI ImageFsInfo {} bytes; kubelet stats summary {} bytes",
+        reported.0, reported.1
+    );
+    assert!(
+        counted,
+        "ImageFsInfo and the stats summary count the {held} cached bytes: {reported:?}\n{}",
+        node.describe()
+    );
 
-    // Removing the unused image through CRI, as kubelet's image GC does, takes its FUSE mounts
-    // and span caches with it.
+    // kubelet's image GC, forced by an image file system threshold the node is over, removes
+    // the unused lazy image; its FUSE mounts and span caches go with it.
     kubectl_stdout(&mut node.plane.kubectl(&["delete", "deployment/pyapp", "--wait=true"]))?;
-    let no_pods = wait_until(Duration::from_secs(120), || {
-        node.plane
-            .kubectl(&["get", "pods", "-o", "name"])
-            .output()
-            .is_ok_and(|o| o.status.success() && o.stdout.is_empty())
-    });
-    assert!(no_pods, "{}", node.describe());
-    let unused = wait_until(Duration::from_secs(60), || {
-        crictl(&node, &["rmi", &images.python]).is_ok_and(|o| o.status.success())
-    });
-    assert!(unused, "the image could not be removed:\n{}", node.describe());
-    let collected = wait_until(Duration::from_secs(120), || td.lazy_layers() == 0 && bytes_below(&spans) == 0);
-    assert!(collected, "after the image went: {} FUSE layers, {} cached bytes", td.lazy_layers(), bytes_below(&spans));
+    assert!(node.plane.pods_gone(false, Duration::from_secs(120)), "{}", node.describe());
+    let mut node = node;
+    let plane = &node.plane;
+    node.kubelet.as_mut().context("kubelet")?.restart_with(
+        plane,
+        "imagefs.available: \"1%\"",
+        "imagefs.available: \"99%\"",
+    )?;
+    let collected = wait_until(Duration::from_secs(180), || td.lazy_layers() == 0 && bytes_below(&spans) == 0);
+    assert!(
+        collected,
+        "after kubelet's image GC: {} FUSE layers, {} cached bytes\n{}",
+        td.lazy_layers(),
+        bytes_below(&spans),
+        node.describe()
+    );
+    let left = crictl(&node, &["images"])?;
+    let left = String::from_utf8_lossy(&left.stdout);
+    let kubelet_log = node.kubelet.as_ref().map(Kubelet::log).unwrap_or_default();
+    assert!(!left.contains("testbed/python"), "kubelet's GC left the image:\n{left}\n{}", tail(&kubelet_log, 40));
     node.teardown(&td, &[])
 }
 
@@ -293,6 +301,17 @@ fn crictl(node: &Node, args: &[&str]) -> Result<std::process::Output> {
         .arg(format!("unix://{}", node.ctrd.socket().display()))
         .args(args)
         .output()?)
+}
+
+/// `node.runtime.imageFs.usedBytes` of kubelet's stats summary, through the API server.
+fn summary_image_fs_used(node: &Node) -> Result<u64> {
+    let raw = kubectl_stdout(&mut node.plane.kubectl(&[
+        "get",
+        "--raw",
+        &format!("/api/v1/nodes/{NODE}/proxy/stats/summary"),
+    ]))?;
+    let summary: serde_json::Value = serde_json::from_str(&raw)?;
+    summary["node"]["runtime"]["imageFs"]["usedBytes"].as_u64().context("imageFs.usedBytes")
 }
 
 /// `usedBytes` of the image file system at `mountpoint` in containerd's CRI `ImageFsInfo`.

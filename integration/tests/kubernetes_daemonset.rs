@@ -297,13 +297,7 @@ fn the_shipped_daemonset_serves_the_node_and_survives_a_rolling_update() -> Resu
     });
     assert!(removed && wait_until(Duration::from_secs(60), || td.lazy_layers() == 0), "layers left\n{}", describe());
     kubectl_stdout(plane.kubectl(&["delete", "-f"]).arg(&daemonset).arg("--wait=true"))?;
-    let gone = wait_until(Duration::from_secs(120), || {
-        plane
-            .kubectl(&["get", "pods", "-A", "-o", "name"])
-            .output()
-            .is_ok_and(|o| o.status.success() && o.stdout.is_empty())
-    });
-    assert!(gone, "pods left:\n{}", describe());
+    assert!(plane.pods_gone(true, Duration::from_secs(120)), "pods left:\n{}", describe());
     drop(kubelet);
     Ok(())
 }
