@@ -96,9 +96,10 @@ mod tests {
         assert_eq!(r.len(), 104);
         assert_eq!(u32::from_ne_bytes(r[4..8].try_into().expect("4")), super::FUSE_INIT);
         assert_eq!(u32::from_ne_bytes(r[40..44].try_into().expect("4")), 7);
-        // FUSE_PASSTHROUGH is bit 37: bit 5 of flags2; FUSE_INIT_EXT (bit 30) says flags2 is there.
-        assert_eq!(u32::from_ne_bytes(r[56..60].try_into().expect("4")), 1 << 5);
+        // FUSE_PASSTHROUGH is bit 37 (bit 5 of flags2), FUSE_ALLOW_IDMAP bit 40 (bit 8 of flags2);
+        // FUSE_INIT_EXT (bit 30) says flags2 is there.
+        assert_eq!(u32::from_ne_bytes(r[56..60].try_into().expect("4")), 1 << 5 | 1 << 8);
         assert_ne!(u32::from_ne_bytes(r[52..56].try_into().expect("4")) & (1 << 30), 0);
-        assert_eq!(u32::from_ne_bytes(super::init_request(false)[56..60].try_into().expect("4")), 0);
+        assert_eq!(u32::from_ne_bytes(super::init_request(false)[56..60].try_into().expect("4")), 1 << 8);
     }
 }
