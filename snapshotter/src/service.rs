@@ -333,15 +333,16 @@ impl State {
             }
             LabelUpdate::Keys(keys)
         };
-        let before = self.store.resolve(&name)?.record.labels;
-        let record = self.store.update_labels(&name, update)?;
-        if id_map(&before)? != id_map(&record.labels).unwrap_or(None) {
-            // The upper dir was given to the mapped root at Prepare: put the labels back.
-            self.store.update_labels(&name, LabelUpdate::ReplaceAll(before))?;
-            return Err(SnapshotError::InvalidArgument(format!(
-                "the user-namespace mapping of snapshot {name} cannot change after it was prepared"
-            )));
-        }
+        // The upper dir was given to the mapped root at Prepare: the mapping stays.
+        let record = self.store.update_labels_checked(&name, update, |before, after| {
+            if id_map(before)? == id_map(after).unwrap_or(None) {
+                Ok(())
+            } else {
+                Err(SnapshotError::InvalidArgument(format!(
+                    "the user-namespace mapping of snapshot {name} cannot change after it was prepared"
+                )))
+            }
+        })?;
         Ok(to_info(name, record))
     }
 

@@ -216,10 +216,22 @@ impl MetaStore {
 
     /// Changes the labels of a snapshot and bumps its update time.
     pub fn update_labels(&self, key: &str, update: LabelUpdate) -> Result<Record> {
+        self.update_labels_checked(key, update, |_, _| Ok(()))
+    }
+
+    /// [`Self::update_labels`], refused (nothing written) when `check(before, after)` fails:
+    /// one transaction, so no reader ever sees labels the check refuses.
+    pub fn update_labels_checked(
+        &self,
+        key: &str,
+        update: LabelUpdate,
+        check: impl FnOnce(&BTreeMap<String, String>, &BTreeMap<String, String>) -> Result<()>,
+    ) -> Result<Record> {
         let txn = self.db.begin_write()?;
         let record = {
             let mut table = txn.open_table(SNAPSHOTS)?;
             let mut record = get(&table, key)?.ok_or_else(|| SnapshotError::NotFound(format!("snapshot {key}")))?;
+            let before = record.labels.clone();
             match update {
                 LabelUpdate::ReplaceAll(labels) => record.labels = labels,
                 LabelUpdate::Keys(keys) => {
@@ -231,6 +243,7 @@ impl MetaStore {
                     }
                 }
             }
+            check(&before, &record.labels)?;
             record.updated = Timestamp::now();
             table.insert(key, serde_json::to_vec(&record)?.as_slice())?;
             record
@@ -403,5 +416,11 @@ mod tests {
             .update_labels("a", LabelUpdate::Keys(vec![("l1".into(), Some("new".into())), ("l2".into(), None)]))
             .expect("update");
         assert_eq!(r.labels, BTreeMap::from([("l1".to_string(), "new".to_string())]));
+        let refused = s.update_labels_checked("a", LabelUpdate::ReplaceAll(BTreeMap::new()), |before, after| {
+            assert_eq!((before.len(), after.len()), (1, 0));
+            Err(SnapshotError::InvalidArgument("no".into()))
+        });
+        assert!(refused.is_err());
+        assert_eq!(s.resolve("a").expect("a").record.labels, BTreeMap::from([("l1".to_string(), "new".to_string())]));
     }
 }
