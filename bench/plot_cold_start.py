@@ -19,10 +19,11 @@ if not groups:
     sys.exit("no samples")
 panels = sorted({(k[0], k[1]) for k in groups})
 ORDER = ["overlayfs", "clip", "clip-profile", "clip-cri", "soci", "soci-tuned", "estargz", "estargz-opt"]
-modes = sorted({k[3] for k in groups}, key=lambda m: ORDER.index(m) if m in ORDER else 9)
+WORKLOADS = ["print", "numpy", "torch", "infer", "fullread"]
+modes = sorted({k[3] for k in groups}, key=lambda m: (ORDER.index(m) if m in ORDER else 9, m))
 fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
 for ax, (link, image) in zip(axes[0], panels):
-    workloads = sorted({k[2] for k in groups if k[0] == link and k[1] == image}, key=["print", "numpy", "fullread"].index)
+    workloads = sorted({k[2] for k in groups if k[0] == link and k[1] == image}, key=lambda w: WORKLOADS.index(w) if w in WORKLOADS else 9)
     width = 0.8 / max(len(modes), 1)
     for i, mode in enumerate(modes):
         xs, ys = [], []

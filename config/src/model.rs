@@ -139,14 +139,17 @@ pub struct PrefetchConfig {
 }
 
 /// `[lazy.completion]`: background completion of mounted layers — their missing remainder
-/// streams in as large sequential range requests, giving way to container reads.
+/// streams in as large sequential range requests in the link's idle time: it follows the
+/// containers' demand (reads that miss, the prefetcher, profile replays) rather than a delay.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CompletionConfig {
     pub enabled: bool,
-    /// Delay after a layer is mounted before completion starts (ms), so that a starting
-    /// container gets the link first.
+    /// Least time after a layer is mounted before its completion may start (ms).
     pub start_delay_ms: u64,
+    /// How long the link must have been free of demand before completion streams (ms); a
+    /// request it makes stops at the next span when demand begins.
+    pub quiet_ms: u64,
     /// Compressed bytes per range request (at least 1; independent of the span size).
     pub request_bytes: u64,
     /// Layers completed at once.
@@ -197,7 +200,7 @@ impl Default for PrefetchConfig {
 
 impl Default for CompletionConfig {
     fn default() -> Self {
-        Self { enabled: true, start_delay_ms: 5000, request_bytes: 8 << 20, layers: 2 }
+        Self { enabled: true, start_delay_ms: 0, quiet_ms: 500, request_bytes: 8 << 20, layers: 2 }
     }
 }
 

@@ -29,6 +29,10 @@ pub enum Fault {
     Random(u8),
     IgnoreRange,
     EndlessBody(u16),
+    /// Answers' bodies go out in 64 KiB pieces, this many milliseconds apart (a slow link).
+    Trickle(u64),
+    /// The answer's head, then nothing: a registry that stalls.
+    Stall,
 }
 
 #[derive(Debug)]
@@ -240,6 +244,22 @@ fn handle(mut client: TcpStream, upstream: &str, mode: Fault, n: u64, faults: &A
         faults.fetch_add(1, Ordering::SeqCst);
         let i = resp_rest.len() / 2;
         resp_rest[i] ^= 0xff;
+    }
+    match mode {
+        Fault::Trickle(ms) => {
+            for piece in resp_rest.chunks(64 << 10) {
+                client.write_all(piece)?;
+                client.flush()?;
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+            }
+            return client.shutdown(Shutdown::Both);
+        }
+        Fault::Stall => {
+            faults.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_secs(30));
+            return client.shutdown(Shutdown::Both);
+        }
+        _ => {}
     }
     client.write_all(&resp_rest)?;
     client.shutdown(Shutdown::Both)

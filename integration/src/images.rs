@@ -23,6 +23,10 @@ pub enum TestImage {
     /// Debian bookworm minbase + python3 with python3-scipy + gcc with libc6-dev + `/app/solve.py`:
     /// four gzip layers, a few hundred MB (the benchmark's large image).
     Scipy,
+    /// Debian bookworm minbase + python3 and pip + torch 2.7.1 with its CUDA library wheels (one pip
+    /// layer of several GB) + `/app/infer.py`: the ML benchmark image, built by hand-run benchmarks
+    /// only (it fetches ~2.9 GB of wheels from PyPI).
+    Torch,
 }
 
 struct Recipe {
@@ -33,6 +37,7 @@ struct Recipe {
 const BUSYBOX: Recipe = Recipe { name: "busybox", script: include_str!("../images/busybox.sh") };
 const PYTHON: Recipe = Recipe { name: "python", script: include_str!("../images/python.sh") };
 const SCIPY: Recipe = Recipe { name: "scipy", script: include_str!("../images/scipy.sh") };
+const TORCH: Recipe = Recipe { name: "torch", script: include_str!("../images/torch.sh") };
 
 impl TestImage {
     fn recipe(self) -> &'static Recipe {
@@ -40,6 +45,7 @@ impl TestImage {
             Self::Busybox | Self::Pause => &BUSYBOX,
             Self::Python => &PYTHON,
             Self::Scipy => &SCIPY,
+            Self::Torch => &TORCH,
         }
     }
 
@@ -50,6 +56,7 @@ impl TestImage {
             Self::Pause => "pause",
             Self::Python => "pyapp",
             Self::Scipy => "scipy",
+            Self::Torch => "torch",
         }
     }
 
@@ -60,6 +67,7 @@ impl TestImage {
             Self::Pause => "testbed/pause",
             Self::Python => "testbed/pyapp",
             Self::Scipy => "testbed/scipy",
+            Self::Torch => "testbed/torch",
         }
     }
 

@@ -49,6 +49,8 @@ pub struct Registry {
     host: String,
     tls: Option<Tls>,
     dir: PathBuf,
+    /// The command prefix that runs a program in the registry's network namespace (empty: the host's).
+    wrap: Vec<String>,
 }
 
 impl Registry {
@@ -226,7 +228,8 @@ impl Registry {
         cmd.arg("serve").arg(&cfg_path);
         let daemon = Daemon::spawn(&format!("registry-{name}"), cmd, &dir.join("registry.log"))?;
         let host = format!("{listen_ip}:{port}");
-        let mut reg = Self { daemon, host, tls, dir };
+        let wrap = wrap.iter().map(ToString::to_string).collect();
+        let mut reg = Self { daemon, host, tls, dir, wrap };
         let ready = wait_until(Duration::from_secs(15), || reg.answers());
         if !ready {
             bail!("registry {name} did not come up on {}:\n{}", reg.host, reg.daemon.log());
@@ -284,11 +287,24 @@ impl Registry {
         Ok(())
     }
 
+    /// `program`, run in the registry's network namespace: set-up (pushing, indexing) reaches a
+    /// registry behind a slow link without crossing it — the link is for what a test measures.
+    pub fn beside(&self, program: &str) -> Command {
+        match self.wrap.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(program);
+                c
+            }
+            None => Command::new(program),
+        }
+    }
+
     /// Copies an image from an OCI layout (`layout`, tag `tag`) to `repo:dest_tag` here, blobs
-    /// byte for byte (digests preserved).
+    /// byte for byte (digests preserved), from beside the registry ([`Self::beside`]).
     pub fn push_layout(&self, layout: &Path, tag: &str, repo: &str, dest_tag: &str) -> Result<String> {
         let dest = format!("docker://{}/{repo}:{dest_tag}", self.host);
-        let mut c = Command::new("skopeo");
+        let mut c = self.beside("skopeo");
         c.arg("copy").arg("--preserve-digests");
         match &self.tls {
             Some(t) => {
@@ -318,7 +334,7 @@ impl Registry {
         let dest = format!("docker://{}/{repo}:{dest_tag}", self.host);
         let auth = self.dir.join("skopeo-push-auth.json");
         write_authfile(&auth, &self.host, user, password)?;
-        let mut c = Command::new("skopeo");
+        let mut c = self.beside("skopeo");
         c.arg("copy").arg("--preserve-digests").arg("--dest-tls-verify=false").arg("--dest-authfile").arg(&auth);
         c.arg(format!("oci:{}:{tag}", layout.display())).arg(&dest);
         let pushed = run(&mut c).with_context(|| format!("push {tag} to {dest}"));

@@ -388,7 +388,12 @@ fn background_completion_streams_a_layer_in_large_requests_without_windows() -> 
     // Completion streams the rest in requests of 4 MiB, moving on past the latest miss first.
     let before = source.requests.load(Ordering::SeqCst);
     let completer = Completer::start(
-        CompletionPolicy { streams: 1, request_bytes: 4 << 20, start_delay: std::time::Duration::ZERO },
+        CompletionPolicy {
+            streams: 1,
+            request_bytes: 4 << 20,
+            start_delay: std::time::Duration::ZERO,
+            quiet: std::time::Duration::ZERO,
+        },
         None,
     )
     .ok_or_else(|| anyhow::anyhow!("no completer"))?;

@@ -350,6 +350,56 @@ fn hostile_answers_cost_a_bounded_read_endless_bodies_and_ignored_ranges() -> Re
     Ok(())
 }
 
+#[test]
+fn a_whole_layer_streams_for_as_long_as_it_keeps_coming_and_a_stall_fails_fast() -> Result<()> {
+    require_root();
+    let td = TestDir::new("regslow")?;
+    let reg = Registry::start_plain(&td, "plain")?;
+    let layout = TestImage::Busybox.layout()?;
+    reg.push_layout(&layout, "busybox", "testbed/busybox", "latest")?;
+    let (digest, _, size) = layout_layers(&layout, "busybox")?.remove(0);
+    let blob = std::fs::read(blob_path(&layout, &digest)?)?;
+    // A link slow enough that the layer takes several times the client's request timeout.
+    let pieces = size.div_ceil(64 << 10);
+    let piece_ms = 3000 / pieces.max(1);
+    let proxy = FaultProxy::start(reg.host(), Fault::Trickle(piece_ms))?;
+    let timeouts = clip_registry::Timeouts { connect: Duration::from_secs(5), request: Duration::from_secs(1) };
+    let client = RegistryClient::with_policy(
+        HostsConfig { dir: None, plain_http: true },
+        clip_registry::RetryPolicy::default(),
+        timeouts,
+    );
+    let repo = client.repository(
+        &Reference::parse(&format!("{}/testbed/busybox:latest", proxy.host()))?,
+        CredentialChain::anonymous(),
+    )?;
+    rt().block_on(async {
+        // Before: the whole-request timeout cut a multi-GB layer off after 60 s ("reading layer").
+        let started = Instant::now();
+        let resp = repo.blob_response(&digest).await?;
+        let body = resp.bytes().await?;
+        let took = started.elapsed();
+        eprintln!("{} bytes in {took:?} with a 1 s request timeout", body.len());
+        assert_eq!(body.as_ref(), blob.as_slice());
+        assert!(took > Duration::from_secs(2), "the trickle was not slow: {took:?}");
+        anyhow::Ok(())
+    })?;
+    // A registry that answers a head and then nothing: the read timeout ends it.
+    proxy.set_mode(Fault::Stall);
+    rt().block_on(async {
+        let started = Instant::now();
+        let resp = repo.blob_response(&digest).await;
+        let failed = match resp {
+            Ok(resp) => resp.bytes().await.is_err(),
+            Err(_) => true,
+        };
+        assert!(failed, "a stalled body was read");
+        assert!(started.elapsed() < Duration::from_secs(20), "a stall held the read for {:?}", started.elapsed());
+        anyhow::Ok(())
+    })?;
+    Ok(())
+}
+
 /// A stand-in for ECR's JSON 1.1 API: checks the SigV4 credential scope and the target, and
 /// answers `GetAuthorizationToken` with a token that expires after `ttl_s`.
 fn fake_ecr(ttl_s: u64, calls: Arc<AtomicU64>, seen: Arc<Mutex<Vec<String>>>) -> Result<HttpStub> {

@@ -4,11 +4,12 @@
 //! span digests and inflated from their checkpoints ([`spans`]), within the daemon's disk
 //! budget ([`budget`]), with what a miss suggests fetched ahead ([`prefetch`]), access profiles recorded and replayed
 //! ([`profile`]), the rest of each
-//! layer streamed in behind ([`complete`]) and counted ([`metrics`]). No FUSE, no async runtime: plain threads, unit-testable on local files.
+//! layer streamed in behind in the link's idle time ([`complete`], following [`demand`]) and counted ([`metrics`]). No FUSE, no async runtime: plain threads, unit-testable on local files.
 //! See `docs/architecture.md` for how it sits under `clip-layerfs`.
 
 pub mod budget;
 pub mod complete;
+pub mod demand;
 pub mod metrics;
 pub mod prefetch;
 pub mod profile;
@@ -22,7 +23,8 @@ pub use budget::CacheBudget;
 pub use clip_index::RangeFetcher;
 pub use clip_index::reader::FileFetcher;
 pub use complete::{Completer, CompletionObserver, CompletionPolicy};
+pub use demand::Demand;
 pub use metrics::{FuseOp, LayerMetrics};
 pub use prefetch::{PrefetchPolicy, Prefetcher};
 pub use profile::{Recorder, Recording, ReplayPolicy, Replayer};
-pub use spans::{Cause, MissObserver, ReadObserver, SpanCache, SpanCacheOptions, SpanError, Streamed};
+pub use spans::{Cause, Hint, MissObserver, ReadObserver, SpanCache, SpanCacheOptions, SpanError, Streamed};

@@ -8,12 +8,21 @@
 //! A guess that proves right (a read uses a prefetched span first) counts as a new hint, so a
 //! reader moving through a package is followed with a short window rather than a wide one.
 //!
+//! In a large file (more spans than `file_spans`) the window ramps up, as the kernel's
+//! read-ahead does: [`LARGE_FILE_FIRST_SPANS`] after a miss, doubled after each right guess up to
+//! [`LARGE_FILE_MAX_SPANS`] (a right guess in a mapped library is often the kernel's own
+//! read-around, not a reader going on; a reader that does go on is served by completion's
+//! stream, which follows it: [`crate::complete`]). A reader going through the file gets the wide window within a few reads; a
+//! loader touching scattered pages of a memory-mapped library — a few percent of a 1 GB
+//! libtorch — is not sent 8 MiB after each page it touches.
+//!
 //! Newest hints first: a container moves on, and an old hint is worth less than a new one; the
 //! queue is bounded and drops the oldest.
 
-use crate::spans::{Cause, MissObserver, SpanCache};
-use crate::workers::{Workers, yielding};
+use crate::spans::{Cause, Hint, MissObserver, SpanCache};
+use crate::workers::Workers;
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Weak};
 
 /// How the prefetcher guesses.
@@ -36,6 +45,12 @@ const SMALL_LAYER_BYTES: u64 = 2 << 20;
 
 /// A file of fewer spans than this is small: its neighbours are fetched after a miss in it.
 const SMALL_FILE_SPANS: u32 = 2;
+
+/// The prefetch window in a large file after a miss (spans); each right guess doubles it...
+pub const LARGE_FILE_FIRST_SPANS: u32 = 2;
+/// ...up to this (and `file_spans`). Measured on `import torch` over 100 Mbit/20 ms: a fixed 32
+/// fetched 454 MB in 43.5 s, a ramp to 32 389 MB in 40.6 s, a fixed 8 339 MB in 38.2 s.
+pub const LARGE_FILE_MAX_SPANS: u32 = 8;
 
 /// Hints kept at most (older ones are dropped).
 const QUEUE_LIMIT: usize = 64;
@@ -73,7 +88,14 @@ impl Prefetcher {
 }
 
 impl MissObserver for Prefetcher {
-    fn missed(&self, cache: &Arc<SpanCache>, first: u32, last: u32, file: Option<std::ops::RangeInclusive<u32>>) {
+    fn missed(
+        &self,
+        cache: &Arc<SpanCache>,
+        first: u32,
+        last: u32,
+        file: Option<std::ops::RangeInclusive<u32>>,
+        hint: Hint,
+    ) {
         let p = self.policy;
         let count = cache.index().span_count();
         if count == 0 {
@@ -95,7 +117,9 @@ impl MissObserver for Prefetcher {
                         jobs.push((fs, first - 1));
                     }
                 } else {
-                    jobs.push((last + 1, last.saturating_add(p.file_spans).min(fe)));
+                    let max = p.file_spans.min(LARGE_FILE_MAX_SPANS);
+                    let window = large_file_window(cache.large_file_window(), hint, max);
+                    jobs.push((last + 1, last.saturating_add(window).min(fe)));
                 }
             }
         }
@@ -114,6 +138,17 @@ impl MissObserver for Prefetcher {
             (a <= b).then(|| Job { cache: weak.clone(), first: a, last: b, group: 0 })
         }));
     }
+}
+
+/// The window in a large file for this hint, kept in `window` for the next one.
+fn large_file_window(window: &AtomicU32, hint: Hint, max: u32) -> u32 {
+    let first = LARGE_FILE_FIRST_SPANS.min(max);
+    let next = match hint {
+        Hint::Miss => first,
+        Hint::GuessedRight => window.load(Ordering::Relaxed).max(first).saturating_mul(2).min(max),
+    };
+    window.store(next, Ordering::Relaxed);
+    next
 }
 
 impl Prefetcher {
@@ -139,7 +174,7 @@ impl Drop for Prefetcher {
 fn work(job: &Job, group: u32) {
     let Some(cache) = job.cache.upgrade() else { return };
     let group = if job.group > 0 { job.group } else { group };
-    match yielding(&cache, || cache.fetch_missing(job.first, job.last, group, Cause::Prefetch)) {
+    match cache.fetch_missing(job.first, job.last, group, Cause::Prefetch) {
         Ok(0) => {}
         Ok(n) => {
             cache.metrics().prefetched_spans.inc_by(u64::from(n));
@@ -155,7 +190,6 @@ fn work(job: &Job, group: u32) {
 mod tests {
     use super::*;
     use crate::testutil::{SlowBlob, layer, span_range, wait_until};
-    use std::sync::atomic::Ordering;
     use std::time::Duration;
 
     fn cache(
@@ -220,5 +254,36 @@ mod tests {
         c.read_hinted(a, b, 0, None).expect("read");
         assert!(wait_until(|| (0..index.span_count()).all(|i| c.is_cached(i))), "the small layer was not completed");
         assert_eq!(blob.requests.load(Ordering::SeqCst), 2, "one request for the miss, one for the rest");
+    }
+
+    #[test]
+    fn in_a_large_file_the_window_ramps_up_with_right_guesses_and_drops_at_a_miss() {
+        let w = AtomicU32::new(0);
+        assert_eq!(large_file_window(&w, Hint::Miss, 32), 2);
+        let ramp: Vec<u32> = (0..5).map(|_| large_file_window(&w, Hint::GuessedRight, 32)).collect();
+        assert_eq!(ramp, [4, 8, 16, 32, 32]);
+        assert_eq!(large_file_window(&w, Hint::Miss, 32), 2, "a miss elsewhere starts small again");
+        assert_eq!(large_file_window(&AtomicU32::new(0), Hint::GuessedRight, 1), 1, "never past file_spans");
+    }
+
+    #[test]
+    fn a_scattered_reader_of_a_large_file_is_sent_a_small_window_a_sequential_one_a_wide_one() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (index, blob) = layer(40, Duration::from_millis(5));
+        let policy = PrefetchPolicy { threads: 1, neighbour_spans: 0, file_spans: 16, group_spans: 64 };
+        let c = cache(&index, &blob, dir.path(), Some(policy));
+        // The whole layer as one large file (40 spans > 16).
+        let file = || Some(0..index.span(index.span_count() - 1).expect("span").uncomp_end);
+        let (a, b) = span_range(&index, 5);
+        c.read_hinted(a, b, 0, file()).expect("read");
+        assert!(wait_until(|| c.is_cached(6) && c.is_cached(7)), "the first window was not fetched");
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!c.is_cached(8), "a miss in a large file fetched more than {LARGE_FILE_FIRST_SPANS} spans ahead");
+        // Reading on uses the guesses: the window doubles each time.
+        let (a, b) = span_range(&index, 6);
+        c.read_hinted(a, b, 0, file()).expect("read");
+        assert!(wait_until(|| (7..=10).all(|i| c.is_cached(i))), "a right guess did not widen the window to 4");
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!c.is_cached(11));
     }
 }

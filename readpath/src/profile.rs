@@ -8,7 +8,7 @@
 //! verified like any other.
 
 use crate::spans::{Cause, SpanCache};
-use crate::workers::{Workers, yielding};
+use crate::workers::Workers;
 use parking_lot::Mutex;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::ops::RangeInclusive;
@@ -229,7 +229,7 @@ impl Drop for Replayer {
 
 fn work(job: &Job) {
     let Some(cache) = job.cache.upgrade() else { return };
-    match yielding(&cache, || cache.fetch_missing(job.run.first, job.run.last, u32::MAX, Cause::Profile)) {
+    match cache.fetch_missing(job.run.first, job.run.last, u32::MAX, Cause::Profile) {
         Ok(n) => {
             tracing::trace!(layer = %cache.layer(), first = job.run.first, last = job.run.last, spans = n, "profile spans fetched");
         }

@@ -2,7 +2,6 @@
 //! replayer: each job fetches for a layer's span cache, which background completion yields to
 //! while it runs.
 
-use crate::spans::SpanCache;
 use parking_lot::{Condvar, Mutex};
 use std::collections::{BinaryHeap, VecDeque};
 use std::sync::Arc;
@@ -85,12 +84,4 @@ impl<Q: JobQueue> Workers<Q> {
         self.stop.store(true, Ordering::Relaxed);
         self.ready.notify_all();
     }
-}
-
-/// Runs `f` as a fetch background completion gives way to, like a container's read.
-pub(crate) fn yielding<T>(cache: &SpanCache, f: impl FnOnce() -> T) -> T {
-    cache.foreground.fetch_add(1, Ordering::Relaxed);
-    let out = f();
-    cache.foreground.fetch_sub(1, Ordering::Relaxed);
-    out
 }

@@ -192,10 +192,12 @@ impl Repository {
         Ok(bytes)
     }
 
-    /// The response of a blob GET, for streaming. The caller verifies the digest.
+    /// The response of a blob GET, for streaming: its body may take as long as it keeps coming
+    /// ([`crate::op::Op::long_body`]). The caller verifies the digest.
     pub async fn blob_response(&self, digest: &str) -> Result<reqwest::Response> {
         let mut op = Op::new(Method::GET, format!("blobs/{digest}"));
         op.redirect_key = Some(digest.to_string());
+        op.long_body = true;
         let resp = self.send(&op).await?;
         if resp.status() == StatusCode::NOT_FOUND {
             return Err(self.not_found(format!("blob {digest}")));

@@ -16,7 +16,7 @@ pub use crate::op::Op;
 use crate::reference::Reference;
 use crate::secret::Secret;
 use crate::token;
-use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue, LOCATION, WWW_AUTHENTICATE};
+use reqwest::header::{AUTHORIZATION, LOCATION, WWW_AUTHENTICATE};
 use reqwest::{Method, StatusCode};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -42,7 +42,8 @@ impl Default for RetryPolicy {
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
     pub connect: Duration,
-    /// Whole request including the body.
+    /// Whole request including the body (a whole blob read as a stream: [`crate::op::Op::long_body`]),
+    /// and the longest wait for any piece of a body.
     pub request: Duration,
 }
 
@@ -148,6 +149,7 @@ impl RegistryClient {
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(self.timeouts.connect)
             .timeout(self.timeouts.request)
+            .read_timeout(self.timeouts.request)
             .pool_idle_timeout(Duration::from_secs(90))
             .user_agent(concat!("clip/", env!("CARGO_PKG_VERSION")));
         let mut certs = Vec::new();
@@ -485,7 +487,7 @@ impl Repository {
             let cached =
                 self.redirects.lock().get(key).filter(|(_, at)| at.elapsed() < REDIRECT_TTL).map(|(u, _)| u.clone());
             if let Some(url) = cached {
-                let resp = Self::plain_request(&http, op, &url).send().await;
+                let resp = op.request(&http, &url).send().await;
                 match resp {
                     Ok(r) if r.status().is_success() => return Ok(r),
                     _ => {
@@ -495,7 +497,7 @@ impl Repository {
             }
         }
         let url = self.url(endpoint, op);
-        let mut req = Self::plain_request(&http, op, &url);
+        let mut req = op.request(&http, &url);
         for (k, v) in &endpoint.headers {
             req = req.header(k.as_str(), v.as_str());
         }
@@ -536,8 +538,7 @@ impl Repository {
                 })?
                 .to_string();
             // Never forward Authorization to another host (object stores, CDNs).
-            resp =
-                Self::plain_request(&http, op, &next).send().await.map_err(|e| transport("redirected request", &e))?;
+            resp = op.request(&http, &next).send().await.map_err(|e| transport("redirected request", &e))?;
             if resp.status().is_success()
                 && let Some(key) = &op.redirect_key
             {
@@ -546,20 +547,6 @@ impl Repository {
             current = next;
         }
         Ok(resp)
-    }
-
-    fn plain_request(http: &reqwest::Client, op: &Op, url: &str) -> reqwest::RequestBuilder {
-        let mut req = http.request(op.method.clone(), url);
-        if !op.query.is_empty() {
-            req = req.query(&op.query);
-        }
-        let mut headers = HeaderMap::new();
-        for (k, v) in &op.headers {
-            if let Ok(v) = HeaderValue::from_str(v) {
-                headers.append(k.clone(), v);
-            }
-        }
-        req.headers(headers)
     }
 }
 

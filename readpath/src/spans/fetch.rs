@@ -27,6 +27,8 @@ impl SpanCache {
     /// in parallel with the spans); for every later one, what the group inflated to so far. So
     /// a group costs at most one window, and none when it continues local data.
     pub(super) fn fetch_group(&self, group: &[SpanInfo], cause: Cause) -> Result<(), SpanError> {
+        // Every fetch but completion's is demand, which completion gives way to.
+        let _demand = (cause != Cause::Stream).then(|| self.demand().begin());
         let s = &group[0];
         let start = s.comp_start;
         let end = group.last().map_or(s.comp_end, |g| g.comp_end);
@@ -93,8 +95,9 @@ impl SpanCache {
 
     /// Background completion's fetch of `group` (contiguous spans, claimed): one request whose
     /// spans are inflated and written as their bytes arrive, so inflating overlaps the
-    /// transfer. Returns how many spans it made local.
-    pub(super) fn stream_group(&self, group: &[SpanInfo]) -> Result<u32, SpanError> {
+    /// transfer. With `yield_to_demand` it ends after the span during which a demand fetch
+    /// began. Returns how many spans it made local, and whether it gave way.
+    pub(super) fn stream_group(&self, group: &[SpanInfo], yield_to_demand: bool) -> Result<(u32, bool), SpanError> {
         let s = &group[0];
         let (start, end) = (s.comp_start, group.last().map_or(s.comp_end, |g| g.comp_end));
         let began = std::time::Instant::now();
@@ -105,6 +108,7 @@ impl SpanCache {
         // share the byte their boundary falls in.
         let (mut pending, mut held, mut next, mut received) = (Vec::new(), start, 0usize, 0u64);
         let mut stop: Option<Result<(), SpanError>> = None;
+        let mut yielded = false;
         let streamed = {
             let mut sink = |piece: &[u8]| -> Result<(), IndexError> {
                 received += piece.len() as u64;
@@ -120,7 +124,14 @@ impl SpanCache {
                     pending.drain(..(keep_from - held) as usize);
                     held = keep_from;
                     match stored {
-                        Ok(true) => next += 1,
+                        Ok(true) => {
+                            self.stream_use.streamed(span.index);
+                            next += 1;
+                            if yield_to_demand && self.demand().fetching() && next < group.len() {
+                                yielded = true;
+                                stop = Some(Ok(()));
+                            }
+                        }
                         Ok(false) => stop = Some(Ok(())),
                         Err(e) => stop = Some(Err(e)),
                     }
@@ -133,13 +144,13 @@ impl SpanCache {
             self.source.fetch_streaming(start, end - start, &mut sink)
         };
         self.count_fetch(received, Cause::Stream);
-        tracing::debug!(layer = %self.layer, first = s.index, spans = next, bytes = received, cause = ?Cause::Stream, ms = began.elapsed().as_millis() as u64, "spans streamed");
+        tracing::debug!(layer = %self.layer, first = s.index, spans = next, bytes = received, cause = ?Cause::Stream, yielded, ms = began.elapsed().as_millis() as u64, "spans streamed");
         match stop {
             Some(Err(e)) => return Err(e),
             Some(Ok(())) => {}
             None => streamed.map_err(|source| SpanError::Fetch { start, end, source })?,
         }
-        Ok(next as u32)
+        Ok((next as u32, yielded))
     }
 
     /// The history window of span `s` from the local file of the span before it (`Some(empty)`
@@ -246,7 +257,7 @@ mod tests {
         // Requests of about 5 spans, each streamed in 1000-byte pieces.
         let mut from = 0;
         loop {
-            match cache.stream_next(from, 5 * (64 << 10)).expect("stream") {
+            match cache.stream_next(from, 5 * (64 << 10), false).expect("stream") {
                 Streamed::GoOn(next) => from = next,
                 Streamed::Complete => break,
                 Streamed::NoRoom => panic!("no budget here"),

@@ -12,6 +12,7 @@ mod fetch;
 mod states;
 
 use crate::budget::CacheBudget;
+use crate::demand::Demand;
 use crate::metrics::LayerMetrics;
 use clip_index::{Index, IndexError, RangeFetcher, SpanInfo};
 use parking_lot::Mutex;
@@ -21,14 +22,30 @@ use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 /// Told of every read that had to fetch, or that used a span fetched speculatively first: where
 /// a container is reading ([`crate::prefetch::Prefetcher`] guesses from it).
 pub trait MissObserver: Send + Sync {
-    /// A read of spans `first..=last` of `cache` had to fetch (or used a guessed span first);
-    /// `file` are the spans of the file it read.
-    fn missed(&self, cache: &Arc<SpanCache>, first: u32, last: u32, file: Option<std::ops::RangeInclusive<u32>>);
+    /// A read of spans `first..=last` of `cache` had to fetch (`hint` [`Hint::Miss`]) or used a
+    /// guessed span first ([`Hint::GuessedRight`]); `file` are the spans of the file it read.
+    fn missed(
+        &self,
+        cache: &Arc<SpanCache>,
+        first: u32,
+        last: u32,
+        file: Option<std::ops::RangeInclusive<u32>>,
+        hint: Hint,
+    );
+}
+
+/// What a read told the prefetcher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hint {
+    /// It had to fetch.
+    Miss,
+    /// It used a span fetched ahead first (and fetched nothing itself).
+    GuessedRight,
 }
 
 /// Told of every container read (hits included): which spans of which layer it used. What
@@ -122,6 +139,29 @@ struct Guesses {
     replayed: Mutex<HashSet<u32>>,
     /// Whether a profile replay was ever asked of this layer (its misses count).
     replaying: AtomicBool,
+    /// The prefetcher's window in a large file, in spans: small after a miss, doubled after
+    /// each right guess ([`crate::prefetch`]).
+    large_file_window: AtomicU32,
+}
+
+/// Which spans background completion made local that no read has used yet, and how many
+/// streamed spans reads have used (whether completion is ahead of a reader).
+#[derive(Debug)]
+struct StreamUse {
+    unread: SpanBits,
+    hits: AtomicU64,
+}
+
+impl StreamUse {
+    fn streamed(&self, span: u32) {
+        self.unread.set(span);
+    }
+
+    fn read(&self, span: u32) {
+        if self.unread.get(span) && self.unread.clear(span) {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// The span cache and fetcher of one layer.
@@ -137,8 +177,10 @@ pub struct SpanCache {
     guesses: Guesses,
     /// The span of the latest read that had to fetch (completion moves there).
     last_miss: AtomicU32,
-    /// Container reads in flight, shared across layers (background fetching yields to them).
-    pub(crate) foreground: Arc<AtomicU32>,
+    /// The daemon's demand on the link (background completion follows it).
+    demand: Arc<Demand>,
+    /// Whether reads use what background completion streams.
+    stream_use: StreamUse,
     opts: SpanCacheOptions,
     /// The layer was found not to be what its index says: no read is served any more.
     poisoned: std::sync::atomic::AtomicBool,
@@ -151,8 +193,8 @@ pub struct SpanCacheOptions {
     pub metrics: LayerMetrics,
     /// How many missing spans after the requested ones one fetch may add (read-ahead).
     pub readahead_spans: u32,
-    /// Foreground reads in flight, shared across layers (background fetching yields to them).
-    pub foreground: Option<Arc<AtomicU32>>,
+    /// The daemon's demand on the link, shared across layers (`None`: this layer's own).
+    pub demand: Option<Arc<Demand>>,
     /// The windows blob, for an index whose windows are separate.
     pub windows: Option<Arc<dyn RangeFetcher>>,
     /// The daemon's disk budget (`None`: unbounded, untracked).
@@ -204,6 +246,7 @@ impl SpanCache {
     ) -> std::io::Result<Self> {
         fs::create_dir_all(&dir)?;
         let local = listed_spans(&dir, index.span_count());
+        let stream_use = StreamUse { unread: SpanBits::new(index.span_count()), hits: AtomicU64::new(0) };
         opts.metrics.spans_total.set(i64::from(index.span_count()));
         opts.metrics.spans_local.set(i64::from(local.count()));
         Ok(Self {
@@ -215,7 +258,8 @@ impl SpanCache {
             inflight: InFlight::default(),
             guesses: Guesses::default(),
             last_miss: AtomicU32::new(0),
-            foreground: opts.foreground.take().unwrap_or_default(),
+            demand: opts.demand.take().unwrap_or_default(),
+            stream_use,
             opts,
             poisoned: std::sync::atomic::AtomicBool::new(false),
         })
@@ -244,6 +288,21 @@ impl SpanCache {
     /// The span of the latest read that had to fetch.
     pub fn last_miss(&self) -> u32 {
         self.last_miss.load(Ordering::Relaxed)
+    }
+
+    /// The prefetcher's window in a large file of this layer (see [`crate::prefetch`]).
+    pub(crate) fn large_file_window(&self) -> &AtomicU32 {
+        &self.guesses.large_file_window
+    }
+
+    /// The daemon's demand on the link this layer's fetches count in.
+    pub fn demand(&self) -> &Arc<Demand> {
+        &self.demand
+    }
+
+    /// How many spans background completion made local were then read (each counted once).
+    pub fn stream_hits(&self) -> u64 {
+        self.stream_use.hits.load(Ordering::Relaxed)
     }
 
     /// Spans one fetch adds after those a read needs.
@@ -337,9 +396,10 @@ impl SpanCache {
 
     /// Background completion: makes local the next run of missing spans at or after `from`
     /// (wrapping around) that nobody fetches yet, in one request of about `request_bytes`
-    /// compressed bytes (the request size is the caller's, not the span size's). Returns where
-    /// to go on from, or why completion of this layer is over.
-    pub fn stream_next(&self, from: u32, request_bytes: u64) -> Result<Streamed, SpanError> {
+    /// compressed bytes (the request size is the caller's, not the span size's). With
+    /// `yield_to_demand`, the request stops at the next span once a demand fetch begins
+    /// ([`Demand`]). Returns where to go on from, or why completion of this layer is over.
+    pub fn stream_next(&self, from: u32, request_bytes: u64, yield_to_demand: bool) -> Result<Streamed, SpanError> {
         let count = self.index.span_count();
         let Some(first) = (from.min(count)..count).chain(0..from.min(count)).find(|i| !self.is_cached(*i)) else {
             return Ok(Streamed::Complete);
@@ -356,10 +416,10 @@ impl SpanCache {
         if self.opts.budget.as_ref().is_some_and(|b| !b.fits(bytes)) {
             return Ok(Streamed::NoRoom);
         }
-        let stored = self.stream_group(&group)?;
+        let (stored, yielded) = self.stream_group(&group, yield_to_demand)?;
         self.opts.metrics.streamed_spans.inc_by(u64::from(stored));
         drop(claim);
-        Ok(Streamed::GoOn(last + 1))
+        Ok(Streamed::GoOn(if yielded { first + stored } else { last + 1 }))
     }
 
     /// Reads uncompressed layer bytes `[start, end)` (offsets in the tar stream).
@@ -370,10 +430,7 @@ impl SpanCache {
     /// [`Self::read`], fetching up to `readahead` missing spans after the last one needed in the
     /// same request (sequential readers).
     pub fn read_ahead(&self, start: u64, end: u64, readahead: u32) -> Result<Vec<u8>, SpanError> {
-        self.foreground.fetch_add(1, Ordering::Relaxed);
-        let result = self.read_inner(start, end, readahead);
-        self.foreground.fetch_sub(1, Ordering::Relaxed);
-        result.map(|(bytes, _)| bytes)
+        self.read_inner(start, end, readahead).map(|(bytes, _)| bytes)
     }
 
     /// [`Self::read_ahead`] for a read of a file whose data lies at `file` (uncompressed
@@ -386,9 +443,7 @@ impl SpanCache {
         readahead: u32,
         file: Option<std::ops::Range<u64>>,
     ) -> Result<Vec<u8>, SpanError> {
-        self.foreground.fetch_add(1, Ordering::Relaxed);
         let result = self.read_inner(start, end, readahead);
-        self.foreground.fetch_sub(1, Ordering::Relaxed);
         let (result, fetched) = match result {
             Ok((bytes, fetched)) => (Ok(bytes), fetched),
             Err(e) => (Err(e), false),
@@ -406,7 +461,8 @@ impl SpanCache {
         if guessed_right || fetched {
             let file_spans =
                 file.and_then(|f| self.index.spans_for(f.start, f.end.saturating_sub(f.start).max(1)).ok());
-            observer.missed(self, *spans.start(), *spans.end(), file_spans);
+            let hint = if fetched { Hint::Miss } else { Hint::GuessedRight };
+            observer.missed(self, *spans.start(), *spans.end(), file_spans, hint);
         }
         result
     }
@@ -435,6 +491,7 @@ impl SpanCache {
             }
         }
         for i in spans {
+            self.stream_use.read(i);
             let s = self.index.span(i).map_err(|e| SpanError::Span { span: i, source: e })?;
             let from = start.max(s.uncomp_start);
             let to = end.min(s.uncomp_end);

@@ -1,16 +1,15 @@
 //! The read-path settings of lazy layers, from `[lazy]`: read-ahead, passthrough, the bound on
 //! one fetch, and the shared parts every layer's span cache is wired to — the prefetcher, the
-//! background completer, the count of container reads waiting (background work yields to it)
-//! and the disk budget of all span caches.
+//! background completer, the containers' demand on the link (completion follows it) and the
+//! disk budget of all span caches.
 
 use crate::metrics::Metrics;
 use clip_config::SnapshotterConfig;
 use clip_readpath::{
-    CacheBudget, Completer, CompletionPolicy, MissObserver, PrefetchPolicy, Prefetcher, RangeFetcher, ReadObserver,
-    SpanCacheOptions,
+    CacheBudget, Completer, CompletionPolicy, Demand, MissObserver, PrefetchPolicy, Prefetcher, RangeFetcher,
+    ReadObserver, SpanCacheOptions,
 };
 use std::sync::Arc;
-use std::sync::atomic::AtomicU32;
 use std::time::Duration;
 
 /// Spans in one speculative request (about 1-2 MB compressed for the builder's 256 KiB spans).
@@ -28,8 +27,8 @@ pub struct ReadSettings {
     prefetcher: Option<Arc<Prefetcher>>,
     /// Background completion of mounted layers (`None`: off).
     pub(crate) completer: Option<Completer>,
-    /// Container reads waiting for a fetch, across layers.
-    foreground: Arc<AtomicU32>,
+    /// The containers' demand on the link, across layers (completion follows it).
+    demand: Arc<Demand>,
     /// The disk budget of all span caches.
     pub budget: Arc<CacheBudget>,
 }
@@ -63,6 +62,7 @@ impl ReadSettings {
                     streams: cfg.lazy.completion.layers,
                     request_bytes: cfg.lazy.completion.request_bytes,
                     start_delay: Duration::from_millis(cfg.lazy.completion.start_delay_ms),
+                    quiet: Duration::from_millis(cfg.lazy.completion.quiet_ms),
                 },
                 Some(completed),
             )
@@ -81,7 +81,7 @@ impl ReadSettings {
                 group_spans: PREFETCH_GROUP_SPANS,
             }),
             completer,
-            foreground: Arc::new(AtomicU32::new(0)),
+            demand: Arc::new(Demand::default()),
             budget: Arc::new(budget),
         }
     }
@@ -97,7 +97,7 @@ impl ReadSettings {
         SpanCacheOptions {
             metrics,
             readahead_spans: self.readahead_spans,
-            foreground: Some(self.foreground.clone()),
+            demand: Some(self.demand.clone()),
             windows,
             budget: Some(self.budget.clone()),
             observer: self.prefetcher.clone().map(|p| p as Arc<dyn MissObserver>),

@@ -11,7 +11,8 @@
 //! Also: warm read throughput, a metadata walk, and the snapshotter's memory.
 //!
 //! Run (release build, root): `cargo run --release -p clip-bench --bin cold-start -- [--reps N]
-//! [--links loopback,slow] [--images busybox,python] [--modes overlayfs,clip,clip-profile,clip-cri]
+//! [--links loopback,slow] [--images busybox,python,scipy,torch] [--workloads print,numpy,torch,infer,fullread]
+//! [--modes overlayfs,clip,clip-profile,clip-cri]
 //! [--containerd 2|1.6] [--skip warm,memory,stargz,soci] [--out docs/benchmarks]`. containerd 2.x
 //! by default (SOCI runs only there). Writes `cold-start.csv`, `cold-start.md` and, with
 //! python3-matplotlib, `cold-start.png` into the output directory.
@@ -121,11 +122,7 @@ struct Site {
 
 impl Site {
     fn reference(&self, image: &str) -> String {
-        match image {
-            "busybox" => format!("{}/bench/busybox:latest", self.host),
-            "scipy" => format!("{}/bench/scipy:latest", self.host),
-            _ => format!("{}/bench/python:latest", self.host),
-        }
+        format!("{}/bench/{image}:latest", self.host)
     }
 
     fn served(&self) -> (u64, usize) {
@@ -174,8 +171,10 @@ impl Site {
 fn workload(image: &str, name: &str) -> Option<Vec<&'static str>> {
     match (image, name) {
         ("busybox", "print") => Some(vec!["echo", "1"]),
-        ("python" | "scipy", "print") => Some(vec!["python3", "-c", "print(1)"]),
+        ("python" | "scipy" | "torch", "print") => Some(vec!["python3", "-c", "print(1)"]),
         ("python" | "scipy", "numpy") => Some(vec!["python3", "-c", "import numpy; print(1)"]),
+        ("torch", "torch") => Some(vec!["python3", "-c", "import torch; print(torch.__version__)"]),
+        ("torch", "infer") => Some(vec!["python3", "/app/infer.py"]),
         (_, "fullread") => Some(vec!["sh", "-c", "find / -xdev -type f -print0 | xargs -0 cat > /dev/null"]),
         (_, "walk") => Some(vec!["sh", "-c", "find / -xdev -exec stat {} + > /dev/null"]),
         _ => None,
@@ -372,16 +371,21 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(&opts.out)?;
     let td = TestDir::new("bench")?;
     let busybox = TestImage::Busybox.layout()?;
-    let python = TestImage::Python.layout()?;
-    // The large image only when asked for (its build and runs take a while).
-    let scipy = if opts.images.iter().any(|i| i == "scipy") { Some(TestImage::Scipy.layout()?) } else { None };
-    let mut sizes: BTreeMap<&str, u64> = [
-        ("busybox", layout_layers(&busybox, "busybox")?.iter().map(|l| l.2).sum()),
-        ("python", layout_layers(&python, "pyapp")?.iter().map(|l| l.2).sum()),
-    ]
-    .into();
-    if let Some(s) = &scipy {
-        sizes.insert("scipy", layout_layers(s, "scipy")?.iter().map(|l| l.2).sum());
+    // The images asked for, by their name in the benchmark (the large ones take a while to build).
+    let mut images: BTreeMap<String, (TestImage, PathBuf)> = BTreeMap::new();
+    for name in &opts.images {
+        let image = match name.as_str() {
+            "busybox" => TestImage::Busybox,
+            "python" => TestImage::Python,
+            "scipy" => TestImage::Scipy,
+            "torch" => TestImage::Torch,
+            other => bail!("unknown image {other}: busybox, python, scipy or torch"),
+        };
+        images.insert(name.clone(), (image, image.layout()?));
+    }
+    let mut sizes: BTreeMap<String, u64> = BTreeMap::new();
+    for (name, (image, layout)) in &images {
+        sizes.insert(name.clone(), layout_layers(layout, image.tag())?.iter().map(|l| l.2).sum());
     }
 
     // Registries: one on loopback, one behind the slow link.
@@ -408,19 +412,18 @@ fn main() -> Result<()> {
             }
             other => bail!("unknown link {other}"),
         };
-        site.registry.push_layout(&busybox, "busybox", "bench/busybox", "latest")?;
         site.registry.push_layout(&busybox, "pause", "bench/pause", "latest")?;
-        site.registry.push_layout(&python, "pyapp", "bench/python", "latest")?;
-        let mut indexed = vec!["busybox", "python"];
-        if let Some(s) = &scipy {
-            site.registry.push_layout(s, "scipy", "bench/scipy", "latest")?;
-            indexed.push("scipy");
+        for (name, (image, layout)) in &images {
+            site.registry.push_layout(layout, image.tag(), &format!("bench/{name}"), "latest")?;
         }
-        for image in indexed {
-            run(Command::new(workspace_binary("clip-builder")?)
+        // Indexed beside the registry (not across the slow link: set-up is not measured).
+        for image in images.keys() {
+            run(site
+                .registry
+                .beside(&workspace_binary("clip-builder")?.display().to_string())
                 .args(["index", "--plain-http", "--config"])
                 .arg(&builder_cfg)
-                .arg(site.reference(image)))?;
+                .arg(format!("{}/bench/{image}:latest", site.registry.host())))?;
         }
         let d = hosts.join(&site.host);
         std::fs::create_dir_all(&d)?;
@@ -503,6 +506,7 @@ fn main() -> Result<()> {
                 run(ctr().args(["images", "convert", "--estargz", "--oci", &src, &esgz]))?;
                 let (entry, args) = match image.as_str() {
                     "busybox" => ("[\"echo\"]", "[\"1\"]"),
+                    "torch" => ("[\"python3\"]", "[\"-c\",\"import torch; print(1)\"]"),
                     _ => ("[\"python3\"]", "[\"-c\",\"import numpy; print(1)\"]"),
                 };
                 run(ctr().args([
@@ -581,10 +585,8 @@ fn main() -> Result<()> {
     let mut samples = Vec::new();
     for (link, site) in &sites {
         for image in &opts.images {
-            for name in ["print", "numpy", "fullread"] {
-                if !opts.workloads.iter().any(|w| w == name) {
-                    continue;
-                }
+            for name in &opts.workloads {
+                let name = name.as_str();
                 let Some(cmd) = workload(image, name) else { continue };
                 for mode in &opts.modes {
                     if mode == "clip-profile" {
@@ -656,6 +658,10 @@ fn main() -> Result<()> {
         bench.cold()?;
         let site = sites.values().next().context("site")?;
         for image in ["busybox", "python"] {
+            anyhow::ensure!(
+                images.contains_key(image),
+                "the memory figure needs --images busybox,python (or --skip memory)"
+            );
             bench.pull("clip", &site.reference(image))?;
             bench.ctr_run("clip", &site.reference(image), &workload(image, "print").context("print")?)?;
         }
@@ -681,7 +687,7 @@ fn write_results(
     samples: &[Sample],
     warm: &BTreeMap<(String, String), Vec<f64>>,
     memory: &str,
-    sizes: &BTreeMap<&str, u64>,
+    sizes: &BTreeMap<String, u64>,
 ) -> Result<()> {
     let mut csv = String::from(
         "link,image,workload,mode,rep,seconds,bytes,requests,foreground_bytes,prefetch_bytes,profile_bytes,stream_bytes,daemon_peak_rss_bytes,daemon_cpu_seconds\n",
