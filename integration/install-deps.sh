@@ -38,7 +38,9 @@ build_go_tool() { # DIR VERSION -- go install/build command
   rm -rf "$dir"; mkdir -p "$dir/bin"
   "$@"
   touch "$dir/.built-$version"
+  go_tools_built=1
 }
+go_tools_built=0
 # containerd 2.x: the daemon, its runc shim and ctr (go install by version: its go.mod has no replace).
 build_go_tool "$CONTAINERD2_DIR" "$CONTAINERD2_VERSION" env GOBIN="$CONTAINERD2_DIR/bin" "$GO" install \
   -ldflags "-X github.com/containerd/containerd/v2/version.Version=$CONTAINERD2_VERSION" \
@@ -114,3 +116,9 @@ build_kube() {
   (cd integration/kube && "$GO" build -o "$KUBE_DIR/bin/etcd" -ldflags "-s -w" ./etcd)
 }
 build_go_tool "$KUBE_DIR" "$kube_hash" build_kube
+# The Go build and module caches (about 10 GB together) only serve the builds above; the tools are
+# kept, the caches dropped, so the disk the tests need is not spent on them. A version change
+# downloads its modules again.
+if [ "$go_tools_built" = 1 ]; then
+  "$GO" clean -cache -modcache
+fi

@@ -13,6 +13,10 @@ export AWS_EC2_METADATA_DISABLED=true
 export CARGO_TERM_COLOR=never
 FUZZ_SECONDS=${CLIP_FUZZ_SECONDS:-30}
 
+# Free disk first and last: a test that fails with ENOSPC is a machine's, not the code's, failure.
+disk_report() { echo "== disk: $(df -h --output=avail,target . "${TMPDIR:-/tmp}" /var/tmp | tail -n +2 | sort -u -k2 | awk '{ printf "%s free on %s; ", $1, $2 }')"; }
+disk_report
+
 echo "== format and lints"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
@@ -46,5 +50,6 @@ summary=$(awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^pass
                END { printf "%d passed, %d failed", p, f }' "$log")
 rm -f "$log"
 echo
+disk_report
 echo "tests: $summary"
 exit "$rc"
