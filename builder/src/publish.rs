@@ -335,16 +335,18 @@ async fn index_layer(
         };
         let f = std::io::BufReader::with_capacity(1 << 20, reader);
         let full = clip_index::build_index(f, &opts).with_context(|| format!("indexing layer {digest_owned}"))?;
-        match full.split_windows()? {
+        if !full.has_windows() {
+            let packed = full.pack()?;
+            return Ok((full, packed, None));
+        }
+        // In place: a 1M-entry index is about 100 MB, not to be held twice.
+        match full.into_split_windows()? {
             Some((meta, windows)) => {
                 let index = clip_index::Index::open(meta)?;
                 let packed = index.pack()?;
                 Ok((index, packed, Some(windows)))
             }
-            None => {
-                let packed = full.pack()?;
-                Ok((full, packed, None))
-            }
+            None => anyhow::bail!("the index of {digest_owned} lost its windows"),
         }
     });
     // The download: each chunk to the indexer as it arrives; the sender goes with the block, so

@@ -8,11 +8,13 @@
 //!   (zran checkpoints for gzip, frame starts for zstd, fixed chunks for plain tar) and a sha256
 //!   of every span's compressed bytes;
 //! - [`format`]: the versioned binary encoding (`index/FORMAT.md`) and [`Index`], a view over
-//!   encoded bytes that opens without per-entry work and looks paths up by binary search;
+//!   encoded bytes — in memory, or a read-only map of a stored index file — that opens without
+//!   per-entry work and looks paths up by binary search;
 //! - [`reader`]: random access: which spans cover a range, decoding a span after verifying its
 //!   digest, and a convenience read through a caller-supplied [`reader::RangeFetcher`].
 //!
-//! Fetching and caching are the caller's: this crate never does I/O beyond the reader it is given.
+//! Fetching and caching are the caller's: this crate does no I/O beyond the reader it is given and
+//! the stored index file a caller asks it to open ([`Index::open_file`]).
 
 pub mod build;
 mod error;

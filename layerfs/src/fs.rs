@@ -180,8 +180,10 @@ impl LayerFs {
     fn has_xattrs(&self) -> bool {
         *self.has_xattrs.get_or_init(|| {
             let index = self.index();
-            index.xattr_total() > 0
-                || (0..index.entry_count()).any(|id| index.entry(id).is_ok_and(|e| e.name == OPAQUE_MARKER))
+            let any = index.xattr_total() > 0
+                || (0..index.entry_count()).any(|id| index.entry(id).is_ok_and(|e| e.name == OPAQUE_MARKER));
+            index.release_resident(); // the scan's pages, of a mapped index
+            any
         })
     }
 

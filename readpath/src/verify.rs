@@ -75,7 +75,9 @@ pub fn verify_local(cache: &SpanCache, diff_id: Option<&str>) -> Verdict {
         }
         Err(e) => return Verdict::Differs(format!("the layer's own bytes do not index: {e}")),
     };
-    match cache.index().tree_difference(&derived) {
+    let difference = cache.index().tree_difference(&derived);
+    cache.index().release_resident(); // the comparison's pass over a mapped index
+    match difference {
         Ok(None) => Verdict::Same,
         Ok(Some(d)) => Verdict::Differs(d),
         Err(e) => Verdict::Differs(e.to_string()),

@@ -143,10 +143,20 @@ fn timed(cmd: &mut Command) -> Result<f64> {
     Ok(t.elapsed().as_secs_f64())
 }
 
-/// `VmRSS` and `VmHWM` of `pid`, in bytes.
-fn rss(pid: u32) -> (u64, u64) {
+/// Resident memory of `pid`, in bytes.
+#[derive(Default, Clone, Copy)]
+struct Rss {
+    /// `VmRSS`: all of it, mapped file pages (a mapped index's) included.
+    total: u64,
+    /// `RssAnon`: heap and stacks, the part the kernel cannot drop under pressure.
+    anon: u64,
+    /// `VmHWM`: the peak of `total`.
+    peak: u64,
+}
+
+fn rss(pid: u32) -> Rss {
     use clip_integration::process::status_bytes;
-    (status_bytes(pid, "VmRSS"), status_bytes(pid, "VmHWM"))
+    Rss { total: status_bytes(pid, "VmRSS"), anon: status_bytes(pid, "RssAnon"), peak: status_bytes(pid, "VmHWM") }
 }
 
 /// Largest RSS of any child this process has waited for, in bytes.
@@ -244,7 +254,7 @@ fn index_image(
 struct Served {
     files: usize,
     pull_seconds: Vec<f64>,
-    rss_after_mount: u64,
+    rss_after_mount: Rss,
     cold_walk: Vec<f64>,
     warm_walk: Vec<f64>,
     overlay_pull_seconds: f64,
@@ -253,7 +263,7 @@ struct Served {
     container_start: Vec<f64>,
     /// FUSE requests of one cold walk through clip, by operation.
     requests: Vec<(&'static str, u64)>,
-    rss_after_walks: (u64, u64),
+    rss_after_walks: Rss,
 }
 
 struct Rig {
@@ -311,7 +321,7 @@ impl Rig {
         let mut s = Served {
             files,
             pull_seconds: Vec::new(),
-            rss_after_mount: 0,
+            rss_after_mount: Rss::default(),
             cold_walk: Vec::new(),
             warm_walk: Vec::new(),
             overlay_pull_seconds: 0.0,
@@ -319,7 +329,7 @@ impl Rig {
             overlay_warm_walk: Vec::new(),
             container_start: Vec::new(),
             requests: Vec::new(),
-            rss_after_walks: (0, 0),
+            rss_after_walks: Rss::default(),
         };
         let pull = |rig: &Rig| -> Result<f64> {
             timed(
@@ -333,7 +343,7 @@ impl Rig {
             self.cold()?;
             s.pull_seconds.push(pull(self)?);
         }
-        s.rss_after_mount = rss(self.snap.pid()).0;
+        s.rss_after_mount = rss(self.snap.pid());
         for _ in 0..reps {
             s.container_start.push(self.walk("clip", &reference, "true")?);
         }
@@ -507,7 +517,7 @@ fn write_results(opts: &Opts, indexed: &[Indexed], walls: &[(String, Vec<f64>, u
     );
     let _ = writeln!(
         md,
-        "| files | clip pull (mounted) s | clip RSS after mount MB | container start s | cold walk clip s | cold walk overlayfs s | cold ratio | warm walk clip s | warm walk overlayfs s | warm ratio | overlayfs pull + unpack s | clip RSS after walks MB (peak) |"
+        "| files | clip pull (mounted) s | clip RSS after mount MB (anon) | container start s | cold walk clip s | cold walk overlayfs s | cold ratio | warm walk clip s | warm walk overlayfs s | warm ratio | overlayfs pull + unpack s | clip RSS after walks MB (anon; peak) |"
     );
     let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|");
     for s in served {
@@ -515,19 +525,21 @@ fn write_results(opts: &Opts, indexed: &[Indexed], walls: &[(String, Vec<f64>, u
             (median(&s.cold_walk), median(&s.overlay_cold_walk), median(&s.warm_walk), median(&s.overlay_warm_walk));
         let _ = writeln!(
             md,
-            "| {} | {:.2} ({:.2}) | {:.0} | {:.2} | {cc:.2} ({:.2}) | {oc:.2} ({:.2}) | {:.2}x | {cw:.2} | {ow:.2} | {:.2}x | {:.1} | {:.0} ({:.0}) |",
+            "| {} | {:.2} ({:.2}) | {:.0} ({:.0}) | {:.2} | {cc:.2} ({:.2}) | {oc:.2} ({:.2}) | {:.2}x | {cw:.2} | {ow:.2} | {:.2}x | {:.1} | {:.0} ({:.0}; {:.0}) |",
             s.files,
             median(&s.pull_seconds),
             spread(&s.pull_seconds),
-            mb(s.rss_after_mount),
+            mb(s.rss_after_mount.total),
+            mb(s.rss_after_mount.anon),
             median(&s.container_start),
             spread(&s.cold_walk),
             spread(&s.overlay_cold_walk),
             cc / oc.max(1e-9),
             cw / ow.max(1e-9),
             s.overlay_pull_seconds,
-            mb(s.rss_after_walks.0),
-            mb(s.rss_after_walks.1)
+            mb(s.rss_after_walks.total),
+            mb(s.rss_after_walks.anon),
+            mb(s.rss_after_walks.peak)
         );
         let series: [(&str, &Vec<f64>); 6] = [
             ("clip_pull_seconds", &s.pull_seconds),

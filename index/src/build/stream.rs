@@ -70,6 +70,8 @@ pub struct LayerStream<R> {
     /// Where the decoder is in the blob's gzip members or zstd frames.
     unit: UnitState,
     done: bool,
+    /// Packs checkpoint windows (made at the first).
+    window_packer: Option<zstd::bulk::Compressor<'static>>,
 }
 
 /// The input buffer: `buf[pos..len]` is read and not consumed.
@@ -153,7 +155,21 @@ impl<R: Read> LayerStream<R> {
             checkpoints: vec![first],
             unit: UnitState::default(),
             done: false,
+            window_packer: None,
         })
+    }
+
+    /// A checkpoint's window as the index stores it (zstd at `ZSTD_LEVEL`), packed as it is taken:
+    /// a layer's 32 KiB windows held raw until the end were 128 MB for a gigabyte of 256 KiB spans.
+    fn pack_window(&mut self, window: &[u8]) -> io::Result<Vec<u8>> {
+        if window.is_empty() {
+            return Ok(Vec::new());
+        }
+        let packer = match &mut self.window_packer {
+            Some(p) => p,
+            none => none.insert(zstd::bulk::Compressor::new(crate::format::ZSTD_LEVEL)?),
+        };
+        packer.compress(window)
     }
 
     pub fn compression(&self) -> Compression {
@@ -278,6 +294,7 @@ impl<R: Read> LayerStream<R> {
                             Decoder::Gzip(inf) => inf.dictionary()?,
                             _ => Vec::new(),
                         };
+                        let window = self.pack_window(&window)?;
                         self.checkpoint(CheckpointKind::Block, (dt & 7) as u8, window);
                     }
                     if step.consumed == 0 && step.produced == 0 && !step.stream_end {

@@ -1,10 +1,18 @@
 //! Turns tar entries into the index's tree: normalised paths, implicit parent directories,
 //! last-entry-wins duplicates, resolved hardlinks, link counts, and breadth-first ids so that
 //! every directory's children are contiguous and sorted by name.
+//!
+//! Compact for layers of millions of entries: a node is a fixed record that names its parent by
+//! id and its name by a range of one names buffer; a directory's children are found through one
+//! hash table keyed by (parent id, name); link targets, xattrs and device numbers, which few
+//! entries have, live in side tables. The finished tree is encoded entry by entry into the
+//! index's buffer ([`EntryEncoder`]), never copied into records first.
 
 use crate::IndexError;
-use crate::format::{EntryKind, EntryRecord, validate_name};
-use std::collections::{BTreeMap, HashMap};
+use crate::format::{EntryEncoder, EntryKind, EntryRecord, validate_name};
+use hashbrown::HashMap;
+use std::collections::BTreeMap;
+use std::hash::BuildHasher;
 use std::io::Read;
 
 /// Most entries one layer may hold (guards memory on hostile input).
@@ -12,8 +20,47 @@ pub const MAX_ENTRIES: usize = 16 << 20;
 /// Longest path accepted.
 pub const MAX_PATH: usize = 64 << 10;
 
-#[derive(Debug, Clone)]
-struct Pending {
+/// One entry (ids in order of first mention; the root is 0; a parent's id is below its
+/// children's, since a path's parents are made before it).
+#[derive(Debug, Clone, Copy)]
+struct Node {
+    parent: u32,
+    name_off: u32,
+    name_len: u32,
+    kind: EntryKind,
+    mode: u32,
+    /// uid, gid.
+    owner: (u32, u32),
+    /// Position in the tar stream (0 for implicit directories): the last header wins.
+    seq: u32,
+    nlink: u32,
+    mtime_nsec: u32,
+    mtime_sec: i64,
+    size: u64,
+    data_offset: u64,
+}
+
+impl Node {
+    fn implicit_dir(parent: u32, name_off: u32, name_len: u32) -> Self {
+        Self {
+            parent,
+            name_off,
+            name_len,
+            kind: EntryKind::Dir,
+            mode: 0o755,
+            owner: (0, 0),
+            seq: 0,
+            nlink: 1,
+            mtime_nsec: 0,
+            mtime_sec: 0,
+            size: 0,
+            data_offset: 0,
+        }
+    }
+}
+
+/// What one tar header says about its entry (the path aside).
+struct TarFields {
     kind: EntryKind,
     mode: u32,
     uid: u32,
@@ -25,33 +72,27 @@ struct Pending {
     link: Vec<u8>,
     dev: (u32, u32),
     xattrs: Vec<(Vec<u8>, Vec<u8>)>,
-    /// Position in the tar stream (0 for implicit directories).
-    seq: u64,
 }
 
-fn implicit_dir() -> Pending {
-    Pending {
-        kind: EntryKind::Dir,
-        mode: 0o755,
-        uid: 0,
-        gid: 0,
-        mtime_sec: 0,
-        mtime_nsec: 0,
-        size: 0,
-        data_offset: 0,
-        link: Vec::new(),
-        dev: (0, 0),
-        xattrs: Vec::new(),
-        seq: 0,
-    }
-}
-
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct TreeBuilder {
-    /// Normalised path (components joined by `/`, root = empty) → entry.
-    nodes: HashMap<Vec<u8>, Pending>,
+    nodes: Vec<Node>,
+    /// Every node's name, back to back.
+    names: Vec<u8>,
+    /// Node ids by (parent id, name).
+    children: hashbrown::HashTable<u32>,
+    /// foldhash, seeded at random per builder: a layer is written before it is indexed, so its
+    /// author cannot see this seed to aim collisions at it (SipHash cost a fifth of indexing a
+    /// million entries).
+    hasher: hashbrown::DefaultHashBuilder,
+    /// Symlink targets and (normalised) hardlink target paths.
+    links: HashMap<u32, Vec<u8>>,
+    xattrs: HashMap<u32, Vec<(Vec<u8>, Vec<u8>)>>,
+    devs: HashMap<u32, (u32, u32)>,
+    /// The directory of the last entry: tar streams list a directory's entries together.
+    last_dir: (Vec<u8>, u32),
     /// Entries seen so far.
-    seq: u64,
+    seq: u32,
 }
 
 /// Splits a tar path into components: leading `/` and `./` dropped, `.` and empty components
@@ -98,253 +139,382 @@ fn parse_pax_time(v: &[u8]) -> Option<(i64, u32)> {
     Some((sec, nsec))
 }
 
+impl Default for TreeBuilder {
+    fn default() -> Self {
+        let mut t = Self {
+            nodes: Vec::new(),
+            names: Vec::new(),
+            children: hashbrown::HashTable::new(),
+            hasher: hashbrown::DefaultHashBuilder::default(),
+            links: HashMap::new(),
+            xattrs: HashMap::new(),
+            devs: HashMap::new(),
+            last_dir: (Vec::new(), 0),
+            seq: 0,
+        };
+        t.nodes.push(Node::implicit_dir(0, 0, 0));
+        t
+    }
+}
+
+/// Reads one tar header (and its PAX records).
+fn read_header<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<TarFields, IndexError> {
+    let terr = |e: std::io::Error| IndexError::Tar(e.to_string());
+    let header = entry.header();
+    let kind = match header.entry_type() {
+        tar::EntryType::Regular | tar::EntryType::Continuous => EntryKind::File,
+        tar::EntryType::Directory => EntryKind::Dir,
+        tar::EntryType::Symlink => EntryKind::Symlink,
+        tar::EntryType::Link => EntryKind::Hardlink,
+        tar::EntryType::Char => EntryKind::CharDevice,
+        tar::EntryType::Block => EntryKind::BlockDevice,
+        tar::EntryType::Fifo => EntryKind::Fifo,
+        tar::EntryType::GNUSparse => {
+            return Err(IndexError::Tar("GNU sparse files are not supported in layers".into()));
+        }
+        other => return Err(IndexError::Tar(format!("unsupported tar entry type {:?}", other.as_byte() as char))),
+    };
+    let mode = header.mode().map_err(terr)? & 0o7777;
+    let mut uid = u32::try_from(header.uid().map_err(terr)?).unwrap_or(u32::MAX);
+    let mut gid = u32::try_from(header.gid().map_err(terr)?).unwrap_or(u32::MAX);
+    let mut mtime_sec = i64::try_from(header.mtime().map_err(terr)?).unwrap_or(i64::MAX);
+    let mut mtime_nsec = 0;
+    let dev = match kind {
+        EntryKind::CharDevice | EntryKind::BlockDevice => {
+            (header.device_major().map_err(terr)?.unwrap_or(0), header.device_minor().map_err(terr)?.unwrap_or(0))
+        }
+        _ => (0, 0),
+    };
+    let link = entry.link_name_bytes().map(std::borrow::Cow::into_owned).unwrap_or_default();
+    let size = if kind == EntryKind::File { entry.size() } else { 0 };
+    let data_offset = if kind == EntryKind::File { entry.raw_file_position() } else { 0 };
+    let mut xattrs = Vec::new();
+    if let Some(pax) = entry.pax_extensions().map_err(terr)? {
+        for ext in pax {
+            let ext = ext.map_err(terr)?;
+            let key = ext.key_bytes();
+            let value = ext.value_bytes();
+            if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
+                xattrs.push((name.to_vec(), value.to_vec()));
+            } else if key == b"mtime" {
+                if let Some((s, ns)) = parse_pax_time(value) {
+                    mtime_sec = s;
+                    mtime_nsec = ns;
+                }
+            } else if key == b"uid" {
+                uid = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok()).unwrap_or(uid);
+            } else if key == b"gid" {
+                gid = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok()).unwrap_or(gid);
+            }
+        }
+    }
+    xattrs.sort();
+    xattrs.dedup_by(|a, b| a.0 == b.0);
+    let link = match kind {
+        EntryKind::Hardlink => normalize(&link)?,
+        EntryKind::Symlink => link,
+        _ => Vec::new(),
+    };
+    Ok(TarFields { kind, mode, uid, gid, mtime_sec, mtime_nsec, size, data_offset, link, dev, xattrs })
+}
+
+/// Sets or clears `id`'s value in a side table (a `new` node has none to clear).
+fn put<V>(map: &mut HashMap<u32, V>, id: u32, v: Option<V>, new: bool) {
+    match v {
+        Some(v) => {
+            map.insert(id, v);
+        }
+        None if !new => {
+            map.remove(&id);
+        }
+        None => {}
+    }
+}
+
+/// A normalised path's parent and last component (the root's parent is itself).
+fn split_last(path: &[u8]) -> (&[u8], &[u8]) {
+    match path.iter().rposition(|b| *b == b'/') {
+        Some(i) => (&path[..i], &path[i + 1..]),
+        None => (&[], path),
+    }
+}
+
 impl TreeBuilder {
     pub fn add<R: Read>(&mut self, mut entry: tar::Entry<'_, R>) -> Result<(), IndexError> {
-        let terr = |e: std::io::Error| IndexError::Tar(e.to_string());
-        let header = entry.header();
-        let etype = header.entry_type();
-        let kind = match etype {
-            tar::EntryType::Regular | tar::EntryType::Continuous => EntryKind::File,
-            tar::EntryType::Directory => EntryKind::Dir,
-            tar::EntryType::Symlink => EntryKind::Symlink,
-            tar::EntryType::Link => EntryKind::Hardlink,
-            tar::EntryType::Char => EntryKind::CharDevice,
-            tar::EntryType::Block => EntryKind::BlockDevice,
-            tar::EntryType::Fifo => EntryKind::Fifo,
-            tar::EntryType::XGlobalHeader => return Ok(()),
-            tar::EntryType::GNUSparse => {
-                return Err(IndexError::Tar("GNU sparse files are not supported in layers".into()));
-            }
-            other => return Err(IndexError::Tar(format!("unsupported tar entry type {:?}", other.as_byte() as char))),
-        };
-        let mode = header.mode().map_err(terr)? & 0o7777;
-        let mut uid = u32::try_from(header.uid().map_err(terr)?).unwrap_or(u32::MAX);
-        let mut gid = u32::try_from(header.gid().map_err(terr)?).unwrap_or(u32::MAX);
-        let mut mtime_sec = i64::try_from(header.mtime().map_err(terr)?).unwrap_or(i64::MAX);
-        let mut mtime_nsec = 0;
-        let dev = match kind {
-            EntryKind::CharDevice | EntryKind::BlockDevice => {
-                (header.device_major().map_err(terr)?.unwrap_or(0), header.device_minor().map_err(terr)?.unwrap_or(0))
-            }
-            _ => (0, 0),
-        };
+        if entry.header().entry_type() == tar::EntryType::XGlobalHeader {
+            return Ok(());
+        }
+        let h = read_header(&mut entry)?;
         let path = normalize(&entry.path_bytes())?;
-        let link = entry.link_name_bytes().map(std::borrow::Cow::into_owned).unwrap_or_default();
-        let size = if kind == EntryKind::File { entry.size() } else { 0 };
-        let data_offset = if kind == EntryKind::File { entry.raw_file_position() } else { 0 };
-        let mut xattrs = Vec::new();
-        if let Some(pax) = entry.pax_extensions().map_err(terr)? {
-            for ext in pax {
-                let ext = ext.map_err(terr)?;
-                let key = ext.key_bytes();
-                let value = ext.value_bytes();
-                if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
-                    xattrs.push((name.to_vec(), value.to_vec()));
-                } else if key == b"mtime" {
-                    if let Some((s, ns)) = parse_pax_time(value) {
-                        mtime_sec = s;
-                        mtime_nsec = ns;
-                    }
-                } else if key == b"uid" {
-                    uid = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok()).unwrap_or(uid);
-                } else if key == b"gid" {
-                    gid = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok()).unwrap_or(gid);
-                }
-            }
-        }
-        xattrs.sort();
-        xattrs.dedup_by(|a, b| a.0 == b.0);
-        if self.nodes.len() >= MAX_ENTRIES {
-            return Err(IndexError::Tar(format!("layer has more than {MAX_ENTRIES} entries")));
-        }
-        if path.is_empty() && kind != EntryKind::Dir {
+        if path.is_empty() && h.kind != EntryKind::Dir {
             return Err(IndexError::Tar("the layer root is not a directory".into()));
         }
-        let link = match kind {
-            EntryKind::Hardlink => normalize(&link)?,
-            EntryKind::Symlink => link,
-            _ => Vec::new(),
+        self.seq = self.seq.checked_add(1).ok_or_else(|| IndexError::Tar("too many tar entries".into()))?;
+        let (id, new) = if path.is_empty() {
+            (0, false)
+        } else {
+            let (dir, name) = split_last(&path);
+            let parent = self.dir(dir)?;
+            let known = self.nodes.len();
+            let id = self.child_or_new(parent, name)?;
+            (id, id as usize >= known)
         };
-        self.seq += 1;
-        let p = Pending {
-            kind,
-            mode,
-            uid,
-            gid,
-            mtime_sec,
-            mtime_nsec,
-            size,
-            data_offset,
-            link,
-            dev,
-            xattrs,
-            seq: self.seq,
-        };
-        self.nodes.insert(path, p);
+        let node = &mut self.nodes[id as usize];
+        (node.kind, node.mode, node.owner) = (h.kind, h.mode, (h.uid, h.gid));
+        (node.mtime_sec, node.mtime_nsec, node.size, node.data_offset) =
+            (h.mtime_sec, h.mtime_nsec, h.size, h.data_offset);
+        node.seq = self.seq;
+        // Side tables: what this header says replaces what an earlier one of the path said.
+        put(&mut self.links, id, Some(h.link).filter(|l| !l.is_empty()), new);
+        put(&mut self.xattrs, id, Some(h.xattrs).filter(|x| !x.is_empty()), new);
+        put(&mut self.devs, id, Some(h.dev).filter(|d| *d != (0, 0)), new);
         Ok(())
     }
 
-    /// Builds the sorted tree; `uncompressed_size` bounds the data ranges.
-    pub fn finish(mut self, uncompressed_size: u64) -> Result<Vec<EntryRecord>, IndexError> {
-        self.nodes.entry(Vec::new()).or_insert_with(implicit_dir);
-        // Implicit parents, and a check that no entry hangs below a non-directory.
-        let paths: Vec<Vec<u8>> = self.nodes.keys().cloned().collect();
-        let mut children: BTreeMap<Vec<u8>, Vec<Vec<u8>>> = BTreeMap::new();
-        for path in &paths {
-            let mut cur = path.clone();
-            while !cur.is_empty() {
-                let (parent, name) = match cur.iter().rposition(|b| *b == b'/') {
-                    Some(i) => (cur[..i].to_vec(), cur[i + 1..].to_vec()),
-                    None => (Vec::new(), cur.clone()),
-                };
-                let existed = self.nodes.contains_key(&parent);
-                let p = self.nodes.entry(parent.clone()).or_insert_with(implicit_dir);
-                if p.kind != EntryKind::Dir {
-                    return Err(IndexError::Tar(format!(
-                        "{:?} lies below {:?}, which is not a directory",
-                        String::from_utf8_lossy(path),
-                        String::from_utf8_lossy(&parent)
-                    )));
-                }
-                // Duplicates go at the sort + dedup below (a search here was quadratic in a
-                // directory's size: 1,000 names per directory cost 49% of indexing 1M files).
-                children.entry(parent.clone()).or_default().push(name);
-                if existed {
-                    break;
-                }
-                cur = parent;
+    /// Entries so far, implicit directories and the root included.
+    pub fn entry_count(&self) -> usize {
+        self.nodes.len()
+    }
+
+    fn key_hash(&self, parent: u32, name: &[u8]) -> u64 {
+        self.hasher.hash_one((parent, name))
+    }
+
+    fn name(&self, id: u32) -> &[u8] {
+        let n = &self.nodes[id as usize];
+        &self.names[n.name_off as usize..n.name_off as usize + n.name_len as usize]
+    }
+
+    fn find_child(&self, parent: u32, name: &[u8]) -> Option<u32> {
+        let hash = self.key_hash(parent, name);
+        self.children.find(hash, |&c| self.nodes[c as usize].parent == parent && self.name(c) == name).copied()
+    }
+
+    /// The child `name` of `parent`, made (as an implicit directory) if it is new.
+    fn child_or_new(&mut self, parent: u32, name: &[u8]) -> Result<u32, IndexError> {
+        if let Some(id) = self.find_child(parent, name) {
+            return Ok(id);
+        }
+        if self.nodes.len() >= MAX_ENTRIES {
+            return Err(IndexError::Tar(format!("layer has more than {MAX_ENTRIES} entries")));
+        }
+        let too_long = || IndexError::Tar("the layer's names exceed 4 GiB".into());
+        let name_off = u32::try_from(self.names.len()).map_err(|_| too_long())?;
+        let name_len = u32::try_from(name.len()).map_err(|_| too_long())?;
+        name_off.checked_add(name_len).ok_or_else(too_long)?;
+        self.names.extend_from_slice(name);
+        let id = self.nodes.len() as u32;
+        self.nodes.push(Node::implicit_dir(parent, name_off, name_len));
+        let hash = self.key_hash(parent, name);
+        let Self { children, nodes, names, hasher, .. } = self;
+        children.insert_unique(hash, id, |&c| {
+            let n = &nodes[c as usize];
+            hasher.hash_one((n.parent, &names[n.name_off as usize..n.name_off as usize + n.name_len as usize]))
+        });
+        Ok(id)
+    }
+
+    /// The node of directory `dir` (a normalised path), its missing parents made implicit.
+    fn dir(&mut self, dir: &[u8]) -> Result<u32, IndexError> {
+        if dir == self.last_dir.0.as_slice() {
+            return Ok(self.last_dir.1);
+        }
+        let mut id = 0;
+        if !dir.is_empty() {
+            for comp in dir.split(|b| *b == b'/') {
+                id = self.child_or_new(id, comp)?;
             }
         }
-        for list in children.values_mut() {
-            list.sort();
-            list.dedup();
+        self.last_dir = (dir.to_vec(), id);
+        Ok(id)
+    }
+
+    /// The node at a normalised path, if there is one.
+    fn lookup(&self, path: &[u8]) -> Option<u32> {
+        if path.is_empty() {
+            return Some(0);
         }
-        // Breadth-first ids: root 0; each directory's children get consecutive ids in name order.
-        let mut order: Vec<(Vec<u8>, u32)> = vec![(Vec::new(), 0)];
-        let mut ids: HashMap<Vec<u8>, u32> = HashMap::new();
-        ids.insert(Vec::new(), 0);
-        let mut spans: Vec<(u32, u32)> = vec![(0, 0)];
-        let mut i = 0;
-        while i < order.len() {
-            let (path, _) = order[i].clone();
-            let first = order.len() as u32;
-            let kids = children.get(&path).cloned().unwrap_or_default();
-            for name in &kids {
-                let child = if path.is_empty() { name.clone() } else { [&path[..], b"/", name].concat() };
-                ids.insert(child.clone(), order.len() as u32);
-                order.push((child, i as u32));
-                spans.push((0, 0));
-            }
-            spans[i] = (first, kids.len() as u32);
-            i += 1;
+        path.split(|b| *b == b'/').try_fold(0, |id, comp| self.find_child(id, comp))
+    }
+
+    /// The path of node `id`, for messages.
+    fn path_of(&self, mut id: u32) -> String {
+        let mut parts = Vec::new();
+        while id != 0 {
+            parts.push(String::from_utf8_lossy(self.name(id)).into_owned());
+            id = self.nodes[id as usize].parent;
         }
-        let mut out: Vec<EntryRecord> = Vec::with_capacity(order.len());
-        for (idx, (path, parent)) in order.iter().enumerate() {
-            let p = &self.nodes[path];
-            let name = path.rsplit(|b| *b == b'/').next().unwrap_or_default().to_vec();
-            let name = if idx == 0 { Vec::new() } else { name };
-            if p.kind == EntryKind::File && p.data_offset.checked_add(p.size).is_none_or(|e| e > uncompressed_size) {
+        parts.reverse();
+        parts.join("/")
+    }
+
+    /// Checks the tree, resolves hardlinks and link counts, and encodes it into `out` in
+    /// breadth-first order; `uncompressed_size` bounds the data ranges.
+    pub fn finish(mut self, uncompressed_size: u64, out: &mut EntryEncoder) -> Result<(), IndexError> {
+        let n = self.nodes.len();
+        for id in 1..n as u32 {
+            let node = self.nodes[id as usize];
+            if self.nodes[node.parent as usize].kind != EntryKind::Dir {
                 return Err(IndexError::Tar(format!(
-                    "{:?}: data runs past the end of the layer",
-                    String::from_utf8_lossy(path)
+                    "{:?} lies below {:?}, which is not a directory",
+                    self.path_of(id),
+                    self.path_of(node.parent)
                 )));
             }
-            out.push(EntryRecord {
-                parent: *parent,
-                name,
-                kind: p.kind,
-                mode: p.mode,
-                uid: p.uid,
-                gid: p.gid,
-                nlink: 1,
-                mtime_sec: p.mtime_sec,
-                mtime_nsec: p.mtime_nsec,
-                size: p.size,
-                data_offset: p.data_offset,
-                link: if p.kind == EntryKind::Symlink { p.link.clone() } else { Vec::new() },
-                hardlink_target: 0,
-                first_child: spans[idx].0,
-                child_count: spans[idx].1,
-                dev_major: p.dev.0,
-                dev_minor: p.dev.1,
-                xattrs: p.xattrs.clone(),
-            });
+            if node.kind == EntryKind::File
+                && node.data_offset.checked_add(node.size).is_none_or(|e| e > uncompressed_size)
+            {
+                return Err(IndexError::Tar(format!("{:?}: data runs past the end of the layer", self.path_of(id))));
+            }
         }
-        // Hardlinks: resolve chains to a regular file; share its data; count links.
-        for idx in 0..out.len() {
-            if out[idx].kind != EntryKind::Hardlink {
+        let hardlinks = self.resolve_hardlinks()?;
+        self.children = hashbrown::HashTable::new();
+        self.last_dir = (Vec::new(), 0);
+        // Directories: 2 + subdirectories.
+        for id in 1..n {
+            if self.nodes[id].kind == EntryKind::Dir {
+                let p = self.nodes[id].parent as usize;
+                self.nodes[p].nlink += 1;
+            }
+        }
+        for node in &mut self.nodes {
+            if node.kind == EntryKind::Dir {
+                node.nlink += 1; // implicit and explicit directories start at 1
+            }
+        }
+        let (order, new_id, first) = self.breadth_first();
+        // A directory's first child id: 1 + the children of every directory before it.
+        let mut next_first = 1u32;
+        for &id in &order {
+            let node = self.nodes[id as usize];
+            let child_count = first[id as usize + 1] - first[id as usize];
+            let is_root = id == 0;
+            let empty: &[(Vec<u8>, Vec<u8>)] = &[];
+            out.push(&EntryRecord {
+                parent: if is_root { 0 } else { new_id[node.parent as usize] },
+                name: if is_root { &[] } else { self.name(id) },
+                kind: node.kind,
+                mode: node.mode,
+                uid: node.owner.0,
+                gid: node.owner.1,
+                nlink: node.nlink,
+                mtime_sec: node.mtime_sec,
+                mtime_nsec: node.mtime_nsec,
+                size: node.size,
+                data_offset: node.data_offset,
+                link: match node.kind {
+                    EntryKind::Symlink => self.links.get(&id).map_or(&[][..], Vec::as_slice),
+                    _ => &[],
+                },
+                hardlink_target: hardlinks.get(&id).map_or(0, |t| new_id[*t as usize]),
+                first_child: next_first,
+                child_count,
+                dev_major: self.devs.get(&id).map_or(0, |d| d.0),
+                dev_minor: self.devs.get(&id).map_or(0, |d| d.1),
+                xattrs: self.xattrs.get(&id).map_or(empty, Vec::as_slice),
+            })?;
+            next_first += child_count;
+        }
+        Ok(())
+    }
+
+    /// Breadth-first order: the node ids in new-id order, each node's new id, and where each
+    /// node's children start in the sorted child list (`first[id]..first[id + 1]`).
+    fn breadth_first(&self) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
+        let n = self.nodes.len();
+        // Every node but the root, by (parent, name): each directory's children together, sorted.
+        let mut kids: Vec<u32> = (1..n as u32).collect();
+        kids.sort_unstable_by(|&a, &b| {
+            (self.nodes[a as usize].parent, self.name(a)).cmp(&(self.nodes[b as usize].parent, self.name(b)))
+        });
+        let mut first = vec![0u32; n + 1];
+        for &k in &kids {
+            first[self.nodes[k as usize].parent as usize + 1] += 1;
+        }
+        for i in 0..n {
+            first[i + 1] += first[i];
+        }
+        let mut order: Vec<u32> = Vec::with_capacity(n);
+        let mut new_id = vec![0u32; n];
+        order.push(0);
+        let mut i = 0;
+        while i < order.len() {
+            let id = order[i] as usize;
+            for &k in &kids[first[id] as usize..first[id + 1] as usize] {
+                new_id[k as usize] = order.len() as u32;
+                order.push(k);
+            }
+            i += 1;
+        }
+        (order, new_id, first)
+    }
+
+    /// Resolves every hardlink to the regular file it leads to (chains followed), gives it the
+    /// file's data, counts links, and applies each group's last header: containerd's applier
+    /// gives the shared inode each hardlink header's owner, xattrs, mode and times in tar order
+    /// (archive.createTarFile: link, Lchown, setxattr, chmod, chtimes): the last header wins,
+    /// xattrs accumulate. Returns hardlink → file.
+    fn resolve_hardlinks(&mut self) -> Result<HashMap<u32, u32>, IndexError> {
+        let mut targets: HashMap<u32, u32> = HashMap::new();
+        for id in 0..self.nodes.len() as u32 {
+            if self.nodes[id as usize].kind != EntryKind::Hardlink {
                 continue;
             }
-            let mut target_path = self.nodes[&order[idx].0].link.clone();
+            let mut current = id;
             let mut hops = 0;
             let target = loop {
-                let t = *ids.get(&target_path).ok_or_else(|| {
+                let path = self.links.get(&current).map_or(&[][..], Vec::as_slice);
+                let t = self.lookup(path).ok_or_else(|| {
                     IndexError::Tar(format!(
                         "hardlink {:?} points to missing {:?}",
-                        String::from_utf8_lossy(&order[idx].0),
-                        String::from_utf8_lossy(&target_path)
+                        self.path_of(id),
+                        String::from_utf8_lossy(path)
                     ))
                 })?;
-                match out[t as usize].kind {
+                match self.nodes[t as usize].kind {
                     EntryKind::File => break t,
-                    EntryKind::Hardlink if hops < 64 && t as usize != idx => {
-                        target_path.clone_from(&self.nodes[&order[t as usize].0].link);
+                    EntryKind::Hardlink if hops < 64 && t != id => {
+                        current = t;
                         hops += 1;
                     }
                     _ => {
                         return Err(IndexError::Tar(format!(
                             "hardlink {:?} does not lead to a regular file",
-                            String::from_utf8_lossy(&order[idx].0)
+                            self.path_of(id)
                         )));
                     }
                 }
             };
-            let (size, off) = (out[target as usize].size, out[target as usize].data_offset);
-            let e = &mut out[idx];
-            e.hardlink_target = target;
-            e.size = size;
-            e.data_offset = off;
-            out[target as usize].nlink += 1;
+            targets.insert(id, target);
         }
-        // containerd's applier gives the shared inode each hardlink header's owner, xattrs,
-        // mode and times in tar order (archive.createTarFile: link, Lchown, setxattr, chmod,
-        // chtimes): the last header wins, xattrs accumulate.
-        let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-        for idx in 0..out.len() {
-            if out[idx].kind == EntryKind::Hardlink {
-                let t = out[idx].hardlink_target as usize;
-                out[idx].nlink = out[t].nlink;
-                groups.entry(t).or_insert_with(|| vec![t]).push(idx);
-            }
+        let mut groups: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+        for (&link, &file) in &targets {
+            let (size, off) = (self.nodes[file as usize].size, self.nodes[file as usize].data_offset);
+            (self.nodes[link as usize].size, self.nodes[link as usize].data_offset) = (size, off);
+            self.nodes[file as usize].nlink += 1;
+            groups.entry(file).or_insert_with(|| vec![file]).push(link);
         }
-        for mut members in groups.into_values() {
-            members.sort_by_key(|&i| self.nodes[&order[i].0].seq);
+        for (file, mut members) in groups {
+            let nlink = self.nodes[file as usize].nlink;
+            members.sort_by_key(|&i| self.nodes[i as usize].seq);
             let mut xattrs: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
-            for &i in &members {
-                xattrs.extend(self.nodes[&order[i].0].xattrs.iter().cloned());
+            for i in &members {
+                xattrs.extend(self.xattrs.get(i).into_iter().flatten().cloned());
             }
             let Some(&last) = members.last() else { continue };
-            let last = &self.nodes[&order[last].0];
+            let last = self.nodes[last as usize];
             for &i in &members {
-                let e = &mut out[i];
-                (e.mode, e.uid, e.gid, e.mtime_sec, e.mtime_nsec) =
-                    (last.mode, last.uid, last.gid, last.mtime_sec, last.mtime_nsec);
-                e.xattrs = xattrs.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                let e = &mut self.nodes[i as usize];
+                (e.mode, e.owner, e.mtime_sec, e.mtime_nsec) = (last.mode, last.owner, last.mtime_sec, last.mtime_nsec);
+                e.nlink = nlink;
+                if xattrs.is_empty() {
+                    self.xattrs.remove(&i);
+                } else {
+                    self.xattrs.insert(i, xattrs.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+                }
             }
         }
-        // Directories: 2 + subdirectories.
-        let mut subdirs = vec![0u32; out.len()];
-        for e in out.iter().skip(1) {
-            if e.kind == EntryKind::Dir {
-                subdirs[e.parent as usize] += 1;
-            }
-        }
-        for (e, n) in out.iter_mut().zip(subdirs) {
-            if e.kind == EntryKind::Dir {
-                e.nlink = 2 + n;
-            }
-        }
-        Ok(out)
+        Ok(targets)
     }
 }
 
@@ -382,16 +552,13 @@ mod tests {
         l.set_mtime(200);
         b.append_link(&mut l, "hard2", "hard1").expect("link");
         let bytes = b.into_inner().expect("tar");
-        let mut tree = TreeBuilder::default();
-        let mut archive = tar::Archive::new(&bytes[..]);
-        for e in archive.entries().expect("entries") {
-            tree.add(e.expect("entry")).expect("add");
-        }
-        let out = tree.finish(bytes.len() as u64).expect("tree");
-        for name in [&b"hard1"[..], b"hard2"] {
-            let e = out.iter().find(|e| e.name == name).expect("entry");
-            assert_eq!((e.mode, e.uid, e.gid, e.mtime_sec, e.nlink), (0o644, 2, 3, 200, 2), "{name:?}");
-            assert_eq!(e.xattrs, vec![(b"user.a".to_vec(), b"1".to_vec())], "{name:?}");
+        let index = crate::build_index(&bytes[..], &crate::BuildOptions::default()).expect("index");
+        for name in ["hard1", "hard2"] {
+            let id = index.lookup(name).expect("lookup").expect("entry");
+            let e = index.entry(id).expect("entry");
+            assert_eq!((e.mode, e.uid, e.gid, e.mtime_sec, e.nlink), (0o644, 2, 3, 200, 2), "{name}");
+            let xattrs = index.xattrs(&e).expect("xattrs");
+            assert_eq!(xattrs, vec![(&b"user.a"[..], &b"1"[..])], "{name}");
         }
     }
 

@@ -17,6 +17,8 @@ pub const ENTRY_LEN: usize = 88;
 pub const XATTR_LEN: usize = 16;
 pub const CHECKPOINT_LEN: usize = 64;
 pub const TRAILER_LEN: usize = 32;
+/// The first bytes of a zstd frame: a packed index starts with them.
+pub const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 /// Largest index accepted (guards allocation on hostile input).
 pub const MAX_INDEX_LEN: usize = 1 << 31;
 /// Largest span accepted, uncompressed: a reader decodes a span whole, so this bounds the memory

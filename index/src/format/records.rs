@@ -1,12 +1,13 @@
-//! The owned form of an index, produced by the indexer and encoded once.
+//! What the indexer hands the encoder: entries one at a time, in id order (so a layer of a million
+//! files is never held as a million records), and the checkpoints.
 
-use super::codes::{CheckpointKind, Compression, EntryId, EntryKind};
+use super::codes::{CheckpointKind, EntryId, EntryKind};
 
-/// An entry before encoding.
+/// An entry as it is encoded (names, link target and xattrs borrowed from whoever holds them).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EntryRecord {
+pub struct EntryRecord<'a> {
     pub parent: EntryId,
-    pub name: Vec<u8>,
+    pub name: &'a [u8],
     pub kind: EntryKind,
     pub mode: u32,
     pub uid: u32,
@@ -17,14 +18,14 @@ pub struct EntryRecord {
     pub size: u64,
     pub data_offset: u64,
     /// Symlink target.
-    pub link: Vec<u8>,
+    pub link: &'a [u8],
     /// Hardlink target entry.
     pub hardlink_target: EntryId,
     pub first_child: u32,
     pub child_count: u32,
     pub dev_major: u32,
     pub dev_minor: u32,
-    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    pub xattrs: &'a [(Vec<u8>, Vec<u8>)],
 }
 
 /// A seek point and the span that starts there.
@@ -36,21 +37,9 @@ pub struct CheckpointRecord {
     /// consumed byte).
     pub comp_start: u64,
     pub bits: u8,
-    /// The 32 KiB history window (block checkpoints), uncompressed here.
+    /// The 32 KiB history window (block checkpoints), zstd-compressed at
+    /// [`ZSTD_LEVEL`](super::codes::ZSTD_LEVEL) as the index stores it.
     pub window: Vec<u8>,
     /// sha256 of the span's compressed bytes.
     pub digest: [u8; 32],
-}
-
-/// Everything an index holds, before encoding.
-#[derive(Debug, Clone)]
-pub struct IndexData {
-    pub compression: Compression,
-    pub span_size: u64,
-    pub compressed_size: u64,
-    pub uncompressed_size: u64,
-    pub layer_digest: [u8; 32],
-    pub media_type: String,
-    pub entries: Vec<EntryRecord>,
-    pub checkpoints: Vec<CheckpointRecord>,
 }

@@ -6,8 +6,16 @@ use crate::IndexError;
 use crate::error::format_err;
 
 impl Index {
-    /// Checks every record once: names, tree links, hardlinks, xattrs, data ranges, spans.
+    /// Checks every record once: names, tree links, hardlinks, xattrs, data ranges, spans. A
+    /// mapped index's pages that this pass touched are released again (see
+    /// [`Index::release_resident`]).
     pub fn validate(&self) -> Result<(), IndexError> {
+        let checked = self.check_records();
+        self.release_resident();
+        checked
+    }
+
+    fn check_records(&self) -> Result<(), IndexError> {
         for id in 0..self.entry_count {
             let e = self.entry(id)?;
             if id != 0 {

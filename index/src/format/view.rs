@@ -1,6 +1,7 @@
 //! [`Index`]: the read-only view over an encoded index — opening (header, bounds, checksum),
 //! entries, lookups, xattrs and spans.
 
+use super::backing::Backing;
 use super::codes::{
     CHECKPOINT_LEN, CheckpointKind, Compression, ENTRY_LEN, EntryId, EntryKind, FLAG_EXTERNAL_WINDOWS, HEADER_LEN,
     MAX_INDEX_LEN, MAX_SPAN_COMPRESSED_LEN, MAX_SPAN_LEN, MAX_UNPACK_RATIO, MIN_UNPACKED_ALLOWANCE, TRAILER_LEN,
@@ -14,7 +15,7 @@ use sha2::{Digest, Sha256};
 /// An index opened over its encoded bytes.
 #[derive(Clone)]
 pub struct Index {
-    pub(crate) bytes: std::sync::Arc<Vec<u8>>,
+    pub(crate) bytes: std::sync::Arc<Backing>,
     compression: Compression,
     span_size: u64,
     compressed_size: u64,
@@ -93,15 +94,23 @@ pub struct SpanInfo {
 impl Index {
     /// The packed form of an index: one zstd frame of its bytes, as published to registries
     /// (about half the size; see `FORMAT.md`).
+    /// An index of 8 MiB or more is packed by up to 4 threads (zstd's workers; the frame differs
+    /// from a single thread's, not what it unpacks to): level 9 on one core was a third of
+    /// indexing a million-file layer.
     pub fn pack(&self) -> Result<Vec<u8>, IndexError> {
-        Ok(zstd::bulk::compress(&self.bytes, super::codes::ZSTD_LEVEL)?)
+        let mut packer = zstd::bulk::Compressor::new(super::codes::ZSTD_LEVEL)?;
+        if self.bytes.len() >= 8 << 20 {
+            let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+            packer.set_parameter(zstd::zstd_safe::CParameter::NbWorkers(workers as u32))?;
+        }
+        Ok(packer.compress(&self.bytes)?)
     }
 
     /// Opens an index in either form: packed (a zstd frame, decompressed up to
     /// [`MAX_UNPACK_RATIO`] times its size, at least [`MIN_UNPACKED_ALLOWANCE`], at most
     /// [`MAX_INDEX_LEN`]) or plain.
     pub fn open_any(bytes: Vec<u8>) -> Result<Self, IndexError> {
-        if bytes.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        if bytes.starts_with(&super::codes::ZSTD_MAGIC) {
             let allowance = bytes.len().saturating_mul(MAX_UNPACK_RATIO).clamp(MIN_UNPACKED_ALLOWANCE, MAX_INDEX_LEN);
             let mut out = Vec::new();
             let dec = zstd::stream::read::Decoder::new(&bytes[..])?;
@@ -122,6 +131,38 @@ impl Index {
     /// Opens an index over `bytes` (kept, never copied): checks magic, version, checksum and
     /// section bounds.
     pub fn open(bytes: Vec<u8>) -> Result<Self, IndexError> {
+        Self::open_backing(Backing::Owned(bytes))
+    }
+
+    /// Opens a stored index file in place: a plain one is mapped read-only (see `backing.rs` for
+    /// what that asks of the file), so the process holds only the pages that lookups touch — the
+    /// checksum's pass over the whole file is released again; a packed one is read and unpacked
+    /// as [`open_any`](Self::open_any) does.
+    pub fn open_file(path: &std::path::Path) -> Result<Self, IndexError> {
+        match Backing::map_file(path, MAX_INDEX_LEN)? {
+            Backing::Owned(bytes) => Self::open_any(bytes),
+            mapped @ Backing::Mapped(_) => {
+                let opened = Self::open_backing(mapped);
+                if let Ok(idx) = &opened {
+                    idx.bytes.release_resident();
+                }
+                opened
+            }
+        }
+    }
+
+    /// Whether the index is read from a map of its file (see [`open_file`](Self::open_file)).
+    pub fn is_mapped(&self) -> bool {
+        self.bytes.is_mapped()
+    }
+
+    /// Drops the pages of a mapped index that a whole pass touched from this process's resident
+    /// memory (they stay in the page cache); for callers that scan every entry once.
+    pub fn release_resident(&self) {
+        self.bytes.release_resident();
+    }
+
+    fn open_backing(bytes: Backing) -> Result<Self, IndexError> {
         let bytes = std::sync::Arc::new(bytes);
         let b = &bytes[..];
         if b.len() < HEADER_LEN + TRAILER_LEN {
@@ -213,6 +254,14 @@ impl Index {
     /// The encoded bytes.
     pub fn bytes(&self) -> &[u8] {
         &self.bytes
+    }
+
+    /// Whether two opened indexes have the same bytes: the same length and trailing checksum
+    /// (each is the sha256 of everything before it, checked when the index was opened), so no
+    /// pass over either's bytes.
+    pub fn same_bytes(&self, other: &Index) -> bool {
+        let (a, b) = (&self.bytes[..], &other.bytes[..]);
+        a.len() == b.len() && a[a.len() - TRAILER_LEN..] == b[b.len() - TRAILER_LEN..]
     }
 
     /// sha256 of the encoded index, `sha256:<hex>` (its content address).

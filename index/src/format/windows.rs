@@ -1,6 +1,7 @@
 //! The zran windows of gzip checkpoints: inline in the index (version 1) or split off into a
 //! separate blob with a digest per window (version 2), and reading one back.
 
+use super::backing::Backing;
 use super::codes::{FLAG_EXTERNAL_WINDOWS, HEADER_LEN, VERSION_EXTERNAL_WINDOWS, sha256};
 use super::header::Header;
 use super::view::{Index, SpanInfo};
@@ -19,16 +20,46 @@ impl Index {
             .map_err(|e| format_err(format!("span {}: bad window: {e}", s.index)))
     }
 
+    /// Whether the index holds windows of its own (a version-1 gzip index) that
+    /// [`split_windows`](Self::split_windows) would split off.
+    pub fn has_windows(&self) -> bool {
+        self.external_windows.is_none() && self.windows.1 > 0
+    }
+
     /// Splits an index into a small one without windows (version 2, with a digest per window)
     /// and the windows blob it refers to, so that a reader fetches only the windows of the
     /// spans it reads. `None` when there are no windows to split off.
     pub fn split_windows(&self) -> Result<Option<(Vec<u8>, Vec<u8>)>, IndexError> {
-        let (wo, wl) = self.windows;
-        if self.external_windows.is_some() || wl == 0 {
+        let Some((windows, digests)) = self.windows_and_digests()? else { return Ok(None) };
+        let prefix = self.bytes[..self.strings.0 + self.strings.1].to_vec();
+        Ok(Some((without_windows(prefix, self.strings.1, &digests)?, windows)))
+    }
+
+    /// [`split_windows`](Self::split_windows) of an index that is dropped after: its own bytes,
+    /// when nothing else shares them, become the index without windows in place, so a large
+    /// index is not held twice.
+    pub fn into_split_windows(self) -> Result<Option<(Vec<u8>, Vec<u8>)>, IndexError> {
+        let Some((windows, digests)) = self.windows_and_digests()? else { return Ok(None) };
+        let (keep, strings_len) = (self.strings.0 + self.strings.1, self.strings.1);
+        let prefix = match std::sync::Arc::try_unwrap(self.bytes) {
+            Ok(Backing::Owned(mut bytes)) => {
+                bytes.truncate(keep);
+                bytes
+            }
+            Ok(other) => other[..keep].to_vec(),
+            Err(shared) => shared[..keep].to_vec(),
+        };
+        Ok(Some((without_windows(prefix, strings_len, &digests)?, windows)))
+    }
+
+    /// The windows section and the sha256 of each checkpoint's window in it (`None` when the
+    /// index has no windows of its own).
+    fn windows_and_digests(&self) -> Result<Option<(Vec<u8>, Vec<u8>)>, IndexError> {
+        if !self.has_windows() {
             return Ok(None);
         }
+        let (wo, wl) = self.windows;
         let windows = self.bytes[wo..wo + wl].to_vec();
-        let (so, sl) = self.strings;
         let mut digests = Vec::with_capacity(self.checkpoint_count as usize * 32);
         for i in 0..self.checkpoint_count {
             let s = self.span(i)?;
@@ -38,21 +69,7 @@ impl Index {
                 .ok_or_else(|| format_err(format!("span {i}: window outside the index")))?;
             digests.extend_from_slice(&sha256(z));
         }
-        // Sections up to the strings are unchanged; the digests follow the strings inside the
-        // string table; the windows section becomes empty.
-        let mut out = self.bytes[..so + sl].to_vec();
-        out.extend_from_slice(&digests);
-        let mut header = Header::decode(&out)?;
-        header.version = VERSION_EXTERNAL_WINDOWS;
-        header.flags = FLAG_EXTERNAL_WINDOWS;
-        header.window_table = u32::try_from(sl).map_err(|_| format_err("strings too large"))?;
-        header.sections.strings_len = (sl + digests.len()) as u64;
-        header.sections.windows_off = (so as u64) + header.sections.strings_len;
-        header.sections.windows_len = 0;
-        out[..HEADER_LEN].copy_from_slice(&header.encode());
-        let checksum = sha256(&out);
-        out.extend_from_slice(&checksum);
-        Ok(Some((out, windows)))
+        Ok(Some((windows, digests)))
     }
 
     /// The (uncompressed) history window of a block checkpoint.
@@ -72,4 +89,24 @@ impl Index {
             .map_err(|e| format_err(format!("span {}: bad window: {e}", s.index)))?;
         Ok(w)
     }
+}
+
+/// A version-2 index from a version-1 index's bytes up to the end of its strings (`prefix`,
+/// whose string table is `strings_len` long) and its window digests: sections up to the strings
+/// unchanged, the digests after the strings inside the string table, the windows section empty.
+fn without_windows(mut out: Vec<u8>, strings_len: usize, digests: &[u8]) -> Result<Vec<u8>, IndexError> {
+    let so = out.len() - strings_len;
+    out.reserve_exact(digests.len() + super::codes::TRAILER_LEN);
+    out.extend_from_slice(digests);
+    let mut header = Header::decode(&out)?;
+    header.version = VERSION_EXTERNAL_WINDOWS;
+    header.flags = FLAG_EXTERNAL_WINDOWS;
+    header.window_table = u32::try_from(strings_len).map_err(|_| format_err("strings too large"))?;
+    header.sections.strings_len = (strings_len + digests.len()) as u64;
+    header.sections.windows_off = (so as u64) + header.sections.strings_len;
+    header.sections.windows_len = 0;
+    out[..HEADER_LEN].copy_from_slice(&header.encode());
+    let checksum = sha256(&out);
+    out.extend_from_slice(&checksum);
+    Ok(out)
 }

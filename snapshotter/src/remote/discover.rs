@@ -15,8 +15,8 @@
 use super::error::RemoteError;
 use super::layout::{CacheLayout, LayerKey};
 use clip_config::labels::RemoteRequest;
-use clip_index::Index;
 use clip_index::artifact::{ARTIFACT_TYPE, BlobKind, IndexArtifact};
+use clip_index::{Index, IndexError};
 use clip_registry::{Platform, Repository};
 use std::collections::HashMap;
 use std::path::Path;
@@ -45,15 +45,15 @@ pub struct Binding {
     pub manifest_digest: Option<String>,
 }
 
-/// Opens a stored index (and its windows blob's digest) if present; a corrupt one is deleted
-/// and reported as absent.
+/// Opens a stored index (and its windows blob's digest) if present, mapped from its file (the
+/// daemon holds only the pages lookups touch); a corrupt one is deleted and reported as absent.
 fn open_local(path: &Path, layer_digest: &str) -> Result<Option<Found>, RemoteError> {
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(RemoteError::io(format!("reading {}", path.display()))(e)),
+    let opened = match Index::open_file(path) {
+        Err(IndexError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(IndexError::Io(e)) => return Err(RemoteError::io(format!("reading {}", path.display()))(e)),
+        other => other,
     };
-    match Index::open_any(bytes).and_then(|i| i.validate().map(|()| i)) {
+    match opened.and_then(|i| i.validate().map(|()| i)) {
         Ok(i) if i.layer_digest() == layer_digest => {
             if !i.has_external_windows() {
                 return Ok(Some((Arc::new(i), None)));
@@ -108,6 +108,14 @@ fn store_index(path: &Path, binding: &Binding, blob_digest: &str, bytes: Vec<u8>
     }
     clip_fsutil::atomic_write(path, index.bytes(), 0o600, clip_fsutil::Durability::Durable)
         .map_err(RemoteError::io(format!("storing index {}", path.display())))?;
+    // Served from the stored file's map, so the fetched bytes are not held for the mount's life.
+    let index = match Index::open_file(path) {
+        Ok(stored) if stored.same_bytes(&index) => stored,
+        Ok(_) | Err(_) => {
+            tracing::warn!(path = %path.display(), "the index just stored reads back differently; serving it from memory");
+            index
+        }
+    };
     Ok((Arc::new(index), windows_digest))
 }
 
