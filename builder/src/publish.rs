@@ -340,14 +340,10 @@ async fn index_layer(
             return Ok((full, packed, None));
         }
         // In place: a 1M-entry index is about 100 MB, not to be held twice.
-        match full.into_split_windows()? {
-            Some((meta, windows)) => {
-                let index = clip_index::Index::open(meta)?;
-                let packed = index.pack()?;
-                Ok((index, packed, Some(windows)))
-            }
-            None => anyhow::bail!("the index of {digest_owned} lost its windows"),
-        }
+        let (meta, windows) = full.into_split_windows()?;
+        let index = clip_index::Index::open(meta)?;
+        let packed = index.pack()?;
+        Ok((index, packed, Some(windows)))
     });
     // The download: each chunk to the indexer as it arrives; the sender goes with the block, so
     // the indexer sees the end of the data however the download ends.

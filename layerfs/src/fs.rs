@@ -180,10 +180,7 @@ impl LayerFs {
     fn has_xattrs(&self) -> bool {
         *self.has_xattrs.get_or_init(|| {
             let index = self.index();
-            let any = index.xattr_total() > 0
-                || (0..index.entry_count()).any(|id| index.entry(id).is_ok_and(|e| e.name == OPAQUE_MARKER));
-            index.release_resident(); // the scan's pages, of a mapped index
-            any
+            index.xattr_total() > 0 || index.has_entry_named(OPAQUE_MARKER)
         })
     }
 

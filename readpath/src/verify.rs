@@ -75,9 +75,7 @@ pub fn verify_local(cache: &SpanCache, diff_id: Option<&str>) -> Verdict {
         }
         Err(e) => return Verdict::Differs(format!("the layer's own bytes do not index: {e}")),
     };
-    let difference = cache.index().tree_difference(&derived);
-    cache.index().release_resident(); // the comparison's pass over a mapped index
-    match difference {
+    match cache.index().tree_difference(&derived) {
         Ok(None) => Verdict::Same,
         Ok(Some(d)) => Verdict::Differs(d),
         Err(e) => Verdict::Differs(e.to_string()),

@@ -368,18 +368,15 @@ impl TreeBuilder {
             }
         }
         let hardlinks = self.resolve_hardlinks()?;
-        self.children = hashbrown::HashTable::new();
-        self.last_dir = (Vec::new(), 0);
-        // Directories: 2 + subdirectories.
-        for id in 1..n {
+        self.children = hashbrown::HashTable::new(); // no lookups from here on: its memory goes
+        // Directories: 2 + subdirectories (every node starts at 1).
+        for id in 0..n {
             if self.nodes[id].kind == EntryKind::Dir {
-                let p = self.nodes[id].parent as usize;
-                self.nodes[p].nlink += 1;
-            }
-        }
-        for node in &mut self.nodes {
-            if node.kind == EntryKind::Dir {
-                node.nlink += 1; // implicit and explicit directories start at 1
+                self.nodes[id].nlink += 1;
+                if id != 0 {
+                    let p = self.nodes[id].parent as usize;
+                    self.nodes[p].nlink += 1;
+                }
             }
         }
         let (order, new_id, first) = self.breadth_first();

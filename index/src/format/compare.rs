@@ -30,8 +30,16 @@ fn seen(e: &Entry<'_>) -> [(&'static str, String); 15] {
 
 impl Index {
     /// The first difference between the file trees of `self` and `other` (names, kinds, modes,
-    /// owners, times, sizes, data offsets, link targets, devices, xattrs), or `None`.
+    /// owners, times, sizes, data offsets, link targets, devices, xattrs), or `None`. The pages
+    /// of a mapped index that the comparison touched are released again.
     pub fn tree_difference(&self, other: &Index) -> Result<Option<String>, IndexError> {
+        let difference = self.first_difference(other);
+        self.release_resident();
+        other.release_resident();
+        difference
+    }
+
+    fn first_difference(&self, other: &Index) -> Result<Option<String>, IndexError> {
         if self.uncompressed_size() != other.uncompressed_size() {
             return Ok(Some(format!(
                 "tar stream of {} bytes, not {}",

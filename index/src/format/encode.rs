@@ -49,16 +49,7 @@ impl EntryEncoder {
         Ok((off, len_u32(s.len(), "name bytes")?))
     }
 
-    /// Entries added so far.
-    pub fn len(&self) -> u32 {
-        self.entry_count
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entry_count == 0
-    }
-
-    /// Encodes the next entry (its id is [`len`](Self::len) before the call).
+    /// Encodes the next entry (its id is the number of entries pushed before it).
     pub fn push(&mut self, e: &EntryRecord<'_>) -> Result<(), IndexError> {
         let (name_off, name_len) = self.add_str(e.name)?;
         let (link_off, link_len) = self.add_str(e.link)?;

@@ -156,6 +156,14 @@ impl Index {
         self.bytes.is_mapped()
     }
 
+    /// Whether any entry is named `name` (a pass over every entry, whose pages of a mapped index
+    /// are released again).
+    pub fn has_entry_named(&self, name: &[u8]) -> bool {
+        let found = (0..self.entry_count).any(|id| self.entry(id).is_ok_and(|e| e.name == name));
+        self.release_resident();
+        found
+    }
+
     /// Drops the pages of a mapped index that a whole pass touched from this process's resident
     /// memory (they stay in the page cache); for callers that scan every entry once.
     pub fn release_resident(&self) {

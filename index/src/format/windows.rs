@@ -35,11 +35,12 @@ impl Index {
         Ok(Some((without_windows(prefix, self.strings.1, &digests)?, windows)))
     }
 
-    /// [`split_windows`](Self::split_windows) of an index that is dropped after: its own bytes,
-    /// when nothing else shares them, become the index without windows in place, so a large
-    /// index is not held twice.
-    pub fn into_split_windows(self) -> Result<Option<(Vec<u8>, Vec<u8>)>, IndexError> {
-        let Some((windows, digests)) = self.windows_and_digests()? else { return Ok(None) };
+    /// [`split_windows`](Self::split_windows) of an index that [`has_windows`](Self::has_windows)
+    /// and is dropped after: its own bytes, when nothing else shares them, become the index
+    /// without windows in place, so a large index is not held twice. An error without windows.
+    pub fn into_split_windows(self) -> Result<(Vec<u8>, Vec<u8>), IndexError> {
+        let (windows, digests) =
+            self.windows_and_digests()?.ok_or_else(|| format_err("the index has no windows to split off"))?;
         let (keep, strings_len) = (self.strings.0 + self.strings.1, self.strings.1);
         let prefix = match std::sync::Arc::try_unwrap(self.bytes) {
             Ok(Backing::Owned(mut bytes)) => {
@@ -49,7 +50,7 @@ impl Index {
             Ok(other) => other[..keep].to_vec(),
             Err(shared) => shared[..keep].to_vec(),
         };
-        Ok(Some((without_windows(prefix, strings_len, &digests)?, windows)))
+        Ok((without_windows(prefix, strings_len, &digests)?, windows))
     }
 
     /// The windows section and the sha256 of each checkpoint's window in it (`None` when the
