@@ -86,6 +86,24 @@ pub fn status_bytes(pid: u32, field: &str) -> u64 {
         .map_or(0, |v| v.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or_default() * 1024)
 }
 
+/// What `/proc/PID/stat` says of a process's work so far; zeros if it is gone.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcStat {
+    /// User and system CPU, its waited-for children's included.
+    pub cpu_seconds: f64,
+    /// Page faults that read from disk (a mapped file's pages not in the page cache).
+    pub major_faults: u64,
+}
+
+pub fn proc_stat(pid: u32) -> ProcStat {
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command's closing parenthesis: state is field 3, majflt 12, utime 14 .. cstime 17.
+    let rest: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
+    let field = |n: usize| rest.get(n - 3).and_then(|v| v.parse::<u64>().ok()).unwrap_or_default();
+    ProcStat { cpu_seconds: (field(14) + field(15) + field(16) + field(17)) as f64 / ticks, major_faults: field(12) }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.stop();

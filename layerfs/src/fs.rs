@@ -211,13 +211,19 @@ impl LayerFs {
 impl LayerFs {
     /// A directory's entries as the unpacked layer shows them (`.`, `..`, then the children
     /// with whiteouts presented and opaque markers hidden), with their attributes.
-    fn listing(&self, ino: INodeNo) -> Result<Vec<(FileAttr, Vec<u8>)>, Errno> {
+    /// The listing of directory `ino` from position `offset` on (`.` and `..` first); empty
+    /// without building it when `offset` is past its end — the request that ends every
+    /// directory's reading, one in two of a cold walk's requests.
+    fn listing(&self, ino: INodeNo, offset: u64) -> Result<Vec<(FileAttr, Vec<u8>)>, Errno> {
         let dir = self.entry(ino)?;
         if dir.kind != EntryKind::Dir {
             return Err(Errno::ENOTDIR);
         }
         let index = self.index();
         let children = index.children(&dir).map_err(|_| Errno::EIO)?;
+        if offset >= 2 + u64::from(children.end - children.start) {
+            return Ok(Vec::new());
+        }
         let parent = index.entry(dir.parent).map_err(|_| Errno::EIO)?;
         let mut items = vec![(self.attr(&dir, false)?, b".".to_vec()), (self.attr(&parent, false)?, b"..".to_vec())];
         for id in children {
@@ -430,7 +436,7 @@ impl Filesystem for LayerFs {
 
     fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         self.count(FuseOp::Readdir);
-        let items = match self.listing(ino) {
+        let items = match self.listing(ino, offset) {
             Ok(items) => items,
             Err(e) => return reply.error(e),
         };
@@ -451,7 +457,7 @@ impl Filesystem for LayerFs {
         mut reply: fuser::ReplyDirectoryPlus,
     ) {
         self.count(FuseOp::Readdirplus);
-        let items = match self.listing(ino) {
+        let items = match self.listing(ino, offset) {
             Ok(items) => items,
             Err(e) => return reply.error(e),
         };

@@ -120,16 +120,10 @@ pub struct Usage {
 
 impl Usage {
     pub fn of(pids: &[u32]) -> Self {
-        let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
         let mut u = Self::default();
         for pid in pids.iter().filter(|p| **p > 0) {
             u.peak_rss_bytes += clip_integration::process::status_bytes(*pid, "VmHWM");
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            // Fields after the command's closing parenthesis: state is field 3, utime 14 .. cstime 17.
-            let rest: Vec<&str> =
-                stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
-            let field = |n: usize| rest.get(n - 3).and_then(|v| v.parse::<f64>().ok()).unwrap_or_default();
-            u.cpu_seconds += (field(14) + field(15) + field(16) + field(17)) / ticks;
+            u.cpu_seconds += clip_integration::process::proc_stat(*pid).cpu_seconds;
         }
         u
     }

@@ -1,5 +1,6 @@
-//! Scale benchmark: a generated layer of many small files (1,000,000 and 100,000 by default, in
-//! directories of 1,000) on top of busybox, served by clip and by containerd's overlayfs on
+//! Scale benchmark: a layer of many small files on top of busybox — generated (1,000,000 and
+//! 100,000 by default, in directories of 1,000) or real (a `node_modules` of ~111,000 entries
+//! installed from the npm registry, [`trees`]) — served by clip and by containerd's overlayfs on
 //! containerd 2.x:
 //! - indexing as users run it: `clip-builder index REF` end to end (process start, download,
 //!   inflate, tar walk, span digests, packing, pushing the artifact) next to `pigz -dc` of the same
@@ -12,45 +13,50 @@
 //!   one; the FUSE requests per entry the cold walk cost clip (its metrics); the snapshotter's
 //!   peak RSS after the walks.
 //!
-//! Run (release build, root): `cargo run --release -p clip-bench --bin scale -- [--files
-//! 100000,1000000] [--reps 3] [--out docs/benchmarks]`. Writes `scale.md` and `scale.csv`.
+//! Run (release build, root): `cargo run --release -p clip-bench --bin scale -- [--trees
+//! 100000,1000000,node_modules] [--reps 3] [--out docs/benchmarks]`. Writes `scale.md` and `scale.csv`.
 
 use anyhow::{Context, Result, bail};
 use clip_bench::{median, spread};
 use clip_integration::containerd::{Containerd, ContainerdOptions};
-use clip_integration::images::{TestImage, blob_path, cache_dir, derive_layout_with_gzip_layer, layout_layers};
+use clip_integration::images::{TestImage, blob_path, layout_layers};
+use clip_integration::process::{ProcStat, proc_stat};
 use clip_integration::registry::Registry;
 use clip_integration::snapshotter::{ClipSnapshotter, workspace_binary};
 use clip_integration::{TestDir, drop_caches, run};
-use sha2::Digest as _;
 use std::fmt::Write as _;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod trees;
+
+use trees::{Layout, Tree};
+
 const NS: &str = "scale";
-const FILES_PER_DIR: usize = 1000;
-/// Bump when the generated tree changes (the cached layouts are keyed by it).
-const GENERATOR: u32 = 1;
 
 struct Opts {
-    files: Vec<usize>,
+    trees: Vec<Tree>,
     reps: usize,
     out: PathBuf,
 }
 
 fn parse_opts() -> Result<Opts> {
     let mut o = Opts {
-        files: vec![100_000, 1_000_000],
+        trees: vec![Tree::Generated(100_000), Tree::Generated(1_000_000)],
         reps: 3,
         out: Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks"),
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
-            "--files" => {
-                o.files = args.next().context("--files N,M")?.split(',').map(str::parse).collect::<Result<_, _>>()?;
+            "--trees" | "--files" => {
+                o.trees = args
+                    .next()
+                    .context("--trees N,node_modules")?
+                    .split(',')
+                    .map(Tree::parse)
+                    .collect::<Result<_>>()?;
             }
             "--reps" => o.reps = args.next().context("--reps N")?.parse()?,
             "--out" => o.out = PathBuf::from(args.next().context("--out DIR")?),
@@ -58,83 +64,6 @@ fn parse_opts() -> Result<Opts> {
         }
     }
     Ok(o)
-}
-
-/// A writer that hashes what passes through it (the layer's diff id).
-struct Hashing<W: std::io::Write> {
-    inner: W,
-    hash: sha2::Sha256,
-}
-
-impl<W: std::io::Write> std::io::Write for Hashing<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hash.update(&buf[..n]);
-        Ok(n)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-/// The OCI layout (tag `scale`) of busybox plus a layer of `files` small files under `/scale`,
-/// generated once into the test bed cache.
-fn scale_layout(files: usize) -> Result<PathBuf> {
-    let dest = cache_dir().join(format!("scale-{files}-g{GENERATOR}"));
-    if dest.join("index.json").exists() {
-        return Ok(dest);
-    }
-    let t = Instant::now();
-    let gz_path = cache_dir().join(format!("scale-{files}.tar.gz"));
-    let mut pigz = Command::new("pigz")
-        .args(["-6", "-c"])
-        .stdin(Stdio::piped())
-        .stdout(std::fs::File::create(&gz_path)?)
-        .spawn()
-        .context("pigz")?;
-    let stdin = pigz.stdin.take().context("pigz stdin")?;
-    let mut tar = tar::Builder::new(Hashing {
-        inner: std::io::BufWriter::with_capacity(1 << 20, stdin),
-        hash: sha2::Sha256::new(),
-    });
-    let header = |kind: tar::EntryType, mode: u32, size: u64| {
-        let mut h = tar::Header::new_ustar();
-        h.set_entry_type(kind);
-        h.set_mode(mode);
-        h.set_size(size);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(1_700_000_000);
-        h
-    };
-    let mut h = header(tar::EntryType::Directory, 0o755, 0);
-    tar.append_data(&mut h, "scale/", std::io::empty())?;
-    for i in 0..files {
-        if i % FILES_PER_DIR == 0 {
-            let mut h = header(tar::EntryType::Directory, 0o755, 0);
-            tar.append_data(&mut h, format!("scale/d{:04}/", i / FILES_PER_DIR), std::io::empty())?;
-        }
-        let body = format!("file {i:07} of the clip scale benchmark\n");
-        let mut h = header(tar::EntryType::Regular, 0o644, body.len() as u64);
-        tar.append_data(&mut h, format!("scale/d{:04}/f{:04}", i / FILES_PER_DIR, i % FILES_PER_DIR), body.as_bytes())?;
-    }
-    let mut w = tar.into_inner()?;
-    w.flush()?;
-    let diff_id = format!("sha256:{}", hex::encode(w.hash.finalize()));
-    drop(w.inner);
-    anyhow::ensure!(pigz.wait()?.success(), "pigz failed");
-    let gz = std::fs::read(&gz_path)?;
-    let _ = std::fs::remove_file(&gz_path);
-    let base = TestImage::Busybox.layout()?;
-    let work = dest.with_extension("work");
-    derive_layout_with_gzip_layer(&base, "busybox", &work, &gz, &diff_id)?;
-    // The layout's tag is still busybox's: retag it `scale` in index.json.
-    let mut index: serde_json::Value = serde_json::from_slice(&std::fs::read(work.join("index.json"))?)?;
-    index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"] = "scale".into();
-    std::fs::write(work.join("index.json"), serde_json::to_vec(&index)?)?;
-    std::fs::rename(&work, &dest)?;
-    eprintln!("generated {files} files: {:.1} MB gzip in {:.1} s", gz.len() as f64 / 1e6, t.elapsed().as_secs_f64());
-    Ok(dest)
 }
 
 fn timed(cmd: &mut Command) -> Result<f64> {
@@ -252,7 +181,10 @@ fn index_image(
 
 /// One tree size served by clip and overlayfs.
 struct Served {
-    files: usize,
+    /// The tree's name in tables.
+    label: String,
+    repo: String,
+    entries: usize,
     pull_seconds: Vec<f64>,
     rss_after_mount: Rss,
     cold_walk: Vec<f64>,
@@ -263,6 +195,11 @@ struct Served {
     container_start: Vec<f64>,
     /// FUSE requests of one cold walk through clip, by operation.
     requests: Vec<(&'static str, u64)>,
+    /// Seconds from the last container start until background completion had completed and
+    /// checked both layers (the walks begin then).
+    completed_after: Option<f64>,
+    /// The snapshotter's CPU and major page faults (index pages read from disk) in that walk.
+    walk_daemon: clip_integration::process::ProcStat,
     rss_after_walks: Rss,
 }
 
@@ -298,6 +235,21 @@ impl Rig {
         ]))
     }
 
+    /// Waits until `layers` layers were completed and checked; how long that took (`None`:
+    /// not within `limit`, the walks then overlap it).
+    fn wait_verified(&self, layers: u64, limit: Duration) -> Option<f64> {
+        let t = Instant::now();
+        while t.elapsed() < limit {
+            let m = clip_integration::metrics::scrape(self.metrics_port);
+            if clip_integration::metrics::sum(&m, "clip_snapshotter_layers_verified_total{", &[]) >= layers {
+                return Some(t.elapsed().as_secs_f64());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        eprintln!("the layers were not completed within {limit:?}: the walks overlap completion");
+        None
+    }
+
     fn fuse_requests(&self) -> Vec<(&'static str, u64)> {
         let m = clip_integration::metrics::scrape(self.metrics_port);
         clip_readpath::FuseOp::NAMES
@@ -315,11 +267,13 @@ impl Rig {
             .collect()
     }
 
-    fn serve(&mut self, reg_host: &str, files: usize, reps: usize) -> Result<Served> {
-        let reference = format!("{reg_host}/bench/scale{files}:latest");
+    fn serve(&mut self, reg_host: &str, layout: &Layout, reps: usize) -> Result<Served> {
+        let reference = format!("{reg_host}/bench/{}:latest", layout.tree.repo());
         let walk = "find /scale -size +10000k";
         let mut s = Served {
-            files,
+            label: layout.label(),
+            repo: layout.tree.repo(),
+            entries: layout.entries,
             pull_seconds: Vec::new(),
             rss_after_mount: Rss::default(),
             cold_walk: Vec::new(),
@@ -329,6 +283,8 @@ impl Rig {
             overlay_warm_walk: Vec::new(),
             container_start: Vec::new(),
             requests: Vec::new(),
+            walk_daemon: ProcStat::default(),
+            completed_after: None,
             rss_after_walks: Rss::default(),
         };
         let pull = |rig: &Rig| -> Result<f64> {
@@ -347,11 +303,20 @@ impl Rig {
         for _ in 0..reps {
             s.container_start.push(self.walk("clip", &reference, "true")?);
         }
+        // The walks measure the metadata path alone, as overlayfs's do after its unpack: not
+        // while background completion inflates the layer and checks it on the same two cores.
+        s.completed_after = self.wait_verified(2, Duration::from_secs(300));
         for rep in 0..reps {
             drop_caches();
             let before = self.fuse_requests();
+            let daemon_before = proc_stat(self.snap.pid());
             s.cold_walk.push(self.walk("clip", &reference, walk)?);
             if rep == 0 {
+                let daemon_after = proc_stat(self.snap.pid());
+                s.walk_daemon = ProcStat {
+                    cpu_seconds: daemon_after.cpu_seconds - daemon_before.cpu_seconds,
+                    major_faults: daemon_after.major_faults - daemon_before.major_faults,
+                };
                 let after = self.fuse_requests();
                 s.requests = after.iter().zip(&before).map(|((op, a), (_, b))| (*op, a - b)).collect();
             }
@@ -385,10 +350,10 @@ fn main() -> Result<()> {
     let python = TestImage::Python.layout()?;
     let python_ref = reg.push_layout(&python, "pyapp", "bench/python", "latest")?;
     let mut layouts = Vec::new();
-    for &n in &opts.files {
-        let layout = scale_layout(n)?;
-        reg.push_layout(&layout, "scale", &format!("bench/scale{n}"), "latest")?;
-        layouts.push((n, layout));
+    for tree in &opts.trees {
+        let layout = trees::layout(tree)?;
+        reg.push_layout(&layout.path, "scale", &format!("bench/{}", tree.repo()), "latest")?;
+        layouts.push(layout);
     }
 
     // Indexing, end to end.
@@ -398,10 +363,10 @@ fn main() -> Result<()> {
     eprintln!("python: clip-builder index {:.2} s (median)", median(&wall));
     walls.push(("python".to_string(), wall, peak));
     indexed.extend(layers);
-    for (n, layout) in &layouts {
-        let name = format!("scale{n}");
+    for layout in &layouts {
+        let name = layout.tree.repo();
         let reference = format!("{}/bench/{name}:latest", reg.host());
-        let (layers, wall, peak) = index_image(&td, &name, &reference, layout, "scale", opts.reps)?;
+        let (layers, wall, peak) = index_image(&td, &name, &reference, &layout.path, "scale", opts.reps)?;
         eprintln!("{name}: clip-builder index {:.2} s (median)", median(&wall));
         walls.push((name, wall, peak));
         indexed.extend(layers);
@@ -419,7 +384,7 @@ fn main() -> Result<()> {
         format!("metrics_address = \"127.0.0.1:{metrics_port}\"\n[registry]\nhosts_dir = \"{}\"\n", hosts.display()),
     )?;
     let config = config.display().to_string();
-    let snap = ClipSnapshotter::start(&td, "clip", &["--config", &config])?;
+    let snap = ClipSnapshotter::start(&td, "clip", &["--config", &config, "--log-level", "info"])?;
     let ctrd = Containerd::start(
         &td,
         &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() },
@@ -429,10 +394,11 @@ fn main() -> Result<()> {
     std::fs::write(d.join("hosts.toml"), format!("server = \"http://{}\"\n", reg.host()))?;
     let mut rig = Rig { snap, ctrd, metrics_port };
     let mut served = Vec::new();
-    for (n, _) in &layouts {
-        let s = rig.serve(reg.host(), *n, opts.reps)?;
+    for layout in &layouts {
+        let s = rig.serve(reg.host(), layout, opts.reps)?;
         eprintln!(
-            "{n} files: pull {:.2} s, cold walk clip {:.2} s vs overlayfs {:.2} s",
+            "{}: pull {:.2} s, cold walk clip {:.2} s vs overlayfs {:.2} s",
+            s.label,
             median(&s.pull_seconds),
             median(&s.cold_walk),
             median(&s.overlay_cold_walk)
@@ -450,10 +416,12 @@ fn write_results(opts: &Opts, indexed: &[Indexed], walls: &[(String, Vec<f64>, u
         md,
         "Produced by `cargo run --release -p clip-bench --bin scale -- {}` on a 2-core VM (Debian 12, kernel 6.18), \
          containerd {}, registry on loopback; medians of {} runs, spread (max-min) in brackets. The generated layers hold \
-         N files of ~40 bytes in directories of {FILES_PER_DIR} under `/scale`, on busybox.\n",
+         N files of ~40 bytes in directories of {} under `/scale`, on busybox; `node_modules` is a real tree, `npm ci` of \
+         `bench/node-modules/package-lock.json` (React, MUI, the AWS SDKs, Firebase) under `/scale/node_modules`.\n",
         command.join(" "),
         clip_integration::gotools::containerd2_version(),
-        opts.reps
+        opts.reps,
+        trees::FILES_PER_DIR
     );
     let _ = writeln!(md, "## Indexing as users run it\n");
     let _ = writeln!(
@@ -513,20 +481,22 @@ fn write_results(opts: &Opts, indexed: &[Indexed], walls: &[(String, Vec<f64>, u
          Prepare and FUSE mount of both layers), each on a cold snapshotter and containerd. The walk is `ctr run` of \
          `find /scale -size +10000k` (an lstat of every entry; the container's start is in the time, and given alone); \
          cold: `drop_caches=3` (page cache, dentries, inodes) before it; overlayfs's image was pulled and unpacked first \
-         (its pull time is given).\n"
+         (its pull time is given), and clip's walks begin once background completion has completed and checked both \
+         layers (the time that took after the containers' starts is given), so neither walk shares the cores with an \
+         unpack; the daemon's log level is `info`, its default.\n"
     );
     let _ = writeln!(
         md,
-        "| files | clip pull (mounted) s | clip RSS after mount MB (anon) | container start s | cold walk clip s | cold walk overlayfs s | cold ratio | warm walk clip s | warm walk overlayfs s | warm ratio | overlayfs pull + unpack s | clip RSS after walks MB (anon; peak) |"
+        "| tree | clip pull (mounted) s | clip RSS after mount MB (anon) | container start s | cold walk clip s | cold walk overlayfs s | cold ratio | warm walk clip s | warm walk overlayfs s | warm ratio | overlayfs pull + unpack s | clip completed and checked after s | clip RSS after walks MB (anon; peak) |"
     );
-    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for s in served {
         let (cc, oc, cw, ow) =
             (median(&s.cold_walk), median(&s.overlay_cold_walk), median(&s.warm_walk), median(&s.overlay_warm_walk));
         let _ = writeln!(
             md,
-            "| {} | {:.2} ({:.2}) | {:.0} ({:.0}) | {:.2} | {cc:.2} ({:.2}) | {oc:.2} ({:.2}) | {:.2}x | {cw:.2} | {ow:.2} | {:.2}x | {:.1} | {:.0} ({:.0}; {:.0}) |",
-            s.files,
+            "| {} | {:.2} ({:.2}) | {:.0} ({:.0}) | {:.2} | {cc:.2} ({:.2}) | {oc:.2} ({:.2}) | {:.2}x | {cw:.2} | {ow:.2} | {:.2}x | {:.1} | {} | {:.0} ({:.0}; {:.0}) |",
+            s.label,
             median(&s.pull_seconds),
             spread(&s.pull_seconds),
             mb(s.rss_after_mount.total),
@@ -537,6 +507,7 @@ fn write_results(opts: &Opts, indexed: &[Indexed], walls: &[(String, Vec<f64>, u
             cc / oc.max(1e-9),
             cw / ow.max(1e-9),
             s.overlay_pull_seconds,
+            s.completed_after.map_or_else(|| "not within 300 s".to_string(), |t| format!("{t:.1}")),
             mb(s.rss_after_walks.total),
             mb(s.rss_after_walks.anon),
             mb(s.rss_after_walks.peak)
@@ -551,21 +522,33 @@ fn write_results(opts: &Opts, indexed: &[Indexed], walls: &[(String, Vec<f64>, u
         ];
         for (name, v) in series {
             for (i, x) in v.iter().enumerate() {
-                let _ = writeln!(csv, "serve,scale{},,{name},{i},{x:.3}", s.files);
+                let _ = writeln!(csv, "serve,{},,{name},{i},{x:.3}", s.repo);
             }
         }
     }
     let _ =
         writeln!(md, "\nFUSE requests of one cold walk through clip, per entry of the tree (files + directories):\n");
-    let _ = writeln!(md, "| files | {} | total per entry |", clip_readpath::FuseOp::NAMES.join(" | "));
-    let _ = writeln!(md, "|---|{}---|", "---|".repeat(clip_readpath::FuseOp::COUNT));
+    let _ = writeln!(
+        md,
+        "| tree | {} | total per entry | snapshotter CPU s | index pages read from disk (major faults) |",
+        clip_readpath::FuseOp::NAMES.join(" | ")
+    );
+    let _ = writeln!(md, "|---|{}---|---|---|", "---|".repeat(clip_readpath::FuseOp::COUNT));
     for s in served {
-        let entries = (s.files + s.files.div_ceil(FILES_PER_DIR) + 1) as f64;
+        let entries = s.entries as f64;
         let cells: Vec<String> = s.requests.iter().map(|(_, n)| format!("{:.3}", *n as f64 / entries)).collect();
         let total: u64 = s.requests.iter().map(|(_, n)| n).sum();
-        let _ = writeln!(md, "| {} | {} | {:.3} |", s.files, cells.join(" | "), total as f64 / entries);
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.3} | {:.2} | {} |",
+            s.label,
+            cells.join(" | "),
+            total as f64 / entries,
+            s.walk_daemon.cpu_seconds,
+            s.walk_daemon.major_faults
+        );
         for (op, n) in &s.requests {
-            let _ = writeln!(csv, "serve,scale{},,fuse_{op},0,{n}", s.files);
+            let _ = writeln!(csv, "serve,{},,fuse_{op},0,{n}", s.repo);
         }
     }
     std::fs::write(opts.out.join("scale.md"), &md)?;
