@@ -116,6 +116,65 @@ fn a_stored_index_is_read_in_place_with_only_the_pages_lookups_touch_resident() 
     );
 }
 
+/// Whether the page holding `at` (in a file map) is in the page cache (`mincore`), mapped
+/// into this process or not.
+fn page_cached(at: *const u8) -> bool {
+    let page = (at as usize / 4096 * 4096) as *mut libc::c_void;
+    let mut vec = [0u8; 1];
+    // SAFETY: `page` is the start of a page of a live map; `vec` has room for its one page.
+    #[allow(unsafe_code)]
+    let r = unsafe { libc::mincore(page, 4096, vec.as_mut_ptr()) };
+    assert_eq!(r, 0, "mincore: {}", std::io::Error::last_os_error());
+    vec[0] & 1 == 1
+}
+
+/// Drops `path`'s clean pages from the page cache (none may be mapped).
+fn evict(path: &Path) {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).expect("open");
+    // SAFETY: a plain advice call on an open descriptor.
+    #[allow(unsafe_code)]
+    let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(r, 0, "posix_fadvise");
+}
+
+#[test]
+fn faults_read_single_pages_until_a_walk_turns_read_around_on() {
+    let built = index_of(&many_files(300, 1000));
+    // On disk (the target dir), not a tmpfs whose pages cannot be evicted.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
+    let path = dir.path().join("layer.index");
+    std::fs::write(&path, built.bytes()).expect("store");
+    std::fs::File::open(&path).expect("open").sync_all().expect("sync");
+    let stored = Index::open_file(&path).expect("open_file");
+    let d150 = stored.entry(stored.lookup("d150").expect("lookup").expect("d150")).expect("entry");
+    let first = stored.entry(stored.children(&d150).expect("children").start).expect("child");
+    // Where d150's names lie, not read yet (a read maps the page and keeps it cached).
+    let name = first.name.as_ptr();
+    let ten_pages_on = name.wrapping_add(10 * 4096);
+    let cold = || {
+        stored.release_resident();
+        evict(&path);
+        assert!(!page_cached(name) && !page_cached(ten_pages_on), "evicted pages are still cached");
+    };
+
+    // Lookups' faults read their own page only: the measure can fail.
+    cold();
+    assert_eq!(stored.entry(first.id).expect("entry").name, b"file-00000");
+    assert!(page_cached(name), "the faulted page is not cached");
+    assert!(!page_cached(ten_pages_on), "a lookup's fault read 40 KiB past its page");
+
+    // A walk: from now on a fault reads around it.
+    stored.expect_walk();
+    stored.expect_walk();
+    cold();
+    assert_eq!(stored.entry(first.id).expect("entry").name, b"file-00000");
+    assert!(page_cached(ten_pages_on), "a fault in a walk did not read around");
+    // An owned index takes the call and stays as it is.
+    built.expect_walk();
+    assert!(!built.is_mapped());
+}
+
 #[test]
 fn a_packed_stored_index_is_read_and_unpacked() {
     let built = index_of(&many_files(2, 10));

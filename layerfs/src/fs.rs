@@ -224,6 +224,9 @@ impl LayerFs {
         if offset >= 2 + u64::from(children.end - children.start) {
             return Ok(Vec::new());
         }
+        if offset == 0 {
+            index.expect_walk();
+        }
         let parent = index.entry(dir.parent).map_err(|_| Errno::EIO)?;
         let mut items = vec![(self.attr(&dir, false)?, b".".to_vec()), (self.attr(&parent, false)?, b"..".to_vec())];
         for id in children {

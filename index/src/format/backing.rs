@@ -14,7 +14,8 @@ use std::path::Path;
 /// The bytes of an index.
 pub(crate) enum Backing {
     Owned(Vec<u8>),
-    Mapped(memmap2::Mmap),
+    /// The map, and whether its faults read around them yet ([`Backing::read_around`]).
+    Mapped(memmap2::Mmap, std::sync::atomic::AtomicBool),
 }
 
 impl std::ops::Deref for Backing {
@@ -22,7 +23,7 @@ impl std::ops::Deref for Backing {
     fn deref(&self) -> &[u8] {
         match self {
             Self::Owned(v) => v,
-            Self::Mapped(m) => m,
+            Self::Mapped(m, _) => m,
         }
     }
 }
@@ -53,18 +54,19 @@ impl Backing {
         // place (see the module's docs), so the bytes behind the slice do not change.
         #[allow(unsafe_code)]
         let map = unsafe { memmap2::MmapOptions::new().map(&file)? };
-        // The kernel's read-around stays on: a cold walk lists one directory after another, and
-        // without it every 4 KiB page of the index was a synchronous disk read of its own (1,840
-        // in a cold walk of a 111k-entry node_modules tree). Resident memory is not what it
-        // decides: a fault maps the same 64 KiB neighbourhood of cached pages either way.
-        Ok(Self::Mapped(map))
+        // Lookups jump about (binary searches): no read-around at each fault (the device's
+        // `read_ahead_kb` around it: 8 MiB on the test VM), which also mapped more of the index
+        // after a mount (22 MB against 19 MB RSS with a 100k-entry layer, single runs). A walk
+        // turns it on ([`Self::read_around`]).
+        let _ = map.advise(memmap2::Advice::Random);
+        Ok(Self::Mapped(map, std::sync::atomic::AtomicBool::new(false)))
     }
 
     /// Drops this process's hold on the pages of a mapped index that a whole pass (the checksum,
     /// [`validate`](super::Index::validate)) touched: they stay in the kernel's page cache, out of
     /// the daemon's resident memory, and fault back in when a lookup needs them. No-op when owned.
     pub(crate) fn release_resident(&self) {
-        if let Self::Mapped(m) = self {
+        if let Self::Mapped(m, _) = self {
             // SAFETY: MADV_DONTNEED on a read-only, private file map only unmaps its pages; the
             // next read of them faults the file's unchanged bytes back in.
             #[allow(unsafe_code)]
@@ -74,7 +76,20 @@ impl Backing {
         }
     }
 
+    /// From now on a fault in a mapped index reads around it, as the kernel does by default:
+    /// someone walks the tree, and without it every 4 KiB page of the index was a synchronous
+    /// disk read of its own (1,840 in a cold walk of a 111k-entry node_modules tree; 10 with
+    /// read-around). Once per map; no-op when owned.
+    pub(crate) fn read_around(&self) {
+        if let Self::Mapped(m, around) = self
+            && !around.swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            // Advice only: if it fails, faults go on reading single pages.
+            let _ = m.advise(memmap2::Advice::Normal);
+        }
+    }
+
     pub(crate) fn is_mapped(&self) -> bool {
-        matches!(self, Self::Mapped(_))
+        matches!(self, Self::Mapped(..))
     }
 }

@@ -141,7 +141,7 @@ impl Index {
     pub fn open_file(path: &std::path::Path) -> Result<Self, IndexError> {
         match Backing::map_file(path, MAX_INDEX_LEN)? {
             Backing::Owned(bytes) => Self::open_any(bytes),
-            mapped @ Backing::Mapped(_) => {
+            mapped @ Backing::Mapped(..) => {
                 let opened = Self::open_backing(mapped);
                 if let Ok(idx) = &opened {
                     idx.bytes.release_resident();
@@ -370,6 +370,13 @@ impl Index {
             return Err(format_err(format!("entry {}: children precede their parent", dir.id)));
         }
         Ok(dir.first_child..end)
+    }
+
+    /// Tells a mapped index that its tree is being walked (a directory listed): from now on its
+    /// page faults read around them, so a cold walk reads the breadth-first index in large
+    /// pieces. No-op for an owned index, and after the first call.
+    pub fn expect_walk(&self) {
+        self.bytes.read_around();
     }
 
     /// Looks up `name` in directory `dir` (binary search over its sorted children).
