@@ -211,9 +211,9 @@ impl LayerFs {
 impl LayerFs {
     /// A directory's entries as the unpacked layer shows them (`.`, `..`, then the children
     /// with whiteouts presented and opaque markers hidden), with their attributes.
-    /// The listing of directory `ino` from position `offset` on (`.` and `..` first); empty
-    /// without building it when `offset` is past its end — the request that ends every
-    /// directory's reading, one in two of a cold walk's requests.
+    /// The listing of directory `ino` (`.` and `..` first; the caller skips to `offset`), or
+    /// nothing, without building it, when `offset` is past its end — the request that ends
+    /// every directory's reading, one in two of a cold walk's requests.
     fn listing(&self, ino: INodeNo, offset: u64) -> Result<Vec<(FileAttr, Vec<u8>)>, Errno> {
         let dir = self.entry(ino)?;
         if dir.kind != EntryKind::Dir {

@@ -4,7 +4,7 @@
 //! `bench/node-modules/package-lock.json` (a React app with MUI, the AWS SDKs and Firebase:
 //! ~111,000 entries in ~10,000 directories, most of them a few levels deep).
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clip_integration::images::{TestImage, cache_dir, derive_layout_with_gzip_layer};
 use sha2::Digest as _;
 use std::io::Write as _;
@@ -81,12 +81,9 @@ type LayerTar = tar::Builder<Hashing<std::io::BufWriter<std::process::ChildStdin
 
 /// The OCI layout (tag `scale`) of `tree`, made once into the test bed cache.
 pub fn layout(tree: &Tree) -> Result<Layout> {
-    let (key, source) = match tree {
-        Tree::Generated(n) => (format!("scale-{n}-g{GENERATOR}"), None),
-        Tree::NodeModules => {
-            let (key, dir) = node_modules()?;
-            (key, Some(dir))
-        }
+    let key = match tree {
+        Tree::Generated(n) => format!("scale-{n}-g{GENERATOR}"),
+        Tree::NodeModules => node_modules_key()?,
     };
     let dest = cache_dir().join(&key);
     let count_file = cache_dir().join(format!("{key}.entries"));
@@ -98,15 +95,17 @@ pub fn layout(tree: &Tree) -> Result<Layout> {
         return Ok(Layout { tree: tree.clone(), path: dest, entries });
     }
     let t = Instant::now();
-    let entries = write_layer(&dest, |tar| match (tree, &source) {
-        (Tree::Generated(n), _) => generate(tar, *n),
-        (Tree::NodeModules, Some(dir)) => {
-            let mut count = 0;
-            append_sorted(tar, &dir.join("node_modules"), "scale/node_modules", &mut count)?;
-            Ok(count + 1)
+    let entries = match tree {
+        Tree::Generated(n) => write_layer(&dest, |tar| generate(tar, *n))?,
+        Tree::NodeModules => {
+            let src = install_node_modules(&key)?;
+            write_layer(&dest, |tar| {
+                let mut count = 0;
+                append_sorted(tar, &src.join("node_modules"), "scale/node_modules", &mut count)?;
+                Ok(count + 1)
+            })?
         }
-        (Tree::NodeModules, None) => bail!("node_modules has no source"),
-    })?;
+    };
     std::fs::write(&count_file, entries.to_string())?;
     eprintln!("made {}: {entries} entries in {:.1} s", tree.repo(), t.elapsed().as_secs_f64());
     Ok(Layout { tree: tree.clone(), path: dest, entries })
@@ -202,15 +201,25 @@ fn append_sorted(tar: &mut LayerTar, dir: &Path, name: &str, count: &mut usize) 
     Ok(())
 }
 
-/// The installed `node_modules` (`npm ci` of the committed lock file, once, in the cache):
-/// its cache key and the directory holding it.
-fn node_modules() -> Result<(String, PathBuf)> {
-    let manifests = Path::new(env!("CARGO_MANIFEST_DIR")).join("node-modules");
+/// Where the committed `package.json` and lock file are.
+fn node_modules_manifests() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("node-modules")
+}
+
+/// The cache key of the `node_modules` tree: a hash of its manifests.
+fn node_modules_key() -> Result<String> {
+    let manifests = node_modules_manifests();
     let mut hash = sha2::Sha256::new();
     for f in ["package.json", "package-lock.json"] {
         hash.update(std::fs::read(manifests.join(f)).with_context(|| format!("{}/{f}", manifests.display()))?);
     }
-    let key = format!("node-modules-{}", &hex::encode(hash.finalize())[..12]);
+    Ok(format!("node-modules-{}", &hex::encode(hash.finalize())[..12]))
+}
+
+/// The directory holding the installed `node_modules` of `key` (`npm ci` of the committed lock
+/// file, once, in the cache; only when its layer is not cached yet).
+fn install_node_modules(key: &str) -> Result<PathBuf> {
+    let manifests = node_modules_manifests();
     let dir = cache_dir().join(format!("{key}.src"));
     let done = dir.join("node_modules/.package-lock.json");
     if !done.exists() {
@@ -228,5 +237,5 @@ fn node_modules() -> Result<(String, PathBuf)> {
         anyhow::ensure!(st.success(), "npm ci in {}", dir.display());
         eprintln!("npm ci: {:.1} s", t.elapsed().as_secs_f64());
     }
-    Ok((key, dir))
+    Ok(dir)
 }
