@@ -104,6 +104,28 @@ pub fn proc_stat(pid: u32) -> ProcStat {
     ProcStat { cpu_seconds: (field(14) + field(15) + field(16) + field(17)) as f64 / ticks, major_faults: field(12) }
 }
 
+/// Waits for `child` while watching its peak resident memory (`VmHWM`, read every 20 ms until
+/// it exits): its output and that peak in bytes.
+pub fn wait_with_peak_rss(child: std::process::Child) -> std::io::Result<(std::process::Output, u64)> {
+    let pid = child.id();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(status_bytes(pid, "VmHWM"));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            peak
+        })
+    };
+    let out = child.wait_with_output();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let peak = watcher.join().unwrap_or_default();
+    Ok((out?, peak))
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.stop();

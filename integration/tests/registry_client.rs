@@ -654,3 +654,60 @@ fn publishing_an_artifact_with_a_subject_is_found_through_the_referrers_fallback
 mod oci_descriptor {
     pub use oci_spec::image::Descriptor;
 }
+
+#[test]
+fn a_streamed_blob_must_be_exactly_its_descriptors_size_and_digest() -> Result<()> {
+    let content: Vec<u8> = (0..3u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let digest = clip_registry::api::sha256_digest(&content);
+    let size = content.len() as u64;
+    let served = content.clone();
+    // Each repository of the stand-in answers the blob its own way.
+    let stub = HttpStub::start(move |req| {
+        let mut body = served.clone();
+        match req.path().split('/').nth(2).unwrap_or_default() {
+            "long" => body.push(0),
+            "short" => {
+                body.pop();
+            }
+            "flipped" => body[1 << 20] ^= 0xff,
+            _ => {}
+        }
+        StubResponse { status: 200, headers: Vec::new(), body }
+    })?;
+    let endless = FaultProxy::start(&format!("127.0.0.1:{}", stub.port()), Fault::EndlessBody(200))?;
+    let client = RegistryClient::new(HostsConfig { dir: None, plain_http: true });
+    let collect = |host: String, repo: &'static str| {
+        let client = client.clone();
+        let digest = digest.clone();
+        async move {
+            use futures::StreamExt;
+            let repo = client
+                .repository(&Reference::parse(&format!("{host}/{repo}:latest"))?, CredentialChain::anonymous())?;
+            let mut stream = std::pin::pin!(repo.blob_stream(&digest, size).await?);
+            let mut got = Vec::new();
+            while let Some(chunk) = stream.next().await {
+                got.extend_from_slice(&chunk?);
+            }
+            anyhow::Ok(got)
+        }
+    };
+    let host = format!("127.0.0.1:{}", stub.port());
+    rt().block_on(async {
+        assert_eq!(collect(host.clone(), "ok").await?, content);
+        for (repo, says) in [
+            ("long", format!("more than the {size} bytes its descriptor says")),
+            ("short", format!("{} bytes, its descriptor says {size}", size - 1)),
+            ("flipped", "digest".to_string()),
+        ] {
+            let e = collect(host.clone(), repo).await.expect_err(repo);
+            assert!(e.to_string().contains(&says), "{repo}: {e:#}");
+        }
+        // An endless body: refused at the first byte past the size, having read about that much.
+        let e = collect(endless.host(), "ok").await.expect_err("endless");
+        assert!(e.to_string().contains("more than"), "{e:#}");
+        anyhow::Ok(())
+    })?;
+    let sent = endless.hostile_bytes();
+    assert!(sent < size + (16 << 20), "{sent} bytes of an endless body were read for a {size}-byte blob");
+    Ok(())
+}

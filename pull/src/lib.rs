@@ -17,14 +17,15 @@ use containerd_client::services::v1::snapshots::{
     CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest, UpdateSnapshotRequest,
 };
 use containerd_client::services::v1::{
-    ApplyRequest, CreateImageRequest, Image, UpdateImageRequest, WriteAction, WriteContentRequest,
-    content_client::ContentClient, diff_client::DiffClient, images_client::ImagesClient, leases_client::LeasesClient,
+    ApplyRequest, CreateImageRequest, Image, UpdateImageRequest, content_client::ContentClient,
+    diff_client::DiffClient, images_client::ImagesClient, leases_client::LeasesClient,
 };
 use containerd_client::tonic::{Code, Request, transport::Channel};
-use futures::StreamExt;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Instant;
+
+mod content;
 
 /// What to pull and how.
 #[derive(Debug, Clone)]
@@ -155,8 +156,8 @@ pub async fn pull(opts: &PullOptions, reference: &str) -> Result<PullReport> {
         }
         let config_labels =
             HashMap::from([(format!("containerd.io/gc.ref.snapshot.{}", opts.snapshotter), top.clone())]);
-        write_content(&mut content, &ctx, &config_digest, config.to_vec(), config_labels).await?;
-        write_content(&mut content, &ctx, &manifest.digest, manifest.bytes.to_vec(), manifest_labels).await?;
+        content::write_content(&mut content, &ctx, &config_digest, config.to_vec(), config_labels).await?;
+        content::write_content(&mut content, &ctx, &manifest.digest, manifest.bytes.to_vec(), manifest_labels).await?;
 
         let mut snapshots = SnapshotsClient::new(channel.clone());
         let layer_digests: Vec<String> = layers.iter().map(|d| d.digest().to_string()).collect();
@@ -329,86 +330,6 @@ async fn strip_secret_labels(snapshots: &mut SnapshotsClient<Channel>, ctx: &Ctx
     }
 }
 
-/// Streams a blob into containerd's content store (one write, then commit); existing content
-/// only gets its labels.
-async fn write_content(
-    content: &mut ContentClient<Channel>,
-    ctx: &Ctx,
-    digest: &str,
-    data: Vec<u8>,
-    labels: HashMap<String, String>,
-) -> Result<()> {
-    let total = data.len() as i64;
-    let r#ref = format!("clip-pull-{digest}");
-    // gRPC messages are capped (16 MiB by default): write in 1 MiB chunks.
-    const CHUNK: usize = 1 << 20;
-    let mut msgs = Vec::new();
-    let mut offset = 0usize;
-    loop {
-        let end = (offset + CHUNK).min(data.len());
-        msgs.push(WriteContentRequest {
-            action: WriteAction::Write as i32,
-            r#ref: r#ref.clone(),
-            total,
-            expected: digest.to_string(),
-            offset: offset as i64,
-            data: data[offset..end].to_vec(),
-            labels: HashMap::new(),
-        });
-        offset = end;
-        if offset >= data.len() {
-            break;
-        }
-    }
-    msgs.push(WriteContentRequest {
-        action: WriteAction::Commit as i32,
-        r#ref,
-        total,
-        expected: digest.to_string(),
-        offset: total,
-        data: Vec::new(),
-        labels: labels.clone(),
-    });
-    match content.write(ctx.req(futures::stream::iter(msgs))?).await {
-        Ok(resp) => {
-            let mut stream = resp.into_inner();
-            while let Some(m) = stream.next().await {
-                match m {
-                    Ok(_) => {}
-                    Err(s) if s.code() == Code::AlreadyExists => {
-                        return set_content_labels(content, ctx, digest, labels).await;
-                    }
-                    Err(s) => bail!("writing {digest} to the content store: {}", s.message()),
-                }
-            }
-            Ok(())
-        }
-        Err(s) if s.code() == Code::AlreadyExists => set_content_labels(content, ctx, digest, labels).await,
-        Err(s) => bail!("writing {digest} to the content store: {}", s.message()),
-    }
-}
-
-async fn set_content_labels(
-    content: &mut ContentClient<Channel>,
-    ctx: &Ctx,
-    digest: &str,
-    labels: HashMap<String, String>,
-) -> Result<()> {
-    let paths = labels.keys().map(|k| format!("labels.{k}")).collect();
-    content
-        .update(ctx.req(containerd_client::services::v1::UpdateRequest {
-            info: Some(containerd_client::services::v1::Info {
-                digest: digest.to_string(),
-                labels,
-                ..Default::default()
-            }),
-            update_mask: Some(prost_types_14::FieldMask { paths }),
-        })?)
-        .await
-        .with_context(|| format!("labelling {digest}"))?;
-    Ok(())
-}
-
 /// The fallback: layer blob into the content store, then containerd's differ applies it; what
 /// it applied must be the layer's `diff_id` (else the snapshot would be committed under a chain
 /// ID that is not its content's, for every later image of that chain to reuse).
@@ -422,8 +343,7 @@ async fn unpack_layer(
     mounts: Vec<containerd_client::types::Mount>,
 ) -> Result<()> {
     let digest = layer.digest().to_string();
-    let blob = repo.get_blob(&digest, 4 << 30).await.with_context(|| format!("downloading {digest}"))?;
-    write_content(content, ctx, &digest, blob.to_vec(), HashMap::new()).await?;
+    content::store_layer_blob(repo, content, ctx, layer).await?;
     let mut diff = DiffClient::new(channel.clone());
     let applied = diff
         .apply(ctx.req(ApplyRequest {

@@ -74,7 +74,7 @@ impl Platform {
 }
 
 impl Repository {
-    fn bad(&self, what: &str, message: impl Into<String>) -> RegistryError {
+    pub(crate) fn bad(&self, what: &str, message: impl Into<String>) -> RegistryError {
         RegistryError::BadResponse {
             registry: self.image.registry.clone(),
             what: what.to_string(),

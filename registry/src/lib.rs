@@ -5,7 +5,8 @@
 //! - [`hosts`]: containerd `hosts.toml` (mirrors, CA, skip_verify, plain HTTP);
 //! - [`client`]: HTTP clients, the per-repository request loop (endpoints, retries, auth
 //!   challenges along the credential chain, redirects without `Authorization`);
-//! - [`api`]: manifests, blobs, **Range** reads, uploads, referrers;
+//! - [`api`]: manifests, blobs, **Range** reads, uploads, referrers (a whole blob streamed and
+//!   checked as it arrives: `blob_stream.rs`);
 //! - [`credentials`]: the priority chain of credentials (docs/architecture.md, "Credentials"),
 //!   over a [`Credential`] and its [`Source`] (leaf modules every other one may name);
 //! - [`mint`]: short-lived tokens minted from long-term credentials (ECR, GCP, basic);
@@ -14,6 +15,7 @@
 
 mod answer;
 pub mod api;
+mod blob_stream;
 mod body;
 pub mod challenge;
 pub mod client;

@@ -1,0 +1,187 @@
+//! containerd's content store as clip's pull writes it: small blobs (manifests, configs) from
+//! memory, layer blobs streamed from the registry as they arrive — checked against their
+//! descriptor's size and digest on the way, held a few MiB at a time, never whole.
+
+use crate::Ctx;
+use anyhow::{Context, Result, bail};
+use clip_registry::Repository;
+use containerd_client::services::v1::{
+    AbortRequest, InfoRequest, WriteAction, WriteContentRequest, content_client::ContentClient,
+};
+use containerd_client::tonic::{Code, transport::Channel};
+use futures::{SinkExt, StreamExt};
+use std::collections::HashMap;
+
+/// The size of each write to containerd (gRPC messages are capped at 16 MiB by default).
+const MESSAGE: usize = 1 << 20;
+/// Writes queued between the registry's body and containerd: the memory a layer takes.
+const QUEUE: usize = 4;
+
+/// Streams layer blob `layer` from the registry into the content store, [`MESSAGE`] bytes per
+/// write with at most [`QUEUE`] writes waiting. The registry's bytes are checked against the
+/// descriptor's size and digest as they pass ([`Repository::blob_stream`]); the commit is sent
+/// only after the last of them passed, and on any failure the partial ingest is aborted, so
+/// the store never holds a blob that is not the descriptor's. A blob already in the store is
+/// not downloaded again.
+pub(crate) async fn store_layer_blob(
+    repo: &Repository,
+    content: &mut ContentClient<Channel>,
+    ctx: &Ctx,
+    layer: &oci_spec::image::Descriptor,
+) -> Result<()> {
+    let digest = layer.digest().to_string();
+    if content.info(ctx.req(InfoRequest { digest: digest.clone() })?).await.is_ok() {
+        return Ok(());
+    }
+    let size = layer.size();
+    let chunks = repo.blob_stream(&digest, size).await.with_context(|| format!("downloading {digest}"))?;
+    let r#ref = format!("clip-pull-{digest}");
+    let expected = digest.clone();
+    let message = move |action: WriteAction, offset: u64, data: Vec<u8>| WriteContentRequest {
+        action: action as i32,
+        r#ref: r#ref.clone(),
+        total: size as i64,
+        expected: expected.clone(),
+        offset: offset as i64,
+        data,
+        labels: HashMap::new(),
+    };
+    let (mut tx, rx) = futures::channel::mpsc::channel::<WriteContentRequest>(QUEUE);
+    let produce = async move {
+        let mut chunks = std::pin::pin!(chunks);
+        let mut buf = Vec::with_capacity(MESSAGE);
+        let mut offset = 0u64;
+        let mut done = false;
+        while !done {
+            let chunk = match chunks.next().await {
+                Some(chunk) => chunk.with_context(|| format!("downloading {digest}"))?,
+                None => {
+                    done = true;
+                    bytes::Bytes::new()
+                }
+            };
+            let mut rest = &chunk[..];
+            while !rest.is_empty() || (done && !buf.is_empty()) {
+                let take = (MESSAGE - buf.len()).min(rest.len());
+                buf.extend_from_slice(&rest[..take]);
+                rest = &rest[take..];
+                if buf.len() == MESSAGE || (done && rest.is_empty()) {
+                    let data = std::mem::replace(&mut buf, Vec::with_capacity(MESSAGE));
+                    let n = data.len() as u64;
+                    // A send fails only when containerd ended the write: its answer says why.
+                    if tx.send(message(WriteAction::Write, offset, data)).await.is_err() {
+                        return Ok(());
+                    }
+                    offset += n;
+                }
+            }
+        }
+        let _ = tx.send(message(WriteAction::Commit, offset, Vec::new())).await;
+        anyhow::Ok(())
+    };
+    let consume = async {
+        let mut answers = content.write(ctx.req(rx)?).await?.into_inner();
+        while let Some(answer) = answers.next().await {
+            answer?;
+        }
+        anyhow::Ok(())
+    };
+    let (produced, consumed) = futures::join!(produce, consume);
+    let failed = match (produced, consumed) {
+        (Err(e), _) => e,
+        (Ok(()), Ok(())) => return Ok(()),
+        (Ok(()), Err(e)) => match e.downcast_ref::<containerd_client::tonic::Status>() {
+            // Another pull committed the same blob meanwhile.
+            Some(s) if s.code() == Code::AlreadyExists => return Ok(()),
+            Some(s) => anyhow::anyhow!("writing {} to the content store: {}", layer.digest(), s.message()),
+            None => e,
+        },
+    };
+    let r#ref = format!("clip-pull-{}", layer.digest());
+    if let Err(s) = content.abort(ctx.req(AbortRequest { r#ref })?).await
+        && s.code() != Code::NotFound
+    {
+        tracing::warn!(layer = %layer.digest(), error = %s.message(), "could not abort the partial download in containerd's content store");
+    }
+    Err(failed)
+}
+
+/// Writes a small blob held in memory (a manifest, a config) into the content store, then
+/// commits it; existing content only gets its labels.
+pub(crate) async fn write_content(
+    content: &mut ContentClient<Channel>,
+    ctx: &Ctx,
+    digest: &str,
+    data: Vec<u8>,
+    labels: HashMap<String, String>,
+) -> Result<()> {
+    let total = data.len() as i64;
+    let r#ref = format!("clip-pull-{digest}");
+    // gRPC messages are capped (16 MiB by default): write in 1 MiB chunks.
+    const CHUNK: usize = 1 << 20;
+    let mut msgs = Vec::new();
+    let mut offset = 0usize;
+    loop {
+        let end = (offset + CHUNK).min(data.len());
+        msgs.push(WriteContentRequest {
+            action: WriteAction::Write as i32,
+            r#ref: r#ref.clone(),
+            total,
+            expected: digest.to_string(),
+            offset: offset as i64,
+            data: data[offset..end].to_vec(),
+            labels: HashMap::new(),
+        });
+        offset = end;
+        if offset >= data.len() {
+            break;
+        }
+    }
+    msgs.push(WriteContentRequest {
+        action: WriteAction::Commit as i32,
+        r#ref,
+        total,
+        expected: digest.to_string(),
+        offset: total,
+        data: Vec::new(),
+        labels: labels.clone(),
+    });
+    match content.write(ctx.req(futures::stream::iter(msgs))?).await {
+        Ok(resp) => {
+            let mut stream = resp.into_inner();
+            while let Some(m) = stream.next().await {
+                match m {
+                    Ok(_) => {}
+                    Err(s) if s.code() == Code::AlreadyExists => {
+                        return set_content_labels(content, ctx, digest, labels).await;
+                    }
+                    Err(s) => bail!("writing {digest} to the content store: {}", s.message()),
+                }
+            }
+            Ok(())
+        }
+        Err(s) if s.code() == Code::AlreadyExists => set_content_labels(content, ctx, digest, labels).await,
+        Err(s) => bail!("writing {digest} to the content store: {}", s.message()),
+    }
+}
+
+async fn set_content_labels(
+    content: &mut ContentClient<Channel>,
+    ctx: &Ctx,
+    digest: &str,
+    labels: HashMap<String, String>,
+) -> Result<()> {
+    let paths = labels.keys().map(|k| format!("labels.{k}")).collect();
+    content
+        .update(ctx.req(containerd_client::services::v1::UpdateRequest {
+            info: Some(containerd_client::services::v1::Info {
+                digest: digest.to_string(),
+                labels,
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types_14::FieldMask { paths }),
+        })?)
+        .await
+        .with_context(|| format!("labelling {digest}"))?;
+    Ok(())
+}
