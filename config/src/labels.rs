@@ -36,6 +36,9 @@ pub const INDEX_DIGEST: &str = "containerd.io/snapshot/clip.index-digest";
 pub const PLAIN_HTTP: &str = "containerd.io/snapshot/clip.plain-http";
 /// Set by the snapshotter on a snapshot it could not serve lazily: why (no secret in it).
 pub const NOT_LAZY_REASON: &str = "containerd.io/snapshot/clip.not-lazy";
+/// How a [`NOT_LAZY_REASON`] begins when the image has no index at all: none of its layers will
+/// be served lazily (the pull client then downloads the next layers while one is applied).
+pub const NOT_LAZY_NO_INDEX: &str = "no CLIP index is published for ";
 
 /// Labels whose values are secrets: never stored in metadata, never returned by `Stat`.
 pub const SECRET_LABELS: [&str; 3] = [BUILD_REGISTRY_CREDS, IMAGE_CREDS, SOURCE_IMAGE_CREDS];

@@ -43,6 +43,9 @@ pub struct ContainerdOptions {
     /// network (they cannot use the host's): CNI `bridge`/`host-local` on a bridge of this
     /// containerd's own, removed on drop.
     pub pod_network: bool,
+    /// 2.x: the transfer service's `concurrent_layer_fetch_buffer` (bytes per ranged request
+    /// when it fetches a layer in parallel pieces; `None`: containerd's default, one request).
+    pub layer_fetch_chunk: Option<u64>,
 }
 
 /// A running containerd. On drop: every task killed, every container and image removed in every
@@ -59,6 +62,8 @@ pub struct Containerd {
     config: PathBuf,
     /// The CNI bridge of [`ContainerdOptions::pod_network`].
     bridge: Option<String>,
+    /// What the config was rendered from, for [`Containerd::reconfigure`].
+    opts: ContainerdOptions,
 }
 
 impl Containerd {
@@ -77,18 +82,33 @@ impl Containerd {
         let hosts_dir = dir.join("certs.d");
         let clip_socket = opts.clip_socket.clone().unwrap_or_else(|| dir.join("clip-unused.sock"));
         let config = dir.join("config.toml");
-        let (text, bin_dir) = match opts.flavor {
-            Flavor::V1_6 => (render_config(&dir, &socket, &hosts_dir, &clip_socket, opts)?, None),
-            Flavor::V2 => (
-                render_config_v3(&dir, &socket, &hosts_dir, &clip_socket, opts)?,
-                Some(crate::gotools::containerd2_bin_dir()?),
-            ),
+        let bin_dir = match opts.flavor {
+            Flavor::V1_6 => None,
+            Flavor::V2 => Some(crate::gotools::containerd2_bin_dir()?),
         };
-        std::fs::write(&config, text)?;
         let bridge = opts.pod_network.then(|| write_pod_network(&dir.join("cni"))).transpose()?;
-        let mut c = Self { daemon: None, flavor: opts.flavor, bin_dir, dir, socket, hosts_dir, config, bridge };
+        let opts = ContainerdOptions { clip_socket: Some(clip_socket), ..opts.clone() };
+        let mut c = Self { daemon: None, flavor: opts.flavor, bin_dir, dir, socket, hosts_dir, config, bridge, opts };
+        c.write_config()?;
         c.launch()?;
         Ok(c)
+    }
+
+    fn write_config(&self) -> Result<()> {
+        let clip_socket = self.opts.clip_socket.clone().unwrap_or_default();
+        let (dir, socket, hosts_dir) = (&self.dir, &self.socket, &self.hosts_dir);
+        let text = match self.flavor {
+            Flavor::V1_6 => render_config(dir, socket, hosts_dir, &clip_socket, &self.opts)?,
+            Flavor::V2 => render_config_v3(dir, socket, hosts_dir, &clip_socket, &self.opts)?,
+        };
+        Ok(std::fs::write(&self.config, text)?)
+    }
+
+    /// Changes the options this containerd's config is rendered from (its flavor, sockets and
+    /// pod network stay); the next [`Containerd::restart`] applies them.
+    pub fn reconfigure(&mut self, change: impl FnOnce(&mut ContainerdOptions)) -> Result<()> {
+        change(&mut self.opts);
+        self.write_config()
     }
 
     /// `name` from this containerd's binaries.
@@ -462,13 +482,15 @@ oom_score = 0
 [plugins."io.containerd.cri.v1.images".registry]
   config_path = "{hosts}"
 [plugins."io.containerd.transfer.v1.local"]
-  config_path = "{hosts}"
+  config_path = "{hosts}"{fetch_chunk}
 # NRI's socket is machine-wide by default: one of its own, so containerds can run side by side.
 [plugins."io.containerd.nri.v1.nri"]
   socket_path = "{d}/nri.sock"
 {peers}"#,
         hosts = hosts_dir.display(),
         cni_bin = cni_bin.display(),
+        fetch_chunk =
+            opts.layer_fetch_chunk.map(|c| format!("\n  concurrent_layer_fetch_buffer = {c}")).unwrap_or_default(),
     ))
 }
 

@@ -372,8 +372,9 @@ fn layers_without_an_index_stream_into_containerd_checked_and_never_held_whole()
         largest_size >> 20
     );
     // Before, the largest layer alone took twice its size (51 MB read whole, then copied into
-    // the write's messages): a peak of at least 102 MB.
-    assert!(peak > 0 && peak < largest_size * 3 / 4, "the pull's peak RSS {peak} against a {largest_size}-byte layer");
+    // the write's messages): 168 MB measured. Now a few MiB per download (four at once: the
+    // layer applied and three ahead) over the process's own 20-odd MB.
+    assert!(peak > 0 && peak < largest_size, "the pull's peak RSS {peak} against a {largest_size}-byte layer");
     assert!(in_store()?.contains(hex));
     let run_out = ctrd.ctr_run(
         "t",

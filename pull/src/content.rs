@@ -11,11 +11,61 @@ use containerd_client::services::v1::{
 use containerd_client::tonic::{Code, transport::Channel};
 use futures::{SinkExt, StreamExt};
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-/// The size of each write to containerd (gRPC messages are capped at 16 MiB by default).
+/// The size of each write to containerd (its gRPC messages are capped at 16 MiB).
 const MESSAGE: usize = 1 << 20;
 /// Writes queued between the registry's body and containerd: the memory a layer takes.
-const QUEUE: usize = 4;
+const QUEUE: usize = 2;
+
+/// Downloads ahead: layer blobs going into the content store before their turn, at most
+/// [`AHEAD`] at a time (containerd's pull downloads 3 layers at once), so that containerd's
+/// differ applies one layer while the next ones download. Started only when the image has no
+/// index (every layer falls back): a layer served lazily must not be downloaded. Dropping it
+/// stops what is still downloading.
+#[derive(Default)]
+pub(crate) struct Ahead {
+    downloads: HashMap<String, tokio::task::JoinHandle<Result<()>>>,
+    slots: Option<Arc<tokio::sync::Semaphore>>,
+}
+
+/// Layer blobs downloading ahead at once.
+const AHEAD: usize = 3;
+
+impl Ahead {
+    /// Starts downloading `layer` into the content store.
+    pub(crate) fn start(
+        &mut self,
+        repo: Arc<Repository>,
+        channel: Channel,
+        ctx: Ctx,
+        layer: oci_spec::image::Descriptor,
+    ) {
+        let slots = self.slots.get_or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(AHEAD))).clone();
+        let digest = layer.digest().to_string();
+        self.downloads.entry(digest).or_insert_with(|| {
+            tokio::spawn(async move {
+                let _slot = slots.acquire_owned().await?;
+                store_layer_blob(&repo, &mut ContentClient::new(channel), &ctx, &layer).await
+            })
+        });
+    }
+
+    /// Waits for `digest`'s download, if one was started.
+    pub(crate) async fn wait(&mut self, digest: &str) -> Option<Result<()>> {
+        let handle = self.downloads.remove(digest)?;
+        Some(handle.await.map_err(anyhow::Error::from).and_then(|r| r))
+    }
+}
+
+impl Drop for Ahead {
+    fn drop(&mut self) {
+        for handle in self.downloads.values() {
+            handle.abort();
+        }
+    }
+}
 
 /// Streams layer blob `layer` from the registry into the content store, [`MESSAGE`] bytes per
 /// write with at most [`QUEUE`] writes waiting. The registry's bytes are checked against the
@@ -52,8 +102,12 @@ pub(crate) async fn store_layer_blob(
         let mut buf = Vec::with_capacity(MESSAGE);
         let mut offset = 0u64;
         let mut done = false;
+        let (mut waited_registry, mut waited_containerd) = (Duration::ZERO, Duration::ZERO);
         while !done {
-            let chunk = match chunks.next().await {
+            let t = Instant::now();
+            let next = chunks.next().await;
+            waited_registry += t.elapsed();
+            let chunk = match next {
                 Some(chunk) => chunk.with_context(|| format!("downloading {digest}"))?,
                 None => {
                     done = true;
@@ -69,13 +123,21 @@ pub(crate) async fn store_layer_blob(
                     let data = std::mem::replace(&mut buf, Vec::with_capacity(MESSAGE));
                     let n = data.len() as u64;
                     // A send fails only when containerd ended the write: its answer says why.
+                    let t = Instant::now();
                     if tx.send(message(WriteAction::Write, offset, data)).await.is_err() {
                         return Ok(());
                     }
+                    waited_containerd += t.elapsed();
                     offset += n;
                 }
             }
         }
+        tracing::debug!(
+            layer = %digest,
+            registry_s = waited_registry.as_secs_f64(),
+            containerd_s = waited_containerd.as_secs_f64(),
+            "layer blob streamed: time spent waiting for the registry's bytes and for containerd to take them"
+        );
         let _ = tx.send(message(WriteAction::Commit, offset, Vec::new())).await;
         anyhow::Ok(())
     };

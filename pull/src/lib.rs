@@ -70,6 +70,7 @@ pub struct NotLazy {
 }
 
 /// Metadata headers containerd reads from every request.
+#[derive(Clone)]
 struct Ctx {
     namespace: String,
     lease: Option<String>,
@@ -115,7 +116,7 @@ pub async fn pull(opts: &PullOptions, reference: &str) -> Result<PullReport> {
     if opts.build_registry_creds.is_some() && !offers_build_creds(opts, &image) {
         tracing::warn!(image = %image, "the build registry credentials are offered only to the configured [build_registry]; not to this image");
     }
-    let repo = client.repository(&image, chain(opts, &image))?;
+    let repo = std::sync::Arc::new(client.repository(&image, chain(opts, &image))?);
     let (manifest, parsed) = repo
         .get_image_manifest(image.manifest_reference(), &opts.platform)
         .await
@@ -170,6 +171,7 @@ pub async fn pull(opts: &PullOptions, reference: &str) -> Result<PullReport> {
             not_lazy: Vec::new(),
             seconds: 0.0,
         };
+        let mut ahead = content::Ahead::default();
         for (i, layer) in layers.iter().enumerate() {
             let chain_id = &chain_ids[i];
             let parent = if i == 0 { String::new() } else { chain_ids[i - 1].clone() };
@@ -205,12 +207,24 @@ pub async fn pull(opts: &PullOptions, reference: &str) -> Result<PullReport> {
                         .ok()
                         .and_then(|r| r.into_inner().info)
                         .and_then(|info| info.labels.get(l::NOT_LAZY_REASON).cloned());
+                    if said.as_deref().is_some_and(|r| r.starts_with(l::NOT_LAZY_NO_INDEX)) {
+                        // No layer of this image will be lazy: the next ones download meanwhile.
+                        for (j, next) in layers.iter().enumerate().skip(i + 1) {
+                            let key = chain_ids[j].clone();
+                            let req = StatSnapshotRequest { snapshotter: opts.snapshotter.clone(), key };
+                            if snapshots.stat(ctx.req(req)?).await.is_err() {
+                                ahead.start(repo.clone(), channel.clone(), ctx.clone(), next.clone());
+                            }
+                        }
+                    }
                     report.not_lazy.push(NotLazy {
                         layer: layer.digest().to_string(),
                         reason: said
                             .unwrap_or_else(|| "the snapshotter did not say (not clip, or lazy serving is off)".into()),
                     });
-                    let unpacked = unpack_layer(&repo, &channel, &ctx, &mut content, layer, &diff_ids[i], mounts).await;
+                    let unpacked =
+                        unpack_layer(&repo, &channel, &ctx, &mut content, layer, &diff_ids[i], mounts, &mut ahead)
+                            .await;
                     if let Err(e) = unpacked {
                         let _ = snapshots
                             .remove(ctx.req(RemoveSnapshotRequest {
@@ -332,7 +346,9 @@ async fn strip_secret_labels(snapshots: &mut SnapshotsClient<Channel>, ctx: &Ctx
 
 /// The fallback: layer blob into the content store, then containerd's differ applies it; what
 /// it applied must be the layer's `diff_id` (else the snapshot would be committed under a chain
-/// ID that is not its content's, for every later image of that chain to reuse).
+/// ID that is not its content's, for every later image of that chain to reuse). A download
+/// of the blob started ahead is waited for, else it is downloaded now.
+#[allow(clippy::too_many_arguments)]
 async fn unpack_layer(
     repo: &Repository,
     channel: &Channel,
@@ -341,9 +357,15 @@ async fn unpack_layer(
     layer: &oci_spec::image::Descriptor,
     diff_id: &str,
     mounts: Vec<containerd_client::types::Mount>,
+    ahead: &mut content::Ahead,
 ) -> Result<()> {
     let digest = layer.digest().to_string();
-    content::store_layer_blob(repo, content, ctx, layer).await?;
+    let started = Instant::now();
+    match ahead.wait(layer.digest().as_ref()).await {
+        Some(downloaded) => downloaded?,
+        None => content::store_layer_blob(repo, content, ctx, layer).await?,
+    }
+    let downloaded_in = started.elapsed();
     let mut diff = DiffClient::new(channel.clone());
     let applied = diff
         .apply(ctx.req(ApplyRequest {
@@ -366,6 +388,13 @@ async fn unpack_layer(
     if applied != diff_id {
         bail!("layer {digest} unpacks to {applied}, but the image config names {diff_id} as its diff ID");
     }
+    tracing::info!(
+        layer = %digest,
+        mb = layer.size() >> 20,
+        download_wait_s = downloaded_in.as_secs_f64(),
+        apply_s = started.elapsed().saturating_sub(downloaded_in).as_secs_f64(),
+        "layer downloaded into containerd's content store and applied"
+    );
     Ok(())
 }
 

@@ -101,3 +101,12 @@ impl RemoteError {
         move |source| Self::Request { what, source: Box::new(source) }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_missing_index_is_said_the_way_the_pull_client_recognises() {
+        let e = super::RemoteError::NoIndex { image: "r.example/a:1".into(), manifest: "sha256:00".into() };
+        assert!(e.to_string().starts_with(clip_config::labels::NOT_LAZY_NO_INDEX), "{e}");
+    }
+}

@@ -5,14 +5,16 @@
 //! timed, every timed run is a cold node that finds the profile in the registry), clip through
 //! CRI (PullImage + pod + container, no profile), the SOCI snapshotter on SOCI-converted images
 //! (defaults and tuned; built by `integration/install-deps.sh`) and the stargz snapshotter on
-//! eStargz images when `containerd-stargz-grpc` is installed; on loopback and on a 100 Mbit/s,
+//! eStargz images when `containerd-stargz-grpc` is installed; images without an index (on request:
+//! `clip-noindex` through `clip-snapshotter pull`, `clip-noindex-ctr` through `ctr images pull
+//! --snapshotter clip`) and containerd's parallel layer fetch (`overlayfs-parallel`); on loopback and on a 100 Mbit/s,
 //! 20 ms link (a network namespace with `tc tbf` plus a delaying proxy). Every run starts cold:
 //! all namespaces purged, the snapshotter's state wiped, page cache dropped, daemons restarted.
 //! Also: warm read throughput, a metadata walk, and the snapshotter's memory.
 //!
 //! Run (release build, root): `cargo run --release -p clip-bench --bin cold-start -- [--reps N]
 //! [--links loopback,slow] [--images busybox,python,scipy,torch] [--workloads print,numpy,torch,infer,fullread]
-//! [--modes overlayfs,clip,clip-profile,clip-cri]
+//! [--modes overlayfs,clip,clip-profile,clip-cri,overlayfs-parallel,clip-noindex,clip-noindex-ctr]
 //! [--containerd 2|1.6] [--skip warm,memory,stargz,soci] [--out docs/benchmarks]`. containerd 2.x
 //! by default (SOCI runs only there). Writes `cold-start.csv`, `cold-start.md` and, with
 //! python3-matplotlib, `cold-start.png` into the output directory.
@@ -36,6 +38,10 @@ mod peers;
 use peers::{Peer, Usage};
 
 const NS: &str = "bench";
+
+/// `overlayfs-parallel`: containerd's transfer service fetches each layer in ranged requests of
+/// this size, `max_concurrent_downloads` (3) at a time (`concurrent_layer_fetch_buffer`).
+const LAYER_FETCH_CHUNK: u64 = 8 << 20;
 
 /// SOCI's modes and their `convert` settings: its defaults (4 MiB spans, no zTOC for layers under
 /// 10 MiB), and tuned for these small images (every layer indexed, 1 MiB spans: its docs' two
@@ -224,19 +230,28 @@ impl Bench {
 
     fn pull(&self, mode: &str, reference: &str) -> Result<()> {
         match mode {
-            "overlayfs" => {
+            "overlayfs" | "overlayfs-parallel" | "clip-noindex-ctr" => {
+                let snapshotter = if mode == "clip-noindex-ctr" { "clip" } else { "overlayfs" };
                 run(self
                     .ctrd
                     .ctr(NS)
                     .args(["images", "pull", "--plain-http", "--hosts-dir"])
                     .arg(&self.hosts)
-                    .args(["--snapshotter", "overlayfs", reference]))?;
+                    .args(["--snapshotter", snapshotter, reference]))?;
             }
-            "clip" | "clip-profile" => {
-                run(Command::new(workspace_binary("clip-snapshotter")?)
+            "clip" | "clip-profile" | "clip-noindex" => {
+                let out = run(Command::new(workspace_binary("clip-snapshotter")?)
                     .args(["pull", "--plain-http", "-n", NS, "--containerd-address"])
+                    .env("RUST_LOG", "info,clip_pull=debug")
                     .arg(self.ctrd.socket())
                     .arg(reference))?;
+                // Layers without an index: how long each took to download and to apply.
+                for line in String::from_utf8_lossy(&out.stderr)
+                    .lines()
+                    .filter(|l| l.contains("applied") || l.contains("blob streamed"))
+                {
+                    eprintln!("    {line}");
+                }
             }
             "soci" | "soci-tuned" => {
                 let nerdctl = self.td.path().join("nerdctl");
@@ -314,6 +329,8 @@ impl Bench {
     }
 
     fn measure(&mut self, site: &Site, mode: &str, image: &str, cmd: &[&str]) -> Result<(f64, u64, usize)> {
+        let chunk = (mode == "overlayfs-parallel").then_some(LAYER_FETCH_CHUNK);
+        self.ctrd.reconfigure(|o| o.layer_fetch_chunk = chunk)?;
         self.cold()?;
         if mode == "clip-cri" {
             self.prepull_pause()?;
@@ -322,6 +339,7 @@ impl Bench {
             "estargz" => site.reference(image).replace(":latest", ":esgz"),
             "estargz-opt" => site.reference(image).replace(":latest", ":esgz-opt"),
             "soci" | "soci-tuned" => site.reference(image).replace(":latest", &format!(":{mode}")),
+            "clip-noindex" | "clip-noindex-ctr" => site.reference(&format!("{image}-noindex")),
             _ => site.reference(image),
         };
         let (b0, r0) = site.served();
@@ -337,7 +355,7 @@ impl Bench {
                     (b - b0) as f64 / 1e6
                 );
                 let snapshotter = match m {
-                    "clip" | "clip-profile" => "clip",
+                    "clip" | "clip-profile" | "clip-noindex" | "clip-noindex-ctr" => "clip",
                     "estargz" | "estargz-opt" => "stargz",
                     "soci" | "soci-tuned" => "soci",
                     _ => "overlayfs",
@@ -415,6 +433,10 @@ fn main() -> Result<()> {
         site.registry.push_layout(&busybox, "pause", "bench/pause", "latest")?;
         for (name, (image, layout)) in &images {
             site.registry.push_layout(layout, image.tag(), &format!("bench/{name}"), "latest")?;
+            if opts.modes.iter().any(|m| m.starts_with("clip-noindex")) {
+                // The same image where no index is published (its own repository: no referrers).
+                site.registry.push_layout(layout, image.tag(), &format!("bench/{name}-noindex"), "latest")?;
+            }
         }
         // Indexed beside the registry (not across the slow link: set-up is not measured).
         for image in images.keys() {
