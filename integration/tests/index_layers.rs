@@ -384,6 +384,9 @@ fn background_completion_streams_a_layer_in_large_requests_without_windows() -> 
     let next = split.span(mid + 1)?;
     cache.read(next.uncomp_start, next.uncomp_start + 1)?;
     assert_eq!(windows.requests.load(Ordering::SeqCst), 1, "a span after a local one takes no window");
+    // The registry_fetches metric counts every range request, the window's too (it did not).
+    let requests = source.requests.load(Ordering::SeqCst) + windows.requests.load(Ordering::SeqCst);
+    assert_eq!(cache.metrics().fetches.get(), requests, "range requests counted");
 
     // Completion streams the rest in requests of 4 MiB, moving on past the latest miss first.
     let before = source.requests.load(Ordering::SeqCst);

@@ -117,7 +117,11 @@ impl Metrics {
             "compressed bytes fetched from registries, by layer",
             fetched_bytes.clone(),
         );
-        registry.register("registry_fetches", "range requests to registries, by layer", fetches.clone());
+        registry.register(
+            "registry_fetches",
+            "range requests to registries, by layer (span data and history windows)",
+            fetches.clone(),
+        );
         registry.register("span_cache_hits", "span reads served from the local span cache", span_hits.clone());
         registry.register("span_cache_misses", "span reads that had to fetch", span_misses.clone());
         registry.register("layer_spans_local", "spans of a mounted layer that are local", spans_local.clone());

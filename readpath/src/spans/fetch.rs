@@ -178,7 +178,7 @@ impl SpanCache {
         let source =
             self.opts.windows.as_ref().ok_or_else(|| fetch_failed(off, end, "the index's windows blob is unknown"))?;
         let bytes = source.fetch(off, u64::from(len)).map_err(|source| SpanError::Fetch { start: off, end, source })?;
-        self.count_bytes(bytes.len() as u64, cause);
+        self.count_fetch(bytes.len() as u64, cause);
         Ok(Some(bytes))
     }
 
