@@ -102,18 +102,22 @@ fn pull(ctrd: &Containerd, args: &[&str], reference: &str) -> Result<std::proces
     pull_with_stdin(ctrd, args, reference, "")
 }
 
-/// `clip-snapshotter pull` with `stdin` on its standard input (a credential read from `-`).
-fn pull_with_stdin(ctrd: &Containerd, args: &[&str], reference: &str, stdin: &str) -> Result<std::process::Output> {
-    use std::io::Write as _;
-    let mut child = Command::new(workspace_binary("clip-snapshotter")?)
-        .args(["pull", "--json", "-n", "t", "--containerd-address"])
+/// `clip-snapshotter pull --json` of `reference` into namespace `t`, its output captured.
+fn pull_command(ctrd: &Containerd, args: &[&str], reference: &str) -> Result<Command> {
+    let mut cmd = Command::new(workspace_binary("clip-snapshotter")?);
+    cmd.args(["pull", "--json", "-n", "t", "--containerd-address"])
         .arg(ctrd.socket())
         .args(args)
         .arg(reference)
-        .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
+        .stderr(std::process::Stdio::piped());
+    Ok(cmd)
+}
+
+/// `clip-snapshotter pull` with `stdin` on its standard input (a credential read from `-`).
+fn pull_with_stdin(ctrd: &Containerd, args: &[&str], reference: &str, stdin: &str) -> Result<std::process::Output> {
+    use std::io::Write as _;
+    let mut child = pull_command(ctrd, args, reference)?.stdin(std::process::Stdio::piped()).spawn()?;
     if let Some(mut input) = child.stdin.take() {
         input.write_all(stdin.as_bytes())?;
     }
@@ -331,13 +335,7 @@ fn layers_without_an_index_stream_into_containerd_checked_and_never_held_whole()
     let (largest, _, largest_size) = layers.iter().max_by_key(|l| l.2).cloned().context("layers")?;
     let (_snap, ctrd) = hosts_stack(&td, &reg, SnapshotterConfig::default())?;
     let pull_watched = || -> Result<(std::process::Output, u64)> {
-        let child = Command::new(workspace_binary("clip-snapshotter")?)
-            .args(["pull", "--json", "--plain-http", "-n", "t", "--containerd-address"])
-            .arg(ctrd.socket())
-            .arg(&reference)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()?;
+        let child = pull_command(&ctrd, &["--plain-http"], &reference)?.spawn()?;
         Ok(clip_integration::process::wait_with_peak_rss(child)?)
     };
     let in_store = || -> Result<String> {

@@ -24,16 +24,24 @@ const QUEUE: usize = 2;
 /// differ applies one layer while the next ones download. Started only when the image has no
 /// index (every layer falls back): a layer served lazily must not be downloaded. Dropping it
 /// stops what is still downloading.
-#[derive(Default)]
 pub(crate) struct Ahead {
     downloads: HashMap<String, tokio::task::JoinHandle<Result<()>>>,
-    slots: Option<Arc<tokio::sync::Semaphore>>,
+    slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// Layer blobs downloading ahead at once.
 const AHEAD: usize = 3;
 
 impl Ahead {
+    pub(crate) fn new() -> Self {
+        Self { downloads: HashMap::new(), slots: Arc::new(tokio::sync::Semaphore::new(AHEAD)) }
+    }
+
+    /// Whether any download was started.
+    pub(crate) fn started(&self) -> bool {
+        !self.downloads.is_empty()
+    }
+
     /// Starts downloading `layer` into the content store.
     pub(crate) fn start(
         &mut self,
@@ -42,7 +50,7 @@ impl Ahead {
         ctx: Ctx,
         layer: oci_spec::image::Descriptor,
     ) {
-        let slots = self.slots.get_or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(AHEAD))).clone();
+        let slots = self.slots.clone();
         let digest = layer.digest().to_string();
         self.downloads.entry(digest).or_insert_with(|| {
             tokio::spawn(async move {
@@ -67,6 +75,31 @@ impl Drop for Ahead {
     }
 }
 
+/// The ingest (containerd's name for an unfinished write) of clip's pull for `digest`.
+fn ingest_ref(digest: &str) -> String {
+    format!("clip-pull-{digest}")
+}
+
+/// One message of a content write of blob `digest` (`total` bytes) at `offset`.
+fn write_request(
+    digest: &str,
+    total: u64,
+    action: WriteAction,
+    offset: u64,
+    data: Vec<u8>,
+    labels: HashMap<String, String>,
+) -> WriteContentRequest {
+    WriteContentRequest {
+        action: action as i32,
+        r#ref: ingest_ref(digest),
+        total: total as i64,
+        expected: digest.to_string(),
+        offset: offset as i64,
+        data,
+        labels,
+    }
+}
+
 /// Streams layer blob `layer` from the registry into the content store, [`MESSAGE`] bytes per
 /// write with at most [`QUEUE`] writes waiting. The registry's bytes are checked against the
 /// descriptor's size and digest as they pass ([`Repository::blob_stream`]); the commit is sent
@@ -85,17 +118,6 @@ pub(crate) async fn store_layer_blob(
     }
     let size = layer.size();
     let chunks = repo.blob_stream(&digest, size).await.with_context(|| format!("downloading {digest}"))?;
-    let r#ref = format!("clip-pull-{digest}");
-    let expected = digest.clone();
-    let message = move |action: WriteAction, offset: u64, data: Vec<u8>| WriteContentRequest {
-        action: action as i32,
-        r#ref: r#ref.clone(),
-        total: size as i64,
-        expected: expected.clone(),
-        offset: offset as i64,
-        data,
-        labels: HashMap::new(),
-    };
     let (mut tx, rx) = futures::channel::mpsc::channel::<WriteContentRequest>(QUEUE);
     let produce = async move {
         let mut chunks = std::pin::pin!(chunks);
@@ -103,6 +125,8 @@ pub(crate) async fn store_layer_blob(
         let mut offset = 0u64;
         let mut done = false;
         let (mut waited_registry, mut waited_containerd) = (Duration::ZERO, Duration::ZERO);
+        // Each message is filled to exactly MESSAGE bytes (never grown past it: its capacity is
+        // what a queued write holds), the last one with what is left.
         while !done {
             let t = Instant::now();
             let next = chunks.next().await;
@@ -122,9 +146,10 @@ pub(crate) async fn store_layer_blob(
                 if buf.len() == MESSAGE || (done && rest.is_empty()) {
                     let data = std::mem::replace(&mut buf, Vec::with_capacity(MESSAGE));
                     let n = data.len() as u64;
+                    let write = write_request(&digest, size, WriteAction::Write, offset, data, HashMap::new());
                     // A send fails only when containerd ended the write: its answer says why.
                     let t = Instant::now();
-                    if tx.send(message(WriteAction::Write, offset, data)).await.is_err() {
+                    if tx.send(write).await.is_err() {
                         return Ok(());
                     }
                     waited_containerd += t.elapsed();
@@ -138,7 +163,7 @@ pub(crate) async fn store_layer_blob(
             containerd_s = waited_containerd.as_secs_f64(),
             "layer blob streamed: time spent waiting for the registry's bytes and for containerd to take them"
         );
-        let _ = tx.send(message(WriteAction::Commit, offset, Vec::new())).await;
+        let _ = tx.send(write_request(&digest, size, WriteAction::Commit, offset, Vec::new(), HashMap::new())).await;
         anyhow::Ok(())
     };
     let consume = async {
@@ -159,8 +184,7 @@ pub(crate) async fn store_layer_blob(
             None => e,
         },
     };
-    let r#ref = format!("clip-pull-{}", layer.digest());
-    if let Err(s) = content.abort(ctx.req(AbortRequest { r#ref })?).await
+    if let Err(s) = content.abort(ctx.req(AbortRequest { r#ref: ingest_ref(layer.digest().as_ref()) })?).await
         && s.code() != Code::NotFound
     {
         tracing::warn!(layer = %layer.digest(), error = %s.message(), "could not abort the partial download in containerd's content store");
@@ -177,37 +201,13 @@ pub(crate) async fn write_content(
     data: Vec<u8>,
     labels: HashMap<String, String>,
 ) -> Result<()> {
-    let total = data.len() as i64;
-    let r#ref = format!("clip-pull-{digest}");
-    // gRPC messages are capped (16 MiB by default): write in 1 MiB chunks.
-    const CHUNK: usize = 1 << 20;
-    let mut msgs = Vec::new();
-    let mut offset = 0usize;
-    loop {
-        let end = (offset + CHUNK).min(data.len());
-        msgs.push(WriteContentRequest {
-            action: WriteAction::Write as i32,
-            r#ref: r#ref.clone(),
-            total,
-            expected: digest.to_string(),
-            offset: offset as i64,
-            data: data[offset..end].to_vec(),
-            labels: HashMap::new(),
-        });
-        offset = end;
-        if offset >= data.len() {
-            break;
-        }
-    }
-    msgs.push(WriteContentRequest {
-        action: WriteAction::Commit as i32,
-        r#ref,
-        total,
-        expected: digest.to_string(),
-        offset: total,
-        data: Vec::new(),
-        labels: labels.clone(),
-    });
+    let total = data.len() as u64;
+    let mut msgs: Vec<WriteContentRequest> = data
+        .chunks(MESSAGE)
+        .zip((0..).step_by(MESSAGE))
+        .map(|(piece, offset)| write_request(digest, total, WriteAction::Write, offset, piece.to_vec(), HashMap::new()))
+        .collect();
+    msgs.push(write_request(digest, total, WriteAction::Commit, total, Vec::new(), labels.clone()));
     match content.write(ctx.req(futures::stream::iter(msgs))?).await {
         Ok(resp) => {
             let mut stream = resp.into_inner();

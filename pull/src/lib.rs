@@ -171,7 +171,7 @@ pub async fn pull(opts: &PullOptions, reference: &str) -> Result<PullReport> {
             not_lazy: Vec::new(),
             seconds: 0.0,
         };
-        let mut ahead = content::Ahead::default();
+        let mut ahead = content::Ahead::new();
         for (i, layer) in layers.iter().enumerate() {
             let chain_id = &chain_ids[i];
             let parent = if i == 0 { String::new() } else { chain_ids[i - 1].clone() };
@@ -207,7 +207,7 @@ pub async fn pull(opts: &PullOptions, reference: &str) -> Result<PullReport> {
                         .ok()
                         .and_then(|r| r.into_inner().info)
                         .and_then(|info| info.labels.get(l::NOT_LAZY_REASON).cloned());
-                    if said.as_deref().is_some_and(|r| r.starts_with(l::NOT_LAZY_NO_INDEX)) {
+                    if !ahead.started() && said.as_deref().is_some_and(|r| r.starts_with(l::NOT_LAZY_NO_INDEX)) {
                         // No layer of this image will be lazy: the next ones download meanwhile.
                         for (j, next) in layers.iter().enumerate().skip(i + 1) {
                             let key = chain_ids[j].clone();
@@ -361,7 +361,7 @@ async fn unpack_layer(
 ) -> Result<()> {
     let digest = layer.digest().to_string();
     let started = Instant::now();
-    match ahead.wait(layer.digest().as_ref()).await {
+    match ahead.wait(&digest).await {
         Some(downloaded) => downloaded?,
         None => content::store_layer_blob(repo, content, ctx, layer).await?,
     }
