@@ -4,10 +4,13 @@
 //! hashes the blob and every span, and records seek points as it goes; the `tar` crate parses the
 //! inflated stream it yields; [`tree`] turns the entries into the index's sorted tree.
 
+mod guard;
 mod stream;
 mod tree;
 
-pub use stream::sniff;
+pub use guard::{MAX_META, MetaGuard};
+pub use stream::{LayerStream, sniff};
+pub use tree::{MAX_PATH, TarFields, normalize, tar_fields};
 
 use crate::format::{EntryEncoder, IndexData};
 use crate::{Index, IndexError};
@@ -60,12 +63,7 @@ pub fn build_index_data(blob: impl Read, opts: &BuildOptions) -> Result<IndexDat
     let compression = stream.compression();
     let mut tree = tree::TreeBuilder::default();
     // The uncompressed stream is hashed only when there is a diff ID to check it against.
-    let mut tar_stream = DiffIdReader {
-        inner: &mut stream,
-        hash: opts.expected_diff_id.as_ref().map(|_| Sha256::new()),
-        scratch: Vec::new(),
-        pos: 0,
-    };
+    let mut tar_stream = DiffIdReader::new(&mut stream, opts.expected_diff_id.is_some());
     {
         let mut archive = tar::Archive::new(&mut tar_stream);
         let entries = archive.entries_with_seek().map_err(|e| tar_err(&e))?;
@@ -76,8 +74,7 @@ pub fn build_index_data(blob: impl Read, opts: &BuildOptions) -> Result<IndexDat
     }
     // Whatever follows the end-of-archive marker is still part of the blob: hash and inflate it.
     std::io::copy(&mut tar_stream, &mut std::io::sink()).map_err(|e| tar_err(&e))?;
-    if let (Some(expected), Some(hash)) = (&opts.expected_diff_id, tar_stream.hash.take()) {
-        let actual = format!("sha256:{}", hex::encode(hash.finalize()));
+    if let (Some(expected), Some(actual)) = (&opts.expected_diff_id, tar_stream.diff_id()) {
         if !expected.eq_ignore_ascii_case(&actual) {
             return Err(IndexError::DiffId { expected: expected.clone(), actual });
         }
@@ -103,14 +100,43 @@ pub fn build_index_data(blob: impl Read, opts: &BuildOptions) -> Result<IndexDat
     })
 }
 
-/// The uncompressed tar stream, hashed as it is read (for the diff ID).
-struct DiffIdReader<R> {
-    inner: R,
+/// The uncompressed tar stream of a layer as the tar crate should read it: its metadata entries
+/// bounded ([`MetaGuard`]), hashed as it is read (for the diff ID), and skipping forward by
+/// reading.
+pub struct DiffIdReader<R> {
+    inner: MetaGuard<R>,
     hash: Option<Sha256>,
     /// Where skipped bytes are read to (see the `Seek` impl).
     scratch: Vec<u8>,
     /// Bytes read so far: the position a seek reports (tar keeps its offsets by it).
     pos: u64,
+}
+
+impl<R> std::fmt::Debug for DiffIdReader<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiffIdReader").field("pos", &self.pos).finish_non_exhaustive()
+    }
+}
+
+impl<R: Read> DiffIdReader<R> {
+    /// `hash`: compute the diff ID.
+    pub fn new(inner: R, hash: bool) -> Self {
+        Self { inner: MetaGuard::new(inner), hash: hash.then(Sha256::new), scratch: Vec::new(), pos: 0 }
+    }
+
+    /// `sha256:<hex>` of everything read so far (once; `None` when not hashing).
+    pub fn diff_id(&mut self) -> Option<String> {
+        self.hash.take().map(|h| format!("sha256:{}", hex::encode(h.finalize())))
+    }
+
+    /// Uncompressed bytes read so far.
+    pub fn position(&self) -> u64 {
+        self.pos
+    }
+
+    pub fn get_mut(&mut self) -> &mut R {
+        self.inner.get_mut()
+    }
 }
 
 /// Forward only: the tar reader skips each entry's data by seeking; a stream skips by reading

@@ -47,6 +47,7 @@ enum Decoder {
 }
 
 /// What the stream learned by the end.
+#[derive(Debug)]
 pub struct Finished {
     pub blob_digest: [u8; 32],
     pub compressed_size: u64,
@@ -99,6 +100,8 @@ struct Offsets {
 /// The digests kept while streaming: of the whole blob, and of the current span's compressed
 /// bytes.
 struct Digests {
+    /// Off for a stream that only inflates ([`LayerStream::inflate_only`]).
+    hashing: bool,
     blob: Sha256,
     blob_len: u64,
     span: Sha256,
@@ -114,7 +117,21 @@ struct UnitState {
     zstd_mid_frame: bool,
 }
 
+impl<R> std::fmt::Debug for LayerStream<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LayerStream").field("compression", &self.compression).finish_non_exhaustive()
+    }
+}
+
 impl<R: Read> LayerStream<R> {
+    /// A stream that only inflates: no seek points, nothing hashed (the caller checks the
+    /// blob's digest itself); [`Self::finish`] then reports zero digests and sizes only.
+    pub fn inflate_only(src: R) -> Result<Self, IndexError> {
+        let mut stream = Self::new(src, u64::MAX)?;
+        stream.digests.hashing = false;
+        Ok(stream)
+    }
+
     pub fn new(mut src: R, span_size: u64) -> Result<Self, IndexError> {
         let mut inbuf = vec![0u8; IN_BUF];
         let mut in_len = 0;
@@ -151,7 +168,13 @@ impl<R: Read> LayerStream<R> {
             input: InBuf { buf: inbuf, pos: 0, len: in_len, eof: src_eof },
             output: OutBuf { buf: vec![0u8; OUT_BUF], pos: 0, len: 0 },
             pos: Offsets::default(),
-            digests: Digests { blob: blob_hash, blob_len: in_len as u64, span: Sha256::new(), last_byte: 0 },
+            digests: Digests {
+                hashing: true,
+                blob: blob_hash,
+                blob_len: in_len as u64,
+                span: Sha256::new(),
+                last_byte: 0,
+            },
             checkpoints: vec![first],
             unit: UnitState::default(),
             done: false,
@@ -194,7 +217,9 @@ impl<R: Read> LayerStream<R> {
                 }
                 Ok(n) => {
                     self.input.len = n;
-                    self.digests.blob.update(&self.input.buf[..n]);
+                    if self.digests.hashing {
+                        self.digests.blob.update(&self.input.buf[..n]);
+                    }
                     self.digests.blob_len += n as u64;
                     return Ok(true);
                 }
@@ -208,7 +233,9 @@ impl<R: Read> LayerStream<R> {
     fn consume(&mut self, n: usize) {
         if n > 0 {
             let bytes = &self.input.buf[self.input.pos..self.input.pos + n];
-            self.digests.span.update(bytes);
+            if self.digests.hashing {
+                self.digests.span.update(bytes);
+            }
             self.digests.last_byte = bytes[n - 1];
             self.input.pos += n;
             self.pos.comp += n as u64;
@@ -261,7 +288,8 @@ impl<R: Read> LayerStream<R> {
                         return Ok(0);
                     }
                     let last = self.checkpoints.last().map_or(0, |c| c.uncompressed);
-                    let to_boundary = (last + self.span_size - self.pos.uncomp) as usize;
+                    let to_boundary =
+                        usize::try_from(last.saturating_add(self.span_size) - self.pos.uncomp).unwrap_or(usize::MAX);
                     let n = (self.input.len - self.input.pos).min(self.output.buf.len()).min(to_boundary);
                     self.output.buf[..n].copy_from_slice(&self.input.buf[self.input.pos..self.input.pos + n]);
                     self.consume(n);

@@ -59,19 +59,25 @@ impl Node {
     }
 }
 
-/// What one tar header says about its entry (the path aside).
-struct TarFields {
-    kind: EntryKind,
-    mode: u32,
-    uid: u32,
-    gid: u32,
-    mtime_sec: i64,
-    mtime_nsec: u32,
-    size: u64,
-    data_offset: u64,
-    link: Vec<u8>,
-    dev: (u32, u32),
-    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+/// What one tar header says about its entry (the path aside), PAX records applied.
+#[derive(Debug, Clone)]
+pub struct TarFields {
+    pub kind: EntryKind,
+    /// Permission bits with setuid, setgid and sticky (`& 0o7777`).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime_sec: i64,
+    pub mtime_nsec: u32,
+    /// Data bytes (files only).
+    pub size: u64,
+    pub data_offset: u64,
+    /// A symlink's target as written; a hardlink's target path, normalised ([`normalize`]).
+    pub link: Vec<u8>,
+    /// Major and minor of a device.
+    pub dev: (u32, u32),
+    /// `SCHILY.xattr.*` records: names without the prefix, sorted, the last of a name kept.
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 #[derive(Debug)]
@@ -157,8 +163,9 @@ impl Default for TreeBuilder {
     }
 }
 
-/// Reads one tar header (and its PAX records).
-fn read_header<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<TarFields, IndexError> {
+/// Reads one tar header (and its PAX records): the one place a layer's tar header is
+/// interpreted, for indexing and for unpacking.
+pub fn tar_fields<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<TarFields, IndexError> {
     let terr = |e: std::io::Error| IndexError::Tar(e.to_string());
     let header = entry.header();
     let kind = match header.entry_type() {
@@ -244,7 +251,7 @@ impl TreeBuilder {
         if entry.header().entry_type() == tar::EntryType::XGlobalHeader {
             return Ok(());
         }
-        let h = read_header(&mut entry)?;
+        let h = tar_fields(&mut entry)?;
         let path = normalize(&entry.path_bytes())?;
         if path.is_empty() && h.kind != EntryKind::Dir {
             return Err(IndexError::Tar("the layer root is not a directory".into()));
