@@ -40,6 +40,10 @@ pub const NOT_LAZY_REASON: &str = "containerd.io/snapshot/clip.not-lazy";
 /// be served lazily (the pull client then downloads the next layers while one is applied).
 pub const NOT_LAZY_NO_INDEX: &str = "no CLIP index is published for ";
 
+/// Set by the snapshotter on a layer it unpacked itself because no index serves it (with
+/// [`NOT_LAZY_REASON`] saying why): the diff ID it checked.
+pub const UNPACKED_BY_CLIP: &str = "containerd.io/snapshot/clip.unpacked";
+
 /// Labels whose values are secrets: never stored in metadata, never returned by `Stat`.
 pub const SECRET_LABELS: [&str; 3] = [BUILD_REGISTRY_CREDS, IMAGE_CREDS, SOURCE_IMAGE_CREDS];
 

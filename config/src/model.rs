@@ -119,6 +119,10 @@ pub struct LazyConfig {
     /// Serve lazily also the Prepares that carry no layer labels (nerdctl, `ctr images pull`
     /// on the client-side path): their layer is looked up in containerd's content store.
     pub serve_unlabelled_pulls: bool,
+    /// A layer of an image that publishes no usable CLIP index is downloaded and unpacked by the
+    /// snapshotter in Prepare, inflating and untarring as it arrives (no copy in containerd's
+    /// content store, no second pass), instead of by containerd; off, containerd pulls it.
+    pub unpack_without_index: bool,
     pub prefetch: PrefetchConfig,
     pub completion: CompletionConfig,
     pub profiles: ProfilesConfig,
@@ -187,6 +191,7 @@ impl Default for LazyConfig {
             cache_max_bytes: 20 << 30,
             fetch_timeout_s: 30,
             serve_unlabelled_pulls: true,
+            unpack_without_index: true,
             prefetch: PrefetchConfig::default(),
             completion: CompletionConfig::default(),
             profiles: ProfilesConfig::default(),

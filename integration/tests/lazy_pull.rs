@@ -291,6 +291,13 @@ fn private_registries_work_with_label_credentials_only_and_wrong_ones_fail_clear
     Ok(())
 }
 
+/// `[lazy] unpack_without_index = false`.
+fn containerd_unpacks_layers_without_an_index() -> SnapshotterConfig {
+    let mut config = SnapshotterConfig::default();
+    config.lazy.unpack_without_index = false;
+    config
+}
+
 #[test]
 fn a_layer_without_an_index_falls_back_to_an_ordinary_snapshot() -> Result<()> {
     require_root();
@@ -298,7 +305,7 @@ fn a_layer_without_an_index_falls_back_to_an_ordinary_snapshot() -> Result<()> {
     let reg = Registry::start_plain(&td, "plain")?;
     let layout = TestImage::Busybox.layout()?;
     let reference = reg.push_layout(&layout, "busybox", "testbed/busybox", "latest")?;
-    let (snap, ctrd) = hosts_stack(&td, &reg, SnapshotterConfig::default())?;
+    let (snap, ctrd) = hosts_stack(&td, &reg, containerd_unpacks_layers_without_an_index())?;
     let out = pull(&ctrd, &["--plain-http"], &reference)?;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
@@ -333,7 +340,7 @@ fn layers_without_an_index_stream_into_containerd_checked_and_never_held_whole()
     let reference = reg.push_layout(&layout, "pyapp", "testbed/python", "latest")?;
     let layers = layout_layers(&layout, "pyapp")?;
     let (largest, _, largest_size) = layers.iter().max_by_key(|l| l.2).cloned().context("layers")?;
-    let (_snap, ctrd) = hosts_stack(&td, &reg, SnapshotterConfig::default())?;
+    let (_snap, ctrd) = hosts_stack(&td, &reg, containerd_unpacks_layers_without_an_index())?;
     let pull_watched = || -> Result<(std::process::Output, u64)> {
         let child = pull_command(&ctrd, &["--plain-http"], &reference)?.spawn()?;
         Ok(clip_integration::process::wait_with_peak_rss(child)?)
@@ -379,6 +386,66 @@ fn layers_without_an_index_stream_into_containerd_checked_and_never_held_whole()
         &["run", "--rm", "--snapshotter", "clip", &reference, "s1", "python3", "-c", "import numpy; print(7)"],
     )?;
     assert_eq!(String::from_utf8_lossy(&run_out.stdout).trim(), "7");
+    ctrd.purge()?;
+    Ok(())
+}
+
+/// The python image (four layers, the largest 51 MB) without an index, as `[lazy]
+/// unpack_without_index` (the default) serves it: the snapshotter downloads and unpacks each
+/// layer in Prepare, so containerd neither downloads nor unpacks it (none of its blobs reaches
+/// the content store); the root file system is the one containerd's overlayfs unpacking gives;
+/// a layer whose bytes are not its digest's is never committed (containerd then pulls it, and
+/// fails the same way).
+#[test]
+fn layers_without_an_index_are_unpacked_by_the_snapshotter_as_containerd_unpacks_them() -> Result<()> {
+    require_root();
+    let td = TestDir::new("unpack-noindex")?;
+    let reg = Registry::start_plain(&td, "plain")?;
+    let layout = TestImage::Python.layout()?;
+    let reference = reg.push_layout(&layout, "pyapp", "testbed/python", "latest")?;
+    let layers = layout_layers(&layout, "pyapp")?;
+    let (largest, _, _) = layers.iter().max_by_key(|l| l.2).cloned().context("layers")?;
+    let (snap, ctrd) = hosts_stack(&td, &reg, SnapshotterConfig::default())?;
+    let unpacked_here = || snap.log().matches("layer downloaded and unpacked here").count();
+
+    // The registry's copy of the largest layer has one byte changed (same size).
+    let hex = largest.trim_start_matches("sha256:");
+    let data = reg.dir().join(format!("data/docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2]));
+    let original = std::fs::read(&data).with_context(|| data.display().to_string())?;
+    let mut flipped = original.clone();
+    flipped[original.len() / 2] ^= 0xff;
+    std::fs::write(&data, &flipped)?;
+    let out = pull(&ctrd, &["--plain-http"], &reference)?;
+    assert!(!out.status.success(), "a corrupted layer was pulled");
+    let log = snap.log();
+    let failed = log.lines().find(|l| l.contains("unpacking a layer here failed")).unwrap_or_default();
+    // Found by the inflater where the byte is, or by the digest at the end of the download.
+    assert!(failed.contains(&largest) && failed.contains("reading the layer"), "{log}");
+    let below = layers.iter().position(|l| l.0 == largest).context("position")?;
+    assert_eq!(unpacked_here(), below, "only the layers below the corrupted one are committed\n{log}");
+
+    // Restored: containerd's own pull (the path of nerdctl and CRI) gets every layer from the
+    // snapshotter.
+    std::fs::write(&data, &original)?;
+    run(ctrd.ctr("t").args(["images", "pull", "--plain-http", "--snapshotter", "clip", &reference]))?;
+    assert_eq!(unpacked_here(), layers.len(), "{}", snap.log());
+    let store = clip_integration::run_stdout(ctrd.ctr("t").args(["content", "ls", "-q"]))?;
+    for (digest, _, _) in &layers {
+        assert!(!store.contains(digest.trim_start_matches("sha256:")), "{digest} is in the content store:\n{store}");
+    }
+    let report: serde_json::Value = serde_json::from_slice(&pull(&ctrd, &["--plain-http"], &reference)?.stdout)?;
+    assert_eq!(report["existing_layers"].as_u64(), Some(layers.len() as u64), "{report}");
+
+    let clip = ctrd.image_tree(&td, &reference, "clip")?;
+    run(ctrd.ctr("t").args(["images", "pull", "--plain-http", "--snapshotter", "overlayfs", &reference]))?;
+    let overlay = ctrd.image_tree(&td, &reference, "overlayfs")?;
+    let diffs = diff_trees(&overlay, &clip, 20);
+    assert!(diffs.is_empty(), "the unpacked tree differs from overlayfs':\n{}", diffs.join("\n"));
+    let run_out = ctrd.ctr_run(
+        "t",
+        &["run", "--rm", "--snapshotter", "clip", &reference, "u1", "python3", "-c", "import numpy; print(8)"],
+    )?;
+    assert_eq!(String::from_utf8_lossy(&run_out.stdout).trim(), "8");
     ctrd.purge()?;
     Ok(())
 }

@@ -55,9 +55,13 @@ pub struct PullReport {
     pub lazy_layers: usize,
     /// Layers downloaded and unpacked here (the snapshotter fell back).
     pub unpacked_layers: usize,
+    /// Layers no index serves that the snapshotter downloaded and unpacked itself
+    /// (`[lazy] unpack_without_index`).
+    pub snapshotter_unpacked_layers: usize,
     /// Layers whose snapshot already existed.
     pub existing_layers: usize,
-    /// Why each unpacked layer was not served lazily, as the snapshotter said.
+    /// Why each layer unpacked here or by the snapshotter was not served lazily, as the
+    /// snapshotter said.
     pub not_lazy: Vec<NotLazy>,
     pub seconds: f64,
 }
@@ -167,6 +171,7 @@ pub async fn pull(opts: &PullOptions, reference: &str) -> Result<PullReport> {
             manifest_digest: manifest.digest.clone(),
             lazy_layers: 0,
             unpacked_layers: 0,
+            snapshotter_unpacked_layers: 0,
             existing_layers: 0,
             not_lazy: Vec::new(),
             seconds: 0.0,
@@ -194,7 +199,27 @@ pub async fn pull(opts: &PullOptions, reference: &str) -> Result<PullReport> {
                 .await;
             match prepared {
                 Err(s) if s.code() == Code::AlreadyExists => {
-                    report.lazy_layers += 1;
+                    // Served lazily, or (no index serves it) downloaded and unpacked by the
+                    // snapshotter itself, which then says why in the snapshot's labels.
+                    let info = snapshots
+                        .stat(ctx.req(StatSnapshotRequest {
+                            snapshotter: opts.snapshotter.clone(),
+                            key: chain_id.clone(),
+                        })?)
+                        .await
+                        .ok()
+                        .and_then(|r| r.into_inner().info);
+                    match info.filter(|i| i.labels.contains_key(l::UNPACKED_BY_CLIP)) {
+                        Some(i) => {
+                            report.snapshotter_unpacked_layers += 1;
+                            let why = i.labels.get(l::NOT_LAZY_REASON).cloned().unwrap_or_default();
+                            report.not_lazy.push(NotLazy {
+                                layer: layer.digest().to_string(),
+                                reason: format!("unpacked by the snapshotter: {why}"),
+                            });
+                        }
+                        None => report.lazy_layers += 1,
+                    }
                     strip_secret_labels(&mut snapshots, &ctx, &opts.snapshotter, chain_id).await;
                 }
                 Err(s) => bail!("preparing layer {} ({chain_id}): {}", layer.digest(), s.message()),

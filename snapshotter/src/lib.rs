@@ -10,6 +10,8 @@
 //! - [`dirs`]: the snapshot directories `snapshots/<id>/{fs,work}` and their disk usage;
 //! - [`mounts`]: the bind and overlay mounts handed to containerd;
 //! - [`labels`]: where snapshot labels are validated and secret labels split off;
+//! - [`unpacked`]: the Prepare of a layer no index serves, unpacked here instead of by
+//!   containerd (where a layer is unpacked: `clip-unpack`);
 //! - [`remote`]: the lazy-layer engine, in parts — where credentials are chosen
 //!   ([`remote::sessions`]), index discovery, the cache layout, the layer table (mounts, and a
 //!   gate per layer that orders its Prepares and Removes), the read settings, and where a
@@ -33,5 +35,6 @@ pub mod mounts;
 pub mod remote;
 pub mod request_namespace;
 pub mod service;
+pub mod unpacked;
 
 pub use error::SnapshotError;

@@ -193,7 +193,11 @@ impl State {
         }
         // Which index this image names for the layer decides whether an existing lazy snapshot
         // of the same chain can serve it.
-        let (repo, binding) = remote.bind(req).map_err(|e| RemoteFallback::Reason(e.into()))?;
+        let (repo, binding) = match remote.bind(req) {
+            Ok(bound) => bound,
+            Err(why) if remote.unpacks(&why) => return self.prepare_unpacked(remote, key, parent, labels, req, &why),
+            Err(e) => return Err(RemoteFallback::Reason(e.into())),
+        };
         if let Some((name, Some(r))) = existing.map(|(n, r)| (n, r.remote)) {
             if r.key() == binding.key && !remote.is_poisoned(&binding.key) {
                 return Ok(());
@@ -209,7 +213,11 @@ impl State {
             let update = LabelUpdate::Keys(vec![(clip_config::labels::TARGET_SNAPSHOT_REF.to_string(), None)]);
             self.store.update_labels(&name, update).map_err(RemoteFallback::Error)?;
         }
-        let layer = remote.open(&repo, req, binding).map_err(|e| RemoteFallback::Reason(e.into()))?;
+        let layer = match remote.open(&repo, req, binding) {
+            Ok(layer) => layer,
+            Err(why) if remote.unpacks(&why) => return self.prepare_unpacked(remote, key, parent, labels, req, &why),
+            Err(e) => return Err(RemoteFallback::Reason(e.into())),
+        };
         let mounted = std::cell::Cell::new(None);
         let info = layer.record(&req.image_ref);
         let result = self.store.create_remote(key, parent, labels.stored.clone(), info, |id| {
@@ -292,7 +300,7 @@ impl State {
     }
 
     /// Deletes a removed snapshot's directory, or leaves it to Cleanup.
-    fn remove_dir(&self, id: u64) {
+    pub(crate) fn remove_dir(&self, id: u64) {
         if let Err(e) = self.dirs.remove(id) {
             // The record is gone; Cleanup deletes the directory later.
             tracing::warn!(id, error = %e, "snapshot directory left for cleanup");
@@ -361,12 +369,12 @@ impl State {
 use clip_config::labels::NOT_LAZY_REASON as NOT_LAZY;
 
 /// The reason stored in [`NOT_LAZY`], within containerd's label size limit.
-fn not_lazy_reason(reason: &str) -> String {
+pub(crate) fn not_lazy_reason(reason: &str) -> String {
     reason.chars().take(1024).collect()
 }
 
 /// Why a remote Prepare did not happen: a reason to fall back, or an error for containerd.
-enum RemoteFallback {
+pub(crate) enum RemoteFallback {
     /// The layer cannot be served lazily: fall back to an ordinary snapshot, recording why.
     Reason(SnapshotError),
     /// The request itself is wrong (containerd gets the error).

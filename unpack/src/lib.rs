@@ -18,7 +18,6 @@
 pub mod apply;
 pub mod resolve;
 
-use clip_index::IndexError;
 use clip_index::build::{DiffIdReader, LayerStream};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -71,7 +70,7 @@ pub fn unpack_layer(
     parents: &[PathBuf],
     expected_diff_id: Option<&str>,
 ) -> Result<Unpacked, UnpackError> {
-    let stream = LayerStream::inflate_only(blob).map_err(stream_error)?;
+    let stream = LayerStream::inflate_only(blob).map_err(|e| UnpackError::Stream(e.to_string()))?;
     let mut tar_stream = DiffIdReader::new(stream, true);
     let mut applier = apply::Applier::new(root, parents);
     let mut entries = 0u64;
@@ -97,10 +96,6 @@ pub fn unpack_layer(
         return Err(UnpackError::DiffId { expected: expected.to_string(), actual: diff_id });
     }
     Ok(Unpacked { diff_id, entries, uncompressed_bytes })
-}
-
-fn stream_error(e: IndexError) -> UnpackError {
-    UnpackError::Stream(e.to_string())
 }
 
 /// An error met while reading: the download's or the inflater's own message, else tar's.

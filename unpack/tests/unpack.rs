@@ -113,7 +113,7 @@ fn paths_and_links_never_leave_the_layer_directory() {
     b.append_link(&mut header(tar::EntryType::Symlink, 0o777, 0, 0), "out", out).expect("link");
     b.append_data(&mut header(tar::EntryType::Regular, 0o644, 0, 3), "out/pwned", &b"bad"[..]).expect("through");
     // A file over a symlink that points at an outside file: the symlink is replaced.
-    b.append_link(&mut header(tar::EntryType::Symlink, 0o777, 0, 0), "over", &format!("{out}/secret")).expect("link");
+    b.append_link(&mut header(tar::EntryType::Symlink, 0o777, 0, 0), "over", format!("{out}/secret")).expect("link");
     b.append_data(&mut header(tar::EntryType::Regular, 0o644, 0, 3), "over", &b"new"[..]).expect("over");
     let tar = finish(b);
     unpack(&tar, &root).expect("unpacks");

@@ -74,10 +74,10 @@ pub fn build_index_data(blob: impl Read, opts: &BuildOptions) -> Result<IndexDat
     }
     // Whatever follows the end-of-archive marker is still part of the blob: hash and inflate it.
     std::io::copy(&mut tar_stream, &mut std::io::sink()).map_err(|e| tar_err(&e))?;
-    if let (Some(expected), Some(actual)) = (&opts.expected_diff_id, tar_stream.diff_id()) {
-        if !expected.eq_ignore_ascii_case(&actual) {
-            return Err(IndexError::DiffId { expected: expected.clone(), actual });
-        }
+    if let (Some(expected), Some(actual)) = (&opts.expected_diff_id, tar_stream.diff_id())
+        && !expected.eq_ignore_ascii_case(&actual)
+    {
+        return Err(IndexError::DiffId { expected: expected.clone(), actual });
     }
     let done = stream.finish()?;
     let layer_digest: [u8; 32] = done.blob_digest;

@@ -166,11 +166,12 @@ fn main() -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 println!(
-                    "{} ({}): {} layers lazy, {} unpacked, {} already present, {:.2} s",
+                    "{} ({}): {} layers lazy, {} unpacked, {} unpacked by the snapshotter, {} already present, {:.2} s",
                     report.image,
                     report.manifest_digest,
                     report.lazy_layers,
                     report.unpacked_layers,
+                    report.snapshotter_unpacked_layers,
                     report.existing_layers,
                     report.seconds
                 );

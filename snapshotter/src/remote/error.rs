@@ -75,6 +75,16 @@ pub enum RemoteError {
     },
     #[error("fd keeper: {0}")]
     Keeper(#[from] KeeperError),
+    /// A layer no index serves cannot be unpacked here either (containerd unpacks it).
+    #[error("layer {layer} is not unpacked here: {reason}")]
+    NotUnpackable { layer: String, reason: String },
+    /// Unpacking a layer here failed (containerd then unpacks it).
+    #[error("unpacking layer {layer}: {source}")]
+    Unpack {
+        layer: String,
+        #[source]
+        source: clip_unpack::UnpackError,
+    },
     #[error("layer {layer} of {image} cannot be served: {source}")]
     Unservable {
         layer: String,

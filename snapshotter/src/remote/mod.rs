@@ -15,7 +15,8 @@
 //! - [`mount`]: where a mount is made, served again after a restart, and taken down, with the
 //!   fd [`keeper`] holding every mount's FUSE connection across restarts;
 //! - [`blob`]: a layer blob as the read path's range fetcher; [`profiles`]: access profiles;
-//! - [`verify`]: verification of layers that became complete, and poisoning.
+//! - [`verify`]: verification of layers that became complete, and poisoning;
+//! - [`unpack`]: layers no index serves, downloaded and unpacked here instead of by containerd.
 //!
 //! Labels are parsed in [`clip_config::labels`]; spans are fetched in [`clip_readpath::spans`].
 
@@ -30,6 +31,7 @@ mod mount;
 mod profiles;
 pub mod sessions;
 pub mod settings;
+pub mod unpack;
 pub mod verify;
 
 pub use blob::RegistryBlob;
@@ -62,6 +64,8 @@ pub struct RemoteLayers {
     verifier: Arc<verify::Verifier>,
     metrics: Arc<crate::metrics::Metrics>,
     runtime: tokio::runtime::Handle,
+    /// `[lazy] unpack_without_index`.
+    unpack_without_index: bool,
 }
 
 impl std::fmt::Debug for RemoteLayers {
@@ -129,6 +133,7 @@ impl RemoteLayers {
             verifier,
             metrics,
             runtime,
+            unpack_without_index: cfg.lazy.unpack_without_index,
         })
     }
 

@@ -10,14 +10,10 @@ use super::sessions::Sessions;
 use crate::metrics::Metrics;
 use clip_readpath::verify::{Verdict, verify_local};
 use clip_readpath::{CacheBudget, CompletionObserver, SpanCache};
-use clip_registry::Platform;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
-
-/// Largest image config read for its diff IDs.
-const MAX_CONFIG: usize = 8 << 20;
 
 /// What a mounted layer was opened for.
 #[derive(Debug, Clone)]
@@ -68,23 +64,8 @@ impl Verifier {
     /// The layer's diff ID, from the config of the image it was opened for.
     fn diff_id(&self, served: &Served) -> Result<String, String> {
         let repo = self.sessions.repository(&served.image_ref).map_err(|e| e.to_string())?;
-        let manifest = self.runtime.block_on(async {
-            let reference = served.manifest_digest.as_deref().unwrap_or(repo.image.manifest_reference());
-            repo.get_image_manifest(reference, &Platform::default()).await
-        });
-        let (_, manifest) = manifest.map_err(|e| format!("reading the image manifest: {e}"))?;
-        let position = manifest
-            .layers()
-            .iter()
-            .position(|l| l.digest().to_string() == served.key.layer_digest)
-            .ok_or_else(|| "the image no longer lists the layer".to_string())?;
-        let config = manifest.config().digest().to_string();
-        let bytes = self
-            .runtime
-            .block_on(repo.get_blob(&config, MAX_CONFIG))
-            .map_err(|e| format!("reading the image config: {e}"))?;
-        let diff_ids = clip_registry::image::diff_ids(&bytes, manifest.layers().len()).map_err(|e| e.to_string())?;
-        diff_ids.get(position).cloned().ok_or_else(|| "the image config names no diff ID for the layer".to_string())
+        let reference = served.manifest_digest.as_deref().unwrap_or(repo.image.manifest_reference());
+        Ok(super::unpack::image_layer(&self.runtime, &repo, reference, &served.key.layer_digest)?.diff_id)
     }
 
     fn poison(&self, cache: &SpanCache, served: &Served, why: &str) {

@@ -1,0 +1,75 @@
+//! The Prepare of a layer no index serves, unpacked here ([`crate::remote::unpack`]): an active
+//! snapshot is created under containerd's key, the layer is downloaded and unpacked into its
+//! directory, and it is committed under the target name, so containerd's unpacker finds the
+//! target and neither downloads nor unpacks the layer. On any failure the snapshot goes and
+//! the caller falls back to an ordinary snapshot containerd unpacks.
+
+use crate::error::SnapshotError;
+use crate::labels::SnapshotLabels;
+use crate::metadata::Kind;
+use crate::remote::{RemoteError, RemoteLayers};
+use crate::service::{RemoteFallback, State, not_lazy_reason};
+use clip_config::labels::{NOT_LAZY_REASON, RemoteRequest, UNPACKED_BY_CLIP};
+use std::path::PathBuf;
+use std::time::Instant;
+
+impl State {
+    /// Unpacks `req`'s layer as the committed snapshot `req.target` over `parent`. `why`: why
+    /// it is not served lazily (kept in the snapshot's `clip.not-lazy` label).
+    pub(crate) fn prepare_unpacked(
+        &self,
+        remote: &RemoteLayers,
+        key: &str,
+        parent: &str,
+        labels: &SnapshotLabels,
+        req: &RemoteRequest,
+        why: &RemoteError,
+    ) -> Result<(), RemoteFallback> {
+        let fallback = |e: RemoteError| RemoteFallback::Reason(SnapshotError::from(e));
+        let started = Instant::now();
+        let source = remote.unpack_source(req).map_err(&fallback)?;
+        let parents: Vec<PathBuf> = if parent.is_empty() {
+            Vec::new()
+        } else {
+            let p = self.store.resolve(parent).map_err(RemoteFallback::Error)?;
+            let mut ids = p.parent_ids.clone();
+            ids.insert(0, p.record.id);
+            if let Some(remote) = &self.remote {
+                remote.serve_unservable(&ids, |id| self.dirs.fs(id)).map_err(&fallback)?;
+            }
+            ids.iter().map(|id| self.dirs.fs(*id)).collect()
+        };
+        let mut stored = labels.stored.clone();
+        stored.insert(NOT_LAZY_REASON.into(), not_lazy_reason(&why.to_string()));
+        let created = self
+            .store
+            .create(Kind::Active, key, parent, stored.clone(), |id| self.dirs.create(id))
+            .map_err(RemoteFallback::Error)?;
+        let id = created.record.id;
+        let discard = || {
+            let _ = self.store.remove(key);
+            self.remove_dir(id);
+        };
+        let unpacked = match remote.unpack(&source, &self.dirs.fs(id), &parents) {
+            Ok(u) => u,
+            Err(e) => {
+                discard();
+                tracing::warn!(layer = %req.layer_digest, image = %req.image_ref, error = %e, "unpacking a layer here failed; containerd unpacks it");
+                return Err(fallback(e));
+            }
+        };
+        stored.insert(UNPACKED_BY_CLIP.into(), unpacked.diff_id.clone());
+        let committed = self.dirs.usage(id).and_then(|usage| self.store.commit(key, &req.target, stored, usage));
+        if let Err(e) = committed {
+            discard();
+            return Err(RemoteFallback::Error(e));
+        }
+        tracing::info!(
+            layer = %req.layer_digest, image = %req.image_ref, id, entries = unpacked.entries,
+            compressed = source.layer.size, uncompressed = unpacked.uncompressed_bytes,
+            seconds = format_args!("{:.2}", started.elapsed().as_secs_f64()),
+            reason = %why, "layer downloaded and unpacked here (no index serves it)"
+        );
+        Ok(())
+    }
+}
