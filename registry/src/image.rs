@@ -1,7 +1,65 @@
-//! Image-spec computations on an image's config: its diff IDs, and the chain ids containerd
-//! names snapshots by.
+//! Image-spec computations on an image's config: its diff IDs, the chain ids containerd
+//! names snapshots by, and what an image says of one of its layers.
 
+use crate::api::Platform;
+use crate::client::Repository;
+use crate::error::RegistryError;
 use sha2::{Digest, Sha256};
+
+/// Largest image config read for its diff IDs.
+pub const MAX_CONFIG: usize = 8 << 20;
+
+/// A layer as its image describes it: its descriptor and its diff ID.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageLayer {
+    pub digest: String,
+    pub size: u64,
+    pub media_type: String,
+    pub diff_id: String,
+}
+
+/// Why an image's description of a layer is unknown.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageLayerError {
+    #[error("reading the image manifest: {0}")]
+    Manifest(#[source] RegistryError),
+    #[error("the image does not list the layer")]
+    NotListed,
+    #[error("reading the image config: {0}")]
+    Config(#[source] RegistryError),
+    #[error(transparent)]
+    DiffIds(#[from] DiffIdError),
+}
+
+impl Repository {
+    /// Layer `layer_digest` of the image `manifest_reference` (for this machine's platform):
+    /// its descriptor in the manifest and its diff ID in the config.
+    pub async fn image_layer(
+        &self,
+        manifest_reference: &str,
+        layer_digest: &str,
+    ) -> Result<ImageLayer, ImageLayerError> {
+        let (_, manifest) = self
+            .get_image_manifest(manifest_reference, &Platform::default())
+            .await
+            .map_err(ImageLayerError::Manifest)?;
+        let position = manifest
+            .layers()
+            .iter()
+            .position(|l| l.digest().to_string() == layer_digest)
+            .ok_or(ImageLayerError::NotListed)?;
+        let descriptor = &manifest.layers()[position];
+        let config = manifest.config().digest().to_string();
+        let bytes = self.get_blob(&config, MAX_CONFIG).await.map_err(ImageLayerError::Config)?;
+        let diff_ids = diff_ids(&bytes, manifest.layers().len())?;
+        Ok(ImageLayer {
+            digest: layer_digest.to_string(),
+            size: descriptor.size(),
+            media_type: descriptor.media_type().to_string(),
+            diff_id: diff_ids[position].clone(),
+        })
+    }
+}
 
 /// Why an image config's diff IDs cannot be used. Never quotes the config.
 #[derive(Debug, thiserror::Error)]

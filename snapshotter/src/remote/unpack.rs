@@ -10,7 +10,8 @@ use super::RemoteLayers;
 use super::error::RemoteError;
 use bytes::{Buf, Bytes};
 use clip_config::labels::RemoteRequest;
-use clip_registry::{Platform, Repository};
+use clip_registry::Repository;
+use clip_registry::image::ImageLayer;
 use clip_unpack::Unpacked;
 use futures::StreamExt;
 use std::io::Read;
@@ -18,8 +19,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Largest image config read for its diff IDs.
-pub(super) const MAX_CONFIG: usize = 8 << 20;
 /// Chunks of the body queued between the download and the unpack.
 const QUEUE: usize = 32;
 
@@ -31,51 +30,11 @@ const UNPACKABLE: [&str; 4] = [
     "application/vnd.docker.image.rootfs.diff.tar.gzip",
 ];
 
-/// A layer as its image describes it.
-#[derive(Debug, Clone)]
-pub struct ImageLayer {
-    pub digest: String,
-    pub size: u64,
-    pub media_type: String,
-    pub diff_id: String,
-}
-
 /// A layer to unpack: what its image says of it, and its repository.
 #[derive(Debug)]
 pub struct UnpackSource {
     repo: Arc<Repository>,
     pub layer: ImageLayer,
-}
-
-/// Layer `layer_digest` of the image `manifest_reference` in `repo`: its descriptor and diff ID.
-/// Blocking.
-pub(super) fn image_layer(
-    runtime: &tokio::runtime::Handle,
-    repo: &Repository,
-    manifest_reference: &str,
-    layer_digest: &str,
-) -> Result<ImageLayer, String> {
-    let (_, manifest) = runtime
-        .block_on(repo.get_image_manifest(manifest_reference, &Platform::default()))
-        .map_err(|e| format!("reading the image manifest: {e}"))?;
-    let position = manifest
-        .layers()
-        .iter()
-        .position(|l| l.digest().to_string() == layer_digest)
-        .ok_or_else(|| "the image does not list the layer".to_string())?;
-    let descriptor = &manifest.layers()[position];
-    let config = manifest.config().digest().to_string();
-    let bytes =
-        runtime.block_on(repo.get_blob(&config, MAX_CONFIG)).map_err(|e| format!("reading the image config: {e}"))?;
-    let diff_ids = clip_registry::image::diff_ids(&bytes, manifest.layers().len()).map_err(|e| e.to_string())?;
-    let diff_id =
-        diff_ids.get(position).cloned().ok_or_else(|| "the image config names no diff ID for the layer".to_string())?;
-    Ok(ImageLayer {
-        digest: layer_digest.to_string(),
-        size: descriptor.size(),
-        media_type: descriptor.media_type().to_string(),
-        diff_id,
-    })
 }
 
 impl RemoteLayers {
@@ -102,8 +61,10 @@ impl RemoteLayers {
     pub fn unpack_source(&self, req: &RemoteRequest) -> Result<UnpackSource, RemoteError> {
         let repo = self.sessions.repository(&req.image_ref)?;
         let reference = req.manifest_digest.as_deref().unwrap_or(repo.image.manifest_reference());
-        let layer = image_layer(&self.runtime, &repo, reference, &req.layer_digest)
-            .map_err(|reason| RemoteError::NotUnpackable { layer: req.layer_digest.clone(), reason })?;
+        let layer = self
+            .runtime
+            .block_on(repo.image_layer(reference, &req.layer_digest))
+            .map_err(|e| RemoteError::NotUnpackable { layer: req.layer_digest.clone(), reason: e.to_string() })?;
         if !UNPACKABLE.contains(&layer.media_type.as_str()) {
             return Err(RemoteError::NotUnpackable {
                 layer: req.layer_digest.clone(),

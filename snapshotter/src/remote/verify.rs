@@ -65,7 +65,8 @@ impl Verifier {
     fn diff_id(&self, served: &Served) -> Result<String, String> {
         let repo = self.sessions.repository(&served.image_ref).map_err(|e| e.to_string())?;
         let reference = served.manifest_digest.as_deref().unwrap_or(repo.image.manifest_reference());
-        Ok(super::unpack::image_layer(&self.runtime, &repo, reference, &served.key.layer_digest)?.diff_id)
+        let layer = self.runtime.block_on(repo.image_layer(reference, &served.key.layer_digest));
+        Ok(layer.map_err(|e| e.to_string())?.diff_id)
     }
 
     fn poison(&self, cache: &SpanCache, served: &Served, why: &str) {
