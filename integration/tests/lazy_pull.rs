@@ -450,6 +450,30 @@ fn layers_without_an_index_are_unpacked_by_the_snapshotter_as_containerd_unpacks
     Ok(())
 }
 
+/// A layer without an index whose blob containerd already has (containerd 1.6's `ctr images
+/// pull` downloads every layer before unpacking; here an earlier pull into overlayfs left it) is
+/// unpacked by containerd from its content store, not downloaded again by the snapshotter.
+#[test]
+fn a_layer_already_in_containerds_content_store_is_not_downloaded_again() -> Result<()> {
+    require_root();
+    let td = TestDir::new("unpack-local")?;
+    let reg = Registry::start_plain(&td, "plain")?;
+    let layout = TestImage::Busybox.layout()?;
+    let reference = reg.push_layout(&layout, "busybox", "testbed/busybox", "latest")?;
+    // The snapshotter asks containerd (as on a node, where its default address is containerd's).
+    let config = SnapshotterConfig { containerd_address: Containerd::socket_in(&td), ..Default::default() };
+    let (snap, ctrd) = hosts_stack(&td, &reg, config)?;
+    run(ctrd.ctr("t").args(["images", "pull", "--plain-http", "--snapshotter", "overlayfs", &reference]))?;
+    run(ctrd.ctr("t").args(["images", "pull", "--plain-http", "--snapshotter", "clip", &reference]))?;
+    let log = snap.log();
+    assert!(log.contains("blob is in containerd's content store"), "{log}");
+    assert!(!log.contains("layer downloaded and unpacked here"), "{log}");
+    let out = ctrd.ctr_run("t", &["run", "--rm", "--snapshotter", "clip", &reference, "l1", "echo", "local"])?;
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "local");
+    ctrd.purge()?;
+    Ok(())
+}
+
 #[test]
 fn containerd_1_6_smoke_pull_of_an_indexed_image_is_lazy() -> Result<()> {
     require_root();

@@ -18,7 +18,7 @@
 
 use containerd_client::services::v1::content_client::ContentClient;
 use containerd_client::services::v1::images_client::ImagesClient;
-use containerd_client::services::v1::{ListContentRequest, ListImagesRequest, ReadContentRequest};
+use containerd_client::services::v1::{InfoRequest, ListContentRequest, ListImagesRequest, ReadContentRequest};
 use containerd_client::tonic::{Request, transport::Channel};
 use futures::StreamExt;
 use parking_lot::Mutex;
@@ -128,6 +128,70 @@ impl ContentLookup {
             })
             .await?;
         Ok(channel.clone())
+    }
+
+    /// An unpack's Prepare that names its target chain id but not its image layer gets the
+    /// labels CRI would have given it, from containerd's content store ([`Self::find`]).
+    /// Partial labels are left as they are (they fall back).
+    pub async fn label_unlabelled(&self, parent: &str, mut labels: HashMap<String, String>) -> HashMap<String, String> {
+        use clip_config::labels as l;
+        let Some(target) = labels.get(l::TARGET_SNAPSHOT_REF).cloned() else { return labels };
+        if [l::CRI_IMAGE_REF, l::CRI_LAYER_DIGEST, l::CRI_MANIFEST_DIGEST].iter().any(|k| labels.contains_key(*k)) {
+            return labels;
+        }
+        let Some(namespace) = crate::request_namespace::current() else {
+            tracing::debug!("a Prepare without layer labels nor containerd namespace: an ordinary snapshot");
+            return labels;
+        };
+        match self.find(&namespace, &target, parent).await {
+            Ok(Some(found)) => {
+                tracing::info!(image = %found.image_ref, layer = found.index, "layer of an unlabelled Prepare found in containerd's content store");
+                labels.extend(l::cri_layer_labels(
+                    &target,
+                    &found.image_ref,
+                    &found.manifest_digest,
+                    &found.layer_digests,
+                    found.index,
+                ));
+            }
+            Ok(None) => tracing::debug!(
+                namespace,
+                "no manifest in containerd's content store has this layer: an ordinary snapshot"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "looking the layer of an unlabelled Prepare up failed: an ordinary snapshot");
+            }
+        }
+        labels
+    }
+
+    /// Whether the blob of the layer a labelled Prepare names is in the content store of the
+    /// call's namespace ([`Self::has_blob`]); false when containerd cannot be asked.
+    pub async fn layer_blob_is_local(&self, labels: &HashMap<String, String>) -> bool {
+        let (Some(digest), Some(namespace)) =
+            (labels.get(clip_config::labels::CRI_LAYER_DIGEST), crate::request_namespace::current())
+        else {
+            return false;
+        };
+        self.has_blob(&namespace, digest).await
+    }
+
+    /// Whether blob `digest` is in namespace `namespace`'s content store (containerd 1.6's
+    /// `ctr images pull` downloads every layer before unpacking, and an image pulled before
+    /// into another snapshotter left its layers there): then containerd unpacks it from there
+    /// rather than the snapshotter downloading it again. False when containerd cannot say.
+    pub async fn has_blob(&self, namespace: &str, digest: &str) -> bool {
+        let asked = async {
+            let request = namespaced(namespace, InfoRequest { digest: digest.to_string() })?;
+            ContentClient::new(self.channel().await?).info(request).await.map_err(|s| api("content info", s))
+        };
+        match asked.await {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::debug!(namespace, digest, error = %e, "the blob is not in containerd's content store");
+                false
+            }
+        }
     }
 
     /// The layer whose chain id is `target` (and whose lower layers' chain id is `parent`,

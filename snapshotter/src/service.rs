@@ -10,7 +10,7 @@ use crate::labels;
 use crate::metadata::{DiskUsage, Kind, LabelUpdate, MetaStore, Record};
 use crate::metrics::Metrics;
 use crate::mounts::mounts_for;
-use crate::remote::RemoteLayers;
+use crate::remote::{RemoteError, RemoteLayers};
 use clip_config::labels::RemoteRequest;
 use containerd_snapshots::api::types::Mount;
 use containerd_snapshots::tonic::Status;
@@ -105,7 +105,15 @@ impl State {
         Ok(removed.len())
     }
 
-    fn create(&self, kind: Kind, key: &str, parent: &str, labels: HashMap<String, String>) -> Result<Vec<Mount>> {
+    /// `blob_local`: the layer's blob is in containerd's content store (it is not unpacked here).
+    fn create(
+        &self,
+        kind: Kind,
+        key: &str,
+        parent: &str,
+        labels: HashMap<String, String>,
+        blob_local: bool,
+    ) -> Result<Vec<Mount>> {
         let mut labels = labels::split(labels)?;
         let request = match RemoteRequest::from_labels(&labels) {
             Ok(r) => r,
@@ -118,7 +126,7 @@ impl State {
         if kind == Kind::Active
             && let (Some(remote), Some(req)) = (&self.remote, request)
         {
-            match self.prepare_remote(remote, key, parent, &labels, &req) {
+            match self.prepare_remote(remote, key, parent, &labels, &req, blob_local) {
                 Ok(()) => {
                     return Err(SnapshotError::AlreadyExists(format!("target snapshot {}", req.target)));
                 }
@@ -157,12 +165,13 @@ impl State {
         parent: &str,
         labels: &labels::SnapshotLabels,
         req: &RemoteRequest,
+        blob_local: bool,
     ) -> std::result::Result<(), RemoteFallback> {
         let slot = (parent.to_string(), req.target.clone());
         let lock = self.remote_targets.lock().entry(slot.clone()).or_default().clone();
         let result = {
             let _serialized = lock.lock();
-            self.prepare_remote_locked(remote, key, parent, labels, req)
+            self.prepare_remote_locked(remote, key, parent, labels, req, blob_local)
         };
         let mut targets = self.remote_targets.lock();
         if Arc::strong_count(&lock) == 2 {
@@ -178,7 +187,15 @@ impl State {
         parent: &str,
         labels: &labels::SnapshotLabels,
         req: &RemoteRequest,
+        blob_local: bool,
     ) -> std::result::Result<(), RemoteFallback> {
+        let unpack_here = |why: &RemoteError| {
+            let unpacks = remote.unpacks(why);
+            if unpacks && blob_local {
+                tracing::info!(layer = %req.layer_digest, "the layer's blob is in containerd's content store: containerd unpacks it from there");
+            }
+            unpacks && !blob_local
+        };
         // From opening the layer until its snapshot is recorded, a Remove of the layer's last
         // snapshot cannot delete its caches.
         let _gate = remote.gate(&req.layer_digest);
@@ -195,7 +212,7 @@ impl State {
         // of the same chain can serve it.
         let (repo, binding) = match remote.bind(req) {
             Ok(bound) => bound,
-            Err(why) if remote.unpacks(&why) => return self.prepare_unpacked(remote, key, parent, labels, req, &why),
+            Err(why) if unpack_here(&why) => return self.prepare_unpacked(remote, key, parent, labels, req, &why),
             Err(e) => return Err(RemoteFallback::Reason(e.into())),
         };
         if let Some((name, Some(r))) = existing.map(|(n, r)| (n, r.remote)) {
@@ -215,7 +232,7 @@ impl State {
         }
         let layer = match remote.open(&repo, req, binding) {
             Ok(layer) => layer,
-            Err(why) if remote.unpacks(&why) => return self.prepare_unpacked(remote, key, parent, labels, req, &why),
+            Err(why) if unpack_here(&why) => return self.prepare_unpacked(remote, key, parent, labels, req, &why),
             Err(e) => return Err(RemoteFallback::Reason(e.into())),
         };
         let mounted = std::cell::Cell::new(None);
@@ -432,42 +449,6 @@ impl ClipSnapshotter {
         Self { state, metrics, lookup }
     }
 
-    /// An unpack's Prepare that names its target chain id but not its image layer gets the
-    /// labels CRI would have given it, from containerd's content store (see
-    /// [`crate::content_lookup`]). Partial labels are left as they are (they fall back).
-    async fn label_unlabelled(&self, parent: &str, mut labels: HashMap<String, String>) -> HashMap<String, String> {
-        use clip_config::labels as l;
-        let (Some(lookup), Some(_)) = (&self.lookup, &self.state.remote) else { return labels };
-        let Some(target) = labels.get(l::TARGET_SNAPSHOT_REF).cloned() else { return labels };
-        if [l::CRI_IMAGE_REF, l::CRI_LAYER_DIGEST, l::CRI_MANIFEST_DIGEST].iter().any(|k| labels.contains_key(*k)) {
-            return labels;
-        }
-        let Some(namespace) = crate::request_namespace::current() else {
-            tracing::debug!("a Prepare without layer labels nor containerd namespace: an ordinary snapshot");
-            return labels;
-        };
-        match lookup.find(&namespace, &target, parent).await {
-            Ok(Some(found)) => {
-                tracing::info!(image = %found.image_ref, layer = found.index, "layer of an unlabelled Prepare found in containerd's content store");
-                labels.extend(clip_config::labels::cri_layer_labels(
-                    &target,
-                    &found.image_ref,
-                    &found.manifest_digest,
-                    &found.layer_digests,
-                    found.index,
-                ));
-            }
-            Ok(None) => tracing::debug!(
-                namespace,
-                "no manifest in containerd's content store has this layer: an ordinary snapshot"
-            ),
-            Err(e) => {
-                tracing::warn!(error = %e, "looking the layer of an unlabelled Prepare up failed: an ordinary snapshot");
-            }
-        }
-        labels
-    }
-
     /// Runs `f` on a blocking thread inside `span`, records the outcome, maps the error.
     async fn call<T: Send + 'static>(
         &self,
@@ -540,8 +521,15 @@ impl containerd_snapshots::Snapshotter for ClipSnapshotter {
         labels: HashMap<String, String>,
     ) -> std::result::Result<Vec<Mount>, Status> {
         let span = tracing::info_span!("prepare", key = %key, parent = %parent);
-        let labels = self.label_unlabelled(&parent, labels).instrument(span.clone()).await;
-        self.call("prepare", span, move |s| s.create(Kind::Active, &key, &parent, labels)).await
+        let (labels, blob_local) = match (&self.lookup, &self.state.remote) {
+            (Some(lookup), Some(remote)) => {
+                let labels = lookup.label_unlabelled(&parent, labels).instrument(span.clone()).await;
+                let local = remote.unpack_without_index() && lookup.layer_blob_is_local(&labels).await;
+                (labels, local)
+            }
+            _ => (labels, false),
+        };
+        self.call("prepare", span, move |s| s.create(Kind::Active, &key, &parent, labels, blob_local)).await
     }
 
     async fn view(
@@ -551,7 +539,7 @@ impl containerd_snapshots::Snapshotter for ClipSnapshotter {
         labels: HashMap<String, String>,
     ) -> std::result::Result<Vec<Mount>, Status> {
         let span = tracing::info_span!("view", key = %key, parent = %parent);
-        self.call("view", span, move |s| s.create(Kind::View, &key, &parent, labels)).await
+        self.call("view", span, move |s| s.create(Kind::View, &key, &parent, labels, false)).await
     }
 
     async fn commit(

@@ -15,7 +15,7 @@
 //! Run (release build, root): `cargo run --release -p clip-bench --bin cold-start -- [--reps N]
 //! [--links loopback,slow] [--images busybox,python,scipy,torch] [--workloads print,numpy,torch,infer,fullread]
 //! [--modes overlayfs,clip,clip-profile,clip-cri,overlayfs-parallel,clip-noindex,clip-noindex-ctr]
-//! [--containerd 2|1.6] [--skip warm,memory,stargz,soci] [--out docs/benchmarks]`. containerd 2.x
+//! [--containerd 2|1.6] [--skip warm,memory,stargz,soci] [--settle-s N] [--out docs/benchmarks]`. containerd 2.x
 //! by default (SOCI runs only there). Writes `cold-start.csv`, `cold-start.md` and, with
 //! python3-matplotlib, `cold-start.png` into the output directory.
 
@@ -61,6 +61,10 @@ struct Opts {
     out: PathBuf,
     /// containerd 2.x (default) or Debian's 1.6 (`--containerd 1.6`).
     flavor: Flavor,
+    /// Seconds to wait after each reset (`--settle-s`): ext4 without a journal skips inodes
+    /// freed in the last minute when it allocates, so a run right after the previous run's
+    /// tree was deleted pays for that deletion.
+    settle: Duration,
 }
 
 fn parse_opts() -> Result<Opts> {
@@ -73,6 +77,7 @@ fn parse_opts() -> Result<Opts> {
         skip: Vec::new(),
         out: Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks"),
         flavor: Flavor::V2,
+        settle: Duration::ZERO,
     };
     let list = |v: String| v.split(',').map(str::to_string).collect::<Vec<_>>();
     let mut args = std::env::args().skip(1);
@@ -92,6 +97,7 @@ fn parse_opts() -> Result<Opts> {
                 }
             }
             "--out" => o.out = PathBuf::from(args.next().context("--out DIR")?),
+            "--settle-s" => o.settle = Duration::from_secs(args.next().context("--settle-s N")?.parse()?),
             other => bail!("unknown argument {other}"),
         }
     }
@@ -200,13 +206,18 @@ struct Bench {
     pause: String,
     /// The snapshotter's metrics endpoint.
     metrics_port: u16,
+    /// [`Opts::settle`].
+    settle: Duration,
 }
 
 impl Bench {
-    /// Every namespace purged, the snapshotter wiped, containerd restarted, page cache dropped.
+    /// Every namespace purged, the snapshotter wiped, the deletions written back (a run never
+    /// pays for the previous one's writeback), containerd restarted, page cache dropped.
     fn cold(&mut self) -> Result<()> {
         self.ctrd.purge()?;
         self.snap.wipe_and_restart()?;
+        run(&mut std::process::Command::new("sync"))?;
+        std::thread::sleep(self.settle);
         for p in &mut self.peers {
             p.stop();
             p.start(&self.peer_hosts)?;
@@ -602,7 +613,7 @@ fn main() -> Result<()> {
     }
     let opts = Opts { modes, ..opts };
     let rt = tokio::runtime::Runtime::new()?;
-    let mut bench = Bench { peers, peer_hosts, td, snap, ctrd, hosts, rt, pause, metrics_port };
+    let mut bench = Bench { peers, peer_hosts, td, snap, ctrd, hosts, rt, pause, metrics_port, settle: opts.settle };
 
     let mut samples = Vec::new();
     for (link, site) in &sites {
