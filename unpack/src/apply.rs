@@ -26,11 +26,15 @@ pub struct Applier<'a> {
     /// Directories written, with their times, for [`Self::finish`].
     dirs: Vec<(Vec<u8>, i64, u32)>,
     buf: Vec<u8>,
+    /// The last parent resolved and what it resolved to: entries come directory by directory.
+    /// Forgotten whenever an entry removes something or makes a symlink (either may change
+    /// what a path resolves to).
+    last_parent: Option<(Vec<u8>, PathBuf)>,
 }
 
 impl<'a> Applier<'a> {
     pub fn new(root: &'a Path, parents: &'a [PathBuf]) -> Self {
-        Self { root, parents, dirs: Vec::new(), buf: Vec::new() }
+        Self { root, parents, dirs: Vec::new(), buf: Vec::new(), last_parent: None }
     }
 
     /// Applies one entry.
@@ -47,10 +51,18 @@ impl<'a> Applier<'a> {
             return Ok(());
         }
         let (parent_rel, base) = split_last(&rel);
-        let ppath = in_root(self.root, parent_rel).map_err(|e| fail(format!("resolving its directory: {e}")))?;
-        if ppath != self.root {
-            self.make_parents(&ppath).map_err(|e| fail(format!("creating its directory: {e}")))?;
-        }
+        let ppath = match &self.last_parent {
+            Some((rel, resolved)) if rel.as_slice() == parent_rel => resolved.clone(),
+            _ => {
+                let ppath =
+                    in_root(self.root, parent_rel).map_err(|e| fail(format!("resolving its directory: {e}")))?;
+                if ppath != self.root {
+                    self.make_parents(&ppath).map_err(|e| fail(format!("creating its directory: {e}")))?;
+                }
+                self.last_parent = Some((parent_rel.to_vec(), ppath.clone()));
+                ppath
+            }
+        };
         if let Some(name) = base.strip_prefix(WHITEOUT_PREFIX) {
             return whiteout(&ppath, base, name, &fields).map_err(fail);
         }
@@ -76,10 +88,14 @@ impl<'a> Applier<'a> {
     /// Creates the entry at `path`, replacing what is there (a directory over a directory
     /// merges).
     fn create<R: Read>(&mut self, path: &Path, entry: &mut R, fields: &TarFields) -> std::io::Result<()> {
+        if fields.kind == EntryKind::Symlink {
+            self.last_parent = None;
+        }
         if let Ok(m) = std::fs::symlink_metadata(path) {
             if m.is_dir() && fields.kind == EntryKind::Dir {
                 return Ok(());
             }
+            self.last_parent = None;
             if m.is_dir() {
                 std::fs::remove_dir_all(path)?;
             } else {

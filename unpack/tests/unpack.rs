@@ -115,9 +115,16 @@ fn paths_and_links_never_leave_the_layer_directory() {
     // A file over a symlink that points at an outside file: the symlink is replaced.
     b.append_link(&mut header(tar::EntryType::Symlink, 0o777, 0, 0), "over", format!("{out}/secret")).expect("link");
     b.append_data(&mut header(tar::EntryType::Regular, 0o644, 0, 3), "over", &b"new"[..]).expect("over");
+    // A directory written into, then replaced by a symlink to the outside, then written
+    // through: the new path resolves again, inside.
+    b.append_data(&mut header(tar::EntryType::Directory, 0o755, 0, 0), "dd", &b""[..]).expect("dd");
+    b.append_data(&mut header(tar::EntryType::Regular, 0o644, 0, 1), "dd/f1", &b"1"[..]).expect("f1");
+    b.append_link(&mut header(tar::EntryType::Symlink, 0o777, 0, 0), "dd", out).expect("dd link");
+    b.append_data(&mut header(tar::EntryType::Regular, 0o644, 0, 1), "dd/f2", &b"2"[..]).expect("f2");
     let tar = finish(b);
     unpack(&tar, &root).expect("unpacks");
-    assert!(!outside.join("pwned").exists(), "nothing written outside");
+    assert!(!outside.join("pwned").exists() && !outside.join("f2").exists(), "nothing written outside");
+    assert_eq!(std::fs::read(root.join(out.trim_start_matches('/')).join("f2")).expect("f2 inside"), b"2");
     assert_eq!(std::fs::read(root.join(out.trim_start_matches('/')).join("pwned")).expect("inside"), b"bad");
     assert_eq!(std::fs::read(outside.join("secret")).expect("secret"), b"secret");
     assert!(std::fs::symlink_metadata(root.join("over")).expect("over").is_file());
