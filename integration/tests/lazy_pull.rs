@@ -446,6 +446,10 @@ fn layers_without_an_index_are_unpacked_by_the_snapshotter_as_containerd_unpacks
         &["run", "--rm", "--snapshotter", "clip", &reference, "u1", "python3", "-c", "import numpy; print(8)"],
     )?;
     assert_eq!(String::from_utf8_lossy(&run_out.stdout).trim(), "8");
+    // Another namespace (another tenant) gets the layers from its own registry access, not
+    // from the snapshots unpacked for this one.
+    run(ctrd.ctr("u").args(["images", "pull", "--plain-http", "--snapshotter", "clip", &reference]))?;
+    assert_eq!(unpacked_here(), 2 * layers.len(), "{}", snap.log());
     ctrd.purge()?;
     Ok(())
 }

@@ -199,12 +199,19 @@ impl State {
         // From opening the layer until its snapshot is recorded, a Remove of the layer's last
         // snapshot cannot delete its caches.
         let _gate = remote.gate(&req.layer_digest);
-        let existing = self.store.list().map_err(RemoteFallback::Error)?.into_iter().find(|(_, r)| {
+        // A layer this snapshotter unpacked for another namespace is not shared with this one:
+        // that would hand a layer to whoever names its chain, without their registry ever
+        // serving it to them.
+        let foreign_unpack = |name: &str, r: &crate::metadata::Record| {
+            r.labels.contains_key(clip_config::labels::UNPACKED_BY_CLIP) && namespace_of(name) != namespace_of(key)
+        };
+        let existing = self.store.list().map_err(RemoteFallback::Error)?.into_iter().find(|(name, r)| {
             r.kind == Kind::Committed
                 && r.parent == parent
                 && r.labels.get(clip_config::labels::TARGET_SNAPSHOT_REF) == Some(&req.target)
+                && !foreign_unpack(name, r)
         });
-        // Unpacked by containerd, which checked the layer against its diff ID.
+        // Unpacked by containerd, or here, either checked against its diff ID.
         if existing.as_ref().is_some_and(|(_, r)| r.remote.is_none()) {
             return Ok(());
         }
@@ -220,15 +227,13 @@ impl State {
                 return Ok(());
             }
             // Another image's layer or index under this chain ID: this image gets a snapshot of
-            // its own, and the other one stops answering for the chain ID here (its users keep
-            // it by its name).
+            // its own, which then alone answers for the chain ID here (`claim_target`; the
+            // other one's users keep it by its name).
             let theirs = r.key();
             tracing::warn!(
                 snapshot = %name, target = %req.target, image = %req.image_ref, %theirs, ours = %binding.key,
                 "a lazy snapshot of this chain was made from another image's layer or index; not sharing it"
             );
-            let update = LabelUpdate::Keys(vec![(clip_config::labels::TARGET_SNAPSHOT_REF.to_string(), None)]);
-            self.store.update_labels(&name, update).map_err(RemoteFallback::Error)?;
         }
         let layer = match remote.open(&repo, req, binding) {
             Ok(layer) => layer,
@@ -246,7 +251,7 @@ impl State {
         match result {
             Ok(r) => {
                 tracing::info!(layer = %req.layer_digest, image = %req.image_ref, id = r.record.id, "layer mounted lazily");
-                Ok(())
+                self.store.claim_target(key, parent, &req.target).map_err(RemoteFallback::Error)
             }
             Err(e) => {
                 if let Some(id) = mounted.get() {
@@ -384,6 +389,11 @@ impl State {
 }
 
 use clip_config::labels::NOT_LAZY_REASON as NOT_LAZY;
+
+/// The containerd namespace a backend key belongs to (containerd names them `<ns>/<id>/<name>`).
+pub(crate) fn namespace_of(key: &str) -> &str {
+    key.split_once('/').map_or("", |(ns, _)| ns)
+}
 
 /// The reason stored in [`NOT_LAZY`], within containerd's label size limit.
 pub(crate) fn not_lazy_reason(reason: &str) -> String {

@@ -41,13 +41,15 @@ impl State {
         };
         let mut stored = labels.stored.clone();
         stored.insert(NOT_LAZY_REASON.into(), not_lazy_reason(&why.to_string()));
+        // Unpacked under a key of its own, committed under containerd's key as a lazy layer is.
+        let unpacking = format!("{key} (unpacking)");
         let created = self
             .store
-            .create(Kind::Active, key, parent, stored.clone(), |id| self.dirs.create(id))
+            .create(Kind::Active, &unpacking, parent, stored.clone(), |id| self.dirs.create(id))
             .map_err(RemoteFallback::Error)?;
         let id = created.record.id;
         let discard = || {
-            let _ = self.store.remove(key);
+            let _ = self.store.remove(&unpacking);
             self.remove_dir(id);
         };
         let unpacked = match remote.unpack(&source, &self.dirs.fs(id), &parents) {
@@ -59,11 +61,12 @@ impl State {
             }
         };
         stored.insert(UNPACKED_BY_CLIP.into(), unpacked.diff_id.clone());
-        let committed = self.dirs.usage(id).and_then(|usage| self.store.commit(key, &req.target, stored, usage));
+        let committed = self.dirs.usage(id).and_then(|usage| self.store.commit(&unpacking, key, stored, usage));
         if let Err(e) = committed {
             discard();
             return Err(RemoteFallback::Error(e));
         }
+        self.store.claim_target(key, parent, &req.target).map_err(RemoteFallback::Error)?;
         tracing::info!(
             layer = %req.layer_digest, image = %req.image_ref, id, entries = unpacked.entries,
             compressed = source.layer.size, uncompressed = unpacked.uncompressed_bytes,

@@ -215,6 +215,22 @@ impl MetaStore {
     }
 
     /// Changes the labels of a snapshot and bumps its update time.
+    /// Makes `name` the only committed snapshot over `parent` labelled with chain `target`:
+    /// containerd takes the first one its Walk finds for the chain, so any other stops
+    /// answering for it (its users keep it by its name) — another image's lazy layer, or a
+    /// layer unpacked for another namespace.
+    pub fn claim_target(&self, name: &str, parent: &str, target: &str) -> Result<()> {
+        use clip_config::labels::TARGET_SNAPSHOT_REF;
+        for (other, r) in self.list()? {
+            let same_target = r.labels.get(TARGET_SNAPSHOT_REF).map(String::as_str) == Some(target);
+            if other != name && r.kind == Kind::Committed && r.parent == parent && same_target {
+                tracing::warn!(snapshot = %other, target, "another snapshot of this chain no longer answers for it");
+                self.update_labels(&other, LabelUpdate::Keys(vec![(TARGET_SNAPSHOT_REF.to_string(), None)]))?;
+            }
+        }
+        Ok(())
+    }
+
     pub fn update_labels(&self, key: &str, update: LabelUpdate) -> Result<Record> {
         self.update_labels_checked(key, update, |_, _| Ok(()))
     }
