@@ -269,6 +269,18 @@ impl Registry {
         &self.dir
     }
 
+    /// Changes one byte (in the middle, the size kept) of this registry's stored copy of blob
+    /// `digest`: it then serves bytes that are not the digest's, until restored.
+    pub fn flip_blob(&self, digest: &str) -> Result<FlippedBlob> {
+        let hex = digest.trim_start_matches("sha256:");
+        let path = self.dir.join(format!("data/docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2]));
+        let original = std::fs::read(&path).with_context(|| path.display().to_string())?;
+        let mut flipped = original.clone();
+        flipped[original.len() / 2] ^= 0xff;
+        std::fs::write(&path, &flipped)?;
+        Ok(FlippedBlob { path, original })
+    }
+
     /// Writes a `hosts.toml` for this registry under `hosts_dir/<host>/` (containerd's layout).
     pub fn write_hosts_toml(&self, hosts_dir: &Path) -> Result<()> {
         let d = hosts_dir.join(&self.host);
@@ -436,5 +448,19 @@ mod tests {
         assert_eq!(base64_encode(b"testuser:testpass"), "dGVzdHVzZXI6dGVzdHBhc3M=");
         assert_eq!(base64_encode(b"a"), "YQ==");
         assert_eq!(base64_encode(b"ab"), "YWI=");
+    }
+}
+
+/// A blob a [`Registry::flip_blob`] changed.
+#[derive(Debug)]
+pub struct FlippedBlob {
+    path: PathBuf,
+    original: Vec<u8>,
+}
+
+impl FlippedBlob {
+    /// Puts the original bytes back.
+    pub fn restore(&self) -> Result<()> {
+        std::fs::write(&self.path, &self.original).with_context(|| self.path.display().to_string())
     }
 }

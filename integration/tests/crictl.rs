@@ -193,8 +193,8 @@ fn pods_start_lazily_and_leave_nothing_behind(name: &str, cri_local_pull: bool) 
         fetched as f64 * 100.0 / b.image_bytes as f64
     );
     let slog = b.snap.log();
-    // The pause image has no index: an ordinary snapshot that containerd unpacks.
-    assert!(slog.contains("serving the layer as an ordinary snapshot (containerd unpacks it)"), "{slog}");
+    // The pause image has no index: the snapshotter downloads and unpacks its layers itself.
+    assert!(slog.contains("layer downloaded and unpacked here"), "{slog}");
     assert_eq!(count(&slog, "layer mounted lazily"), 4, "{slog}");
     // Both paths hand the cri.* labels over (the export, or CRI itself).
     assert_eq!(count(&slog, "unlabelled Prepare found"), 0, "{slog}");

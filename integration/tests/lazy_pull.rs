@@ -353,11 +353,7 @@ fn layers_without_an_index_stream_into_containerd_checked_and_never_held_whole()
 
     // The registry's copy of the largest layer has one byte changed (same size).
     let hex = largest.trim_start_matches("sha256:");
-    let data = reg.dir().join(format!("data/docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2]));
-    let original = std::fs::read(&data).with_context(|| data.display().to_string())?;
-    let mut flipped = original.clone();
-    flipped[original.len() / 2] ^= 0xff;
-    std::fs::write(&data, &flipped)?;
+    let flipped = reg.flip_blob(&largest)?;
     let (out, _) = pull_watched()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "a corrupted layer was pulled");
@@ -365,7 +361,7 @@ fn layers_without_an_index_stream_into_containerd_checked_and_never_held_whole()
     let store = in_store()?;
     assert!(!store.contains(hex), "the corrupted layer is in containerd's content store:\n{store}");
 
-    std::fs::write(&data, &original)?;
+    flipped.restore()?;
     let (out, peak) = pull_watched()?;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
@@ -405,16 +401,13 @@ fn layers_without_an_index_are_unpacked_by_the_snapshotter_as_containerd_unpacks
     let reference = reg.push_layout(&layout, "pyapp", "testbed/python", "latest")?;
     let layers = layout_layers(&layout, "pyapp")?;
     let (largest, _, _) = layers.iter().max_by_key(|l| l.2).cloned().context("layers")?;
-    let (snap, ctrd) = hosts_stack(&td, &reg, SnapshotterConfig::default())?;
+    let port = clip_integration::free_port()?;
+    let config = SnapshotterConfig { metrics_address: format!("127.0.0.1:{port}"), ..Default::default() };
+    let (snap, ctrd) = hosts_stack(&td, &reg, config)?;
     let unpacked_here = || snap.log().matches("layer downloaded and unpacked here").count();
 
     // The registry's copy of the largest layer has one byte changed (same size).
-    let hex = largest.trim_start_matches("sha256:");
-    let data = reg.dir().join(format!("data/docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2]));
-    let original = std::fs::read(&data).with_context(|| data.display().to_string())?;
-    let mut flipped = original.clone();
-    flipped[original.len() / 2] ^= 0xff;
-    std::fs::write(&data, &flipped)?;
+    let flipped = reg.flip_blob(&largest)?;
     let out = pull(&ctrd, &["--plain-http"], &reference)?;
     assert!(!out.status.success(), "a corrupted layer was pulled");
     let log = snap.log();
@@ -426,7 +419,7 @@ fn layers_without_an_index_are_unpacked_by_the_snapshotter_as_containerd_unpacks
 
     // Restored: containerd's own pull (the path of nerdctl and CRI) gets every layer from the
     // snapshotter.
-    std::fs::write(&data, &original)?;
+    flipped.restore()?;
     run(ctrd.ctr("t").args(["images", "pull", "--plain-http", "--snapshotter", "clip", &reference]))?;
     assert_eq!(unpacked_here(), layers.len(), "{}", snap.log());
     let store = clip_integration::run_stdout(ctrd.ctr("t").args(["content", "ls", "-q"]))?;
@@ -450,6 +443,12 @@ fn layers_without_an_index_are_unpacked_by_the_snapshotter_as_containerd_unpacks
     // from the snapshots unpacked for this one.
     run(ctrd.ctr("u").args(["images", "pull", "--plain-http", "--snapshotter", "clip", &reference]))?;
     assert_eq!(unpacked_here(), 2 * layers.len(), "{}", snap.log());
+    let text = clip_integration::metrics::scrape(port);
+    let family = "clip_snapshotter_layers_unpacked_total{";
+    assert_eq!(clip_integration::metrics::sum(&text, family, &["\"ok\""]), 2 * layers.len() as u64, "{text}");
+    assert_eq!(clip_integration::metrics::sum(&text, family, &["\"failed\""]), 1, "{text}");
+    let bytes: u64 = layers.iter().map(|l| l.2).sum();
+    assert_eq!(clip_integration::metrics::sum(&text, "clip_snapshotter_unpacked_layer_bytes_total", &[]), 2 * bytes);
     ctrd.purge()?;
     Ok(())
 }

@@ -49,6 +49,12 @@ struct CauseLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UnpackLabels {
+    /// `ok`, `failed` (containerd then unpacked the layer).
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VerdictLabels {
     /// `same`, `differs`, `unverifiable`.
     result: &'static str,
@@ -88,6 +94,8 @@ pub struct Metrics {
     pub cache_evictions: Counter,
     verdicts: Family<VerdictLabels, Counter>,
     poisoned: Family<PoisonedLabels, prometheus_client::metrics::gauge::Gauge>,
+    unpacks: Family<UnpackLabels, Counter>,
+    unpacked_bytes: Counter,
 }
 
 impl Default for Metrics {
@@ -189,6 +197,18 @@ impl Metrics {
             "layers found not to be what their index says (1 per image, layer and index): no longer served",
             poisoned.clone(),
         );
+        let unpacks = Family::<UnpackLabels, Counter>::default();
+        registry.register(
+            "layers_unpacked",
+            "layers no index serves, downloaded and unpacked by the snapshotter, by result (ok; failed: containerd unpacked it)",
+            unpacks.clone(),
+        );
+        let unpacked_bytes = Counter::default();
+        registry.register(
+            "unpacked_layer_bytes",
+            "compressed bytes of the layers the snapshotter downloaded and unpacked",
+            unpacked_bytes.clone(),
+        );
         Self {
             registry,
             calls,
@@ -213,10 +233,20 @@ impl Metrics {
             cache_evictions,
             verdicts,
             poisoned,
+            unpacks,
+            unpacked_bytes,
         }
     }
 
     /// Counts the result of verifying a complete layer.
+    /// Records a layer unpacked here (`bytes`: its compressed size), or an unpack that failed.
+    pub fn unpacked(&self, ok: bool, bytes: u64) {
+        self.unpacks.get_or_create(&UnpackLabels { result: if ok { "ok" } else { "failed" } }).inc();
+        if ok {
+            self.unpacked_bytes.inc_by(bytes);
+        }
+    }
+
     pub fn verified(&self, result: &'static str) {
         self.verdicts.get_or_create(&VerdictLabels { result }).inc();
     }

@@ -85,8 +85,9 @@ impl RemoteLayers {
     pub fn unpack(&self, source: &UnpackSource, root: &Path, parents: &[PathBuf]) -> Result<Unpacked, RemoteError> {
         let layer = &source.layer;
         let download = Download::start(&self.runtime, source.repo.clone(), layer, self.read.fetch_timeout);
-        clip_unpack::unpack_layer(download, root, parents, Some(&layer.diff_id))
-            .map_err(|e| RemoteError::Unpack { layer: layer.digest.clone(), source: e })
+        let unpacked = clip_unpack::unpack_layer(download, root, parents, Some(&layer.diff_id));
+        self.metrics.unpacked(unpacked.is_ok(), layer.size);
+        unpacked.map_err(|e| RemoteError::Unpack { layer: layer.digest.clone(), source: e })
     }
 }
 
