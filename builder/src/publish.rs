@@ -135,7 +135,9 @@ pub async fn index_image(
             labels,
         });
     }
-    let diff_ids = image_diff_ids(&repo, &image).await?;
+    // Each layer is checked against its own diff ID while it is indexed, so a signed index
+    // never vouches for a layer that claims another layer's chain.
+    let diff_ids = repo.image_diff_ids(&image).await?;
     let limit = Arc::new(tokio::sync::Semaphore::new(2));
     let mut tasks = Vec::new();
     for (layer, diff_id) in image.layers().iter().zip(diff_ids) {
@@ -236,17 +238,6 @@ pub(crate) async fn published_index(
         }
     }
     None
-}
-
-/// The image's diff IDs (the uncompressed digests its config names), one per layer: each layer
-/// is checked against its own while it is indexed, so a signed index never vouches for a layer
-/// that claims another layer's chain.
-async fn image_diff_ids(repo: &Repository, image: &oci_spec::image::ImageManifest) -> Result<Vec<String>> {
-    const MAX_CONFIG: usize = 8 << 20;
-    let config = image.config().digest().to_string();
-    let bytes =
-        repo.get_blob(&config, MAX_CONFIG).await.with_context(|| format!("reading the image config {config}"))?;
-    Ok(clip_registry::image::diff_ids(&bytes, image.layers().len())?)
 }
 
 fn cache_paths(dir: &std::path::Path, digest: &str) -> (std::path::PathBuf, std::path::PathBuf) {

@@ -19,9 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 const TTL: Duration = Duration::from_secs(24 * 3600);
-const WHITEOUT_PREFIX: &[u8] = b".wh.";
-const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
-const OPAQUE_XATTR: &[u8] = b"trusted.overlay.opaque";
+use clip_index::build::whiteout::{OPAQUE_MARKER, OPAQUE_XATTR, PREFIX as WHITEOUT_PREFIX};
 
 /// One layer served over FUSE.
 pub struct LayerFs {

@@ -4,10 +4,11 @@
 use crate::api::Platform;
 use crate::client::Repository;
 use crate::error::RegistryError;
+use oci_spec::image::ImageManifest;
 use sha2::{Digest, Sha256};
 
 /// Largest image config read for its diff IDs.
-pub const MAX_CONFIG: usize = 8 << 20;
+const MAX_CONFIG: usize = 8 << 20;
 
 /// A layer as its image describes it: its descriptor and its diff ID.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +33,13 @@ pub enum ImageLayerError {
 }
 
 impl Repository {
+    /// The diff IDs the config of the image `manifest` names, one per layer, checked.
+    pub async fn image_diff_ids(&self, manifest: &ImageManifest) -> Result<Vec<String>, ImageLayerError> {
+        let config = manifest.config().digest().to_string();
+        let bytes = self.get_blob(&config, MAX_CONFIG).await.map_err(ImageLayerError::Config)?;
+        Ok(diff_ids(&bytes, manifest.layers().len())?)
+    }
+
     /// Layer `layer_digest` of the image `manifest_reference` (for this machine's platform):
     /// its descriptor in the manifest and its diff ID in the config.
     pub async fn image_layer(
@@ -49,9 +57,7 @@ impl Repository {
             .position(|l| l.digest().to_string() == layer_digest)
             .ok_or(ImageLayerError::NotListed)?;
         let descriptor = &manifest.layers()[position];
-        let config = manifest.config().digest().to_string();
-        let bytes = self.get_blob(&config, MAX_CONFIG).await.map_err(ImageLayerError::Config)?;
-        let diff_ids = diff_ids(&bytes, manifest.layers().len())?;
+        let diff_ids = self.image_diff_ids(&manifest).await?;
         Ok(ImageLayer {
             digest: layer_digest.to_string(),
             size: descriptor.size(),

@@ -24,6 +24,7 @@ use futures::StreamExt;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// The manifest label that names its config (set by containerd's pull before unpacking).
 const CONFIG_REF_LABEL: &str = "containerd.io/gc.ref.content.config";
@@ -55,6 +56,31 @@ pub struct FoundLayer {
     pub layer_digests: Vec<String>,
     /// Which of them the Prepare is for.
     pub index: usize,
+}
+
+/// Whether the blob of a Prepare's layer is in containerd's content store
+/// ([`ContentLookup::has_blob`]), asked only when an unpack here would otherwise download it:
+/// a lazily served layer never costs the call. Blocking (call from the Prepare's thread).
+#[derive(Debug)]
+pub struct BlobCheck(Option<BlobCheckArgs>);
+
+#[derive(Debug)]
+struct BlobCheckArgs {
+    lookup: Arc<ContentLookup>,
+    namespace: String,
+    digest: String,
+    runtime: tokio::runtime::Handle,
+}
+
+impl BlobCheck {
+    /// No check possible (no containerd to ask, no layer label): never local.
+    pub fn none() -> Self {
+        Self(None)
+    }
+
+    pub fn is_local(&self) -> bool {
+        self.0.as_ref().is_some_and(|a| a.runtime.block_on(a.lookup.has_blob(&a.namespace, &a.digest)))
+    }
 }
 
 /// Where registries with their ports are configured, for a source label that has no port.
@@ -165,15 +191,17 @@ impl ContentLookup {
         labels
     }
 
-    /// Whether the blob of the layer a labelled Prepare names is in the content store of the
-    /// call's namespace ([`Self::has_blob`]); false when containerd cannot be asked.
-    pub async fn layer_blob_is_local(&self, labels: &HashMap<String, String>) -> bool {
-        let (Some(digest), Some(namespace)) =
-            (labels.get(clip_config::labels::CRI_LAYER_DIGEST), crate::request_namespace::current())
-        else {
-            return false;
+    /// The check whether the blob of the layer a labelled Prepare names is in the content store
+    /// of the call's namespace, made now (the namespace is the call's) and asked only if needed.
+    pub fn blob_check(self: &Arc<Self>, labels: &HashMap<String, String>) -> BlobCheck {
+        let digest = labels.get(clip_config::labels::CRI_LAYER_DIGEST);
+        let asked = match (digest, crate::request_namespace::current(), tokio::runtime::Handle::try_current()) {
+            (Some(digest), Some(namespace), Ok(runtime)) => {
+                Some(BlobCheckArgs { lookup: self.clone(), namespace, digest: digest.clone(), runtime })
+            }
+            _ => None,
         };
-        self.has_blob(&namespace, digest).await
+        BlobCheck(asked)
     }
 
     /// Whether blob `digest` is in namespace `namespace`'s content store (containerd 1.6's

@@ -2,7 +2,7 @@
 //! [`SnapshotDirs`], with overlayfs semantics. Every call runs in its own tracing span, on a
 //! blocking thread (redb and the file system block), and is counted in [`Metrics`].
 
-use crate::content_lookup::ContentLookup;
+use crate::content_lookup::{BlobCheck, ContentLookup};
 use crate::dirs::SnapshotDirs;
 use crate::error::{Result, SnapshotError};
 use crate::filter::{Adaptor, Filters};
@@ -105,14 +105,15 @@ impl State {
         Ok(removed.len())
     }
 
-    /// `blob_local`: the layer's blob is in containerd's content store (it is not unpacked here).
+    /// `blob_check`: whether the layer's blob is in containerd's content store (then it is not
+    /// unpacked here).
     fn create(
         &self,
         kind: Kind,
         key: &str,
         parent: &str,
         labels: HashMap<String, String>,
-        blob_local: bool,
+        blob_check: &BlobCheck,
     ) -> Result<Vec<Mount>> {
         let mut labels = labels::split(labels)?;
         let request = match RemoteRequest::from_labels(&labels) {
@@ -126,7 +127,7 @@ impl State {
         if kind == Kind::Active
             && let (Some(remote), Some(req)) = (&self.remote, request)
         {
-            match self.prepare_remote(remote, key, parent, &labels, &req, blob_local) {
+            match self.prepare_remote(remote, key, parent, &labels, &req, blob_check) {
                 Ok(()) => {
                     return Err(SnapshotError::AlreadyExists(format!("target snapshot {}", req.target)));
                 }
@@ -165,13 +166,13 @@ impl State {
         parent: &str,
         labels: &labels::SnapshotLabels,
         req: &RemoteRequest,
-        blob_local: bool,
+        blob_check: &BlobCheck,
     ) -> std::result::Result<(), RemoteFallback> {
         let slot = (parent.to_string(), req.target.clone());
         let lock = self.remote_targets.lock().entry(slot.clone()).or_default().clone();
         let result = {
             let _serialized = lock.lock();
-            self.prepare_remote_locked(remote, key, parent, labels, req, blob_local)
+            self.prepare_remote_locked(remote, key, parent, labels, req, blob_check)
         };
         let mut targets = self.remote_targets.lock();
         if Arc::strong_count(&lock) == 2 {
@@ -187,14 +188,17 @@ impl State {
         parent: &str,
         labels: &labels::SnapshotLabels,
         req: &RemoteRequest,
-        blob_local: bool,
+        blob_check: &BlobCheck,
     ) -> std::result::Result<(), RemoteFallback> {
         let unpack_here = |why: &RemoteError| {
-            let unpacks = remote.unpacks(why);
-            if unpacks && blob_local {
+            if !remote.unpacks(why) {
+                return false;
+            }
+            let local = blob_check.is_local();
+            if local {
                 tracing::info!(layer = %req.layer_digest, "the layer's blob is in containerd's content store: containerd unpacks it from there");
             }
-            unpacks && !blob_local
+            !local
         };
         // From opening the layer until its snapshot is recorded, a Remove of the layer's last
         // snapshot cannot delete its caches.
@@ -205,12 +209,12 @@ impl State {
         let foreign_unpack = |name: &str, r: &crate::metadata::Record| {
             r.labels.contains_key(clip_config::labels::UNPACKED_BY_CLIP) && namespace_of(name) != namespace_of(key)
         };
-        let existing = self.store.list().map_err(RemoteFallback::Error)?.into_iter().find(|(name, r)| {
-            r.kind == Kind::Committed
-                && r.parent == parent
-                && r.labels.get(clip_config::labels::TARGET_SNAPSHOT_REF) == Some(&req.target)
-                && !foreign_unpack(name, r)
-        });
+        let existing = self
+            .store
+            .for_target(parent, &req.target)
+            .map_err(RemoteFallback::Error)?
+            .into_iter()
+            .find(|(name, r)| !foreign_unpack(name, r));
         // Unpacked by containerd, or here, either checked against its diff ID.
         if existing.as_ref().is_some_and(|(_, r)| r.remote.is_none()) {
             return Ok(());
@@ -280,7 +284,7 @@ impl State {
 
     /// Serves the layers among `ids` that a restart could not serve; an error if one still
     /// cannot be (a mount must never show an empty layer).
-    fn serve_unservable(&self, ids: &[u64]) -> Result<()> {
+    pub(crate) fn serve_unservable(&self, ids: &[u64]) -> Result<()> {
         let Some(remote) = &self.remote else { return Ok(()) };
         Ok(remote.serve_unservable(ids, |id| self.dirs.fs(id))?)
     }
@@ -391,7 +395,7 @@ impl State {
 use clip_config::labels::NOT_LAZY_REASON as NOT_LAZY;
 
 /// The containerd namespace a backend key belongs to (containerd names them `<ns>/<id>/<name>`).
-pub(crate) fn namespace_of(key: &str) -> &str {
+fn namespace_of(key: &str) -> &str {
     key.split_once('/').map_or("", |(ns, _)| ns)
 }
 
@@ -531,15 +535,15 @@ impl containerd_snapshots::Snapshotter for ClipSnapshotter {
         labels: HashMap<String, String>,
     ) -> std::result::Result<Vec<Mount>, Status> {
         let span = tracing::info_span!("prepare", key = %key, parent = %parent);
-        let (labels, blob_local) = match (&self.lookup, &self.state.remote) {
-            (Some(lookup), Some(remote)) => {
+        let (labels, blob_check) = match (&self.lookup, &self.state.remote) {
+            (Some(lookup), Some(_)) => {
                 let labels = lookup.label_unlabelled(&parent, labels).instrument(span.clone()).await;
-                let local = remote.unpack_without_index() && lookup.layer_blob_is_local(&labels).await;
-                (labels, local)
+                let check = lookup.blob_check(&labels);
+                (labels, check)
             }
-            _ => (labels, false),
+            _ => (labels, BlobCheck::none()),
         };
-        self.call("prepare", span, move |s| s.create(Kind::Active, &key, &parent, labels, blob_local)).await
+        self.call("prepare", span, move |s| s.create(Kind::Active, &key, &parent, labels, &blob_check)).await
     }
 
     async fn view(
@@ -549,7 +553,7 @@ impl containerd_snapshots::Snapshotter for ClipSnapshotter {
         labels: HashMap<String, String>,
     ) -> std::result::Result<Vec<Mount>, Status> {
         let span = tracing::info_span!("view", key = %key, parent = %parent);
-        self.call("view", span, move |s| s.create(Kind::View, &key, &parent, labels, false)).await
+        self.call("view", span, move |s| s.create(Kind::View, &key, &parent, labels, &BlobCheck::none())).await
     }
 
     async fn commit(

@@ -34,9 +34,7 @@ impl State {
             let p = self.store.resolve(parent).map_err(RemoteFallback::Error)?;
             let mut ids = p.parent_ids.clone();
             ids.insert(0, p.record.id);
-            if let Some(remote) = &self.remote {
-                remote.serve_unservable(&ids, |id| self.dirs.fs(id)).map_err(&fallback)?;
-            }
+            self.serve_unservable(&ids).map_err(RemoteFallback::Reason)?;
             ids.iter().map(|id| self.dirs.fs(*id)).collect()
         };
         let mut stored = labels.stored.clone();

@@ -7,15 +7,14 @@
 use crate::UnpackError;
 use crate::resolve::in_root;
 use clip_index::EntryKind;
-use clip_index::build::{TarFields, normalize, tar_fields};
+use clip_index::build::whiteout::{OPAQUE_MARKER, OPAQUE_XATTR, PREFIX as WHITEOUT_PREFIX};
+use clip_index::build::{TarFields, normalize, split_last, tar_fields};
 use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-const WHITEOUT_PREFIX: &[u8] = b".wh.";
-const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
 const COPY_BUF: usize = 1 << 20;
 
 /// Applies entries to one layer directory.
@@ -185,8 +184,7 @@ impl<'a> Applier<'a> {
 /// A whiteout entry `base` (`.wh.<name>`) in `dir`: the overlayfs form of it.
 fn whiteout(dir: &Path, base: &[u8], name: &[u8], fields: &TarFields) -> Result<(), String> {
     if base == OPAQUE_MARKER {
-        return set_xattr(dir, b"trusted.overlay.opaque", b"y")
-            .map_err(|e| format!("marking its directory opaque: {e}"));
+        return set_xattr(dir, OPAQUE_XATTR, b"y").map_err(|e| format!("marking its directory opaque: {e}"));
     }
     if matches!(name, b"" | b"." | b"..") {
         return Err("a whiteout of no name".into());
@@ -218,13 +216,6 @@ fn set_attributes(path: &Path, fields: &TarFields) -> Result<(), String> {
             .map_err(|e| format!("chmod {:o}: {e}", fields.mode))?;
     }
     set_times(path, fields.mtime_sec, fields.mtime_nsec).map_err(|e| format!("setting its times: {e}"))
-}
-
-fn split_last(path: &[u8]) -> (&[u8], &[u8]) {
-    match path.iter().rposition(|b| *b == b'/') {
-        Some(i) => (&path[..i], &path[i + 1..]),
-        None => (&[], path),
-    }
 }
 
 fn lchown(path: &Path, uid: u32, gid: u32) -> std::io::Result<()> {

@@ -18,12 +18,9 @@
 pub mod apply;
 pub mod resolve;
 
-use clip_index::build::{DiffIdReader, LayerStream};
+use clip_index::build::{DiffIdReader, LayerStream, MAX_ENTRIES};
 use std::io::Read;
 use std::path::{Path, PathBuf};
-
-/// Most entries one layer may hold (as for indexing).
-pub const MAX_ENTRIES: u64 = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UnpackError {
@@ -73,7 +70,7 @@ pub fn unpack_layer(
     let stream = LayerStream::inflate_only(blob).map_err(|e| UnpackError::Stream(e.to_string()))?;
     let mut tar_stream = DiffIdReader::new(stream, true);
     let mut applier = apply::Applier::new(root, parents);
-    let mut entries = 0u64;
+    let mut entries = 0usize;
     {
         let mut archive = tar::Archive::new(&mut tar_stream);
         for entry in archive.entries_with_seek().map_err(|e| read_error(&e))? {
@@ -95,7 +92,7 @@ pub fn unpack_layer(
     {
         return Err(UnpackError::DiffId { expected: expected.to_string(), actual: diff_id });
     }
-    Ok(Unpacked { diff_id, entries, uncompressed_bytes })
+    Ok(Unpacked { diff_id, entries: entries as u64, uncompressed_bytes })
 }
 
 /// An error met while reading: the download's or the inflater's own message, else tar's.

@@ -10,7 +10,18 @@ mod tree;
 
 pub use guard::{MAX_META, MetaGuard};
 pub use stream::{LayerStream, sniff};
-pub use tree::{MAX_PATH, TarFields, normalize, tar_fields};
+pub use tree::{MAX_ENTRIES, MAX_PATH, TarFields, normalize, split_last, tar_fields};
+
+/// How a layer's tar stream marks deletions (the image spec's whiteouts), and the overlayfs
+/// attribute an opaque directory becomes: for every part that presents or unpacks a layer.
+pub mod whiteout {
+    /// `.wh.<name>`: `<name>` is deleted (overlayfs: a 0:0 character device `<name>`).
+    pub const PREFIX: &[u8] = b".wh.";
+    /// In a directory: the layers below contribute nothing to it.
+    pub const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
+    /// The overlayfs form of an opaque directory (`y`).
+    pub const OPAQUE_XATTR: &[u8] = b"trusted.overlay.opaque";
+}
 
 use crate::format::{EntryEncoder, IndexData};
 use crate::{Index, IndexError};

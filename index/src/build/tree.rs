@@ -239,7 +239,7 @@ fn put<V>(map: &mut HashMap<u32, V>, id: u32, v: Option<V>, new: bool) {
 }
 
 /// A normalised path's parent and last component (the root's parent is itself).
-fn split_last(path: &[u8]) -> (&[u8], &[u8]) {
+pub fn split_last(path: &[u8]) -> (&[u8], &[u8]) {
     match path.iter().rposition(|b| *b == b'/') {
         Some(i) => (&path[..i], &path[i + 1..]),
         None => (&[], path),

@@ -214,16 +214,30 @@ impl MetaStore {
         Ok(record)
     }
 
-    /// Changes the labels of a snapshot and bumps its update time.
+    /// The committed snapshots over `parent` labelled with chain `target`
+    /// ([`clip_config::labels::TARGET_SNAPSHOT_REF`]): those containerd's Walk may hand out
+    /// for the chain.
+    pub fn for_target(&self, parent: &str, target: &str) -> Result<Vec<(String, Record)>> {
+        use clip_config::labels::TARGET_SNAPSHOT_REF;
+        Ok(self
+            .list()?
+            .into_iter()
+            .filter(|(_, r)| {
+                r.kind == Kind::Committed
+                    && r.parent == parent
+                    && r.labels.get(TARGET_SNAPSHOT_REF).map(String::as_str) == Some(target)
+            })
+            .collect())
+    }
+
     /// Makes `name` the only committed snapshot over `parent` labelled with chain `target`:
     /// containerd takes the first one its Walk finds for the chain, so any other stops
     /// answering for it (its users keep it by its name) — another image's lazy layer, or a
     /// layer unpacked for another namespace.
     pub fn claim_target(&self, name: &str, parent: &str, target: &str) -> Result<()> {
         use clip_config::labels::TARGET_SNAPSHOT_REF;
-        for (other, r) in self.list()? {
-            let same_target = r.labels.get(TARGET_SNAPSHOT_REF).map(String::as_str) == Some(target);
-            if other != name && r.kind == Kind::Committed && r.parent == parent && same_target {
+        for (other, _) in self.for_target(parent, target)? {
+            if other != name {
                 tracing::warn!(snapshot = %other, target, "another snapshot of this chain no longer answers for it");
                 self.update_labels(&other, LabelUpdate::Keys(vec![(TARGET_SNAPSHOT_REF.to_string(), None)]))?;
             }
@@ -231,6 +245,7 @@ impl MetaStore {
         Ok(())
     }
 
+    /// Changes the labels of a snapshot and bumps its update time.
     pub fn update_labels(&self, key: &str, update: LabelUpdate) -> Result<Record> {
         self.update_labels_checked(key, update, |_, _| Ok(()))
     }

@@ -38,11 +38,6 @@ pub struct UnpackSource {
 }
 
 impl RemoteLayers {
-    /// `[lazy] unpack_without_index`.
-    pub fn unpack_without_index(&self) -> bool {
-        self.unpack_without_index
-    }
-
     /// Whether a layer that cannot be served lazily for this reason is unpacked here: when
     /// unpacking is on and the reason is the image's index (none, unusable, untrusted, or the
     /// layer found unlike it), not the registry.
