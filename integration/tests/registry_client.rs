@@ -711,3 +711,69 @@ fn a_streamed_blob_must_be_exactly_its_descriptors_size_and_digest() -> Result<(
     assert!(sent < size + (16 << 20), "{sent} bytes of an endless body were read for a {size}-byte blob");
     Ok(())
 }
+
+/// A mirror that refuses every request walks the credential chain on its own: concurrent
+/// requests whose mirror walk is still going never move the registry's place in the chain.
+/// (Seen in CI: the registry itself was asked with docker config.json, then anonymously —
+/// never with the image's credentials — while another request's mirror walk was at those.)
+#[test]
+fn a_refusing_mirrors_credential_walk_never_moves_the_registrys() -> Result<()> {
+    require_root();
+    let td = TestDir::new("mirror-walk")?;
+    let reg = Registry::start_tls_auth(&td, "tls")?;
+    let tls = reg.tls().context("tls")?.clone();
+    let layout = TestImage::Busybox.layout()?;
+    reg.push_layout(&layout, "busybox", "testbed/busybox", "latest")?;
+    let (digest, _, _) = layout_layers(&layout, "busybox")?.remove(0);
+    let blob = std::fs::read(blob_path(&layout, &digest)?)?;
+    // Replies after a few milliseconds, varying, so the requests' walks interleave.
+    let replies = Arc::new(AtomicU64::new(0));
+    let counter = Arc::clone(&replies);
+    let mirror = HttpStub::start(move |_| {
+        let n = counter.fetch_add(1, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(n * 7 % 23));
+        StubResponse {
+            status: 401,
+            headers: vec![("WWW-Authenticate".into(), "Basic realm=\"mirror\"".into())],
+            body: Vec::new(),
+        }
+    })?;
+    let hosts_dir = td.sub("certs.d")?;
+    std::fs::create_dir_all(hosts_dir.join(reg.host()))?;
+    std::fs::write(
+        hosts_dir.join(reg.host()).join("hosts.toml"),
+        format!(
+            "server = \"{}\"\nca = \"{}\"\n[host.\"{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+            reg.base_url(),
+            tls.ca_cert.display(),
+            mirror.url()
+        ),
+    )?;
+    let docker_config = td.path().join("config.json");
+    std::fs::write(&docker_config, "{\"auths\":{}}")?;
+    rt().block_on(async {
+        let client = RegistryClient::new(HostsConfig { dir: Some(hosts_dir.clone()), plain_http: false });
+        let image = Reference::parse(&format!("{}/testbed/busybox:latest", reg.host()))?;
+        for round in 0..4 {
+            let inputs = ChainInputs {
+                image_creds: Some(Credential::new(&tls.username, &tls.password)),
+                docker_config: true,
+                docker_config_path: Some(docker_config.clone()),
+                ..Default::default()
+            };
+            let repo = Arc::new(client.repository(&image, CredentialChain::for_image(&image, &inputs))?);
+            let reads = (0..12u64).map(|i| {
+                let (repo, digest) = (Arc::clone(&repo), digest.clone());
+                tokio::spawn(async move { repo.get_blob_range(&digest, i * 10, i * 10 + 100).await })
+            });
+            for (i, read) in futures::future::join_all(reads).await.into_iter().enumerate() {
+                let got = read?.with_context(|| format!("round {round}, read {i}"))?;
+                let start = i * 10;
+                assert_eq!(&got[..], &blob[start..start + 100], "round {round}, read {i}");
+            }
+        }
+        anyhow::Ok(())
+    })?;
+    assert!(replies.load(Ordering::SeqCst) > 0, "the mirror was never asked");
+    Ok(())
+}

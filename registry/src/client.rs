@@ -170,13 +170,20 @@ impl RegistryClient {
 
 #[derive(Default)]
 struct AuthState {
-    /// Index into the chain of the candidate in use.
-    candidate: usize,
     /// Bumped on every change, so concurrent 401s re-authenticate once.
     generation: u64,
-    /// Per endpoint host: the `Authorization` value, its expiry and the challenge it answered.
-    headers: HashMap<String, CachedAuth>,
+    /// Per endpoint host: where it is in the credential chain and what it last accepted. A
+    /// mirror walks the chain on its own: its refusals never move the registry's position.
+    hosts: HashMap<String, HostAuth>,
     logged: Option<Source>,
+}
+
+#[derive(Default)]
+struct HostAuth {
+    /// Index into the chain of the candidate in use for this host.
+    candidate: usize,
+    /// The `Authorization` value, its expiry and the challenge it answered.
+    cached: Option<CachedAuth>,
 }
 
 struct CachedAuth {
@@ -319,7 +326,11 @@ impl Repository {
     /// the chain, and retries.
     async fn send_authenticated(&self, endpoint: &Endpoint, op: &Op) -> Result<reqwest::Response> {
         let mut reauthed = false;
+        // Candidates this request moved past: it gives up once it went round the whole chain
+        // (from wherever an earlier request on this host left it).
+        let mut moved = 0;
         let mut tried: Vec<Source> = Vec::new();
+        let chain_len = self.chain.candidates.len();
         loop {
             let (auth, generation) = self.current_auth(endpoint).await?;
             let resp = self.send_once(endpoint, op, auth.as_ref()).await?;
@@ -333,7 +344,8 @@ impl Repository {
             if state.generation != generation {
                 continue; // another request re-authenticated meanwhile; use its result
             }
-            let known = state.headers.get(&endpoint.host).map(|a| a.challenge.clone());
+            let host = state.hosts.entry(endpoint.host.clone()).or_default();
+            let known = host.cached.as_ref().map(|a| a.challenge.clone());
             let had_auth = known.is_some();
             let unauthorized = |tried: Vec<Source>| RegistryError::Unauthorized {
                 registry: self.registry().to_string(),
@@ -352,15 +364,17 @@ impl Repository {
                 reauthed = true;
                 true
             } else {
-                state.candidate += 1;
-                state.headers.clear();
+                host.candidate = (host.candidate + 1) % chain_len.max(1);
+                host.cached = None;
+                moved += 1;
                 reauthed = false;
                 false
             };
-            let Some(candidate) = self.chain.candidates.get(state.candidate).cloned() else {
+            let candidate = self.chain.candidates.get(host.candidate).cloned();
+            let Some(candidate) = candidate.filter(|_| moved < chain_len) else {
                 // Start over next time (a credential may be renewed meanwhile).
-                state.candidate = 0;
-                state.headers.clear();
+                host.candidate = 0;
+                host.cached = None;
                 state.generation += 1;
                 return Err(unauthorized(tried));
             };
@@ -374,15 +388,23 @@ impl Repository {
     /// The cached `Authorization` for `endpoint`, renewed first when its token expired.
     async fn current_auth(&self, endpoint: &Endpoint) -> Result<(Option<Secret>, u64)> {
         let mut state = self.auth.lock().await;
-        let expired = state.headers.get(&endpoint.host).is_some_and(|a| a.expires.is_some_and(|e| Instant::now() >= e));
-        if expired {
-            let challenge = state.headers.get(&endpoint.host).map(|a| a.challenge.clone());
-            if let (Some(challenge), Some(candidate)) = (challenge, self.chain.candidates.get(state.candidate).cloned())
-            {
-                self.authenticate(&mut state, endpoint, &candidate, challenge, false).await?;
-            }
+        let (cached, candidate) = match state.hosts.get(&endpoint.host) {
+            Some(h) => (h.cached.as_ref(), h.candidate),
+            None => (None, 0),
+        };
+        let renew = cached
+            .filter(|a| a.expires.is_some_and(|e| Instant::now() >= e))
+            .map(|a| a.challenge.clone())
+            .zip(self.chain.candidates.get(candidate).cloned());
+        if let Some((challenge, candidate)) = renew {
+            self.authenticate(&mut state, endpoint, &candidate, challenge, false).await?;
         }
-        let value = state.headers.get(&endpoint.host).map(|a| a.value.clone()).filter(|v| !v.expose().is_empty());
+        let value = state
+            .hosts
+            .get(&endpoint.host)
+            .and_then(|h| h.cached.as_ref())
+            .map(|a| a.value.clone())
+            .filter(|v| !v.expose().is_empty());
         Ok((value, state.generation))
     }
 
@@ -428,7 +450,7 @@ impl Repository {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        state.headers.insert(endpoint.host.clone(), CachedAuth { value, expires, challenge });
+        state.hosts.entry(endpoint.host.clone()).or_default().cached = Some(CachedAuth { value, expires, challenge });
         state.generation += 1;
         Ok(())
     }
