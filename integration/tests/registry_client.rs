@@ -8,7 +8,7 @@ use clip_config::LongTermCredentials;
 use clip_integration::fault_proxy::{Fault, FaultProxy};
 use clip_integration::http_stub::{HttpStub, StubResponse};
 use clip_integration::images::{TestImage, blob_path, layout_layers, layout_manifest};
-use clip_integration::registry::Registry;
+use clip_integration::registry::{Registry, Tls};
 use clip_integration::snapshotter::workspace_binary;
 use clip_integration::token_service::TokenService;
 use clip_integration::{TestDir, require_root};
@@ -91,16 +91,23 @@ fn anonymous_pull_manifest_blob_and_exact_ranges_from_the_plain_registry() -> Re
     })
 }
 
-#[test]
-fn basic_auth_over_tls_with_the_test_ca_and_clear_errors_for_wrong_passwords() -> Result<()> {
-    require_root();
-    let td = TestDir::new("regtls")?;
-    let reg = Registry::start_tls_auth(&td, "tls")?;
+/// A TLS registry with basic auth holding busybox as `testbed/busybox:latest`; its first
+/// layer's digest and bytes.
+fn tls_registry_with_busybox(td: &TestDir) -> Result<(Registry, Tls, String, Vec<u8>)> {
+    let reg = Registry::start_tls_auth(td, "tls")?;
     let tls = reg.tls().context("tls")?.clone();
     let layout = TestImage::Busybox.layout()?;
     reg.push_layout(&layout, "busybox", "testbed/busybox", "latest")?;
     let (digest, _, _) = layout_layers(&layout, "busybox")?.remove(0);
     let blob = std::fs::read(blob_path(&layout, &digest)?)?;
+    Ok((reg, tls, digest, blob))
+}
+
+#[test]
+fn basic_auth_over_tls_with_the_test_ca_and_clear_errors_for_wrong_passwords() -> Result<()> {
+    require_root();
+    let td = TestDir::new("regtls")?;
+    let (reg, tls, digest, blob) = tls_registry_with_busybox(&td)?;
     let hosts_dir = td.sub("certs.d")?;
     reg.write_hosts_toml(&hosts_dir)?;
     rt().block_on(async {
@@ -720,12 +727,7 @@ fn a_streamed_blob_must_be_exactly_its_descriptors_size_and_digest() -> Result<(
 fn a_refusing_mirrors_credential_walk_never_moves_the_registrys() -> Result<()> {
     require_root();
     let td = TestDir::new("mirror-walk")?;
-    let reg = Registry::start_tls_auth(&td, "tls")?;
-    let tls = reg.tls().context("tls")?.clone();
-    let layout = TestImage::Busybox.layout()?;
-    reg.push_layout(&layout, "busybox", "testbed/busybox", "latest")?;
-    let (digest, _, _) = layout_layers(&layout, "busybox")?.remove(0);
-    let blob = std::fs::read(blob_path(&layout, &digest)?)?;
+    let (reg, tls, digest, blob) = tls_registry_with_busybox(&td)?;
     // Replies after a few milliseconds, varying, so the requests' walks interleave.
     let replies = Arc::new(AtomicU64::new(0));
     let counter = Arc::clone(&replies);

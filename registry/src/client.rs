@@ -1,21 +1,21 @@
 //! The HTTP machinery: one reqwest client per TLS configuration (connection reuse, HTTP/2
 //! when offered), and per repository the request loop — endpoints (mirrors first), retries
-//! with backoff on 5xx/429/resets/timeouts, auth challenges walked along the credential
-//! chain, and redirects to object stores followed *without* `Authorization`, their final URL
-//! cached per blob.
+//! with backoff on 5xx/429/resets/timeouts, auth challenges answered by the session's
+//! [`Auth`](crate::auth) (per endpoint host, along the credential chain), and redirects to
+//! object stores followed *without* `Authorization`, their final URL cached per blob.
 
 pub(crate) use crate::answer::backoff;
 use crate::answer::{check_status, host_port, is_unreachable};
-use crate::challenge::{self, Challenge};
-use crate::credentials::{Candidate, CredentialChain, Source};
+use crate::auth::{Auth, Walk};
+use crate::challenge;
+use crate::credentials::CredentialChain;
 pub use crate::error::error_text;
-use crate::error::{RegistryError, Result, SourceList};
+use crate::error::{RegistryError, Result};
 use crate::hosts::{Endpoint, HostsConfig};
 pub(crate) use crate::op::FromMirror;
 pub use crate::op::Op;
 use crate::reference::Reference;
 use crate::secret::Secret;
-use crate::token;
 use reqwest::header::{AUTHORIZATION, LOCATION, WWW_AUTHENTICATE};
 use reqwest::{Method, StatusCode};
 use std::collections::HashMap;
@@ -88,9 +88,7 @@ impl RegistryClient {
             client: self.clone(),
             image: image.clone(),
             endpoints,
-            chain,
-            push: false,
-            auth: tokio::sync::Mutex::new(AuthState::default()),
+            auth: Auth::new(image.clone(), chain),
             redirects: parking_lot::Mutex::new(HashMap::new()),
             warming: parking_lot::Mutex::new(HashMap::new()),
             set_aside: parking_lot::Mutex::new(HashMap::new()),
@@ -168,38 +166,12 @@ impl RegistryClient {
     }
 }
 
-#[derive(Default)]
-struct AuthState {
-    /// Bumped on every change, so concurrent 401s re-authenticate once.
-    generation: u64,
-    /// Per endpoint host: where it is in the credential chain and what it last accepted. A
-    /// mirror walks the chain on its own: its refusals never move the registry's position.
-    hosts: HashMap<String, HostAuth>,
-    logged: Option<Source>,
-}
-
-#[derive(Default)]
-struct HostAuth {
-    /// Index into the chain of the candidate in use for this host.
-    candidate: usize,
-    /// The `Authorization` value, its expiry and the challenge it answered.
-    cached: Option<CachedAuth>,
-}
-
-struct CachedAuth {
-    value: Secret,
-    expires: Option<Instant>,
-    challenge: Challenge,
-}
-
 /// One repository of one registry, with its credential chain and auth state.
 pub struct Repository {
     client: Arc<RegistryClient>,
     pub image: Reference,
     endpoints: Vec<Endpoint>,
-    chain: CredentialChain,
-    push: bool,
-    auth: tokio::sync::Mutex<AuthState>,
+    auth: Auth,
     redirects: parking_lot::Mutex<HashMap<String, (String, Instant)>>,
     /// Blobs a pull-through mirror is still fetching from upstream (it answered a range with
     /// the whole blob): their ranges go to the registry itself until the instant, then the
@@ -227,12 +199,12 @@ const REDIRECT_TTL: Duration = Duration::from_secs(300);
 impl Repository {
     /// The sources of the credentials this session may send, in the order it tries them.
     pub fn credential_sources(&self) -> Vec<crate::credentials::Source> {
-        self.chain.candidates.iter().map(crate::credentials::Candidate::source).collect()
+        self.auth.chain().candidates.iter().map(crate::credentials::Candidate::source).collect()
     }
 
     /// Request push access in token scopes (for publishing).
     pub fn for_push(mut self) -> Self {
-        self.push = true;
+        self.auth.push = true;
         self
     }
 
@@ -251,7 +223,7 @@ impl Repository {
             .endpoints
             .iter()
             .filter(|e| {
-                if op.push || self.push && op.method != Method::GET && op.method != Method::HEAD {
+                if op.push || self.auth.push && op.method != Method::GET && op.method != Method::HEAD {
                     e.capabilities.push
                 } else {
                     e.capabilities.pull || e.capabilities.resolve
@@ -322,172 +294,6 @@ impl Repository {
         }
     }
 
-    /// Sends with the current credential; on 401/403 authenticates, refreshes or moves along
-    /// the chain, and retries.
-    async fn send_authenticated(&self, endpoint: &Endpoint, op: &Op) -> Result<reqwest::Response> {
-        let mut reauthed = false;
-        // Candidates this request moved past: it gives up once it went round the whole chain
-        // (from wherever an earlier request on this host left it).
-        let mut moved = 0;
-        let mut tried: Vec<Source> = Vec::new();
-        let chain_len = self.chain.candidates.len();
-        loop {
-            let (auth, generation) = self.current_auth(endpoint).await?;
-            let resp = self.send_once(endpoint, op, auth.as_ref()).await?;
-            let status = resp.status();
-            if status != StatusCode::UNAUTHORIZED && status != StatusCode::FORBIDDEN {
-                return check_status(resp, self.registry(), op).await;
-            }
-            let fresh_challenge =
-                resp.headers().get(WWW_AUTHENTICATE).and_then(|v| v.to_str().ok()).and_then(challenge::parse);
-            let mut state = self.auth.lock().await;
-            if state.generation != generation {
-                continue; // another request re-authenticated meanwhile; use its result
-            }
-            let host = state.hosts.entry(endpoint.host.clone()).or_default();
-            let known = host.cached.as_ref().map(|a| a.challenge.clone());
-            let had_auth = known.is_some();
-            let unauthorized = |tried: Vec<Source>| RegistryError::Unauthorized {
-                registry: self.registry().to_string(),
-                repository: self.image.repository.clone(),
-                status: status.as_u16(),
-                tried: SourceList(tried),
-            };
-            let Some(challenge) = fresh_challenge.or(known) else {
-                return Err(unauthorized(tried));
-            };
-            // First authenticate with the current candidate; then once more with it (a new
-            // token, a re-minted credential); then move to the next candidate.
-            let refresh = if !had_auth {
-                false
-            } else if !reauthed {
-                reauthed = true;
-                true
-            } else {
-                host.candidate = (host.candidate + 1) % chain_len.max(1);
-                host.cached = None;
-                moved += 1;
-                reauthed = false;
-                false
-            };
-            let candidate = self.chain.candidates.get(host.candidate).cloned();
-            let Some(candidate) = candidate.filter(|_| moved < chain_len) else {
-                // Start over next time (a credential may be renewed meanwhile).
-                host.candidate = 0;
-                host.cached = None;
-                state.generation += 1;
-                return Err(unauthorized(tried));
-            };
-            if !tried.contains(&candidate.source()) {
-                tried.push(candidate.source());
-            }
-            self.authenticate(&mut state, endpoint, &candidate, challenge, refresh).await?;
-        }
-    }
-
-    /// The cached `Authorization` for `endpoint`, renewed first when its token expired.
-    async fn current_auth(&self, endpoint: &Endpoint) -> Result<(Option<Secret>, u64)> {
-        let mut state = self.auth.lock().await;
-        let (cached, candidate) = match state.hosts.get(&endpoint.host) {
-            Some(h) => (h.cached.as_ref(), h.candidate),
-            None => (None, 0),
-        };
-        let renew = cached
-            .filter(|a| a.expires.is_some_and(|e| Instant::now() >= e))
-            .map(|a| a.challenge.clone())
-            .zip(self.chain.candidates.get(candidate).cloned());
-        if let Some((challenge, candidate)) = renew {
-            self.authenticate(&mut state, endpoint, &candidate, challenge, false).await?;
-        }
-        let value = state
-            .hosts
-            .get(&endpoint.host)
-            .and_then(|h| h.cached.as_ref())
-            .map(|a| a.value.clone())
-            .filter(|v| !v.expose().is_empty());
-        Ok((value, state.generation))
-    }
-
-    async fn authenticate(
-        &self,
-        state: &mut AuthState,
-        endpoint: &Endpoint,
-        candidate: &Candidate,
-        challenge: Challenge,
-        refresh: bool,
-    ) -> Result<()> {
-        let source = candidate.source();
-        let (credential, renew_at) = if endpoint.mirror {
-            (candidate.resolve_for_mirror(&endpoint.host).await?, None)
-        } else {
-            match candidate.resolve(&self.image, refresh).await? {
-                Some(r) => (Some(r.credential), r.renew_at),
-                None => (None, None),
-            }
-        };
-        if state.logged != Some(source) {
-            tracing::info!(image = %self.image, source = source.name(), "{}", source.decision());
-            state.logged = Some(source);
-        }
-        let (value, expires) = match &challenge {
-            Challenge::Basic => match &credential {
-                // An identity token is only ever exchanged at a token realm.
-                Some(c) if !c.is_identity_token() => (Secret::new(c.basic_header()), None),
-                _ => (Secret::new(""), None),
-            },
-            Challenge::Bearer { realm, service, scope } => {
-                let (token, expires) = self
-                    .fetch_token(endpoint, realm, service.as_deref(), scope.as_deref(), credential.as_ref())
-                    .await?;
-                // A refused token request gives no token: send nothing rather than `Bearer `.
-                let value =
-                    if token.expose().is_empty() { String::new() } else { format!("Bearer {}", token.expose()) };
-                (Secret::new(value), expires)
-            }
-        };
-        // Renewed before the credential it was made with runs out, not after a refusal.
-        let expires = match (expires, renew_at) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        state.hosts.entry(endpoint.host.clone()).or_default().cached = Some(CachedAuth { value, expires, challenge });
-        state.generation += 1;
-        Ok(())
-    }
-
-    /// GET the token from a Bearer realm for this repository (pull, or pull and push).
-    async fn fetch_token(
-        &self,
-        endpoint: &Endpoint,
-        realm: &str,
-        service: Option<&str>,
-        challenge_scope: Option<&str>,
-        credential: Option<&crate::credentials::Credential>,
-    ) -> Result<(Secret, Option<Instant>)> {
-        let actions = if self.push { "pull,push" } else { "pull" };
-        let scope = format!("repository:{}:{actions}", self.image.repository);
-        let http = self.client.http(endpoint)?;
-        // A realm on another host (another name or address; a port of the same one is the
-        // same host) gets the credential only over verified TLS.
-        let realm_url = url::Url::parse(realm).ok();
-        let realm_host = realm_url.as_ref().and_then(host_port);
-        let (endpoint_name, _) = crate::hosts::split_host_port(&endpoint.host);
-        let same_host =
-            realm_url.as_ref().and_then(url::Url::host_str).map(|h| h.trim_start_matches('[').trim_end_matches(']'))
-                == Some(endpoint_name);
-        let trusted = same_host || (realm_url.as_ref().is_some_and(|u| u.scheme() == "https") && !endpoint.skip_verify);
-        let credential = if trusted {
-            credential
-        } else {
-            if credential.is_some() {
-                tracing::warn!(registry = %self.registry(), realm = %realm_host.unwrap_or_default(), "the token realm is on another host without verified TLS: asking it anonymously");
-            }
-            None
-        };
-        let request = token::TokenRequest { realm, service, scope: &scope, challenge_scope, credential };
-        token::fetch(&http, self.registry(), &request).await
-    }
-
     fn url(&self, endpoint: &Endpoint, op: &Op) -> String {
         if let Some(u) = &op.absolute_url {
             return u.clone();
@@ -498,6 +304,24 @@ impl Repository {
     }
 
     /// One HTTP exchange, following redirects without credentials.
+    /// Sends with the current credential; on 401/403 tells the session's auth (which
+    /// authenticates, refreshes or moves along the chain) and sends again.
+    async fn send_authenticated(&self, endpoint: &Endpoint, op: &Op) -> Result<reqwest::Response> {
+        let http = self.client.http(endpoint)?;
+        let mut walk = Walk::default();
+        loop {
+            let sent = self.auth.current(&http, endpoint).await?;
+            let resp = self.send_once(endpoint, op, sent.authorization.as_ref()).await?;
+            let status = resp.status();
+            if status != StatusCode::UNAUTHORIZED && status != StatusCode::FORBIDDEN {
+                return check_status(resp, self.registry(), op).await;
+            }
+            let challenge =
+                resp.headers().get(WWW_AUTHENTICATE).and_then(|v| v.to_str().ok()).and_then(challenge::parse);
+            self.auth.refused(&http, endpoint, &sent, status.as_u16(), challenge, &mut walk).await?;
+        }
+    }
+
     async fn send_once(&self, endpoint: &Endpoint, op: &Op, auth: Option<&Secret>) -> Result<reqwest::Response> {
         let http = self.client.http(endpoint)?;
         let transport = |context: &str, e: &reqwest::Error| RegistryError::Transport {

@@ -4,7 +4,8 @@
 //! - [`image`]: chain ids from an image config's diff ids;
 //! - [`hosts`]: containerd `hosts.toml` (mirrors, CA, skip_verify, plain HTTP);
 //! - [`client`]: HTTP clients, the per-repository request loop (endpoints, retries, auth
-//!   challenges along the credential chain, redirects without `Authorization`);
+//!   challenges, redirects without `Authorization`); `auth.rs`: challenges answered per
+//!   endpoint host along the credential chain, tokens fetched and renewed;
 //! - [`api`]: manifests, blobs, **Range** reads, uploads, referrers (a whole blob streamed and
 //!   checked as it arrives: `blob_stream.rs`);
 //! - [`credentials`]: the priority chain of credentials (docs/architecture.md, "Credentials"),
@@ -15,6 +16,7 @@
 
 mod answer;
 pub mod api;
+mod auth;
 mod blob_stream;
 mod body;
 pub mod challenge;
