@@ -160,6 +160,8 @@ impl InFlight {
             return Claimed::Waited;
         }
         let claim = self.claim_locked(&mut map, first, last, usize::MAX, u64::MAX, local, bytes);
+        // Released before the claim can drop: dropping a claim takes this lock.
+        drop(map);
         // Empty only when `first` became local meanwhile: look again.
         if claim.spans.is_empty() { Claimed::Waited } else { Claimed::Mine(claim) }
     }
@@ -178,6 +180,24 @@ mod tests {
         assert_eq!(b.count(), 3);
         assert!(b.clear(64) && !b.clear(64));
         assert_eq!(b.count(), 2);
+    }
+
+    /// A span that landed between a reader's look and its claim: the empty claim is dropped
+    /// after the in-flight map's lock is released (dropping it under the lock deadlocked the
+    /// FUSE thread: seen as an `import torch` that never ended).
+    #[test]
+    fn claiming_a_span_that_became_local_returns_instead_of_deadlocking() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let inflight = InFlight::default();
+            let local = SpanBits::new(4);
+            local.set(1);
+            let waited = matches!(inflight.claim_or_wait(1, 3, &local, |_| Some(1)), Claimed::Waited);
+            let _ = tx.send((waited, inflight.spans.lock().is_empty()));
+        });
+        let (waited, nothing_in_flight) =
+            rx.recv_timeout(std::time::Duration::from_secs(10)).expect("claim_or_wait deadlocked");
+        assert!(waited && nothing_in_flight);
     }
 
     #[test]
