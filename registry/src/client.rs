@@ -303,7 +303,6 @@ impl Repository {
         if endpoint.mirror { format!("{url}?ns={}", self.registry()) } else { url }
     }
 
-    /// One HTTP exchange, following redirects without credentials.
     /// Sends with the current credential; on 401/403 tells the session's auth (which
     /// authenticates, refreshes or moves along the chain) and sends again.
     async fn send_authenticated(&self, endpoint: &Endpoint, op: &Op) -> Result<reqwest::Response> {
@@ -311,7 +310,7 @@ impl Repository {
         let mut walk = Walk::default();
         loop {
             let sent = self.auth.current(&http, endpoint).await?;
-            let resp = self.send_once(endpoint, op, sent.authorization.as_ref()).await?;
+            let resp = self.send_once(&http, endpoint, op, sent.authorization.as_ref()).await?;
             let status = resp.status();
             if status != StatusCode::UNAUTHORIZED && status != StatusCode::FORBIDDEN {
                 return check_status(resp, self.registry(), op).await;
@@ -322,8 +321,15 @@ impl Repository {
         }
     }
 
-    async fn send_once(&self, endpoint: &Endpoint, op: &Op, auth: Option<&Secret>) -> Result<reqwest::Response> {
-        let http = self.client.http(endpoint)?;
+    /// One HTTP exchange with `http` (`endpoint`'s client), following redirects without
+    /// credentials.
+    async fn send_once(
+        &self,
+        http: &reqwest::Client,
+        endpoint: &Endpoint,
+        op: &Op,
+        auth: Option<&Secret>,
+    ) -> Result<reqwest::Response> {
         let transport = |context: &str, e: &reqwest::Error| RegistryError::Transport {
             registry: self.registry().to_string(),
             context: context.to_string(),
@@ -333,7 +339,7 @@ impl Repository {
             let cached =
                 self.redirects.lock().get(key).filter(|(_, at)| at.elapsed() < REDIRECT_TTL).map(|(u, _)| u.clone());
             if let Some(url) = cached {
-                let resp = op.request(&http, &url).send().await;
+                let resp = op.request(http, &url).send().await;
                 match resp {
                     Ok(r) if r.status().is_success() => return Ok(r),
                     _ => {
@@ -343,7 +349,7 @@ impl Repository {
             }
         }
         let url = self.url(endpoint, op);
-        let mut req = op.request(&http, &url);
+        let mut req = op.request(http, &url);
         for (k, v) in &endpoint.headers {
             req = req.header(k.as_str(), v.as_str());
         }
@@ -359,7 +365,7 @@ impl Repository {
         let mut resp = match req.send().await {
             Ok(r) => r,
             Err(e) if self.client.fall_back_to_http(endpoint, &e) => {
-                return Box::pin(self.send_once(endpoint, op, auth)).await;
+                return Box::pin(self.send_once(http, endpoint, op, auth)).await;
             }
             Err(e) => return Err(transport("request", &e)),
         };
@@ -384,7 +390,7 @@ impl Repository {
                 })?
                 .to_string();
             // Never forward Authorization to another host (object stores, CDNs).
-            resp = op.request(&http, &next).send().await.map_err(|e| transport("redirected request", &e))?;
+            resp = op.request(http, &next).send().await.map_err(|e| transport("redirected request", &e))?;
             if resp.status().is_success()
                 && let Some(key) = &op.redirect_key
             {

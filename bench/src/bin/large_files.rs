@@ -21,7 +21,7 @@ use clip_integration::bed::{IndexedImage, containerd_for, lazy_config};
 use clip_integration::containerd::Flavor;
 use clip_integration::images::TestImage;
 use clip_integration::snapshotter::{ClipSnapshotter, workspace_binary};
-use clip_integration::{TestDir, drop_caches, free_port, run};
+use clip_integration::{TestDir, drop_caches, run};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -47,14 +47,12 @@ for line in open('/proc/self/smaps'):
         f = line.split(None, 5)
         cur = f[5].strip() if len(f) > 5 and f[5].startswith('/') else None
         if cur:
-            maps.setdefault(cur, [0, 0])
-    elif cur and line.startswith('Size:'):
-        maps[cur][0] += int(line.split()[1])
+            maps.setdefault(cur, 0)
     elif cur and line.startswith('Rss:'):
-        maps[cur][1] += int(line.split()[1])
+        maps[cur] += int(line.split()[1])
 page = os.sysconf('SC_PAGE_SIZE')
 files = []
-for path, (mapped_kb, rss_kb) in sorted(maps.items()):
+for path, rss_kb in sorted(maps.items()):
     size = os.path.getsize(path)
     if size < int(sys.argv[1]):
         continue
@@ -67,7 +65,7 @@ for path, (mapped_kb, rss_kb) in sorted(maps.items()):
     cached = sum(b & 1 for b in vec)
     libc.munmap(addr, size)
     os.close(fd)
-    files.append({'path': path, 'size': size, 'mapped': mapped_kb * 1024, 'rss': rss_kb * 1024,
+    files.append({'path': path, 'size': size, 'rss': rss_kb * 1024,
                   'cached': cached * page})
 print(json.dumps({'import_s': took, 'files': files}))
 ";
@@ -147,9 +145,7 @@ struct RunReport {
 
 fn measure(image: &IndexedImage, config_name: &'static str, prefetch: bool, min_mb: u64) -> Result<RunReport> {
     let node = TestDir::new(&format!("large-files-{config_name}"))?;
-    let mut config = lazy_config(prefetch);
-    let metrics_port = free_port()?;
-    config.metrics_address = format!("127.0.0.1:{metrics_port}");
+    let config = lazy_config(prefetch);
     let snap = ClipSnapshotter::start_configured(&node, "clip", &config, &[])?;
     let ctrd = containerd_for(&node, &snap, Flavor::V2)?;
     drop_caches();
