@@ -123,6 +123,11 @@ pub struct LazyConfig {
     /// snapshotter in Prepare, inflating and untarring as it arrives (no copy in containerd's
     /// content store, no second pass), instead of by containerd; off, containerd pulls it.
     pub unpack_without_index: bool,
+    /// Space left free on the file system of the snapshots while a layer is unpacked here,
+    /// MiB: an unpack that would leave less stops and fails the Prepare (a layer that inflates
+    /// without bound — a tar bomb — never fills the node's disk; containerd's own unpack would,
+    /// so it is not handed the layer). 0: no check.
+    pub unpack_min_free_mb: u64,
     pub prefetch: PrefetchConfig,
     pub completion: CompletionConfig,
     pub profiles: ProfilesConfig,
@@ -192,6 +197,7 @@ impl Default for LazyConfig {
             fetch_timeout_s: 30,
             serve_unlabelled_pulls: true,
             unpack_without_index: true,
+            unpack_min_free_mb: 1024,
             prefetch: PrefetchConfig::default(),
             completion: CompletionConfig::default(),
             profiles: ProfilesConfig::default(),

@@ -8,6 +8,7 @@
 //! - [`Fault::IgnoreRange`]: requests lose their `Range` header (a registry that ignores it);
 //! - [`Fault::EndlessBody`]: every request is answered with the given status and an endless
 //!   chunked body (a hostile registry), [`FaultProxy::hostile_bytes`] counting what was sent;
+//! - [`Fault::CutWholeBlobs`]: answers to blob GETs without `Range` over 1 MiB are cut off halfway;
 //! - [`Fault::None`]: pass through.
 
 use anyhow::Result;
@@ -33,6 +34,9 @@ pub enum Fault {
     Trickle(u64),
     /// The answer's head, then nothing: a registry that stalls.
     Stall,
+    /// A whole blob's answer (a blob GET without `Range`) of more than 1 MiB is cut off halfway;
+    /// ranged ones pass: a connection that breaks during a layer's download.
+    CutWholeBlobs,
 }
 
 #[derive(Debug)]
@@ -195,6 +199,7 @@ fn handle(mut client: TcpStream, upstream: &str, mode: Fault, n: u64, faults: &A
     }
     let (head, body_start) = read_head(&mut client)?;
     let is_blob_get = head.starts_with(b"GET ") && String::from_utf8_lossy(&head).contains("/blobs/sha256:");
+    let ranged = String::from_utf8_lossy(&head).to_ascii_lowercase().contains("\r\nrange:");
     // 1: 503, 2: reset, 3: cut off, 4: flipped byte, 5: delay.
     let cycle = match mode {
         Fault::Cycle => n % 4,
@@ -231,7 +236,8 @@ fn handle(mut client: TcpStream, upstream: &str, mode: Fault, n: u64, faults: &A
     up.read_to_end(&mut body)?;
     resp_rest.extend_from_slice(&body);
     client.write_all(&force_close(&resp_head))?;
-    if cycle == 3 && !resp_rest.is_empty() {
+    let cut_whole = mode == Fault::CutWholeBlobs && is_blob_get && !ranged && resp_rest.len() > 1 << 20;
+    if (cycle == 3 || cut_whole) && !resp_rest.is_empty() {
         faults.fetch_add(1, Ordering::SeqCst);
         client.write_all(&resp_rest[..resp_rest.len() / 2])?;
         return client.shutdown(Shutdown::Both);

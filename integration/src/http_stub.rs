@@ -76,6 +76,17 @@ pub struct StubResponse {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// A connection that breaks: the head says the whole body, only this much of it is sent.
+    pub cut: Option<Cut>,
+}
+
+/// Where an answer breaks off ([`StubResponse::cut`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Cut {
+    /// Body bytes sent.
+    pub after: usize,
+    /// How long the connection then stays open, silent, before it is closed.
+    pub hold: std::time::Duration,
 }
 
 impl StubResponse {
@@ -84,11 +95,12 @@ impl StubResponse {
             status,
             headers: vec![("Content-Type".into(), "application/json".into())],
             body: value.to_string().into_bytes(),
+            cut: None,
         }
     }
 
     pub fn status(status: u16) -> Self {
-        Self { status, headers: Vec::new(), body: Vec::new() }
+        Self { status, headers: Vec::new(), body: Vec::new(), cut: None }
     }
 }
 
@@ -179,6 +191,12 @@ fn serve(conn: TcpStream, handler: &Handler) -> std::io::Result<()> {
     }
     head.push_str("\r\n");
     out.write_all(head.as_bytes())?;
+    if let Some(cut) = resp.cut {
+        out.write_all(&resp.body[..cut.after.min(resp.body.len())])?;
+        out.flush()?;
+        std::thread::sleep(cut.hold);
+        return out.shutdown(std::net::Shutdown::Both);
+    }
     out.write_all(&resp.body)?;
     out.flush()
 }

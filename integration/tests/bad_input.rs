@@ -1,7 +1,8 @@
 //! Bad input at the snapshots API and from registries: oversized labels and malformed
 //! user-namespace mappings are refused without echoing values; malformed lazy-serving labels and index digests that lead nowhere fall back
 //! to ordinary snapshots; a corrupt local index is replaced; unknown labels are kept; the daemon
-//! never panics and keeps serving.
+//! never panics and keeps serving. A layer without an index that inflates without bound (a tar
+//! bomb) stops being unpacked before the disk is left with less than the configured room.
 
 use anyhow::{Context, Result};
 use clip_integration::bed::lazy_config;
@@ -202,5 +203,60 @@ fn bad_labels_and_bad_registry_answers_fail_clearly_or_fall_back_and_the_daemon_
         c.stat(api::StatSnapshotRequest { snapshotter: "clip".into(), key: "lazy".into() }).await?;
         anyhow::Ok(())
     })?;
+    Ok(())
+}
+
+/// A layer without an index that inflates without bound — here 1 GiB of zeros in about 1 MB of
+/// gzip, with the snapshotter told to leave all but 256 MiB of the disk free — stops being
+/// unpacked once that room is used: the pull fails with the reason (not handed to containerd,
+/// whose unpack would fill the disk), the partial tree is removed, and the daemon serves on.
+#[test]
+fn a_layer_that_inflates_without_bound_stops_before_the_disk_is_full() -> Result<()> {
+    require_root();
+    let td = TestDir::new("tar-bomb")?;
+    let reg = Registry::start_plain(&td, "plain")?;
+    let work = td.sub("bomb")?;
+    let script = "truncate -s 1G zeros && tar --owner=0 --group=0 -cf - zeros | tee >(sha256sum | cut -d' ' -f1 > diff_id) | gzip -1 > layer.gz && rm zeros";
+    let out = Command::new("bash").arg("-c").arg(script).current_dir(&work).output()?;
+    anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let gz = std::fs::read(work.join("layer.gz"))?;
+    // tee's process substitution may finish after the pipeline: wait for the digest.
+    let diff_id = (0..100)
+        .find_map(|_| {
+            let d = std::fs::read_to_string(work.join("diff_id")).unwrap_or_default().trim().to_string();
+            if d.len() == 64 {
+                return Some(d);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            None
+        })
+        .context("the layer's diff ID")?;
+    assert!(gz.len() < 8 << 20, "{} bytes of gzip", gz.len());
+    let layout = clip_integration::images::derive_layout_with_gzip_layer(
+        &TestImage::Busybox.layout()?,
+        "busybox",
+        &td.path().join("bomb-layout"),
+        &gz,
+        &format!("sha256:{diff_id}"),
+    )?;
+    let reference = reg.push_layout(&layout, "busybox", "testbed/bomb", "latest")?;
+    let st = nix::sys::statvfs::statvfs(td.path())?;
+    let available_mb = (st.blocks_available() as u64 * st.fragment_size() as u64) >> 20;
+    let mut config = clip_config::SnapshotterConfig::default();
+    config.lazy.unpack_min_free_mb = available_mb.saturating_sub(256);
+    let (snap, ctrd) = clip_integration::bed::hosts_stack(&td, &reg, config)?;
+    let out = ctrd.ctr("t").args(["images", "pull", "--plain-http", "--snapshotter", "clip", &reference]).output()?;
+    let (stderr, log) = (String::from_utf8_lossy(&out.stderr), snap.log());
+    assert!(!out.status.success(), "the bomb was pulled\n{log}");
+    assert!(stderr.contains("the unpack must leave"), "{stderr}\n{log}");
+    assert!(log.contains("the disk is too full for it"), "{log}");
+    assert!(!log.contains("containerd unpacks it"), "{log}");
+    // The base layer is committed; nothing of the bomb's partial tree is left.
+    let used = run(Command::new("du").args(["-sm"]).arg(snap.root().join("snapshots")))?;
+    let used_mb: u64 = String::from_utf8_lossy(&used.stdout).split_whitespace().next().unwrap_or("").parse()?;
+    assert!(used_mb < 64, "{used_mb} MB left under the snapshots");
+    // The daemon still serves.
+    assert!(ctrd.reaches("t", "clip", std::time::Duration::from_secs(10)));
+    ctrd.purge()?;
     Ok(())
 }

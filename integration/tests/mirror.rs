@@ -112,6 +112,7 @@ fn mirrors_that_ask_for_credentials_never_receive_the_registrys_and_are_set_asid
         status: 401,
         headers: vec![("WWW-Authenticate".into(), challenge)],
         body: Vec::new(),
+        cut: None,
     };
     let basic = HttpStub::start(record(Arc::clone(&basic_seen), unauthorized("Basic realm=\"mirror\"".into())))?;
     let bearer_challenge = format!("Bearer realm=\"{}/token\",service=\"mirror\"", realm.url());

@@ -575,8 +575,9 @@ fn redirects_to_an_object_store_drop_authorization_and_are_cached_per_blob() -> 
                     status: 206,
                     headers: vec![("Content-Range".into(), format!("bytes {s}-{e}/{}", blob.len()))],
                     body: blob[s..=e].to_vec(),
+                    cut: None,
                 },
-                None => StubResponse { status: 200, headers: vec![], body: blob.clone() },
+                None => StubResponse { status: 200, headers: vec![], body: blob.clone(), cut: None },
             }
         })?
     };
@@ -679,7 +680,7 @@ fn a_streamed_blob_must_be_exactly_its_descriptors_size_and_digest() -> Result<(
             "flipped" => body[1 << 20] ^= 0xff,
             _ => {}
         }
-        StubResponse { status: 200, headers: Vec::new(), body }
+        StubResponse { status: 200, headers: Vec::new(), body, cut: None }
     })?;
     let endless = FaultProxy::start(&format!("127.0.0.1:{}", stub.port()), Fault::EndlessBody(200))?;
     let client = RegistryClient::new(HostsConfig { dir: None, plain_http: true });
@@ -690,7 +691,7 @@ fn a_streamed_blob_must_be_exactly_its_descriptors_size_and_digest() -> Result<(
             use futures::StreamExt;
             let repo = client
                 .repository(&Reference::parse(&format!("{host}/{repo}:latest"))?, CredentialChain::anonymous())?;
-            let mut stream = std::pin::pin!(repo.blob_stream(&digest, size).await?);
+            let mut stream = std::pin::pin!(repo.blob_stream(&digest, size, Duration::from_secs(10)).await?);
             let mut got = Vec::new();
             while let Some(chunk) = stream.next().await {
                 got.extend_from_slice(&chunk?);
@@ -719,6 +720,100 @@ fn a_streamed_blob_must_be_exactly_its_descriptors_size_and_digest() -> Result<(
     Ok(())
 }
 
+/// A blob download that breaks off — the connection cut, or silent — goes on from the byte it
+/// reached with a ranged request, and the bytes it yields are the blob's; a registry that
+/// keeps breaking, or that answers the resumption with the wrong range or the wrong bytes,
+/// ends the download with a clear error after a bounded number of requests.
+#[test]
+fn a_broken_off_blob_download_resumes_where_it_stopped() -> Result<()> {
+    use clip_integration::http_stub::Cut;
+    let content: Vec<u8> = (0..3u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect();
+    let digest = clip_registry::api::sha256_digest(&content);
+    let size = content.len();
+    let first_cut = (1 << 20) + 123;
+    let requests: Arc<Mutex<Vec<(String, Option<String>)>>> = Arc::default();
+    let (served, seen) = (content.clone(), Arc::clone(&requests));
+    let stub = HttpStub::start(move |req| {
+        let repo = req.path().split('/').nth(2).unwrap_or_default().to_string();
+        let range = req.headers.get("range").cloned();
+        seen.lock().expect("lock").push((repo.clone(), range.clone()));
+        let cut = |after: usize, hold_ms: u64| Some(Cut { after, hold: Duration::from_millis(hold_ms) });
+        let start = range.as_deref().and_then(|r| r.strip_prefix("bytes=")?.split_once('-')?.0.parse::<usize>().ok());
+        let Some(start) = start else {
+            // The first request: the head says all of it, the body breaks off.
+            let cut = match repo.as_str() {
+                "stall" => cut(first_cut, 4000),
+                "always" => cut(64 << 10, 0),
+                _ => cut(first_cut, 0),
+            };
+            return StubResponse { status: 200, headers: Vec::new(), body: served.clone(), cut };
+        };
+        let partial = |from: usize, body: Vec<u8>, cut| StubResponse {
+            status: 206,
+            headers: vec![("Content-Range".into(), format!("bytes {from}-{}/{size}", from + body.len() - 1))],
+            body,
+            cut,
+        };
+        match repo.as_str() {
+            "ignores-range" => StubResponse { status: 200, headers: Vec::new(), body: served.clone(), cut: None },
+            "always" => partial(start, served[start..].to_vec(), cut(64 << 10, 0)),
+            "wrong-range" => partial(0, served.clone(), None),
+            "wrong-bytes" => {
+                let mut body = served[start..].to_vec();
+                body[4096] ^= 0x5a;
+                partial(start, body, None)
+            }
+            _ => partial(start, served[start..].to_vec(), None),
+        }
+    })?;
+    let client = RegistryClient::new(HostsConfig { dir: None, plain_http: true });
+    let host = format!("127.0.0.1:{}", stub.port());
+    let collect = |repo: &'static str| {
+        let (client, digest, host) = (client.clone(), digest.clone(), host.clone());
+        async move {
+            use futures::StreamExt;
+            let repo = client
+                .repository(&Reference::parse(&format!("{host}/{repo}:latest"))?, CredentialChain::anonymous())?;
+            let mut stream = std::pin::pin!(repo.blob_stream(&digest, size as u64, Duration::from_secs(1)).await?);
+            let mut got = Vec::new();
+            while let Some(chunk) = stream.next().await {
+                got.extend_from_slice(&chunk?);
+            }
+            anyhow::Ok(got)
+        }
+    };
+    let asked = |repo: &str| -> Vec<Option<String>> {
+        requests.lock().expect("lock").iter().filter(|(r, _)| r == repo).map(|(_, range)| range.clone()).collect()
+    };
+    rt().block_on(async {
+        for repo in ["cut", "stall", "ignores-range"] {
+            let started = Instant::now();
+            let got = collect(repo).await.with_context(|| repo.to_string())?;
+            assert!(got == content, "{repo}: {} bytes, not the blob's", got.len());
+            // One resumption, from the byte the body broke off at (a stall: after the 1 s bound,
+            // not the 4 s the registry stayed silent).
+            assert_eq!(asked(repo), vec![None, Some(format!("bytes={first_cut}-{}", size - 1))], "{repo}");
+            assert!(started.elapsed() < Duration::from_secs(4), "{repo} took {:?}", started.elapsed());
+        }
+        // Breaking off every 64 KiB: given up after BLOB_RESUMES resumptions, each from where
+        // the last one stopped.
+        let e = collect("always").await.expect_err("always");
+        assert!(e.to_string().contains(&format!("after {} resumptions", clip_registry::BLOB_RESUMES)), "{e:#}");
+        let ranges = asked("always");
+        assert_eq!(ranges.len() as u32, clip_registry::BLOB_RESUMES + 1, "{ranges:?}");
+        for (i, range) in ranges.iter().enumerate().skip(1) {
+            assert_eq!(range.as_deref(), Some(format!("bytes={}-{}", i * (64 << 10), size - 1).as_str()));
+        }
+        // A resumption answered with another range, or with other bytes: refused.
+        let e = collect("wrong-range").await.expect_err("wrong-range");
+        assert!(format!("{e:#}").contains("Content-Range"), "{e:#}");
+        let e = collect("wrong-bytes").await.expect_err("wrong-bytes");
+        assert!(format!("{e:#}").contains("digest"), "{e:#}");
+        anyhow::Ok(())
+    })?;
+    Ok(())
+}
+
 /// A mirror that refuses every request walks the credential chain on its own: concurrent
 /// requests whose mirror walk is still going never move the registry's place in the chain.
 /// (Seen in CI: the registry itself was asked with docker config.json, then anonymously —
@@ -738,6 +833,7 @@ fn a_refusing_mirrors_credential_walk_never_moves_the_registrys() -> Result<()> 
             status: 401,
             headers: vec![("WWW-Authenticate".into(), "Basic realm=\"mirror\"".into())],
             body: Vec::new(),
+            cut: None,
         }
     })?;
     let hosts_dir = td.sub("certs.d")?;

@@ -2,7 +2,9 @@
 //! the snapshotter is SIGKILLed and started again (its FUSE connections are held by the fd
 //! keeper and served again by the new daemon); a graceful stop does the same; and when the
 //! keeper is gone too (a reboot-like loss of every connection) the daemon mounts the layers
-//! anew for new containers.
+//! anew for new containers. A layer without an index that the snapshotter unpacks: a daemon
+//! killed mid-unpack leaves nothing behind after its restart, and a download that breaks off is
+//! resumed where it broke.
 
 use anyhow::{Context, Result};
 use clip_integration::bed::lazy_config;
@@ -209,6 +211,91 @@ fn a_reading_container_survives_sigkill_and_restart_of_the_snapshotter() -> Resu
     let log = snap.log();
     let back = log.matches("an unservable layer is served again").count() + log.matches("layer mounted lazily").count();
     assert!(back >= 4, "{log}");
+    ctrd.purge()?;
+    Ok(())
+}
+
+/// A layer no index serves is downloaded and unpacked by the snapshotter in Prepare. A daemon
+/// SIGKILLed in the middle of that leaves, after its restart, no partial snapshot or tree (no
+/// Prepare outlives the daemon, and containerd never learned the snapshot's key); the pull then
+/// succeeds. A download whose connection breaks off is resumed from where it broke with a ranged
+/// request instead of being given to containerd to download again.
+#[test]
+fn an_unpack_killed_mid_download_leaves_nothing_behind_and_a_broken_download_resumes() -> Result<()> {
+    require_root();
+    let td = TestDir::new("unpack-restart")?;
+    let reg = Registry::start_plain(&td, "plain")?;
+    let layout = TestImage::Python.layout()?;
+    reg.push_layout(&layout, "pyapp", "testbed/python", "latest")?;
+    let layers = clip_integration::images::layout_layers(&layout, "pyapp")?;
+    let largest = layers.iter().max_by_key(|l| l.2).map(|l| l.0.clone()).context("layers")?;
+    let below = layers.iter().position(|l| l.0 == largest).context("position")?;
+    // A slow link: the largest layer (about 50 MB) takes some 15 s.
+    let proxy = FaultProxy::start(reg.host(), Fault::Trickle(20))?;
+    let reference = format!("{}/testbed/python:latest", proxy.host());
+    let hosts_dir = td.sub("certs.d")?;
+    let d = hosts_dir.join(proxy.host());
+    std::fs::create_dir_all(&d)?;
+    std::fs::write(d.join("hosts.toml"), format!("server = \"http://{}\"\n", proxy.host()))?;
+    let mut config = clip_config::SnapshotterConfig::default();
+    config.registry.hosts_dir = Some(hosts_dir);
+    let mut snap = ClipSnapshotter::start_configured(&td, "clip", &config, &[])?;
+    let ctrd = Containerd::start(
+        &td,
+        &ContainerdOptions { clip_socket: Some(snap.socket().to_path_buf()), ..Default::default() },
+    )?;
+    let unpacked_here = |snap: &ClipSnapshotter| snap.log().matches("layer downloaded and unpacked here").count();
+    let snapshot_dirs = |snap: &ClipSnapshotter| -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(snap.root().join("snapshots"))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    };
+    let has_files = |dir: &std::path::Path| std::fs::read_dir(dir.join("fs")).is_ok_and(|mut d| d.next().is_some());
+
+    let mut pull = ctrd
+        .ctr("t")
+        .args(["images", "pull", "--plain-http", "--snapshotter", "clip", &reference])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    // Killed once the largest layer's tree is growing: the layers below it committed, and one
+    // more directory with files in it.
+    let mid_unpack = wait_until(Duration::from_secs(120), || {
+        unpacked_here(&snap) == below && snapshot_dirs(&snap).iter().filter(|d| has_files(d)).count() > below
+    });
+    assert!(mid_unpack, "the largest layer's unpack was not seen under way:\n{}", snap.log());
+    // The directory being unpacked into: the newest one (ids only grow).
+    let id_of = |d: &std::path::Path| d.file_name().and_then(|n| n.to_str()?.parse::<u64>().ok()).unwrap_or(0);
+    let partial = snapshot_dirs(&snap).into_iter().max_by_key(|d| id_of(d)).context("no snapshot directory")?;
+    snap.kill();
+    let _ = pull.wait();
+    assert!(has_files(&partial), "{} holds no tree", partial.display());
+    snap.restart()?;
+    let log = snap.log();
+    assert_eq!(log.matches("removed the snapshot of an unpack the daemon did not finish").count(), 1, "{log}");
+    assert!(!partial.exists(), "the partial tree {} is still there\n{log}", partial.display());
+    assert!(ctrd.reaches("t", "clip", Duration::from_secs(30)), "containerd did not reconnect");
+
+    // Every whole-blob download over 1 MiB now breaks off halfway: each is resumed from there
+    // (the layers below the largest may be unpacked again: containerd may have removed them
+    // with the failed pull's lease).
+    proxy.set_mode(Fault::CutWholeBlobs);
+    let before = snap.log().len();
+    run(ctrd.ctr("t").args(["images", "pull", "--plain-http", "--snapshotter", "clip", &reference]))?;
+    let log = snap.log();
+    let new_log = log.get(before..).unwrap_or(&log);
+    let unpacked: Vec<&str> = new_log.lines().filter(|l| l.contains("layer downloaded and unpacked here")).collect();
+    assert!(unpacked.len() >= layers.len() - below, "{log}");
+    assert!(unpacked.iter().any(|l| l.contains(&largest)), "{log}");
+    assert!(!new_log.contains("unpacking a layer here failed"), "{log}");
+    let resumed = new_log.lines().filter(|l| l.contains("a blob's download broke off; resuming it from there")).count();
+    let cut = proxy.faults_injected();
+    assert!(cut >= 1 && resumed as u64 == cut, "{cut} downloads cut off, {resumed} resumed\n{log}");
+    let out = ctrd.ctr_run(
+        "t",
+        &["run", "--rm", "--snapshotter", "clip", &reference, "r1", "python3", "-c", "import numpy; print(9)"],
+    )?;
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "9", "{}", snap.log());
     ctrd.purge()?;
     Ok(())
 }

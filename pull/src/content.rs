@@ -117,7 +117,10 @@ pub(crate) async fn store_layer_blob(
         return Ok(());
     }
     let size = layer.size();
-    let chunks = repo.blob_stream(&digest, size).await.with_context(|| format!("downloading {digest}"))?;
+    let chunks = repo
+        .blob_stream(&digest, size, clip_registry::Timeouts::default().request)
+        .await
+        .with_context(|| format!("downloading {digest}"))?;
     let (mut tx, rx) = futures::channel::mpsc::channel::<WriteContentRequest>(QUEUE);
     let produce = async move {
         let mut chunks = std::pin::pin!(chunks);

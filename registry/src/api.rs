@@ -254,9 +254,32 @@ impl Repository {
     /// 206 must name the range; 404 and 416 are errors), with whether it is the whole blob (a
     /// 200 from a registry ignoring Range: the caller skips to `start`). Not retried.
     pub async fn blob_range_response(&self, digest: &str, start: u64, end: u64) -> Result<(reqwest::Response, bool)> {
+        self.range_response(digest, start, end, false).await
+    }
+
+    /// [`Self::blob_range_response`] for the rest of a blob read as a stream from `start` (a
+    /// whole-blob download resumed): bounded like a whole blob ([`Op::long_body`]), not like one
+    /// request.
+    pub(crate) async fn blob_rest_response(
+        &self,
+        digest: &str,
+        start: u64,
+        size: u64,
+    ) -> Result<(reqwest::Response, bool)> {
+        self.range_response(digest, start, size, true).await
+    }
+
+    async fn range_response(
+        &self,
+        digest: &str,
+        start: u64,
+        end: u64,
+        long_body: bool,
+    ) -> Result<(reqwest::Response, bool)> {
         let mut op =
             Op::new(Method::GET, format!("blobs/{digest}")).header(RANGE, format!("bytes={start}-{}", end - 1));
         op.redirect_key = Some(digest.to_string());
+        op.long_body = long_body;
         op.skip_mirrors = self.mirror_warming(digest);
         let mut resp = self.send(&op).await?;
         if resp.status() == StatusCode::OK && resp.extensions().get::<FromMirror>().is_some() {

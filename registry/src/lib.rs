@@ -7,7 +7,7 @@
 //!   challenges, redirects without `Authorization`); `auth.rs`: challenges answered per
 //!   endpoint host along the credential chain, tokens fetched and renewed;
 //! - [`api`]: manifests, blobs, **Range** reads, uploads, referrers (a whole blob streamed and
-//!   checked as it arrives: `blob_stream.rs`);
+//!   checked as it arrives and resumed by Range where it broke off: `blob_stream.rs`);
 //! - [`credentials`]: the priority chain of credentials (docs/architecture.md, "Credentials"),
 //!   over a [`Credential`] and its [`Source`] (leaf modules every other one may name);
 //! - [`mint`]: short-lived tokens minted from long-term credentials (ECR, GCP, basic);
@@ -37,6 +37,7 @@ pub mod tls;
 mod token;
 
 pub use api::{FetchedManifest, Platform};
+pub use blob_stream::BLOB_RESUMES;
 pub use client::{RegistryClient, Repository, RetryPolicy, Timeouts};
 pub use credentials::{BuildRegistryScope, ChainInputs, Credential, CredentialChain, Source};
 pub use error::RegistryError;

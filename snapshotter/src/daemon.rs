@@ -33,12 +33,12 @@ pub async fn run(cfg: SnapshotterConfig) -> anyhow::Result<()> {
         move || state.restore_remote_layers()
     })
     .await??;
-    let orphans = tokio::task::spawn_blocking({
+    let (interrupted, orphans) = tokio::task::spawn_blocking({
         let state = state.clone();
-        move || state.cleanup()
+        move || anyhow::Ok((state.discard_interrupted_unpacks()?, state.cleanup()?))
     })
     .await??;
-    tracing::info!(root = %cfg.root.display(), orphans_removed = orphans, remounted, "state opened");
+    tracing::info!(root = %cfg.root.display(), orphans_removed = orphans, interrupted_unpacks_removed = interrupted, remounted, "state opened");
 
     if !cfg.metrics_address.is_empty() {
         let addr = cfg.metrics_address.parse().context("metrics_address must be ip:port")?;

@@ -2,7 +2,9 @@
 //! snapshot is created under containerd's key, the layer is downloaded and unpacked into its
 //! directory, and it is committed under the target name, so containerd's unpacker finds the
 //! target and neither downloads nor unpacks the layer. On any failure the snapshot goes and
-//! the caller falls back to an ordinary snapshot containerd unpacks.
+//! the caller falls back to an ordinary snapshot containerd unpacks — except when the unpack
+//! stopped to keep the disk from filling (`[lazy] unpack_min_free_mb`): then the Prepare fails,
+//! since containerd's unpack of the same layer would fill it.
 
 use crate::error::SnapshotError;
 use crate::labels::SnapshotLabels;
@@ -12,6 +14,9 @@ use crate::service::{RemoteFallback, State, not_lazy_reason};
 use clip_config::labels::{NOT_LAZY_REASON, RemoteRequest, UNPACKED_BY_CLIP};
 use std::path::PathBuf;
 use std::time::Instant;
+
+/// Ends the key of the active snapshot a layer is unpacked into until it is committed.
+const UNPACKING: &str = " (unpacking)";
 
 impl State {
     /// Unpacks `req`'s layer as the committed snapshot `req.target` over `parent`. `why`: why
@@ -40,7 +45,7 @@ impl State {
         let mut stored = labels.stored.clone();
         stored.insert(NOT_LAZY_REASON.into(), not_lazy_reason(&why.to_string()));
         // Unpacked under a key of its own, committed under containerd's key as a lazy layer is.
-        let unpacking = format!("{key} (unpacking)");
+        let unpacking = format!("{key}{UNPACKING}");
         let created = self
             .store
             .create(Kind::Active, &unpacking, parent, stored.clone(), |id| self.dirs.create(id))
@@ -52,6 +57,12 @@ impl State {
         };
         let unpacked = match remote.unpack(&source, &self.dirs.fs(id), &parents) {
             Ok(u) => u,
+            Err(e @ RemoteError::Unpack { source: clip_unpack::UnpackError::DiskReserve { .. }, .. }) => {
+                // containerd's own unpack would go on until the disk is full: the Prepare fails.
+                discard();
+                tracing::error!(layer = %req.layer_digest, image = %req.image_ref, error = %e, "unpacking a layer here stopped: the disk is too full for it");
+                return Err(RemoteFallback::Error(SnapshotError::FailedPrecondition(e.to_string())));
+            }
             Err(e) => {
                 discard();
                 tracing::warn!(layer = %req.layer_digest, image = %req.image_ref, error = %e, "unpacking a layer here failed; containerd unpacks it");
@@ -72,5 +83,22 @@ impl State {
             reason = %why, "layer downloaded and unpacked here (no index serves it)"
         );
         Ok(())
+    }
+
+    /// Removes the snapshots of unpacks a previous run of the daemon did not finish (killed
+    /// mid-download): no Prepare outlives the daemon, and containerd never learned their keys,
+    /// so nothing else would remove them or the partial trees they hold. Startup only (an
+    /// unpack is in progress at any other time). Returns how many were removed.
+    pub fn discard_interrupted_unpacks(&self) -> crate::error::Result<usize> {
+        let mut removed = 0;
+        for (key, record) in self.store.list()? {
+            if record.kind == Kind::Active && key.ends_with(UNPACKING) {
+                self.store.remove(&key)?;
+                self.remove_dir(record.id);
+                tracing::info!(snapshot = %key, id = record.id, "removed the snapshot of an unpack the daemon did not finish");
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 }

@@ -17,6 +17,9 @@ use std::path::{Path, PathBuf};
 
 const COPY_BUF: usize = 1 << 20;
 
+/// File data written between two checks of the disk's free space ([`crate::Limits::min_free`]).
+pub const FREE_CHECK_BYTES: u64 = 16 << 20;
+
 /// Applies entries to one layer directory.
 #[derive(Debug)]
 pub struct Applier<'a> {
@@ -29,11 +32,15 @@ pub struct Applier<'a> {
     /// Forgotten whenever an entry removes something or makes a symlink (either may change
     /// what a path resolves to).
     last_parent: Option<(Vec<u8>, PathBuf)>,
+    limits: crate::Limits,
+    /// File data written, and at what total the disk's free space is checked next.
+    written: u64,
+    next_check: u64,
 }
 
 impl<'a> Applier<'a> {
-    pub fn new(root: &'a Path, parents: &'a [PathBuf]) -> Self {
-        Self { root, parents, dirs: Vec::new(), buf: Vec::new(), last_parent: None }
+    pub fn new(root: &'a Path, parents: &'a [PathBuf], limits: crate::Limits) -> Self {
+        Self { root, parents, dirs: Vec::new(), buf: Vec::new(), last_parent: None, limits, written: 0, next_check: 0 }
     }
 
     /// Applies one entry.
@@ -66,10 +73,31 @@ impl<'a> Applier<'a> {
             return whiteout(&ppath, base, name, &fields).map_err(fail);
         }
         let path = ppath.join(OsStr::from_bytes(base));
-        self.create(&path, &mut entry, &fields).map_err(|e| fail(e.to_string()))?;
+        self.create(&path, &mut entry, &fields).map_err(|e| match e.downcast::<crate::UnpackError>() {
+            Ok(reserve) => reserve,
+            Err(e) => fail(e.to_string()),
+        })?;
         set_attributes(&path, &fields).map_err(fail)?;
         if fields.kind == EntryKind::Dir {
             self.dirs.push((rel, fields.mtime_sec, fields.mtime_nsec));
+        }
+        Ok(())
+    }
+
+    /// Fails (with [`crate::UnpackError::DiskReserve`] inside) when the disk has less than
+    /// the limit left.
+    fn check_free(&self) -> std::io::Result<()> {
+        if self.limits.min_free == 0 {
+            return Ok(());
+        }
+        let st = nix::sys::statvfs::statvfs(self.root)?;
+        let available = (st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64);
+        if available < self.limits.min_free {
+            return Err(std::io::Error::other(crate::UnpackError::DiskReserve {
+                written: self.written,
+                available,
+                min_free: self.limits.min_free,
+            }));
         }
         Ok(())
     }
@@ -117,6 +145,11 @@ impl<'a> Applier<'a> {
                         break;
                     }
                     file.write_all(&self.buf[..n])?;
+                    self.written += n as u64;
+                    if self.written >= self.next_check {
+                        self.next_check = self.written + FREE_CHECK_BYTES;
+                        self.check_free()?;
+                    }
                 }
                 Ok(())
             }

@@ -10,7 +10,9 @@
 //! symlinks inside it, as containerd's `RootPath` does; `..` in an entry's path is refused, as
 //! the indexer refuses it), hard links only link inside it, metadata entries are bounded
 //! ([`clip_index::build::MetaGuard`]), and the uncompressed stream is checked against the diff
-//! ID. The caller checks the blob's own digest and discards the directory on any error.
+//! ID. The caller checks the blob's own digest and discards the directory on any error. An
+//! unpack stops before it leaves the disk less than [`Limits::min_free`] (a layer that inflates
+//! without bound).
 //!
 //! - [`resolve`]: a path inside the layer directory, symlinks resolved within it;
 //! - [`apply`]: one tar entry applied to the directory.
@@ -40,6 +42,19 @@ pub enum UnpackError {
     },
     #[error("the layer unpacks to {actual}, its image config says {expected}")]
     DiffId { expected: String, actual: String },
+    /// Unpacking further would leave less than [`Limits::min_free`] on the disk.
+    #[error(
+        "stopped after writing {written} bytes: {available} bytes are left on the disk, the unpack must leave {min_free}"
+    )]
+    DiskReserve { written: u64, available: u64, min_free: u64 },
+}
+
+/// Bounds of one unpack beyond what the stream itself is checked for.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Limits {
+    /// Bytes left free on the file system of the layer directory: checked every
+    /// [`apply::FREE_CHECK_BYTES`] of file data written (0: not checked).
+    pub min_free: u64,
 }
 
 impl UnpackError {
@@ -66,10 +81,11 @@ pub fn unpack_layer(
     root: &Path,
     parents: &[PathBuf],
     expected_diff_id: Option<&str>,
+    limits: Limits,
 ) -> Result<Unpacked, UnpackError> {
     let stream = LayerStream::inflate_only(blob).map_err(|e| UnpackError::Stream(e.to_string()))?;
     let mut tar_stream = DiffIdReader::new(stream, true);
-    let mut applier = apply::Applier::new(root, parents);
+    let mut applier = apply::Applier::new(root, parents, limits);
     let mut entries = 0usize;
     {
         let mut archive = tar::Archive::new(&mut tar_stream);

@@ -1,8 +1,9 @@
 //! Unpacking layers: what containerd's overlay applier makes, and hostile streams refused or kept
 //! inside the layer directory. Runs as root (owners, devices, trusted xattrs).
 
-use clip_unpack::{UnpackError, unpack_layer};
+use clip_unpack::{Limits, UnpackError, unpack_layer};
 use sha2::{Digest, Sha256};
+use std::io::Read;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 
@@ -35,7 +36,7 @@ fn diff_id(tar: &[u8]) -> String {
 }
 
 fn unpack(blob: &[u8], root: &Path) -> Result<clip_unpack::Unpacked, UnpackError> {
-    unpack_layer(blob, root, &[], None)
+    unpack_layer(blob, root, &[], None, Limits::default())
 }
 
 #[test]
@@ -68,7 +69,8 @@ fn a_layer_unpacks_as_containerd_applies_it_to_an_overlay_upper_dir() {
     let compressed = zstd::encode_all(&tar[..], 3).expect("zstd");
 
     let done =
-        unpack_layer(&compressed[..], &root, std::slice::from_ref(&below), Some(&diff_id(&tar))).expect("unpacks");
+        unpack_layer(&compressed[..], &root, std::slice::from_ref(&below), Some(&diff_id(&tar)), Limits::default())
+            .expect("unpacks");
     assert_eq!(done.diff_id, diff_id(&tar));
     assert_eq!(done.uncompressed_bytes, tar.len() as u64);
 
@@ -163,7 +165,7 @@ fn a_stream_that_is_not_its_diff_id_or_not_whole_or_bloated_is_refused() {
     let tar = finish(b);
 
     let wrong = format!("sha256:{}", "0".repeat(64));
-    let err = unpack_layer(&tar[..], dir.path(), &[], Some(&wrong)).expect_err("diff id");
+    let err = unpack_layer(&tar[..], dir.path(), &[], Some(&wrong), Limits::default()).expect_err("diff id");
     assert!(matches!(err, UnpackError::DiffId { .. }), "{err}");
 
     let compressed = zstd::encode_all(&tar[..], 3).expect("zstd");
@@ -182,4 +184,31 @@ fn a_stream_that_is_not_its_diff_id_or_not_whole_or_bloated_is_refused() {
     let root = tempfile::tempdir_in(dir.path()).expect("root");
     let err = unpack(&compressed, root.path()).expect_err("bomb");
     assert!(err.to_string().contains("metadata entry"), "{err}");
+}
+
+/// A layer that inflates without bound (1 GiB of zeros in a few KiB of zstd) stops once the disk
+/// would be left with less than the limit, having written about the room the limit left.
+#[test]
+fn a_tar_bomb_stops_before_the_disk_is_left_with_less_than_the_limit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let encoder = zstd::Encoder::new(Vec::new(), 1).expect("zstd");
+    let mut b = tar::Builder::new(encoder);
+    let size = 1u64 << 30;
+    b.append_data(&mut header(tar::EntryType::Regular, 0o644, 0, size), "zeros", std::io::repeat(0).take(size))
+        .expect("zeros");
+    let bomb = b.into_inner().expect("tar").finish().expect("zstd");
+    assert!(bomb.len() < 1 << 20, "{} bytes", bomb.len());
+    let root = dir.path().join("layer");
+    std::fs::create_dir(&root).expect("root");
+    let st = nix::sys::statvfs::statvfs(dir.path()).expect("statvfs");
+    let available = st.blocks_available() as u64 * st.fragment_size() as u64;
+    // Leaves room for 64 MiB.
+    let min_free = available.saturating_sub(64 << 20);
+    let err = unpack_layer(&bomb[..], &root, &[], None, Limits { min_free }).expect_err("a tar bomb unpacked");
+    let UnpackError::DiskReserve { written, .. } = err else { panic!("{err}") };
+    let on_disk = std::fs::metadata(root.join("zeros")).expect("zeros").len();
+    assert!(on_disk == written, "{on_disk} bytes on disk, {written} counted");
+    assert!(written < (64 << 20) + 2 * clip_unpack::apply::FREE_CHECK_BYTES, "{written} bytes written");
+    let text = UnpackError::DiskReserve { written, available: 0, min_free }.to_string();
+    assert!(text.contains(&format!("the unpack must leave {min_free}")), "{text}");
 }

@@ -66,6 +66,8 @@ pub struct RemoteLayers {
     runtime: tokio::runtime::Handle,
     /// `[lazy] unpack_without_index`.
     unpack_without_index: bool,
+    /// `[lazy] unpack_min_free_mb`, bytes.
+    unpack_min_free: u64,
 }
 
 impl std::fmt::Debug for RemoteLayers {
@@ -134,6 +136,7 @@ impl RemoteLayers {
             metrics,
             runtime,
             unpack_without_index: cfg.lazy.unpack_without_index,
+            unpack_min_free: cfg.lazy.unpack_min_free_mb.saturating_mul(1 << 20),
         })
     }
 

@@ -1,10 +1,10 @@
 //! Layers no index serves, downloaded and unpacked here in Prepare ([`clip_unpack`]) instead of
 //! by containerd: the blob streams from the registry with the image's session and is inflated
 //! and untarred as it arrives — no copy in containerd's content store, no second pass over it,
-//! the unpack overlapped with the download. The download is checked against the layer's digest
-//! and size as it ends ([`Repository::blob_stream`]), the unpacked stream against the diff ID
-//! the image config names; the caller discards the directory on any error and falls back to
-//! containerd. SOCI's parallel pull mode is the peer.
+//! the unpack overlapped with the download. The download is resumed where it broke off and
+//! checked against the layer's digest and size as it ends ([`Repository::blob_stream`]), the
+//! unpacked stream against the diff ID the image config names; the caller discards the
+//! directory on any error and falls back to containerd. SOCI's parallel pull mode is the peer.
 
 use super::RemoteLayers;
 use super::error::RemoteError;
@@ -80,7 +80,8 @@ impl RemoteLayers {
     pub fn unpack(&self, source: &UnpackSource, root: &Path, parents: &[PathBuf]) -> Result<Unpacked, RemoteError> {
         let layer = &source.layer;
         let download = Download::start(&self.runtime, source.repo.clone(), layer, self.read.fetch_timeout);
-        let unpacked = clip_unpack::unpack_layer(download, root, parents, Some(&layer.diff_id));
+        let limits = clip_unpack::Limits { min_free: self.unpack_min_free };
+        let unpacked = clip_unpack::unpack_layer(download, root, parents, Some(&layer.diff_id), limits);
         self.metrics.unpacked(unpacked.is_ok(), layer.size);
         unpacked.map_err(|e| RemoteError::Unpack { layer: layer.digest.clone(), source: e })
     }
@@ -95,24 +96,20 @@ struct Download {
 }
 
 impl Download {
-    /// `stall`: longest wait for the next piece of the body.
+    /// `stall`: longest wait for the next piece of the body (then it is resumed, a few times).
     fn start(runtime: &tokio::runtime::Handle, repo: Arc<Repository>, layer: &ImageLayer, stall: Duration) -> Self {
         let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
         let (digest, size) = (layer.digest.clone(), layer.size);
         let task = runtime.spawn(async move {
-            let mut body = match repo.blob_stream(&digest, size).await {
+            let mut body = match repo.blob_stream(&digest, size, stall).await {
                 Ok(body) => Box::pin(body),
                 Err(e) => {
                     let _ = tx.send(Err(e.to_string())).await;
                     return;
                 }
             };
-            loop {
-                let item = match tokio::time::timeout(stall, body.next()).await {
-                    Err(_) => Err(format!("the registry sent nothing for {} s", stall.as_secs())),
-                    Ok(None) => return,
-                    Ok(Some(item)) => item.map_err(|e| e.to_string()),
-                };
+            while let Some(item) = body.next().await {
+                let item = item.map_err(|e| e.to_string());
                 let last = item.is_err();
                 // The receiver is gone when the unpack failed: stop downloading.
                 if tx.send(item).await.is_err() || last {
