@@ -145,6 +145,9 @@ pub struct PrefetchConfig {
     pub neighbour_spans: u32,
     /// A file read is fetched whole speculatively when it has at most this many spans.
     pub file_spans: u32,
+    /// At the first miss in a shared library of 8 MiB or more, the tables its dynamic loader
+    /// reads whole (relocations, symbols and their names, RELRO) are fetched at once.
+    pub library_tables: bool,
 }
 
 /// `[lazy.completion]`: background completion of mounted layers — their missing remainder
@@ -207,7 +210,7 @@ impl Default for LazyConfig {
 
 impl Default for PrefetchConfig {
     fn default() -> Self {
-        Self { threads: 4, neighbour_spans: 0, file_spans: 32 }
+        Self { threads: 4, neighbour_spans: 0, file_spans: 32, library_tables: true }
     }
 }
 

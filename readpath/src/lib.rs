@@ -2,7 +2,8 @@
 //! uncompressed tar bytes becomes spans taken from the on-disk span cache or fetched from the
 //! blob (Range requests through a [`clip_index::RangeFetcher`]), verified against the index's
 //! span digests and inflated from their checkpoints ([`spans`]), within the daemon's disk
-//! budget ([`budget`]), with what a miss suggests fetched ahead ([`prefetch`]), access profiles recorded and replayed
+//! budget ([`budget`]), with what a miss suggests fetched ahead ([`prefetch`]; a shared library's
+//! dynamic-linking tables whole: [`elf`]), access profiles recorded and replayed
 //! ([`profile`]), the rest of each
 //! layer streamed in behind in the link's idle time ([`complete`], following [`demand`]) and counted ([`metrics`]). No FUSE, no async runtime: plain threads, unit-testable on local files.
 //! See `docs/architecture.md` for how it sits under `clip-layerfs`.
@@ -10,6 +11,7 @@
 pub mod budget;
 pub mod complete;
 pub mod demand;
+pub mod elf;
 pub mod metrics;
 pub mod prefetch;
 pub mod profile;
@@ -27,4 +29,4 @@ pub use demand::Demand;
 pub use metrics::{FuseOp, LayerMetrics};
 pub use prefetch::{PrefetchPolicy, Prefetcher};
 pub use profile::{Recorder, Recording, ReplayPolicy, Replayer};
-pub use spans::{Cause, Hint, MissObserver, ReadObserver, SpanCache, SpanCacheOptions, SpanError, Streamed};
+pub use spans::{Cause, FileSpans, Hint, MissObserver, ReadObserver, SpanCache, SpanCacheOptions, SpanError, Streamed};

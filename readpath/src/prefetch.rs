@@ -16,10 +16,14 @@
 //! loader touching scattered pages of a memory-mapped library — a few percent of a 1 GB
 //! libtorch — is not sent 8 MiB after each page it touches.
 //!
+//! At the first miss in a large file that is a shared library, its dynamic-linking tables
+//! ([`crate::elf`]: relocations, symbols, their names, RELRO) are fetched whole, in parallel
+//! requests: the loader reads all of them, in an order no window follows.
+//!
 //! Newest hints first: a container moves on, and an old hint is worth less than a new one; the
 //! queue is bounded and drops the oldest.
 
-use crate::spans::{Cause, Hint, MissObserver, SpanCache};
+use crate::spans::{Cause, FileSpans, Hint, MissObserver, SpanCache};
 use crate::workers::Workers;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -37,6 +41,8 @@ pub struct PrefetchPolicy {
     pub file_spans: u32,
     /// Spans in one request.
     pub group_spans: u32,
+    /// A shared library's loader tables fetched whole at its first miss ([`crate::elf`]).
+    pub library_tables: bool,
 }
 
 /// A layer at most this large (compressed) is fetched whole, in one request, at its first miss:
@@ -55,12 +61,16 @@ pub const LARGE_FILE_MAX_SPANS: u32 = 8;
 /// Hints kept at most (older ones are dropped).
 const QUEUE_LIMIT: usize = 64;
 
-struct Job {
-    cache: Weak<SpanCache>,
-    first: u32,
-    last: u32,
-    /// Spans per request (0: the policy's).
-    group: u32,
+enum Job {
+    Spans {
+        cache: Weak<SpanCache>,
+        first: u32,
+        last: u32,
+        /// Spans per request (0: the policy's).
+        group: u32,
+    },
+    /// The first miss in a large file: if it is a shared library, its loader's tables.
+    Library { cache: Weak<SpanCache>, data: std::ops::Range<u64> },
 }
 
 /// The daemon's prefetcher: a queue of hints and the threads that fetch them.
@@ -82,33 +92,37 @@ impl Prefetcher {
             return None;
         }
         let group = policy.group_spans.max(1);
-        let workers = Workers::start("clip-prefetch", policy.threads, VecDeque::new(), move |job| work(&job, group));
+        let workers = Workers::start("clip-prefetch", policy.threads, VecDeque::new(), move |workers, job| {
+            work(workers, job, group);
+        });
         Some(Arc::new(Self { policy, workers }))
     }
 }
 
 impl MissObserver for Prefetcher {
-    fn missed(
-        &self,
-        cache: &Arc<SpanCache>,
-        first: u32,
-        last: u32,
-        file: Option<std::ops::RangeInclusive<u32>>,
-        hint: Hint,
-    ) {
+    fn missed(&self, cache: &Arc<SpanCache>, first: u32, last: u32, file: Option<FileSpans>, hint: Hint) {
         let p = self.policy;
         let count = cache.index().span_count();
         if count == 0 {
             return;
         }
+        let weak = Arc::downgrade(cache);
         if cache.index().compressed_size() <= SMALL_LAYER_BYTES {
-            self.enqueue([Job { cache: Arc::downgrade(cache), first: 0, last: count - 1, group: count }]);
+            self.enqueue([Job::Spans { cache: weak, first: 0, last: count - 1, group: count }]);
             return;
         }
+        let mut library = None;
         let mut jobs = Vec::with_capacity(3);
         // The rest of the file first: the reader is inside it.
-        let small_file = file.as_ref().is_none_or(|f| f.end() - f.start() < SMALL_FILE_SPANS);
-        if let Some(file) = file {
+        let small_file = file.as_ref().is_none_or(|f| f.spans.end() - f.spans.start() < SMALL_FILE_SPANS);
+        if let Some(FileSpans { data, spans: file }) = file {
+            if p.library_tables
+                && hint == Hint::Miss
+                && data.end - data.start >= crate::elf::MIN_FILE_BYTES
+                && cache.first_miss_in(data.start)
+            {
+                library = Some(Job::Library { cache: weak.clone(), data });
+            }
             let (fs, fe) = (*file.start(), *file.end());
             if fe > last || fs < first {
                 if fe - fs < p.file_spans {
@@ -132,11 +146,11 @@ impl MissObserver for Prefetcher {
                 jobs.push((first.saturating_sub((p.neighbour_spans / 2).max(1)), first - 1));
             }
         }
-        let weak = Arc::downgrade(cache);
-        self.enqueue(jobs.into_iter().filter_map(|(a, b)| {
+        let spans = jobs.into_iter().filter_map(|(a, b)| {
             let b = b.min(count - 1);
-            (a <= b).then(|| Job { cache: weak.clone(), first: a, last: b, group: 0 })
-        }));
+            (a <= b).then(|| Job::Spans { cache: weak.clone(), first: a, last: b, group: 0 })
+        });
+        self.enqueue(library.into_iter().chain(spans));
     }
 }
 
@@ -152,17 +166,22 @@ fn large_file_window(window: &AtomicU32, hint: Hint, max: u32) -> u32 {
 }
 
 impl Prefetcher {
-    /// Puts `jobs` at the head of the queue, the first of them first, dropping the oldest hints
-    /// beyond the limit, and wakes the workers.
+    /// Puts `jobs` at the head of the queue ([`push_front`]).
     fn enqueue(&self, jobs: impl IntoIterator<Item = Job>) {
-        let jobs: Vec<Job> = jobs.into_iter().collect();
-        self.workers.push(|queue| {
-            for job in jobs.into_iter().rev() {
-                queue.push_front(job);
-            }
-            queue.truncate(QUEUE_LIMIT);
-        });
+        push_front(&self.workers, jobs);
     }
+}
+
+/// Puts `jobs` at the head of the queue, the first of them first, dropping the oldest hints
+/// beyond the limit, and wakes the workers.
+fn push_front(workers: &Workers<VecDeque<Job>>, jobs: impl IntoIterator<Item = Job>) {
+    let jobs: Vec<Job> = jobs.into_iter().collect();
+    workers.push(|queue| {
+        for job in jobs.into_iter().rev() {
+            queue.push_front(job);
+        }
+        queue.truncate(QUEUE_LIMIT);
+    });
 }
 
 impl Drop for Prefetcher {
@@ -171,19 +190,59 @@ impl Drop for Prefetcher {
     }
 }
 
-fn work(job: &Job, group: u32) {
-    let Some(cache) = job.cache.upgrade() else { return };
-    let group = if job.group > 0 { job.group } else { group };
-    match cache.fetch_missing(job.first, job.last, group, Cause::Prefetch) {
-        Ok(0) => {}
-        Ok(n) => {
-            cache.metrics().prefetched_spans.inc_by(u64::from(n));
-            tracing::trace!(layer = %cache.layer(), first = job.first, last = job.last, spans = n, "prefetched");
+fn work(workers: &Workers<VecDeque<Job>>, job: Job, group: u32) {
+    match job {
+        Job::Spans { cache, first, last, group: own } => {
+            let Some(cache) = cache.upgrade() else { return };
+            let group = if own > 0 { own } else { group };
+            match cache.fetch_missing(first, last, group, Cause::Prefetch) {
+                Ok(0) => {}
+                Ok(n) => {
+                    cache.metrics().prefetched_spans.inc_by(u64::from(n));
+                    tracing::trace!(layer = %cache.layer(), first, last, spans = n, "prefetched");
+                }
+                Err(e) => {
+                    tracing::debug!(layer = %cache.layer(), error = %e, "prefetch failed (a read will fetch again)");
+                }
+            }
         }
-        Err(e) => {
-            tracing::debug!(layer = %cache.layer(), error = %e, "prefetch failed (a read will fetch again)");
+        Job::Library { cache, data } => {
+            let Some(cache) = cache.upgrade() else { return };
+            push_front(workers, library_jobs(&cache, &data, group));
         }
     }
+}
+
+/// Jobs fetching the loader's tables of the shared library whose data lies at `data` ([`crate::elf`]),
+/// `group` spans each (none when it is not one).
+fn library_jobs(cache: &Arc<SpanCache>, data: &std::ops::Range<u64>, group: u32) -> Vec<Job> {
+    let mut read = |offset: u64, len: u64| {
+        let start = data.start.checked_add(offset)?;
+        cache.read_for_prefetch(start, start.checked_add(len)?.min(data.end)).ok()
+    };
+    let ranges = match crate::elf::loader_ranges(data.end - data.start, &mut read) {
+        Ok(r) => r,
+        Err(why) => {
+            tracing::trace!(layer = %cache.layer(), at = data.start, %why, "not a shared library");
+            return Vec::new();
+        }
+    };
+    let mut jobs = Vec::new();
+    for r in &ranges {
+        let Ok(spans) = cache.index().spans_for(data.start + r.start, r.end - r.start) else { continue };
+        let (mut first, last) = (*spans.start(), *spans.end());
+        while first <= last {
+            let end = first.saturating_add(group.max(1) - 1).min(last);
+            jobs.push(Job::Spans { cache: Arc::downgrade(cache), first, last: end, group });
+            first = end.saturating_add(1);
+            if end == u32::MAX {
+                break;
+            }
+        }
+    }
+    let bytes: u64 = ranges.iter().map(|r| r.end - r.start).sum();
+    tracing::debug!(layer = %cache.layer(), at = data.start, ranges = ranges.len(), bytes, "a shared library's loader tables are fetched ahead");
+    jobs
 }
 
 #[cfg(test)]
@@ -226,7 +285,8 @@ mod tests {
         // 40 files: over 2 MiB, so not fetched whole.
         let (index, blob) = layer(40, Duration::from_millis(5));
         assert!(index.compressed_size() > SMALL_LAYER_BYTES);
-        let policy = PrefetchPolicy { threads: 2, neighbour_spans: 1, file_spans: 0, group_spans: 8 };
+        let policy =
+            PrefetchPolicy { threads: 2, neighbour_spans: 1, file_spans: 0, group_spans: 8, library_tables: true };
         let c = cache(&index, &blob, dir.path(), Some(policy));
         let (a, b) = span_range(&index, 10);
         c.read_hinted(a, b, 0, None).expect("read");
@@ -248,12 +308,62 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let (index, blob) = layer(12, Duration::from_millis(5));
         assert!(index.compressed_size() <= SMALL_LAYER_BYTES && index.span_count() > 4);
-        let policy = PrefetchPolicy { threads: 1, neighbour_spans: 1, file_spans: 0, group_spans: 2 };
+        let policy =
+            PrefetchPolicy { threads: 1, neighbour_spans: 1, file_spans: 0, group_spans: 2, library_tables: true };
         let c = cache(&index, &blob, dir.path(), Some(policy));
         let (a, b) = span_range(&index, 0);
         c.read_hinted(a, b, 0, None).expect("read");
         assert!(wait_until(|| (0..index.span_count()).all(|i| c.is_cached(i))), "the small layer was not completed");
         assert_eq!(blob.requests.load(Ordering::SeqCst), 2, "one request for the miss, one for the rest");
+    }
+
+    #[test]
+    fn a_shared_librarys_loader_tables_are_fetched_at_its_first_miss_and_nothing_else_far() {
+        // This machine's libstdc++ (many symbols), padded to a large file, between small files.
+        let Ok(lib) = std::fs::read("/usr/lib/x86_64-linux-gnu/libstdc++.so.6") else { return };
+        let mut data = lib.clone();
+        data.resize((crate::elf::MIN_FILE_BYTES + (1 << 20)) as usize, 0);
+        let mut files: Vec<(String, Vec<u8>)> = (0..8).map(|n| (format!("a{n}"), vec![n as u8; 64 << 10])).collect();
+        files.push(("libstdc++.so.6".into(), data.clone()));
+        let (index, blob) = crate::testutil::layer_of(&files, Duration::from_millis(5));
+        let id = index.lookup("/libstdc++.so.6").expect("lookup").expect("entry");
+        let entry = index.entry(id).expect("entry");
+        let file = entry.data_offset..entry.data_offset + entry.size;
+        let ranges = crate::elf::loader_ranges(entry.size, &mut |o, l| {
+            data.get(o as usize..(o + l) as usize).map(<[u8]>::to_vec)
+        })
+        .expect("libstdc++ has loader tables");
+        let policy =
+            PrefetchPolicy { threads: 2, neighbour_spans: 0, file_spans: 32, group_spans: 8, library_tables: true };
+        let dir = tempfile::tempdir().expect("tmp");
+        let c = cache(&index, &blob, dir.path(), Some(policy));
+        // ld.so's first read: the ELF and program headers.
+        c.read_hinted(file.start, file.start + 832, 0, Some(file.clone())).expect("read");
+        let table_spans: Vec<u32> = ranges
+            .iter()
+            .flat_map(|r| index.spans_for(file.start + r.start, r.end - r.start).expect("spans"))
+            .collect();
+        assert!(
+            wait_until(|| table_spans.iter().all(|i| c.is_cached(*i))),
+            "the loader's tables ({ranges:?}) were not fetched"
+        );
+        // Spans of the library that are neither its tables nor in the first window: not fetched.
+        std::thread::sleep(Duration::from_millis(200));
+        let (first, last) = {
+            let s = index.spans_for(file.start, entry.size).expect("spans");
+            (*s.start(), *s.end())
+        };
+        let window_end = index.spans_for(file.start, 1).expect("span").end() + LARGE_FILE_FIRST_SPANS;
+        let far: Vec<u32> = (first..=last).filter(|i| *i > window_end && !table_spans.contains(i)).collect();
+        assert!(!far.is_empty());
+        let fetched_far: Vec<&u32> = far.iter().filter(|i| c.is_cached(**i)).collect();
+        assert!(fetched_far.is_empty(), "fetched beyond the tables: {fetched_far:?}");
+        // A later miss in the same library does not look at it again.
+        let before = blob.requests.load(Ordering::SeqCst);
+        let (a, b) = span_range(&index, far[far.len() / 2]);
+        c.read_hinted(a, b, 0, Some(file.clone())).expect("read");
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(blob.requests.load(Ordering::SeqCst) - before <= 3, "a second miss re-read the library's tables");
     }
 
     #[test]
@@ -270,7 +380,8 @@ mod tests {
     fn a_scattered_reader_of_a_large_file_is_sent_a_small_window_a_sequential_one_a_wide_one() {
         let dir = tempfile::tempdir().expect("tmp");
         let (index, blob) = layer(40, Duration::from_millis(5));
-        let policy = PrefetchPolicy { threads: 1, neighbour_spans: 0, file_spans: 16, group_spans: 64 };
+        let policy =
+            PrefetchPolicy { threads: 1, neighbour_spans: 0, file_spans: 16, group_spans: 64, library_tables: true };
         let c = cache(&index, &blob, dir.path(), Some(policy));
         // The whole layer as one large file (40 spans > 16).
         let file = || Some(0..index.span(index.span_count() - 1).expect("span").uncomp_end);

@@ -197,7 +197,7 @@ impl Replayer {
         if policy.threads == 0 {
             return None;
         }
-        let workers = Workers::start("clip-profile", policy.threads, BinaryHeap::new(), |job| work(&job));
+        let workers = Workers::start("clip-profile", policy.threads, BinaryHeap::new(), |_, job| work(&job));
         Some(Self { policy, workers, seq: AtomicU64::new(0) })
     }
 

@@ -26,9 +26,15 @@ impl RangeFetcher for SlowBlob {
 
 /// A tar of `files` files of 64 KiB each, indexed with 64 KiB spans.
 pub(crate) fn layer(files: usize, delay: Duration) -> (Arc<clip_index::Index>, Arc<SlowBlob>) {
+    let files: Vec<(String, Vec<u8>)> =
+        (0..files).map(|n| (format!("f{n:03}"), vec![(n % 251) as u8; 64 << 10])).collect();
+    layer_of(&files, delay)
+}
+
+/// A tar of these files, indexed with 64 KiB spans.
+pub(crate) fn layer_of(files: &[(String, Vec<u8>)], delay: Duration) -> (Arc<clip_index::Index>, Arc<SlowBlob>) {
     let mut b = tar::Builder::new(Vec::new());
-    for n in 0..files {
-        let data = vec![(n % 251) as u8; 64 << 10];
+    for (name, data) in files {
         let mut h = tar::Header::new_gnu();
         h.set_size(data.len() as u64);
         h.set_mode(0o644);
@@ -37,7 +43,7 @@ pub(crate) fn layer(files: usize, delay: Duration) -> (Arc<clip_index::Index>, A
         h.set_mtime(0);
         h.set_entry_type(tar::EntryType::Regular);
         h.set_cksum();
-        b.append_data(&mut h, format!("f{n:03}"), data.as_slice()).expect("append");
+        b.append_data(&mut h, name, data.as_slice()).expect("append");
     }
     let bytes = b.into_inner().expect("tar");
     let opts = clip_index::build::BuildOptions { span_size: 64 << 10, ..Default::default() };

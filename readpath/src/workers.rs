@@ -37,12 +37,13 @@ pub(crate) struct Workers<Q> {
 }
 
 impl<Q: JobQueue> Workers<Q> {
-    /// Starts `threads` threads named `name-N` that run `run` on each job.
+    /// Starts `threads` threads named `name-N` that run `run` on each job (given the workers,
+    /// to queue the jobs a job finds).
     pub(crate) fn start(
         name: &str,
         threads: usize,
         queue: Q,
-        run: impl Fn(Q::Job) + Send + Sync + 'static,
+        run: impl Fn(&Self, Q::Job) + Send + Sync + 'static,
     ) -> Arc<Self> {
         let workers = Arc::new(Self { queue: Mutex::new(queue), ready: Condvar::new(), stop: AtomicBool::new(false) });
         let run = Arc::new(run);
@@ -50,7 +51,7 @@ impl<Q: JobQueue> Workers<Q> {
             let (workers, run) = (workers.clone(), run.clone());
             let spawned = std::thread::Builder::new().name(format!("{name}-{n}")).spawn(move || {
                 while let Some(job) = workers.next() {
-                    run(job);
+                    run(&workers, job);
                 }
             });
             if let Err(e) = spawned {

@@ -140,16 +140,28 @@ struct RunReport {
     seconds: f64,
     import_s: f64,
     served: u64,
+    /// Blob requests the registry answered (spans, windows, indexes).
+    requests: usize,
     files: Vec<FileReport>,
 }
 
-fn measure(image: &IndexedImage, config_name: &'static str, prefetch: bool, min_mb: u64) -> Result<RunReport> {
+/// `prefetch`: the prefetcher runs; `tables`: it fetches shared libraries' loader tables.
+fn measure(
+    image: &IndexedImage,
+    config_name: &'static str,
+    prefetch: bool,
+    tables: bool,
+    min_mb: u64,
+) -> Result<RunReport> {
     let node = TestDir::new(&format!("large-files-{config_name}"))?;
-    let config = lazy_config(prefetch);
+    let mut config = lazy_config(prefetch);
+    config.lazy.prefetch.library_tables = tables;
     let snap = ClipSnapshotter::start_configured(&node, "clip", &config, &[])?;
     let ctrd = containerd_for(&node, &snap, Flavor::V2)?;
     drop_caches();
     let served0 = image.registry.blob_bytes_served();
+    let blob_requests = || image.registry.access_log().iter().filter(|e| e.path.contains("/blobs/")).count();
+    let requests0 = blob_requests();
     let t = Instant::now();
     run(Command::new(workspace_binary("clip-snapshotter")?)
         .args(["pull", "--plain-http", "-n", NS, "--containerd-address"])
@@ -162,6 +174,7 @@ fn measure(image: &IndexedImage, config_name: &'static str, prefetch: bool, min_
     )?;
     let seconds = t.elapsed().as_secs_f64();
     let served = image.registry.blob_bytes_served() - served0;
+    let requests = blob_requests() - requests0;
     let probe: serde_json::Value = serde_json::from_slice(&out.stdout).context("the probe's report")?;
     let mut files = Vec::new();
     for f in probe["files"].as_array().context("files")? {
@@ -183,9 +196,12 @@ fn measure(image: &IndexedImage, config_name: &'static str, prefetch: bool, min_
         });
     }
     let import_s = probe["import_s"].as_f64().unwrap_or_default();
-    eprintln!("{config_name}: {seconds:.2} s, import {import_s:.2} s, {:.1} MB served", served as f64 / 1e6);
+    eprintln!(
+        "{config_name}: {seconds:.2} s, import {import_s:.2} s, {:.1} MB served in {requests} requests",
+        served as f64 / 1e6
+    );
     ctrd.purge()?;
-    Ok(RunReport { config: config_name, seconds, import_s, served, files })
+    Ok(RunReport { config: config_name, seconds, import_s, served, requests, files })
 }
 
 fn mb(b: u64) -> f64 {
@@ -197,18 +213,19 @@ fn write_report(opts: &Opts, runs: &[RunReport]) -> Result<()> {
     writeln!(md, "# Large memory-mapped files: bytes fetched against pages touched\n")?;
     writeln!(
         md,
-        "Produced by `target/release/large-files --out {}` (`cargo build --release --workspace` first) on a 2-core VM (Debian 12, kernel 6.18), containerd v2.4.2, loopback registry. A cold node pulls the torch image lazily and runs `import torch` in a container, which then reports every mapped file of at least {} MiB: *touched* is what its mappings have resident (`Rss` in `/proc/self/smaps`: the pages the loader touched, with the kernel's fault-around), *page cache* the file's pages the kernel holds (`mincore`: what was read through FUSE, readahead included). *Fetched* is the compressed bytes of the file's spans in the snapshotter's span cache after the run (what the registry sent for this file), *inflated* what those spans hold of the file. Background completion is off; `prefetch` runs the default prefetcher, `demand` none.\n",
+        "Produced by `target/release/large-files --out {}` (`cargo build --release --workspace` first) on a 2-core VM (Debian 12, kernel 6.18), containerd v2.4.2, loopback registry. A cold node pulls the torch image lazily and runs `import torch` in a container, which then reports every mapped file of at least {} MiB: *touched* is what its mappings have resident (`Rss` in `/proc/self/smaps`: the pages the loader touched, with the kernel's fault-around), *page cache* the file's pages the kernel holds (`mincore`: what was read through FUSE, readahead included). *Fetched* is the compressed bytes of the file's spans in the snapshotter's span cache after the run (what the registry sent for this file), *inflated* what those spans hold of the file. Background completion is off; `prefetch` runs the default prefetcher, `no-tables` the same without fetching shared libraries' loader tables at their first miss (`[lazy.prefetch] library_tables = false`, the prefetcher before 2026-12-06), `demand` none.\n",
         opts.out.display(),
         opts.min_mb
     )?;
     for r in runs {
         writeln!(
             md,
-            "## {}: start {:.2} s (import {:.2} s), {:.1} MB served by the registry\n",
+            "## {}: start {:.2} s (import {:.2} s), {:.1} MB served by the registry in {} blob requests\n",
             r.config,
             r.seconds,
             r.import_s,
-            mb(r.served)
+            mb(r.served),
+            r.requests
         )?;
         writeln!(
             md,
@@ -257,7 +274,7 @@ fn write_report(opts: &Opts, runs: &[RunReport]) -> Result<()> {
         .iter()
         .map(|r| {
             serde_json::json!({
-                "config": r.config, "seconds": r.seconds, "import_s": r.import_s, "served": r.served,
+                "config": r.config, "seconds": r.seconds, "import_s": r.import_s, "served": r.served, "requests": r.requests,
                 "files": r.files.iter().map(|f| serde_json::json!({
                     "path": f.path, "size": f.size, "touched": f.rss, "page_cache": f.cached,
                     "fetched": f.fetched, "compressed": f.all_compressed, "inflated": f.fetched_uncompressed,
@@ -275,8 +292,8 @@ fn main() -> Result<()> {
     let td = TestDir::new("large-files")?;
     let image = IndexedImage::plain(&td, TestImage::Torch, "bench/torch")?;
     let mut runs = Vec::new();
-    for (name, prefetch) in [("prefetch", true), ("demand", false)] {
-        runs.push(measure(&image, name, prefetch, opts.min_mb)?);
+    for (name, prefetch, tables) in [("prefetch", true, true), ("no-tables", true, false), ("demand", false, false)] {
+        runs.push(measure(&image, name, prefetch, tables, opts.min_mb)?);
     }
     write_report(&opts, &runs)?;
     eprintln!("written to {}", opts.out.join("large-files.md").display());

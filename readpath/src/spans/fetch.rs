@@ -20,7 +20,44 @@ fn carry_history(history: Option<Vec<u8>>, data: &[u8]) -> Vec<u8> {
     h
 }
 
+/// Large files remembered as missed at most, per layer ([`SpanCache::first_miss_in`]).
+const FILES_MISSED_LIMIT: usize = 4096;
+
 impl SpanCache {
+    /// Whether this is the first miss the prefetcher sees in the file whose data starts at
+    /// `data_start` (false for every file once [`FILES_MISSED_LIMIT`] were seen).
+    pub(crate) fn first_miss_in(&self, data_start: u64) -> bool {
+        let mut seen = self.guesses.files_missed.lock();
+        seen.len() < FILES_MISSED_LIMIT && seen.insert(data_start)
+    }
+
+    /// Bytes `[start, end)` for the prefetcher's own use (a library's headers): their missing
+    /// spans fetched as prefetches, the bytes read without counting a container read or telling
+    /// any observer. An error when a span is not local after that (another fetch of it in
+    /// flight, or evicted).
+    pub fn read_for_prefetch(&self, start: u64, end: u64) -> Result<Vec<u8>, SpanError> {
+        if end <= start {
+            return Ok(Vec::new());
+        }
+        let spans = self.index.spans_for(start, end - start).map_err(|e| SpanError::Range { start, end, source: e })?;
+        let count = spans.end() - spans.start() + 1;
+        self.fetch_missing(*spans.start(), *spans.end(), count, Cause::Prefetch)?;
+        let mut out = Vec::with_capacity((end - start) as usize);
+        for i in spans {
+            let s = self.index.span(i).map_err(|e| SpanError::Span { span: i, source: e })?;
+            let (from, to) = (start.max(s.uncomp_start), end.min(s.uncomp_end));
+            let path = self.span_path(i);
+            if !self.is_cached(i) {
+                return Err(cache_err(&path, std::io::Error::new(std::io::ErrorKind::NotFound, "span not local")));
+            }
+            let f = fs::File::open(&path).map_err(|e| cache_err(&path, e))?;
+            let mut buf = vec![0u8; (to - from) as usize];
+            f.read_exact_at(&mut buf, from - s.uncomp_start).map_err(|e| cache_err(&path, e))?;
+            out.extend_from_slice(&buf);
+        }
+        Ok(out)
+    }
+
     /// Fetches `group` (contiguous spans) in one request, verifies and writes each; a bad
     /// read-ahead span is just not cached. A gzip span's history window comes from the span
     /// before it: for the first, its local file, else its window from the windows blob (fetched

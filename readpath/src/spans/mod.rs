@@ -28,15 +28,17 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 /// a container is reading ([`crate::prefetch::Prefetcher`] guesses from it).
 pub trait MissObserver: Send + Sync {
     /// A read of spans `first..=last` of `cache` had to fetch (`hint` [`Hint::Miss`]) or used a
-    /// guessed span first ([`Hint::GuessedRight`]); `file` are the spans of the file it read.
-    fn missed(
-        &self,
-        cache: &Arc<SpanCache>,
-        first: u32,
-        last: u32,
-        file: Option<std::ops::RangeInclusive<u32>>,
-        hint: Hint,
-    );
+    /// guessed span first ([`Hint::GuessedRight`]); `file`: the file it read.
+    fn missed(&self, cache: &Arc<SpanCache>, first: u32, last: u32, file: Option<FileSpans>, hint: Hint);
+}
+
+/// The file a read was in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileSpans {
+    /// Where its data lies in the layer (uncompressed offsets).
+    pub data: std::ops::Range<u64>,
+    /// The spans that hold it.
+    pub spans: std::ops::RangeInclusive<u32>,
 }
 
 /// What a read told the prefetcher.
@@ -142,6 +144,8 @@ struct Guesses {
     /// The prefetcher's window in a large file, in spans: small after a miss, doubled after
     /// each right guess ([`crate::prefetch`]).
     large_file_window: AtomicU32,
+    /// Large files whose first miss the prefetcher saw, by their data's offset (bounded).
+    files_missed: Mutex<HashSet<u64>>,
 }
 
 /// Which spans background completion made local that no read has used yet, and how many
@@ -459,10 +463,12 @@ impl SpanCache {
             hit
         };
         if guessed_right || fetched {
-            let file_spans =
-                file.and_then(|f| self.index.spans_for(f.start, f.end.saturating_sub(f.start).max(1)).ok());
+            let file = file.and_then(|data| {
+                let spans = self.index.spans_for(data.start, data.end.saturating_sub(data.start).max(1)).ok()?;
+                Some(FileSpans { data, spans })
+            });
             let hint = if fetched { Hint::Miss } else { Hint::GuessedRight };
-            observer.missed(self, *spans.start(), *spans.end(), file_spans, hint);
+            observer.missed(self, *spans.start(), *spans.end(), file, hint);
         }
         result
     }

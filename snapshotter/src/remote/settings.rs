@@ -79,6 +79,7 @@ impl ReadSettings {
                 neighbour_spans: cfg.lazy.prefetch.neighbour_spans,
                 file_spans: cfg.lazy.prefetch.file_spans,
                 group_spans: PREFETCH_GROUP_SPANS,
+                library_tables: cfg.lazy.prefetch.library_tables,
             }),
             completer,
             demand: Arc::new(Demand::default()),
