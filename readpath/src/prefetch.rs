@@ -317,15 +317,19 @@ mod tests {
         assert_eq!(blob.requests.load(Ordering::SeqCst), 2, "one request for the miss, one for the rest");
     }
 
-    #[test]
-    fn a_shared_librarys_loader_tables_are_fetched_at_its_first_miss_and_nothing_else_far() {
-        // This machine's libstdc++ (many symbols), padded to a large file, between small files.
-        let Ok(lib) = std::fs::read("/usr/lib/x86_64-linux-gnu/libstdc++.so.6") else { return };
-        let mut data = lib.clone();
+    /// A layer of small files and this machine's libstdc++ (many symbols) padded to a large
+    /// file, behind a blob answering after `delay`: its index, blob, the library's data range,
+    /// its bytes and the spans of its loader tables. None without libstdc++.
+    #[allow(clippy::type_complexity)]
+    fn library_layer(
+        delay: Duration,
+    ) -> Option<(Arc<clip_index::Index>, Arc<SlowBlob>, std::ops::Range<u64>, Vec<u8>, Vec<u32>)> {
+        let lib = std::fs::read("/usr/lib/x86_64-linux-gnu/libstdc++.so.6").ok()?;
+        let mut data = lib;
         data.resize((crate::elf::MIN_FILE_BYTES + (1 << 20)) as usize, 0);
         let mut files: Vec<(String, Vec<u8>)> = (0..8).map(|n| (format!("a{n}"), vec![n as u8; 64 << 10])).collect();
         files.push(("libstdc++.so.6".into(), data.clone()));
-        let (index, blob) = crate::testutil::layer_of(&files, Duration::from_millis(5));
+        let (index, blob) = crate::testutil::layer_of(&files, delay);
         let id = index.lookup("/libstdc++.so.6").expect("lookup").expect("entry");
         let entry = index.entry(id).expect("entry");
         let file = entry.data_offset..entry.data_offset + entry.size;
@@ -333,28 +337,30 @@ mod tests {
             data.get(o as usize..(o + l) as usize).map(<[u8]>::to_vec)
         })
         .expect("libstdc++ has loader tables");
-        let policy =
-            PrefetchPolicy { threads: 2, neighbour_spans: 0, file_spans: 32, group_spans: 8, library_tables: true };
-        let dir = tempfile::tempdir().expect("tmp");
-        let c = cache(&index, &blob, dir.path(), Some(policy));
-        // ld.so's first read: the ELF and program headers.
-        c.read_hinted(file.start, file.start + 832, 0, Some(file.clone())).expect("read");
-        let table_spans: Vec<u32> = ranges
+        let table_spans = ranges
             .iter()
             .flat_map(|r| index.spans_for(file.start + r.start, r.end - r.start).expect("spans"))
             .collect();
-        assert!(
-            wait_until(|| table_spans.iter().all(|i| c.is_cached(*i))),
-            "the loader's tables ({ranges:?}) were not fetched"
-        );
+        Some((index, blob, file, data, table_spans))
+    }
+
+    fn library_policy() -> PrefetchPolicy {
+        PrefetchPolicy { threads: 2, neighbour_spans: 0, file_spans: 32, group_spans: 8, library_tables: true }
+    }
+
+    #[test]
+    fn a_shared_librarys_loader_tables_are_fetched_at_its_first_miss_and_nothing_else_far() {
+        let Some((index, blob, file, _, table_spans)) = library_layer(Duration::from_millis(5)) else { return };
+        let dir = tempfile::tempdir().expect("tmp");
+        let c = cache(&index, &blob, dir.path(), Some(library_policy()));
+        // ld.so's first read: the ELF and program headers.
+        c.read_hinted(file.start, file.start + 832, 0, Some(file.clone())).expect("read");
+        assert!(wait_until(|| table_spans.iter().all(|i| c.is_cached(*i))), "the loader's tables were not fetched");
         // Spans of the library that are neither its tables nor in the first window: not fetched.
         std::thread::sleep(Duration::from_millis(200));
-        let (first, last) = {
-            let s = index.spans_for(file.start, entry.size).expect("spans");
-            (*s.start(), *s.end())
-        };
+        let all = index.spans_for(file.start, file.end - file.start).expect("spans");
         let window_end = index.spans_for(file.start, 1).expect("span").end() + LARGE_FILE_FIRST_SPANS;
-        let far: Vec<u32> = (first..=last).filter(|i| *i > window_end && !table_spans.contains(i)).collect();
+        let far: Vec<u32> = all.filter(|i| *i > window_end && !table_spans.contains(i)).collect();
         assert!(!far.is_empty());
         let fetched_far: Vec<&u32> = far.iter().filter(|i| c.is_cached(**i)).collect();
         assert!(fetched_far.is_empty(), "fetched beyond the tables: {fetched_far:?}");
@@ -364,6 +370,34 @@ mod tests {
         c.read_hinted(a, b, 0, Some(file.clone())).expect("read");
         std::thread::sleep(Duration::from_millis(200));
         assert!(blob.requests.load(Ordering::SeqCst) - before <= 3, "a second miss re-read the library's tables");
+    }
+
+    /// As ld.so does: the headers read, then the dynamic section touched at once. The prefetcher
+    /// finds that section's span in flight for the reader and waits for it (it gave up before,
+    /// and fetched no table at all).
+    #[test]
+    fn a_librarys_tables_are_fetched_while_a_reader_fetches_its_dynamic_section() {
+        let Some((index, blob, file, data, table_spans)) = library_layer(Duration::from_millis(300)) else { return };
+        let phoff = u64::from_le_bytes(data[0x20..0x28].try_into().expect("phoff")) as usize;
+        let phnum = u16::from_le_bytes([data[0x38], data[0x39]]) as usize;
+        let dynamic = (0..phnum)
+            .map(|n| &data[phoff + n * 56..phoff + (n + 1) * 56])
+            .find(|ph| ph[..4] == [2, 0, 0, 0])
+            .map(|ph| u64::from_le_bytes(ph[8..16].try_into().expect("p_offset")))
+            .expect("PT_DYNAMIC");
+        let dir = tempfile::tempdir().expect("tmp");
+        let c = cache(&index, &blob, dir.path(), Some(library_policy()));
+        let (c2, f2) = (c.clone(), file.clone());
+        let headers = std::thread::spawn({
+            let (c, file) = (c.clone(), file.clone());
+            move || c.read_hinted(file.start, file.start + 832, 0, Some(file)).map(|_| ())
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let at = f2.start + dynamic;
+        let section = std::thread::spawn(move || c2.read_hinted(at, at + 16, 0, Some(f2)).map(|_| ()));
+        headers.join().expect("join").expect("headers");
+        section.join().expect("join").expect("dynamic section");
+        assert!(wait_until(|| table_spans.iter().all(|i| c.is_cached(*i))), "the loader's tables were not fetched");
     }
 
     #[test]

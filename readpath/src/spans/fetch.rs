@@ -3,6 +3,7 @@
 //! checkpoint (its zran history from the span before it, else its window) and written to the
 //! cache atomically.
 
+use super::states::Claimed;
 use super::{Cause, SpanCache, SpanError, cache_err, has_len};
 use clip_index::{HISTORY_BYTES, IndexError, SpanInfo};
 use std::fs;
@@ -31,19 +32,18 @@ impl SpanCache {
         seen.len() < FILES_MISSED_LIMIT && seen.insert(data_start)
     }
 
-    /// Bytes `[start, end)` for the prefetcher's own use (a library's headers): their missing
-    /// spans fetched as prefetches, the bytes read without counting a container read or telling
-    /// any observer. An error when a span is not local after that (another fetch of it in
-    /// flight, or evicted).
+    /// Bytes `[start, end)` for the prefetcher's own use (a library's headers): a span in flight
+    /// is waited for, a missing one fetched as a prefetch; the bytes are read without counting a
+    /// container read or telling any observer. An error when a span is not local after that
+    /// (evicted at once).
     pub fn read_for_prefetch(&self, start: u64, end: u64) -> Result<Vec<u8>, SpanError> {
         if end <= start {
             return Ok(Vec::new());
         }
         let spans = self.index.spans_for(start, end - start).map_err(|e| SpanError::Range { start, end, source: e })?;
-        let count = spans.end() - spans.start() + 1;
-        self.fetch_missing(*spans.start(), *spans.end(), count, Cause::Prefetch)?;
         let mut out = Vec::with_capacity((end - start) as usize);
         for i in spans {
+            self.make_local(i, Cause::Prefetch)?;
             let s = self.index.span(i).map_err(|e| SpanError::Span { span: i, source: e })?;
             let (from, to) = (start.max(s.uncomp_start), end.min(s.uncomp_end));
             let path = self.span_path(i);
@@ -56,6 +56,23 @@ impl SpanCache {
             out.extend_from_slice(&buf);
         }
         Ok(out)
+    }
+
+    /// Makes span `i` local for `cause`: waits for a fetch of it in flight (a container's read
+    /// of the same bytes, most often), else fetches it.
+    fn make_local(&self, i: u32, cause: Cause) -> Result<(), SpanError> {
+        loop {
+            if self.is_cached(i) {
+                return Ok(());
+            }
+            if let Claimed::Mine(claim) = self.inflight.claim_or_wait(i, i, &self.local, |j| self.comp_len(j)) {
+                let group = self.span_infos(&claim.spans)?;
+                let fetched = self.fetch_group(&group, cause);
+                self.guesses.speculative.lock().extend(claim.spans.iter().copied());
+                drop(claim);
+                return fetched;
+            }
+        }
     }
 
     /// Fetches `group` (contiguous spans) in one request, verifies and writes each; a bad
