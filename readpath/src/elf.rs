@@ -22,6 +22,11 @@ pub const MAX_RANGE_BYTES: u64 = 96 << 20;
 const MERGE_GAP: u64 = 256 << 10;
 const MAX_PHDRS: u64 = 128;
 const MAX_DYNAMIC_BYTES: u64 = 64 << 10;
+const MAX_SECTIONS: u64 = 1024;
+
+const SHT_DYNSYM: u32 = 11;
+const SHT_GNU_HASH: u32 = 0x6fff_fff6;
+const SHT_GNU_VERSYM: u32 = 0x6fff_ffff;
 
 const PT_LOAD: u32 = 1;
 const PT_DYNAMIC: u32 = 2;
@@ -109,6 +114,7 @@ pub fn loader_ranges(
             .find(|(k, _)| *k == t)
             .map(|(_, v)| v)
     };
+    let sizes = section_sizes(&header, size, read);
     let mut tables: Vec<(u64, u64)> = Vec::new();
     let (strtab, symtab) = (tag(DT_STRTAB), tag(DT_SYMTAB));
     if let (Some(strtab), Some(strsz)) = (strtab, tag(DT_STRSZ)) {
@@ -119,28 +125,36 @@ pub fn loader_ranges(
             tables.push((a, l));
         }
     }
-    // `.dynsym` has no size of its own: in every linker's layout `.dynstr` follows it.
-    if let (Some(sym), Some(str_)) = (symtab, strtab)
-        && sym < str_
-    {
-        tables.push((sym, str_ - sym));
-        let symbols = (str_ - sym) / SYM_SIZE;
-        if let Some(versym) = tag(DT_VERSYM) {
-            tables.push((versym, symbols * 2));
+    // `.dynsym`, `.gnu.hash` and `.gnu.version` have no size in the dynamic section: their
+    // section headers give it; without them, the linkers' layout (`.gnu.hash`, `.dynsym`,
+    // `.dynstr` in a row). A library rewritten by patchelf has `.dynstr` moved away.
+    if let Some(sym) = symtab {
+        let layout = strtab.filter(|s| *s > sym).map(|s| s - sym);
+        if let Some(len) = sizes.get(&sym).copied().or(layout) {
+            tables.push((sym, len));
+            if let Some(versym) = tag(DT_VERSYM) {
+                tables.push((versym, sizes.get(&versym).copied().unwrap_or(len / SYM_SIZE * 2)));
+            }
         }
-        // `.gnu.hash` comes just before `.dynsym`.
-        if let Some(hash) = tag(DT_GNU_HASH).filter(|h| *h < sym) {
-            tables.push((hash, sym - hash));
+        if let Some(hash) = tag(DT_GNU_HASH)
+            && let Some(len) = sizes.get(&hash).copied().or((hash < sym).then(|| sym - hash))
+        {
+            tables.push((hash, len));
         }
     }
     let mut ranges: Vec<Range<u64>> = Vec::new();
+    // A table outside its segment or the file is left out (its reads are left to demand).
     for (vaddr, len) in tables {
-        let Some(load) = loads.iter().find(|l| vaddr >= l.vaddr && vaddr - l.vaddr < l.filesz) else {
-            return Err(NotALibrary::Outside("dynamic tables"));
-        };
+        let Some(load) = loads.iter().find(|l| vaddr >= l.vaddr && vaddr - l.vaddr < l.filesz) else { continue };
         let start = load.offset + (vaddr - load.vaddr);
-        let end = start.checked_add(len).filter(|e| *e <= size && *e <= load.offset.saturating_add(load.filesz));
-        ranges.push(start..end.ok_or(NotALibrary::Outside("dynamic tables"))?);
+        if let Some(end) =
+            start.checked_add(len).filter(|e| *e <= size && *e <= load.offset.saturating_add(load.filesz))
+        {
+            ranges.push(start..end);
+        }
+    }
+    if ranges.is_empty() {
+        return Err(NotALibrary::Outside("dynamic tables"));
     }
     if let Some((offset, len)) = relro {
         ranges.push(offset..offset.checked_add(len).filter(|e| *e <= size).ok_or(NotALibrary::Outside("RELRO"))?);
@@ -151,6 +165,28 @@ pub fn loader_ranges(
         return Err(NotALibrary::TooLarge(total));
     }
     Ok(ranges)
+}
+
+/// The sizes of the allocated symbol, hash and version sections, by address, from the section
+/// headers (none when they are missing, too many or outside the file).
+fn section_sizes(
+    header: &[u8],
+    size: u64,
+    read: &mut dyn FnMut(u64, u64) -> Option<Vec<u8>>,
+) -> std::collections::HashMap<u64, u64> {
+    let mut sizes = std::collections::HashMap::new();
+    let (shoff, shentsize, shnum) =
+        (u64_at(header, 0x28), u64::from(u16_at(header, 0x3a)), u64::from(u16_at(header, 0x3c)));
+    if shentsize != 64 || shnum == 0 || shnum > MAX_SECTIONS || shoff.checked_add(shnum * 64).is_none_or(|e| e > size) {
+        return sizes;
+    }
+    let Some(shdrs) = read(shoff, shnum * 64) else { return sizes };
+    for sh in shdrs.chunks_exact(64) {
+        if matches!(u32_at(sh, 4), SHT_DYNSYM | SHT_GNU_HASH | SHT_GNU_VERSYM) {
+            sizes.insert(u64_at(sh, 16), u64_at(sh, 32));
+        }
+    }
+    sizes
 }
 
 /// Sorted, empty ones dropped, those within [`MERGE_GAP`] of each other joined.
@@ -237,6 +273,17 @@ mod tests {
             cut.get(off as usize..(off + len) as usize).map(<[u8]>::to_vec)
         });
         assert!(!asked_past);
+    }
+
+    /// Without section headers (stripped with `sstrip`) the sizes come from the linker's layout,
+    /// and every table is still found.
+    #[test]
+    fn without_section_headers_the_layout_gives_the_sizes() {
+        let Some(mut bytes) = library("/usr/lib/x86_64-linux-gnu/libstdc++.so.6") else { return };
+        let with = ranges_of(&bytes).expect("with section headers");
+        bytes[0x3c..0x3e].copy_from_slice(&[0, 0]);
+        let without = ranges_of(&bytes).expect("without section headers");
+        assert_eq!(with, without);
     }
 
     #[test]
