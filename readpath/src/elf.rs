@@ -146,7 +146,7 @@ pub fn loader_ranges(
     // A table outside its segment or the file is left out (its reads are left to demand).
     for (vaddr, len) in tables {
         let Some(load) = loads.iter().find(|l| vaddr >= l.vaddr && vaddr - l.vaddr < l.filesz) else { continue };
-        let start = load.offset + (vaddr - load.vaddr);
+        let Some(start) = load.offset.checked_add(vaddr - load.vaddr) else { continue };
         if let Some(end) =
             start.checked_add(len).filter(|e| *e <= size && *e <= load.offset.saturating_add(load.filesz))
         {
@@ -262,6 +262,17 @@ mod tests {
                 if let Ok(ranges) = ranges_of(&bad) {
                     let total: u64 = ranges.iter().map(|r| r.end - r.start).sum();
                     assert!(ranges.iter().all(|r| r.end <= bad.len() as u64) && total <= MAX_RANGE_BYTES);
+                }
+            }
+        }
+        // Offsets and sizes at the top of the range: refused or left out, never an overflow.
+        for n in 0..u64::from(u16_at(&good, 0x38)).min(12) as usize {
+            for field in [8, 16, 32] {
+                let mut bad = good.clone();
+                let at = phoff + n * 56 + field;
+                bad[at..at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+                if let Ok(ranges) = ranges_of(&bad) {
+                    assert!(ranges.iter().all(|r| r.end <= bad.len() as u64));
                 }
             }
         }
