@@ -198,8 +198,9 @@ fn handle(mut client: TcpStream, upstream: &str, mode: Fault, n: u64, faults: &A
         return client.shutdown(Shutdown::Both);
     }
     let (head, body_start) = read_head(&mut client)?;
-    let is_blob_get = head.starts_with(b"GET ") && String::from_utf8_lossy(&head).contains("/blobs/sha256:");
-    let ranged = String::from_utf8_lossy(&head).to_ascii_lowercase().contains("\r\nrange:");
+    let head_text = String::from_utf8_lossy(&head);
+    let is_blob_get = head.starts_with(b"GET ") && head_text.contains("/blobs/sha256:");
+    let ranged = head_text.to_ascii_lowercase().contains("\r\nrange:");
     // 1: 503, 2: reset, 3: cut off, 4: flipped byte, 5: delay.
     let cycle = match mode {
         Fault::Cycle => n % 4,

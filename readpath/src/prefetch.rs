@@ -230,14 +230,10 @@ fn library_jobs(cache: &Arc<SpanCache>, data: &std::ops::Range<u64>, group: u32)
     let mut jobs = Vec::new();
     for r in &ranges {
         let Ok(spans) = cache.index().spans_for(data.start + r.start, r.end - r.start) else { continue };
-        let (mut first, last) = (*spans.start(), *spans.end());
-        while first <= last {
+        let last = *spans.end();
+        for first in spans.step_by(group.max(1) as usize) {
             let end = first.saturating_add(group.max(1) - 1).min(last);
             jobs.push(Job::Spans { cache: Arc::downgrade(cache), first, last: end, group });
-            first = end.saturating_add(1);
-            if end == u32::MAX {
-                break;
-            }
         }
     }
     let bytes: u64 = ranges.iter().map(|r| r.end - r.start).sum();

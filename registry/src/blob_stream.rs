@@ -74,8 +74,7 @@ impl BlobBody<'_> {
             self.check.as_ref()?;
             let Some(body) = self.body.as_mut() else {
                 if let Err(e) = self.resume().await {
-                    self.check = None;
-                    return Some(Err(e));
+                    return Some(self.end(e));
                 }
                 continue;
             };
