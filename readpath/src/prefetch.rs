@@ -12,9 +12,13 @@
 //! read-ahead does: [`LARGE_FILE_FIRST_SPANS`] after a miss, doubled after each right guess up to
 //! [`LARGE_FILE_MAX_SPANS`] (a right guess in a mapped library is often the kernel's own
 //! read-around, not a reader going on; a reader that does go on is served by completion's
-//! stream, which follows it: [`crate::complete`]). A reader going through the file gets the wide window within a few reads; a
-//! loader touching scattered pages of a memory-mapped library — a few percent of a 1 GB
-//! libtorch — is not sent 8 MiB after each page it touches.
+//! stream, which follows it: [`crate::complete`]). A reader going through the file gets the
+//! wide window within a few reads; a loader touching scattered pages of a memory-mapped library
+//! — a few percent of a 1 GB libtorch — is not sent 8 MiB after each page it touches. A reader
+//! going *down* a file (a miss just below the one before) is followed downwards: a library's
+//! static constructors and destructors run in reverse order of address, so a process loading
+//! or leaving the CUDA libraries touches their code a page at a time from the top down, and
+//! each of those misses waited a round trip on its own ([`LargeFileReader`]).
 //!
 //! At the first miss in a large file that is a shared library, its dynamic-linking tables
 //! ([`crate::elf`]: relocations, symbols, their names, RELRO) are fetched whole, in parallel
@@ -26,7 +30,7 @@
 use crate::spans::{Cause, FileSpans, Hint, MissObserver, SpanCache};
 use crate::workers::Workers;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Weak};
 
 /// How the prefetcher guesses.
@@ -57,6 +61,10 @@ pub const LARGE_FILE_FIRST_SPANS: u32 = 2;
 /// ...up to this (and `file_spans`). Measured on `import torch` over 100 Mbit/20 ms: a fixed 32
 /// fetched 454 MB in 43.5 s, a ramp to 32 389 MB in 40.6 s, a fixed 8 339 MB in 38.2 s.
 pub const LARGE_FILE_MAX_SPANS: u32 = 8;
+
+/// A miss at most this many spans below the window under the previous hint is a reader going
+/// down the file (a few pages of each span are touched, not all of them).
+const DOWNWARD_SLACK: u32 = 2;
 
 /// Hints kept at most (older ones are dropped).
 const QUEUE_LIMIT: usize = 64;
@@ -132,8 +140,7 @@ impl MissObserver for Prefetcher {
                     }
                 } else {
                     let max = p.file_spans.min(LARGE_FILE_MAX_SPANS);
-                    let window = large_file_window(cache.large_file_window(), hint, max);
-                    jobs.push((last + 1, last.saturating_add(window).min(fe)));
+                    jobs.extend(cache.large_file_reader().ahead(first, last, (fs, fe), hint, max));
                 }
             }
         }
@@ -154,15 +161,40 @@ impl MissObserver for Prefetcher {
     }
 }
 
-/// The window in a large file for this hint, kept in `window` for the next one.
-fn large_file_window(window: &AtomicU32, hint: Hint, max: u32) -> u32 {
-    let first = LARGE_FILE_FIRST_SPANS.min(max);
-    let next = match hint {
-        Hint::Miss => first,
-        Hint::GuessedRight => window.load(Ordering::Relaxed).max(first).saturating_mul(2).min(max),
-    };
-    window.store(next, Ordering::Relaxed);
-    next
+/// How a container reads the large files of a layer: the prefetcher's window there, where the
+/// latest hint was and whether the reader goes down the file.
+#[derive(Debug, Default)]
+pub(crate) struct LargeFileReader {
+    /// Spans fetched ahead: small after a miss, doubled after each right guess.
+    window: AtomicU32,
+    /// The first span of the latest hint, plus one (0: none yet).
+    at: AtomicU32,
+    downward: AtomicBool,
+}
+
+impl LargeFileReader {
+    /// The spans to fetch for a hint at `first..=last` in a large file of spans `file` (first,
+    /// last), with windows of at most `max` spans: after the read, or before it for a reader
+    /// going down the file. A miss elsewhere starts small again.
+    fn ahead(&self, first: u32, last: u32, file: (u32, u32), hint: Hint, max: u32) -> Option<(u32, u32)> {
+        let small = LARGE_FILE_FIRST_SPANS.min(max);
+        let window = self.window.load(Ordering::Relaxed).max(small);
+        let previous = self.at.swap(first.saturating_add(1), Ordering::Relaxed).checked_sub(1);
+        let just_below = previous.is_some_and(|p| first < p && p - first <= window + DOWNWARD_SLACK);
+        let downward = match hint {
+            Hint::Miss => just_below,
+            Hint::GuessedRight => just_below && self.downward.load(Ordering::Relaxed),
+        };
+        self.downward.store(downward, Ordering::Relaxed);
+        let next = if hint == Hint::Miss && !downward { small } else { window.saturating_mul(2).min(max) };
+        self.window.store(next, Ordering::Relaxed);
+        let (fs, fe) = file;
+        if downward {
+            (first > fs).then(|| (first.saturating_sub(next).max(fs), first - 1))
+        } else {
+            (last < fe).then(|| (last + 1, last.saturating_add(next).min(fe)))
+        }
+    }
 }
 
 impl Prefetcher {
@@ -398,12 +430,59 @@ mod tests {
 
     #[test]
     fn in_a_large_file_the_window_ramps_up_with_right_guesses_and_drops_at_a_miss() {
-        let w = AtomicU32::new(0);
-        assert_eq!(large_file_window(&w, Hint::Miss, 32), 2);
-        let ramp: Vec<u32> = (0..5).map(|_| large_file_window(&w, Hint::GuessedRight, 32)).collect();
-        assert_eq!(ramp, [4, 8, 16, 32, 32]);
-        assert_eq!(large_file_window(&w, Hint::Miss, 32), 2, "a miss elsewhere starts small again");
-        assert_eq!(large_file_window(&AtomicU32::new(0), Hint::GuessedRight, 1), 1, "never past file_spans");
+        let r = LargeFileReader::default();
+        let file = (0, 10_000);
+        assert_eq!(r.ahead(100, 100, file, Hint::Miss, 32), Some((101, 102)));
+        let ramp: Vec<_> = (0..5).map(|n| r.ahead(101 + n, 101 + n, file, Hint::GuessedRight, 32)).collect();
+        assert_eq!(ramp, [Some((102, 105)), Some((103, 110)), Some((104, 119)), Some((105, 136)), Some((106, 137))]);
+        assert_eq!(
+            r.ahead(5000, 5000, file, Hint::Miss, 32),
+            Some((5001, 5002)),
+            "a miss elsewhere starts small again"
+        );
+        assert_eq!(r.ahead(10_000, 10_000, file, Hint::Miss, 32), None, "nothing past the file");
+        let one = LargeFileReader::default();
+        assert_eq!(one.ahead(7, 7, file, Hint::GuessedRight, 1), Some((8, 8)), "never past file_spans");
+    }
+
+    /// The hints of a library's destructors (or constructors) run from the top of its code down:
+    /// misses just below each other. The window turns downwards and ramps up; a miss far away, or
+    /// one above, is a reader going up again.
+    #[test]
+    fn a_reader_going_down_a_large_file_is_followed_downwards() {
+        let r = LargeFileReader::default();
+        let file = (1000, 2000);
+        assert_eq!(r.ahead(1553, 1553, file, Hint::Miss, 8), Some((1554, 1555)), "one miss says nothing yet");
+        assert_eq!(r.ahead(1552, 1552, file, Hint::Miss, 8), Some((1548, 1551)), "a miss just below turns it down");
+        assert_eq!(r.ahead(1551, 1551, file, Hint::GuessedRight, 8), Some((1543, 1550)));
+        assert_eq!(
+            r.ahead(1549, 1549, file, Hint::GuessedRight, 8),
+            Some((1541, 1548)),
+            "a page skipped is still going down"
+        );
+        assert_eq!(r.ahead(1003, 1003, file, Hint::GuessedRight, 8), Some((1004, 1011)), "a jump is not a step down");
+        assert_eq!(r.ahead(1002, 1002, file, Hint::Miss, 8), Some((1000, 1001)), "never below the file's first span");
+        assert_eq!(r.ahead(1000, 1000, file, Hint::Miss, 8), None);
+        assert_eq!(r.ahead(1500, 1500, file, Hint::Miss, 8), Some((1501, 1502)), "a miss above goes up, small again");
+        assert_eq!(r.ahead(1480, 1480, file, Hint::Miss, 8), Some((1481, 1482)), "far below is not a step down");
+    }
+
+    /// A container reading a large file from its end to its start, span by span: the reader
+    /// fetched every span itself before (one round trip each); now most are fetched ahead.
+    #[test]
+    fn a_reader_going_down_a_large_file_finds_most_spans_fetched_ahead() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (index, blob) = layer(40, Duration::from_millis(20));
+        let policy =
+            PrefetchPolicy { threads: 2, neighbour_spans: 0, file_spans: 16, group_spans: 8, library_tables: false };
+        let c = cache(&index, &blob, dir.path(), Some(policy));
+        let file = || Some(0..index.span(index.span_count() - 1).expect("span").uncomp_end);
+        for i in (10..=35).rev() {
+            let (a, b) = span_range(&index, i);
+            c.read_hinted(a, b, 0, file()).expect("read");
+        }
+        let misses = c.metrics().span_misses.get();
+        assert!(misses <= 8, "the reader fetched {misses} of 26 spans itself");
     }
 
     #[test]

@@ -141,9 +141,8 @@ struct Guesses {
     replayed: Mutex<HashSet<u32>>,
     /// Whether a profile replay was ever asked of this layer (its misses count).
     replaying: AtomicBool,
-    /// The prefetcher's window in a large file, in spans: small after a miss, doubled after
-    /// each right guess ([`crate::prefetch`]).
-    large_file_window: AtomicU32,
+    /// How reads move through the layer's large files: the prefetcher's window there.
+    large_file: crate::prefetch::LargeFileReader,
     /// Large files whose first miss the prefetcher saw, by their data's offset (bounded).
     files_missed: Mutex<HashSet<u64>>,
 }
@@ -294,9 +293,9 @@ impl SpanCache {
         self.last_miss.load(Ordering::Relaxed)
     }
 
-    /// The prefetcher's window in a large file of this layer (see [`crate::prefetch`]).
-    pub(crate) fn large_file_window(&self) -> &AtomicU32 {
-        &self.guesses.large_file_window
+    /// How reads move through this layer's large files (see [`crate::prefetch`]).
+    pub(crate) fn large_file_reader(&self) -> &crate::prefetch::LargeFileReader {
+        &self.guesses.large_file
     }
 
     /// The daemon's demand on the link this layer's fetches count in.
