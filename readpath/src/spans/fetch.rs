@@ -89,7 +89,14 @@ impl SpanCache {
         let began = std::time::Instant::now();
         let external = self.index.has_external_windows();
         let mut history = if external { self.local_history(s) } else { None };
-        let need_window = external && history.is_none();
+        // The span before on its way in an earlier request (most often a container's miss this
+        // prefetch follows): its bytes give the history, with no request for the window. Not for
+        // a container's read, which waits on no fetch but its own.
+        let neighbour = (external && history.is_none() && cause != Cause::Foreground)
+            .then(|| s.index.checked_sub(1).and_then(|p| self.inflight.fetch_of(p)))
+            .flatten();
+        let (after_neighbour, need_window) =
+            (neighbour.is_some(), external && history.is_none() && neighbour.is_none());
         let (compressed, window) = if need_window {
             std::thread::scope(|scope| {
                 let window = scope.spawn(|| self.fetch_window(s, cause));
@@ -102,9 +109,17 @@ impl SpanCache {
             (self.source.fetch(start, end - start), Ok(None))
         };
         let compressed = compressed.map_err(|source| SpanError::Fetch { start, end, source })?;
-        let window = window?;
+        let mut window = window?;
         self.count_fetch(compressed.len() as u64, cause);
-        tracing::debug!(layer = %self.index.layer_digest(), first = s.index, spans = group.len(), bytes = end - start, window = need_window, ?cause, ms = began.elapsed().as_millis() as u64, by = std::thread::current().name().unwrap_or("fuse"), "spans fetched");
+        if let Some(fetch) = neighbour {
+            // Waits at most as long again as this request took; then asks for the window.
+            fetch.wait_for(began.elapsed());
+            history = self.local_history(s);
+            if history.is_none() {
+                window = self.fetch_window(s, cause)?;
+            }
+        }
+        tracing::debug!(layer = %self.index.layer_digest(), first = s.index, spans = group.len(), bytes = end - start, window = need_window, after_neighbour, ?cause, ms = began.elapsed().as_millis() as u64, by = std::thread::current().name().unwrap_or("fuse"), "spans fetched");
         for (n, span) in group.iter().enumerate() {
             let from = (span.comp_start - start) as usize;
             let to = (span.comp_end - start) as usize;
@@ -334,5 +349,79 @@ mod tests {
             .sum();
         assert_eq!(cache.local_bytes(), on_disk);
         assert_eq!(cache.local_spans(), index.span_count());
+    }
+
+    /// A gzip layer (the system's `gzip`) of 24 files of incompressible 64 KiB, indexed in 64 KiB
+    /// spans with its windows split off: the index, the tar, the blob and the windows blob, both
+    /// answering after `delay`. None without `gzip`.
+    fn gzip_layer(delay: Duration) -> Option<(Arc<clip_index::Index>, Vec<u8>, Arc<SlowBlob>, Arc<SlowBlob>)> {
+        use std::io::Write;
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let files: Vec<(String, Vec<u8>)> = (0..24)
+            .map(|n| {
+                let bytes = (0..64 << 10)
+                    .map(|_| {
+                        seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                        (seed >> 56) as u8
+                    })
+                    .collect();
+                (format!("r{n:02}"), bytes)
+            })
+            .collect();
+        let (_, plain) = crate::testutil::layer_of(&files, Duration::ZERO);
+        let tar = plain.bytes.clone();
+        let mut gz = std::process::Command::new("gzip")
+            .arg("-c")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .ok()?;
+        let mut stdin = gz.stdin.take()?;
+        let writer = std::thread::spawn(move || stdin.write_all(&tar));
+        let out = gz.wait_with_output().ok()?;
+        writer.join().ok()?.ok()?;
+        let opts = clip_index::build::BuildOptions { span_size: 64 << 10, ..Default::default() };
+        let full = clip_index::build::build_index(out.stdout.as_slice(), &opts).expect("index");
+        let (small, windows) = full.split_windows().expect("split").expect("a gzip layer has windows");
+        let index = Arc::new(clip_index::Index::open(small).expect("open"));
+        assert!(index.has_external_windows());
+        let blob = Arc::new(SlowBlob { bytes: out.stdout, requests: Default::default(), delay });
+        let windows = Arc::new(SlowBlob { bytes: windows, requests: Default::default(), delay });
+        Some((index, plain.bytes.clone(), blob, windows))
+    }
+
+    /// The prefetcher's run after a container's miss starts at the span after the miss, which is
+    /// on its way: its history comes from that span when it lands, not from a request for its
+    /// window (a third of all requests of a torch start were windows, most of them these).
+    #[test]
+    fn a_prefetch_after_a_span_in_flight_takes_its_history_from_it_not_from_a_window_request() {
+        let Some((index, tar, blob, windows)) = gzip_layer(Duration::from_millis(300)) else { return };
+        let k = 5;
+        assert!(index.span_count() > k + 6 && index.history_len(&index.span(k + 1).expect("span")) > 0);
+        let dir = tempfile::tempdir().expect("tmp");
+        let options = crate::SpanCacheOptions { windows: Some(windows.clone()), ..Default::default() };
+        let source: Arc<dyn RangeFetcher> = blob.clone();
+        let cache =
+            Arc::new(SpanCache::with_options(index.clone(), dir.path().to_path_buf(), source, options).expect("cache"));
+        let reader = {
+            let (cache, s) = (cache.clone(), index.span(k).expect("span"));
+            std::thread::spawn(move || cache.read(s.uncomp_start, s.uncomp_end).map(|_| ()))
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(cache.fetch_missing(k + 1, k + 2, 8, Cause::Prefetch).expect("prefetch"), 2);
+        reader.join().expect("join").expect("read");
+        assert_eq!(
+            windows.requests.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "only the container's miss asked for a window"
+        );
+        for i in k..=k + 2 {
+            let s = index.span(i).expect("span");
+            let read = cache.read(s.uncomp_start, s.uncomp_end).expect("read");
+            assert!(read == tar[s.uncomp_start as usize..s.uncomp_end as usize], "span {i} differs");
+        }
+        // With nothing in flight before it, a prefetch asks for its window as before.
+        assert_eq!(cache.fetch_missing(k + 6, k + 6, 8, Cause::Prefetch).expect("prefetch"), 1);
+        assert_eq!(windows.requests.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 }

@@ -44,7 +44,7 @@ impl SpanBits {
 
 /// The end of one span's fetch, which its waiters sleep on.
 #[derive(Debug, Default)]
-struct Landing {
+pub(crate) struct Landing {
     landed: Mutex<bool>,
     cv: Condvar,
 }
@@ -53,6 +53,13 @@ impl Landing {
     fn wait(&self) {
         let mut landed = self.landed.lock();
         self.cv.wait_while(&mut landed, |l| !*l);
+    }
+
+    /// Waits for the fetch to end, at most `timeout`; whether it ended.
+    pub(crate) fn wait_for(&self, timeout: std::time::Duration) -> bool {
+        let mut landed = self.landed.lock();
+        self.cv.wait_while_for(&mut landed, |l| !*l, timeout);
+        *landed
     }
 
     fn land(&self) {
@@ -142,6 +149,11 @@ impl InFlight {
             j += 1;
         }
         Claim { inflight: self, landing, spans }
+    }
+
+    /// The fetch of span `i` in flight, if any.
+    pub(crate) fn fetch_of(&self, i: u32) -> Option<Arc<Landing>> {
+        self.spans.lock().get(&i).cloned()
     }
 
     /// Claims span `first` and the missing run after it through `last` (as [`Self::claim_run`]),
