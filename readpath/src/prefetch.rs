@@ -18,7 +18,7 @@
 //! going *down* a file (a miss just below the one before) is followed downwards: a library's
 //! static constructors and destructors run in reverse order of address, so a process loading
 //! or leaving the CUDA libraries touches their code a page at a time from the top down, and
-//! each of those misses waited a round trip on its own ([`LargeFileReader`]).
+//! each of those misses waited a round trip on its own ([`ahead`]).
 //!
 //! At the first miss in a large file that is a shared library, its dynamic-linking tables
 //! ([`crate::elf`]: relocations, symbols, their names, RELRO) are fetched whole, in parallel
@@ -27,10 +27,10 @@
 //! Newest hints first: a container moves on, and an old hint is worth less than a new one; the
 //! queue is bounded and drops the oldest.
 
-use crate::spans::{Cause, FileSpans, Hint, MissObserver, SpanCache};
+use crate::spans::{Cause, FileSpans, Hint, LargeFileReads, MissObserver, SpanCache};
 use crate::workers::Workers;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 
 /// How the prefetcher guesses.
@@ -140,7 +140,7 @@ impl MissObserver for Prefetcher {
                     }
                 } else {
                     let max = p.file_spans.min(LARGE_FILE_MAX_SPANS);
-                    jobs.extend(cache.large_file_reader().ahead(first, last, (fs, fe), hint, max));
+                    jobs.extend(ahead(cache.large_file_reads(), first, last, (fs, fe), hint, max));
                 }
             }
         }
@@ -161,39 +161,26 @@ impl MissObserver for Prefetcher {
     }
 }
 
-/// How a container reads the large files of a layer: the prefetcher's window there, where the
-/// latest hint was and whether the reader goes down the file.
-#[derive(Debug, Default)]
-pub(crate) struct LargeFileReader {
-    /// Spans fetched ahead: small after a miss, doubled after each right guess.
-    window: AtomicU32,
-    /// The first span of the latest hint, plus one (0: none yet).
-    at: AtomicU32,
-    downward: AtomicBool,
-}
-
-impl LargeFileReader {
-    /// The spans to fetch for a hint at `first..=last` in a large file of spans `file` (first,
-    /// last), with windows of at most `max` spans: after the read, or before it for a reader
-    /// going down the file. A miss elsewhere starts small again.
-    fn ahead(&self, first: u32, last: u32, file: (u32, u32), hint: Hint, max: u32) -> Option<(u32, u32)> {
-        let small = LARGE_FILE_FIRST_SPANS.min(max);
-        let window = self.window.load(Ordering::Relaxed).max(small);
-        let previous = self.at.swap(first.saturating_add(1), Ordering::Relaxed).checked_sub(1);
-        let just_below = previous.is_some_and(|p| first < p && p - first <= window + DOWNWARD_SLACK);
-        let downward = match hint {
-            Hint::Miss => just_below,
-            Hint::GuessedRight => just_below && self.downward.load(Ordering::Relaxed),
-        };
-        self.downward.store(downward, Ordering::Relaxed);
-        let next = if hint == Hint::Miss && !downward { small } else { window.saturating_mul(2).min(max) };
-        self.window.store(next, Ordering::Relaxed);
-        let (fs, fe) = file;
-        if downward {
-            (first > fs).then(|| (first.saturating_sub(next).max(fs), first - 1))
-        } else {
-            (last < fe).then(|| (last + 1, last.saturating_add(next).min(fe)))
-        }
+/// The spans to fetch for a hint at `first..=last` in a large file of spans `file` (first,
+/// last), with windows of at most `max` spans: after the read, or before it for a reader going
+/// down the file. A miss elsewhere starts small again. `reads` remembers the hint for the next.
+fn ahead(reads: &LargeFileReads, first: u32, last: u32, file: (u32, u32), hint: Hint, max: u32) -> Option<(u32, u32)> {
+    let small = LARGE_FILE_FIRST_SPANS.min(max);
+    let window = reads.window.load(Ordering::Relaxed).max(small);
+    let previous = reads.at.swap(first.saturating_add(1), Ordering::Relaxed).checked_sub(1);
+    let just_below = previous.is_some_and(|p| first < p && p - first <= window + DOWNWARD_SLACK);
+    let downward = match hint {
+        Hint::Miss => just_below,
+        Hint::GuessedRight => just_below && reads.downward.load(Ordering::Relaxed),
+    };
+    reads.downward.store(downward, Ordering::Relaxed);
+    let next = if hint == Hint::Miss && !downward { small } else { window.saturating_mul(2).min(max) };
+    reads.window.store(next, Ordering::Relaxed);
+    let (fs, fe) = file;
+    if downward {
+        (first > fs).then(|| (first.saturating_sub(next).max(fs), first - 1))
+    } else {
+        (last < fe).then(|| (last + 1, last.saturating_add(next).min(fe)))
     }
 }
 
@@ -430,19 +417,19 @@ mod tests {
 
     #[test]
     fn in_a_large_file_the_window_ramps_up_with_right_guesses_and_drops_at_a_miss() {
-        let r = LargeFileReader::default();
+        let r = LargeFileReads::default();
         let file = (0, 10_000);
-        assert_eq!(r.ahead(100, 100, file, Hint::Miss, 32), Some((101, 102)));
-        let ramp: Vec<_> = (0..5).map(|n| r.ahead(101 + n, 101 + n, file, Hint::GuessedRight, 32)).collect();
+        assert_eq!(ahead(&r, 100, 100, file, Hint::Miss, 32), Some((101, 102)));
+        let ramp: Vec<_> = (0..5).map(|n| ahead(&r, 101 + n, 101 + n, file, Hint::GuessedRight, 32)).collect();
         assert_eq!(ramp, [Some((102, 105)), Some((103, 110)), Some((104, 119)), Some((105, 136)), Some((106, 137))]);
         assert_eq!(
-            r.ahead(5000, 5000, file, Hint::Miss, 32),
+            ahead(&r, 5000, 5000, file, Hint::Miss, 32),
             Some((5001, 5002)),
             "a miss elsewhere starts small again"
         );
-        assert_eq!(r.ahead(10_000, 10_000, file, Hint::Miss, 32), None, "nothing past the file");
-        let one = LargeFileReader::default();
-        assert_eq!(one.ahead(7, 7, file, Hint::GuessedRight, 1), Some((8, 8)), "never past file_spans");
+        assert_eq!(ahead(&r, 10_000, 10_000, file, Hint::Miss, 32), None, "nothing past the file");
+        let one = LargeFileReads::default();
+        assert_eq!(ahead(&one, 7, 7, file, Hint::GuessedRight, 1), Some((8, 8)), "never past file_spans");
     }
 
     /// The hints of a library's destructors (or constructors) run from the top of its code down:
@@ -450,21 +437,21 @@ mod tests {
     /// one above, is a reader going up again.
     #[test]
     fn a_reader_going_down_a_large_file_is_followed_downwards() {
-        let r = LargeFileReader::default();
+        let r = LargeFileReads::default();
         let file = (1000, 2000);
-        assert_eq!(r.ahead(1553, 1553, file, Hint::Miss, 8), Some((1554, 1555)), "one miss says nothing yet");
-        assert_eq!(r.ahead(1552, 1552, file, Hint::Miss, 8), Some((1548, 1551)), "a miss just below turns it down");
-        assert_eq!(r.ahead(1551, 1551, file, Hint::GuessedRight, 8), Some((1543, 1550)));
+        assert_eq!(ahead(&r, 1553, 1553, file, Hint::Miss, 8), Some((1554, 1555)), "one miss says nothing yet");
+        assert_eq!(ahead(&r, 1552, 1552, file, Hint::Miss, 8), Some((1548, 1551)), "a miss just below turns it down");
+        assert_eq!(ahead(&r, 1551, 1551, file, Hint::GuessedRight, 8), Some((1543, 1550)));
         assert_eq!(
-            r.ahead(1549, 1549, file, Hint::GuessedRight, 8),
+            ahead(&r, 1549, 1549, file, Hint::GuessedRight, 8),
             Some((1541, 1548)),
             "a page skipped is still going down"
         );
-        assert_eq!(r.ahead(1003, 1003, file, Hint::GuessedRight, 8), Some((1004, 1011)), "a jump is not a step down");
-        assert_eq!(r.ahead(1002, 1002, file, Hint::Miss, 8), Some((1000, 1001)), "never below the file's first span");
-        assert_eq!(r.ahead(1000, 1000, file, Hint::Miss, 8), None);
-        assert_eq!(r.ahead(1500, 1500, file, Hint::Miss, 8), Some((1501, 1502)), "a miss above goes up, small again");
-        assert_eq!(r.ahead(1480, 1480, file, Hint::Miss, 8), Some((1481, 1482)), "far below is not a step down");
+        assert_eq!(ahead(&r, 1003, 1003, file, Hint::GuessedRight, 8), Some((1004, 1011)), "a jump is not a step down");
+        assert_eq!(ahead(&r, 1002, 1002, file, Hint::Miss, 8), Some((1000, 1001)), "never below the file's first span");
+        assert_eq!(ahead(&r, 1000, 1000, file, Hint::Miss, 8), None);
+        assert_eq!(ahead(&r, 1500, 1500, file, Hint::Miss, 8), Some((1501, 1502)), "a miss above goes up, small again");
+        assert_eq!(ahead(&r, 1480, 1480, file, Hint::Miss, 8), Some((1481, 1482)), "far below is not a step down");
     }
 
     /// A container reading a large file from its end to its start, span by span: the reader

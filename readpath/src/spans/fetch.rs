@@ -385,8 +385,8 @@ mod tests {
         let (small, windows) = full.split_windows().expect("split").expect("a gzip layer has windows");
         let index = Arc::new(clip_index::Index::open(small).expect("open"));
         assert!(index.has_external_windows());
-        let blob = Arc::new(SlowBlob { bytes: out.stdout, requests: Default::default(), delay });
-        let windows = Arc::new(SlowBlob { bytes: windows, requests: Default::default(), delay });
+        let blob = Arc::new(SlowBlob { bytes: out.stdout, requests: std::sync::atomic::AtomicU32::default(), delay });
+        let windows = Arc::new(SlowBlob { bytes: windows, requests: std::sync::atomic::AtomicU32::default(), delay });
         Some((index, plain.bytes.clone(), blob, windows))
     }
 

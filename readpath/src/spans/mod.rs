@@ -16,6 +16,7 @@ use crate::demand::Demand;
 use crate::metrics::LayerMetrics;
 use clip_index::{Index, IndexError, RangeFetcher, SpanInfo};
 use parking_lot::Mutex;
+pub(crate) use states::LargeFileReads;
 use states::{Claimed, InFlight, SpanBits};
 use std::collections::HashSet;
 use std::fs;
@@ -142,7 +143,7 @@ struct Guesses {
     /// Whether a profile replay was ever asked of this layer (its misses count).
     replaying: AtomicBool,
     /// How reads move through the layer's large files: the prefetcher's window there.
-    large_file: crate::prefetch::LargeFileReader,
+    large_file: LargeFileReads,
     /// Large files whose first miss the prefetcher saw, by their data's offset (bounded).
     files_missed: Mutex<HashSet<u64>>,
 }
@@ -294,7 +295,7 @@ impl SpanCache {
     }
 
     /// How reads move through this layer's large files (see [`crate::prefetch`]).
-    pub(crate) fn large_file_reader(&self) -> &crate::prefetch::LargeFileReader {
+    pub(crate) fn large_file_reads(&self) -> &LargeFileReads {
         &self.guesses.large_file
     }
 

@@ -6,7 +6,7 @@
 use parking_lot::{Condvar, Mutex};
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 /// A bitmap of spans, set and read without a lock.
 #[derive(Debug)]
@@ -40,6 +40,18 @@ impl SpanBits {
     pub(crate) fn count(&self) -> u32 {
         self.words.iter().map(|w| w.load(Ordering::Relaxed).count_ones()).sum()
     }
+}
+
+/// Where reads in a layer's large files were and which way they went: the prefetcher's memory
+/// between two hints (what it makes of them is [`crate::prefetch`]'s).
+#[derive(Debug, Default)]
+pub struct LargeFileReads {
+    /// Spans fetched ahead: small after a miss, doubled after each right guess.
+    pub(crate) window: AtomicU32,
+    /// The first span of the latest hint, plus one (0: none yet).
+    pub(crate) at: AtomicU32,
+    /// The reader goes down the file.
+    pub(crate) downward: AtomicBool,
 }
 
 /// The end of one span's fetch, which its waiters sleep on.
