@@ -113,6 +113,9 @@ struct Sample {
     mode: String,
     rep: usize,
     seconds: f64,
+    /// Seconds to the workload's first output (the torch workloads print when done; see
+    /// [`workload`]).
+    output: Option<f64>,
     bytes: u64,
     requests: usize,
     /// clip modes: compressed bytes the snapshotter fetched by cause (foreground, prefetch,
@@ -185,8 +188,9 @@ fn workload(image: &str, name: &str) -> Option<Vec<&'static str>> {
         ("busybox", "print") => Some(vec!["echo", "1"]),
         ("python" | "scipy" | "torch", "print") => Some(vec!["python3", "-c", "print(1)"]),
         ("python" | "scipy", "numpy") => Some(vec!["python3", "-c", "import numpy; print(1)"]),
-        ("torch", "torch") => Some(vec!["python3", "-c", "import torch; print(torch.__version__)"]),
-        ("torch", "infer") => Some(vec!["python3", "/app/infer.py"]),
+        // Unbuffered: the print is the moment the import (the inference) is done, before the exit.
+        ("torch", "torch") => Some(vec!["python3", "-u", "-c", "import torch; print(torch.__version__)"]),
+        ("torch", "infer") => Some(vec!["python3", "-u", "/app/infer.py"]),
         (_, "fullread") => Some(vec!["sh", "-c", "find / -xdev -type f -print0 | xargs -0 cat > /dev/null"]),
         (_, "walk") => Some(vec!["sh", "-c", "find / -xdev -exec stat {} + > /dev/null"]),
         _ => None,
@@ -232,11 +236,41 @@ impl Bench {
     }
 
     fn ctr_run(&self, snapshotter: &str, reference: &str, cmd: &[&str]) -> Result<()> {
+        self.ctr_run_timed(snapshotter, reference, cmd, Instant::now()).map(|_| ())
+    }
+
+    /// [`Self::ctr_run`], returning when the container's first output came, in seconds after
+    /// `since` (`None`: it printed nothing). A workload that prints once its work is done (and
+    /// unbuffered) is ready then; what follows is its exit.
+    fn ctr_run_timed(&self, snapshotter: &str, reference: &str, cmd: &[&str], since: Instant) -> Result<Option<f64>> {
+        use std::io::Read;
         let id = format!("bench-{}", std::process::id());
         let mut c = self.ctrd.ctr(NS);
         c.args(["run", "--rm", "--snapshotter", snapshotter, reference, &id]).args(cmd);
-        run(&mut c)?;
-        Ok(())
+        c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+        let mut child = c.spawn().context("cannot start ctr")?;
+        let mut stderr = child.stderr.take().context("stderr")?;
+        let errors = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = stderr.read_to_string(&mut text);
+            text
+        });
+        let mut stdout = child.stdout.take().context("stdout")?;
+        let (mut first, mut out, mut buf) = (None, Vec::new(), [0u8; 4096]);
+        loop {
+            let n = stdout.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            first.get_or_insert_with(|| since.elapsed().as_secs_f64());
+            out.extend_from_slice(&buf[..n]);
+        }
+        let status = child.wait()?;
+        let errors = errors.join().unwrap_or_default();
+        if !status.success() {
+            bail!("ctr run {reference} {cmd:?} failed ({status}):\nstdout: {}\nstderr: {}", String::from_utf8_lossy(&out).trim(), errors.trim());
+        }
+        Ok(first)
     }
 
     fn pull(&self, mode: &str, reference: &str) -> Result<()> {
@@ -339,7 +373,9 @@ impl Bench {
         }
     }
 
-    fn measure(&mut self, site: &Site, mode: &str, image: &str, cmd: &[&str]) -> Result<(f64, u64, usize)> {
+    /// Seconds to the workload's exit, bytes and requests served, and seconds to its first
+    /// output (not through CRI).
+    fn measure(&mut self, site: &Site, mode: &str, image: &str, cmd: &[&str]) -> Result<(f64, u64, usize, Option<f64>)> {
         let chunk = (mode == "overlayfs-parallel").then_some(LAYER_FETCH_CHUNK);
         self.ctrd.reconfigure(|o| o.layer_fetch_chunk = chunk)?;
         self.cold()?;
@@ -355,6 +391,7 @@ impl Bench {
         };
         let (b0, r0) = site.served();
         let t = Instant::now();
+        let mut output = None;
         match mode {
             "clip-cri" => self.cri_run(&reference, cmd)?,
             m => {
@@ -371,12 +408,12 @@ impl Bench {
                     "soci" | "soci-tuned" => "soci",
                     _ => "overlayfs",
                 };
-                self.ctr_run(snapshotter, &reference, cmd)?;
+                output = self.ctr_run_timed(snapshotter, &reference, cmd, t)?;
             }
         }
         let seconds = t.elapsed().as_secs_f64();
         let (b1, r1) = site.served();
-        Ok((seconds, b1 - b0, r1 - r0))
+        Ok((seconds, b1 - b0, r1 - r0, output))
     }
 
     /// Warm: the image fully local (read once), then the workload timed on a second container.
@@ -625,7 +662,7 @@ fn main() -> Result<()> {
                     if mode == "clip-profile" {
                         // The first node: a start without a profile records one and publishes it.
                         site.unlist_profiles(&bench.rt, image)?;
-                        let (s, b, r) = bench.measure(site, "clip", image, &cmd)?;
+                        let (s, b, r, _) = bench.measure(site, "clip", image, &cmd)?;
                         site.wait_for_profile(&bench.rt, image)?;
                         eprintln!(
                             "{link:8} {image:7} {name:8} first node records the profile: {s:6.2} s {:7.1} MB {r:4} requests",
@@ -636,14 +673,15 @@ fn main() -> Result<()> {
                         if mode == "clip" || mode == "clip-cri" {
                             site.unlist_profiles(&bench.rt, image)?;
                         }
-                        let (seconds, bytes, requests) = bench
+                        let (seconds, bytes, requests, output) = bench
                             .measure(site, mode, image, &cmd)
                             .with_context(|| format!("{link} {image} {name} {mode} #{rep}"))?;
                         let causes = if mode.starts_with("clip") { bench.causes() } else { [0; 4] };
                         let usage = Usage::of(&bench.daemon_pids(mode));
                         let mb = |b: u64| b as f64 / 1e6;
                         eprintln!(
-                            "{link:8} {image:7} {name:8} {mode:12} #{rep}: {seconds:6.2} s {:7.1} MB {requests:4} requests (by cause MB: fg {:.1} pf {:.1} profile {:.1} stream {:.1}); daemon peak RSS {:.0} MB, CPU {:.2} s",
+                            "{link:8} {image:7} {name:8} {mode:12} #{rep}: {seconds:6.2} s (output after {}) {:7.1} MB {requests:4} requests (by cause MB: fg {:.1} pf {:.1} profile {:.1} stream {:.1}); daemon peak RSS {:.0} MB, CPU {:.2} s",
+                            output.map_or("-".into(), |o| format!("{o:.2} s")),
                             mb(bytes),
                             mb(causes[0]),
                             mb(causes[1]),
@@ -659,6 +697,7 @@ fn main() -> Result<()> {
                             mode: mode.clone(),
                             rep,
                             seconds,
+                            output,
                             bytes,
                             requests,
                             causes,
@@ -723,13 +762,13 @@ fn write_results(
     sizes: &BTreeMap<String, u64>,
 ) -> Result<()> {
     let mut csv = String::from(
-        "link,image,workload,mode,rep,seconds,bytes,requests,foreground_bytes,prefetch_bytes,profile_bytes,stream_bytes,daemon_peak_rss_bytes,daemon_cpu_seconds\n",
+        "link,image,workload,mode,rep,seconds,bytes,requests,foreground_bytes,prefetch_bytes,profile_bytes,stream_bytes,daemon_peak_rss_bytes,daemon_cpu_seconds,output_seconds\n",
     );
     for s in samples {
         let [fg, pf, pr, st] = s.causes;
         let _ = writeln!(
             csv,
-            "{},{},{},{},{},{:.3},{},{},{fg},{pf},{pr},{st},{},{:.3}",
+            "{},{},{},{},{},{:.3},{},{},{fg},{pf},{pr},{st},{},{:.3},{}",
             s.link,
             s.image,
             s.workload,
@@ -739,7 +778,8 @@ fn write_results(
             s.bytes,
             s.requests,
             s.usage.peak_rss_bytes,
-            s.usage.cpu_seconds
+            s.usage.cpu_seconds,
+            s.output.map_or(String::new(), |o| format!("{o:.3}"))
         );
     }
     std::fs::write(opts.out.join("cold-start.csv"), &csv)?;
@@ -757,7 +797,9 @@ fn write_results(
         "Produced by `cargo run --release -p clip-bench --bin cold-start -- {}` on a 2-core VM (Debian 12, kernel 6.18), \
          containerd {}. \
          Every run is cold (namespaces purged, snapshotter state wiped, page cache dropped, daemons restarted); time is from \
-         the pull to the workload's exit; bytes and requests are what the registry served by then. `slow` is 100 Mbit/s with \
+         the pull to the workload's exit (*output after*: to its first output; the torch workloads print, unbuffered, when \
+         the import or the inference is done, so what follows is the process's exit); bytes and requests are what the \
+         registry served by then. `slow` is 100 Mbit/s with \
          a 20 ms round trip. Image sizes (compressed): {}.\n",
         command.join(" "),
         match opts.flavor {
@@ -768,9 +810,9 @@ fn write_results(
     );
     let _ = writeln!(
         md,
-        "| link | image | workload | mode | median s | spread s (max-min) | MB served | requests | vs overlayfs | daemon peak RSS MB | daemon CPU s | clip MB by cause: container / prefetch / profile / stream |"
+        "| link | image | workload | mode | median s | spread s (max-min) | output after s (median) | MB served | requests | vs overlayfs | daemon peak RSS MB | daemon CPU s | clip MB by cause: container / prefetch / profile / stream |"
     );
-    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut medians: BTreeMap<(String, String, String, String), f64> = BTreeMap::new();
     for (k, v) in &groups {
         let t: Vec<f64> = v.iter().map(|s| s.seconds).collect();
@@ -797,9 +839,11 @@ fn write_results(
         };
         let rss: Vec<f64> = v.iter().map(|s| s.usage.peak_rss_bytes as f64 / 1e6).collect();
         let cpu: Vec<f64> = v.iter().map(|s| s.usage.cpu_seconds).collect();
+        let outputs: Vec<f64> = v.iter().filter_map(|s| s.output).collect();
+        let output = if outputs.len() == v.len() { format!("{:.2}", median(&outputs)) } else { "-".into() };
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {m:.2} | {spread:.2} | {:.1} | {:.0} | {ratio} | {:.0} | {:.2} | {causes} |",
+            "| {} | {} | {} | {} | {m:.2} | {spread:.2} | {output} | {:.1} | {:.0} | {ratio} | {:.0} | {:.2} | {causes} |",
             k.0,
             k.1,
             k.2,
