@@ -268,7 +268,11 @@ impl Bench {
         let status = child.wait()?;
         let errors = errors.join().unwrap_or_default();
         if !status.success() {
-            bail!("ctr run {reference} {cmd:?} failed ({status}):\nstdout: {}\nstderr: {}", String::from_utf8_lossy(&out).trim(), errors.trim());
+            bail!(
+                "ctr run {reference} {cmd:?} failed ({status}):\nstdout: {}\nstderr: {}",
+                String::from_utf8_lossy(&out).trim(),
+                errors.trim()
+            );
         }
         Ok(first)
     }
@@ -375,7 +379,13 @@ impl Bench {
 
     /// Seconds to the workload's exit, bytes and requests served, and seconds to its first
     /// output (not through CRI).
-    fn measure(&mut self, site: &Site, mode: &str, image: &str, cmd: &[&str]) -> Result<(f64, u64, usize, Option<f64>)> {
+    fn measure(
+        &mut self,
+        site: &Site,
+        mode: &str,
+        image: &str,
+        cmd: &[&str],
+    ) -> Result<(f64, u64, usize, Option<f64>)> {
         let chunk = (mode == "overlayfs-parallel").then_some(LAYER_FETCH_CHUNK);
         self.ctrd.reconfigure(|o| o.layer_fetch_chunk = chunk)?;
         self.cold()?;
