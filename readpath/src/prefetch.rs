@@ -15,10 +15,10 @@
 //! stream, which follows it: [`crate::complete`]). A reader going through the file gets the
 //! wide window within a few reads; a loader touching scattered pages of a memory-mapped library
 //! — a few percent of a 1 GB libtorch — is not sent 8 MiB after each page it touches. A reader
-//! going *down* a file (a miss just below the one before) is followed downwards: a library's
-//! static constructors and destructors run in reverse order of address, so a process loading
-//! or leaving the CUDA libraries touches their code a page at a time from the top down, and
-//! each of those misses waited a round trip on its own ([`ahead`]).
+//! going *down* a file (a miss just below the one before) is followed downwards: at a Python
+//! process's exit the CUDA libraries' destructors touch their code a page at a time from the
+//! top down (measured on `import torch`), and each of those misses waited a round trip on its
+//! own ([`ahead`]).
 //!
 //! At the first miss in a large file that is a shared library, its dynamic-linking tables
 //! ([`crate::elf`]: relocations, symbols, their names, RELRO) are fetched whole, in parallel
@@ -432,7 +432,7 @@ mod tests {
         assert_eq!(ahead(&one, 7, 7, file, Hint::GuessedRight, 1), Some((8, 8)), "never past file_spans");
     }
 
-    /// The hints of a library's destructors (or constructors) run from the top of its code down:
+    /// The hints of a library's destructors at exit run from the top of its code down:
     /// misses just below each other. The window turns downwards and ramps up; a miss far away, or
     /// one above, is a reader going up again.
     #[test]

@@ -95,8 +95,8 @@ impl SpanCache {
         let neighbour = (external && history.is_none() && cause != Cause::Foreground)
             .then(|| s.index.checked_sub(1).and_then(|p| self.inflight.fetch_of(p)))
             .flatten();
-        let (after_neighbour, need_window) =
-            (neighbour.is_some(), external && history.is_none() && neighbour.is_none());
+        let after_neighbour = neighbour.is_some();
+        let need_window = external && history.is_none() && !after_neighbour;
         let (compressed, window) = if need_window {
             std::thread::scope(|scope| {
                 let window = scope.spawn(|| self.fetch_window(s, cause));
