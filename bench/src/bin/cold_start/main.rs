@@ -8,12 +8,13 @@
 //! eStargz images when `containerd-stargz-grpc` is installed; images without an index (on request:
 //! `clip-noindex` through `clip-snapshotter pull`, `clip-noindex-ctr` through `ctr images pull
 //! --snapshotter clip`) and containerd's parallel layer fetch (`overlayfs-parallel`); on loopback and on a 100 Mbit/s,
-//! 20 ms link (a network namespace with `tc tbf` plus a delaying proxy). Every run starts cold:
+//! 20 ms link (`slow`: a network namespace with `tc tbf` plus a delaying proxy; `proxy`: the same
+//! link emulated by a userspace proxy alone, on loopback). Every run starts cold:
 //! all namespaces purged, the snapshotter's state wiped, page cache dropped, daemons restarted.
 //! Also: warm read throughput, a metadata walk, and the snapshotter's memory.
 //!
 //! Run (release build, root): `cargo run --release -p clip-bench --bin cold-start -- [--reps N]
-//! [--links loopback,slow] [--images busybox,python,scipy,torch] [--workloads print,numpy,torch,infer,fullread]
+//! [--links loopback,slow,proxy] [--images busybox,python,scipy,torch] [--workloads print,numpy,torch,infer,fullread]
 //! [--modes overlayfs,clip,clip-profile,clip-cri,overlayfs-parallel,clip-noindex,clip-noindex-ctr]
 //! [--containerd 2|1.6] [--skip warm,memory,stargz,soci] [--settle-s N] [--out docs/benchmarks]`. containerd 2.x
 //! by default (SOCI runs only there). Writes `cold-start.csv`, `cold-start.md` and, with
@@ -24,7 +25,7 @@ use clip_bench::{median, spread};
 use clip_integration::containerd::{Containerd, ContainerdOptions, Flavor};
 use clip_integration::cri::CriClient;
 use clip_integration::images::{TestImage, layout_layers};
-use clip_integration::netns::SlowLink;
+use clip_integration::netns::{DelayProxy, SlowLink};
 use clip_integration::registry::Registry;
 use clip_integration::snapshotter::{ClipSnapshotter, workspace_binary};
 use clip_integration::{TestDir, run};
@@ -132,7 +133,7 @@ struct Site {
     registry: Registry,
     /// `host:port` clients use.
     host: String,
-    _proxy: Option<clip_integration::delay_proxy::DelayProxy>,
+    _proxy: Option<DelayProxy>,
 }
 
 impl Site {
@@ -486,6 +487,14 @@ fn main() -> Result<()> {
                 _link = Some(l);
                 Site { registry, host, _proxy: Some(proxy) }
             }
+            "proxy" => {
+                // The same link emulated in user space only: a registry on loopback behind a
+                // proxy that is the 100 Mbit/s wire and adds 10 ms each way (no tc, no namespace).
+                let registry = Registry::start_plain(&td, "proxy")?;
+                let proxy = DelayProxy::shaped(registry.host().parse()?, Duration::from_millis(10), 100)?;
+                let host = proxy.addr().to_string();
+                Site { registry, host, _proxy: Some(proxy) }
+            }
             other => bail!("unknown link {other}"),
         };
         site.registry.push_layout(&busybox, "pause", "bench/pause", "latest")?;
@@ -810,7 +819,9 @@ fn write_results(
          the pull to the workload's exit (*output after*: to its first output; the torch workloads print, unbuffered, when \
          the import or the inference is done, so what follows is the process's exit); bytes and requests are what the \
          registry served by then. `slow` is 100 Mbit/s with \
-         a 20 ms round trip. Image sizes (compressed): {}.\n",
+         a 20 ms round trip (`tc tbf` on a veth pair to a network namespace, plus a delaying proxy); `proxy` is the \
+         same link emulated in user space alone (a loopback proxy that is the 100 Mbit/s wire, shared by every \
+         connection, and adds 10 ms each way). Image sizes (compressed): {}.\n",
         command.join(" "),
         match opts.flavor {
             Flavor::V2 => clip_integration::gotools::containerd2_version(),
