@@ -187,6 +187,17 @@ fn a_packed_stored_index_is_read_and_unpacked() {
 }
 
 #[test]
+fn a_large_index_packed_by_several_workers_in_small_jobs_unpacks_to_the_same_bytes() {
+    // 120,000 entries: about 10 MiB, over the size from which zstd's workers pack it in jobs.
+    let built = index_of(&many_files(120, 1000));
+    assert!(built.bytes().len() > 8 << 20, "{}", built.bytes().len());
+    let packed = built.pack().expect("pack");
+    assert!(packed.len() < built.bytes().len() / 4, "{} of {}", packed.len(), built.bytes().len());
+    let unpacked = Index::open_any(packed).expect("open_any");
+    assert_eq!(unpacked.bytes(), built.bytes());
+}
+
+#[test]
 fn hostile_stored_files_are_refused_without_reading_them_whole() {
     let built = index_of(&many_files(2, 10));
     let dir = tempfile::tempdir().expect("tempdir");

@@ -37,6 +37,9 @@ pub const MIN_UNPACKED_ALLOWANCE: usize = 64 << 20;
 /// python image and a 100,000-file layer: level 9 packs within 2% of level 19's size (smaller,
 /// on the many-files index) at 1/20 to 1/75 of its time, which at 19 was most of indexing.
 pub const ZSTD_LEVEL: i32 = 9;
+/// Bytes each zstd worker packs at a time when a large index is packed on several threads
+/// ([`super::Index::pack`]).
+pub const PACK_JOB_LEN: u32 = 4 << 20;
 
 /// Compression of the layer blob.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -14,7 +14,8 @@
 //!   peak RSS after the walks.
 //!
 //! Run (release build, root): `cargo run --release -p clip-bench --bin scale -- [--trees
-//! 100000,1000000,node_modules] [--reps 3] [--out docs/benchmarks]`. Writes `scale.md` and `scale.csv`.
+//! 100000,1000000,node_modules] [--reps 3] [--index-only] [--out docs/benchmarks]`. Writes `scale.md` and
+//! `scale.csv`. `--index-only` measures the indexing and stops (no snapshotter, no containerd).
 
 use anyhow::{Context, Result, bail};
 use clip_bench::{median, spread};
@@ -38,6 +39,8 @@ const NS: &str = "scale";
 struct Opts {
     trees: Vec<Tree>,
     reps: usize,
+    /// `--index-only`: no serving section.
+    index_only: bool,
     out: PathBuf,
 }
 
@@ -45,6 +48,7 @@ fn parse_opts() -> Result<Opts> {
     let mut o = Opts {
         trees: vec![Tree::Generated(100_000), Tree::Generated(1_000_000)],
         reps: 3,
+        index_only: false,
         out: Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks"),
     };
     let mut args = std::env::args().skip(1);
@@ -59,6 +63,7 @@ fn parse_opts() -> Result<Opts> {
                     .collect::<Result<_>>()?;
             }
             "--reps" => o.reps = args.next().context("--reps N")?.parse()?,
+            "--index-only" => o.index_only = true,
             "--out" => o.out = PathBuf::from(args.next().context("--out DIR")?),
             other => bail!("unknown argument {other}"),
         }
@@ -371,6 +376,9 @@ fn main() -> Result<()> {
         walls.push((name, wall, peak));
         indexed.extend(layers);
     }
+    if opts.index_only {
+        return write_results(&opts, &indexed, &walls, &[]);
+    }
 
     // Serving.
     let hosts = td.sub("certs.d")?;
@@ -474,6 +482,9 @@ fn write_results(opts: &Opts, indexed: &[Indexed], walls: &[(String, Vec<f64>, u
             let _ = writeln!(csv, "index,{},{},pigz_seconds,{i},{v:.3}", l.image, l.layer);
         }
     }
+    if served.is_empty() {
+        return write_files(opts, &md, &csv);
+    }
     let _ = writeln!(md, "\n## Serving\n");
     let _ = writeln!(
         md,
@@ -551,8 +562,12 @@ fn write_results(opts: &Opts, indexed: &[Indexed], walls: &[(String, Vec<f64>, u
             let _ = writeln!(csv, "serve,{},,fuse_{op},0,{n}", s.repo);
         }
     }
-    std::fs::write(opts.out.join("scale.md"), &md)?;
-    std::fs::write(opts.out.join("scale.csv"), &csv)?;
+    write_files(opts, &md, &csv)
+}
+
+fn write_files(opts: &Opts, md: &str, csv: &str) -> Result<()> {
+    std::fs::write(opts.out.join("scale.md"), md)?;
+    std::fs::write(opts.out.join("scale.csv"), csv)?;
     eprintln!("{md}");
     Ok(())
 }
