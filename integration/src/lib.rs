@@ -69,10 +69,39 @@ pub fn run_stdout(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&run(cmd)?.stdout).into_owned())
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; the window for a race is tiny).
+/// A TCP port on 127.0.0.1 that nothing holds now and that the kernel will not hand out on its own.
+///
+/// A port the kernel chose for `bind(0)` lies in its ephemeral range, where every outgoing
+/// connection (etcd's, a registry client's, another test's) also takes its local port: between
+/// this call and the daemon's own `bind`, often seconds later, one of them can take it (CI saw
+/// kube-apiserver fail with "address already in use" that way). So ports come from below the
+/// ephemeral range, in an order that differs per process and never repeats within one, and each
+/// is checked free by binding it.
 pub fn free_port() -> Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let (low, high) = private_port_range();
+    let span = u32::from(high - low);
+    let start = std::process::id().wrapping_mul(7919) % span;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = low + ((start + n) % span) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free port in {low}..{high}")
+}
+
+/// The ports tests hand out: up to 12,000 just below the kernel's ephemeral range (ports above
+/// 10,000 only, out of the way of well-known services).
+fn private_port_range() -> (u16, u16) {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let high = ephemeral_low.max(11_000);
+    (high.saturating_sub(12_000).max(10_000), high)
 }
 
 /// Waits until `check` returns true, polling every 50 ms, for at most `timeout`.
@@ -107,4 +136,21 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_distinct_bindable_and_outside_the_kernels_ephemeral_range() {
+        let (_, high) = private_port_range();
+        let ports: Vec<u16> = (0..50).map(|_| free_port().expect("a free port")).collect();
+        let distinct: std::collections::HashSet<_> = ports.iter().collect();
+        assert_eq!(distinct.len(), ports.len(), "a port was handed out twice: {ports:?}");
+        for &port in &ports {
+            assert!(port < high, "{port} is in the ephemeral range (from {high})");
+            std::net::TcpListener::bind(("127.0.0.1", port)).expect("a handed-out port is free");
+        }
+    }
 }
