@@ -311,3 +311,46 @@ fn a_zstd_bomb_posing_as_a_packed_index_is_refused_after_its_allowance() {
     let packed = idx.pack().expect("pack");
     assert_eq!(Index::open_any(packed).expect("packed").bytes(), idx.bytes());
 }
+
+/// A layer of several MiB uncompressed (several of the indexer's chunks), with bytes after the
+/// end-of-archive marker, and its diff ID.
+fn multi_chunk_layer() -> (Vec<u8>, String) {
+    let big: Vec<u8> = (0..5_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let mut t = tar_of(&[("a", &big[..3_000_000]), ("d/b", b"x"), ("c", &big[1_000_000..])]);
+    t.extend_from_slice(&[0u8; 10_000]);
+    let diff_id = format!("sha256:{}", hex::encode(Sha256::digest(&t)));
+    (t, diff_id)
+}
+
+#[test]
+fn the_diff_id_covers_every_uncompressed_byte_and_a_wrong_one_is_refused() {
+    let (t, diff_id) = multi_chunk_layer();
+    let g = gzip(&t);
+    let with = |expected: &str| BuildOptions {
+        span_size: 1 << 20,
+        expected_diff_id: Some(expected.to_string()),
+        ..BuildOptions::default()
+    };
+    let checked = build_index(&g[..], &with(&diff_id)).expect("the right diff ID");
+    let unchecked =
+        build_index(&g[..], &BuildOptions { span_size: 1 << 20, ..BuildOptions::default() }).expect("no diff ID");
+    assert_eq!(checked.bytes(), unchecked.bytes(), "checking the diff ID changes nothing in the index");
+    let wrong = format!("sha256:{}", "0".repeat(64));
+    match build_index(&g[..], &with(&wrong)) {
+        Err(IndexError::DiffId { expected, actual }) => assert_eq!((expected, actual), (wrong, diff_id)),
+        other => panic!("a wrong diff ID gave {other:?}"),
+    }
+}
+
+#[test]
+fn a_tar_error_early_in_a_long_stream_is_reported_as_such_without_hanging_the_pipeline() {
+    let (mut t, diff_id) = multi_chunk_layer();
+    // The second header (after "a" and its data) made invalid: its checksum no longer matches.
+    let second = 512 + 3_000_000usize.div_ceil(512) * 512;
+    t[second + 148..second + 156].copy_from_slice(b"0000000\0");
+    let opts = BuildOptions { span_size: 1 << 20, expected_diff_id: Some(diff_id), ..BuildOptions::default() };
+    for blob in [gzip(&t), t.clone()] {
+        let err = build_index(&blob[..], &opts).expect_err("a corrupt header");
+        assert!(matches!(err, IndexError::Tar(_)), "{err}");
+    }
+}

@@ -1,16 +1,20 @@
 //! The one-pass indexer: reads a layer blob once, as a stream, and produces its index.
 //!
 //! [`stream::LayerStream`] inflates (gzip via zlib with `Z_BLOCK`, zstd frame by frame, or plain),
-//! hashes the blob and every span, and records seek points as it goes; the `tar` crate parses the
-//! inflated stream it yields; [`tree`] turns the entries into the index's sorted tree.
+//! hashes the blob and every span, and records seek points as it goes, on a thread of its own
+//! ([`pipe`]); the `tar` crate parses the inflated stream it yields; [`tree`] turns the entries
+//! into the index's sorted tree.
 
 mod guard;
+mod header;
+mod pipe;
 mod stream;
 mod tree;
 
 pub use guard::{MAX_META, MetaGuard};
+pub use header::{MAX_PATH, TarFields, normalize, split_last, tar_fields};
 pub use stream::{LayerStream, sniff};
-pub use tree::{MAX_ENTRIES, MAX_PATH, TarFields, normalize, split_last, tar_fields};
+pub use tree::MAX_ENTRIES;
 
 /// How a layer's tar stream marks deletions (the image spec's whiteouts), and the overlayfs
 /// attribute an opaque directory becomes: for every part that presents or unpacks a layer.
@@ -54,7 +58,7 @@ impl Default for BuildOptions {
 }
 
 /// Reads `blob` once and builds its index.
-pub fn build_index(blob: impl Read, opts: &BuildOptions) -> Result<Index, IndexError> {
+pub fn build_index(blob: impl Read + Send, opts: &BuildOptions) -> Result<Index, IndexError> {
     let data = build_index_data(blob, opts)?;
     let index = Index::open(data.encode()?)?;
     // Seek points further apart than a reader may decode at once (a zstd blob of one large
@@ -65,32 +69,25 @@ pub fn build_index(blob: impl Read, opts: &BuildOptions) -> Result<Index, IndexE
     Ok(index)
 }
 
-/// Reads `blob` once and returns the index before encoding.
-pub fn build_index_data(blob: impl Read, opts: &BuildOptions) -> Result<IndexData, IndexError> {
+/// Reads `blob` once and returns the index before encoding: the blob is inflated on a thread of
+/// its own ([`pipe`]) while this one parses the tar stream and builds the tree.
+pub fn build_index_data(blob: impl Read + Send, opts: &BuildOptions) -> Result<IndexData, IndexError> {
     if opts.span_size < MIN_SPAN_SIZE {
         return Err(IndexError::Invalid(format!("span size {} is below the minimum {MIN_SPAN_SIZE}", opts.span_size)));
     }
-    let mut stream = stream::LayerStream::new(blob, opts.span_size)?;
+    let stream = stream::LayerStream::new(blob, opts.span_size)?;
     let compression = stream.compression();
-    let mut tree = tree::TreeBuilder::default();
-    // The uncompressed stream is hashed only when there is a diff ID to check it against.
-    let mut tar_stream = DiffIdReader::new(&mut stream, opts.expected_diff_id.is_some());
-    {
-        let mut archive = tar::Archive::new(&mut tar_stream);
-        let entries = archive.entries_with_seek().map_err(|e| tar_err(&e))?;
-        for entry in entries {
-            let entry = entry.map_err(|e| tar_err(&e))?;
-            tree.add(entry)?;
-        }
-    }
-    // Whatever follows the end-of-archive marker is still part of the blob: hash and inflate it.
-    std::io::copy(&mut tar_stream, &mut std::io::sink()).map_err(|e| tar_err(&e))?;
-    if let (Some(expected), Some(actual)) = (&opts.expected_diff_id, tar_stream.diff_id())
+    let (tree, (diff_id, done)) = std::thread::scope(|scope| -> Result<_, IndexError> {
+        let (inflating, chunks) = pipe::Inflating::spawn(scope, stream, opts.expected_diff_id.is_some());
+        let tree = read_tree(chunks)?;
+        Ok((tree, inflating.finish()?))
+    })?;
+    if let (Some(expected), Some(actual)) = (&opts.expected_diff_id, diff_id)
         && !expected.eq_ignore_ascii_case(&actual)
     {
         return Err(IndexError::DiffId { expected: expected.clone(), actual });
     }
-    let done = stream.finish()?;
+    let done = done?;
     let layer_digest: [u8; 32] = done.blob_digest;
     let actual = format!("sha256:{}", hex::encode(layer_digest));
     if let Some(expected) = &opts.expected_digest
@@ -109,6 +106,23 @@ pub fn build_index_data(blob: impl Read, opts: &BuildOptions) -> Result<IndexDat
         entries,
         checkpoints: done.checkpoints,
     })
+}
+
+/// Parses a layer's whole uncompressed stream into its tree.
+fn read_tree(uncompressed: impl Read) -> Result<tree::TreeBuilder, IndexError> {
+    let mut tree = tree::TreeBuilder::default();
+    let mut tar_stream = DiffIdReader::new(uncompressed, false);
+    {
+        let mut archive = tar::Archive::new(&mut tar_stream);
+        let entries = archive.entries_with_seek().map_err(|e| tar_err(&e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| tar_err(&e))?;
+            tree.add(entry)?;
+        }
+    }
+    // Whatever follows the end-of-archive marker is still part of the blob: hash and inflate it.
+    std::io::copy(&mut tar_stream, &mut std::io::sink()).map_err(|e| tar_err(&e))?;
+    Ok(tree)
 }
 
 /// The uncompressed tar stream of a layer as the tar crate should read it: its metadata entries

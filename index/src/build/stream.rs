@@ -9,6 +9,8 @@ use std::io::{self, Read};
 
 const IN_BUF: usize = 256 * 1024;
 const OUT_BUF: usize = 256 * 1024;
+/// Reads of at least this many bytes are inflated straight into the reader's buffer.
+const DIRECT_READ_LEN: usize = 16 * 1024;
 
 /// Sniffs the compression of a blob from its first bytes.
 pub fn sniff(head: &[u8]) -> Compression {
@@ -184,6 +186,9 @@ impl<R: Read> LayerStream<R> {
 
     /// A checkpoint's window as the index stores it (zstd at `ZSTD_LEVEL`), packed as it is taken:
     /// a layer's 32 KiB windows held raw until the end were 128 MB for a gigabyte of 256 KiB spans.
+    /// Packed into a buffer of zstd's bound for the window (32 KiB), then cut to its size: a
+    /// window of zeros packs to a few bytes, and 4,000 buffers of 32 KiB were the builder's
+    /// largest allocation on a million-file layer.
     fn pack_window(&mut self, window: &[u8]) -> io::Result<Vec<u8>> {
         if window.is_empty() {
             return Ok(Vec::new());
@@ -192,7 +197,9 @@ impl<R: Read> LayerStream<R> {
             Some(p) => p,
             none => none.insert(zstd::bulk::Compressor::new(crate::format::ZSTD_LEVEL)?),
         };
-        packer.compress(window)
+        let mut packed = packer.compress(window)?;
+        packed.shrink_to_fit();
+        Ok(packed)
     }
 
     pub fn compression(&self) -> Compression {
@@ -267,8 +274,18 @@ impl<R: Read> LayerStream<R> {
         });
     }
 
-    /// Produces more uncompressed bytes into `out`; 0 at the end.
+    /// Produces more uncompressed bytes into the stream's own output buffer; 0 at the end.
     fn fill(&mut self) -> io::Result<usize> {
+        let mut out = std::mem::take(&mut self.output.buf);
+        let produced = self.fill_into(&mut out);
+        self.output.buf = out;
+        let produced = produced?;
+        (self.output.pos, self.output.len) = (0, produced);
+        Ok(produced)
+    }
+
+    /// Produces more uncompressed bytes into `out` (at most its length); 0 at the end.
+    fn fill_into(&mut self, out: &mut [u8]) -> io::Result<usize> {
         loop {
             if self.done {
                 return Ok(0);
@@ -290,8 +307,8 @@ impl<R: Read> LayerStream<R> {
                     let last = self.checkpoints.last().map_or(0, |c| c.uncompressed);
                     let to_boundary =
                         usize::try_from(last.saturating_add(self.span_size) - self.pos.uncomp).unwrap_or(usize::MAX);
-                    let n = (self.input.len - self.input.pos).min(self.output.buf.len()).min(to_boundary);
-                    self.output.buf[..n].copy_from_slice(&self.input.buf[self.input.pos..self.input.pos + n]);
+                    let n = (self.input.len - self.input.pos).min(out.len()).min(to_boundary);
+                    out[..n].copy_from_slice(&self.input.buf[self.input.pos..self.input.pos + n]);
                     self.consume(n);
                     self.pos.uncomp += n as u64;
                     if self.due() && self.ensure_input()? {
@@ -307,11 +324,8 @@ impl<R: Read> LayerStream<R> {
                         }
                         return Err(stream_err("gzip stream is truncated"));
                     }
-                    let step = inf.inflate(
-                        &self.input.buf[self.input.pos..self.input.len],
-                        &mut self.output.buf,
-                        libz_rs_sys::Z_BLOCK,
-                    )?;
+                    let step =
+                        inf.inflate(&self.input.buf[self.input.pos..self.input.len], out, libz_rs_sys::Z_BLOCK)?;
                     let dt = inf.data_type();
                     self.consume(step.consumed);
                     self.pos.uncomp += step.produced as u64;
@@ -340,7 +354,7 @@ impl<R: Read> LayerStream<R> {
                         return Ok(0);
                     }
                     let st = dec
-                        .run_on_buffers(&self.input.buf[self.input.pos..self.input.len], &mut self.output.buf)
+                        .run_on_buffers(&self.input.buf[self.input.pos..self.input.len], out)
                         .map_err(|e| stream_err(format!("corrupt zstd data: {e}")))?;
                     self.consume(st.bytes_read);
                     self.pos.uncomp += st.bytes_written as u64;
@@ -356,8 +370,6 @@ impl<R: Read> LayerStream<R> {
                 }
             };
             if produced > 0 {
-                self.output.pos = 0;
-                self.output.len = produced;
                 return Ok(produced);
             }
             if !self.ensure_input()? && self.unit.at_start {
@@ -436,8 +448,14 @@ impl<R: Read> LayerStream<R> {
 
 impl<R: Read> Read for LayerStream<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.output.pos == self.output.len && self.fill()? == 0 {
-            return Ok(0);
+        if self.output.pos == self.output.len {
+            // A large read takes the bytes straight from the decoder: no copy through our buffer.
+            if buf.len() >= DIRECT_READ_LEN {
+                return self.fill_into(buf);
+            }
+            if self.fill()? == 0 {
+                return Ok(0);
+            }
         }
         let n = buf.len().min(self.output.len - self.output.pos);
         buf[..n].copy_from_slice(&self.output.buf[self.output.pos..self.output.pos + n]);

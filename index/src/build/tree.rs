@@ -5,11 +5,14 @@
 //! Compact for layers of millions of entries: a node is a fixed record that names its parent by
 //! id and its name by a range of one names buffer; a directory's children are found through one
 //! hash table keyed by (parent id, name); link targets, xattrs and device numbers, which few
-//! entries have, live in side tables. The finished tree is encoded entry by entry into the
-//! index's buffer ([`EntryEncoder`]), never copied into records first.
+//! entries have, live in side tables. The finished tree is put in breadth-first order in place
+//! and encoded straight into the index's buffer ([`EntryEncoder`]), never copied into records
+//! first: the strings in order, then the records last first, the nodes' memory given back as
+//! the records' is taken, so the two are never whole at once (64 + 88 MB for a million entries).
 
+use super::header::{normalize, split_last, tar_fields};
 use crate::IndexError;
-use crate::format::{EntryEncoder, EntryKind, EntryRecord, validate_name};
+use crate::format::{EntryEncoder, EntryKind, EntryRecord};
 use hashbrown::HashMap;
 use std::collections::BTreeMap;
 use std::hash::BuildHasher;
@@ -17,8 +20,8 @@ use std::io::Read;
 
 /// Most entries one layer may hold (guards memory on hostile input).
 pub const MAX_ENTRIES: usize = 16 << 20;
-/// Longest path accepted.
-pub const MAX_PATH: usize = 64 << 10;
+/// While the records are written, the nodes' memory goes back every this many nodes (1 MiB).
+const RELEASE_EVERY: usize = 16 << 10;
 
 /// One entry (ids in order of first mention; the root is 0; a parent's id is below its
 /// children's, since a path's parents are made before it).
@@ -31,7 +34,8 @@ struct Node {
     mode: u32,
     /// uid, gid.
     owner: (u32, u32),
-    /// Position in the tar stream (0 for implicit directories): the last header wins.
+    /// Position in the tar stream (0 for implicit directories): the last header wins. Once the
+    /// nodes are put in breadth-first order, the node's id before it ([`TreeBuilder::reorder`]).
     seq: u32,
     nlink: u32,
     mtime_nsec: u32,
@@ -59,27 +63,6 @@ impl Node {
     }
 }
 
-/// What one tar header says about its entry (the path aside), PAX records applied.
-#[derive(Debug, Clone)]
-pub struct TarFields {
-    pub kind: EntryKind,
-    /// Permission bits with setuid, setgid and sticky (`& 0o7777`).
-    pub mode: u32,
-    pub uid: u32,
-    pub gid: u32,
-    pub mtime_sec: i64,
-    pub mtime_nsec: u32,
-    /// Data bytes (files only).
-    pub size: u64,
-    pub data_offset: u64,
-    /// A symlink's target as written; a hardlink's target path, normalised ([`normalize`]).
-    pub link: Vec<u8>,
-    /// Major and minor of a device.
-    pub dev: (u32, u32),
-    /// `SCHILY.xattr.*` records: names without the prefix, sorted, the last of a name kept.
-    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
-}
-
 #[derive(Debug)]
 pub struct TreeBuilder {
     nodes: Vec<Node>,
@@ -101,50 +84,6 @@ pub struct TreeBuilder {
     seq: u32,
 }
 
-/// Splits a tar path into components: leading `/` and `./` dropped, `.` and empty components
-/// skipped, `..` rejected.
-pub fn normalize(path: &[u8]) -> Result<Vec<u8>, IndexError> {
-    if path.len() > MAX_PATH {
-        return Err(IndexError::Tar(format!("path of {} bytes is too long", path.len())));
-    }
-    let mut parts: Vec<&[u8]> = Vec::new();
-    for comp in path.split(|b| *b == b'/') {
-        match comp {
-            b"" | b"." => {}
-            b".." => {
-                return Err(IndexError::Tar(format!(
-                    "path {:?} escapes the layer root (..)",
-                    String::from_utf8_lossy(path)
-                )));
-            }
-            c => {
-                validate_name(c).map_err(|e| IndexError::Tar(e.to_string()))?;
-                parts.push(c);
-            }
-        }
-    }
-    Ok(parts.join(&b'/'))
-}
-
-fn parse_pax_time(v: &[u8]) -> Option<(i64, u32)> {
-    let s = std::str::from_utf8(v).ok()?;
-    let (sec, frac) = s.split_once('.').unwrap_or((s, ""));
-    let sec: i64 = sec.parse().ok()?;
-    let mut digits: String = frac.chars().take(9).collect();
-    if !digits.chars().all(|c| c.is_ascii_digit()) {
-        return None;
-    }
-    while digits.len() < 9 {
-        digits.push('0');
-    }
-    let nsec: u32 = digits.parse().ok()?;
-    if sec < 0 && nsec > 0 {
-        // -1.5 means 1.5 s before the epoch.
-        return Some((sec - 1, 1_000_000_000 - nsec));
-    }
-    Some((sec, nsec))
-}
-
 impl Default for TreeBuilder {
     fn default() -> Self {
         let mut t = Self {
@@ -163,68 +102,6 @@ impl Default for TreeBuilder {
     }
 }
 
-/// Reads one tar header (and its PAX records): the one place a layer's tar header is
-/// interpreted, for indexing and for unpacking.
-pub fn tar_fields<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<TarFields, IndexError> {
-    let terr = |e: std::io::Error| IndexError::Tar(e.to_string());
-    let header = entry.header();
-    let kind = match header.entry_type() {
-        tar::EntryType::Regular | tar::EntryType::Continuous => EntryKind::File,
-        tar::EntryType::Directory => EntryKind::Dir,
-        tar::EntryType::Symlink => EntryKind::Symlink,
-        tar::EntryType::Link => EntryKind::Hardlink,
-        tar::EntryType::Char => EntryKind::CharDevice,
-        tar::EntryType::Block => EntryKind::BlockDevice,
-        tar::EntryType::Fifo => EntryKind::Fifo,
-        tar::EntryType::GNUSparse => {
-            return Err(IndexError::Tar("GNU sparse files are not supported in layers".into()));
-        }
-        other => return Err(IndexError::Tar(format!("unsupported tar entry type {:?}", other.as_byte() as char))),
-    };
-    let mode = header.mode().map_err(terr)? & 0o7777;
-    let mut uid = u32::try_from(header.uid().map_err(terr)?).unwrap_or(u32::MAX);
-    let mut gid = u32::try_from(header.gid().map_err(terr)?).unwrap_or(u32::MAX);
-    let mut mtime_sec = i64::try_from(header.mtime().map_err(terr)?).unwrap_or(i64::MAX);
-    let mut mtime_nsec = 0;
-    let dev = match kind {
-        EntryKind::CharDevice | EntryKind::BlockDevice => {
-            (header.device_major().map_err(terr)?.unwrap_or(0), header.device_minor().map_err(terr)?.unwrap_or(0))
-        }
-        _ => (0, 0),
-    };
-    let link = entry.link_name_bytes().map(std::borrow::Cow::into_owned).unwrap_or_default();
-    let size = if kind == EntryKind::File { entry.size() } else { 0 };
-    let data_offset = if kind == EntryKind::File { entry.raw_file_position() } else { 0 };
-    let mut xattrs = Vec::new();
-    if let Some(pax) = entry.pax_extensions().map_err(terr)? {
-        for ext in pax {
-            let ext = ext.map_err(terr)?;
-            let key = ext.key_bytes();
-            let value = ext.value_bytes();
-            if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
-                xattrs.push((name.to_vec(), value.to_vec()));
-            } else if key == b"mtime" {
-                if let Some((s, ns)) = parse_pax_time(value) {
-                    mtime_sec = s;
-                    mtime_nsec = ns;
-                }
-            } else if key == b"uid" {
-                uid = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok()).unwrap_or(uid);
-            } else if key == b"gid" {
-                gid = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok()).unwrap_or(gid);
-            }
-        }
-    }
-    xattrs.sort();
-    xattrs.dedup_by(|a, b| a.0 == b.0);
-    let link = match kind {
-        EntryKind::Hardlink => normalize(&link)?,
-        EntryKind::Symlink => link,
-        _ => Vec::new(),
-    };
-    Ok(TarFields { kind, mode, uid, gid, mtime_sec, mtime_nsec, size, data_offset, link, dev, xattrs })
-}
-
 /// Sets or clears `id`'s value in a side table (a `new` node has none to clear).
 fn put<V>(map: &mut HashMap<u32, V>, id: u32, v: Option<V>, new: bool) {
     match v {
@@ -235,14 +112,6 @@ fn put<V>(map: &mut HashMap<u32, V>, id: u32, v: Option<V>, new: bool) {
             map.remove(&id);
         }
         None => {}
-    }
-}
-
-/// A normalised path's parent and last component (the root's parent is itself).
-pub fn split_last(path: &[u8]) -> (&[u8], &[u8]) {
-    match path.iter().rposition(|b| *b == b'/') {
-        Some(i) => (&path[..i], &path[i + 1..]),
-        None => (&[], path),
     }
 }
 
@@ -387,16 +256,30 @@ impl TreeBuilder {
             }
         }
         let (order, new_id, first) = self.breadth_first();
+        self.reorder(&order);
+        drop(order);
+        let mut nodes = std::mem::take(&mut self.nodes);
+        let empty: &[(Vec<u8>, Vec<u8>)] = &[];
+        let link_of = |old: u32, kind: EntryKind| match kind {
+            EntryKind::Symlink => self.links.get(&old).map_or(&[][..], Vec::as_slice),
+            _ => &[],
+        };
+        for node in &nodes {
+            let old = node.seq;
+            let name = if old == 0 { &[][..] } else { &self.names[node.name_off as usize..][..node.name_len as usize] };
+            out.push_strings(name, link_of(old, node.kind), self.xattrs.get(&old).map_or(empty, Vec::as_slice))?;
+        }
+        // The records, last first, each node's memory given back as the records' is taken.
         // A directory's first child id: 1 + the children of every directory before it.
-        let mut next_first = 1u32;
-        for &id in &order {
-            let node = self.nodes[id as usize];
-            let child_count = first[id as usize + 1] - first[id as usize];
-            let is_root = id == 0;
-            let empty: &[(Vec<u8>, Vec<u8>)] = &[];
-            out.push(&EntryRecord {
+        let mut next_first = n as u32;
+        while let Some(node) = nodes.pop() {
+            let old = node.seq;
+            let child_count = first[old as usize + 1] - first[old as usize];
+            next_first -= child_count;
+            let is_root = nodes.is_empty();
+            out.put_record_back(&EntryRecord {
                 parent: if is_root { 0 } else { new_id[node.parent as usize] },
-                name: if is_root { &[] } else { self.name(id) },
+                name: if is_root { &[] } else { &self.names[node.name_off as usize..][..node.name_len as usize] },
                 kind: node.kind,
                 mode: node.mode,
                 uid: node.owner.0,
@@ -406,20 +289,47 @@ impl TreeBuilder {
                 mtime_nsec: node.mtime_nsec,
                 size: node.size,
                 data_offset: node.data_offset,
-                link: match node.kind {
-                    EntryKind::Symlink => self.links.get(&id).map_or(&[][..], Vec::as_slice),
-                    _ => &[],
-                },
-                hardlink_target: hardlinks.get(&id).map_or(0, |t| new_id[*t as usize]),
+                link: link_of(old, node.kind),
+                hardlink_target: hardlinks.get(&old).map_or(0, |t| new_id[*t as usize]),
                 first_child: next_first,
                 child_count,
-                dev_major: self.devs.get(&id).map_or(0, |d| d.0),
-                dev_minor: self.devs.get(&id).map_or(0, |d| d.1),
-                xattrs: self.xattrs.get(&id).map_or(empty, Vec::as_slice),
+                dev_major: self.devs.get(&old).map_or(0, |d| d.0),
+                dev_minor: self.devs.get(&old).map_or(0, |d| d.1),
+                xattrs: self.xattrs.get(&old).map_or(empty, Vec::as_slice),
             })?;
-            next_first += child_count;
+            if nodes.len().is_multiple_of(RELEASE_EVERY) {
+                nodes.shrink_to_fit();
+            }
         }
         Ok(())
+    }
+
+    /// Puts the nodes in breadth-first order (`order[new id]` = old id) in place, each keeping
+    /// its old id, which the side tables are keyed by, in `seq` (no longer needed for its own
+    /// purpose once hardlinks are resolved).
+    fn reorder(&mut self, order: &[u32]) {
+        for (id, node) in self.nodes.iter_mut().enumerate() {
+            node.seq = id as u32;
+        }
+        let mut placed = vec![false; order.len()];
+        for start in 0..order.len() {
+            if placed[start] {
+                continue;
+            }
+            // Follow the cycle through `start`: each position takes the node `order` names.
+            let first = self.nodes[start];
+            let mut at = start;
+            loop {
+                placed[at] = true;
+                let from = order[at] as usize;
+                if from == start {
+                    self.nodes[at] = first;
+                    break;
+                }
+                self.nodes[at] = self.nodes[from];
+                at = from;
+            }
+        }
     }
 
     /// Breadth-first order: the node ids in new-id order, each node's new id, and where each
@@ -524,17 +434,6 @@ impl TreeBuilder {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
-    #[test]
-    fn normalizes_and_rejects_traversal() {
-        assert_eq!(normalize(b"./a//b/").unwrap_or_default(), b"a/b");
-        assert_eq!(normalize(b"/etc/passwd").unwrap_or_default(), b"etc/passwd");
-        assert!(normalize(b"a/../../etc").is_err());
-        assert!(normalize(b"..").is_err());
-        assert_eq!(normalize(b"./").unwrap_or_default(), b"");
-    }
-
     #[test]
     fn hardlinks_take_the_last_headers_metadata_as_containerd_applies_it() {
         let mut b = tar::Builder::new(Vec::new());
@@ -564,13 +463,5 @@ mod tests {
             let xattrs = index.xattrs(&e).expect("xattrs");
             assert_eq!(xattrs, vec![(&b"user.a"[..], &b"1"[..])], "{name}");
         }
-    }
-
-    #[test]
-    fn pax_times() {
-        assert_eq!(parse_pax_time(b"1700000000.123456789"), Some((1_700_000_000, 123_456_789)));
-        assert_eq!(parse_pax_time(b"5.5"), Some((5, 500_000_000)));
-        assert_eq!(parse_pax_time(b"12"), Some((12, 0)));
-        assert_eq!(parse_pax_time(b"x"), None);
     }
 }

@@ -40,6 +40,14 @@ pub const ZSTD_LEVEL: i32 = 9;
 /// Bytes each zstd worker packs at a time when a large index is packed on several threads
 /// ([`super::Index::pack`]).
 pub const PACK_JOB_LEN: u32 = 4 << 20;
+/// Packed indexes of this many bytes or more are packed on several threads, at
+/// [`LARGE_PACK_LEVEL`].
+pub const LARGE_PACK_LEN: usize = 8 << 20;
+/// zstd level of large packed indexes. Measured on the 93 MB index of a million-file layer
+/// (`zstd -T2 -B4194304`): level 3 packs it in 0.10 s to 4.11 MB, level 9 in 0.48 s to 4.01 MB —
+/// a sixth of that layer's indexing time saved for 2.5% more bytes at every pull (8 ms at 100
+/// Mbit/s).
+pub const LARGE_PACK_LEVEL: i32 = 3;
 
 /// Compression of the layer blob.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

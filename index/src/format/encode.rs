@@ -1,6 +1,6 @@
-//! Encoding an index (`FORMAT.md`): [`EntryEncoder`] encodes entries as the indexer hands them
-//! over, in id order, straight into the buffer that becomes the index; [`IndexData::encode`]
-//! appends the other sections and the header and checksum, without copying the entries again.
+//! Encoding an index (`FORMAT.md`): [`EntryEncoder`] encodes the entries the indexer hands over
+//! straight into the buffer that becomes the index; [`IndexData::encode`] appends the other
+//! sections and the header and checksum, without copying the entries again.
 
 use super::codes::{CHECKPOINT_LEN, Compression, ENTRY_LEN, EntryKind, HEADER_LEN, TRAILER_LEN, VERSION};
 use super::header::{Header, Sections};
@@ -19,27 +19,51 @@ fn len_u32(n: usize, what: &str) -> Result<u32, IndexError> {
     u32::try_from(n).map_err(|_| IndexError::Invalid(format!("too many {what} for one index")))
 }
 
-/// Entries encoded as they are added: the index's buffer (header space, then the entry records),
-/// the xattr records and the string table (the media type first, then each entry's name, link
-/// target and xattrs in order).
+/// Entries encoded in two passes, so that an indexer can give its own memory back while the
+/// records are written: first every entry's strings in id order ([`Self::push_strings`]: the
+/// string table gets the media type, then each entry's name, link target and xattrs; the xattr
+/// records follow), then every entry's record in *reverse* id order ([`Self::put_record_back`])
+/// into its fixed slot of the index's buffer, whose pages are only touched as they are written.
 #[derive(Debug)]
 pub struct EntryEncoder {
+    /// Header space, then `entry_count` records (zeroed, untouched until written).
     out: Vec<u8>,
     xattrs: Vec<u8>,
     strings: Vec<u8>,
     entry_count: u32,
     xattr_count: u32,
     media_type: (u32, u32),
+    /// Entries whose strings were pushed.
+    pushed: u32,
+    /// Records not written yet: those of ids below this.
+    records_due: u32,
+    /// Where the strings and xattr records of the last entry still due end.
+    strings_end: usize,
+    xattrs_end: u32,
 }
 
 impl EntryEncoder {
-    /// An encoder with room for `entries` records.
+    /// An encoder for exactly `entries` entries.
     pub fn new(media_type: &str, entries: usize) -> Result<Self, IndexError> {
-        let mut out = Vec::with_capacity(HEADER_LEN + entries.saturating_mul(ENTRY_LEN));
-        out.resize(HEADER_LEN, 0);
-        let mut e =
-            Self { out, xattrs: Vec::new(), strings: Vec::new(), entry_count: 0, xattr_count: 0, media_type: (0, 0) };
+        let entry_count = len_u32(entries, "entries")?;
+        let len = entries.checked_mul(ENTRY_LEN).and_then(|l| l.checked_add(HEADER_LEN));
+        let len = len.ok_or_else(|| IndexError::Invalid("too many entries for one index".into()))?;
+        // Zeroed by the allocator (fresh pages for a large buffer): nothing is touched here.
+        let out = vec![0u8; len];
+        let mut e = Self {
+            out,
+            xattrs: Vec::new(),
+            strings: Vec::new(),
+            entry_count,
+            xattr_count: 0,
+            media_type: (0, 0),
+            pushed: 0,
+            records_due: entry_count,
+            strings_end: 0,
+            xattrs_end: 0,
+        };
         e.media_type = e.add_str(media_type.as_bytes())?;
+        e.strings_end = e.strings.len();
         Ok(e)
     }
 
@@ -49,12 +73,14 @@ impl EntryEncoder {
         Ok((off, len_u32(s.len(), "name bytes")?))
     }
 
-    /// Encodes the next entry (its id is the number of entries pushed before it).
-    pub fn push(&mut self, e: &EntryRecord<'_>) -> Result<(), IndexError> {
-        let (name_off, name_len) = self.add_str(e.name)?;
-        let (link_off, link_len) = self.add_str(e.link)?;
-        let xattr_first = self.xattr_count;
-        for (k, v) in e.xattrs {
+    /// First pass, in id order: the next entry's name, symlink target and xattrs.
+    pub fn push_strings(&mut self, name: &[u8], link: &[u8], xattrs: &[(Vec<u8>, Vec<u8>)]) -> Result<(), IndexError> {
+        if self.pushed == self.entry_count {
+            return Err(IndexError::Invalid(format!("more than the {} entries announced", self.entry_count)));
+        }
+        self.add_str(name)?;
+        self.add_str(link)?;
+        for (k, v) in xattrs {
             let (ko, kl) = self.add_str(k)?;
             let (vo, vl) = self.add_str(v)?;
             for x in [ko, kl, vo, vl] {
@@ -63,34 +89,66 @@ impl EntryEncoder {
             self.xattr_count =
                 self.xattr_count.checked_add(1).ok_or_else(|| IndexError::Invalid("too many xattrs".into()))?;
         }
-        self.entry_count =
-            self.entry_count.checked_add(1).ok_or_else(|| IndexError::Invalid("too many entries".into()))?;
-        let b = &mut self.out;
-        put_u32(b, e.parent);
-        put_u32(b, name_off);
-        put_u32(b, name_len);
-        b.extend_from_slice(&[e.kind as u8, 0, 0, 0]);
-        put_u32(b, e.mode);
-        put_u32(b, e.uid);
-        put_u32(b, e.gid);
-        put_u32(b, e.nlink);
-        b.extend_from_slice(&e.mtime_sec.to_le_bytes());
-        put_u32(b, e.mtime_nsec);
-        put_u32(b, link_len);
-        put_u64(b, e.size);
-        put_u64(b, e.data_offset);
-        let aux = if e.kind == EntryKind::Hardlink { e.hardlink_target } else { link_off };
-        put_u32(b, aux);
+        self.pushed += 1;
+        (self.strings_end, self.xattrs_end) = (self.strings.len(), self.xattr_count);
+        Ok(())
+    }
+
+    /// Second pass, in reverse id order: the record of the last entry not yet written, whose
+    /// name, link and xattrs must be those its strings were pushed with (checked).
+    pub fn put_record_back(&mut self, e: &EntryRecord<'_>) -> Result<(), IndexError> {
+        let mismatch = || IndexError::Invalid("an entry's record does not match its strings".into());
+        if self.pushed != self.entry_count {
+            return Err(IndexError::Invalid("records are written once every entry's strings are in".into()));
+        }
+        let id = self.records_due.checked_sub(1).ok_or_else(mismatch)?;
+        let xattr_bytes: usize = e.xattrs.iter().map(|(k, v)| k.len() + v.len()).sum();
+        let link_end = self.strings_end.checked_sub(xattr_bytes).ok_or_else(mismatch)?;
+        let link_off = link_end.checked_sub(e.link.len()).ok_or_else(mismatch)?;
+        let name_off = link_off.checked_sub(e.name.len()).ok_or_else(mismatch)?;
+        let xattr_first = self.xattrs_end.checked_sub(len_u32(e.xattrs.len(), "xattrs")?).ok_or_else(mismatch)?;
+        if self.strings[name_off..link_off] != *e.name || self.strings[link_off..link_end] != *e.link {
+            return Err(mismatch());
+        }
+        let aux = if e.kind == EntryKind::Hardlink { e.hardlink_target } else { len_u32(link_off, "name bytes")? };
         let (x, y) = match e.kind {
             EntryKind::Dir => (e.first_child, e.child_count),
             EntryKind::CharDevice | EntryKind::BlockDevice => (e.dev_major, e.dev_minor),
             _ => (0, 0),
         };
-        put_u32(b, x);
-        put_u32(b, y);
-        put_u32(b, xattr_first);
-        put_u32(b, self.xattr_count - xattr_first);
-        put_u32(b, 0);
+        let mut r = Vec::with_capacity(ENTRY_LEN);
+        put_u32(&mut r, e.parent);
+        put_u32(&mut r, len_u32(name_off, "name bytes")?);
+        put_u32(&mut r, len_u32(e.name.len(), "name bytes")?);
+        r.extend_from_slice(&[e.kind as u8, 0, 0, 0]);
+        put_u32(&mut r, e.mode);
+        put_u32(&mut r, e.uid);
+        put_u32(&mut r, e.gid);
+        put_u32(&mut r, e.nlink);
+        r.extend_from_slice(&e.mtime_sec.to_le_bytes());
+        put_u32(&mut r, e.mtime_nsec);
+        put_u32(&mut r, len_u32(e.link.len(), "name bytes")?);
+        put_u64(&mut r, e.size);
+        put_u64(&mut r, e.data_offset);
+        put_u32(&mut r, aux);
+        put_u32(&mut r, x);
+        put_u32(&mut r, y);
+        put_u32(&mut r, xattr_first);
+        put_u32(&mut r, len_u32(e.xattrs.len(), "xattrs")?);
+        put_u32(&mut r, 0);
+        let at = HEADER_LEN + id as usize * ENTRY_LEN;
+        self.out[at..at + ENTRY_LEN].copy_from_slice(&r);
+        self.records_due = id;
+        (self.strings_end, self.xattrs_end) = (name_off, xattr_first);
+        Ok(())
+    }
+
+    /// Every record written, for exactly the entries announced.
+    fn check_complete(&self) -> Result<(), IndexError> {
+        let ends_met = self.strings_end == self.media_type.1 as usize && self.xattrs_end == 0;
+        if self.pushed != self.entry_count || self.records_due != 0 || !ends_met {
+            return Err(IndexError::Invalid("the index's entries were not all encoded".into()));
+        }
         Ok(())
     }
 }
@@ -111,7 +169,8 @@ pub struct IndexData {
 impl IndexData {
     /// Encodes the index (see `FORMAT.md`).
     pub fn encode(self) -> Result<Vec<u8>, IndexError> {
-        let EntryEncoder { mut out, xattrs, strings, entry_count, xattr_count, media_type } = self.entries;
+        self.entries.check_complete()?;
+        let EntryEncoder { mut out, xattrs, strings, entry_count, xattr_count, media_type, .. } = self.entries;
         let mut windows = Vec::new();
         let mut cps = Vec::with_capacity(self.checkpoints.len() * CHECKPOINT_LEN);
         for c in &self.checkpoints {
@@ -166,5 +225,66 @@ impl IndexData {
         let sum = Sha256::digest(&out);
         out.extend_from_slice(&sum);
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(name: &[u8], first_child: u32, child_count: u32) -> EntryRecord<'_> {
+        EntryRecord {
+            parent: 0,
+            name,
+            kind: EntryKind::Dir,
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            nlink: 2,
+            mtime_sec: 0,
+            mtime_nsec: 0,
+            size: 0,
+            data_offset: 0,
+            link: &[],
+            hardlink_target: 0,
+            first_child,
+            child_count,
+            dev_major: 0,
+            dev_minor: 0,
+            xattrs: &[],
+        }
+    }
+
+    fn data(entries: EntryEncoder) -> IndexData {
+        IndexData {
+            compression: Compression::None,
+            span_size: 1 << 20,
+            compressed_size: 0,
+            uncompressed_size: 0,
+            layer_digest: [0; 32],
+            entries,
+            checkpoints: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn records_are_written_last_first_for_exactly_the_strings_pushed() -> Result<(), IndexError> {
+        let mut e = EntryEncoder::new("m", 2)?;
+        assert!(e.put_record_back(&dir(b"a", 2, 0)).is_err(), "a record before all strings are in");
+        e.push_strings(b"", b"", &[])?;
+        e.push_strings(b"a", b"", &[(b"user.k".to_vec(), b"v".to_vec())])?;
+        assert!(e.push_strings(b"b", b"", &[]).is_err(), "a third entry of two");
+        assert!(e.put_record_back(&dir(b"b", 2, 0)).is_err(), "a record under another name");
+        assert!(e.put_record_back(&dir(b"a", 2, 0)).is_err(), "a record without the xattr pushed");
+        let xattrs = [(b"user.k".to_vec(), b"v".to_vec())];
+        e.put_record_back(&EntryRecord { xattrs: &xattrs, ..dir(b"a", 2, 0) })?;
+        let mut unfinished = EntryEncoder::new("m", 1)?;
+        unfinished.push_strings(b"", b"", &[])?;
+        assert!(data(unfinished).encode().is_err(), "an entry without its record");
+        e.put_record_back(&dir(b"", 1, 1))?;
+        let index = crate::Index::open(data(e).encode()?)?;
+        let a = index.entry(index.lookup("a")?.ok_or_else(|| IndexError::Invalid("a is missing".into()))?)?;
+        assert_eq!(index.xattrs(&a)?, vec![(&b"user.k"[..], &b"v"[..])]);
+        Ok(())
     }
 }

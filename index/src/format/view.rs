@@ -4,8 +4,8 @@
 use super::backing::Backing;
 use super::codes::{
     CHECKPOINT_LEN, CheckpointKind, Compression, ENTRY_LEN, EntryId, EntryKind, FLAG_EXTERNAL_WINDOWS, HEADER_LEN,
-    MAX_INDEX_LEN, MAX_SPAN_COMPRESSED_LEN, MAX_SPAN_LEN, MAX_UNPACK_RATIO, MIN_UNPACKED_ALLOWANCE, PACK_JOB_LEN,
-    TRAILER_LEN, VERSION, VERSION_EXTERNAL_WINDOWS, XATTR_LEN, rd_u32, rd_u64,
+    LARGE_PACK_LEN, LARGE_PACK_LEVEL, MAX_INDEX_LEN, MAX_SPAN_COMPRESSED_LEN, MAX_SPAN_LEN, MAX_UNPACK_RATIO,
+    MIN_UNPACKED_ALLOWANCE, PACK_JOB_LEN, TRAILER_LEN, VERSION, VERSION_EXTERNAL_WINDOWS, XATTR_LEN, rd_u32, rd_u64,
 };
 use super::header::{Header, Sections};
 use crate::IndexError;
@@ -94,14 +94,17 @@ pub struct SpanInfo {
 impl Index {
     /// The packed form of an index: one zstd frame of its bytes, as published to registries
     /// (about half the size; see `FORMAT.md`).
-    /// An index of 8 MiB or more is packed by up to 4 threads (zstd's workers; the frame differs
-    /// from a single thread's, not what it unpacks to): level 9 on one core was a third of
-    /// indexing a million-file layer. Each worker takes [`PACK_JOB_LEN`] at a time: zstd's
-    /// default job (4 windows, 16 MiB at level 9) made the workers' buffers 112 MB for a
-    /// 93 MB index, the builder's peak; 4 MiB jobs take 50 MB, as fast, 0.1% larger.
+    /// An index of [`LARGE_PACK_LEN`] or more is packed at [`LARGE_PACK_LEVEL`] by up to 4
+    /// threads (zstd's workers; the frame differs from a single thread's, not what it unpacks
+    /// to): level 9 on one core was a third of indexing a million-file layer. Each worker takes
+    /// [`PACK_JOB_LEN`] at a time: zstd's default job (4 windows, 16 MiB at level 9) made the
+    /// workers' buffers 112 MB for a 93 MB index, the builder's peak; 4 MiB jobs take 50 MB, as
+    /// fast, 0.1% larger.
     pub fn pack(&self) -> Result<Vec<u8>, IndexError> {
-        let mut packer = zstd::bulk::Compressor::new(super::codes::ZSTD_LEVEL)?;
-        if self.bytes.len() >= 8 << 20 {
+        let large = self.bytes.len() >= LARGE_PACK_LEN;
+        let level = if large { LARGE_PACK_LEVEL } else { super::codes::ZSTD_LEVEL };
+        let mut packer = zstd::bulk::Compressor::new(level)?;
+        if large {
             let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
             packer.set_parameter(zstd::zstd_safe::CParameter::NbWorkers(workers as u32))?;
             packer.set_parameter(zstd::zstd_safe::CParameter::JobSize(PACK_JOB_LEN))?;
