@@ -167,18 +167,20 @@ pub struct IndexData {
 }
 
 impl IndexData {
-    /// Encodes the index (see `FORMAT.md`).
+    /// Encodes the index (see `FORMAT.md`). The windows, the last section and for a large layer
+    /// the largest (hundreds of MB for gigabytes of 256 KiB spans), are moved into the index one
+    /// by one, each checkpoint's given back as it goes, never held twice.
     pub fn encode(self) -> Result<Vec<u8>, IndexError> {
         self.entries.check_complete()?;
         let EntryEncoder { mut out, xattrs, strings, entry_count, xattr_count, media_type, .. } = self.entries;
-        let mut windows = Vec::new();
+        let mut windows_len = 0u64;
         let mut cps = Vec::with_capacity(self.checkpoints.len() * CHECKPOINT_LEN);
         for c in &self.checkpoints {
             let (woff, wlen) = if c.window.is_empty() {
                 (0u64, 0u32)
             } else {
-                let off = windows.len() as u64;
-                windows.extend_from_slice(&c.window);
+                let off = windows_len;
+                windows_len += c.window.len() as u64;
                 (off, len_u32(c.window.len(), "window bytes")?)
             };
             put_u64(&mut cps, c.uncompressed);
@@ -213,15 +215,18 @@ impl IndexData {
                 strings_off,
                 strings_len: strings.len() as u64,
                 windows_off,
-                windows_len: windows.len() as u64,
+                windows_len,
             },
         };
-        out.reserve_exact(xattrs.len() + cps.len() + strings.len() + windows.len() + TRAILER_LEN);
+        let windows_len = usize::try_from(windows_len).map_err(|_| IndexError::Invalid("windows too large".into()))?;
+        out.reserve_exact(xattrs.len() + cps.len() + strings.len() + windows_len + TRAILER_LEN);
         out[..HEADER_LEN].copy_from_slice(&header.encode());
         out.extend_from_slice(&xattrs);
         out.extend_from_slice(&cps);
         out.extend_from_slice(&strings);
-        out.extend_from_slice(&windows);
+        for c in self.checkpoints {
+            out.extend_from_slice(&c.window);
+        }
         let sum = Sha256::digest(&out);
         out.extend_from_slice(&sum);
         Ok(out)
