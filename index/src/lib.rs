@@ -24,7 +24,7 @@ pub mod reader;
 
 pub mod artifact;
 pub mod profile;
-pub use build::{BuildOptions, build_index};
+pub use build::{BuildOptions, build_index, build_index_split};
 pub use error::IndexError;
 pub use format::{Compression, Entry, EntryId, EntryKind, Index, SpanInfo};
 pub use reader::{HISTORY_BYTES, RangeFetcher};

@@ -281,6 +281,33 @@ fn largest_python_layer(span_size: u64) -> anyhow::Result<(Vec<u8>, clip_index::
 }
 
 #[test]
+fn an_index_split_as_it_is_encoded_is_the_full_index_split_afterwards() -> anyhow::Result<()> {
+    // Small spans: the windows outweigh the rest; one span per 64 MiB: the rest outweighs them.
+    for span_size in [64 << 10, 64 << 20] {
+        let (blob, full) = largest_python_layer(span_size)?;
+        let (meta, windows) = full.split_windows()?.ok_or_else(|| anyhow::anyhow!("nothing to split"))?;
+        let opts = clip_index::BuildOptions { span_size, ..Default::default() };
+        let (split, split_windows) = clip_index::build_index_split(&blob[..], &opts)?;
+        assert!(split.bytes() == meta.as_slice(), "{span_size}: the index without windows differs");
+        assert!(split_windows.as_deref() == Some(windows.as_slice()), "{span_size}: the windows differ");
+    }
+    // A layer without windows (an uncompressed tar) is its plain index.
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(3);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    b.append_data(&mut h, "f", &b"abc"[..])?;
+    let plain = b.into_inner()?;
+    let (index, windows) = clip_index::build_index_split(&plain[..], &clip_index::BuildOptions::default())?;
+    assert!(windows.is_none());
+    assert_eq!(index.bytes(), clip_index::build_index(&plain[..], &clip_index::BuildOptions::default())?.bytes());
+    Ok(())
+}
+
+#[test]
 fn split_windows_index_decodes_every_span_like_the_full_one_and_checks_windows() -> anyhow::Result<()> {
     let (blob, full) = largest_python_layer(512 << 10)?;
     let (meta, windows) = full.split_windows()?.ok_or_else(|| anyhow::anyhow!("nothing to split"))?;

@@ -59,10 +59,20 @@ impl Default for BuildOptions {
 
 /// Reads `blob` once and builds its index.
 pub fn build_index(blob: impl Read + Send, opts: &BuildOptions) -> Result<Index, IndexError> {
-    let data = build_index_data(blob, opts)?;
-    let index = Index::open(data.encode()?)?;
-    // Seek points further apart than a reader may decode at once (a zstd blob of one large
-    // frame): say so here, not at every node that would try to serve it.
+    servable(Index::open(build_index_data(blob, opts)?.encode()?)?)
+}
+
+/// Reads `blob` once and builds its index without windows and the windows blob it refers to
+/// (see [`IndexData::encode_split`]); a layer without windows (not gzip) gives its plain index
+/// and `None`. What a builder publishes, made without holding the windows twice.
+pub fn build_index_split(blob: impl Read + Send, opts: &BuildOptions) -> Result<(Index, Option<Vec<u8>>), IndexError> {
+    let (index, windows) = build_index_data(blob, opts)?.encode_split()?;
+    Ok((servable(Index::open(index)?)?, windows))
+}
+
+/// Seek points further apart than a reader may decode at once (a zstd blob of one large
+/// frame): say so here, not at every node that would try to serve it.
+fn servable(index: Index) -> Result<Index, IndexError> {
     for i in 0..index.span_count() {
         index.span(i).map_err(|e| IndexError::Invalid(format!("this layer cannot be served lazily: {e}")))?;
     }
@@ -105,6 +115,7 @@ pub fn build_index_data(blob: impl Read + Send, opts: &BuildOptions) -> Result<I
         layer_digest,
         entries,
         checkpoints: done.checkpoints,
+        windows: done.windows,
     })
 }
 

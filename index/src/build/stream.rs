@@ -55,6 +55,8 @@ pub struct Finished {
     pub compressed_size: u64,
     pub uncompressed_size: u64,
     pub checkpoints: Vec<CheckpointRecord>,
+    /// The checkpoints' packed windows, back to back.
+    pub windows: Vec<u8>,
 }
 
 pub struct LayerStream<R> {
@@ -74,7 +76,17 @@ pub struct LayerStream<R> {
     unit: UnitState,
     done: bool,
     /// Packs checkpoint windows (made at the first).
-    window_packer: Option<zstd::bulk::Compressor<'static>>,
+    windows: Windows,
+}
+
+/// The checkpoints' windows, packed as they are taken.
+#[derive(Default)]
+struct Windows {
+    /// Every packed window so far, back to back ([`CheckpointRecord::window_len`]).
+    packed: Vec<u8>,
+    /// Where zstd packs one (it writes at a buffer's start).
+    scratch: Vec<u8>,
+    packer: Option<zstd::bulk::Compressor<'static>>,
 }
 
 /// The input buffer: `buf[pos..len]` is read and not consumed.
@@ -159,7 +171,7 @@ impl<R: Read> LayerStream<R> {
             uncompressed: 0,
             comp_start: 0,
             bits: 0,
-            window: Vec::new(),
+            window_len: 0,
             digest: [0; 32],
         };
         Ok(Self {
@@ -180,26 +192,29 @@ impl<R: Read> LayerStream<R> {
             checkpoints: vec![first],
             unit: UnitState::default(),
             done: false,
-            window_packer: None,
+            windows: Windows::default(),
         })
     }
 
-    /// A checkpoint's window as the index stores it (zstd at `ZSTD_LEVEL`), packed as it is taken:
-    /// a layer's 32 KiB windows held raw until the end were 128 MB for a gigabyte of 256 KiB spans.
-    /// Packed into a buffer of zstd's bound for the window (32 KiB), then cut to its size: a
-    /// window of zeros packs to a few bytes, and 4,000 buffers of 32 KiB were the builder's
-    /// largest allocation on a million-file layer.
-    fn pack_window(&mut self, window: &[u8]) -> io::Result<Vec<u8>> {
+    /// Packs a checkpoint's window as the index stores it (zstd at `ZSTD_LEVEL`) onto the end of
+    /// the windows buffer, as it is taken, and returns its packed length. Raw 32 KiB windows held
+    /// to the end were 128 MB for a gigabyte of 256 KiB spans; one buffer per packed window, each
+    /// of zstd's 32 KiB bound, were 128 MB of allocations on a million-file layer; one buffer for
+    /// all of them is what the index's windows section (or blob) becomes, without a copy.
+    fn pack_window(&mut self, window: &[u8]) -> io::Result<u32> {
         if window.is_empty() {
-            return Ok(Vec::new());
+            return Ok(0);
         }
-        let packer = match &mut self.window_packer {
+        let w = &mut self.windows;
+        let packer = match &mut w.packer {
             Some(p) => p,
             none => none.insert(zstd::bulk::Compressor::new(crate::format::ZSTD_LEVEL)?),
         };
-        let mut packed = packer.compress(window)?;
-        packed.shrink_to_fit();
-        Ok(packed)
+        w.scratch.clear();
+        w.scratch.reserve(zstd::zstd_safe::compress_bound(window.len()));
+        let packed = packer.compress_to_buffer(window, &mut w.scratch)?;
+        w.packed.extend_from_slice(&w.scratch[..packed]);
+        u32::try_from(packed).map_err(|_| io::Error::other("a packed window over 4 GiB"))
     }
 
     pub fn compression(&self) -> Compression {
@@ -255,7 +270,7 @@ impl<R: Read> LayerStream<R> {
     }
 
     /// Closes the current span and opens one at the current position.
-    fn checkpoint(&mut self, kind: CheckpointKind, bits: u8, window: Vec<u8>) {
+    fn checkpoint(&mut self, kind: CheckpointKind, bits: u8, window_len: u32) {
         let digest: [u8; 32] = std::mem::take(&mut self.digests.span).finalize().into();
         if let Some(prev) = self.checkpoints.last_mut() {
             prev.digest = digest;
@@ -269,7 +284,7 @@ impl<R: Read> LayerStream<R> {
             uncompressed: self.pos.uncomp,
             comp_start: self.pos.comp - u64::from(bits > 0),
             bits,
-            window,
+            window_len,
             digest: [0; 32],
         });
     }
@@ -312,7 +327,7 @@ impl<R: Read> LayerStream<R> {
                     self.consume(n);
                     self.pos.uncomp += n as u64;
                     if self.due() && self.ensure_input()? {
-                        self.checkpoint(CheckpointKind::Plain, 0, Vec::new());
+                        self.checkpoint(CheckpointKind::Plain, 0, 0);
                     }
                     n
                 }
@@ -392,13 +407,13 @@ impl<R: Read> LayerStream<R> {
                 }
                 inf.reset(GZIP)?;
                 if self.due() {
-                    self.checkpoint(CheckpointKind::Member, 0, Vec::new());
+                    self.checkpoint(CheckpointKind::Member, 0, 0);
                 }
             }
             Decoder::Zstd(_) => {
                 self.unit.zstd_mid_frame = false;
                 if self.due() {
-                    self.checkpoint(CheckpointKind::Frame, 0, Vec::new());
+                    self.checkpoint(CheckpointKind::Frame, 0, 0);
                 }
             }
             Decoder::None => {}
@@ -442,6 +457,7 @@ impl<R: Read> LayerStream<R> {
             compressed_size: self.digests.blob_len,
             uncompressed_size: self.pos.uncomp,
             checkpoints: self.checkpoints,
+            windows: self.windows.packed,
         })
     }
 }

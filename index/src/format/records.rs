@@ -37,9 +37,10 @@ pub struct CheckpointRecord {
     /// consumed byte).
     pub comp_start: u64,
     pub bits: u8,
-    /// The 32 KiB history window (block checkpoints), zstd-compressed at
-    /// [`ZSTD_LEVEL`](super::codes::ZSTD_LEVEL) as the index stores it.
-    pub window: Vec<u8>,
+    /// Bytes of the 32 KiB history window (block checkpoints), zstd-compressed at
+    /// [`ZSTD_LEVEL`](super::codes::ZSTD_LEVEL) as the index stores it; the windows of all
+    /// checkpoints lie back to back, in order, in one buffer beside them (0: none).
+    pub window_len: u32,
     /// sha256 of the span's compressed bytes.
     pub digest: [u8; 32],
 }

@@ -1,7 +1,6 @@
 //! The zran windows of gzip checkpoints: inline in the index (version 1) or split off into a
 //! separate blob with a digest per window (version 2), and reading one back.
 
-use super::backing::Backing;
 use super::codes::{FLAG_EXTERNAL_WINDOWS, HEADER_LEN, VERSION_EXTERNAL_WINDOWS, sha256};
 use super::header::Header;
 use super::view::{Index, SpanInfo};
@@ -30,37 +29,20 @@ impl Index {
     /// and the windows blob it refers to, so that a reader fetches only the windows of the
     /// spans it reads. `None` when there are no windows to split off.
     pub fn split_windows(&self) -> Result<Option<(Vec<u8>, Vec<u8>)>, IndexError> {
-        let Some((windows, digests)) = self.windows_and_digests()? else { return Ok(None) };
+        let Some(digests) = self.window_digests()? else { return Ok(None) };
+        let (wo, wl) = self.windows;
         let prefix = self.bytes[..self.strings.0 + self.strings.1].to_vec();
-        Ok(Some((without_windows(prefix, self.strings.1, &digests)?, windows)))
+        Ok(Some((without_windows(prefix, self.strings.1, &digests)?, self.bytes[wo..wo + wl].to_vec())))
     }
 
-    /// [`split_windows`](Self::split_windows) of an index that [`has_windows`](Self::has_windows)
-    /// and is dropped after: its own bytes, when nothing else shares them, become the index
-    /// without windows in place, so a large index is not held twice. An error without windows.
-    pub fn into_split_windows(self) -> Result<(Vec<u8>, Vec<u8>), IndexError> {
-        let (windows, digests) =
-            self.windows_and_digests()?.ok_or_else(|| format_err("the index has no windows to split off"))?;
-        let (keep, strings_len) = (self.strings.0 + self.strings.1, self.strings.1);
-        let prefix = match std::sync::Arc::try_unwrap(self.bytes) {
-            Ok(Backing::Owned(mut bytes)) => {
-                bytes.truncate(keep);
-                bytes
-            }
-            Ok(other) => other[..keep].to_vec(),
-            Err(shared) => shared[..keep].to_vec(),
-        };
-        Ok((without_windows(prefix, strings_len, &digests)?, windows))
-    }
-
-    /// The windows section and the sha256 of each checkpoint's window in it (`None` when the
-    /// index has no windows of its own).
-    fn windows_and_digests(&self) -> Result<Option<(Vec<u8>, Vec<u8>)>, IndexError> {
+    /// The sha256 of each checkpoint's window in the windows section (`None` when the index has
+    /// no windows of its own).
+    fn window_digests(&self) -> Result<Option<Vec<u8>>, IndexError> {
         if !self.has_windows() {
             return Ok(None);
         }
         let (wo, wl) = self.windows;
-        let windows = self.bytes[wo..wo + wl].to_vec();
+        let windows = &self.bytes[wo..wo + wl];
         let mut digests = Vec::with_capacity(self.checkpoint_count as usize * 32);
         for i in 0..self.checkpoint_count {
             let s = self.span(i)?;
@@ -70,7 +52,7 @@ impl Index {
                 .ok_or_else(|| format_err(format!("span {i}: window outside the index")))?;
             digests.extend_from_slice(&sha256(z));
         }
-        Ok(Some((windows, digests)))
+        Ok(Some(digests))
     }
 
     /// The (uncompressed) history window of a block checkpoint.
@@ -95,7 +77,7 @@ impl Index {
 /// A version-2 index from a version-1 index's bytes up to the end of its strings (`prefix`,
 /// whose string table is `strings_len` long) and its window digests: sections up to the strings
 /// unchanged, the digests after the strings inside the string table, the windows section empty.
-fn without_windows(mut out: Vec<u8>, strings_len: usize, digests: &[u8]) -> Result<Vec<u8>, IndexError> {
+pub(super) fn without_windows(mut out: Vec<u8>, strings_len: usize, digests: &[u8]) -> Result<Vec<u8>, IndexError> {
     let so = out.len() - strings_len;
     out.reserve_exact(digests.len() + super::codes::TRAILER_LEN);
     out.extend_from_slice(digests);
