@@ -157,7 +157,11 @@ impl TreeBuilder {
     }
 
     fn name(&self, id: u32) -> &[u8] {
-        let n = &self.nodes[id as usize];
+        self.name_of(&self.nodes[id as usize])
+    }
+
+    /// A node's name (the root's is empty).
+    fn name_of(&self, n: &Node) -> &[u8] {
         &self.names[n.name_off as usize..n.name_off as usize + n.name_len as usize]
     }
 
@@ -266,8 +270,11 @@ impl TreeBuilder {
         };
         for node in &nodes {
             let old = node.seq;
-            let name = if old == 0 { &[][..] } else { &self.names[node.name_off as usize..][..node.name_len as usize] };
-            out.push_strings(name, link_of(old, node.kind), self.xattrs.get(&old).map_or(empty, Vec::as_slice))?;
+            out.push_strings(
+                self.name_of(node),
+                link_of(old, node.kind),
+                self.xattrs.get(&old).map_or(empty, Vec::as_slice),
+            )?;
         }
         // The records, last first, each node's memory given back as the records' is taken.
         // A directory's first child id: 1 + the children of every directory before it.
@@ -279,7 +286,7 @@ impl TreeBuilder {
             let is_root = nodes.is_empty();
             out.put_record_back(&EntryRecord {
                 parent: if is_root { 0 } else { new_id[node.parent as usize] },
-                name: if is_root { &[] } else { &self.names[node.name_off as usize..][..node.name_len as usize] },
+                name: self.name_of(&node),
                 kind: node.kind,
                 mode: node.mode,
                 uid: node.owner.0,

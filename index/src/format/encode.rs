@@ -40,6 +40,8 @@ pub struct EntryEncoder {
     /// Where the strings and xattr records of the last entry still due end.
     strings_end: usize,
     xattrs_end: u32,
+    /// The record being written (reused: no allocation per record).
+    record: Vec<u8>,
 }
 
 impl EntryEncoder {
@@ -61,6 +63,7 @@ impl EntryEncoder {
             records_due: entry_count,
             strings_end: 0,
             xattrs_end: 0,
+            record: Vec::with_capacity(ENTRY_LEN),
         };
         e.media_type = e.add_str(media_type.as_bytes())?;
         e.strings_end = e.strings.len();
@@ -116,28 +119,29 @@ impl EntryEncoder {
             EntryKind::CharDevice | EntryKind::BlockDevice => (e.dev_major, e.dev_minor),
             _ => (0, 0),
         };
-        let mut r = Vec::with_capacity(ENTRY_LEN);
-        put_u32(&mut r, e.parent);
-        put_u32(&mut r, len_u32(name_off, "name bytes")?);
-        put_u32(&mut r, len_u32(e.name.len(), "name bytes")?);
+        let r = &mut self.record;
+        r.clear();
+        put_u32(r, e.parent);
+        put_u32(r, len_u32(name_off, "name bytes")?);
+        put_u32(r, len_u32(e.name.len(), "name bytes")?);
         r.extend_from_slice(&[e.kind as u8, 0, 0, 0]);
-        put_u32(&mut r, e.mode);
-        put_u32(&mut r, e.uid);
-        put_u32(&mut r, e.gid);
-        put_u32(&mut r, e.nlink);
+        put_u32(r, e.mode);
+        put_u32(r, e.uid);
+        put_u32(r, e.gid);
+        put_u32(r, e.nlink);
         r.extend_from_slice(&e.mtime_sec.to_le_bytes());
-        put_u32(&mut r, e.mtime_nsec);
-        put_u32(&mut r, len_u32(e.link.len(), "name bytes")?);
-        put_u64(&mut r, e.size);
-        put_u64(&mut r, e.data_offset);
-        put_u32(&mut r, aux);
-        put_u32(&mut r, x);
-        put_u32(&mut r, y);
-        put_u32(&mut r, xattr_first);
-        put_u32(&mut r, len_u32(e.xattrs.len(), "xattrs")?);
-        put_u32(&mut r, 0);
+        put_u32(r, e.mtime_nsec);
+        put_u32(r, len_u32(e.link.len(), "name bytes")?);
+        put_u64(r, e.size);
+        put_u64(r, e.data_offset);
+        put_u32(r, aux);
+        put_u32(r, x);
+        put_u32(r, y);
+        put_u32(r, xattr_first);
+        put_u32(r, len_u32(e.xattrs.len(), "xattrs")?);
+        put_u32(r, 0);
         let at = HEADER_LEN + id as usize * ENTRY_LEN;
-        self.out[at..at + ENTRY_LEN].copy_from_slice(&r);
+        self.out[at..at + ENTRY_LEN].copy_from_slice(&self.record);
         self.records_due = id;
         (self.strings_end, self.xattrs_end) = (name_off, xattr_first);
         Ok(())
@@ -188,16 +192,12 @@ impl IndexData {
         if self.windows.is_empty() {
             return Ok((self.encode()?, None));
         }
-        let mut digests = Vec::with_capacity(self.checkpoints.len() * 32);
-        let mut at = 0usize;
-        for c in &self.checkpoints {
-            let window = self
-                .windows
-                .get(at..at + c.window_len as usize)
-                .ok_or_else(|| IndexError::Invalid("a window outside the windows".into()))?;
-            digests.extend_from_slice(&super::codes::sha256(window));
-            at += window.len();
-        }
+        let mut at = 0u64;
+        let spans = self.checkpoints.iter().map(|c| {
+            at += u64::from(c.window_len);
+            Ok((at - u64::from(c.window_len), c.window_len))
+        });
+        let digests = super::windows::digest_windows(&self.windows, spans)?;
         let (prefix, windows, strings_len) = self.encode_parts()?;
         Ok((super::windows::without_windows(prefix, strings_len, &digests)?, Some(windows)))
     }

@@ -42,17 +42,8 @@ impl Index {
             return Ok(None);
         }
         let (wo, wl) = self.windows;
-        let windows = &self.bytes[wo..wo + wl];
-        let mut digests = Vec::with_capacity(self.checkpoint_count as usize * 32);
-        for i in 0..self.checkpoint_count {
-            let s = self.span(i)?;
-            let (off, len) = s.window;
-            let z = windows
-                .get(off as usize..off as usize + len as usize)
-                .ok_or_else(|| format_err(format!("span {i}: window outside the index")))?;
-            digests.extend_from_slice(&sha256(z));
-        }
-        Ok(Some(digests))
+        let spans = (0..self.checkpoint_count).map(|i| self.span(i).map(|s| s.window));
+        digest_windows(&self.bytes[wo..wo + wl], spans).map(Some)
     }
 
     /// The (uncompressed) history window of a block checkpoint.
@@ -72,6 +63,23 @@ impl Index {
             .map_err(|e| format_err(format!("span {}: bad window: {e}", s.index)))?;
         Ok(w)
     }
+}
+
+/// The sha256 of each checkpoint's window, in order, from the windows section and each
+/// checkpoint's (offset, length) in it: a version-2 index's window table.
+pub(super) fn digest_windows(
+    windows: &[u8],
+    spans: impl ExactSizeIterator<Item = Result<(u64, u32), IndexError>>,
+) -> Result<Vec<u8>, IndexError> {
+    let mut digests = Vec::with_capacity(spans.len() * 32);
+    for (i, span) in spans.enumerate() {
+        let (off, len) = span?;
+        let z = windows
+            .get(off as usize..off as usize + len as usize)
+            .ok_or_else(|| format_err(format!("span {i}: window outside the index")))?;
+        digests.extend_from_slice(&sha256(z));
+    }
+    Ok(digests)
 }
 
 /// A version-2 index from a version-1 index's bytes up to the end of its strings (`prefix`,
