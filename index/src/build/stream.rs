@@ -75,7 +75,7 @@ pub struct LayerStream<R> {
     /// Where the decoder is in the blob's gzip members or zstd frames.
     unit: UnitState,
     done: bool,
-    /// Packs checkpoint windows (made at the first).
+    /// The checkpoints' packed windows (the packer made at the first).
     windows: Windows,
 }
 
