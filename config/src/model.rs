@@ -141,8 +141,12 @@ pub struct PrefetchConfig {
     /// turns this off.
     pub threads: usize,
     /// Spans around a miss in a small file fetched speculatively (after it; half as many
-    /// before it).
+    /// before it), once the layer has missed `neighbours_after_misses` times.
     pub neighbour_spans: u32,
+    /// Misses a layer makes before a small file's neighbours are fetched: a short start is
+    /// bound by the link's bandwidth and pays for every guessed byte; a start that keeps
+    /// missing, file after file (a chain of Python imports), is bound by round trips.
+    pub neighbours_after_misses: u32,
     /// A file read is fetched whole speculatively when it has at most this many spans.
     pub file_spans: u32,
     /// At the first miss in a shared library of 8 MiB or more, the tables its dynamic loader
@@ -213,7 +217,7 @@ impl Default for LazyConfig {
 
 impl Default for PrefetchConfig {
     fn default() -> Self {
-        Self { threads: 4, neighbour_spans: 0, file_spans: 32, library_tables: true }
+        Self { threads: 4, neighbour_spans: 2, neighbours_after_misses: 8, file_spans: 32, library_tables: true }
     }
 }
 

@@ -26,8 +26,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-/// How often a layer may probe, while demand goes on, whether its stream is ahead of a reader.
+/// How often a layer may probe, while demand goes on, whether its stream is ahead of a reader;
+/// the wait doubles after each probe while reads use nothing streamed, up to [`PROBE_MOST_EVERY`]
+/// (a torch start on a slow link probed three layers every 2 s: 22 MB of 290, scattered reads
+/// using almost none of it).
 pub const PROBE_EVERY: Duration = Duration::from_secs(2);
+/// The longest wait between two probes of a layer.
+pub const PROBE_MOST_EVERY: Duration = Duration::from_secs(16);
 /// Compressed bytes of one probe request.
 pub const PROBE_BYTES: u64 = 512 << 10;
 /// The streamed spans and their reads are counted over about this long (halved after each).
@@ -60,8 +65,9 @@ struct Layer {
     window_hits: u64,
     window_streamed: u64,
     window_from: Instant,
-    /// Its next probe while demand goes on.
+    /// Its next probe while demand goes on, and the wait after the last.
     probe_at: Instant,
+    probe_gap: Duration,
     /// A thread is streaming it now.
     busy: bool,
 }
@@ -128,6 +134,7 @@ impl Completer {
             window_streamed: 0,
             window_from: now,
             probe_at: now,
+            probe_gap: PROBE_EVERY / 2,
             busy: false,
         });
     }
@@ -171,7 +178,9 @@ fn turn(
         return Some(Turn::AheadOfReads);
     }
     if now >= layer.probe_at {
-        layer.probe_at = now + PROBE_EVERY;
+        layer.probe_gap =
+            if layer.window_hits > 0 { PROBE_EVERY } else { layer.probe_gap.saturating_mul(2).min(PROBE_MOST_EVERY) };
+        layer.probe_at = now + layer.probe_gap;
         return Some(Turn::Probe);
     }
     None
@@ -341,6 +350,7 @@ mod tests {
             window_streamed: 0,
             window_from: now,
             probe_at: now,
+            probe_gap: PROBE_EVERY / 2,
             busy: false,
         };
         let _demand = cache.demand().begin();
@@ -359,6 +369,18 @@ mod tests {
         let later = now + PROBE_EVERY + Duration::from_millis(1);
         assert_eq!(turn(&mut l, &cache, &policy, cache.demand(), later), Some(Turn::Probe));
         assert_eq!(turn(&mut l, &cache, &policy, cache.demand(), later), None);
+        // Probes nobody reads from come less and less often: 2 s after one whose reads used
+        // streamed spans, then 4, 8, 16, 16 s.
+        let mut at = later;
+        for gap in [2, 4, 8, 16, 16] {
+            let gap = Duration::from_secs(gap);
+            let early = at + gap.saturating_sub(Duration::from_millis(1));
+            assert_eq!(turn(&mut l, &cache, &policy, cache.demand(), early), None);
+            at += gap;
+            l.window_from = at; // keeps the reads counted so far from halving away
+            l.window_hits = 0;
+            assert_eq!(turn(&mut l, &cache, &policy, cache.demand(), at), Some(Turn::Probe), "no probe {gap:?} after");
+        }
         // A mount younger than start_delay never streams.
         let young = CompletionPolicy { start_delay: Duration::from_secs(60), quiet: Duration::ZERO, ..policy };
         assert_eq!(turn(&mut l, &cache, &young, cache.demand(), now), None);

@@ -5,6 +5,12 @@
 //! next reads find their spans local or already on the way (readers wait for a span in flight
 //! instead of fetching it again, see [`crate::spans`]). No profiling, no image conversion.
 //!
+//! A small file's neighbours are guessed only once the layer has missed
+//! `neighbours_after_misses` times: a short start (`python3 -c 'print(1)'`) is bound by the
+//! link's bandwidth and every guessed byte delays it, while a start that keeps missing file
+//! after file (`import torch` imports about a thousand modules, one round trip each) is bound by
+//! round trips, and the next modules it imports are mostly stored beside the last.
+//!
 //! A guess that proves right (a read uses a prefetched span first) counts as a new hint, so a
 //! reader moving through a package is followed with a short window rather than a wide one.
 //!
@@ -38,8 +44,11 @@ use std::sync::{Arc, Weak};
 pub struct PrefetchPolicy {
     /// Worker threads (parallel requests); 0 turns prefetching off.
     pub threads: usize,
-    /// Spans around a miss fetched ahead (after it; half as many before it).
+    /// Spans around a miss in a small file fetched ahead (after it; half as many before it)...
     pub neighbour_spans: u32,
+    /// ...once the layer has missed this many times (a long run of misses is a start bound by
+    /// round trips; a short start pays for every guessed byte on a slow link).
+    pub neighbours_after_misses: u32,
     /// The rest of the file read is fetched when it has at most this many spans (else the
     /// next this many).
     pub file_spans: u32,
@@ -147,7 +156,8 @@ impl MissObserver for Prefetcher {
         // Then its neighbours in the tar, after a read of a small file (a module of a package
         // is read with its siblings); a large file is read in place (an mmap of a library
         // touches its own pages, not the next file's).
-        if p.neighbour_spans > 0 && small_file {
+        let missed_enough = cache.metrics().span_misses.get() >= u64::from(p.neighbours_after_misses);
+        if p.neighbour_spans > 0 && small_file && missed_enough {
             jobs.push((last + 1, last.saturating_add(p.neighbour_spans)));
             if first > 0 {
                 jobs.push((first.saturating_sub((p.neighbour_spans / 2).max(1)), first - 1));
@@ -300,8 +310,14 @@ mod tests {
         // 40 files: over 2 MiB, so not fetched whole.
         let (index, blob) = layer(40, Duration::from_millis(5));
         assert!(index.compressed_size() > SMALL_LAYER_BYTES);
-        let policy =
-            PrefetchPolicy { threads: 2, neighbour_spans: 1, file_spans: 0, group_spans: 8, library_tables: true };
+        let policy = PrefetchPolicy {
+            threads: 2,
+            neighbour_spans: 1,
+            neighbours_after_misses: 0,
+            file_spans: 0,
+            group_spans: 8,
+            library_tables: true,
+        };
         let c = cache(&index, &blob, dir.path(), Some(policy));
         let (a, b) = span_range(&index, 10);
         c.read_hinted(a, b, 0, None).expect("read");
@@ -319,12 +335,45 @@ mod tests {
     }
 
     #[test]
+    fn neighbours_are_guessed_only_once_the_layer_has_missed_often_enough() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (index, blob) = layer(40, Duration::from_millis(5));
+        let policy = PrefetchPolicy {
+            threads: 2,
+            neighbour_spans: 1,
+            neighbours_after_misses: 3,
+            file_spans: 0,
+            group_spans: 8,
+            library_tables: true,
+        };
+        let c = cache(&index, &blob, dir.path(), Some(policy));
+        for span in [10, 20] {
+            let (a, b) = span_range(&index, span);
+            c.read_hinted(a, b, 0, None).expect("read");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        let guessed = [9, 11, 19, 21].iter().filter(|i| c.is_cached(**i)).count();
+        assert_eq!(guessed, 0, "neighbours guessed after two misses");
+        assert_eq!(blob.requests.load(Ordering::SeqCst), 2);
+        // The third miss opens the guessing.
+        let (a, b) = span_range(&index, 30);
+        c.read_hinted(a, b, 0, None).expect("read");
+        assert!(wait_until(|| c.is_cached(29) && c.is_cached(31)), "the third miss's neighbours were not fetched");
+    }
+
+    #[test]
     fn a_small_layer_is_fetched_whole_at_its_first_miss() {
         let dir = tempfile::tempdir().expect("tmp");
         let (index, blob) = layer(12, Duration::from_millis(5));
         assert!(index.compressed_size() <= SMALL_LAYER_BYTES && index.span_count() > 4);
-        let policy =
-            PrefetchPolicy { threads: 1, neighbour_spans: 1, file_spans: 0, group_spans: 2, library_tables: true };
+        let policy = PrefetchPolicy {
+            threads: 1,
+            neighbour_spans: 1,
+            neighbours_after_misses: 0,
+            file_spans: 0,
+            group_spans: 2,
+            library_tables: true,
+        };
         let c = cache(&index, &blob, dir.path(), Some(policy));
         let (a, b) = span_range(&index, 0);
         c.read_hinted(a, b, 0, None).expect("read");
@@ -360,7 +409,14 @@ mod tests {
     }
 
     fn library_policy() -> PrefetchPolicy {
-        PrefetchPolicy { threads: 2, neighbour_spans: 0, file_spans: 32, group_spans: 8, library_tables: true }
+        PrefetchPolicy {
+            threads: 2,
+            neighbour_spans: 0,
+            neighbours_after_misses: 0,
+            file_spans: 32,
+            group_spans: 8,
+            library_tables: true,
+        }
     }
 
     #[test]
@@ -460,8 +516,14 @@ mod tests {
     fn a_reader_going_down_a_large_file_finds_most_spans_fetched_ahead() {
         let dir = tempfile::tempdir().expect("tmp");
         let (index, blob) = layer(40, Duration::from_millis(20));
-        let policy =
-            PrefetchPolicy { threads: 2, neighbour_spans: 0, file_spans: 16, group_spans: 8, library_tables: false };
+        let policy = PrefetchPolicy {
+            threads: 2,
+            neighbour_spans: 0,
+            neighbours_after_misses: 0,
+            file_spans: 16,
+            group_spans: 8,
+            library_tables: false,
+        };
         let c = cache(&index, &blob, dir.path(), Some(policy));
         let file = || Some(0..index.span(index.span_count() - 1).expect("span").uncomp_end);
         for i in (10..=35).rev() {
@@ -476,8 +538,14 @@ mod tests {
     fn a_scattered_reader_of_a_large_file_is_sent_a_small_window_a_sequential_one_a_wide_one() {
         let dir = tempfile::tempdir().expect("tmp");
         let (index, blob) = layer(40, Duration::from_millis(5));
-        let policy =
-            PrefetchPolicy { threads: 1, neighbour_spans: 0, file_spans: 16, group_spans: 64, library_tables: true };
+        let policy = PrefetchPolicy {
+            threads: 1,
+            neighbour_spans: 0,
+            neighbours_after_misses: 0,
+            file_spans: 16,
+            group_spans: 64,
+            library_tables: true,
+        };
         let c = cache(&index, &blob, dir.path(), Some(policy));
         // The whole layer as one large file (40 spans > 16).
         let file = || Some(0..index.span(index.span_count() - 1).expect("span").uncomp_end);

@@ -77,6 +77,7 @@ impl ReadSettings {
             prefetcher: Prefetcher::start(PrefetchPolicy {
                 threads: cfg.lazy.prefetch.threads,
                 neighbour_spans: cfg.lazy.prefetch.neighbour_spans,
+                neighbours_after_misses: cfg.lazy.prefetch.neighbours_after_misses,
                 file_spans: cfg.lazy.prefetch.file_spans,
                 group_spans: PREFETCH_GROUP_SPANS,
                 library_tables: cfg.lazy.prefetch.library_tables,
