@@ -173,3 +173,66 @@ fn small_reads_fetch_little_corrupted_spans_fail_and_a_vanished_registry_recover
 fn libc_eio() -> i32 {
     5
 }
+
+/// A layer's bytes in memory.
+struct InMemory(Vec<u8>);
+
+impl clip_index::RangeFetcher for InMemory {
+    fn fetch(&self, offset: u64, len: u64) -> Result<Vec<u8>, clip_index::IndexError> {
+        let end = offset.checked_add(len).filter(|e| *e <= self.0.len() as u64);
+        end.map(|e| self.0[offset as usize..e as usize].to_vec()).ok_or_else(|| clip_index::IndexError::Fetch {
+            offset,
+            len,
+            message: "out of range".into(),
+        })
+    }
+}
+
+/// A directory read by the kernel in many requests, each starting where the last ended, lists
+/// every entry once — with an opaque marker among its children (hidden: the entries after it
+/// are shifted by one) and a whiteout (shown as the name it hides). Each request decodes only
+/// the entries it answers.
+#[test]
+fn a_large_directory_with_an_opaque_marker_lists_every_entry_once_across_requests() -> Result<()> {
+    require_root();
+    let td = TestDir::new("layerfs-listing")?;
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut add = |name: &str| -> Result<()> {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(0);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_cksum();
+        tar.append_data(&mut h, name, std::io::empty())?;
+        Ok(())
+    };
+    // "+first" sorts before ".wh..wh..opq", the files after it.
+    let files: Vec<String> = (0..3000).map(|n| format!("file-{n:05}-with-a-longer-name")).collect();
+    for name in ["big/+first", "big/.wh..wh..opq", "big/.wh.gone"] {
+        add(name)?;
+    }
+    for f in &files {
+        add(&format!("big/{f}"))?;
+    }
+    let bytes = tar.into_inner()?;
+    let index = clip_index::build_index(bytes.as_slice(), &clip_index::BuildOptions::default())?;
+    let spans = Arc::new(SpanCache::new(Arc::new(index), td.path().join("spans"), Arc::new(InMemory(bytes)))?);
+    let mountpoint = td.sub("mnt")?;
+    let (_session, _fd) = layerfs::mount(LayerFs::new(spans), &mountpoint, "sha256:listing")?;
+    let mut got: Vec<String> = std::fs::read_dir(mountpoint.join("big"))?
+        .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_>>()?;
+    got.sort();
+    let mut want: Vec<String> = files.clone();
+    want.push("+first".into());
+    want.push("gone".into());
+    want.sort();
+    assert_eq!(got.len(), want.len(), "entries listed: {} against {}", got.len(), want.len());
+    assert_eq!(got, want);
+    let gone = std::fs::symlink_metadata(mountpoint.join("big/gone"))?;
+    assert_eq!(gone.rdev(), 0, "a whiteout is a 0:0 character device");
+    Ok(())
+}

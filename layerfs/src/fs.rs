@@ -207,36 +207,55 @@ impl LayerFs {
 }
 
 impl LayerFs {
-    /// A directory's entries as the unpacked layer shows them (`.`, `..`, then the children
-    /// with whiteouts presented and opaque markers hidden), with their attributes.
-    /// The listing of directory `ino` (`.` and `..` first; the caller skips to `offset`), or
-    /// nothing, without building it, when `offset` is past its end — the request that ends
-    /// every directory's reading, one in two of a cold walk's requests.
-    fn listing(&self, ino: INodeNo, offset: u64) -> Result<Vec<(FileAttr, Vec<u8>)>, Errno> {
+    /// Directory `ino`'s entries as the unpacked layer shows them (`.`, `..`, then the children
+    /// with whiteouts presented and opaque markers hidden) from position `offset` on, each given
+    /// to `add` with its attributes and the offset of the entry after it, until `add` says the
+    /// reply is full. Only the entries answered are decoded: a directory of a million entries is
+    /// read in thousands of requests, and building its whole listing for each (as this did) was
+    /// quadratic — a hostile layer's way to burn the daemon's CPU. Past the end, nothing is
+    /// decoded (the request that ends every directory's reading, one in two of a cold walk's).
+    fn list_from(
+        &self,
+        ino: INodeNo,
+        offset: u64,
+        mut add: impl FnMut(&FileAttr, u64, &[u8]) -> bool,
+    ) -> Result<(), Errno> {
         let dir = self.entry(ino)?;
         if dir.kind != EntryKind::Dir {
             return Err(Errno::ENOTDIR);
         }
         let index = self.index();
         let children = index.children(&dir).map_err(|_| Errno::EIO)?;
-        if offset >= 2 + u64::from(children.end - children.start) {
-            return Ok(Vec::new());
+        // Siblings are sorted and unique (validated): at most one marker, found by its name.
+        let marker = index.child(&dir, OPAQUE_MARKER).map_err(|_| Errno::EIO)?;
+        let shown = u64::from(children.end - children.start) - u64::from(marker.is_some());
+        if offset >= 2 + shown {
+            return Ok(());
         }
         if offset == 0 {
             index.expect_walk();
         }
-        let parent = index.entry(dir.parent).map_err(|_| Errno::EIO)?;
-        let mut items = vec![(self.attr(&dir, false)?, b".".to_vec()), (self.attr(&parent, false)?, b"..".to_vec())];
-        for id in children {
-            let c = index.entry(id).map_err(|_| Errno::EIO)?;
-            if c.name == OPAQUE_MARKER {
-                continue;
+        for pos in offset..2 + shown {
+            let (attr, name) = match pos {
+                0 => (self.attr(&dir, false)?, b".".to_vec()),
+                1 => (self.attr(&index.entry(dir.parent).map_err(|_| Errno::EIO)?, false)?, b"..".to_vec()),
+                _ => {
+                    // The (pos - 2)th child that is not the marker (pos < 2 + shown fits in u32).
+                    let mut id = children.start + (pos - 2) as u32;
+                    if marker.is_some_and(|m| m <= id) {
+                        id += 1;
+                    }
+                    let c = index.entry(id).map_err(|_| Errno::EIO)?;
+                    let whiteout = Self::is_whiteout_entry(&c);
+                    let name = if whiteout { &c.name[WHITEOUT_PREFIX.len()..] } else { c.name };
+                    (self.attr(&c, whiteout)?, name.to_vec())
+                }
+            };
+            if add(&attr, pos + 1, &name) {
+                break;
             }
-            let whiteout = Self::is_whiteout_entry(&c);
-            let name = if whiteout { c.name[WHITEOUT_PREFIX.len()..].to_vec() } else { c.name.to_vec() };
-            items.push((self.attr(&c, whiteout)?, name));
         }
-        Ok(items)
+        Ok(())
     }
 }
 
@@ -437,16 +456,12 @@ impl Filesystem for LayerFs {
 
     fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         self.count(FuseOp::Readdir);
-        let items = match self.listing(ino, offset) {
-            Ok(items) => items,
-            Err(e) => return reply.error(e),
-        };
-        for (pos, (attr, name)) in items.iter().enumerate().skip(offset as usize) {
-            if reply.add(attr.ino, pos as u64 + 1, attr.kind, OsStr::from_bytes(name)) {
-                break;
-            }
+        let listed = self
+            .list_from(ino, offset, |attr, next, name| reply.add(attr.ino, next, attr.kind, OsStr::from_bytes(name)));
+        match listed {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
         }
-        reply.ok();
     }
 
     fn readdirplus(
@@ -458,16 +473,13 @@ impl Filesystem for LayerFs {
         mut reply: fuser::ReplyDirectoryPlus,
     ) {
         self.count(FuseOp::Readdirplus);
-        let items = match self.listing(ino, offset) {
-            Ok(items) => items,
-            Err(e) => return reply.error(e),
-        };
-        for (pos, (attr, name)) in items.iter().enumerate().skip(offset as usize) {
-            if reply.add(attr.ino, pos as u64 + 1, OsStr::from_bytes(name), &TTL, attr, Generation(0)) {
-                break;
-            }
+        let listed = self.list_from(ino, offset, |attr, next, name| {
+            reply.add(attr.ino, next, OsStr::from_bytes(name), &TTL, attr, Generation(0))
+        });
+        match listed {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
         }
-        reply.ok();
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
