@@ -192,10 +192,12 @@ impl RemoteLayers {
         req: &RemoteRequest,
         binding: Binding,
     ) -> Result<OpenedLayer, RemoteError> {
-        let (index, windows) = self.discovery.load(repo, &binding)?;
+        // The profile lookup (a few round trips) goes on while the index is fetched: a replay
+        // that starts sooner ends sooner, and the start waits for its last span.
         if let Some(p) = &self.profiles {
             p.image_opened(repo, req);
         }
+        let (index, windows) = self.discovery.load(repo, &binding)?;
         let mut opened = self.opened(&req.image_ref, index, windows, binding.key);
         opened.manifest_digest = binding.manifest_digest;
         Ok(opened)
