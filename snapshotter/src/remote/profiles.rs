@@ -140,8 +140,10 @@ impl ProfileBook {
         self.dir.join(format!("{}.json", manifest_digest.replace(':', "-")))
     }
 
-    /// A layer of `req`'s image was opened for a lazy Prepare: the first one starts the
-    /// image's recording and its profile lookup.
+    /// A layer of `req`'s image is being opened for a lazy Prepare (before its index is
+    /// loaded, so that the lookup overlaps that fetch): the first one starts the image's
+    /// recording and its profile lookup. When no layer of the image ends up mounted, nothing is
+    /// recorded or replayed and the recording ends after [`IDLE_LIMIT`].
     pub(crate) fn image_opened(self: &Arc<Self>, repo: &Arc<Repository>, req: &RemoteRequest) {
         let mut images = self.images.lock();
         if let Some(img) = images.get(&req.image_ref) {
