@@ -8,6 +8,7 @@ use super::{Cause, SpanCache, SpanError, cache_err, has_len};
 use clip_index::{HISTORY_BYTES, IndexError, SpanInfo};
 use std::fs;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
 
 /// The last [`HISTORY_BYTES`] of `history` followed by `data`: the history of the next span.
 fn carry_history(history: Option<Vec<u8>>, data: &[u8]) -> Vec<u8> {
@@ -56,6 +57,50 @@ impl SpanCache {
             out.extend_from_slice(&buf);
         }
         Ok(out)
+    }
+
+    /// Fetches the missing spans of `first..=last` that nobody fetches yet, in requests of at
+    /// most `max_group` spans, for the prefetcher or a profile replay (`cause`). Returns how
+    /// many spans it fetched.
+    pub fn fetch_missing(&self, first: u32, last: u32, max_group: u32, cause: Cause) -> Result<u32, SpanError> {
+        self.fetch_run(first, last, max_group, cause, true)
+    }
+
+    /// [`Self::fetch_missing`] for the prefetcher of spans a reader is known to want (the pages
+    /// a library's relocations write, [`crate::elf`]): their first read is no right guess, so it
+    /// opens no window after it.
+    pub fn fetch_wanted(&self, first: u32, last: u32, max_group: u32) -> Result<u32, SpanError> {
+        self.fetch_run(first, last, max_group, Cause::Prefetch, false)
+    }
+
+    /// [`Self::fetch_missing`]; `guess`: the spans' first read tells the prefetcher its guess was right.
+    fn fetch_run(&self, first: u32, last: u32, max_group: u32, cause: Cause, guess: bool) -> Result<u32, SpanError> {
+        if cause == Cause::Profile {
+            self.guesses.replaying.store(true, Ordering::Relaxed);
+        }
+        let last = self.clamp(last);
+        let mut fetched = 0;
+        let mut i = first;
+        while i <= last && i < self.index.span_count() {
+            let claim = self
+                .inflight
+                .claim_run(i, last, max_group.max(1) as usize, u64::MAX, &self.local, |j| self.comp_len(j));
+            let Some(&end) = claim.spans.last() else {
+                i += 1;
+                continue;
+            };
+            let group = self.span_infos(&claim.spans)?;
+            i = end + 1;
+            self.fetch_group(&group, cause)?;
+            fetched += group.len() as u32;
+            match cause {
+                Cause::Profile => self.guesses.replayed.lock().extend(claim.spans.iter().copied()),
+                _ if guess => self.guesses.speculative.lock().extend(claim.spans.iter().copied()),
+                _ => {}
+            }
+            drop(claim);
+        }
+        Ok(fetched)
     }
 
     /// Makes span `i` local for `cause`: waits for a fetch of it in flight (a container's read

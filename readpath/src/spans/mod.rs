@@ -362,37 +362,6 @@ impl SpanCache {
         last.min(self.index.span_count().saturating_sub(1))
     }
 
-    /// Fetches the missing spans of `first..=last` that nobody fetches yet, in requests of at
-    /// most `max_group` spans, for the prefetcher or a profile replay (`cause`). Returns how
-    /// many spans it fetched.
-    pub fn fetch_missing(&self, first: u32, last: u32, max_group: u32, cause: Cause) -> Result<u32, SpanError> {
-        if cause == Cause::Profile {
-            self.guesses.replaying.store(true, Ordering::Relaxed);
-        }
-        let last = self.clamp(last);
-        let mut fetched = 0;
-        let mut i = first;
-        while i <= last && i < self.index.span_count() {
-            let claim = self
-                .inflight
-                .claim_run(i, last, max_group.max(1) as usize, u64::MAX, &self.local, |j| self.comp_len(j));
-            let Some(&end) = claim.spans.last() else {
-                i += 1;
-                continue;
-            };
-            let group = self.span_infos(&claim.spans)?;
-            i = end + 1;
-            self.fetch_group(&group, cause)?;
-            fetched += group.len() as u32;
-            match cause {
-                Cause::Profile => self.guesses.replayed.lock().extend(claim.spans.iter().copied()),
-                _ => self.guesses.speculative.lock().extend(claim.spans.iter().copied()),
-            }
-            drop(claim);
-        }
-        Ok(fetched)
-    }
-
     /// The index records of `spans`.
     fn span_infos(&self, spans: &[u32]) -> Result<Vec<SpanInfo>, SpanError> {
         spans.iter().map(|&j| self.index.span(j).map_err(|e| SpanError::Span { span: j, source: e })).collect()

@@ -28,7 +28,8 @@
 //!
 //! At the first miss in a large file that is a shared library, its dynamic-linking tables
 //! ([`crate::elf`]: relocations, symbols, their names, RELRO) are fetched whole, in parallel
-//! requests: the loader reads all of them, in an order no window follows.
+//! requests: the loader reads all of them, in an order no window follows. Then the pages its
+//! relocations write outside RELRO, exactly: [`library`].
 //!
 //! Newest hints first: a container moves on, and an old hint is worth less than a new one; the
 //! queue is bounded and drops the oldest.
@@ -38,6 +39,8 @@ use crate::workers::Workers;
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
+
+mod library;
 
 /// How the prefetcher guesses.
 #[derive(Debug, Clone, Copy)]
@@ -92,8 +95,13 @@ enum Job {
         /// Spans per request (0: the policy's).
         group: u32,
     },
-    /// The first miss in a large file: if it is a shared library, its loader's tables.
+    /// The first miss in a large file: if it is a shared library, its loader's tables...
     Library { cache: Weak<SpanCache>, data: std::ops::Range<u64> },
+    /// ...then, once they are read, the pages its relocations write.
+    Relocated { cache: Weak<SpanCache>, data: std::ops::Range<u64>, library: Box<crate::elf::Library> },
+    /// Runs of spans a reader is known to want (first, last), one run per request, each to the
+    /// next free worker; their reads are no right guesses ([`SpanCache::fetch_wanted`]).
+    Wanted { cache: Weak<SpanCache>, runs: VecDeque<(u32, u32)> },
 }
 
 /// The daemon's prefetcher: a queue of hints and the threads that fetch them.
@@ -239,50 +247,47 @@ fn work(workers: &Workers<VecDeque<Job>>, job: Job, group: u32) {
         Job::Spans { cache, first, last, group: own } => {
             let Some(cache) = cache.upgrade() else { return };
             let group = if own > 0 { own } else { group };
-            match cache.fetch_missing(first, last, group, Cause::Prefetch) {
-                Ok(0) => {}
-                Ok(n) => {
-                    cache.metrics().prefetched_spans.inc_by(u64::from(n));
-                    tracing::trace!(layer = %cache.layer(), first, last, spans = n, "prefetched");
-                }
-                Err(e) => {
-                    tracing::debug!(layer = %cache.layer(), error = %e, "prefetch failed (a read will fetch again)");
-                }
-            }
+            prefetched(&cache, first, last, cache.fetch_missing(first, last, group, Cause::Prefetch));
         }
         Job::Library { cache, data } => {
             let Some(cache) = cache.upgrade() else { return };
-            push_front(workers, library_jobs(&cache, &data, group));
+            let Some((library, runs)) = library::tables(&cache, &data, group) else { return };
+            let weak = Arc::downgrade(&cache);
+            let tables = runs.into_iter().map(|(first, last)| Job::Spans { cache: weak.clone(), first, last, group });
+            let relocated = Job::Relocated { cache: weak.clone(), data, library: Box::new(library) };
+            push_front(workers, tables.chain([relocated]));
+        }
+        Job::Relocated { cache, data, library } => {
+            let Some(cache) = cache.upgrade() else { return };
+            let runs = library::relocated_runs(&cache, &data, &library);
+            if !runs.is_empty() {
+                push_front(workers, [Job::Wanted { cache: Arc::downgrade(&cache), runs }]);
+            }
+        }
+        Job::Wanted { cache, mut runs } => {
+            let Some((first, last)) = runs.pop_front() else { return };
+            if !runs.is_empty() {
+                // The rest to the next free worker: the runs are fetched in parallel.
+                push_front(workers, [Job::Wanted { cache: cache.clone(), runs }]);
+            }
+            let Some(cache) = cache.upgrade() else { return };
+            prefetched(&cache, first, last, cache.fetch_wanted(first, last, group));
         }
     }
 }
 
-/// Jobs fetching the loader's tables of the shared library whose data lies at `data` ([`crate::elf`]),
-/// `group` spans each (none when it is not one).
-fn library_jobs(cache: &Arc<SpanCache>, data: &std::ops::Range<u64>, group: u32) -> Vec<Job> {
-    let mut read = |offset: u64, len: u64| {
-        let start = data.start.checked_add(offset)?;
-        cache.read_for_prefetch(start, start.checked_add(len)?.min(data.end)).ok()
-    };
-    let ranges = match crate::elf::loader_ranges(data.end - data.start, &mut read) {
-        Ok(r) => r,
-        Err(why) => {
-            tracing::trace!(layer = %cache.layer(), at = data.start, %why, "not a shared library");
-            return Vec::new();
+/// Counts the spans a prefetch of `first..=last` fetched, or says why it failed.
+fn prefetched(cache: &SpanCache, first: u32, last: u32, result: Result<u32, crate::spans::SpanError>) {
+    match result {
+        Ok(0) => {}
+        Ok(n) => {
+            cache.metrics().prefetched_spans.inc_by(u64::from(n));
+            tracing::trace!(layer = %cache.layer(), first, last, spans = n, "prefetched");
         }
-    };
-    let mut jobs = Vec::new();
-    for r in &ranges {
-        let Ok(spans) = cache.index().spans_for(data.start + r.start, r.end - r.start) else { continue };
-        let last = *spans.end();
-        for first in spans.step_by(group.max(1) as usize) {
-            let end = first.saturating_add(group.max(1) - 1).min(last);
-            jobs.push(Job::Spans { cache: Arc::downgrade(cache), first, last: end, group });
+        Err(e) => {
+            tracing::debug!(layer = %cache.layer(), error = %e, "prefetch failed (a read will fetch again)");
         }
     }
-    let bytes: u64 = ranges.iter().map(|r| r.end - r.start).sum();
-    tracing::debug!(layer = %cache.layer(), at = data.start, ranges = ranges.len(), bytes, "a shared library's loader tables are fetched ahead");
-    jobs
 }
 
 #[cfg(test)]
@@ -394,96 +399,6 @@ mod tests {
         c.read_hinted(a, b, 0, None).expect("read");
         assert!(wait_until(|| (0..index.span_count()).all(|i| c.is_cached(i))), "the small layer was not completed");
         assert_eq!(blob.requests.load(Ordering::SeqCst), 2, "one request for the miss, one for the rest");
-    }
-
-    /// A layer of small files and this machine's libstdc++ (many symbols) padded to a large
-    /// file, behind a blob answering after `delay`: its index, blob, the library's data range,
-    /// its bytes and the spans of its loader tables. None without libstdc++.
-    #[allow(clippy::type_complexity)]
-    fn library_layer(
-        delay: Duration,
-    ) -> Option<(Arc<clip_index::Index>, Arc<SlowBlob>, std::ops::Range<u64>, Vec<u8>, Vec<u32>)> {
-        let lib = std::fs::read("/usr/lib/x86_64-linux-gnu/libstdc++.so.6").ok()?;
-        let mut data = lib;
-        data.resize((crate::elf::MIN_FILE_BYTES + (1 << 20)) as usize, 0);
-        let mut files: Vec<(String, Vec<u8>)> = (0..8).map(|n| (format!("a{n}"), vec![n as u8; 64 << 10])).collect();
-        files.push(("libstdc++.so.6".into(), data.clone()));
-        let (index, blob) = crate::testutil::layer_of(&files, delay);
-        let id = index.lookup("/libstdc++.so.6").expect("lookup").expect("entry");
-        let entry = index.entry(id).expect("entry");
-        let file = entry.data_offset..entry.data_offset + entry.size;
-        let ranges = crate::elf::loader_ranges(entry.size, &mut |o, l| {
-            data.get(o as usize..(o + l) as usize).map(<[u8]>::to_vec)
-        })
-        .expect("libstdc++ has loader tables");
-        let table_spans = ranges
-            .iter()
-            .flat_map(|r| index.spans_for(file.start + r.start, r.end - r.start).expect("spans"))
-            .collect();
-        Some((index, blob, file, data, table_spans))
-    }
-
-    fn library_policy() -> PrefetchPolicy {
-        PrefetchPolicy {
-            threads: 2,
-            neighbour_spans: 0,
-            neighbours_after_misses: 0,
-            file_spans: 32,
-            group_spans: 8,
-            library_tables: true,
-        }
-    }
-
-    #[test]
-    fn a_shared_librarys_loader_tables_are_fetched_at_its_first_miss_and_nothing_else_far() {
-        let Some((index, blob, file, _, table_spans)) = library_layer(Duration::from_millis(5)) else { return };
-        let dir = tempfile::tempdir().expect("tmp");
-        let c = cache(&index, &blob, dir.path(), Some(library_policy()));
-        // ld.so's first read: the ELF and program headers.
-        c.read_hinted(file.start, file.start + 832, 0, Some(file.clone())).expect("read");
-        assert!(wait_until(|| table_spans.iter().all(|i| c.is_cached(*i))), "the loader's tables were not fetched");
-        // Spans of the library that are neither its tables nor in the first window: not fetched.
-        std::thread::sleep(Duration::from_millis(200));
-        let all = index.spans_for(file.start, file.end - file.start).expect("spans");
-        let window_end = index.spans_for(file.start, 1).expect("span").end() + LARGE_FILE_FIRST_SPANS;
-        let far: Vec<u32> = all.filter(|i| *i > window_end && !table_spans.contains(i)).collect();
-        assert!(!far.is_empty());
-        let fetched_far: Vec<&u32> = far.iter().filter(|i| c.is_cached(**i)).collect();
-        assert!(fetched_far.is_empty(), "fetched beyond the tables: {fetched_far:?}");
-        // A later miss in the same library does not look at it again.
-        let before = blob.requests.load(Ordering::SeqCst);
-        let (a, b) = span_range(&index, far[far.len() / 2]);
-        c.read_hinted(a, b, 0, Some(file.clone())).expect("read");
-        std::thread::sleep(Duration::from_millis(200));
-        assert!(blob.requests.load(Ordering::SeqCst) - before <= 3, "a second miss re-read the library's tables");
-    }
-
-    /// As ld.so does: the headers read, then the dynamic section touched at once. The prefetcher
-    /// finds that section's span in flight for the reader and waits for it (it gave up before,
-    /// and fetched no table at all).
-    #[test]
-    fn a_librarys_tables_are_fetched_while_a_reader_fetches_its_dynamic_section() {
-        let Some((index, blob, file, data, table_spans)) = library_layer(Duration::from_millis(300)) else { return };
-        let phoff = u64::from_le_bytes(data[0x20..0x28].try_into().expect("phoff")) as usize;
-        let phnum = u16::from_le_bytes([data[0x38], data[0x39]]) as usize;
-        let dynamic = (0..phnum)
-            .map(|n| &data[phoff + n * 56..phoff + (n + 1) * 56])
-            .find(|ph| ph[..4] == [2, 0, 0, 0])
-            .map(|ph| u64::from_le_bytes(ph[8..16].try_into().expect("p_offset")))
-            .expect("PT_DYNAMIC");
-        let dir = tempfile::tempdir().expect("tmp");
-        let c = cache(&index, &blob, dir.path(), Some(library_policy()));
-        let (c2, f2) = (c.clone(), file.clone());
-        let headers = std::thread::spawn({
-            let (c, file) = (c.clone(), file.clone());
-            move || c.read_hinted(file.start, file.start + 832, 0, Some(file)).map(|_| ())
-        });
-        std::thread::sleep(Duration::from_millis(100));
-        let at = f2.start + dynamic;
-        let section = std::thread::spawn(move || c2.read_hinted(at, at + 16, 0, Some(f2)).map(|_| ()));
-        headers.join().expect("join").expect("headers");
-        section.join().expect("join").expect("dynamic section");
-        assert!(wait_until(|| table_spans.iter().all(|i| c.is_cached(*i))), "the loader's tables were not fetched");
     }
 
     #[test]
