@@ -3,7 +3,7 @@
 //! blob (Range requests through a [`clip_index::RangeFetcher`]), verified against the index's
 //! span digests and inflated from their checkpoints ([`spans`]), within the daemon's disk
 //! budget ([`budget`]), with what a miss suggests fetched ahead ([`prefetch`]; a shared library's
-//! dynamic-linking tables whole: [`elf`]), access profiles recorded and replayed
+//! dynamic-linking tables whole and the pages its relocations write: [`elf`]), access profiles recorded and replayed
 //! ([`profile`]), the rest of each
 //! layer streamed in behind in the link's idle time ([`complete`], following [`demand`]) and counted ([`metrics`]). No FUSE, no async runtime: plain threads, unit-testable on local files.
 //! See `docs/architecture.md` for how it sits under `clip-layerfs`.
