@@ -210,7 +210,7 @@ impl Library {
             None => None,
         };
         ranges.extend(relro.clone());
-        let tables = merge(ranges, MERGE_GAP);
+        let tables = merge(ranges);
         let total: u64 = tables.iter().map(|r| r.end - r.start).sum();
         if total > MAX_RANGE_BYTES {
             return Err(NotALibrary::TooLarge(total));
@@ -280,13 +280,19 @@ impl Library {
                 at += len;
             }
         }
-        let runs = written.iter().enumerate().flat_map(|(w, bits)| {
-            (0..64).filter(move |b| bits >> b & 1 == 1).map(move |b| {
-                let page = w as u64 * 64 + b;
-                page * PAGE..((page + 1) * PAGE).min(self.size)
-            })
-        });
-        merge(runs.collect(), 0)
+        let mut runs: Vec<Range<u64>> = Vec::new();
+        let pages = written
+            .iter()
+            .enumerate()
+            .flat_map(|(w, bits)| (0..64).filter(move |b| bits >> b & 1 == 1).map(move |b| w as u64 * 64 + b));
+        for page in pages {
+            let (start, end) = (page * PAGE, ((page + 1) * PAGE).min(self.size));
+            match runs.last_mut() {
+                Some(last) if last.end == start => last.end = end,
+                _ => runs.push(start..end),
+            }
+        }
+        runs
     }
 }
 
@@ -318,14 +324,14 @@ fn section_sizes(
     sizes
 }
 
-/// Sorted, empty ones dropped, those within `gap` of each other joined.
-fn merge(mut ranges: Vec<Range<u64>>, gap: u64) -> Vec<Range<u64>> {
+/// Sorted, empty ones dropped, those within [`MERGE_GAP`] of each other joined.
+fn merge(mut ranges: Vec<Range<u64>>) -> Vec<Range<u64>> {
     ranges.retain(|r| r.end > r.start);
     ranges.sort_by_key(|r| r.start);
     let mut out: Vec<Range<u64>> = Vec::with_capacity(ranges.len());
     for r in ranges {
         match out.last_mut() {
-            Some(last) if r.start <= last.end.saturating_add(gap) => last.end = last.end.max(r.end),
+            Some(last) if r.start <= last.end.saturating_add(MERGE_GAP) => last.end = last.end.max(r.end),
             _ => out.push(r),
         }
     }
@@ -496,7 +502,7 @@ mod tests {
 
     #[test]
     fn near_ranges_merge_and_far_ones_do_not() {
-        let m = merge(vec![10..20, 0..5, 5..8, 30 + MERGE_GAP..40 + MERGE_GAP, 7..7], MERGE_GAP);
+        let m = merge(vec![10..20, 0..5, 5..8, 30 + MERGE_GAP..40 + MERGE_GAP, 7..7]);
         assert_eq!(m, vec![0..20, 30 + MERGE_GAP..40 + MERGE_GAP]);
     }
 }

@@ -97,7 +97,8 @@ enum Job {
     },
     /// The first miss in a large file: if it is a shared library, its loader's tables...
     Library { cache: Weak<SpanCache>, data: std::ops::Range<u64> },
-    /// ...then, once they are read, the pages its relocations write.
+    /// ...then, once they are read, the pages its relocations write (the worker reading the
+    /// relocation tables waits for their fetches in flight).
     Relocated { cache: Weak<SpanCache>, data: std::ops::Range<u64>, library: Box<crate::elf::Library> },
     /// Runs of spans a reader is known to want (first, last), one run per request, each to the
     /// next free worker; their reads are no right guesses ([`SpanCache::fetch_wanted`]).
@@ -265,12 +266,13 @@ fn work(workers: &Workers<VecDeque<Job>>, job: Job, group: u32) {
             }
         }
         Job::Wanted { cache, mut runs } => {
+            let Some(layer) = cache.upgrade() else { return };
             let Some((first, last)) = runs.pop_front() else { return };
             if !runs.is_empty() {
                 // The rest to the next free worker: the runs are fetched in parallel.
-                push_front(workers, [Job::Wanted { cache: cache.clone(), runs }]);
+                push_front(workers, [Job::Wanted { cache, runs }]);
             }
-            let Some(cache) = cache.upgrade() else { return };
+            let cache = layer;
             prefetched(&cache, first, last, cache.fetch_wanted(first, last, group));
         }
     }
