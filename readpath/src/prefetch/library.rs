@@ -16,7 +16,7 @@ use std::ops::Range;
 /// The kernel reads a page of a mapped file that faults with the pages around it: half its
 /// read-ahead before, half after (`do_sync_mmap_readahead`); layerfs's FUSE read-ahead is the
 /// kernel's default of 128 KiB. A relocated page's spans alone are not enough: the container's
-/// read of it waits for the spans of its neighbours too (measured on `import torch`: 15 reads in
+/// read of it waits for the spans of its neighbours too (measured on `import torch`: 14 reads in
 /// libcublasLt's `.data` fetched a span beside a relocated one).
 const READ_AROUND_BYTES: u64 = 64 << 10;
 
