@@ -150,7 +150,8 @@ pub struct PrefetchConfig {
     /// A file read is fetched whole speculatively when it has at most this many spans.
     pub file_spans: u32,
     /// At the first miss in a shared library of 8 MiB or more, the tables its dynamic loader
-    /// reads whole (relocations, symbols and their names, RELRO) are fetched at once.
+    /// reads whole (relocations, symbols and their names, RELRO) are fetched at once, then the
+    /// pages its relocations write outside RELRO.
     pub library_tables: bool,
 }
 

@@ -29,7 +29,7 @@
 //! At the first miss in a large file that is a shared library, its dynamic-linking tables
 //! ([`crate::elf`]: relocations, symbols, their names, RELRO) are fetched whole, in parallel
 //! requests: the loader reads all of them, in an order no window follows. Then the pages its
-//! relocations write outside RELRO, exactly: [`library`].
+//! relocations write outside RELRO, exactly (`prefetch/library.rs`).
 //!
 //! Newest hints first: a container moves on, and an old hint is worth less than a new one; the
 //! queue is bounded and drops the oldest.
@@ -57,7 +57,8 @@ pub struct PrefetchPolicy {
     pub file_spans: u32,
     /// Spans in one request.
     pub group_spans: u32,
-    /// A shared library's loader tables fetched whole at its first miss ([`crate::elf`]).
+    /// A shared library's loader tables fetched whole at its first miss, then the pages its
+    /// relocations write ([`crate::elf`]; `prefetch/library.rs`).
     pub library_tables: bool,
 }
 
