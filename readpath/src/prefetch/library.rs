@@ -73,7 +73,7 @@ pub(super) fn relocated_runs(cache: &SpanCache, data: &Range<u64>, library: &Lib
         }
     }
     let spans: u32 = runs.iter().map(|(a, b)| b - a + 1).sum();
-    tracing::debug!(layer = %cache.layer(), at = data.start, pages = pages.len(), runs = runs.len(), spans, "a shared library's relocated pages are fetched ahead");
+    tracing::debug!(layer = %cache.layer(), at = data.start, page_ranges = pages.len(), runs = runs.len(), spans, "a shared library's relocated pages are fetched ahead");
     runs
 }
 

@@ -24,7 +24,7 @@
 //! going *down* a file (a miss just below the one before) is followed downwards: at a Python
 //! process's exit the CUDA libraries' destructors touch their code a page at a time from the
 //! top down (measured on `import torch`), and each of those misses waited a round trip on its
-//! own ([`ahead`]); going down, the window widens up to [`DOWNWARD_MAX_SPANS`].
+//! own (`ahead`); going down, the window widens up to `DOWNWARD_MAX_SPANS` spans.
 //!
 //! At the first miss in a large file that is a shared library, its dynamic-linking tables
 //! ([`crate::elf`]: relocations, symbols, their names, RELRO) are fetched whole, in parallel

@@ -3,9 +3,9 @@
 //! missing neighbours in one Range request), verified against the index's span digests,
 //! inflated from their checkpoint and written to the cache (atomically).
 //!
-//! By concern: [`states`] knows in memory which spans are local (a bitmap, rebuilt from the span
+//! By concern: `states` knows in memory which spans are local (a bitmap, rebuilt from the span
 //! directory at open) and which are in flight, with a wait per span, so concurrent readers of a
-//! span share one fetch; [`fetch`] fetches, verifies, inflates and writes; this file reads.
+//! span share one fetch; `fetch` fetches, verifies, inflates and writes; this file reads.
 //! The counters are the layer's [`LayerMetrics`] (one set per layer).
 
 mod fetch;
