@@ -7,13 +7,14 @@
 //!   blob, for the generated layer and for the python image's layers; the index's size; the
 //!   builder's peak RSS;
 //! - Prepare-to-mounted: `clip-snapshotter pull` (manifest, index fetch, Prepare and FUSE mount of
-//!   every layer), and the snapshotter's RSS after it;
+//!   every layer), and the snapshotter's RSS after each (`CLIP_BENCH_SMAPS_DIR=DIR` keeps its
+//!   mappings, `/proc/PID/smaps`, there);
 //! - a cold walk (`find /scale -size +10000k`: an lstat of every entry) in a container through
 //!   clip and through overlayfs, page cache, dentries and inodes dropped before each, plus a warm
 //!   one; the FUSE requests per entry the cold walk cost clip (its metrics); the snapshotter's
 //!   peak RSS after the walks.
 //!
-//! Run (release build, root): `cargo run --release -p clip-bench --bin scale -- [--trees
+//! Run (release or dist build, root): `cargo run --release -p clip-bench --bin scale -- [--trees
 //! 100000,1000000,node_modules] [--reps 3] [--index-only] [--out docs/benchmarks]`. Writes `scale.md` and
 //! `scale.csv`. `--index-only` measures the indexing and stops (no snapshotter, no containerd).
 
@@ -191,7 +192,8 @@ struct Served {
     repo: String,
     entries: usize,
     pull_seconds: Vec<f64>,
-    rss_after_mount: Rss,
+    /// After each rep's pull (a fresh daemon each time).
+    rss_after_mount: Vec<Rss>,
     cold_walk: Vec<f64>,
     warm_walk: Vec<f64>,
     overlay_pull_seconds: f64,
@@ -280,7 +282,7 @@ impl Rig {
             repo: layout.tree.repo(),
             entries: layout.entries,
             pull_seconds: Vec::new(),
-            rss_after_mount: Rss::default(),
+            rss_after_mount: Vec::new(),
             cold_walk: Vec::new(),
             warm_walk: Vec::new(),
             overlay_pull_seconds: 0.0,
@@ -300,11 +302,19 @@ impl Rig {
                     .arg(&reference),
             )
         };
-        for _ in 0..reps {
+        let mut after_mount = Vec::new();
+        for rep in 0..reps {
             self.cold()?;
             s.pull_seconds.push(pull(self)?);
+            after_mount.push(rss(self.snap.pid()));
+            // The daemon's mappings one by one (which of its binary's segments, the index's
+            // map, the heap), for explaining the figure.
+            if let Some(dir) = std::env::var_os("CLIP_BENCH_SMAPS_DIR") {
+                let to = Path::new(&dir).join(format!("smaps-after-mount-{}-{rep}", layout.tree.repo()));
+                std::fs::copy(format!("/proc/{}/smaps", self.snap.pid()), to)?;
+            }
         }
-        s.rss_after_mount = rss(self.snap.pid());
+        s.rss_after_mount = after_mount;
         for _ in 0..reps {
             s.container_start.push(self.walk("clip", &reference, "true")?);
         }
@@ -416,16 +426,26 @@ fn main() -> Result<()> {
     write_results(&opts, &indexed, &walls, &served)
 }
 
+/// The cargo profile this benchmark (and the daemon beside it) was built with: the name of the
+/// directory it runs from (`target/release`, `target/dist`).
+fn build_profile() -> String {
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| Some(e.parent()?.file_name()?.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "release".to_string())
+}
+
 fn write_results(opts: &Opts, indexed: &[Indexed], walls: &[(String, Vec<f64>, u64)], served: &[Served]) -> Result<()> {
     let mb = |b: u64| b as f64 / 1e6;
     let mut md = String::from("# Scale: many small files, and indexing end to end\n\n");
     let command: Vec<String> = std::env::args().skip(1).collect();
     let _ = writeln!(
         md,
-        "Produced by `cargo run --release -p clip-bench --bin scale -- {}` on a 2-core VM (Debian 12, kernel 6.18), \
+        "Produced by `cargo run --profile {} -p clip-bench --bin scale -- {}` on a 2-core VM (Debian 12, kernel 6.18), \
          containerd {}, registry on loopback; medians of {} runs, spread (max-min) in brackets. The generated layers hold \
          N files of ~40 bytes in directories of {} under `/scale`, on busybox; `node_modules` is a real tree, `npm ci` of \
          `bench/node-modules/package-lock.json` (React, MUI, the AWS SDKs, Firebase) under `/scale/node_modules`.\n",
+        build_profile(),
         command.join(" "),
         clip_integration::gotools::containerd2_version(),
         opts.reps,
@@ -498,10 +518,13 @@ fn write_results(opts: &Opts, indexed: &[Indexed], walls: &[(String, Vec<f64>, u
     );
     let _ = writeln!(
         md,
-        "| tree | clip pull (mounted) s | clip RSS after mount MB (anon) | container start s | cold walk clip s | cold walk overlayfs s | cold ratio | warm walk clip s | warm walk overlayfs s | warm ratio | overlayfs pull + unpack s | clip completed and checked after s | clip RSS after walks MB (anon; peak) |"
+        "| tree | clip pull (mounted) s | clip RSS after mount MB (anon; median of the reps) | container start s | cold walk clip s | cold walk overlayfs s | cold ratio | warm walk clip s | warm walk overlayfs s | warm ratio | overlayfs pull + unpack s | clip completed and checked after s | clip RSS after walks MB (anon; peak) |"
     );
     let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for s in served {
+        let mut after_mount = s.rss_after_mount.clone();
+        after_mount.sort_by_key(|r| r.total);
+        let after_mount = after_mount.get(after_mount.len() / 2).copied().unwrap_or_default();
         let (cc, oc, cw, ow) =
             (median(&s.cold_walk), median(&s.overlay_cold_walk), median(&s.warm_walk), median(&s.overlay_warm_walk));
         let _ = writeln!(
@@ -510,8 +533,8 @@ fn write_results(opts: &Opts, indexed: &[Indexed], walls: &[(String, Vec<f64>, u
             s.label,
             median(&s.pull_seconds),
             spread(&s.pull_seconds),
-            mb(s.rss_after_mount.total),
-            mb(s.rss_after_mount.anon),
+            mb(after_mount.total),
+            mb(after_mount.anon),
             median(&s.container_start),
             spread(&s.cold_walk),
             spread(&s.overlay_cold_walk),
@@ -535,6 +558,10 @@ fn write_results(opts: &Opts, indexed: &[Indexed], walls: &[(String, Vec<f64>, u
             for (i, x) in v.iter().enumerate() {
                 let _ = writeln!(csv, "serve,{},,{name},{i},{x:.3}", s.repo);
             }
+        }
+        for (i, r) in s.rss_after_mount.iter().enumerate() {
+            let _ = writeln!(csv, "serve,{},,clip_rss_after_mount_bytes,{i},{}", s.repo, r.total);
+            let _ = writeln!(csv, "serve,{},,clip_rss_anon_after_mount_bytes,{i},{}", s.repo, r.anon);
         }
     }
     let _ =
