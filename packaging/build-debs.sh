@@ -1,12 +1,12 @@
 #!/bin/bash
 # Builds the Debian packages of clip-snapshotter and clip-builder with cargo-deb.
-#   bash packaging/build-debs.sh [--profile release|dev] [--out DIR] [--fast] [--no-build]
-# Default: a release build, packages in target/debian/. Man pages are generated from the
-# programs' --help with help2man. Installs cargo-deb (from crates.io) when missing.
+#   bash packaging/build-debs.sh [--profile dist|release|dev] [--out DIR] [--fast] [--no-build]
+# Default: the `dist` profile (release with fat LTO, Cargo.toml), packages in target/debian/. Man
+# pages are generated from the programs' --help with help2man. Installs cargo-deb (from crates.io) when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
-profile=release
+profile=dist
 out=target/debian
 fast=()
 build=1
@@ -16,7 +16,7 @@ while [ $# -gt 0 ]; do
     --out) out=$2; shift 2 ;;
     --fast) fast=(--fast); shift ;;
     --no-build) build=0; shift ;;
-    *) echo "usage: $0 [--profile release|dev] [--out DIR] [--fast] [--no-build]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--profile dist|release|dev] [--out DIR] [--fast] [--no-build]" >&2; exit 2 ;;
   esac
 done
 case "$profile" in dev) dir=debug ;; *) dir=$profile ;; esac

@@ -1,7 +1,8 @@
 //! Packaging: the default configs document only real keys with valid values; `cargo deb` builds
 //! both packages (packaging/build-debs.sh); `dpkg -i` of them (into a private root) puts the
 //! binaries, configs, unit, tmpfiles entry and man pages where the unit and the configs expect
-//! them; `systemd-analyze verify` accepts the installed unit; purge removes them.
+//! them; `systemd-analyze verify` accepts the installed unit; purge removes them. The daemon's
+//! binary is linked with packed relative relocations.
 
 use anyhow::{Context, Result};
 use clip_config::ConfigFile as _;
@@ -87,6 +88,27 @@ fn the_configuration_page_shows_real_keys_and_the_lazy_defaults() -> Result<()> 
             None => assert!(block.contains(&format!("\n{key} = ")), "docs/configuration.md does not show [lazy] {key}"),
         }
     }
+    Ok(())
+}
+
+/// `snapshotter/build.rs` links the daemon with `-z pack-relative-relocs`: its relative
+/// relocations (about 61,000) are `DT_RELR` bitmaps, not 24-byte `RELA` entries that the loader
+/// reads at start and that stay resident (1.4 MB of the daemon's RSS, docs/benchmarks.md).
+#[test]
+fn the_daemon_binary_packs_its_relative_relocations() -> Result<()> {
+    let bin = clip_integration::snapshotter::workspace_binary("clip-snapshotter")?;
+    let dynamic = run_stdout(Command::new("readelf").arg("--dynamic").arg(&bin))?;
+    let value = |tag: &str| {
+        dynamic
+            .lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(tag))
+            .and_then(|l| l.split_whitespace().nth(2).map(str::to_string))
+    };
+    let relr_size: u64 =
+        value("(RELRSZ)").with_context(|| format!("no DT_RELR in {}:\n{dynamic}", bin.display()))?.parse()?;
+    let rela_size: u64 = value("(RELASZ)").map_or(Ok(0), |v| v.parse())?;
+    assert!(relr_size > 0, "{dynamic}");
+    assert!(rela_size < 64 << 10, "{rela_size} bytes of RELA relocations left:\n{dynamic}");
     Ok(())
 }
 
