@@ -2,7 +2,8 @@
 # Builds the Debian packages of clip-snapshotter and clip-builder with cargo-deb.
 #   bash packaging/build-debs.sh [--profile dist|release|dev] [--out DIR] [--fast] [--no-build]
 # Default: the `dist` profile (release with fat LTO, Cargo.toml), packages in target/debian/. Man
-# pages are generated from the programs' --help with help2man. Installs cargo-deb (from crates.io) when missing.
+# pages are generated from the programs' --help with help2man. Installs cargo-deb (from crates.io)
+# when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"

@@ -78,8 +78,8 @@ fn timed(cmd: &mut Command) -> Result<f64> {
     Ok(t.elapsed().as_secs_f64())
 }
 
-/// Resident memory of `pid`, in bytes.
-#[derive(Default, Clone, Copy)]
+/// Resident memory of `pid`, in bytes. Ordered by `total` first (the field order).
+#[derive(Default, Clone, Copy, PartialEq, PartialOrd)]
 struct Rss {
     /// `VmRSS`: all of it, mapped file pages (a mapped index's) included.
     total: u64,
@@ -522,9 +522,7 @@ fn write_results(opts: &Opts, indexed: &[Indexed], walls: &[(String, Vec<f64>, u
     );
     let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for s in served {
-        let mut after_mount = s.rss_after_mount.clone();
-        after_mount.sort_by_key(|r| r.total);
-        let after_mount = after_mount.get(after_mount.len() / 2).copied().unwrap_or_default();
+        let after_mount = median(&s.rss_after_mount);
         let (cc, oc, cw, ow) =
             (median(&s.cold_walk), median(&s.overlay_cold_walk), median(&s.warm_walk), median(&s.overlay_warm_walk));
         let _ = writeln!(
